@@ -1,0 +1,173 @@
+"""The contract between all stages: events on Kafka and the records stages hand each other.
+
+Imports nothing of ours. Every event carries `schema_version`; a change that breaks readers
+bumps it, and readers refuse versions they do not know (the event goes to the dead letters).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+Plan = Literal["two_stage", "proxy_as_is", "fine_tune", "expert_only", "refuse"]
+Decision = Literal["release", "block", "pick_checkpoint"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureTriple(_Strict):
+    """Paper 1's setting: input vector x, preferred output y_w over y_l (ids in a finite Y)."""
+
+    type: Literal["features"] = "features"
+    x: list[float] = Field(min_length=1, max_length=4096)
+    y_w: int = Field(ge=0)
+    y_l: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FeatureTriple:
+        if self.y_w == self.y_l:
+            raise ValueError(f"y_w and y_l must differ, both are {self.y_w}")
+        return self
+
+
+class PairwiseText(_Strict):
+    """A prompt, two text responses and which one was chosen."""
+
+    type: Literal["pairwise_text"] = "pairwise_text"
+    prompt: str = Field(min_length=1)
+    response_a: str
+    response_b: str
+    choice: Literal["a", "b"]
+    rationale: str | None = None
+
+
+Item = Annotated[FeatureTriple | PairwiseText, Field(discriminator="type")]
+
+
+class _Event(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(min_length=1, max_length=256, description="Idempotency key.")
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+
+class ExpertLabel(_Event):
+    """A label from an expert annotator (Label Studio); updates and deletions keep the id."""
+
+    kind: Literal["expert_label"] = "expert_label"
+    annotator_id: str = Field(min_length=1)
+    action: Literal["created", "updated", "deleted"] = "created"
+    source: str = "labelstudio"
+    item: Item
+
+
+class ProxyPreference(_Event):
+    """A preference from an abundant proxy source (LLM judge, click log, heuristic)."""
+
+    kind: Literal["proxy_preference"] = "proxy_preference"
+    proxy_name: str = Field(min_length=1)
+    item: Item
+
+
+class DatasetUpdated(_Event):
+    kind: Literal["dataset_updated"] = "dataset_updated"
+    expert_total: int
+    proxy_total: int
+    expert_new: int
+    proxy_new: int
+
+
+class PolicyReleased(_Event):
+    kind: Literal["policy_released"] = "policy_released"
+    policy: str
+    version: int
+    alias: str
+    uri: str
+
+
+class DeadLetter(BaseModel):
+    """What the dead-letter topic holds: the original bytes (base64) and why they were refused."""
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    original_b64: str
+    dead_lettered_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingRequest(BaseModel):
+    """Arguments of a training task: ids and paths only, never tensors."""
+
+    run_id: str
+    snapshot_id: str
+    store_url: str
+    plan: Plan
+    output_dir: str
+    seed: int = 0
+    stage1_epochs: int = 300
+    stage2_epochs: int = 200
+    adapter_dim: int = 3
+    checkpoint_every: int = 50
+
+
+class CheckpointRef(BaseModel):
+    step: int
+    path: str
+
+
+class TrainingResult(BaseModel):
+    run_id: str
+    device: str
+    worker: str
+    checkpoints: list[CheckpointRef]
+    final_loss: float
+    seconds: float
+
+
+class ConditionCheck(BaseModel):
+    name: str
+    passed: bool
+    statistic: float
+    threshold: float
+    detail: str
+
+
+class ConditionReport(BaseModel):
+    snapshot_id: str
+    n_expert: int
+    n_proxy: int
+    checks: list[ConditionCheck]
+    plan: Plan
+    reasons: list[str]
+
+
+class CheckpointEvaluation(BaseModel):
+    step: int
+    path: str
+    heldout_accuracy: float
+    topk_entropy: float
+    topk_mass: float
+
+
+class GateDecision(BaseModel):
+    decision: Decision
+    checkpoint: CheckpointEvaluation | None
+    reasons: list[str]
+    baseline_accuracy: float
+
+
+class PolicyVersion(BaseModel):
+    policy: str
+    version: int
+    path: str
+    lineage: dict[str, object]

@@ -1,0 +1,99 @@
+"""One place for every URL, path, port and threshold; env prefix `PROXYLOOP_`.
+
+Embedded defaults run everything on loopback; pointing a URL at a real cluster is the only
+change production needs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"dev-webhook-secret", "dev-api-key"}
+
+
+class Settings(BaseSettings):
+    """Resolved once per process; child processes inherit it through the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PROXYLOOP_", extra="forbid")
+
+    env: str = Field("dev", description="'dev' allows placeholder secrets; anything else refuses them.")
+    home: Path = Field(Path(".proxyloop"), description="State directory: logs, pids, SQLite, registry.")
+
+    kafka_bootstrap: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers.")
+    celery_broker: str = Field("redis://127.0.0.1:16379/0", description="Celery broker URL.")
+    celery_backend: str = Field("redis://127.0.0.1:16379/1", description="Celery result backend URL.")
+    prefect_api_url: str = Field("http://127.0.0.1:14200/api", description="Prefect server API URL.")
+    store_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under home.")
+    registry_url: str = Field("", description="Registry root directory; empty means home/registry.")
+    http_host: str = "127.0.0.1"
+    http_port: int = 18000
+
+    # Which embedded services `proxyloop up` starts; switch one off when its URL points elsewhere.
+    embedded_kafka: bool = True
+    embedded_redis: bool = True
+    embedded_prefect: bool = True
+
+    webhook_secret: str = Field("dev-webhook-secret", description="Shared secret Label Studio sends.")
+    api_keys: str = Field("dev-api-key", description="Comma-separated API keys for serving.")
+
+    topic_expert: str = "proxyloop.expert-labels"
+    topic_proxy: str = "proxyloop.proxy-preferences"
+    topic_dead_letter: str = "proxyloop.dead-letter"
+    topic_dataset_updated: str = "proxyloop.dataset-updated"
+    topic_policy_released: str = "proxyloop.policy-released"
+    topic_partitions: int = 3
+    consumer_group: str = "proxyloop-ingest"
+
+    retrain_min_expert: int = Field(40, ge=1, description="New expert labels that trigger a retrain.")
+    retrain_min_proxy: int = Field(1000, ge=0, description="New proxy preferences that trigger a retrain.")
+    policy_name: str = "appendix-d"
+
+    gate_min_heldout_accuracy: float = Field(0.55, ge=0, le=1)
+    gate_max_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="Block when the release is this much worse than the baseline."
+    )
+    training_seed: int = 0
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_outside_dev(self) -> Settings:
+        if self.env != "dev":
+            used = {self.webhook_secret, *self.api_key_list} & PLACEHOLDER_SECRETS
+            if used:
+                raise ValueError(
+                    f"placeholder secrets {sorted(used)} are only allowed with PROXYLOOP_ENV=dev; "
+                    "set PROXYLOOP_WEBHOOK_SECRET and PROXYLOOP_API_KEYS"
+                )
+        return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.resolve()
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.home_dir / 'store.db'}"
+
+    @property
+    def registry_dir(self) -> Path:
+        return Path(self.registry_url) if self.registry_url else self.home_dir / "registry"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home_dir / "runs"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
