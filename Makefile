@@ -1,0 +1,39 @@
+# `make demo` and `make test` work from a clean clone: they build .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint up down status clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel on disk; a plain `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/proxyloop demo --report demo-report.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q -rs
+
+up: $(STAMP)
+	$(BIN)/proxyloop up
+
+down: $(STAMP)
+	$(BIN)/proxyloop down
+
+status: $(STAMP)
+	$(BIN)/proxyloop status
+
+clean:
+	rm -rf $(VENV) .proxyloop demo-report.json

@@ -1,0 +1,134 @@
+"""Kafka (kafka-python): topics, producer, bytes → typed event, and the dead-letter topic.
+
+Works against the embedded Tansu broker and any Kafka cluster (`PROXYLOOP_KAFKA_BOOTSTRAP`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
+from pydantic import TypeAdapter, ValidationError
+
+from ingest.schemas import DeadLetter, ExpertLabel, PolicyReleased, ProxyPreference
+from proxyloop.settings import Settings
+
+LabelEvent = ExpertLabel | ProxyPreference
+_label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)
+
+# Tansu's group join waits about session_timeout/2 before the first record; Kafka's default
+# (45 s) would stall every consumer start, so we use a short session everywhere.
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_INTERVAL_MS = 2000
+
+
+class MalformedEvent(ValueError):
+    """Bytes that cannot become a typed event; the message is the dead-letter reason."""
+
+
+def all_topics(settings: Settings) -> list[str]:
+    return [
+        settings.topic_expert,
+        settings.topic_proxy,
+        settings.topic_dead_letter,
+        settings.topic_dataset_updated,
+        settings.topic_policy_released,
+    ]
+
+
+def ensure_topics(settings: Settings) -> None:
+    """Create the platform's topics if missing (idempotent)."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="proxyloop-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [
+            NewTopic(name=t, num_partitions=settings.topic_partitions, replication_factor=1)
+            for t in all_topics(settings)
+            if t not in existing
+        ]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def make_producer(settings: Settings) -> KafkaProducer:
+    # acks="all": a publish returns only once the broker has the record.
+    return KafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=5,
+        retries=5,
+        client_id="proxyloop-producer",
+    )
+
+
+def make_consumer(settings: Settings, topics: list[str], group_id: str) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        max_poll_records=500,
+        client_id=f"{group_id}-consumer",
+    )
+    consumer.subscribe(topics)
+    return consumer
+
+
+def encode_event(event: LabelEvent | PolicyReleased) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def decode_label_event(raw: bytes | None) -> LabelEvent:
+    """The one place bytes become a typed label event; raises MalformedEvent with the reason."""
+    if raw is None:
+        raise MalformedEvent("empty record value (tombstone) on a label topic")
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}") from exc
+    if isinstance(payload, dict) and payload.get("schema_version") not in (None, 1):
+        raise MalformedEvent(f"unknown schema_version {payload.get('schema_version')!r}; this reader knows 1")
+    try:
+        return _label_adapter.validate_python(payload)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise MalformedEvent(f"does not match the event contract: {problems}") from exc
+
+
+def publish(
+    producer: KafkaProducer, topic: str, event: LabelEvent | PolicyReleased, wait: bool = True
+) -> FutureRecordMetadata:
+    """Publish keyed by event id; with wait=True return only after the broker acknowledged.
+
+    With wait=False, call `.get()` on the returned futures after `flush()`: a failed send is
+    otherwise silent.
+    """
+    future = producer.send(topic, key=event.event_id.encode(), value=encode_event(event))
+    if wait:
+        future.get(timeout=30)
+    return future
+
+
+def dead_letter(
+    producer: KafkaProducer, settings: Settings, reason: str, topic: str, partition: int, offset: int,
+    raw: bytes | None,
+) -> None:
+    letter = DeadLetter(
+        reason=reason, topic=topic, partition=partition, offset=offset,
+        original_b64=base64.b64encode(raw or b"").decode(),
+    )
+    producer.send(
+        settings.topic_dead_letter, key=f"{topic}:{partition}:{offset}".encode(),
+        value=letter.model_dump_json().encode(),
+    ).get(timeout=30)

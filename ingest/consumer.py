@@ -1,0 +1,133 @@
+"""The ingest consumer: validate → upsert → commit offsets → emit `dataset.updated` on thresholds.
+
+Run: `python -m ingest.consumer` (started by `proxyloop up`; run more for scale-out, the
+consumer group shares the partitions).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from kafka import KafkaProducer
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from ingest.bus import (
+    LabelEvent,
+    MalformedEvent,
+    dead_letter,
+    decode_label_event,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    publish,
+)
+from ingest.schemas import DatasetUpdated
+from ingest.store import count_labels, make_engine, upsert_events, watermark
+from proxyloop.settings import Settings, get_settings
+
+log = logging.getLogger("proxyloop.ingest")
+
+DATASET_UPDATED_EVENT = "proxyloop.dataset.updated"
+
+
+@dataclass
+class BatchOutcome:
+    stored: int
+    dead_lettered: int
+
+
+def store_batch(
+    engine: Engine, producer: KafkaProducer, settings: Settings, records: list[object]
+) -> BatchOutcome:
+    """Dead-letter what is malformed, upsert the rest, commit the store. Offsets come after."""
+    events: list[LabelEvent] = []
+    dead = 0
+    for record in records:
+        try:
+            events.append(decode_label_event(record.value))  # type: ignore[attr-defined]
+        except MalformedEvent as exc:
+            dead_letter(
+                producer, settings, str(exc), record.topic, record.partition, record.offset,  # type: ignore[attr-defined]
+                record.value,  # type: ignore[attr-defined]
+            )
+            log.warning("dead-lettered %s:%s:%s: %s", record.topic, record.partition, record.offset, exc)  # type: ignore[attr-defined]
+            dead += 1
+    with Session(engine) as session:
+        stored = upsert_events(session, events)
+        session.commit()
+    return BatchOutcome(stored=stored, dead_lettered=dead)
+
+
+def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings) -> DatasetUpdated | None:
+    """Emit `dataset.updated` (Kafka + Prefect event) once per threshold crossing."""
+    with Session(engine) as session:
+        counts = count_labels(session)
+        mark = watermark(session)
+        expert_new = counts["expert"] - mark.expert_total
+        proxy_new = counts["proxy"] - mark.proxy_total
+        if expert_new < settings.retrain_min_expert or proxy_new < settings.retrain_min_proxy:
+            session.commit()
+            return None
+        update = DatasetUpdated(
+            event_id=f"dataset-updated-{counts['expert']}-{counts['proxy']}",
+            expert_total=counts["expert"], proxy_total=counts["proxy"],
+            expert_new=expert_new, proxy_new=proxy_new,
+        )
+        # Emit before moving the watermark: a crash in between re-triggers rather than loses.
+        publish(producer, settings.topic_dataset_updated, update)  # type: ignore[arg-type]
+        emit_prefect_event(update, settings)
+        mark.expert_total, mark.proxy_total = counts["expert"], counts["proxy"]
+        session.commit()
+    log.info("dataset.updated: expert %d (+%d), proxy %d (+%d)", update.expert_total, expert_new,
+             update.proxy_total, proxy_new)
+    return update
+
+
+def emit_prefect_event(update: DatasetUpdated, settings: Settings) -> None:
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    emit_event(
+        event=DATASET_UPDATED_EVENT,
+        resource={"prefect.resource.id": f"proxyloop.policy.{settings.policy_name}"},
+        payload=update.model_dump(mode="json"),
+    )
+    EventsWorker.drain_all(timeout=15)
+
+
+def run(settings: Settings, stop: threading.Event) -> None:
+    ensure_topics(settings)
+    engine = make_engine(settings.resolved_store_url)
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
+    log.info("consuming %s, %s as group %s", settings.topic_expert, settings.topic_proxy, settings.consumer_group)
+    try:
+        while not stop.is_set():
+            polled = consumer.poll(timeout_ms=500)
+            records = [r for batch in polled.values() for r in batch]
+            if not records:
+                continue
+            outcome = store_batch(engine, producer, settings, records)
+            consumer.commit()  # only after the store commit above
+            log.info("stored %d, dead-lettered %d", outcome.stored, outcome.dead_lettered)
+            check_thresholds(engine, producer, settings)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run(get_settings(), stop)
+
+
+if __name__ == "__main__":
+    main()

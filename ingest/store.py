@@ -1,0 +1,205 @@
+"""Where validated events live: idempotent upserts keyed by event id, content-hashed snapshots.
+
+SQLite by default, any SQLAlchemy URL (PostgreSQL) by `PROXYLOOP_STORE_URL`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import TypeAdapter
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from ingest.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, utcnow
+
+LabelKind = Literal["expert", "proxy"]
+_item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class LabelRow(Base):
+    __tablename__ = "labels"
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    source_id: Mapped[str] = mapped_column(String(256))
+    item: Mapped[dict[str, object]] = mapped_column(JSON)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class SnapshotRow(Base):
+    __tablename__ = "snapshots"
+    snapshot_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    n_expert: Mapped[int] = mapped_column(Integer)
+    n_proxy: Mapped[int] = mapped_column(Integer)
+    event_ids: Mapped[list[str]] = mapped_column(JSON)
+
+
+class TriggerWatermark(Base):
+    """Counts at the last `dataset.updated` emission, so each threshold crossing fires once."""
+
+    __tablename__ = "trigger_watermark"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    expert_total: Mapped[int] = mapped_column(Integer)
+    proxy_total: Mapped[int] = mapped_column(Integer)
+
+
+class RetrainRun(Base):
+    __tablename__ = "retrain_runs"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(32))
+    summary: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+@lru_cache(maxsize=8)
+def make_engine(url: str) -> Engine:
+    """One engine per URL and process; creates missing tables (several processes may race)."""
+    engine = create_engine(url)
+    for attempt in range(5):
+        try:
+            Base.metadata.create_all(engine)
+            break
+        except OperationalError:  # another process created a table between check and create
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+    return engine
+
+
+def _row_values(event: ExpertLabel | ProxyPreference) -> tuple[LabelKind, str]:
+    if isinstance(event, ExpertLabel):
+        return "expert", event.annotator_id
+    return "proxy", event.proxy_name
+
+
+def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreference]) -> int:
+    """Insert or update by event id; repeating a delivery changes nothing. Returns rows written.
+
+    The caller commits: offsets are committed to Kafka only after that commit.
+    """
+    written = 0
+    next_seq = (session.scalar(select(func.max(LabelRow.seq))) or 0) + 1
+    for event in events:
+        kind, source_id = _row_values(event)
+        row = session.get(LabelRow, event.event_id)
+        deleted = isinstance(event, ExpertLabel) and event.action == "deleted"
+        item = event.item.model_dump(mode="json")
+        if row is None:
+            session.add(
+                LabelRow(
+                    event_id=event.event_id, kind=kind, source_id=source_id, item=item,
+                    deleted=deleted, occurred_at=event.occurred_at, seq=next_seq,
+                )
+            )
+            next_seq += 1
+            written += 1
+        elif event.occurred_at > _aware(row.occurred_at):  # a redelivery (same time) is a no-op
+            row.item, row.deleted, row.occurred_at = item, deleted, event.occurred_at
+            written += 1
+        session.flush()
+    return written
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite drops tzinfo; everything we store is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def count_labels(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(LabelRow.kind, func.count()).where(LabelRow.deleted.is_(False)).group_by(LabelRow.kind)
+    ).all()
+    counts = {"expert": 0, "proxy": 0}
+    counts.update({kind: n for kind, n in rows})
+    return counts
+
+
+def freeze_snapshot(session: Session) -> SnapshotRow:
+    """An immutable selection of the live rows; its id is the hash of their content."""
+    rows = session.scalars(select(LabelRow).where(LabelRow.deleted.is_(False)).order_by(LabelRow.event_id)).all()
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row.event_id, row.kind, row.item], sort_keys=True).encode())
+    snapshot_id = digest.hexdigest()[:32]
+    existing = session.get(SnapshotRow, snapshot_id)
+    if existing is not None:
+        return existing
+    snapshot = SnapshotRow(
+        snapshot_id=snapshot_id,
+        n_expert=sum(r.kind == "expert" for r in rows),
+        n_proxy=sum(r.kind == "proxy" for r in rows),
+        event_ids=[r.event_id for r in rows],
+    )
+    session.add(snapshot)
+    session.flush()
+    return snapshot
+
+
+class SnapshotNotFound(LookupError):
+    pass
+
+
+def load_snapshot_triples(session: Session, snapshot_id: str) -> dict[LabelKind, list[FeatureTriple]]:
+    """The feature triples of a snapshot, split by kind, in event-id order (deterministic)."""
+    snapshot = session.get(SnapshotRow, snapshot_id)
+    if snapshot is None:
+        raise SnapshotNotFound(f"snapshot {snapshot_id!r} not in the store; freeze one first")
+    wanted = set(snapshot.event_ids)
+    out: dict[LabelKind, list[FeatureTriple]] = {"expert": [], "proxy": []}
+    for row in session.scalars(select(LabelRow).order_by(LabelRow.event_id)):
+        if row.event_id in wanted:
+            item = _item_adapter.validate_python(row.item)
+            if isinstance(item, FeatureTriple):
+                out["expert" if row.kind == "expert" else "proxy"].append(item)
+    return out
+
+
+def watermark(session: Session) -> TriggerWatermark:
+    mark = session.get(TriggerWatermark, 1)
+    if mark is None:
+        mark = TriggerWatermark(id=1, expert_total=0, proxy_total=0)
+        session.add(mark)
+        session.flush()
+    return mark
+
+
+def record_run(session: Session, run_id: str, status: str, summary: dict[str, object]) -> None:
+    run = session.get(RetrainRun, run_id)
+    if run is None:
+        session.add(RetrainRun(run_id=run_id, status=status, summary=summary))
+    else:
+        run.status, run.summary = status, summary
+    session.flush()
+
+
+def latest_runs(session: Session, limit: int = 5) -> Sequence[RetrainRun]:
+    return session.scalars(select(RetrainRun).order_by(RetrainRun.updated_at.desc()).limit(limit)).all()
+
+
+HELDOUT_EVERY = 3
+
+
+def split_expert(triples: Sequence[FeatureTriple]) -> tuple[list[FeatureTriple], list[FeatureTriple]]:
+    """(train, held-out): every third expert triple in snapshot order is held out.
+
+    Deterministic so the training task and the evaluation task agree without passing data.
+    """
+    train = [t for i, t in enumerate(triples) if i % HELDOUT_EVERY != 0]
+    heldout = [t for i, t in enumerate(triples) if i % HELDOUT_EVERY == 0]
+    return train, heldout

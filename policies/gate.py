@@ -1,0 +1,74 @@
+"""Release rules: checkpoints' held-out quality and over-optimisation indicators → GateDecision.
+
+Paper 2: top-k entropy that peaked and then fell, or top-k mass that collapsed, marks
+over-optimisation even when training loss still improves; we then prefer the checkpoint at the
+peak. Held-out expert accuracy must clear an absolute floor and not fall behind the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ingest.schemas import CheckpointEvaluation, GateDecision
+
+
+@dataclass(frozen=True)
+class GateRules:
+    min_heldout_accuracy: float = 0.55
+    max_accuracy_drop: float = 0.02
+    entropy_decline_evals: int = 2  # consecutive declines after the peak that count as a trend
+    max_mass_drop: float = 0.2  # relative drop of top-k mass from its first value
+
+
+def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_length: int) -> int | None:
+    """Index of the entropy peak if entropy fell for `run_length` evaluations after it."""
+    values = [e.topk_entropy for e in evals]
+    if len(values) < run_length + 1:
+        return None
+    peak = max(range(len(values)), key=values.__getitem__)
+    after = values[peak:]
+    if len(after) > run_length and all(b < a for a, b in zip(after, after[1:], strict=False)):
+        return peak
+    return None
+
+
+def decide(
+    evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules
+) -> GateDecision:
+    if not evals:
+        return GateDecision(decision="block", checkpoint=None, baseline_accuracy=baseline_accuracy,
+                            reasons=["no checkpoints were evaluated"])
+    reasons: list[str] = []
+    candidates = list(evals)
+    peak = entropy_declined_after_peak(evals, rules.entropy_decline_evals)
+    if peak is not None:
+        reasons.append(
+            f"top-k entropy peaked at step {evals[peak].step} and declined for "
+            f"{len(evals) - 1 - peak} evaluations: over-optimisation; considering checkpoints up to the peak"
+        )
+        candidates = candidates[: peak + 1]
+    first_mass = evals[0].topk_mass
+    collapsed = [e for e in candidates if first_mass > 0 and e.topk_mass < first_mass * (1 - rules.max_mass_drop)]
+    if collapsed:
+        reasons.append(
+            f"top-k mass fell more than {rules.max_mass_drop:.0%} from {first_mass:.3f} at step "
+            f"{collapsed[0].step}; excluding later checkpoints"
+        )
+        candidates = [e for e in candidates if e.step < collapsed[0].step] or candidates[:1]
+    best = max(candidates, key=lambda e: (e.heldout_accuracy, -e.step))
+    reasons.append(f"best checkpoint: step {best.step}, held-out expert accuracy {best.heldout_accuracy:.3f}")
+    if best.heldout_accuracy < rules.min_heldout_accuracy:
+        reasons.append(f"accuracy {best.heldout_accuracy:.3f} < floor {rules.min_heldout_accuracy:.3f} "
+                       "(PROXYLOOP_GATE_MIN_HELDOUT_ACCURACY)")
+        return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
+    if best.heldout_accuracy < baseline_accuracy - rules.max_accuracy_drop:
+        reasons.append(f"accuracy {best.heldout_accuracy:.3f} is worse than the baseline "
+                       f"{baseline_accuracy:.3f} by more than {rules.max_accuracy_drop:.3f}")
+        return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
+    reasons.append(f"accuracy {best.heldout_accuracy:.3f} ≥ floor {rules.min_heldout_accuracy:.3f} and within "
+                   f"{rules.max_accuracy_drop:.3f} of the baseline {baseline_accuracy:.3f}")
+    decision = "release" if best.step == evals[-1].step else "pick_checkpoint"
+    if decision == "pick_checkpoint":
+        reasons.append(f"releasing step {best.step} rather than the last checkpoint (step {evals[-1].step})")
+    return GateDecision(decision=decision, checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)

@@ -1,0 +1,46 @@
+"""Load a policy directory (a registry version or a checkpoint) back into a torch module.
+
+Weights come from safetensors only; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from ingest.schemas import PolicyVersion
+from policies.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
+from policies.registry import resolve
+
+FAMILIES: dict[str, type[nn.Module]] = {"two_stage": TwoStagePolicy, "direct": DirectPolicy}
+
+
+@dataclass
+class LoadedPolicy:
+    version: PolicyVersion
+    model: nn.Module
+
+
+def load_policy_dir(path: Path | str) -> nn.Module:
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown policy family {family!r} in {path}/config.json; known: {sorted(FAMILIES)}")
+    model = FAMILIES[family](TwoStageConfig.from_dict(config["model"]))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.eval()
+
+
+def load(ref: str, root: Path | None = None) -> LoadedPolicy:
+    """`policies.load("appendix-d@production")`: the released policy, ready for inference."""
+    if root is None:
+        from proxyloop.settings import get_settings
+
+        root = get_settings().registry_dir
+    version = resolve(root, ref)
+    return LoadedPolicy(version=version, model=load_policy_dir(version.path))

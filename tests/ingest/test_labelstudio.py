@@ -1,0 +1,53 @@
+import pytest
+from pydantic import ValidationError
+
+from ingest.labelstudio import UnusableAnnotation, expert_label_from_webhook, webhook_payload
+from ingest.schemas import FeatureTriple, PairwiseText
+
+
+def test_feature_task_left_choice_prefers_answer_a():
+    payload = webhook_payload(task_id=3, annotation_id=11, data={"x": [0.5, 1.0], "y_a": 0, "y_b": 2},
+                              selected="left", annotator=7)
+    label = expert_label_from_webhook(payload)
+    assert label.event_id == "labelstudio-annotation-11"
+    assert label.annotator_id == "labelstudio-user-7"
+    assert label.item == FeatureTriple(x=[0.5, 1.0], y_w=0, y_l=2)
+
+
+def test_feature_task_right_choice_prefers_answer_b():
+    payload = webhook_payload(task_id=3, annotation_id=11, data={"x": [0.5], "y_a": 0, "y_b": 2}, selected="right")
+    assert expert_label_from_webhook(payload).item == FeatureTriple(x=[0.5], y_w=2, y_l=0)
+
+
+def test_text_task_becomes_pairwise_text_with_rationale():
+    payload = webhook_payload(task_id=1, annotation_id=2, selected="right",
+                              data={"prompt": "Capital of France?", "answer_a": "Lyon", "answer_b": "Paris"})
+    payload["annotation"]["result"].append({"from_name": "why", "to_name": "a", "type": "textarea",
+                                            "value": {"text": ["B is correct"]}})
+    item = expert_label_from_webhook(payload).item
+    assert isinstance(item, PairwiseText)
+    assert (item.choice, item.response_b, item.rationale) == ("b", "Paris", "B is correct")
+
+
+def test_update_action_keeps_the_event_id():
+    payload = webhook_payload(1, 5, {"x": [1.0], "y_a": 0, "y_b": 1}, "left", action="ANNOTATION_UPDATED")
+    label = expert_label_from_webhook(payload)
+    assert (label.event_id, label.action) == ("labelstudio-annotation-5", "updated")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.update(action="PROJECT_CREATED"), "not handled"),
+    (lambda p: p["annotation"].update(result=[]), "no pairwise result"),
+    (lambda p: p["annotation"]["result"][0]["value"].update(selected="up"), "expected 'left' or 'right'"),
+    (lambda p: p["task"]["data"].pop("y_b"), "y_a"),
+])
+def test_unusable_payloads_are_refused_with_a_reason(mutate, message):
+    payload = webhook_payload(1, 5, {"x": [1.0], "y_a": 0, "y_b": 1}, "left")
+    mutate(payload)
+    with pytest.raises(UnusableAnnotation, match=message):
+        expert_label_from_webhook(payload)
+
+
+def test_payload_without_annotation_fails_validation():
+    with pytest.raises(ValidationError):
+        expert_label_from_webhook({"action": "ANNOTATION_CREATED"})

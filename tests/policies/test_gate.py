@@ -1,0 +1,43 @@
+from ingest.schemas import CheckpointEvaluation
+from policies.gate import GateRules, decide
+
+
+def _evals(accuracies, entropies=None, masses=None):
+    entropies = entropies or [1.0] * len(accuracies)
+    masses = masses or [1.0] * len(accuracies)
+    return [CheckpointEvaluation(step=50 * i, path=f"c{i}", heldout_accuracy=a, topk_entropy=e, topk_mass=m)
+            for i, (a, e, m) in enumerate(zip(accuracies, entropies, masses, strict=True))]
+
+
+def test_releases_last_checkpoint_when_it_is_best():
+    decision = decide(_evals([0.6, 0.7, 0.8]), baseline_accuracy=0.7, rules=GateRules())
+    assert decision.decision == "release" and decision.checkpoint.step == 100
+    assert any("baseline" in r for r in decision.reasons)
+
+
+def test_blocks_below_the_accuracy_floor():
+    decision = decide(_evals([0.4, 0.5]), baseline_accuracy=0.3, rules=GateRules(min_heldout_accuracy=0.55))
+    assert decision.decision == "block"
+    assert any("floor" in r for r in decision.reasons)
+
+
+def test_blocks_when_worse_than_the_baseline():
+    decision = decide(_evals([0.6, 0.62]), baseline_accuracy=0.8, rules=GateRules())
+    assert decision.decision == "block"
+
+
+def test_entropy_peak_then_decline_picks_the_peak_checkpoint():
+    decision = decide(_evals([0.6, 0.7, 0.75, 0.8], entropies=[1.0, 1.5, 1.2, 0.9]), 0.5, GateRules())
+    assert decision.decision == "pick_checkpoint"
+    assert decision.checkpoint.step == 50
+    assert any("peaked" in r for r in decision.reasons)
+
+
+def test_mass_collapse_excludes_later_checkpoints():
+    decision = decide(_evals([0.6, 0.7, 0.9], masses=[1.0, 0.95, 0.5]), 0.5, GateRules())
+    assert decision.checkpoint.step == 50
+    assert any("mass" in r for r in decision.reasons)
+
+
+def test_no_checkpoints_blocks():
+    assert decide([], 0.5, GateRules()).decision == "block"

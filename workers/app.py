@@ -1,0 +1,41 @@
+"""The Celery app: queues `gpu` (training) and `cpu` (evaluation), late acks, prefetch 1.
+
+Run a worker: `celery -A workers.app worker -Q gpu,cpu -c 1` (started by `proxyloop up`; at
+scale, GPU hosts run `-Q gpu` against the broker in `PROXYLOOP_CELERY_BROKER`).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from proxyloop.settings import get_settings
+
+TRAIN_TASK = "proxyloop.train"
+EVALUATE_TASK = "proxyloop.evaluate"
+GPU_QUEUE = "gpu"
+CPU_QUEUE = "cpu"
+
+
+def make_app() -> Celery:
+    settings = get_settings()
+    celery = Celery("proxyloop", broker=settings.celery_broker, backend=settings.celery_backend)
+    celery.conf.update(
+        task_queues=[Queue(GPU_QUEUE), Queue(CPU_QUEUE)],
+        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, EVALUATE_TASK: {"queue": CPU_QUEUE}},
+        # Training must survive a dying worker: ack after the task, one task in hand at a time.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        imports=("workers.tasks",),  # loaded by the worker; senders use task names only
+    )
+    return celery
+
+
+app = make_app()

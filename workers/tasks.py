@@ -1,0 +1,62 @@
+"""Thin Celery tasks: arguments are ids and paths; data is re-fetched from the store inside.
+
+Idempotent by run id (a finished run returns its stored result), which makes `acks_late`
+redelivery safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from sqlalchemy.orm import Session
+
+from ingest.schemas import CheckpointRef, TrainingRequest
+from ingest.store import load_snapshot_triples, make_engine, split_expert
+from workers.app import EVALUATE_TASK, TRAIN_TASK, app
+from workers.training.device import select_device
+from workers.training.evaluate import evaluate_checkpoint, expert_only_baseline
+from workers.training.feature_policy import n_outputs_of, train_feature_policy
+
+log = logging.getLogger("proxyloop.workers")
+
+
+def _snapshot(store_url: str, snapshot_id: str) -> dict[str, Any]:
+    with Session(make_engine(store_url)) as session:
+        return dict(load_snapshot_triples(session, snapshot_id))
+
+
+@app.task(name=TRAIN_TASK, bind=True, acks_late=True)
+def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    req = TrainingRequest.model_validate(request)
+    result_path = Path(req.output_dir) / "result.json"
+    if result_path.exists():
+        log.info("run %s already finished; returning its result", req.run_id)
+        return dict(json.loads(result_path.read_text()))
+    triples = _snapshot(req.store_url, req.snapshot_id)
+    expert_train, _ = split_expert(triples["expert"])
+    device = select_device()
+    log.info("run %s: plan %s on %s, %d proxy / %d expert triples", req.run_id, req.plan, device,
+             len(triples["proxy"]), len(expert_train))
+
+    def progress(meta: dict[str, object]) -> None:
+        self.update_state(state="PROGRESS", meta={"run_id": req.run_id, "device": str(device), **meta})
+        log.info("run %s: %s", req.run_id, meta)
+
+    result = train_feature_policy(req, triples["proxy"], expert_train, device, self.request.hostname or "", progress)
+    result_path.write_text(result.model_dump_json(indent=2))
+    return result.model_dump(mode="json")
+
+
+@app.task(name=EVALUATE_TASK, bind=True, acks_late=True)
+def evaluate(self: Task, store_url: str, snapshot_id: str, checkpoints: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    triples = _snapshot(store_url, snapshot_id)
+    expert_train, heldout = split_expert(triples["expert"])
+    evaluations = [evaluate_checkpoint(CheckpointRef.model_validate(c), heldout) for c in checkpoints]
+    baseline = expert_only_baseline(expert_train, heldout, n_outputs_of([*triples["proxy"], *triples["expert"]]), seed)
+    log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", snapshot_id, len(evaluations), baseline)
+    return {"evaluations": [e.model_dump(mode="json") for e in evaluations], "baseline_accuracy": baseline,
+            "n_heldout": len(heldout)}

@@ -1,0 +1,1 @@
+"""Training that runs on the workers: device choice, objectives, loops, checkpoints."""

@@ -1,0 +1,39 @@
+"""Checkpoint evaluation: held-out expert accuracy and the output distribution's indicators.
+
+The baseline is an expert-only learner on the same expert training split: a release must not
+be worse than simply ignoring the proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ingest.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
+from policies.indicators import topk_indicators
+from policies.loader import load_policy_dir
+from policies.model import DirectPolicy, TwoStageConfig, fit_preferences, pairwise_accuracy, triples_to_tensors
+
+BASELINE_STEPS = 300
+
+
+@torch.no_grad()
+def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) -> CheckpointEvaluation:
+    model = load_policy_dir(ref.path)
+    x, y_w, y_l = triples_to_tensors(heldout)
+    entropy, mass = topk_indicators(model.logits(x))  # type: ignore[operator]
+    return CheckpointEvaluation(
+        step=ref.step, path=ref.path, heldout_accuracy=pairwise_accuracy(model, x, y_w, y_l),
+        topk_entropy=float(entropy.mean()), topk_mass=float(mass.mean()),
+    )
+
+
+def expert_only_baseline(
+    expert_train: Sequence[FeatureTriple], heldout: Sequence[FeatureTriple], n_outputs: int, seed: int
+) -> float:
+    torch.manual_seed(seed)
+    model = DirectPolicy(TwoStageConfig(input_dim=len(expert_train[0].x), n_outputs=n_outputs))
+    x, y_w, y_l = triples_to_tensors(expert_train)
+    fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps=BASELINE_STEPS, lr=1e-2, seed=seed)
+    return pairwise_accuracy(model, *triples_to_tensors(heldout))
