@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from celery.result import AsyncResult
-from ingest.conditions import run_condition_tests
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from sqlalchemy.orm import Session
 
 from ingest.bus import make_producer, publish
+from ingest.conditions import run_condition_tests
 from ingest.schemas import (
     CheckpointEvaluation,
     ConditionReport,
@@ -112,7 +112,8 @@ def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> 
 @task(name="gate")
 def gate(settings: Settings, evaluation: dict[str, Any]) -> GateDecision:
     evaluations = [CheckpointEvaluation.model_validate(e) for e in evaluation["evaluations"]]
-    rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop)
+    rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
+                      use_indicators=evaluation["language_model"])
     decision = decide(evaluations, evaluation["baseline_accuracy"], rules)
     rows = "\n".join(f"| {e.step} | {e.heldout_accuracy:.3f} | {e.topk_entropy:.4f} | {e.topk_mass:.4f} |"
                      for e in evaluations)

@@ -55,7 +55,7 @@ Item = Annotated[FeatureTriple | PairwiseText, Field(discriminator="type")]
 
 
 class _Event(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     event_id: str = Field(min_length=1, max_length=256, description="Idempotency key.")
     occurred_at: datetime = Field(default_factory=utcnow)
 

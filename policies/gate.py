@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ingest.schemas import CheckpointEvaluation, GateDecision
+from ingest.schemas import CheckpointEvaluation, Decision, GateDecision
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class GateRules:
     max_accuracy_drop: float = 0.02
     entropy_decline_evals: int = 2  # consecutive declines after the peak that count as a trend
     max_mass_drop: float = 0.2  # relative drop of top-k mass from its first value
+    # Paper 2's indicators describe next-token distributions of language models. A policy over a
+    # handful of outputs gets more confident as it learns, so for it they are recorded, not gated.
+    use_indicators: bool = True
 
 
 def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_length: int) -> int | None:
@@ -33,13 +36,10 @@ def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_lengt
     return None
 
 
-def decide(
-    evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules
-) -> GateDecision:
-    if not evals:
-        return GateDecision(decision="block", checkpoint=None, baseline_accuracy=baseline_accuracy,
-                            reasons=["no checkpoints were evaluated"])
-    reasons: list[str] = []
+def _apply_indicators(
+    evals: Sequence[CheckpointEvaluation], rules: GateRules, reasons: list[str]
+) -> list[CheckpointEvaluation]:
+    """Drop checkpoints past an entropy peak-then-decline or a top-k mass collapse (paper 2)."""
     candidates = list(evals)
     peak = entropy_declined_after_peak(evals, rules.entropy_decline_evals)
     if peak is not None:
@@ -56,6 +56,21 @@ def decide(
             f"{collapsed[0].step}; excluding later checkpoints"
         )
         candidates = [e for e in candidates if e.step < collapsed[0].step] or candidates[:1]
+    return candidates
+
+
+def decide(
+    evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules
+) -> GateDecision:
+    if not evals:
+        return GateDecision(decision="block", checkpoint=None, baseline_accuracy=baseline_accuracy,
+                            reasons=["no checkpoints were evaluated"])
+    reasons: list[str] = []
+    candidates = list(evals)
+    if rules.use_indicators:
+        candidates = _apply_indicators(evals, rules, reasons)
+    else:
+        reasons.append("indicators recorded, not gated: this policy family is not a language model")
     best = max(candidates, key=lambda e: (e.heldout_accuracy, -e.step))
     reasons.append(f"best checkpoint: step {best.step}, held-out expert accuracy {best.heldout_accuracy:.3f}")
     if best.heldout_accuracy < rules.min_heldout_accuracy:
@@ -68,7 +83,7 @@ def decide(
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
     reasons.append(f"accuracy {best.heldout_accuracy:.3f} ≥ floor {rules.min_heldout_accuracy:.3f} and within "
                    f"{rules.max_accuracy_drop:.3f} of the baseline {baseline_accuracy:.3f}")
-    decision = "release" if best.step == evals[-1].step else "pick_checkpoint"
+    decision: Decision = "release" if best.step == evals[-1].step else "pick_checkpoint"
     if decision == "pick_checkpoint":
         reasons.append(f"releasing step {best.step} rather than the last checkpoint (step {evals[-1].step})")
     return GateDecision(decision=decision, checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)

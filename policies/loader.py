@@ -6,6 +6,7 @@ Weights come from safetensors only; nothing here unpickles.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,23 +17,37 @@ from ingest.schemas import PolicyVersion
 from policies.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
 from policies.registry import resolve
 
-FAMILIES: dict[str, type[nn.Module]] = {"two_stage": TwoStagePolicy, "direct": DirectPolicy}
+
+def _two_stage(config: TwoStageConfig) -> nn.Module:
+    return TwoStagePolicy(config)
+
+
+def _direct(config: TwoStageConfig) -> nn.Module:
+    return DirectPolicy(config.input_dim, config.n_outputs, config.hidden)
+
+
+FAMILIES: dict[str, Callable[[TwoStageConfig], nn.Module]] = {"two_stage": _two_stage, "direct": _direct}
 
 
 @dataclass
 class LoadedPolicy:
     version: PolicyVersion
     model: nn.Module
+    config: TwoStageConfig
 
 
-def load_policy_dir(path: Path | str) -> nn.Module:
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+def read_config(path: Path | str) -> tuple[str, TwoStageConfig]:
+    config = json.loads((Path(path) / "config.json").read_text())
     family = config.get("family")
     if family not in FAMILIES:
         raise ValueError(f"unknown policy family {family!r} in {path}/config.json; known: {sorted(FAMILIES)}")
-    model = FAMILIES[family](TwoStageConfig.from_dict(config["model"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return family, TwoStageConfig.from_dict(config["model"])
+
+
+def load_policy_dir(path: Path | str) -> nn.Module:
+    family, config = read_config(path)
+    model = FAMILIES[family](config)
+    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
     return model.eval()
 
 
@@ -43,4 +58,4 @@ def load(ref: str, root: Path | None = None) -> LoadedPolicy:
 
         root = get_settings().registry_dir
     version = resolve(root, ref)
-    return LoadedPolicy(version=version, model=load_policy_dir(version.path))
+    return LoadedPolicy(version=version, model=load_policy_dir(version.path), config=read_config(version.path)[1])

@@ -91,7 +91,7 @@ def list_models(request: Request, _: ApiKey) -> ModelList:
 def predict(ref: str, body: PredictRequest, request: Request, _: ApiKey) -> Prediction:
     """Output distribution of a feature-vector policy (`name` or `name@alias`) for one input."""
     policy = current_policy(_settings(request), ref)
-    expected = policy.model.config.input_dim  # type: ignore[union-attr]
+    expected = policy.config.input_dim
     if len(body.x) != expected:
         raise HTTPException(422, f"x has {len(body.x)} features; {policy.version.policy} expects {expected}")
     with torch.no_grad():

@@ -89,3 +89,7 @@ def demo(
     if not ok:
         console.print("[red]demo finished but did not reach a served release[/red]")
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

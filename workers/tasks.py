@@ -14,8 +14,8 @@ from typing import Any
 from celery import Task
 from sqlalchemy.orm import Session
 
-from ingest.schemas import CheckpointRef, TrainingRequest
-from ingest.store import load_snapshot_triples, make_engine, split_expert
+from ingest.schemas import CheckpointRef, FeatureTriple, TrainingRequest
+from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
 from workers.app import EVALUATE_TASK, TRAIN_TASK, app
 from workers.training.device import select_device
 from workers.training.evaluate import evaluate_checkpoint, expert_only_baseline
@@ -24,9 +24,9 @@ from workers.training.feature_policy import n_outputs_of, train_feature_policy
 log = logging.getLogger("proxyloop.workers")
 
 
-def _snapshot(store_url: str, snapshot_id: str) -> dict[str, Any]:
+def _snapshot(store_url: str, snapshot_id: str) -> dict[LabelKind, list[FeatureTriple]]:
     with Session(make_engine(store_url)) as session:
-        return dict(load_snapshot_triples(session, snapshot_id))
+        return load_snapshot_triples(session, snapshot_id)
 
 
 @app.task(name=TRAIN_TASK, bind=True, acks_late=True)
@@ -52,11 +52,15 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name=EVALUATE_TASK, bind=True, acks_late=True)
-def evaluate(self: Task, store_url: str, snapshot_id: str, checkpoints: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+def evaluate(
+    self: Task, store_url: str, snapshot_id: str, checkpoints: list[dict[str, Any]], seed: int
+) -> dict[str, Any]:
     triples = _snapshot(store_url, snapshot_id)
     expert_train, heldout = split_expert(triples["expert"])
     evaluations = [evaluate_checkpoint(CheckpointRef.model_validate(c), heldout) for c in checkpoints]
-    baseline = expert_only_baseline(expert_train, heldout, n_outputs_of([*triples["proxy"], *triples["expert"]]), seed)
-    log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", snapshot_id, len(evaluations), baseline)
+    n_outputs = n_outputs_of([*triples["proxy"], *triples["expert"]])
+    baseline = expert_only_baseline(expert_train, heldout, n_outputs, seed)
+    log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", snapshot_id, len(evaluations),
+             baseline)
     return {"evaluations": [e.model_dump(mode="json") for e in evaluations], "baseline_accuracy": baseline,
-            "n_heldout": len(heldout)}
+            "n_heldout": len(heldout), "language_model": False}

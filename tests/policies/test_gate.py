@@ -41,3 +41,10 @@ def test_mass_collapse_excludes_later_checkpoints():
 
 def test_no_checkpoints_blocks():
     assert decide([], 0.5, GateRules()).decision == "block"
+
+
+def test_without_indicators_a_confident_policy_is_not_blocked_for_falling_entropy():
+    evals = _evals([0.6, 0.8, 0.9], entropies=[1.5, 1.0, 0.5])
+    decision = decide(evals, 0.5, GateRules(use_indicators=False))
+    assert decision.decision == "release" and decision.checkpoint.step == 100
+    assert any("not gated" in r for r in decision.reasons)

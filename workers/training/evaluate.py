@@ -7,20 +7,21 @@ be worse than simply ignoring the proxy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ingest.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
 from policies.indicators import topk_indicators
 from policies.loader import load_policy_dir
-from policies.model import DirectPolicy, TwoStageConfig, fit_preferences, pairwise_accuracy, triples_to_tensors
+from policies.model import DirectPolicy, fit_preferences, pairwise_accuracy, triples_to_tensors
 
 BASELINE_STEPS = 300
 
 
 @torch.no_grad()
 def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) -> CheckpointEvaluation:
-    model = load_policy_dir(ref.path)
+    model: Any = load_policy_dir(ref.path)
     x, y_w, y_l = triples_to_tensors(heldout)
     entropy, mass = topk_indicators(model.logits(x))  # type: ignore[operator]
     return CheckpointEvaluation(
@@ -33,7 +34,7 @@ def expert_only_baseline(
     expert_train: Sequence[FeatureTriple], heldout: Sequence[FeatureTriple], n_outputs: int, seed: int
 ) -> float:
     torch.manual_seed(seed)
-    model = DirectPolicy(TwoStageConfig(input_dim=len(expert_train[0].x), n_outputs=n_outputs))
+    model = DirectPolicy(input_dim=len(expert_train[0].x), n_outputs=n_outputs)
     x, y_w, y_l = triples_to_tensors(expert_train)
     fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps=BASELINE_STEPS, lr=1e-2, seed=seed)
     return pairwise_accuracy(model, *triples_to_tensors(heldout))

@@ -35,7 +35,9 @@ def n_outputs_of(triples: Sequence[FeatureTriple]) -> int:
 
 
 def build_model(plan: Plan, config: TwoStageConfig) -> nn.Module:
-    return DirectPolicy(config) if plan == "expert_only" else TwoStagePolicy(config)
+    if plan == "expert_only":
+        return DirectPolicy(config.input_dim, config.n_outputs, config.hidden)
+    return TwoStagePolicy(config)
 
 
 def model_config(plan: Plan, config: TwoStageConfig) -> dict[str, object]:
@@ -84,7 +86,9 @@ def train_feature_policy(
         input_dim=len(everything[0].x), n_outputs=n_outputs_of(everything), simplex_dim=request.adapter_dim
     )
     model = build_model(request.plan, config).to(device)
-    meta = {"plan": request.plan, "config": model_config(request.plan, config), "run_id": request.run_id}
+    meta: dict[str, object] = {
+        "plan": request.plan, "config": model_config(request.plan, config), "run_id": request.run_id,
+    }
 
     def report(stage: str, total: int) -> Callable[[int, float], None]:
         def on_step(step: int, loss: float) -> None:

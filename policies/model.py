@@ -1,0 +1,252 @@
+"""Paper 1's two-stage policy π† = φ̃ ∘ Θ̃ ∘ π̄† ∘ τ̃ for feature inputs, its expert-only baseline,
+and the Bradley–Terry preference loss both are trained with.
+
+Stage 1 learns τ̃, Θ̃ and φ̃ from abundant proxy triples while the adapter π̄† stays the identity;
+stage 2 freezes them and learns only the small adapter from scarce expert triples. That split is
+why the expert sample complexity depends on the simplex dimension D, not on the input dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ingest.schemas import FeatureTriple
+
+
+@dataclass(frozen=True)
+class TwoStageConfig:
+    """Shapes of the two-stage stack; saved with every checkpoint so it can be rebuilt."""
+
+    input_dim: int = 5  # dimension of x (Appendix D: x ∈ R^5)
+    n_outputs: int = 3  # |Y|, outputs are ids 0..n_outputs-1
+    simplex_dim: int = 3  # D: coordinates of the simplex τ̃ embeds into; the adapter is D×D + D
+    hidden: int = 32  # width of τ̃'s hidden layer
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("input_dim", 1), ("n_outputs", 2), ("simplex_dim", 2), ("hidden", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"TwoStageConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if self.simplex_dim > self.hidden:
+            raise ValueError(
+                f"TwoStageConfig.simplex_dim={self.simplex_dim} exceeds hidden={self.hidden}: the "
+                "embedding cannot be wider than the layer feeding it; raise hidden or lower simplex_dim"
+            )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TwoStageConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown TwoStageConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(data))
+
+
+class SimplexAdapter(nn.Module):
+    """π̄†: a map of the D-simplex to itself, softmax(M log s + b).
+
+    Acting on log s makes tempering (scaling M), re-weighting (b) and relabelling (permuting M)
+    exact members of the family. M = I, b = 0 is the identity, so an untrained adapter leaves
+    the proxy's predictions unchanged.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[0]))
+            self.bias.zero_()
+
+    def forward(self, log_s: Tensor) -> Tensor:
+        # log_s: [B, D] log-coordinates of a simplex point -> [B, D] log-coordinates of the image.
+        return F.log_softmax(log_s @ self.weight.T + self.bias, dim=-1)
+
+
+class TwoStagePolicy(nn.Module):
+    """Paper 1's factorisation for x ∈ R^input_dim and Y = {0..n_outputs-1}."""
+
+    def __init__(self, config: TwoStageConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or TwoStageConfig()
+        c = self.config
+        # τ̃: x -> point on the D-simplex (kept in log-coordinates for numerical stability).
+        self.encoder = nn.Sequential(nn.Linear(c.input_dim, c.hidden), nn.Tanh(), nn.Linear(c.hidden, c.simplex_dim))
+        self.adapter = SimplexAdapter(c.simplex_dim)  # π̄†, the only part stage 2 trains
+        self.theta = nn.Linear(c.simplex_dim, c.simplex_dim)  # Θ̃, linear on log-ratio coordinates
+        self.output_map = nn.Linear(c.simplex_dim, c.n_outputs)  # φ̃, to logits over Y
+
+    def log_embed(self, x: Tensor) -> Tensor:
+        """log τ̃(x): [B, input_dim] -> [B, D]."""
+        return F.log_softmax(self.encoder(x), dim=-1)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """τ̃(x), a point on the D-simplex: [B, input_dim] -> [B, D], rows sum to 1."""
+        return self.log_embed(x).exp()
+
+    def head(self, log_u: Tensor) -> Tensor:
+        """φ̃ ∘ Θ̃ on a simplex point given in log-coordinates: [B, D] -> logits [B, n_outputs]."""
+        # Centring gives log-ratio coordinates: the normaliser of log u carries no information.
+        centred = log_u - log_u.mean(dim=-1, keepdim=True)
+        return self.output_map(self.theta(centred))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self.adapter(self.log_embed(x)))
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """log π†(y|x): [B, input_dim] -> [B, n_outputs]."""
+        return F.log_softmax(self.logits(x), dim=-1)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapter.parameters())
+
+    def proxy_parameters(self) -> list[nn.Parameter]:
+        """Everything learned from proxy data: τ̃, Θ̃ and φ̃ (all but the adapter)."""
+        adapter_ids = {id(p) for p in self.adapter.parameters()}
+        return [p for p in self.parameters() if id(p) not in adapter_ids]
+
+    def freeze_proxy(self) -> None:
+        for p in self.proxy_parameters():
+            p.requires_grad_(False)
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 1 trains the proxy stack with the adapter fixed; stage 2 trains only the adapter."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (proxy stack) or 2 (adapter only), got {stage!r}")
+        for p in self.proxy_parameters():
+            p.requires_grad_(stage == 1)
+        for p in self.adapter_parameters():
+            p.requires_grad_(stage == 2)
+
+
+class DirectPolicy(nn.Module):
+    """Expert-only baseline: an MLP from x straight to logits, no proxy structure."""
+
+    def __init__(self, input_dim: int = 5, n_outputs: int = 3, hidden: int = 32) -> None:
+        super().__init__()
+        if input_dim < 1 or n_outputs < 2 or hidden < 1:
+            raise ValueError(
+                f"DirectPolicy needs input_dim >= 1, n_outputs >= 2, hidden >= 1; "
+                f"got input_dim={input_dim}, n_outputs={n_outputs}, hidden={hidden}"
+            )
+        self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_outputs))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.logits(x), dim=-1)
+
+
+class PreferenceModel(Protocol):
+    """Anything trainable on preferences: both policies above, or a module wrapping one."""
+
+    def log_probs(self, x: Tensor) -> Tensor: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+def _chosen_margin(log_probs: Tensor, y_w: Tensor, y_l: Tensor) -> Tensor:
+    # [B, Y] -> [B]: log π(y_w|x) - log π(y_l|x)
+    assert log_probs.ndim == 2 and y_w.shape == y_l.shape == log_probs.shape[:1], "shape mismatch"
+    lw = log_probs.gather(1, y_w.view(-1, 1)).squeeze(1)
+    ll = log_probs.gather(1, y_l.view(-1, 1)).squeeze(1)
+    return lw - ll
+
+
+def preference_loss(log_probs: Tensor, y_w: Tensor, y_l: Tensor) -> Tensor:
+    """Bradley–Terry negative log-likelihood, mean over the batch of −log σ(log π(y_w) − log π(y_l))."""
+    return -F.logsigmoid(_chosen_margin(log_probs, y_w, y_l)).mean()
+
+
+def preference_log_likelihoods(log_probs: Tensor, y_w: Tensor, y_l: Tensor) -> Tensor:
+    """Per-triple Bradley–Terry log-likelihood [B] (the quantity cross-validation compares)."""
+    return F.logsigmoid(_chosen_margin(log_probs, y_w, y_l))
+
+
+def pairwise_accuracy(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> float:
+    """Fraction of triples with log π(y_w|x) > log π(y_l|x); ties count as wrong."""
+    if x.shape[0] == 0:
+        raise ValueError("pairwise_accuracy needs at least one triple, got an empty batch")
+    with torch.no_grad():
+        margin = _chosen_margin(model.log_probs(x), y_w, y_l)
+    return float((margin > 0).float().mean())
+
+
+def fit_preferences(
+    model: PreferenceModel,
+    parameters: Iterator[nn.Parameter] | Sequence[nn.Parameter],
+    x: Tensor,
+    y_w: Tensor,
+    y_l: Tensor,
+    steps: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+    *,
+    weight_decay: float = 0.0,
+    anchor: float = 0.0,
+) -> float:
+    """Full-batch Adam on the Bradley–Terry loss over `parameters`; returns the final loss.
+
+    Only `parameters` move (pass `model.adapter_parameters()` for stage 2). The seed fixes torch's
+    RNG inside the fit without disturbing the caller's, so equal inputs give equal results.
+    `on_step(step, loss)` sees the loss before each update.
+
+    `weight_decay` is Adam's L2 toward zero. `anchor` adds anchor·Σ‖p − p₀‖² toward the values the
+    parameters had when the fit started: for the adapter that is the identity map, which keeps a
+    fit on a few dozen separable triples from diverging to overconfident predictions.
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise ValueError("fit_preferences got no trainable parameters; check set_stage()/requires_grad")
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"fit_preferences needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    if x.shape[0] == 0:
+        raise ValueError("fit_preferences needs at least one triple, got an empty batch")
+    if weight_decay < 0 or anchor < 0:
+        raise ValueError(f"weight_decay and anchor must be >= 0, got {weight_decay} and {anchor}")
+    start = [p.detach().clone() for p in params] if anchor > 0 else []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        optimiser = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        model.train()
+        for step in range(steps):
+            optimiser.zero_grad(set_to_none=True)
+            loss = preference_loss(model.log_probs(x), y_w, y_l)
+            objective = loss
+            if start:
+                objective = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True))
+            objective.backward()
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+            optimiser.step()
+        model.eval()
+        with torch.no_grad():
+            return float(preference_loss(model.log_probs(x), y_w, y_l))
+
+
+def triples_to_tensors(triples: Sequence[FeatureTriple]) -> tuple[Tensor, Tensor, Tensor]:
+    """Feature triples -> (x float32 [N, d], y_w long [N], y_l long [N])."""
+    if not triples:
+        raise ValueError("triples_to_tensors got no triples")
+    dims = {len(t.x) for t in triples}
+    if len(dims) != 1:
+        raise ValueError(f"all triples need the same input dimension, found {sorted(dims)}")
+    x = torch.tensor([t.x for t in triples], dtype=torch.float32)
+    y_w = torch.tensor([t.y_w for t in triples], dtype=torch.long)
+    y_l = torch.tensor([t.y_l for t in triples], dtype=torch.long)
+    return x, y_w, y_l

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer, TopicPartition
+
+from ingest.labelstudio import SECRET_HEADER, webhook_payload
+from policies.model import TwoStageConfig, TwoStagePolicy
+from policies.registry import register, set_alias
+from proxyloop.http import create_app
+from tests.conftest import isolated_settings
+
+AUTH = {"Authorization": "Bearer k1"}
+
+
+def _release(root, seed):
+    torch.manual_seed(seed)
+    config = TwoStageConfig()
+    model = TwoStagePolicy(config)
+    return register(root, "demo", model.state_dict(), {"family": "two_stage", "model": config.to_dict()}, {})
+
+
+@pytest.fixture
+def client(tmp_path):
+    settings = isolated_settings(tmp_path, api_keys="k1,k2", registry_url=str(tmp_path / "reg"))
+    return TestClient(create_app(settings)), settings
+
+
+def test_requests_without_a_valid_key_get_401(client):
+    http, _ = client
+    assert http.get("/v1/models").status_code == 401
+    assert http.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_predict_serves_the_production_alias_and_follows_it(client):
+    http, settings = client
+    _release(settings.registry_dir, 0)
+    _release(settings.registry_dir, 1)
+    first = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
+    assert first.status_code == 200
+    assert first.json()["version"] == 2 and abs(sum(first.json()["probs"]) - 1) < 1e-5
+    set_alias(settings.registry_dir, "demo", "production", 1)
+    rolled_back = http.post("/v1/policies/demo@production/predict", json={"x": [0.1] * 5}, headers=AUTH)
+    assert rolled_back.json()["version"] == 1
+    assert rolled_back.json()["probs"] != first.json()["probs"]
+    models = http.get("/v1/models", headers=AUTH).json()["data"]
+    assert models == [{"id": "demo@production", "object": "model", "version": 1, "owned_by": "proxyloop"}]
+
+
+def test_unknown_policy_is_404_and_wrong_input_422(client):
+    http, settings = client
+    assert http.post("/v1/policies/none/predict", json={"x": [0.1] * 5}, headers=AUTH).status_code == 404
+    _release(settings.registry_dir, 0)
+    bad = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 3}, headers=AUTH)
+    assert bad.status_code == 422 and "expects 5" in bad.json()["detail"]
+
+
+@pytest.mark.integration
+def test_webhook_is_acknowledged_only_with_the_secret_and_lands_in_kafka(service_settings, kafka):
+    settings = service_settings.model_copy(update={"topic_expert": "expert-webhook-test"})
+    from ingest.bus import ensure_topics
+
+    ensure_topics(settings)
+    payload = webhook_payload(1, 99, {"x": [0.0] * 5, "y_a": 0, "y_b": 1}, "right")
+    with TestClient(create_app(settings)) as http:
+        assert http.post("/webhooks/labelstudio", json=payload).status_code == 401
+        assert http.post("/webhooks/labelstudio", json={"action": "ANNOTATION_CREATED"},
+                         headers={SECRET_HEADER: settings.webhook_secret}).status_code == 422
+        ok = http.post("/webhooks/labelstudio", json=payload, headers={SECRET_HEADER: settings.webhook_secret})
+    assert ok.status_code == 200 and ok.json()["event_id"] == "labelstudio-annotation-99"
+    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    partitions = [TopicPartition(settings.topic_expert, p) for p in range(settings.topic_partitions)]
+    reader.assign(partitions)
+    reader.seek_to_beginning(*partitions)
+    values: list[dict] = []
+    for _ in range(20):
+        values += [json.loads(r.value) for batch in reader.poll(timeout_ms=500).values() for r in batch]
+        if values:
+            break
+    reader.close()
+    assert [(v["event_id"], v["item"]["y_w"]) for v in values] == [("labelstudio-annotation-99", 1)]

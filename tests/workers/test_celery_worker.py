@@ -1,0 +1,78 @@
+"""A real Celery worker process on the `gpu` queue, against a real Redis broker."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy.orm import Session
+
+from ingest.schemas import ExpertLabel, ProxyPreference, TrainingRequest
+from ingest.store import freeze_snapshot, make_engine, upsert_events
+from ingest.synthetic import appendix_d
+from proxyloop import stack
+from tests.conftest import export
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def worker(service_settings, redis, tmp_path, monkeypatch):
+    settings = service_settings.model_copy(update={"store_url": f"sqlite:///{tmp_path}/store.db"})
+    export(settings, monkeypatch)
+    log = open(tmp_path / "worker.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1", "-n",
+         f"gpu-test-{tmp_path.name}@%h", "--loglevel", "INFO"],
+        env=stack.child_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    from workers.app import make_app
+
+    app = make_app()
+    deadline = time.monotonic() + 90
+    while not app.control.ping(timeout=1) and time.monotonic() < deadline:
+        assert process.poll() is None, (tmp_path / "worker.log").read_text()
+    yield settings, app
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_training_task_runs_on_the_gpu_queue_in_a_worker_process(worker, tmp_path):
+    settings, app = worker
+    task = appendix_d(n_proxy=300, n_expert=24, seed=4)
+    engine = make_engine(settings.resolved_store_url)
+    with Session(engine) as session:
+        upsert_events(session, [ProxyPreference(event_id=f"p{i}", proxy_name="j", item=t)
+                                for i, t in enumerate(task.proxy)])
+        upsert_events(session, [ExpertLabel(event_id=f"e{i}", annotator_id="a", item=t)
+                                for i, t in enumerate(task.expert)])
+        snapshot_id = freeze_snapshot(session).snapshot_id
+        session.commit()
+    request = TrainingRequest(run_id="run-1", snapshot_id=snapshot_id, store_url=settings.resolved_store_url,
+                              plan="two_stage", output_dir=str(tmp_path / "run-1"), stage1_epochs=30,
+                              stage2_epochs=20, checkpoint_every=10)
+    sent = app.send_task("proxyloop.train", args=[request.model_dump(mode="json")], queue="gpu", task_id="run-1")
+    result = sent.get(timeout=120)
+    assert result["device"] == "cpu"
+    assert result["worker"].startswith("gpu-test-")
+    assert [c["step"] for c in result["checkpoints"]] == [0, 10, 20]
+    assert sent.info["run_id"] == "run-1"
+
+    again = app.send_task("proxyloop.train", args=[request.model_dump(mode="json")], queue="gpu").get(timeout=60)
+    assert again == result  # idempotent by run id: the finished run is not retrained
+
+    evaluation = app.send_task("proxyloop.evaluate", queue="cpu", args=[
+        settings.resolved_store_url, snapshot_id, result["checkpoints"], 0]).get(timeout=120)
+    assert len(evaluation["evaluations"]) == 3
+    assert 0.0 <= evaluation["baseline_accuracy"] <= 1.0
+
+
+def test_a_failing_task_reports_the_workers_error(worker):
+    _, app = worker
+    bad = TrainingRequest(run_id="run-missing", snapshot_id="nope", store_url=worker[0].resolved_store_url,
+                          plan="two_stage", output_dir="/tmp/proxyloop-none")
+    sent = app.send_task("proxyloop.train", args=[bad.model_dump(mode="json")], queue="gpu")
+    with pytest.raises(Exception, match="snapshot 'nope' not in the store"):
+        sent.get(timeout=60)
