@@ -1,14 +1,16 @@
-"""Serve the flows as deployments with their event triggers.
+"""Serve every stage as a deployment; `retrain` is started by the dataset threshold event.
 
 Run: `python -m flows.serve` (started by `proxyloop up`; needs PREFECT_API_URL). At scale, use
-a Prefect work pool instead; the triggers are the same.
+a Prefect work pool instead; the triggers and limits are the same.
 """
 
 from __future__ import annotations
 
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from flows.retrain import retrain
+from flows.retrain import check_conditions_flow, evaluate_and_gate_flow, release_flow, retrain
 from ingest.consumer import DATASET_UPDATED_EVENT
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"
@@ -26,8 +28,14 @@ def retrain_trigger() -> DeploymentEventTrigger:
 
 
 def main() -> None:
-    # limit=1: at most one retrain of the policy at a time on this runner.
-    retrain.serve(name="retrain", triggers=[retrain_trigger()], limit=1)
+    deployments = [
+        # concurrency_limit=1: at most one retrain of the policy at a time; later triggers queue.
+        retrain.to_deployment(name="retrain", triggers=[retrain_trigger()], concurrency_limit=1),
+        check_conditions_flow.to_deployment(name="check-conditions"),
+        evaluate_and_gate_flow.to_deployment(name="evaluate-and-gate"),
+        release_flow.to_deployment(name="release"),
+    ]
+    serve(*[d for d in deployments if isinstance(d, RunnerDeployment)])
 
 
 if __name__ == "__main__":

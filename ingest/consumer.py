@@ -69,7 +69,8 @@ def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings
         mark = watermark(session)
         expert_new = counts["expert"] - mark.expert_total
         proxy_new = counts["proxy"] - mark.proxy_total
-        if expert_new < settings.retrain_min_expert or proxy_new < settings.retrain_min_proxy:
+        # Either kind of new data past its threshold is reason enough to retrain.
+        if expert_new < settings.retrain_min_expert and proxy_new < settings.retrain_min_proxy:
             session.commit()
             return None
         update = DatasetUpdated(

@@ -12,13 +12,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.orm import Session
 
 from proxyloop import stack
 from proxyloop.settings import get_settings
 
 app = typer.Typer(help="proxyloop: annotation streams in, safely released policies out.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # no hard wraps in logs and pipes
 
 
 def _say(message: str) -> None:
@@ -45,22 +44,84 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Health of each component and the data counts."""
-    from ingest.store import count_labels, latest_runs, make_engine
+    """Health of each component, Kafka lag, Celery queues, data counts, runs and released versions."""
+    from proxyloop.operations import overview
 
     settings = get_settings()
-    table = Table("component", "state")
     states = stack.health(settings)
+    table = Table("component", "state", title="stack")
     for name, state in states.items():
-        table.add_row(name, state)
+        table.add_row(name, state if state.startswith("healthy") else f"[red]{state}[/red]")
     console.print(table)
-    if settings.home_dir.exists():
-        with Session(make_engine(settings.resolved_store_url)) as session:
-            console.print(f"labels stored: {count_labels(session)}")
-            for run in latest_runs(session):
-                console.print(f"retrain {run.run_id}: {run.status} ({run.updated_at:%Y-%m-%d %H:%M:%S})")
+    view = overview(settings)
+    unknown = "[dim]unknown[/dim]"
+    console.print(f"labels stored: expert {view.labels.get('expert', 0)}, proxy {view.labels.get('proxy', 0)}; "
+                  f"dead-lettered: {view.dead_lettered if view.dead_lettered is not None else unknown}; "
+                  f"consumer lag: {view.consumer_lag if view.consumer_lag is not None else unknown}")
+    queues = ", ".join(f"{q} {n}" for q, n in view.queue_depths.items()) if view.queue_depths is not None else unknown
+    console.print(f"celery queued: {queues}; active: {view.active_tasks if view.active_tasks is not None else unknown}")
+    console.print("production: " + (", ".join(f"{n} v{v}" for n, v in view.production.items()) or "nothing released"))
+    _print_runs(view.runs)
     if not all(s.startswith("healthy") for s in states.values()):
         raise typer.Exit(1)
+
+
+def _print_runs(runs: list[dict[str, object]]) -> None:
+    table = Table("run", "status", "plan", "gate", "version", "updated", title="retrain runs")
+    for run in runs:
+        table.add_row(*(str(run[k] if run[k] is not None else "") for k in
+                        ("run_id", "status", "plan", "gate", "version", "updated")))
+    console.print(table)
+
+
+@app.command()
+def runs() -> None:
+    """The latest retrain runs with their plan, gate decision and released version."""
+    from proxyloop.operations import overview
+
+    _print_runs(overview(get_settings()).runs)
+
+
+def _release_run(run_id: str, reason: str | None) -> None:
+    import os
+
+    settings = get_settings()
+    os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
+    from flows.retrain import RunNotFound, release_flow
+
+    try:
+        release = release_flow(run_id, override_reason=reason, operator=os.environ.get("USER", "operator"))
+    except (RunNotFound, PermissionError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"released {release['policy']} v{release['version']} as {release['alias']}")
+
+
+@app.command()
+def approve(run_id: str) -> None:
+    """Release a run whose gate passed (e.g. after its release step failed)."""
+    _release_run(run_id, None)
+
+
+@app.command()
+def override(run_id: str, reason: Annotated[str, typer.Option(help="Why the gate is overridden (audited).")]) -> None:
+    """Release a run the gate blocked; the reason is recorded in the version's lineage."""
+    _release_run(run_id, reason)
+
+
+@app.command()
+def rollback(version: Annotated[int, typer.Argument(help="Version to point `production` at.")]) -> None:
+    """Point the `production` alias back at an earlier version; serving follows at once."""
+    from policies.registry import RegistryError
+    from policies.release import move_alias
+
+    settings = get_settings()
+    try:
+        move_alias(settings, version)
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"{settings.policy_name}@production → v{version}")
 
 
 @app.command()

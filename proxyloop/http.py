@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from ingest.bus import make_producer
 from ingest.labelstudio import router as labelstudio_router
@@ -31,6 +32,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(labelstudio_router)
     app.include_router(serving_router)
+    # Run artifacts (plots, reports) linked from Prefect's UI; read-only, no directory listing.
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    app.mount("/runs", StaticFiles(directory=settings.runs_dir), name="runs")
 
     @app.get("/health")
     def health() -> dict[str, str]:

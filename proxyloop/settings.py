@@ -47,9 +47,21 @@ class Settings(BaseSettings):
     topic_policy_released: str = "proxyloop.policy-released"
     topic_partitions: int = 3
     consumer_group: str = "proxyloop-ingest"
+    # Tansu's group join waits about session_timeout/2 before the first record; Kafka's default
+    # (45 s) would stall every consumer start.
+    kafka_session_timeout_ms: int = Field(6000, ge=1000, description="Consumer group session timeout.")
+    kafka_heartbeat_interval_ms: int = Field(2000, ge=100, description="Must be below a third of the session timeout.")
+    consumer_max_poll_records: int = Field(500, ge=1, description="Records per consumer batch (one store commit).")
+
+    labelstudio_url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
+    labelstudio_token: str = Field("", description="Label Studio API token (legacy token of the provisioning user).")
+    labelstudio_project_title: str = Field("proxyloop pairwise", description="Project that setup creates or reuses.")
+    labelstudio_webhook_url: str = Field(
+        "", description="Where Label Studio reaches proxyloop's receiver; empty means http_url + /webhooks/labelstudio."
+    )
 
     retrain_min_expert: int = Field(40, ge=1, description="New expert labels that trigger a retrain.")
-    retrain_min_proxy: int = Field(1000, ge=0, description="New proxy preferences that trigger a retrain.")
+    retrain_min_proxy: int = Field(5000, ge=1, description="New proxy preferences that trigger a retrain.")
     policy_name: str = "appendix-d"
 
     gate_min_heldout_accuracy: float = Field(0.55, ge=0, le=1)
@@ -92,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def http_url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def resolved_labelstudio_webhook_url(self) -> str:
+        return self.labelstudio_webhook_url or f"{self.http_url}/webhooks/labelstudio"
 
 
 @lru_cache(maxsize=1)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 from sqlalchemy.orm import Session
 
@@ -28,14 +29,15 @@ def demo_run(tmp_path_factory):
     try:
         demo = _cli(settings, "demo", "--report", str(report_path), "--keep-up")
         status = _cli(settings, "status", timeout=60)
+        artifacts = httpx.post(f"{settings.prefect_api_url}/artifacts/filter", json={"limit": 100}, timeout=30).json()
     finally:
         down = _cli(settings, "down", timeout=120)
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
-    return settings, json.loads(report_path.read_text()), status, down
+    return settings, json.loads(report_path.read_text()), status, down, artifacts
 
 
 def test_every_published_event_is_stored_and_bad_ones_dead_lettered(demo_run):
-    settings, report, _, _ = demo_run
+    settings, report, *_ = demo_run
     events = report["events"]
     assert events["stored"] == events["proxy_published"] + events["expert_published"] == 3060
     assert events["dead_lettered"] == events["malformed_published"] == 3
@@ -44,7 +46,7 @@ def test_every_published_event_is_stored_and_bad_ones_dead_lettered(demo_run):
 
 
 def test_the_event_triggered_flow_trains_on_the_gpu_queue_and_releases(demo_run):
-    settings, report, _, _ = demo_run
+    settings, report, *_ = demo_run
     assert report["conditions"]["plan"] in ("two_stage", "proxy_as_is", "fine_tune", "expert_only")
     assert {c["name"] for c in report["conditions"]["checks"]} >= {"shared_level_sets", "image_containment"}
     assert report["training"]["queue"] == "gpu" and report["training"]["device"] == "cpu"
@@ -60,7 +62,7 @@ def test_the_event_triggered_flow_trains_on_the_gpu_queue_and_releases(demo_run)
 
 
 def test_serving_answers_with_the_released_version(demo_run):
-    _, report, _, _ = demo_run
+    _, report, *_ = demo_run
     serving = report["serving"]
     assert serving["status"] == 200
     assert serving["version"] == report["release"]["version"]
@@ -68,8 +70,20 @@ def test_serving_answers_with_the_released_version(demo_run):
 
 
 def test_status_reports_health_and_counts_and_down_stops_everything(demo_run):
-    settings, _, status, down = demo_run
+    settings, _, status, down, _ = demo_run
     assert status.returncode == 0, status.stdout
-    assert status.stdout.count("healthy") == 7 and "'proxy': 3000" in status.stdout
+    assert status.stdout.count("healthy") == 7 and "proxy 3000" in status.stdout
+    assert "consumer lag: 0" in status.stdout and "dead-lettered: 3" in status.stdout
     assert "kafka: stopped" in down.stdout
     assert not any(state.startswith("healthy") for state in stack.health(settings).values())
+
+
+def test_the_flow_run_carries_the_operator_artifacts(demo_run):
+    _, report, _, _, artifacts = demo_run
+    by_key = {a["key"]: a for a in artifacts if a.get("key")}
+    assert {"condition-checks", "condition-report", "checkpoint-evaluations", "gate-decision", "release"} <= set(by_key)
+    checks = json.loads(by_key["condition-checks"]["data"]) if isinstance(by_key["condition-checks"]["data"], str) \
+        else by_key["condition-checks"]["data"]
+    assert {row["check"] for row in checks} == {c["name"] for c in report["conditions"]["checks"]}
+    assert report["gate"]["decision"] in by_key["gate-decision"]["data"]
+    assert all(a["flow_run_id"] for a in by_key.values())

@@ -38,7 +38,7 @@ def settings(service_settings, kafka, tmp_path):
     settings = service_settings.model_copy(update={
         "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
         "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "retrain_min_expert": 10**6})
+        "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6})
     ensure_topics(settings)
     return settings
 
@@ -112,7 +112,7 @@ def test_offsets_are_committed_so_a_restart_rereads_nothing(settings):
 def test_threshold_crossing_emits_dataset_updated_once(settings, monkeypatch):
     emitted = []
     monkeypatch.setattr(ingest_consumer, "emit_prefect_event", lambda update, s: emitted.append(update))
-    settings = settings.model_copy(update={"retrain_min_expert": 0, "retrain_min_proxy": 5})
+    settings = settings.model_copy(update={"retrain_min_proxy": 5})
     producer = make_producer(settings)
     for i in range(6):
         publish(producer, settings.topic_proxy, ProxyPreference(

@@ -90,8 +90,11 @@ def train_feature_policy(
         "plan": request.plan, "config": model_config(request.plan, config), "run_id": request.run_id,
     }
 
+    curve: list[dict[str, object]] = []
+
     def report(stage: str, total: int) -> Callable[[int, float], None]:
         def on_step(step: int, loss: float) -> None:
+            curve.append({"stage": stage, "step": step, "loss": loss})
             if step % 25 == 0 or step == total:
                 progress({"stage": stage, "step": step, "of": total, "loss": round(loss, 5)})
         return on_step
@@ -119,6 +122,7 @@ def train_feature_policy(
                 checkpoints.append(_save_checkpoint(model, out, step, step_loss, meta))
 
         loss = _fit(model, params, to_device(expert_train), request.stage2_epochs, on_expert_step)
+    (out / "curve.json").write_text(json.dumps(curve))
     return TrainingResult(
         run_id=request.run_id, device=str(device), worker=worker, checkpoints=checkpoints,
         final_loss=loss, seconds=time.perf_counter() - started,

@@ -1,0 +1,113 @@
+"""The retrain flow's tasks: each one step, calling into ingest, workers or policies.
+
+Transient failures (broker or database hiccups) are retried with backoff; a training task
+that failed on the worker is not: it fails the flow run with the worker's error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery.result import AsyncResult
+from prefect import get_run_logger, task
+from sqlalchemy.orm import Session
+
+from ingest.conditions import run_condition_tests
+from ingest.schemas import CheckpointEvaluation, ConditionReport, GateDecision, TrainingRequest, TrainingResult
+from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, record_run
+from policies.gate import GateRules, decide
+from proxyloop.settings import Settings
+from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
+from workers.app import app as celery_app
+
+TASK_TIMEOUT_S = 1800
+RETRY_DELAYS_S: list[float] = [2, 10, 30]
+
+
+class TrainingFailed(RuntimeError):
+    """A Celery task failed on its worker; retrying the flow step would repeat the failure."""
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except TrainingFailed:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be a hiccup worth a retry
+        return True
+    return True
+
+
+@task(name="freeze-snapshot", retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def freeze(settings: Settings) -> dict[str, Any]:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        snapshot = freeze_snapshot(session)
+        session.commit()
+        frozen = {"snapshot_id": snapshot.snapshot_id, "n_expert": snapshot.n_expert, "n_proxy": snapshot.n_proxy}
+    get_run_logger().info("snapshot %s: %d expert, %d proxy", frozen["snapshot_id"], frozen["n_expert"],
+                          frozen["n_proxy"])
+    return frozen
+
+
+@task(name="check-conditions")
+def check_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        triples = load_snapshot_triples(session, snapshot_id)
+    report = run_condition_tests(triples["expert"], triples["proxy"], snapshot_id, seed=settings.training_seed)
+    get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
+    return report
+
+
+def wait_for_task(task_id: str, timeout_s: float = TASK_TIMEOUT_S) -> dict[str, Any]:
+    """Poll a Celery task, logging its progress; a failed task raises with the worker's error."""
+    logger = get_run_logger()
+    result = AsyncResult(task_id, app=celery_app)
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        state = result.state
+        if state == "SUCCESS":
+            value: dict[str, Any] = result.get(timeout=10)
+            return value
+        if state in ("FAILURE", "REVOKED"):
+            raise TrainingFailed(f"task {task_id} {state.lower()} on the worker: {result.result!r}\n{result.traceback}")
+        if state == "PROGRESS" and result.info != last:
+            last = result.info
+            logger.info("task %s: %s", task_id, last)
+        time.sleep(0.5)
+    raise TrainingFailed(f"task {task_id} did not finish within {timeout_s:.0f} s (state {result.state})")
+
+
+@task(name="train-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
+def dispatch_training(request: TrainingRequest) -> TrainingResult:
+    # The task id is the run id: a retried dispatch finds the same task, the worker's result is idempotent.
+    celery_app.send_task(TRAIN_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE, task_id=request.run_id)
+    get_run_logger().info("run %s: training task sent to queue %s", request.run_id, GPU_QUEUE)
+    return TrainingResult.model_validate(wait_for_task(request.run_id))
+
+
+@task(name="evaluate-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
+def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> dict[str, Any]:
+    sent = celery_app.send_task(
+        EVALUATE_TASK, queue=CPU_QUEUE,
+        args=[settings.resolved_store_url, snapshot_id, [c.model_dump() for c in training.checkpoints],
+              settings.training_seed],
+    )
+    return wait_for_task(sent.id)
+
+
+@task(name="gate")
+def gate(settings: Settings, evaluation: dict[str, Any]) -> GateDecision:
+    evaluations = [CheckpointEvaluation.model_validate(e) for e in evaluation["evaluations"]]
+    rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
+                      use_indicators=evaluation["language_model"])
+    decision = decide(evaluations, evaluation["baseline_accuracy"], rules)
+    get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
+    return decision
+
+
+def record(settings: Settings, run_id: str, status: str, summary: dict[str, Any]) -> None:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        record_run(session, run_id, status, summary)
+        session.commit()

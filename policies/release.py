@@ -1,0 +1,47 @@
+"""Releasing a checkpoint: registry version with lineage, alias move, `policy.released` event."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from ingest.bus import make_producer, publish
+from ingest.schemas import PolicyReleased, PolicyVersion
+from policies.registry import register, resolve, set_alias
+from proxyloop.settings import Settings
+
+
+def release_checkpoint(
+    settings: Settings, checkpoint_dir: Path, lineage: dict[str, Any], alias: str = "production"
+) -> PolicyVersion:
+    tensors = load_file(str(checkpoint_dir / "model.safetensors"))
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    version = register(settings.registry_dir, settings.policy_name, tensors, config, lineage, alias=alias)
+    producer = make_producer(settings)
+    try:
+        publish(producer, settings.topic_policy_released, PolicyReleased(
+            event_id=f"released-{version.policy}-{version.version}", policy=version.policy,
+            version=version.version, alias=alias, uri=version.path,
+        ))
+    finally:
+        producer.close()
+    return version
+
+
+def move_alias(settings: Settings, version: int, alias: str = "production") -> PolicyVersion:
+    """Point an alias at an existing version (rollback or promote) and tell services."""
+    set_alias(settings.registry_dir, settings.policy_name, alias, version)
+    moved = resolve(settings.registry_dir, f"{settings.policy_name}@{version}")
+    producer = make_producer(settings)
+    try:
+        publish(producer, settings.topic_policy_released, PolicyReleased(
+            event_id=f"alias-{moved.policy}-{alias}-{version}-{uuid.uuid4().hex[:8]}", policy=moved.policy,
+            version=version, alias=alias, uri=moved.path,
+        ))
+    finally:
+        producer.close()
+    return moved
