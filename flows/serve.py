@@ -6,7 +6,7 @@ a Prefect work pool instead; the triggers and limits are the same.
 
 from __future__ import annotations
 
-from prefect import serve
+from prefect import flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
@@ -14,6 +14,13 @@ from flows.retrain import check_conditions_flow, evaluate_and_gate_flow, release
 from ingest.consumer import DATASET_UPDATED_EVENT
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"
+HEALTH_EVENT = "proxyloop.health.ping"
+
+
+@flow(name="health")
+def health_flow() -> str:
+    """Does nothing: proves the event → automation → runner path works (and measures its floor)."""
+    return "ok"
 
 
 def retrain_trigger() -> DeploymentEventTrigger:
@@ -34,6 +41,7 @@ def main() -> None:
         check_conditions_flow.to_deployment(name="check-conditions"),
         evaluate_and_gate_flow.to_deployment(name="evaluate-and-gate"),
         release_flow.to_deployment(name="release"),
+        health_flow.to_deployment(name="health", triggers=[DeploymentEventTrigger(expect={HEALTH_EVENT})]),
     ]
     serve(*[d for d in deployments if isinstance(d, RunnerDeployment)])
 

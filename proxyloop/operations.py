@@ -32,7 +32,7 @@ def kafka_figures(settings: Settings) -> tuple[int | None, int | None]:
 
     try:
         consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                                 enable_auto_commit=False, request_timeout_ms=3000, api_version_auto_timeout_ms=3000)
+                                 enable_auto_commit=False, request_timeout_ms=3000)
     except Exception:  # noqa: BLE001 - broker down: report unknown
         return None, None
     try:

@@ -118,6 +118,27 @@ COMPONENTS: list[Component] = [
 ]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def isolated_settings(home: Path, **overrides: object) -> Settings:
+    """Settings with their own home and free loopback ports: tests and benches beside a dev stack."""
+    redis_port = free_port()
+    values: dict[str, object] = {
+        "home": home,
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "celery_broker": f"redis://127.0.0.1:{redis_port}/0",
+        "celery_backend": f"redis://127.0.0.1:{redis_port}/1",
+        "prefect_api_url": f"http://127.0.0.1:{free_port()}/api",
+        "http_port": free_port(),
+        **overrides,
+    }
+    return Settings(**values)  # type: ignore[arg-type]
+
+
 def child_env(settings: Settings) -> dict[str, str]:
     """Children resolve the same Settings: every field is exported, paths made absolute."""
     env = dict(os.environ)

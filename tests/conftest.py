@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from proxyloop import stack
 from proxyloop.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def isolated_settings(home: Path, **overrides: object) -> Settings:
-    """Settings for one test session: its own home and free ports; nothing shared with a dev stack."""
-    redis_port = free_port()
-    values: dict[str, object] = {
-        "home": home,
-        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
-        "celery_broker": f"redis://127.0.0.1:{redis_port}/0",
-        "celery_backend": f"redis://127.0.0.1:{redis_port}/1",
-        "prefect_api_url": f"http://127.0.0.1:{free_port()}/api",
-        "http_port": free_port(),
-        **overrides,
-    }
-    return Settings(**values)  # type: ignore[arg-type]
+from proxyloop.stack import isolated_settings
 
 
 def export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from proxyloop.settings import get_settings
 
 TRAIN_TASK = "proxyloop.train"
 EVALUATE_TASK = "proxyloop.evaluate"
+PING_TASK = "proxyloop.ping"
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
 
@@ -22,7 +23,11 @@ def make_app() -> Celery:
     celery = Celery("proxyloop", broker=settings.celery_broker, backend=settings.celery_backend)
     celery.conf.update(
         task_queues=[Queue(GPU_QUEUE), Queue(CPU_QUEUE)],
-        task_routes={TRAIN_TASK: {"queue": GPU_QUEUE}, EVALUATE_TASK: {"queue": CPU_QUEUE}},
+        task_routes={
+            TRAIN_TASK: {"queue": GPU_QUEUE},
+            EVALUATE_TASK: {"queue": CPU_QUEUE},
+            PING_TASK: {"queue": GPU_QUEUE},
+        },
         # Training must survive a dying worker: ack after the task, one task in hand at a time.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

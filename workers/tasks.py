@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from ingest.schemas import CheckpointRef, FeatureTriple, TrainingRequest
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
-from workers.app import EVALUATE_TASK, TRAIN_TASK, app
+from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app
 from workers.training.device import select_device
 from workers.training.evaluate import evaluate_checkpoint, expert_only_baseline
 from workers.training.feature_policy import n_outputs_of, train_feature_policy
@@ -36,6 +37,10 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     if result_path.exists():
         log.info("run %s already finished; returning its result", req.run_id)
         return dict(json.loads(result_path.read_text()))
+    # When the worker picked the run up: operators and bench/trigger_latency.py read it.
+    Path(req.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(req.output_dir) / "started.json").write_text(json.dumps({"started_at": time.time(),
+                                                                    "worker": self.request.hostname}))
     triples = _snapshot(req.store_url, req.snapshot_id)
     expert_train, _ = split_expert(triples["expert"])
     device = select_device()
@@ -49,6 +54,12 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     result = train_feature_policy(req, triples["proxy"], expert_train, device, self.request.hostname or "", progress)
     result_path.write_text(result.model_dump_json(indent=2))
     return result.model_dump(mode="json")
+
+
+@app.task(name=PING_TASK)
+def ping() -> str:
+    """An empty task: a health probe for the queue path and the floor of task latency."""
+    return "pong"
 
 
 @app.task(name=EVALUATE_TASK, bind=True, acks_late=True)

@@ -1,0 +1,156 @@
+"""Event → training task started, through the real stack, beside the Prefect and Celery floors.
+
+Run: `.venv/bin/python bench/trigger_latency.py [--quick]`. Starts an isolated stack on free
+loopback ports, crosses the retrain threshold `rounds` times, and for each round reads the
+`dataset.updated` event's time (Kafka), the flow run's start (Prefect API) and the moment the
+worker picked the training task up (`started.json` in the run directory). Floors measured in the
+same run: an empty flow deployment triggered by an event, and an empty Celery task round trip.
+The last line is JSON: `event_to_task_s` (median), `event_to_flow_s`, `prefect_floor_s`,
+`celery_floor_s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from kafka import KafkaConsumer, TopicPartition
+
+from ingest.bus import make_producer, publish
+from ingest.schemas import ExpertLabel, ProxyPreference
+from ingest.synthetic import appendix_d
+from proxyloop import stack
+from proxyloop.settings import Settings
+
+
+def _dataset_updates(settings: Settings) -> list[float]:
+    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    parts = [TopicPartition(settings.topic_dataset_updated, p) for p in range(settings.topic_partitions)]
+    reader.assign(parts)
+    reader.seek_to_beginning(*parts)
+    times = []
+    for _ in range(6):
+        for batch in reader.poll(timeout_ms=500).values():
+            times += [datetime.fromisoformat(json.loads(r.value)["occurred_at"]).timestamp() for r in batch]
+    reader.close()
+    return sorted(times)
+
+
+def _flow_runs(settings: Settings, flow_name: str) -> list[dict[str, object]]:
+    body = {"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_ASC", "limit": 50}
+    runs: list[dict[str, object]] = httpx.post(f"{settings.prefect_api_url}/flow_runs/filter", json=body,
+                                               timeout=30).json()
+    return runs
+
+
+def _wait(predicate, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("waited too long; see the stack's logs")
+        time.sleep(0.2)
+
+
+def _ts(value: object) -> float:
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+def measure_rounds(settings: Settings, rounds: int) -> tuple[list[float], list[float]]:
+    producer = make_producer(settings)
+    task = appendix_d(n_proxy=3000, n_expert=settings.retrain_min_expert * rounds, seed=0)
+    for i, triple in enumerate(task.proxy):
+        publish(producer, settings.topic_proxy, ProxyPreference(event_id=f"p{i}", proxy_name="bench", item=triple),
+                wait=False)
+    producer.flush()
+    to_task, to_flow = [], []
+    per_round = settings.retrain_min_expert
+    for r in range(rounds):
+        for i, triple in enumerate(task.expert[r * per_round:(r + 1) * per_round]):
+            publish(producer, settings.topic_expert, ExpertLabel(
+                event_id=f"e{r}-{i}-{uuid.uuid4().hex[:6]}", annotator_id="bench", item=triple), wait=False)
+        producer.flush()
+        _wait(lambda r=r: len(_dataset_updates(settings)) > r, 120)
+        event_at = _dataset_updates(settings)[r]
+        _wait(lambda r=r: len([x for x in _flow_runs(settings, "retrain") if x.get("state_type") == "COMPLETED"]) > r,
+              600)
+        run = [x for x in _flow_runs(settings, "retrain") if x.get("state_type") == "COMPLETED"][r]
+        started = json.loads((settings.runs_dir / str(run["id"]) / "started.json").read_text())["started_at"]
+        to_task.append(started - event_at)
+        to_flow.append(_ts(run["start_time"]) - event_at)
+        print(f"round {r + 1}: event → flow run started {to_flow[-1]:.2f} s, → training task started "
+              f"{to_task[-1]:.2f} s", flush=True)
+    producer.close()
+    return to_task, to_flow
+
+
+def prefect_floor(settings: Settings, repeats: int) -> list[float]:
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    from flows.serve import HEALTH_EVENT
+
+    floors = []
+    for i in range(repeats):
+        before = len(_flow_runs(settings, "health"))
+        emitted = time.time()
+        emit_event(event=HEALTH_EVENT, resource={"prefect.resource.id": "proxyloop.bench"})
+        EventsWorker.drain_all(timeout=10)
+        _wait(lambda b=before: len([x for x in _flow_runs(settings, "health") if x.get("start_time")]) > b, 120)
+        run = [x for x in _flow_runs(settings, "health") if x.get("start_time")][before]
+        floors.append(_ts(run["start_time"]) - emitted)
+        print(f"prefect floor {i + 1}: event → empty flow run started {floors[-1]:.2f} s", flush=True)
+    return floors
+
+
+def celery_floor(repeats: int) -> list[float]:
+    from workers.app import PING_TASK, app
+
+    floors = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        app.send_task(PING_TASK).get(timeout=30)
+        floors.append(time.perf_counter() - started)
+    print(f"celery floor: empty task round trip median {statistics.median(floors) * 1000:.1f} ms", flush=True)
+    return floors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round and fewer floor repeats")
+    args = parser.parse_args()
+    rounds = 1 if args.quick else 3
+    with tempfile.TemporaryDirectory(prefix="proxyloop-bench-") as home:
+        settings = stack.isolated_settings(Path(home))
+        import os
+
+        os.environ.update({k: v for k, v in stack.child_env(settings).items()
+                           if k.startswith(("PROXYLOOP_", "PREFECT_"))})
+        from proxyloop.settings import get_settings
+
+        get_settings.cache_clear()
+        try:
+            stack.up(settings, lambda m: print(m, flush=True))
+            to_task, to_flow = measure_rounds(settings, rounds)
+            prefect = prefect_floor(settings, 2 if args.quick else 5)
+            celery = celery_floor(20 if args.quick else 100)
+        finally:
+            stack.down(settings)
+    result = {
+        "event_to_task_s": round(statistics.median(to_task), 3),
+        "event_to_flow_s": round(statistics.median(to_flow), 3),
+        "prefect_floor_s": round(statistics.median(prefect), 3),
+        "celery_floor_s": round(statistics.median(celery), 4),
+        "rounds": rounds,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
