@@ -8,7 +8,7 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session
 
-from ingest.store import count_labels, make_engine
+from ingest.store import SnapshotRow, count_labels, load_snapshot_triples, make_engine
 from policies.registry import resolve
 from proxyloop import stack
 from tests.conftest import isolated_settings
@@ -58,6 +58,11 @@ def test_the_event_triggered_flow_trains_on_the_gpu_queue_and_releases(demo_run)
     version = resolve(settings.registry_dir, f"{release['policy']}@production")
     assert version.version == release["version"]
     assert version.lineage["snapshot"]["snapshot_id"] == report["snapshot"]["snapshot_id"]
+    with Session(make_engine(settings.resolved_store_url)) as session:  # lineage → the exact stored labels
+        snapshot = session.get(SnapshotRow, version.lineage["snapshot"]["snapshot_id"])
+        cited = load_snapshot_triples(session, snapshot.snapshot_id)
+    assert (len(cited["expert"]), len(cited["proxy"])) == (snapshot.n_expert, snapshot.n_proxy)
+    assert snapshot.n_expert >= settings.retrain_min_expert and len(snapshot.event_ids) == snapshot.n_expert + 3000
     assert set(report["timings_s"]) >= {"stack_up", "publish_proxy", "post_expert", "ingest", "retrain", "serving"}
 
 
