@@ -77,15 +77,22 @@ def _model_card(name: str, version: int, lineage: dict[str, Any]) -> str:
 
 
 def register(
-    root: Path, name: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-    lineage: dict[str, Any], alias: str | None = "production",
+    root: Path, name: str, tensors: dict[str, torch.Tensor] | None, config: dict[str, Any],
+    lineage: dict[str, Any], alias: str | None = "production", directories: dict[str, Path] | None = None,
 ) -> PolicyVersion:
-    """Write a new immutable version and (optionally) point an alias at it."""
+    """Write a new immutable version and (optionally) point an alias at it.
+
+    `tensors` become `model.safetensors`; `directories` (e.g. a Hugging Face model directory) are
+    copied in under the given names before the version becomes visible.
+    """
     policy_dir = root / validate_name(name)
     policy_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=policy_dir, prefix=".staging-"))
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"))
+        if tensors is not None:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"))
+        for subdir, source in (directories or {}).items():
+            shutil.copytree(source, staging / subdir)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         while True:
             version = (max(versions(root, name), default=0)) + 1

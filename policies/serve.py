@@ -6,13 +6,11 @@ so a release is served as soon as the registry's alias moves; no restart.
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated
-
 import torch
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, load
 from policies.registry import RegistryError, aliases, list_policies
 from proxyloop.settings import Settings
@@ -25,22 +23,10 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def require_api_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> str:
-    keys = _settings(request).api_key_list
-    token = (authorization or "").removeprefix("Bearer ").strip()
-    if not token or not any(hmac.compare_digest(token, k) for k in keys):
-        raise HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
-    return token
-
-
-ApiKey = Annotated[str, Depends(require_api_key)]
-
-
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
+    created: int
     version: int
     owned_by: str = "proxyloop"
 
@@ -82,7 +68,8 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
 def list_models(request: Request, _: ApiKey) -> ModelList:
     """Released policies and the version each alias points at."""
     root = _settings(request).registry_dir
-    cards = [ModelCard(id=f"{name}@{alias}", version=version)
+    cards = [ModelCard(id=f"{name}@{alias}", version=version,
+                       created=int((root / name / str(version)).stat().st_mtime))
              for name in list_policies(root) for alias, version in sorted(aliases(root, name).items())]
     return ModelList(data=cards)
 

@@ -5,14 +5,16 @@ Run: `uvicorn proxyloop.http:app` (started by `proxyloop up`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ingest.bus import make_producer
 from ingest.labelstudio import router as labelstudio_router
+from policies.openai_api import router as openai_router
 from policies.serve import router as serving_router
 from proxyloop.settings import Settings, get_settings
 
@@ -32,6 +34,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(labelstudio_router)
     app.include_router(serving_router)
+    app.include_router(openai_router)
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
+                                 f"{settings.max_request_bytes} (PROXYLOOP_MAX_REQUEST_BYTES)"}, status_code=413)
+        return await call_next(request)
     # Run artifacts (plots, reports) linked from Prefect's UI; read-only, no directory listing.
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/runs", StaticFiles(directory=settings.runs_dir), name="runs")

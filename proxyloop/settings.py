@@ -39,6 +39,8 @@ class Settings(BaseSettings):
 
     webhook_secret: str = Field("dev-webhook-secret", description="Shared secret Label Studio sends.")
     api_keys: str = Field("dev-api-key", description="Comma-separated API keys for serving.")
+    api_key_hashes: str = Field("", description="Comma-separated SHA-256 hex digests of further API keys.")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger HTTP request bodies get 413.")
 
     topic_expert: str = "proxyloop.expert-labels"
     topic_proxy: str = "proxyloop.proxy-preferences"
@@ -84,6 +86,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def api_key_hash_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()]
 
     @property
     def home_dir(self) -> Path:

@@ -1,0 +1,94 @@
+"""Causal language-model policies: loading a released version and generating from chat messages.
+
+A version of family `causal_lm` keeps a Hugging Face directory (safetensors weights, tokenizer
+with its chat template) under `model/`; it is loaded from that path only, never from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ingest.schemas import PolicyVersion
+from policies.registry import register, resolve
+
+CAUSAL_LM = "causal_lm"
+MODEL_SUBDIR = "model"
+
+
+def is_causal_lm(version_path: Path | str) -> bool:
+    config = Path(version_path) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("family") == CAUSAL_LM
+
+
+def register_causal_lm(
+    root: Path, name: str, model_dir: Path, lineage: dict[str, Any], alias: str | None = "production"
+) -> PolicyVersion:
+    """Release a Hugging Face model directory (e.g. a training checkpoint) as a new version."""
+    return register(root, name, None, {"family": CAUSAL_LM}, lineage, alias=alias,
+                    directories={MODEL_SUBDIR: model_dir})
+
+
+@dataclass
+class ChatPolicy:
+    version: PolicyVersion
+    model: Any
+    tokenizer: Any
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids: torch.Tensor = self.tokenizer(text, return_tensors="pt").input_ids
+        return ids
+
+    @torch.no_grad()
+    def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+               seed: int | None = None) -> Iterator[tuple[str, str | None]]:
+        """Yield (text piece, finish reason or None); one forward pass per token with a KV cache."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        input_ids = self.prompt_ids(messages)
+        config = self.model.config
+        limit = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
+        past, generated, emitted = None, [], ""
+        next_input = input_ids
+        for _ in range(min(max_tokens, max(0, limit - input_ids.shape[1]))):
+            out = self.model(input_ids=next_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            if temperature <= 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            if token == self.tokenizer.eos_token_id or token in self._stop_ids():
+                yield "", "stop"
+                return
+            generated.append(token)
+            # Decode the whole continuation each step: byte-level pieces only form text together.
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if len(text) > len(emitted):
+                yield text[len(emitted):], None
+                emitted = text
+            next_input = torch.tensor([[token]])
+        yield "", "length"
+
+    def _stop_ids(self) -> set[int]:
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return {end} if isinstance(end, int) and end != self.tokenizer.unk_token_id else set()
+
+
+def load_chat_policy(root: Path, ref: str) -> ChatPolicy:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    version = resolve(root, ref)
+    if not is_causal_lm(version.path):
+        raise ValueError(f"{version.policy} v{version.version} is not a language-model policy; "
+                         "use /v1/policies/{name}/predict for feature-vector policies")
+    path = Path(version.path) / MODEL_SUBDIR
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    return ChatPolicy(version=version, model=model, tokenizer=tokenizer)

@@ -1,0 +1,136 @@
+"""OpenAI-compatible chat completions for released language-model policies.
+
+`model` is a registry reference (`name`, `name@alias`, `name@3`); the alias is resolved on every
+request and models are cached by version, so a release or rollback is served without restart.
+Unmodified OpenAI clients work: `OpenAI(base_url=".../v1", api_key=KEY)`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from policies.auth import ApiKey
+from policies.chat import ChatPolicy, load_chat_policy
+from policies.registry import RegistryError, resolve
+from proxyloop.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+MAX_TOKENS_LIMIT = 512
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    stream: bool = False
+    seed: int | None = None
+    user: str | None = Field(None, max_length=256)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+_cache: dict[tuple[str, int], ChatPolicy] = {}
+
+
+def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
+    try:
+        version = resolve(settings.registry_dir, ref)
+        key = (version.policy, version.version)
+        if key not in _cache:
+            _cache[key] = load_chat_policy(settings.registry_dir, f"{version.policy}@{version.version}")
+        return _cache[key]
+    except RegistryError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    return [m.model_dump() for m in body.messages]
+
+
+def _chunk(completion_id: str, created: int, model: str, delta: dict[str, str], finish: str | None) -> str:
+    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _stream(policy: ChatPolicy, body: ChatCompletionRequest, max_tokens: int, model: str) -> Iterator[str]:
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
+    for piece, finish in policy.stream(_messages(body), max_tokens, body.temperature, body.seed):
+        if piece:
+            yield _chunk(completion_id, created, model, {"content": piece}, None)
+        if finish:
+            yield _chunk(completion_id, created, model, {}, finish)
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, _: ApiKey
+) -> ChatCompletion | StreamingResponse:
+    """Chat completion from a released language-model policy (OpenAI wire format, optional SSE stream)."""
+    settings: Settings = request.app.state.settings
+    policy = await run_in_threadpool(chat_policy, settings, body.model)
+    max_tokens = body.max_completion_tokens or body.max_tokens or 64
+    model = f"{policy.version.policy}@{policy.version.version}"
+    if body.stream:
+        return StreamingResponse(_stream(policy, body, max_tokens, model), media_type="text/event-stream")
+
+    def complete() -> tuple[str, str, int]:
+        pieces, finish = [], "length"
+        for piece, done in policy.stream(_messages(body), max_tokens, body.temperature, body.seed):
+            pieces.append(piece)
+            finish = done or finish
+        text = "".join(pieces)
+        return text, finish, len(policy.tokenizer(text).input_ids)
+
+    text, finish, completion_tokens = await run_in_threadpool(complete)
+    prompt_tokens = int(policy.prompt_ids(_messages(body)).shape[1])
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
+        choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish)],
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens),
+    )
