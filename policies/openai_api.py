@@ -8,6 +8,7 @@ Unmodified OpenAI clients work: `OpenAI(base_url=".../v1", api_key=KEY)`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,15 +16,20 @@ from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
+from ingest.store import make_engine
 from policies.auth import ApiKey
 from policies.chat import ChatPolicy, load_chat_policy
+from policies.profile import BuildReport, build_messages, create_tables, items_of
 from policies.registry import RegistryError, resolve
 from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger("proxyloop.serve")
+PROFILE_HEADER = "X-Proxyloop-Profile"
 MAX_TOKENS_LIMIT = 512
 
 
@@ -95,10 +101,27 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict[str, str], 
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-def _stream(policy: ChatPolicy, body: ChatCompletionRequest, max_tokens: int, model: str) -> Iterator[str]:
+def personalise(
+    settings: Settings, policy: ChatPolicy, body: ChatCompletionRequest
+) -> tuple[list[dict[str, str]], BuildReport | None]:
+    """With a `user`, put their profile into the context (paper 3); otherwise the messages as sent."""
+    messages = _messages(body)
+    if not body.user:
+        return messages, None
+    engine = make_engine(settings.resolved_store_url)
+    create_tables(engine)
+    with Session(engine) as session:
+        items = items_of(session, body.user)
+        return build_messages(messages, items, settings.profile_config(),
+                              lambda text: len(policy.tokenizer(text).input_ids))
+
+
+def _stream(
+    policy: ChatPolicy, body: ChatCompletionRequest, messages: list[dict[str, str]], max_tokens: int, model: str
+) -> Iterator[str]:
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-    for piece, finish in policy.stream(_messages(body), max_tokens, body.temperature, body.seed):
+    for piece, finish in policy.stream(messages, max_tokens, body.temperature, body.seed):
         if piece:
             yield _chunk(completion_id, created, model, {"content": piece}, None)
         if finish:
@@ -109,28 +132,34 @@ def _stream(policy: ChatPolicy, body: ChatCompletionRequest, max_tokens: int, mo
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, _: ApiKey
-) -> ChatCompletion | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     """Chat completion from a released language-model policy (OpenAI wire format, optional SSE stream)."""
     settings: Settings = request.app.state.settings
     policy = await run_in_threadpool(chat_policy, settings, body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens or 64
     model = f"{policy.version.policy}@{policy.version.version}"
+    messages, report = await run_in_threadpool(personalise, settings, policy, body)
+    headers = {PROFILE_HEADER: report.header_value()} if report is not None else {}
+    if report is not None:
+        log.info("user %s: profile %s", body.user, report.header_value())
     if body.stream:
-        return StreamingResponse(_stream(policy, body, max_tokens, model), media_type="text/event-stream")
+        return StreamingResponse(_stream(policy, body, messages, max_tokens, model),
+                                 media_type="text/event-stream", headers=headers)
 
     def complete() -> tuple[str, str, int]:
         pieces, finish = [], "length"
-        for piece, done in policy.stream(_messages(body), max_tokens, body.temperature, body.seed):
+        for piece, done in policy.stream(messages, max_tokens, body.temperature, body.seed):
             pieces.append(piece)
             finish = done or finish
         text = "".join(pieces)
         return text, finish, len(policy.tokenizer(text).input_ids)
 
     text, finish, completion_tokens = await run_in_threadpool(complete)
-    prompt_tokens = int(policy.prompt_ids(_messages(body)).shape[1])
-    return ChatCompletion(
+    prompt_tokens = int(policy.prompt_ids(messages).shape[1])
+    completion = ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
         choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish)],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
     )
+    return JSONResponse(completion.model_dump(), headers=headers)

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from ingest.bus import make_producer
 from ingest.labelstudio import router as labelstudio_router
 from policies.openai_api import router as openai_router
+from policies.profile_api import router as profile_router
 from policies.serve import router as serving_router
 from proxyloop.settings import Settings, get_settings
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(labelstudio_router)
     app.include_router(serving_router)
     app.include_router(openai_router)
+    app.include_router(profile_router)
 
     @app.middleware("http")
     async def limit_request_size(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from policies.profile import ProfileConfig
 
 PLACEHOLDER_SECRETS = {"dev-webhook-secret", "dev-api-key"}
 
@@ -26,6 +30,11 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers.")
     celery_broker: str = Field("redis://127.0.0.1:16379/0", description="Celery broker URL.")
     celery_backend: str = Field("redis://127.0.0.1:16379/1", description="Celery result backend URL.")
+    celery_visibility_timeout_s: int = Field(
+        43200, ge=1, description="Redis broker: seconds before an unacknowledged task (its worker died) is "
+        "redelivered. Must exceed the longest training run, or a running task is delivered twice.")
+    celery_unacked_restore_interval_s: int = Field(
+        10, ge=1, description="Redis broker: seconds between the workers' sweeps for such tasks.")
     prefect_api_url: str = Field("http://127.0.0.1:14200/api", description="Prefect server API URL.")
     store_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under home.")
     registry_url: str = Field("", description="Registry root directory; empty means home/registry.")
@@ -66,6 +75,11 @@ class Settings(BaseSettings):
     retrain_min_proxy: int = Field(5000, ge=1, description="New proxy preferences that trigger a retrain.")
     policy_name: str = "appendix-d"
 
+    profile_budget_tokens: int = Field(256, ge=1, description="Token budget of the profile in the context.")
+    profile_position: Literal["start", "end"] = Field("start", description="Paper 3: the start counts most.")
+    profile_include_query: bool = Field(False, description="Paper 3: responses alone fit more items.")
+    profile_order: Literal["relevance", "recency"] = "relevance"
+
     gate_min_heldout_accuracy: float = Field(0.55, ge=0, le=1)
     gate_max_accuracy_drop: float = Field(
         0.02, ge=0, le=1, description="Block when the release is this much worse than the baseline."
@@ -86,6 +100,12 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def profile_config(self) -> ProfileConfig:
+        from policies.profile import ProfileConfig
+
+        return ProfileConfig(budget_tokens=self.profile_budget_tokens, position=self.profile_position,
+                             include_query=self.profile_include_query, order=self.profile_order)
 
     @property
     def api_key_hash_list(self) -> list[str]:

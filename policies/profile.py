@@ -1,0 +1,168 @@
+"""User profiles for personalised serving (paper 3): what a user wrote or approved, and the prompt
+builder that puts it where it matters.
+
+Paper 3 found that a profile helps through the user's own responses (inputs can be dropped to fit
+more items) and that items near the beginning of the context count more. The defaults follow
+that: response-only items, most relevant first, at the start, within a token budget. Order,
+position and format are settings so the claim can be ablated (bench/profile.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from rank_bm25 import BM25Okapi
+from sqlalchemy import DateTime, Integer, String, Text, delete, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from ingest.schemas import PairwiseText, utcnow
+
+Position = Literal["start", "end"]
+Order = Literal["relevance", "recency"]
+ProfileSource = Literal["api", "expert_label", "accepted_completion"]
+TokenCounter = Callable[[str], int]
+
+
+class ProfileBase(DeclarativeBase):
+    pass
+
+
+class ProfileItem(ProfileBase):
+    __tablename__ = "profile_items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(256), index=True)
+    response: Mapped[str] = mapped_column(Text)
+    query: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source: Mapped[str] = mapped_column(String(32))
+    source_id: Mapped[str | None] = mapped_column(String(256), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def create_tables(engine: Engine) -> None:
+    ProfileBase.metadata.create_all(engine)
+
+
+def add_item(session: Session, user_id: str, response: str, query: str | None = None,
+             source: ProfileSource = "api", source_id: str | None = None) -> ProfileItem:
+    """Store one response; a known `source_id` (e.g. a label's event id) is stored once."""
+    if source_id is not None:
+        existing = session.scalar(select(ProfileItem).where(ProfileItem.source_id == source_id))
+        if existing is not None:
+            return existing
+    item = ProfileItem(user_id=user_id, response=response, query=query, source=source, source_id=source_id)
+    session.add(item)
+    session.flush()
+    return item
+
+
+def items_of(session: Session, user_id: str) -> list[ProfileItem]:
+    return list(session.scalars(select(ProfileItem).where(ProfileItem.user_id == user_id)
+                                .order_by(ProfileItem.created_at.desc(), ProfileItem.id.desc())))
+
+
+def erase_user(session: Session, user_id: str) -> int:
+    """Delete every stored item of a user; returns how many were removed."""
+    result = session.execute(delete(ProfileItem).where(ProfileItem.user_id == user_id))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def sync_expert_labels(session: Session) -> int:
+    """Chosen responses of text expert labels become their annotator's profile items."""
+    from ingest.store import LabelRow
+
+    added = 0
+    rows = session.scalars(select(LabelRow).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False)))
+    for row in rows:
+        if row.item.get("type") != "pairwise_text":
+            continue
+        item = PairwiseText.model_validate(row.item)
+        chosen = item.response_a if item.choice == "a" else item.response_b
+        before = session.scalar(select(ProfileItem.id).where(ProfileItem.source_id == row.event_id))
+        add_item(session, row.source_id, chosen, item.prompt, "expert_label", source_id=row.event_id)
+        added += before is None
+    return added
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    budget_tokens: int = 256
+    position: Position = "start"
+    include_query: bool = False
+    order: Order = "relevance"
+    max_items: int = 32
+    header: str = "Responses this user wrote or approved before (match their style):"
+
+    def __post_init__(self) -> None:
+        if self.budget_tokens < 1:
+            raise ValueError(f"budget_tokens must be ≥ 1, got {self.budget_tokens}")
+        if self.position not in ("start", "end"):
+            raise ValueError(f"position must be 'start' or 'end', got {self.position!r}")
+        if self.order not in ("relevance", "recency"):
+            raise ValueError(f"order must be 'relevance' or 'recency', got {self.order!r}")
+
+
+@dataclass
+class BuildReport:
+    """What the builder chose: item ids in context order, and the tokens they use."""
+
+    item_ids: list[int] = field(default_factory=list)
+    tokens: int = 0
+    position: Position = "start"
+
+    def header_value(self) -> str:
+        return f"items={len(self.item_ids)}; tokens={self.tokens}; position={self.position}; " \
+               f"ids={','.join(map(str, self.item_ids))}"
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def render_item(item: ProfileItem, include_query: bool) -> str:
+    if include_query and item.query:
+        return f"- Q: {item.query}\n  A: {item.response}"
+    return f"- {item.response}"
+
+
+def rank(items: Sequence[ProfileItem], request_text: str, config: ProfileConfig) -> list[ProfileItem]:
+    if config.order == "recency" or not items:
+        return sorted(items, key=lambda i: (i.created_at, i.id), reverse=True)
+    corpus = [_words(render_item(i, config.include_query)) or ["_"] for i in items]
+    scores = BM25Okapi(corpus).get_scores(_words(request_text))
+    return [item for _, _, item in sorted(zip(scores, [-i.id for i in items], items, strict=True),
+                                          key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def build_messages(
+    messages: list[dict[str, str]], items: Sequence[ProfileItem], config: ProfileConfig, count_tokens: TokenCounter
+) -> tuple[list[dict[str, str]], BuildReport]:
+    """Insert the best items that fit the budget as one system message at the start (or end)."""
+    report = BuildReport(position=config.position)
+    request_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    lines: list[str] = []
+    used = count_tokens(config.header)
+    for item in rank(items, request_text, config)[: config.max_items]:
+        line = render_item(item, config.include_query)
+        cost = count_tokens(line + "\n")
+        if used + cost > config.budget_tokens:
+            continue  # a shorter, less relevant item may still fit
+        lines.append(line)
+        used += cost
+        report.item_ids.append(item.id)
+    # Pieces were counted apart; the joined text is what the model sees, so check it and trim.
+    while lines and count_tokens(config.header + "\n" + "\n".join(lines)) > config.budget_tokens:
+        lines.pop()
+        report.item_ids.pop()
+    if not lines:
+        return list(messages), BuildReport(position=config.position)
+    content = config.header + "\n" + "\n".join(lines)
+    report.tokens = count_tokens(content)
+    profile = {"role": "system", "content": content}
+    if config.position == "start":
+        return [profile, *messages], report
+    return [*messages[:-1], profile, messages[-1]], report

@@ -1,0 +1,68 @@
+"""Profile endpoints: add a user's responses, list them, erase the user."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from ingest.store import make_engine
+from policies.auth import ApiKey
+from policies.profile import add_item, create_tables, erase_user, items_of
+from proxyloop.settings import Settings
+
+router = APIRouter(prefix="/v1/users", tags=["profiles"])
+UserId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.@:-]{1,256}$", description="The service's user id.")]
+
+
+class ResponseIn(BaseModel):
+    response: str = Field(min_length=1, max_length=20_000)
+    query: str | None = Field(None, max_length=20_000)
+
+
+class ResponseOut(BaseModel):
+    id: int
+    response: str
+    query: str | None
+    source: str
+    created_at: datetime
+
+
+class Erased(BaseModel):
+    user_id: str
+    items_deleted: int
+
+
+def profile_session(request: Request) -> Session:
+    settings: Settings = request.app.state.settings
+    engine = make_engine(settings.resolved_store_url)
+    create_tables(engine)
+    return Session(engine)
+
+
+@router.post("/{user_id}/responses", response_model=ResponseOut, status_code=201)
+def add_response(user_id: UserId, body: ResponseIn, request: Request, _: ApiKey) -> ResponseOut:
+    """Record a response the user produced or approved."""
+    with profile_session(request) as session:
+        item = add_item(session, user_id, body.response, body.query)
+        session.commit()
+        return ResponseOut.model_validate(item, from_attributes=True)
+
+
+@router.get("/{user_id}/responses", response_model=list[ResponseOut])
+def list_responses(user_id: UserId, request: Request, _: ApiKey) -> list[ResponseOut]:
+    """Everything stored for a user, newest first."""
+    with profile_session(request) as session:
+        return [ResponseOut.model_validate(i, from_attributes=True) for i in items_of(session, user_id)]
+
+
+@router.delete("/{user_id}", response_model=Erased)
+def erase(user_id: UserId, request: Request, _: ApiKey) -> Erased:
+    """Erase a user: every stored profile item is deleted."""
+    with profile_session(request) as session:
+        deleted = erase_user(session, user_id)
+        session.commit()
+    return Erased(user_id=user_id, items_deleted=deleted)

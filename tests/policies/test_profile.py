@@ -1,0 +1,85 @@
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.orm import Session
+
+from ingest.schemas import ExpertLabel, PairwiseText, utcnow
+from ingest.store import make_engine, upsert_events
+from policies.profile import ProfileConfig, ProfileItem, build_messages, create_tables, items_of, sync_expert_labels
+from proxyloop.http import create_app
+from proxyloop.stack import isolated_settings
+
+AUTH = {"Authorization": "Bearer k"}
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def _items(*responses, queries=None):
+    now = utcnow()
+    return [ProfileItem(id=i + 1, user_id="u", response=r, query=(queries or [None] * len(responses))[i],
+                        source="api", created_at=now + timedelta(seconds=i)) for i, r in enumerate(responses)]
+
+
+ASK = [{"role": "user", "content": "tell me about sailing boats"}]
+
+
+def test_response_only_items_go_first_in_relevance_order():
+    items = _items("I love cooking pasta.", "Sailing boats are my passion.", "Boats and sailing, always.")
+    messages, report = build_messages(ASK, items, ProfileConfig(budget_tokens=100), words)
+    assert messages[0]["role"] == "system" and messages[1:] == ASK
+    assert report.item_ids[:2] in ([2, 3], [3, 2]) and report.item_ids[-1] == 1
+    assert "Q:" not in messages[0]["content"]
+
+
+def test_recency_order_and_end_position_follow_the_config():
+    items = _items("old sailing answer", "new cooking answer", queries=["q1", "q2"])
+    messages, report = build_messages(ASK, items, ProfileConfig(order="recency", position="end", include_query=True),
+                                      words)
+    assert report.item_ids == [2, 1]
+    assert messages[-1] == ASK[-1] and messages[-2]["role"] == "system"
+    assert "Q: q2" in messages[-2]["content"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(responses=st.lists(st.text(min_size=1, max_size=80), min_size=0, max_size=20),
+       budget=st.integers(min_value=1, max_value=120))
+def test_the_budget_is_never_exceeded(responses, budget):
+    messages, report = build_messages(ASK, _items(*responses), ProfileConfig(budget_tokens=budget), words)
+    if report.item_ids:
+        assert words(messages[0]["content"]) <= budget and report.tokens <= budget
+    else:
+        assert messages == ASK
+
+
+def test_config_rejects_unknown_positions():
+    with pytest.raises(ValueError, match="position"):
+        ProfileConfig(position="middle")  # type: ignore[arg-type]
+
+
+def test_chosen_responses_of_text_labels_become_the_annotators_profile(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path}/s.db")
+    create_tables(engine)
+    with Session(engine) as session:
+        upsert_events(session, [ExpertLabel(event_id="l1", annotator_id="ann-7", item=PairwiseText(
+            prompt="Capital of France?", response_a="Lyon", response_b="Paris, of course.", choice="b"))])
+        assert sync_expert_labels(session) == 1
+        assert sync_expert_labels(session) == 0  # idempotent
+        assert [(i.response, i.query) for i in items_of(session, "ann-7")] == [("Paris, of course.",
+                                                                                "Capital of France?")]
+
+
+def test_erasure_removes_every_item_of_the_user_and_nothing_else(tmp_path):
+    http = TestClient(create_app(isolated_settings(tmp_path, api_keys="k")))
+    for user, text in [("alice", "one"), ("alice", "two"), ("bob", "three")]:
+        assert http.post(f"/v1/users/{user}/responses", json={"response": text}, headers=AUTH).status_code == 201
+    assert len(http.get("/v1/users/alice/responses", headers=AUTH).json()) == 2
+    assert http.delete("/v1/users/alice", headers=AUTH).json() == {"user_id": "alice", "items_deleted": 2}
+    assert http.get("/v1/users/alice/responses", headers=AUTH).json() == []
+    assert [r["response"] for r in http.get("/v1/users/bob/responses", headers=AUTH).json()] == ["three"]
+    assert http.delete("/v1/users/alice", headers={}).status_code == 401
+    assert http.post("/v1/users/bad%20id/responses", json={"response": "x"}, headers=AUTH).status_code == 422
