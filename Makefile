@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint up down status clean
+.PHONY: setup demo test test-services lint up down status clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+# Services the tests start themselves but cannot get from our venv: Label Studio (its own cached venv,
+# it conflicts with our pins) and Debian's PostgreSQL server and kcat (installed when missing; needs root).
+test-services:
+	scripts/labelstudio.sh install
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v kcat >/dev/null \
+		|| ! command -v chromium >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			postgresql kcat chromium; \
+	fi
+
+test: $(STAMP) lint test-services
 	$(BIN)/pytest -q -rs
 
 up: $(STAMP)

@@ -1,6 +1,6 @@
 """Event → training task started, through the real stack, beside the Prefect and Celery floors.
 
-Run: `.venv/bin/python bench/trigger_latency.py [--quick]`. Starts an isolated stack on free
+Run: `.venv/bin/python -m bench.trigger_latency [--quick]`. Starts an isolated stack on free
 loopback ports, crosses the retrain threshold `rounds` times, and for each round reads the
 `dataset.updated` event's time (Kafka), the flow run's start (Prefect API) and the moment the
 worker picked the training task up (`started.json` in the run directory). Floors measured in the

@@ -108,7 +108,7 @@ def retrain(expert_total: int = 0, proxy_total: int = 0) -> dict[str, Any]:
 
     try:
         started = time.perf_counter()
-        summary.update(check_conditions_flow(run_id))
+        summary.update(check_conditions_flow.fn(run_id))  # .fn: artifacts land on this run
         stage("conditions", started)
         plan = summary["conditions"]["plan"]
         if plan == "refuse":
@@ -127,7 +127,7 @@ def retrain(expert_total: int = 0, proxy_total: int = 0) -> dict[str, Any]:
         record(settings, run_id, "trained", summary)
 
         started = time.perf_counter()
-        summary.update(evaluate_and_gate_flow(run_id))
+        summary.update(evaluate_and_gate_flow.fn(run_id))
         stage("evaluate_and_gate", started)
         if summary["gate"]["decision"] == "block":
             record(settings, run_id, "blocked", summary)
@@ -135,7 +135,7 @@ def retrain(expert_total: int = 0, proxy_total: int = 0) -> dict[str, Any]:
         record(settings, run_id, "gated", summary)
 
         started = time.perf_counter()
-        summary["release"] = release_flow(run_id)
+        summary["release"] = release_flow.fn(run_id)
         stage("release", started)
         record(settings, run_id, "released", summary)
         return summary

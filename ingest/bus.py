@@ -14,16 +14,19 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import TypeAdapter, ValidationError
 
-from ingest.schemas import DeadLetter, ExpertLabel, PolicyReleased, ProxyPreference
+from ingest.schemas import SCHEMA_VERSION, DeadLetter, ExpertLabel, PolicyReleased, ProxyPreference
 from proxyloop.settings import Settings
 
 LabelEvent = ExpertLabel | ProxyPreference
 _label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)
 
-# Tansu's group join waits about session_timeout/2 before the first record; Kafka's default
-# (45 s) would stall every consumer start, so we use a short session everywhere.
+# Defaults of Settings.kafka_session_timeout_ms / kafka_heartbeat_interval_ms (kept for importers).
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 2000
+
+
+# Kafka's default max.message.bytes is 1 MB; a label event is a few KB.
+MAX_EVENT_BYTES = 1_000_000
 
 
 class MalformedEvent(ValueError):
@@ -76,9 +79,9 @@ def make_consumer(settings: Settings, topics: list[str], group_id: str) -> Kafka
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        session_timeout_ms=SESSION_TIMEOUT_MS,
-        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-        max_poll_records=500,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        max_poll_records=settings.consumer_max_poll_records,
         client_id=f"{group_id}-consumer",
     )
     consumer.subscribe(topics)
@@ -93,17 +96,31 @@ def decode_label_event(raw: bytes | None) -> LabelEvent:
     """The one place bytes become a typed label event; raises MalformedEvent with the reason."""
     if raw is None:
         raise MalformedEvent("empty record value (tombstone) on a label topic")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise MalformedEvent(f"record of {len(raw)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit for one event")
     try:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedEvent(f"not JSON: {exc}") from exc
-    if isinstance(payload, dict) and payload.get("schema_version") not in (None, 1):
-        raise MalformedEvent(f"unknown schema_version {payload.get('schema_version')!r}; this reader knows 1")
+    except RecursionError as exc:  # e.g. b"[" * 100_000
+        raise MalformedEvent("not JSON this reader accepts: nested too deeply") from exc
+    if not isinstance(payload, dict):
+        raise MalformedEvent(f"event must be a JSON object, got {type(payload).__name__}")
+    version = payload.get("schema_version")
+    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
+        raise MalformedEvent(f"unknown schema_version {_clip(repr(version))}; this reader knows {SCHEMA_VERSION}")
     try:
         return _label_adapter.validate_python(payload)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise MalformedEvent(f"does not match the event contract: {problems}") from exc
+        raise MalformedEvent(f"does not match the event contract: {_clip(problems)}") from exc
+    except RecursionError as exc:
+        raise MalformedEvent("does not match the event contract: nested too deeply") from exc
+
+
+def _clip(text: str, limit: int = 500) -> str:
+    # A reason quotes the offending value; a hostile 1 MB string must not become a 1 MB reason.
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
 
 
 def publish(
@@ -122,13 +139,18 @@ def publish(
 
 def dead_letter(
     producer: KafkaProducer, settings: Settings, reason: str, topic: str, partition: int, offset: int,
-    raw: bytes | None,
-) -> None:
+    raw: bytes | None, wait: bool = True,
+) -> FutureRecordMetadata:
+    """Send the original bytes and the reason to the dead-letter topic; with wait=False call
+    `.get()` on the returned future after `flush()` (before committing the record's offset)."""
     letter = DeadLetter(
         reason=reason, topic=topic, partition=partition, offset=offset,
         original_b64=base64.b64encode(raw or b"").decode(),
     )
-    producer.send(
+    future = producer.send(
         settings.topic_dead_letter, key=f"{topic}:{partition}:{offset}".encode(),
         value=letter.model_dump_json().encode(),
-    ).get(timeout=30)
+    )
+    if wait:
+        future.get(timeout=30)
+    return future

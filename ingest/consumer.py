@@ -10,9 +10,12 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from kafka import KafkaProducer
+from kafka.producer.future import FutureRecordMetadata
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from ingest.bus import (
@@ -43,23 +46,47 @@ class BatchOutcome:
 def store_batch(
     engine: Engine, producer: KafkaProducer, settings: Settings, records: list[object]
 ) -> BatchOutcome:
-    """Dead-letter what is malformed, upsert the rest, commit the store. Offsets come after."""
-    events: list[LabelEvent] = []
-    dead = 0
+    """Dead-letter what is malformed, upsert the rest, commit the store. Offsets come after.
+
+    Every dead letter is acknowledged by the broker before this returns, so committing the
+    offsets afterwards can never drop a refused record.
+    """
+    decoded: list[tuple[Any, LabelEvent]] = []
+    letters: list[FutureRecordMetadata] = []
+
+    def refuse(record: Any, reason: str) -> None:
+        letters.append(dead_letter(producer, settings, reason, record.topic, record.partition, record.offset,
+                                   record.value, wait=False))
+        log.warning("dead-lettered %s:%s:%s: %s", record.topic, record.partition, record.offset, reason)
+
     for record in records:
         try:
-            events.append(decode_label_event(record.value))  # type: ignore[attr-defined]
+            decoded.append((record, decode_label_event(record.value)))  # type: ignore[attr-defined]
         except MalformedEvent as exc:
-            dead_letter(
-                producer, settings, str(exc), record.topic, record.partition, record.offset,  # type: ignore[attr-defined]
-                record.value,  # type: ignore[attr-defined]
-            )
-            log.warning("dead-lettered %s:%s:%s: %s", record.topic, record.partition, record.offset, exc)  # type: ignore[attr-defined]
-            dead += 1
+            refuse(record, str(exc))
+    try:
+        stored = _upsert_committed(engine, [event for _, event in decoded])
+    except (DataError, IntegrityError):
+        # One row the database refuses must not block the partition: retry one by one and
+        # dead-letter only the refused ones. Connection errors (OperationalError) still raise.
+        stored = 0
+        for record, event in decoded:
+            try:
+                stored += _upsert_committed(engine, [event])
+            except (DataError, IntegrityError) as exc:
+                refuse(record, f"the store refused the event: {str(exc.orig)[:500]}")
+    if letters:
+        producer.flush()
+        for letter in letters:
+            letter.get(timeout=30)
+    return BatchOutcome(stored=stored, dead_lettered=len(letters))
+
+
+def _upsert_committed(engine: Engine, events: list[LabelEvent]) -> int:
     with Session(engine) as session:
         stored = upsert_events(session, events)
         session.commit()
-    return BatchOutcome(stored=stored, dead_lettered=dead)
+    return stored
 
 
 def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings) -> DatasetUpdated | None:

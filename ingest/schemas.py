@@ -29,7 +29,8 @@ class FeatureTriple(_Strict):
     """Paper 1's setting: input vector x, preferred output y_w over y_l (ids in a finite Y)."""
 
     type: Literal["features"] = "features"
-    x: list[float] = Field(min_length=1, max_length=4096)
+    # NaN/inf are refused: they are not JSON, and PostgreSQL would reject the row later.
+    x: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1, max_length=4096)
     y_w: int = Field(ge=0)
     y_l: int = Field(ge=0)
 
@@ -67,7 +68,13 @@ class ExpertLabel(_Event):
     annotator_id: str = Field(min_length=1)
     action: Literal["created", "updated", "deleted"] = "created"
     source: str = "labelstudio"
-    item: Item
+    item: Item | None = Field(None, description="Required unless action is 'deleted': a retraction names the id only.")
+
+    @model_validator(mode="after")
+    def _item_unless_deleted(self) -> ExpertLabel:
+        if self.item is None and self.action != "deleted":
+            raise ValueError(f"item is required for action {self.action!r}; only 'deleted' may omit it")
+        return self
 
 
 class ProxyPreference(_Event):
@@ -149,6 +156,9 @@ class ConditionReport(BaseModel):
     checks: list[ConditionCheck]
     plan: Plan
     reasons: list[str]
+    # Cross-validated held-out expert log-likelihood per triple of each candidate plan (empty when
+    # there were too few expert triples to cross-validate).
+    heldout_log_likelihood: dict[str, float] = Field(default_factory=dict)
 
 
 class CheckpointEvaluation(BaseModel):

@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -41,6 +41,28 @@ class LabelRow(Base):
     seq: Mapped[int] = mapped_column(Integer, index=True)
 
 
+class LabelHistoryRow(Base):
+    """Every write to `labels`, in order: creations, updates and retractions are never lost."""
+
+    __tablename__ = "label_history"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(256), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))
+    item: Mapped[dict[str, object] | None] = mapped_column(JSON, nullable=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LabelStudioSync(Base):
+    """Reconciliation state per Label Studio project: annotations changed at or after `watermark` are re-read."""
+
+    __tablename__ = "labelstudio_sync"
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    watermark: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
 class SnapshotRow(Base):
     __tablename__ = "snapshots"
     snapshot_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -63,7 +85,7 @@ class RetrainRun(Base):
     __tablename__ = "retrain_runs"
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(32))
-    summary: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
@@ -88,32 +110,75 @@ def _row_values(event: ExpertLabel | ProxyPreference) -> tuple[LabelKind, str]:
     return "proxy", event.proxy_name
 
 
+_IN_CHUNK = 500  # ids per IN (...) query; far below SQLite's and PostgreSQL's parameter limits
+
+
 def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreference]) -> int:
     """Insert or update by event id; repeating a delivery changes nothing. Returns rows written.
 
-    The caller commits: offsets are committed to Kafka only after that commit.
+    A newer `occurred_at` replaces the row (an update), `action="deleted"` retracts it; each write
+    is appended to `label_history`. The caller commits: Kafka offsets are committed only after that.
     """
-    written = 0
+    batch = list(events)
+    existing: dict[str, LabelRow] = {}
+    ids = sorted({e.event_id for e in batch})
+    for i in range(0, len(ids), _IN_CHUNK):
+        rows = session.scalars(select(LabelRow).where(LabelRow.event_id.in_(ids[i:i + _IN_CHUNK])))
+        existing.update({row.event_id: row for row in rows})
+    # New rows are bulk-inserted with Core (the ORM's per-object bookkeeping was most of the cost);
+    # rows that already exist are updated through the ORM.
+    inserts: dict[str, dict[str, Any]] = {}
+    history: list[dict[str, Any]] = []
     next_seq = (session.scalar(select(func.max(LabelRow.seq))) or 0) + 1
-    for event in events:
+    for event in batch:
         kind, source_id = _row_values(event)
-        row = session.get(LabelRow, event.event_id)
-        deleted = isinstance(event, ExpertLabel) and event.action == "deleted"
-        item = event.item.model_dump(mode="json")
-        if row is None:
-            session.add(
-                LabelRow(
-                    event_id=event.event_id, kind=kind, source_id=source_id, item=item,
-                    deleted=deleted, occurred_at=event.occurred_at, seq=next_seq,
-                )
-            )
+        row = existing.get(event.event_id)
+        fresh = inserts.get(event.event_id)
+        if isinstance(event, ExpertLabel):
+            action = event.action
+        else:
+            action = "created" if row is None and fresh is None else "updated"
+        item = event.item.model_dump(mode="json") if event.item is not None else None
+        deleted = action == "deleted"
+        if row is None and fresh is None:
+            # A retraction that overtook its creation leaves a tombstone, so the late creation
+            # (older occurred_at) cannot resurrect the label.
+            inserts[event.event_id] = {
+                "event_id": event.event_id, "kind": kind, "source_id": source_id, "item": item or {},
+                "deleted": deleted, "occurred_at": event.occurred_at, "seq": next_seq, "stored_at": utcnow(),
+            }
             next_seq += 1
-            written += 1
-        elif event.occurred_at > _aware(row.occurred_at):  # a redelivery (same time) is a no-op
-            row.item, row.deleted, row.occurred_at = item, deleted, event.occurred_at
-            written += 1
-        session.flush()
-    return written
+        elif fresh is not None and event.occurred_at > fresh["occurred_at"]:
+            fresh.update(deleted=deleted, occurred_at=event.occurred_at, **({"item": item} if item else {}))
+        elif row is not None and event.occurred_at > _aware(row.occurred_at):  # a redelivery is a no-op
+            row.deleted, row.occurred_at = deleted, event.occurred_at
+            if item is not None:
+                row.item = item
+        else:
+            continue
+        history.append({"event_id": event.event_id, "kind": kind, "action": action, "item": item,
+                        "occurred_at": event.occurred_at, "recorded_at": utcnow()})
+    if inserts:
+        session.execute(insert(LabelRow), list(inserts.values()))
+    if history:
+        session.execute(insert(LabelHistoryRow), history)
+    session.flush()
+    return len(history)
+
+
+def label_history(session: Session, event_id: str) -> Sequence[LabelHistoryRow]:
+    """Every stored version of one label, oldest first."""
+    return session.scalars(
+        select(LabelHistoryRow).where(LabelHistoryRow.event_id == event_id).order_by(LabelHistoryRow.id)
+    ).all()
+
+
+def live_event_ids(session: Session, prefix: str) -> set[str]:
+    """Ids of the stored, not retracted labels whose event id starts with `prefix`."""
+    rows = session.scalars(
+        select(LabelRow.event_id).where(LabelRow.event_id.startswith(prefix), LabelRow.deleted.is_(False))
+    )
+    return set(rows)
 
 
 def _aware(moment: datetime) -> datetime:

@@ -2,16 +2,17 @@
 and the Bradley–Terry preference loss both are trained with.
 
 Stage 1 learns τ̃, Θ̃ and φ̃ from abundant proxy triples while the adapter π̄† stays the identity;
-stage 2 freezes them and learns only the small adapter from scarce expert triples. That split is
-why the expert sample complexity depends on the simplex dimension D, not on the input dimension.
+stage 2 freezes them and learns only the small adapter from scarce expert triples, which is why
+paper 1's bounds on the expert samples needed depend on the simplex dimension D alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -33,11 +34,6 @@ class TwoStageConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"TwoStageConfig.{name} must be an int >= {minimum}, got {value!r}")
-        if self.simplex_dim > self.hidden:
-            raise ValueError(
-                f"TwoStageConfig.simplex_dim={self.simplex_dim} exceeds hidden={self.hidden}: the "
-                "embedding cannot be wider than the layer feeding it; raise hidden or lower simplex_dim"
-            )
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -68,6 +64,20 @@ class SimplexAdapter(nn.Module):
         with torch.no_grad():
             self.weight.copy_(torch.eye(self.weight.shape[0]))
             self.bias.zero_()
+
+    def deviation(self, tempering_weight: float = 1.0) -> Tensor:
+        """‖M − I‖² + ‖b‖², with the tempering direction (M = αI) weighted by `tempering_weight`.
+
+        ‖M − I‖² = ‖M − αI‖² + D(α − 1)² with α = tr(M)/D, so a weight below 1 makes re-tempering
+        the proxy (an over- or under-confident copy of the expert) cheap, while every other change,
+        a relabelling included, is paid for in full. Weight 0 would leave the temperature free, and
+        on a few separable triples it then runs off to overconfidence.
+        """
+        dim = self.weight.shape[0]
+        alpha = torch.diagonal(self.weight).mean()
+        identity = torch.eye(dim, device=self.weight.device, dtype=self.weight.dtype)
+        shape = ((self.weight - alpha * identity) ** 2).sum()
+        return shape + tempering_weight * dim * (alpha - 1) ** 2 + (self.bias**2).sum()
 
     def forward(self, log_s: Tensor) -> Tensor:
         # log_s: [B, D] log-coordinates of a simplex point -> [B, D] log-coordinates of the image.
@@ -199,6 +209,8 @@ def fit_preferences(
     *,
     weight_decay: float = 0.0,
     anchor: float = 0.0,
+    penalty: Callable[[], Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> float:
     """Full-batch Adam on the Bradley–Terry loss over `parameters`; returns the final loss.
 
@@ -208,7 +220,9 @@ def fit_preferences(
 
     `weight_decay` is Adam's L2 toward zero. `anchor` adds anchor·Σ‖p − p₀‖² toward the values the
     parameters had when the fit started: for the adapter that is the identity map, which keeps a
-    fit on a few dozen separable triples from diverging to overconfident predictions.
+    fit on a few dozen separable triples from diverging to overconfident predictions. `penalty()`
+    is any further term added to the objective (e.g. a weighted `SimplexAdapter.deviation`).
+    `after_step(k)` runs after the k-th update (k = 1..steps): where a caller saves checkpoints.
     """
     params = [p for p in parameters if p.requires_grad]
     if not params:
@@ -230,13 +244,103 @@ def fit_preferences(
             objective = loss
             if start:
                 objective = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True))
+            if penalty is not None:
+                objective = objective + penalty()
             objective.backward()
             if on_step is not None:
                 on_step(step, float(loss.detach()))
             optimiser.step()
+            if after_step is not None:
+                after_step(step + 1)
         model.eval()
         with torch.no_grad():
             return float(preference_loss(model.log_probs(x), y_w, y_l))
+
+
+@dataclass(frozen=True)
+class FitRecipe:
+    """Full-batch Adam settings of one fit (see `fit_preferences`)."""
+
+    steps: int
+    lr: float
+    weight_decay: float = 0.0  # Adam's L2 toward zero
+    # Stage 2 only: adapter_prior·n⁻¹ on the adapter's deviation from the identity — a prior worth
+    # `adapter_prior` triples, so it fades as expert data grow (a fixed weight never would) ...
+    adapter_prior: float = 0.0
+    tempering_weight: float = 0.1  # ... of which re-tempering the proxy pays only this share
+
+
+# The two-stage recipe (bench/appendix_d.py and docs/appendix_d.md give its figures).
+PROXY_STAGE = FitRecipe(steps=400, lr=0.02, weight_decay=1e-3)
+ADAPTER_STAGE = FitRecipe(steps=300, lr=0.05, adapter_prior=1.0)
+EXPERT_ONLY = FitRecipe(steps=300, lr=0.02, weight_decay=1e-2)
+# Full fine-tuning from the stage-1 weights, pulled back toward them with a prior worth
+# FINE_TUNE_PRIOR triples (fit_preferences' anchor = FINE_TUNE_PRIOR / n).
+FINE_TUNE = FitRecipe(steps=200, lr=0.02)
+FINE_TUNE_PRIOR = 1.0
+# Candidate prior weights for `choose_adapter_prior`, from "move freely" to "stay a tempered proxy".
+ADAPTER_PRIORS = (0.3, 1.0, 3.0, 10.0)
+
+
+class _OnEmbedding(nn.Module):
+    """A stack's adapter and head on precomputed log τ̃(x): stage 2 without re-running the frozen τ̃."""
+
+    def __init__(self, stack: TwoStagePolicy) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def log_probs(self, log_s: Tensor) -> Tensor:
+        return F.log_softmax(self.stack.head(self.stack.adapter(log_s)), dim=-1)
+
+
+def fit_stage1(
+    stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, recipe: FitRecipe = PROXY_STAGE,
+    on_step: Callable[[int, float], None] | None = None, after_step: Callable[[int], None] | None = None,
+) -> float:
+    """Stage 1 in place: τ̃, Θ̃, φ̃ on proxy triples, the adapter held at the identity."""
+    stack.adapter.reset()
+    stack.set_stage(1)
+    return fit_preferences(stack, stack.proxy_parameters(), x, y_w, y_l, recipe.steps, recipe.lr, seed, on_step,
+                           weight_decay=recipe.weight_decay, after_step=after_step)
+
+
+def fit_adapter(
+    stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, recipe: FitRecipe = ADAPTER_STAGE,
+    on_step: Callable[[int, float], None] | None = None, after_step: Callable[[int], None] | None = None,
+) -> float:
+    """Stage 2 in place: only the adapter, from the identity, on expert triples; the rest frozen."""
+    stack.adapter.reset()
+    stack.set_stage(2)
+    with torch.no_grad():
+        log_s = stack.log_embed(x)  # τ̃ is frozen: embed once, not once per step
+    weight = recipe.adapter_prior / x.shape[0]
+    penalty = (lambda: weight * stack.adapter.deviation(recipe.tempering_weight)) if weight > 0 else None
+    return fit_preferences(_OnEmbedding(stack), stack.adapter_parameters(), log_s, y_w, y_l, recipe.steps,
+                           recipe.lr, seed, on_step, weight_decay=recipe.weight_decay, penalty=penalty,
+                           after_step=after_step)
+
+
+def choose_adapter_prior(
+    stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, folds: int = 5,
+    priors: Sequence[float] = ADAPTER_PRIORS, recipe: FitRecipe = ADAPTER_STAGE,
+) -> float:
+    """The adapter prior with the best `folds`-fold cross-validated log-likelihood on these expert
+    triples alone (no other data is looked at); the stack is left as it was."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = [p for p in torch.tensor_split(order, min(folds, n)) if len(p)]
+    saved = {k: v.clone() for k, v in stack.adapter.state_dict().items()}
+    scores = []
+    for prior in priors:
+        total = 0.0
+        for k, test in enumerate(parts):
+            train = torch.cat([p for j, p in enumerate(parts) if j != k])
+            fit_adapter(stack, x[train], y_w[train], y_l[train], seed + k, replace(recipe, adapter_prior=prior))
+            with torch.no_grad():
+                total += float(preference_log_likelihoods(stack.log_probs(x[test]), y_w[test], y_l[test]).sum())
+        scores.append(total)
+    stack.adapter.load_state_dict(saved)
+    return float(priors[int(np.argmax(scores))])
 
 
 def triples_to_tensors(triples: Sequence[FeatureTriple]) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,10 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ingest.cli import app as ingest_app
+from ingest.labelstudio.cli import app as labelstudio_app
 from proxyloop import stack
 from proxyloop.settings import get_settings
+from workers.cli import models_app
 
 app = typer.Typer(help="proxyloop: annotation streams in, safely released policies out.", no_args_is_help=True)
+app.add_typer(labelstudio_app, name="labelstudio")
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True)  # no hard wraps in logs and pipes
 
 

@@ -27,6 +27,7 @@ def make_app() -> Celery:
             TRAIN_TASK: {"queue": GPU_QUEUE},
             EVALUATE_TASK: {"queue": CPU_QUEUE},
             PING_TASK: {"queue": GPU_QUEUE},
+            "proxyloop.train_lm": {"queue": GPU_QUEUE},
         },
         # Training must survive a dying worker: ack after the task, one task in hand at a time.
         task_acks_late=True,
@@ -38,7 +39,11 @@ def make_app() -> Celery:
         accept_content=["json"],
         result_extended=True,
         broker_connection_retry_on_startup=True,
-        imports=("workers.tasks",),  # loaded by the worker; senders use task names only
+        # Redis redelivers a dead worker's unacked task after the visibility timeout (see Settings).
+        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s,
+                                  "unacked_restore_interval": settings.celery_unacked_restore_interval_s,
+                                  "unacked_restore_throttle": 1},
+        imports=("workers.tasks", "workers.lm_tasks"),  # loaded by the worker; senders use task names only
     )
     return celery
 

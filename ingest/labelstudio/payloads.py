@@ -1,29 +1,26 @@
-"""Label Studio's side of ingest: its webhook payload → `ExpertLabel`, and the receiver route.
+"""Label Studio's annotation JSON → `ExpertLabel` events, for webhook payloads and API reads alike.
 
-The receiver checks the shared secret, publishes to Kafka and answers only after the broker
-acknowledged, so a 200 means the label is durable in the log.
+The webhook and reconciliation build events through the same functions, so one annotation gets
+the same event id (`labelstudio-annotation-{id}`) and the same `occurred_at` whichever path
+delivered it; the store's idempotent upsert then keeps exactly one row.
 """
 
 from __future__ import annotations
 
-import hmac
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-from kafka import KafkaProducer
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from ingest.bus import publish
 from ingest.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, utcnow
-from proxyloop.settings import Settings
 
-SECRET_HEADER = "X-Proxyloop-Secret"
 _ACTIONS: dict[str, Literal["created", "updated"]] = {
     "ANNOTATION_CREATED": "created",
     "ANNOTATION_UPDATED": "updated",
 }
+DELETED_ACTION = "ANNOTATIONS_DELETED"
+HANDLED_ACTIONS = (*_ACTIONS, DELETED_ACTION)
+EVENT_ID_PREFIX = "labelstudio-annotation-"
 
 
 class _Loose(BaseModel):
@@ -43,6 +40,7 @@ class LSAnnotation(_Loose):
     completed_by: int | dict[str, Any] | None = None
     updated_at: datetime | None = None
     task: int | None = None
+    was_cancelled: bool = False
 
 
 class LSTask(_Loose):
@@ -59,8 +57,29 @@ class LSWebhook(_Loose):
     project: dict[str, Any] | None = None
 
 
+class LSDeletedRef(_Loose):
+    id: int
+    completed_by: int | dict[str, Any] | None = None
+
+
+class LSDeletionWebhook(_Loose):
+    """ANNOTATIONS_DELETED: only the ids of the deleted annotations."""
+
+    action: Literal["ANNOTATIONS_DELETED"]
+    annotations: list[LSDeletedRef]
+    project: dict[str, Any] | None = None
+
+
 class UnusableAnnotation(ValueError):
     pass
+
+
+def event_id_for(annotation_id: int) -> str:
+    return f"{EVENT_ID_PREFIX}{annotation_id}"
+
+
+def annotation_id_of(event_id: str) -> int:
+    return int(event_id.removeprefix(EVENT_ID_PREFIX))
 
 
 def _choice(annotation: LSAnnotation) -> Literal["a", "b"]:
@@ -70,6 +89,8 @@ def _choice(annotation: LSAnnotation) -> Literal["a", "b"]:
             if selected in ("left", "right"):
                 return "a" if selected == "left" else "b"
             raise UnusableAnnotation(f"pairwise result has selected={selected!r}; expected 'left' or 'right'")
+    if annotation.was_cancelled:
+        raise UnusableAnnotation(f"annotation {annotation.id} was skipped by the annotator; it carries no label")
     raise UnusableAnnotation("annotation has no pairwise result; is the project's labelling config pairwise?")
 
 
@@ -96,21 +117,44 @@ def _item(task: LSTask, choice: Literal["a", "b"], rationale: str | None) -> Ite
     )
 
 
+def _annotator(completed_by: int | dict[str, Any] | None) -> str:
+    annotator = completed_by.get("id") if isinstance(completed_by, dict) else completed_by
+    return f"labelstudio-user-{annotator}"
+
+
+def expert_label_from_annotation(
+    annotation: LSAnnotation, task: LSTask, action: Literal["created", "updated"] = "created",
+) -> ExpertLabel:
+    """One annotation (from a webhook or the API) as an event; raises UnusableAnnotation with the reason."""
+    return ExpertLabel(
+        event_id=event_id_for(annotation.id),
+        annotator_id=_annotator(annotation.completed_by),
+        action=action,
+        occurred_at=annotation.updated_at or utcnow(),
+        item=_item(task, _choice(annotation), _rationale(annotation)),
+    )
+
+
+def retraction(annotation_id: int, annotator: int | dict[str, Any] | None = None) -> ExpertLabel:
+    """The event that retracts a deleted annotation; stamped now, so it wins over any older copy."""
+    return ExpertLabel(event_id=event_id_for(annotation_id), annotator_id=_annotator(annotator), action="deleted",
+                       occurred_at=utcnow())
+
+
 def expert_label_from_webhook(payload: dict[str, Any]) -> ExpertLabel:
-    """Raises UnusableAnnotation or pydantic.ValidationError with the reason."""
+    """ANNOTATION_CREATED/UPDATED → one event. Raises UnusableAnnotation or pydantic.ValidationError."""
     hook = LSWebhook.model_validate(payload)
     if hook.action not in _ACTIONS:
-        raise UnusableAnnotation(f"action {hook.action!r} is not handled; expected one of {sorted(_ACTIONS)}")
-    annotation = hook.annotation
-    completed_by = annotation.completed_by
-    annotator = completed_by.get("id") if isinstance(completed_by, dict) else completed_by
-    return ExpertLabel(
-        event_id=f"labelstudio-annotation-{annotation.id}",
-        annotator_id=f"labelstudio-user-{annotator}",
-        action=_ACTIONS[hook.action],
-        occurred_at=annotation.updated_at or utcnow(),
-        item=_item(hook.task, _choice(annotation), _rationale(annotation)),
-    )
+        raise UnusableAnnotation(f"action {hook.action!r} is not handled; expected one of {sorted(HANDLED_ACTIONS)}")
+    return expert_label_from_annotation(hook.annotation, hook.task, _ACTIONS[hook.action])
+
+
+def expert_labels_from_webhook(payload: dict[str, Any]) -> list[ExpertLabel]:
+    """Any handled webhook → its events (ANNOTATIONS_DELETED names several annotations)."""
+    if isinstance(payload, dict) and payload.get("action") == DELETED_ACTION:
+        hook = LSDeletionWebhook.model_validate(payload)
+        return [retraction(ref.id, ref.completed_by) for ref in hook.annotations]
+    return [expert_label_from_webhook(payload)]
 
 
 def webhook_payload(
@@ -131,35 +175,3 @@ def webhook_payload(
         "project": {"id": project_id, "title": "proxyloop pairwise"},
         "task": {"id": task_id, "data": data, "project": project_id, "is_labeled": True},
     }
-
-
-router = APIRouter(tags=["labelstudio"])
-
-
-class WebhookAccepted(BaseModel):
-    event_id: str
-    topic: str
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-@router.post("/webhooks/labelstudio", response_model=WebhookAccepted)
-async def receive_labelstudio_webhook(
-    request: Request, secret: Annotated[str | None, Header(alias=SECRET_HEADER)] = None,
-) -> WebhookAccepted:
-    """Receive a Label Studio annotation webhook; 200 only once Kafka has the label."""
-    settings = _settings(request)
-    if secret is None or not hmac.compare_digest(secret, settings.webhook_secret):
-        raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
-    try:
-        payload = await request.json()
-        label = expert_label_from_webhook(payload)
-    except (ValueError, ValidationError) as exc:
-        raise HTTPException(422, f"unusable Label Studio payload: {exc}") from exc
-    producer: KafkaProducer = request.app.state.producer
-    await run_in_threadpool(publish, producer, settings.topic_expert, label, True)
-    return WebhookAccepted(event_id=label.event_id, topic=settings.topic_expert)
-

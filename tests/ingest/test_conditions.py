@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from ingest.conditions import CHECK_NAMES, MIN_EXPERT_TRIPLES, choose_plan, run_condition_tests
+from ingest.plan_choice import CANDIDATES, PlanEvidence
 from ingest.schemas import ConditionCheck, ConditionReport
 from ingest.synthetic import appendix_d
 
@@ -27,6 +29,9 @@ def test_ok_world_passes_every_check_and_plans_two_stage() -> None:
     assert (report.n_expert, report.n_proxy, report.snapshot_id) == (48, 3000, "ok-1")
     assert "p=" in _check(report, "shared_level_sets").detail
     assert "bootstrap" in _check(report, "similarity_preserved").detail
+    assert set(report.heldout_log_likelihood) == set(CANDIDATES)
+    assert report.heldout_log_likelihood["two_stage"] > report.heldout_log_likelihood["expert_only"]
+    assert any("highest held-out expert log-likelihood" in r for r in report.reasons)
 
 
 def test_merged_level_sets_fail_and_block_two_stage() -> None:
@@ -47,7 +52,27 @@ def test_merged_level_sets_fail_and_block_two_stage() -> None:
 def test_each_broken_condition_is_caught_by_its_own_check(variant: str, broken: str) -> None:
     report = _report(variant, seed=0)
     assert not _check(report, broken).passed
-    assert report.plan == "expert_only"
+    assert report.plan in ("fine_tune", "expert_only")  # chosen between by held-out likelihood
+    assert any("two_stage is not eligible" in r and broken in r for r in report.reasons)
+
+
+def test_expert_triples_drawn_from_the_proxy_itself_plan_proxy_as_is() -> None:
+    task = appendix_d(n_proxy=3048, seed=1)
+    report = run_condition_tests(task.proxy[:48], task.proxy[48:], "same", seed=1)
+    assert all(c.passed for c in report.checks)
+    assert report.plan == "proxy_as_is"
+
+
+def test_a_proxy_of_another_expert_loses_to_expert_only_on_held_out_likelihood() -> None:
+    """The proxy's read-out is of no use here (another world's proxy), and with 150 expert triples
+    the held-out evidence says so, whatever the condition statistics say."""
+    expert = appendix_d(n_proxy=0, n_expert=150, seed=7).expert
+    proxy = appendix_d(n_proxy=3000, n_expert=0, seed=8).proxy
+    report = run_condition_tests(expert, proxy, "other", seed=0)
+    assert not _check(report, "end_to_end").passed
+    ll = report.heldout_log_likelihood
+    assert max(ll["fine_tune"], ll["expert_only"]) > ll["two_stage"]
+    assert report.plan in ("fine_tune", "expert_only")
 
 
 def test_five_expert_labels_are_too_few_to_decide() -> None:
@@ -90,13 +115,68 @@ def _checks(failing: frozenset[str] = frozenset(), n_expert: int = 48) -> list[C
     ]
 
 
-def test_plan_rule() -> None:
-    assert choose_plan(_checks(), 0.4, proxy_matches=False)[0] == "two_stage"
-    assert choose_plan(_checks(), 0.9, proxy_matches=True)[0] == "proxy_as_is"
-    assert choose_plan(_checks(frozenset({"end_to_end"})), 0.4, proxy_matches=False)[0] == "expert_only"
-    assert choose_plan(_checks(n_expert=5), 0.8, proxy_matches=False)[0] == "proxy_as_is"
-    assert choose_plan(_checks(n_expert=5), 0.2, proxy_matches=False)[0] == "refuse"
-    assert (
-        choose_plan(_checks(frozenset({"low_dimensional_encoding"}), n_expert=5), 0.8, proxy_matches=False)[0]
-        == "refuse"
+def _evidence(means: dict[str, float], accuracy: float = 0.8, n: int = 60) -> PlanEvidence:
+    """Held-out scores with the given means, scored on the same n triples: noise shared by all
+    candidates plus each one's own (so differences between candidates are noisy too)."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0.0, 0.3, n)
+
+    def centred(values: np.ndarray) -> np.ndarray:
+        return values - values.mean()
+
+    correct = np.zeros(n)
+    correct[: round(accuracy * n)] = 1.0
+    return PlanEvidence(
+        0.5,
+        {c: means[c] + centred(shared + rng.normal(0.0, 0.2, n)) for c in CANDIDATES},
+        {c: correct for c in CANDIDATES},
     )
+
+
+def test_plan_is_the_candidate_with_the_best_held_out_likelihood() -> None:
+    means = {"proxy_as_is": -2.0, "two_stage": -0.3, "fine_tune": -0.6, "expert_only": -0.5}
+    plan, reasons = choose_plan(_checks(), _evidence(means))
+    assert plan == "two_stage"
+    assert "two_stage -0.300" in reasons[0] and "highest held-out" in reasons[-1]
+    means = {"proxy_as_is": -2.0, "two_stage": -0.9, "fine_tune": -0.6, "expert_only": -0.3}
+    assert choose_plan(_checks(), _evidence(means))[0] == "expert_only"
+    means = {"proxy_as_is": -2.0, "two_stage": -0.9, "fine_tune": -0.3, "expert_only": -0.6}
+    assert choose_plan(_checks(), _evidence(means))[0] == "fine_tune"
+
+
+def test_a_simpler_plan_wins_unless_significantly_worse() -> None:
+    close = {"proxy_as_is": -0.31, "two_stage": -0.30, "fine_tune": -0.5, "expert_only": -0.5}
+    plan, reasons = choose_plan(_checks(), _evidence(close))
+    assert plan == "proxy_as_is" and any("not significantly worse than the best, two_stage" in r for r in reasons)
+    far = {**close, "proxy_as_is": -0.6}
+    assert choose_plan(_checks(), _evidence(far))[0] == "two_stage"
+
+
+@pytest.mark.parametrize("failed", ["shared_level_sets", "image_containment", "similarity_preserved", "end_to_end"])
+def test_a_failed_condition_makes_two_stage_ineligible_however_well_it_scores(failed: str) -> None:
+    means = {"proxy_as_is": -2.0, "two_stage": -0.2, "fine_tune": -0.6, "expert_only": -0.5}
+    plan, reasons = choose_plan(_checks(frozenset({failed})), _evidence(means))
+    assert plan == "expert_only"
+    assert any(r.startswith(f"{failed} failed") for r in reasons)
+    assert any("two_stage is not eligible" in r for r in reasons)
+
+
+def test_refuse_when_no_plan_beats_a_coin_on_held_out_pairs() -> None:
+    means = {"proxy_as_is": -2.0, "two_stage": -0.7, "fine_tune": -0.9, "expert_only": -0.69}
+    plan, reasons = choose_plan(_checks(frozenset({"shared_level_sets"})), _evidence(means, accuracy=0.5))
+    assert plan == "refuse" and "refuse" in reasons[-1]
+    assert choose_plan(_checks(frozenset({"shared_level_sets"})), _evidence(means, accuracy=0.75))[0] == "expert_only"
+
+
+def test_plan_rule_with_too_few_expert_triples() -> None:
+    assert choose_plan(_checks(n_expert=5), PlanEvidence(0.8))[0] == "proxy_as_is"
+    assert choose_plan(_checks(n_expert=5), PlanEvidence(None))[0] == "proxy_as_is"
+    assert choose_plan(_checks(n_expert=5), PlanEvidence(0.2))[0] == "refuse"
+    assert choose_plan(_checks(frozenset({"low_dimensional_encoding"}), n_expert=5), PlanEvidence(0.8))[0] == "refuse"
+
+
+def test_plan_rule_refuses_evidence_without_every_candidate() -> None:
+    evidence = _evidence({c: -0.5 for c in CANDIDATES})
+    evidence.heldout_ll = {"two_stage": evidence.heldout_ll["two_stage"]}
+    with pytest.raises(ValueError, match="lacks held-out scores"):
+        choose_plan(_checks(), evidence)

@@ -51,3 +51,19 @@ def test_unusable_payloads_are_refused_with_a_reason(mutate, message):
 def test_payload_without_annotation_fails_validation():
     with pytest.raises(ValidationError):
         expert_label_from_webhook({"action": "ANNOTATION_CREATED"})
+
+
+def test_deletion_webhook_retracts_every_named_annotation():
+    from ingest.labelstudio import expert_labels_from_webhook
+
+    labels = expert_labels_from_webhook({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 4}, {"id": 9}],
+                                         "project": {"id": 1}})
+    assert [(label.event_id, label.action, label.item) for label in labels] == [
+        ("labelstudio-annotation-4", "deleted", None), ("labelstudio-annotation-9", "deleted", None)]
+
+
+def test_skipped_annotation_is_refused_with_a_reason():
+    payload = webhook_payload(1, 5, {"prompt": "p", "answer_a": "a", "answer_b": "b"}, "left")
+    payload["annotation"].update(result=[], was_cancelled=True)
+    with pytest.raises(UnusableAnnotation, match="skipped"):
+        expert_label_from_webhook(payload)

@@ -14,8 +14,8 @@ def _expert(i: int, **kw: object) -> ExpertLabel:
     return ExpertLabel(event_id=f"e{i}", annotator_id="ann", item=FeatureTriple(x=[float(i)], y_w=1, y_l=2), **kw)
 
 
-def test_redelivered_events_are_stored_once(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/s.db")
+def test_redelivered_events_are_stored_once(store_url):
+    engine = make_engine(store_url)
     with Session(engine) as session:
         events = [_proxy(1), _proxy(2), _expert(1)]
         assert upsert_events(session, events) == 3
@@ -24,8 +24,8 @@ def test_redelivered_events_are_stored_once(tmp_path):
         assert count_labels(session) == {"expert": 1, "proxy": 2}
 
 
-def test_newer_update_replaces_and_deletion_retracts(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/s.db")
+def test_newer_update_replaces_and_deletion_retracts(store_url):
+    engine = make_engine(store_url)
     created = _expert(1)
     later = created.occurred_at + timedelta(seconds=5)
     updated = ExpertLabel(event_id="e1", annotator_id="ann", action="updated", occurred_at=later,
@@ -40,8 +40,8 @@ def test_newer_update_replaces_and_deletion_retracts(tmp_path):
         assert count_labels(session)["expert"] == 0
 
 
-def test_snapshot_id_is_a_content_hash(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/s.db")
+def test_snapshot_id_is_a_content_hash(store_url):
+    engine = make_engine(store_url)
     with Session(engine) as session:
         upsert_events(session, [_proxy(1), _expert(1)])
         first = freeze_snapshot(session).snapshot_id
@@ -60,11 +60,53 @@ def test_heldout_split_is_deterministic_and_disjoint():
     assert split_expert(triples) == (train, heldout)
 
 
-def test_older_event_does_not_overwrite_newer(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/s.db")
+def test_older_event_does_not_overwrite_newer(store_url):
+    engine = make_engine(store_url)
     newer = _expert(1, occurred_at=utcnow())
     older = ExpertLabel(event_id="e1", annotator_id="ann", occurred_at=newer.occurred_at - timedelta(hours=1),
                         item=FeatureTriple(x=[0.0], y_w=2, y_l=0))
     with Session(engine) as session:
         upsert_events(session, [newer])
         assert upsert_events(session, [older]) == 0
+
+
+def test_every_write_is_kept_in_history_and_a_retraction_needs_no_item(store_url):
+    from ingest.store import label_history
+
+    engine = make_engine(store_url)
+    created = _expert(1)
+    updated = ExpertLabel(event_id="e1", annotator_id="ann", action="updated",
+                          occurred_at=created.occurred_at + timedelta(seconds=1),
+                          item=FeatureTriple(x=[2.0], y_w=2, y_l=1))
+    retracted = ExpertLabel(event_id="e1", annotator_id="ann", action="deleted",
+                            occurred_at=created.occurred_at + timedelta(seconds=2))
+    with Session(engine) as session:
+        assert upsert_events(session, [created, updated, retracted, updated]) == 3  # the late copy is a no-op
+        session.commit()
+        history = label_history(session, "e1")
+        assert [h.action for h in history] == ["created", "updated", "deleted"]
+        assert [h.item["y_w"] if h.item else None for h in history] == [1, 2, None]
+        assert count_labels(session)["expert"] == 0
+        assert freeze_snapshot(session).n_expert == 0
+
+
+def test_a_retraction_that_overtakes_its_creation_is_not_undone_by_it(store_url):
+    engine = make_engine(store_url)
+    created = _expert(1)
+    retracted = ExpertLabel(event_id="e1", annotator_id="ann", action="deleted",
+                            occurred_at=created.occurred_at + timedelta(seconds=1))
+    with Session(engine) as session:
+        upsert_events(session, [retracted])
+        assert upsert_events(session, [created]) == 0
+        session.commit()
+        assert count_labels(session)["expert"] == 0
+
+
+def test_only_a_retraction_may_omit_the_item():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="item is required"):
+        ExpertLabel(event_id="e1", annotator_id="ann", action="updated")
+    with pytest.raises(ValidationError):
+        FeatureTriple(x=[float("nan")], y_w=0, y_l=1)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.synthetic import VARIANTS, SyntheticTask, SyntheticWorld, appendix_d, sample_triples
+from ingest.synthetic import (
+    VARIANTS,
+    SyntheticTask,
+    SyntheticWorld,
+    appendix_d,
+    appendix_d_family,
+    draw_triples,
+    sample_triples,
+)
 
 
 def _small(seed: int = 0, variant: str = "ok") -> SyntheticTask:
@@ -13,9 +21,7 @@ def _small(seed: int = 0, variant: str = "ok") -> SyntheticTask:
 
 
 def _world(variant: str, seed: int = 0) -> SyntheticWorld:
-    world = appendix_d(n_proxy=0, n_expert=0, n_heldout=0, seed=seed, variant=variant).world
-    assert world is not None
-    return world
+    return appendix_d(n_proxy=0, n_expert=0, n_heldout=0, seed=seed, variant=variant).world
 
 
 def _inputs(n: int = 4000, seed: int = 1) -> np.ndarray:
@@ -38,7 +44,6 @@ def test_every_variant_gives_valid_triples_of_the_requested_sizes(variant: str) 
     for t in [*task.proxy, *task.expert, *task.expert_heldout]:
         assert len(t.x) == 5
         assert 0 <= t.y_w < task.n_outputs and 0 <= t.y_l < task.n_outputs and t.y_w != t.y_l
-    assert task.world is not None
     for probs in (task.world.proxy_probs(_inputs(100)), task.world.expert_probs(_inputs(100))):
         assert probs.shape == (100, task.n_outputs)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0)
@@ -121,3 +126,31 @@ def test_bradley_terry_draws_follow_the_policy() -> None:
     )
     zero_vs_one = [t.y_w == 0 for t in triples if {t.y_w, t.y_l} == {0, 1}]
     assert np.mean(zero_vs_one) == pytest.approx(0.7 / 0.9, abs=0.02)
+
+
+def test_appendix_d_family_follows_the_issue_specification() -> None:
+    permuted, tempered = appendix_d_family(3, "permuted"), appendix_d_family(3, "tempered")
+    x = _inputs(500)
+    assert permuted.weight.shape == (5, 2) and permuted.readout.shape == (2, 3)
+    np.testing.assert_array_equal(permuted.weight, tempered.weight)  # one expert per seed, two proxies
+    logits = np.tanh(x @ permuted.weight) @ permuted.readout
+    expert = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(permuted.expert_log_probs(x), expert)
+    assert permuted.permutation != (0, 1, 2) and sorted(permuted.permutation) == [0, 1, 2]
+    np.testing.assert_allclose(permuted.proxy_probs(x), permuted.expert_probs(x)[:, list(permuted.permutation)])
+    tempered_logits = logits / 3.0
+    np.testing.assert_allclose(
+        tempered.proxy_log_probs(x), tempered_logits - np.log(np.exp(tempered_logits).sum(axis=1, keepdims=True))
+    )
+    # Tempering keeps the expert's ranking of every pair: the proxy's answers are right, only flatter.
+    assert (tempered.proxy_probs(x).argmax(axis=1) == tempered.expert_probs(x).argmax(axis=1)).all()
+
+
+def test_appendix_d_family_draws_and_refuses_unknown_proxies() -> None:
+    world = appendix_d_family(0, "tempered")
+    triples = draw_triples(world, 50, expert=True, rng=np.random.default_rng(0))
+    assert len(triples) == 50 and all(len(t.x) == 5 and t.y_w != t.y_l for t in triples)
+    scales = [np.std(appendix_d_family(s, "permuted").weight) for s in range(40)]
+    assert np.mean(scales) == pytest.approx(1.5, rel=0.15)
+    with pytest.raises(ValueError, match="should be one of"):
+        appendix_d_family(0, "noisy")

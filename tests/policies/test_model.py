@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,9 +13,13 @@ import torch
 from ingest.schemas import FeatureTriple
 from ingest.synthetic import appendix_d
 from policies.model import (
+    ADAPTER_STAGE,
     DirectPolicy,
+    SimplexAdapter,
     TwoStageConfig,
     TwoStagePolicy,
+    choose_adapter_prior,
+    fit_adapter,
     fit_preferences,
     pairwise_accuracy,
     preference_loss,
@@ -57,8 +62,8 @@ def test_config_refuses_unknown_keys_and_bad_values() -> None:
         TwoStageConfig.from_dict({"input_dim": 5, "width": 3})
     with pytest.raises(ValueError, match="n_outputs"):
         TwoStageConfig(n_outputs=1)
-    with pytest.raises(ValueError, match="simplex_dim"):
-        TwoStageConfig(simplex_dim=64, hidden=32)
+    with pytest.raises(ValueError, match="simplex_dim must be an int >= 2"):
+        TwoStageConfig(simplex_dim=1)
 
 
 def test_adapter_starts_as_the_identity_so_inserting_it_changes_nothing() -> None:
@@ -170,6 +175,56 @@ def test_anchor_keeps_the_adapter_near_where_it_started() -> None:
     assert moved[1] < moved[0] / 2
 
 
+def test_adapter_deviation_on_hand_built_adapters() -> None:
+    adapter = SimplexAdapter(3)
+    assert float(adapter.deviation().detach()) == 0.0
+    with torch.no_grad():
+        adapter.weight.copy_(3 * torch.eye(3))  # a tempering: 3(α - 1)² = 12, of which 0.1 is paid
+    assert float(adapter.deviation(0.1).detach()) == pytest.approx(1.2)
+    full = float(((adapter.weight - torch.eye(3)) ** 2).sum().detach())
+    assert float(adapter.deviation(1.0).detach()) == pytest.approx(full)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.eye(3)[[1, 2, 0]])  # a relabelling: α = 0, ‖P‖² = 3, + 0.1·3·1
+        adapter.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    assert float(adapter.deviation(0.1).detach()) == pytest.approx(3.0 + 0.3 + 1.0)
+
+
+def test_fit_adapter_moves_only_the_adapter_and_calls_back_every_step() -> None:
+    x, y_w, y_l = _batch()
+    torch.manual_seed(0)
+    model = TwoStagePolicy()
+    before = _snapshot(model.proxy_parameters())
+    seen: list[int] = []
+    fit_adapter(model, x, y_w, y_l, seed=0, recipe=replace(ADAPTER_STAGE, steps=30), after_step=seen.append)
+    assert _same(before, _snapshot(model.proxy_parameters()))
+    assert not torch.equal(model.adapter.weight, torch.eye(3))
+    assert seen == list(range(1, 31))
+
+
+def test_adapter_prior_is_worth_a_number_of_triples() -> None:
+    """The pull toward the identity is prior/n: with the same prior, 16x the data moves it further."""
+    def moved(n: int, prior: float) -> float:
+        x, y_w, y_l = _batch(n, seed=1)
+        torch.manual_seed(0)
+        model = TwoStagePolicy()
+        fit_adapter(model, x, y_w, y_l, seed=0, recipe=replace(ADAPTER_STAGE, steps=100, adapter_prior=prior))
+        return float(model.adapter.deviation().detach())
+
+    assert moved(64, prior=1000.0) < moved(64, prior=1.0) / 2
+    assert moved(64 * 16, prior=50.0) > moved(64, prior=50.0)
+
+
+def test_choose_adapter_prior_picks_from_the_grid_and_leaves_the_stack_alone() -> None:
+    x, y_w, y_l = _batch(40)
+    torch.manual_seed(0)
+    model = TwoStagePolicy()
+    before = _snapshot(list(model.parameters()))
+    prior = choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0))
+    assert prior in (0.3, 30.0)
+    assert _same(before, _snapshot(list(model.parameters())))
+    assert choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0)) == prior
+
+
 def test_fit_preferences_refuses_frozen_parameters() -> None:
     model = TwoStagePolicy()
     model.freeze_proxy()
@@ -196,7 +251,6 @@ def test_triples_to_tensors_gives_typed_columns() -> None:
 
 def _gold_accuracy(model: torch.nn.Module, task_seed: int) -> float:
     task = appendix_d(seed=task_seed, n_heldout=1000)
-    assert task.world is not None
     x, a, b = triples_to_tensors(task.expert_heldout)
     gold = task.world.expert_probs(x.numpy().astype(np.float64))
     rows = np.arange(len(a))

@@ -1,10 +1,33 @@
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from ingest.schemas import TrainingRequest
 from ingest.synthetic import appendix_d
 from policies.loader import load_policy_dir
+from policies.model import (
+    ADAPTER_STAGE,
+    PROXY_STAGE,
+    TwoStageConfig,
+    TwoStagePolicy,
+    fit_adapter,
+    fit_stage1,
+    triples_to_tensors,
+)
 from workers.training.feature_policy import train_feature_policy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny fits: extra intra-op threads only contend with other processes on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _request(tmp_path, plan, **kw):
@@ -41,3 +64,36 @@ def test_same_seed_gives_the_same_weights(tmp_path):
                                  torch.device("cpu"), "w", lambda _: None) for i in range(2)]
     a, b = (load_file(f"{r.checkpoints[-1].path}/model.safetensors") for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_stage_run_follows_the_recipe_the_condition_tests_score(tmp_path):
+    """Worker weights equal a hand-run of policies.model's recipe: stage 1 then the prior-pulled adapter."""
+    task = appendix_d(n_proxy=300, n_expert=30, seed=4)
+    result = train_feature_policy(_request(tmp_path, "two_stage"), task.proxy, task.expert, torch.device("cpu"),
+                                  "w", lambda _: None)
+    torch.manual_seed(0)
+    model = TwoStagePolicy(TwoStageConfig(input_dim=5, n_outputs=3, simplex_dim=3))
+    fit_stage1(model, *triples_to_tensors(task.proxy), 0, replace(PROXY_STAGE, steps=60))
+    fit_adapter(model, *triples_to_tensors(task.expert), 0, replace(ADAPTER_STAGE, steps=40))
+    final = load_file(f"{result.checkpoints[-1].path}/model.safetensors")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(final[name], value)
+
+
+def test_fine_tune_moves_every_weight_from_the_stage_one_checkpoint(tmp_path):
+    task = appendix_d(n_proxy=300, n_expert=30, seed=5)
+    result = train_feature_policy(_request(tmp_path, "fine_tune"), task.proxy, task.expert, torch.device("cpu"),
+                                  "w", lambda _: None)
+    assert [c.step for c in result.checkpoints] == [0, 20, 40]
+    after_proxy = load_file(f"{result.checkpoints[0].path}/model.safetensors")
+    final = load_file(f"{result.checkpoints[-1].path}/model.safetensors")
+    assert all(not torch.equal(final[k], after_proxy[k]) for k in final)
+
+
+def test_curve_records_every_step_of_both_stages(tmp_path):
+    task = appendix_d(n_proxy=200, n_expert=30, seed=6)
+    train_feature_policy(_request(tmp_path, "two_stage"), task.proxy, task.expert, torch.device("cpu"), "w",
+                         lambda _: None)
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert [c["step"] for c in curve if c["stage"] == "proxy"] == list(range(1, 61))
+    assert [c["step"] for c in curve if c["stage"] == "expert"] == list(range(1, 41))

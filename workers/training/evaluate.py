@@ -14,9 +14,7 @@ import torch
 from ingest.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
 from policies.indicators import topk_indicators
 from policies.loader import load_policy_dir
-from policies.model import DirectPolicy, fit_preferences, pairwise_accuracy, triples_to_tensors
-
-BASELINE_STEPS = 300
+from policies.model import EXPERT_ONLY, DirectPolicy, fit_preferences, pairwise_accuracy, triples_to_tensors
 
 
 @torch.no_grad()
@@ -33,8 +31,10 @@ def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) ->
 def expert_only_baseline(
     expert_train: Sequence[FeatureTriple], heldout: Sequence[FeatureTriple], n_outputs: int, seed: int
 ) -> float:
+    """Held-out accuracy of the expert-only learner, fitted with the recipe the condition tests use."""
     torch.manual_seed(seed)
     model = DirectPolicy(input_dim=len(expert_train[0].x), n_outputs=n_outputs)
     x, y_w, y_l = triples_to_tensors(expert_train)
-    fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps=BASELINE_STEPS, lr=1e-2, seed=seed)
+    fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps=EXPERT_ONLY.steps, lr=EXPERT_ONLY.lr,
+                    seed=seed, weight_decay=EXPERT_ONLY.weight_decay)
     return pairwise_accuracy(model, *triples_to_tensors(heldout))

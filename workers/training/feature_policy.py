@@ -1,7 +1,8 @@
 """Training of feature-vector policies (paper 1): proxy stage, adapter stage, checkpoints.
 
 Stage 1 learns τ̃, Θ̃, φ̃ from proxy triples; stage 2 learns only the adapter π̄† from expert
-triples. Each plan is a choice of which stages run and which parameters they touch. Every
+triples, with policies.model's recipe (the one the condition tests score the plans with). Each
+plan is a choice of which stages run and which parameters they touch. Every
 checkpoint holds the weights (safetensors) and its step/loss/config (JSON) so a run can be
 evaluated, compared and resumed.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,15 +21,22 @@ from torch import nn
 
 from ingest.schemas import CheckpointRef, FeatureTriple, Plan, TrainingRequest, TrainingResult
 from policies.model import (
+    ADAPTER_STAGE,
+    EXPERT_ONLY,
+    FINE_TUNE,
+    FINE_TUNE_PRIOR,
+    PROXY_STAGE,
     DirectPolicy,
     TwoStageConfig,
     TwoStagePolicy,
-    preference_loss,
+    fit_adapter,
+    fit_preferences,
+    fit_stage1,
     triples_to_tensors,
 )
 
 Progress = Callable[[dict[str, object]], None]
-LEARNING_RATE = 1e-2
+PROGRESS_EVERY = 25  # steps between progress messages
 
 
 def n_outputs_of(triples: Sequence[FeatureTriple]) -> int:
@@ -54,29 +63,33 @@ def _save_checkpoint(model: nn.Module, out: Path, step: int, loss: float, meta: 
     return CheckpointRef(step=step, path=str(path))
 
 
-def _fit(
-    model: nn.Module, params: list[nn.Parameter], data: tuple[torch.Tensor, ...], steps: int,
-    on_step: Callable[[int, float], None],
+def _fit_expert_stage(
+    plan: Plan, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], steps: int, seed: int,
+    on_step: Callable[[int, float], None], after_step: Callable[[int], None],
 ) -> float:
-    """Full-batch Adam: these data sets are a few thousand rows of a few features."""
+    """Stage 2 by plan: the adapter alone (two_stage), every weight pulled toward stage 1
+    (fine_tune), or a direct policy from scratch (expert_only) — the recipes of policies.model that
+    ingest.conditions scores the plans with."""
     x, y_w, y_l = data
-    optimiser = torch.optim.Adam(params, lr=LEARNING_RATE)
-    loss_value = float("nan")
-    for step in range(1, steps + 1):
-        optimiser.zero_grad()
-        loss = preference_loss(model.log_probs(x), y_w, y_l)  # type: ignore[operator]
-        loss.backward()
-        optimiser.step()
-        loss_value = float(loss.detach())
-        on_step(step, loss_value)
-    return loss_value
+    if plan == "two_stage":
+        assert isinstance(model, TwoStagePolicy)
+        return fit_adapter(model, x, y_w, y_l, seed, replace(ADAPTER_STAGE, steps=steps), on_step, after_step)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if plan == "fine_tune":
+        return fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps, FINE_TUNE.lr, seed,  # type: ignore[arg-type]
+                               on_step, anchor=FINE_TUNE_PRIOR / x.shape[0], after_step=after_step)
+    return fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps, EXPERT_ONLY.lr, seed,  # type: ignore[arg-type]
+                           on_step, weight_decay=EXPERT_ONLY.weight_decay, after_step=after_step)
 
 
 def train_feature_policy(
     request: TrainingRequest, proxy: Sequence[FeatureTriple], expert_train: Sequence[FeatureTriple],
     device: torch.device, worker: str, progress: Progress,
 ) -> TrainingResult:
-    """Run the plan's stages; checkpoint the expert stage every `checkpoint_every` steps."""
+    """Run the plan's stages; checkpoint after stage 1 (step 0) and every `checkpoint_every` steps
+    of the expert stage. Step counts come from the request; learning rates, weight decay and priors
+    from the recipes in policies.model."""
     started = time.perf_counter()
     torch.manual_seed(request.seed)
     out = Path(request.output_dir)
@@ -93,35 +106,35 @@ def train_feature_policy(
     curve: list[dict[str, object]] = []
 
     def report(stage: str, total: int) -> Callable[[int, float], None]:
-        def on_step(step: int, loss: float) -> None:
+        def on_step(step0: int, loss: float) -> None:  # loss before update step0 + 1
+            step = step0 + 1
             curve.append({"stage": stage, "step": step, "loss": loss})
-            if step % 25 == 0 or step == total:
+            if step % PROGRESS_EVERY == 0 or step == total:
                 progress({"stage": stage, "step": step, "of": total, "loss": round(loss, 5)})
         return on_step
 
     checkpoints: list[CheckpointRef] = []
     loss = float("nan")
-    to_device = lambda t: tuple(v.to(device) for v in triples_to_tensors(t))  # noqa: E731
+    def to_device(triples: Sequence[FeatureTriple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y_w, y_l = triples_to_tensors(triples)
+        return x.to(device), y_w.to(device), y_l.to(device)
+
     if request.plan in ("two_stage", "proxy_as_is", "fine_tune"):
         assert isinstance(model, TwoStagePolicy)
-        model.set_stage(1)
-        loss = _fit(model, list(model.proxy_parameters()), to_device(proxy), request.stage1_epochs,
-                    report("proxy", request.stage1_epochs))
+        recipe = replace(PROXY_STAGE, steps=request.stage1_epochs)
+        xp, wp, lp = to_device(proxy)
+        loss = fit_stage1(model, xp, wp, lp, request.seed, recipe, report("proxy", request.stage1_epochs))
         checkpoints.append(_save_checkpoint(model, out, 0, loss, meta))
     if request.plan in ("two_stage", "fine_tune", "expert_only"):
-        if isinstance(model, TwoStagePolicy):
-            model.set_stage(2)
-            params = list(model.adapter_parameters() if request.plan == "two_stage" else model.parameters())
-        else:
-            params = list(model.parameters())
-        report_expert = report("expert", request.stage2_epochs)
+        total = request.stage2_epochs
 
-        def on_expert_step(step: int, step_loss: float) -> None:
-            report_expert(step, step_loss)
-            if step % request.checkpoint_every == 0 or step == request.stage2_epochs:
-                checkpoints.append(_save_checkpoint(model, out, step, step_loss, meta))
+        def after_expert_step(step: int) -> None:
+            if step % request.checkpoint_every == 0 or step == total:
+                last = float(curve[-1]["loss"]) if curve else float("nan")  # type: ignore[arg-type]
+                checkpoints.append(_save_checkpoint(model, out, step, last, meta))
 
-        loss = _fit(model, params, to_device(expert_train), request.stage2_epochs, on_expert_step)
+        loss = _fit_expert_stage(request.plan, model, to_device(expert_train), total, request.seed,
+                                 report("expert", total), after_expert_step)
     (out / "curve.json").write_text(json.dumps(curve))
     return TrainingResult(
         run_id=request.run_id, device=str(device), worker=worker, checkpoints=checkpoints,

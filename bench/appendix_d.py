@@ -1,0 +1,281 @@
+"""Paper 1's Appendix D reproduction: two-stage vs expert-only vs full fine-tuning vs the proxy as is.
+
+    nice .venv/bin/python -m bench.appendix_d [--quick] [--seeds N] [--plot docs/appendix_d.png]
+
+Family (issue 6): x ~ N(0, I5), Y = {0,1,2}; per seed W ∈ R^{5×2} ~ N(0,1.5²), A ∈ R^{2×3} ~ N(0,2²),
+expert logits tanh(xW)A; proxies (a) the expert's answers permuted, (b) softmax(logits / 3).
+8000 proxy triples, n expert triples, 5000 fresh test inputs. Accuracy: agreement with the expert's
+more likely response over all three pairs of every test input; KL(π† ‖ π̂) averaged over test inputs.
+The expert-only learner gets a separate validation set of 1000 expert triples to tune on (more than
+any real user would have: generous to the baseline, so the multiples below are conservative).
+The last line printed is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ingest.synthetic import FAMILY_PROXIES, FamilyWorld, appendix_d_family, draw_triples
+from policies.model import (
+    ADAPTER_STAGE,
+    PROXY_STAGE,
+    DirectPolicy,
+    TwoStageConfig,
+    TwoStagePolicy,
+    choose_adapter_prior,
+    fit_adapter,
+    fit_preferences,
+    fit_stage1,
+    preference_log_likelihoods,
+    triples_to_tensors,
+)
+
+NS = (5, 10, 20, 35, 100, 300, 1000, 3000)
+HEADLINE_N = 35
+N_PROXY, N_TEST, N_VALID = 8000, 5000, 1000
+SEEDS, QUICK_SEEDS = 10, 3
+# Stage 1 (proxy stack on 8000 proxy triples) and stage 2 (adapter on n expert triples): the recipe
+# of policies.model; the adapter's prior weight (worth `prior` triples, toward a tempered identity)
+# is chosen per n by cross-validation on the n expert triples themselves.
+STAGE1 = replace(PROXY_STAGE, steps=600)  # 8000 triples rather than the demo's 3000
+FINE_TUNE_STEPS, FINE_TUNE_LR, FINE_TUNE_PRIOR = 300, 0.003, 1.0  # not tuned
+# Expert-only grid: (family, weight decay); each fit is chosen by validation log-likelihood.
+EXPERT_STEPS, EXPERT_LR = 500, 0.02
+LINEAR_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
+MLP_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+MLP_HIDDEN = 32
+METHODS = ("two_stage", "expert_only", "expert_linear", "expert_mlp", "fine_tune", "proxy_as_is")
+
+
+class LinearSoftmax(nn.Module):
+    """Expert-only linear-softmax policy: logits = xB + c."""
+
+    def __init__(self, input_dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, n_outputs)
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.linear(x), dim=-1)
+
+
+@dataclass
+class TestSet:
+    x: Tensor  # [N_TEST, 5]
+    gold_log_probs: np.ndarray  # [N_TEST, 3] log π†(y|x)
+
+    def score(self, model: nn.Module) -> tuple[float, float]:
+        """(ranking accuracy over the 3 pairs of each input, KL(π† ‖ π̂) averaged over inputs)."""
+        with torch.no_grad():
+            lp = model.log_probs(self.x).double().numpy()  # type: ignore[operator]
+        gold = self.gold_log_probs
+        agree = [np.sign(lp[:, a] - lp[:, b]) == np.sign(gold[:, a] - gold[:, b]) for a, b in ((0, 1), (0, 2), (1, 2))]
+        kl = (np.exp(gold) * (gold - lp)).sum(axis=1).mean()
+        return float(np.mean(agree)), float(kl)
+
+
+def two_stage(stack: TwoStagePolicy, data: tuple[Tensor, ...], seed: int) -> TwoStagePolicy:
+    """Stage 2 on a copy of the stack: the adapter prior chosen by 5-fold CV on the n triples alone."""
+    model = copy.deepcopy(stack)
+    x, y_w, y_l = data
+    prior = choose_adapter_prior(model, x, y_w, y_l, seed)
+    fit_adapter(model, x, y_w, y_l, seed, replace(ADAPTER_STAGE, adapter_prior=prior))
+    return model
+
+
+def _anchored(model: nn.Module, params: Sequence[nn.Parameter], data: tuple[Tensor, ...], steps: int, lr: float,
+              prior: float, seed: int) -> None:
+    x, y_w, y_l = data
+    fit_preferences(model, params, x, y_w, y_l, steps, lr, seed, anchor=prior / x.shape[0])  # type: ignore[arg-type]
+
+
+def _val_ll(model: nn.Module, valid: tuple[Tensor, ...]) -> float:
+    x, y_w, y_l = valid
+    with torch.no_grad():
+        return float(preference_log_likelihoods(model.log_probs(x), y_w, y_l).mean())  # type: ignore[operator]
+
+
+def _tuned(make: Callable[[], nn.Module], decays: Sequence[float], data: tuple[Tensor, ...],
+           valid: tuple[Tensor, ...], seed: int) -> nn.Module:
+    best: tuple[float, nn.Module] | None = None
+    for decay in decays:
+        torch.manual_seed(seed)
+        model = make()
+        x, y_w, y_l = data
+        fit_preferences(model, list(model.parameters()), x, y_w, y_l, EXPERT_STEPS, EXPERT_LR, seed,  # type: ignore[arg-type]
+                        weight_decay=decay)
+        ll = _val_ll(model, valid)
+        if best is None or ll > best[0]:
+            best = (ll, model)
+    assert best is not None
+    return best[1]
+
+
+def _proxy_stack(world: FamilyWorld, rng: np.random.Generator, seed: int) -> TwoStagePolicy:
+    xp, wp, lp = triples_to_tensors(draw_triples(world, N_PROXY, expert=False, rng=rng))
+    torch.manual_seed(seed)
+    stack = TwoStagePolicy(TwoStageConfig(input_dim=world.input_dim, n_outputs=world.n_outputs, simplex_dim=3))
+    fit_stage1(stack, xp, wp, lp, seed, STAGE1)
+    return stack
+
+
+def run_seed(seed: int, ns: Sequence[int]) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
+    """{proxy kind: {method: {n: (accuracy, KL)}}} for one seed; expert data shared by both proxies."""
+    expert_world = appendix_d_family(seed, FAMILY_PROXIES[0])
+    rng = np.random.default_rng(10_000 + seed)
+    x_test = rng.standard_normal((N_TEST, expert_world.input_dim))
+    test = TestSet(torch.tensor(x_test, dtype=torch.float32), expert_world.expert_log_probs(x_test))
+    pool = triples_to_tensors(draw_triples(expert_world, max(ns), expert=True, rng=rng))  # nested: first n
+    valid = triples_to_tensors(draw_triples(expert_world, N_VALID, expert=True, rng=rng))
+
+    expert_scores: dict[str, dict[int, tuple[float, float]]] = {"expert_linear": {}, "expert_mlp": {}}
+    for n in ns:
+        data = tuple(t[:n] for t in pool)
+        linear = _tuned(lambda: LinearSoftmax(5, 3), LINEAR_DECAYS, data, valid, seed)
+        mlp = _tuned(lambda: DirectPolicy(5, 3, MLP_HIDDEN), MLP_DECAYS, data, valid, seed)
+        expert_scores["expert_linear"][n] = test.score(linear)
+        expert_scores["expert_mlp"][n] = test.score(mlp)
+
+    out: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}
+    for kind in FAMILY_PROXIES:
+        world = appendix_d_family(seed, kind)
+        stack = _proxy_stack(world, rng, seed)
+        scores: dict[str, dict[int, tuple[float, float]]] = {"two_stage": {}, "fine_tune": {}, "proxy_as_is": {}}
+        as_is = test.score(stack)
+        for n in ns:
+            data = tuple(t[:n] for t in pool)
+            adapter = two_stage(stack, data, seed)
+            tuned = copy.deepcopy(stack)
+            for p in tuned.parameters():
+                p.requires_grad_(True)
+            _anchored(tuned, list(tuned.parameters()), data, FINE_TUNE_STEPS, FINE_TUNE_LR, FINE_TUNE_PRIOR, seed)
+            scores["two_stage"][n] = test.score(adapter)
+            scores["fine_tune"][n] = test.score(tuned)
+            scores["proxy_as_is"][n] = as_is
+        out[kind] = {**scores, **expert_scores}
+    return out
+
+
+def crossing_multiple(
+    ns: Sequence[int], curve: Sequence[float] | np.ndarray, target: float, higher_is_better: bool
+) -> float:
+    """n*/HEADLINE_N where `curve` (means over seeds at `ns`) first reaches `target`, linear in log n.
+
+    Returns ns[-1]/HEADLINE_N as a lower bound when the curve never reaches it."""
+    values = [float(v) if higher_is_better else -float(v) for v in curve]
+    goal = target if higher_is_better else -target
+    if values[0] >= goal:
+        return ns[0] / HEADLINE_N
+    for i in range(1, len(ns)):
+        if values[i] >= goal:
+            frac = (goal - values[i - 1]) / (values[i] - values[i - 1])
+            log_n = np.log(ns[i - 1]) + frac * (np.log(ns[i]) - np.log(ns[i - 1]))
+            return float(np.exp(log_n) / HEADLINE_N)
+    return ns[-1] / HEADLINE_N
+
+
+def _mean_curves(results: list[dict[str, dict[str, dict[int, tuple[float, float]]]]], ns: Sequence[int]
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """{proxy kind: {method: [len(ns), 2] mean (accuracy, KL) over seeds}}; "expert_only" is the
+    better of the linear and MLP mean curves at each n, separately for accuracy and for KL."""
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    for kind in FAMILY_PROXIES:
+        per = {m: np.array([[r[kind][m][n] for n in ns] for r in results]).mean(axis=0)
+               for m in METHODS if m != "expert_only"}
+        lin, mlp = per["expert_linear"], per["expert_mlp"]
+        per["expert_only"] = np.stack([np.maximum(lin[:, 0], mlp[:, 0]), np.minimum(lin[:, 1], mlp[:, 1])], axis=1)
+        curves[kind] = per
+    return curves
+
+
+def headline(curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int]) -> dict[str, float]:
+    at = ns.index(HEADLINE_N)
+    out: dict[str, float] = {}
+    for kind, per in curves.items():
+        two, exp_only = per["two_stage"], per["expert_only"]
+        out[f"{kind}_multiple"] = crossing_multiple(ns, exp_only[:, 0], float(two[at, 0]), higher_is_better=True)
+        out[f"{kind}_multiple_kl"] = crossing_multiple(ns, exp_only[:, 1], float(two[at, 1]), higher_is_better=False)
+    out["expert_only_multiple"] = float(np.mean([out[f"{k}_multiple"] for k in curves]))
+    out["expert_only_multiple_kl"] = float(np.mean([out[f"{k}_multiple_kl"] for k in curves]))
+    return out
+
+
+def _table(curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int], sds: dict[str, dict[str, np.ndarray]]) -> str:
+    lines = []
+    for kind, per in curves.items():
+        lines.append(f"\nproxy ({'a' if kind == 'permuted' else 'b'}) {kind}: mean accuracy / KL(π†‖π̂) (± s.e.)")
+        lines.append(f"{'n':>6} " + " ".join(f"{m:>22}" for m in METHODS))
+        for i, n in enumerate(ns):
+            cells = []
+            for m in METHODS:
+                se = sds[kind].get(m)
+                err = f"±{se[i, 0]:.3f}" if se is not None else "      "
+                cells.append(f"{per[m][i, 0]:.3f}{err} {per[m][i, 1]:6.3f}")
+            lines.append(f"{n:>6} " + " ".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def _plot(curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    for col, (kind, per) in enumerate(curves.items()):
+        for row, label in enumerate(("held-out ranking accuracy", "KL(π† ‖ π̂)")):
+            ax = axes[row, col]
+            for m in ("two_stage", "expert_only", "fine_tune", "proxy_as_is"):
+                ax.plot(ns, per[m][:, row], marker="o", label=m)
+            ax.axvline(HEADLINE_N, color="grey", linestyle=":")
+            ax.set_xscale("log")
+            if row == 1:
+                ax.set_yscale("log")
+                ax.set_xlabel("expert triples n (8000 proxy triples)")
+            ax.set_ylabel(label)
+            ax.set_title(f"proxy {kind}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SEEDS} seeds instead of {SEEDS}")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides --quick)")
+    parser.add_argument("--plot", type=Path, default=Path("docs/appendix_d.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny tensors; the machine is shared
+    n_seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
+    ns = list(NS)
+    started = time.perf_counter()
+    results = []
+    for seed in range(n_seeds):
+        results.append(run_seed(seed, ns))
+        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    curves = _mean_curves(results, ns)
+    sds = {kind: {m: np.array([[r[kind][m][n] for n in ns] for r in results]).std(axis=0, ddof=1) / np.sqrt(n_seeds)
+                  for m in METHODS if m != "expert_only"} for kind in FAMILY_PROXIES} if n_seeds > 1 else {
+        kind: {} for kind in FAMILY_PROXIES}
+    print(_table(curves, ns, sds))
+    _plot(curves, ns, args.plot)
+    summary = {**headline(curves, ns), "seeds": n_seeds, "ns": ns, "n_proxy": N_PROXY, "n_test": N_TEST,
+               "seconds": round(time.perf_counter() - started, 1), "plot": str(args.plot),
+               "two_stage_at_35": {k: [round(float(v), 4) for v in curves[k]["two_stage"][ns.index(HEADLINE_N)]]
+                                   for k in FAMILY_PROXIES}}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

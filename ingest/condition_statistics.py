@@ -1,0 +1,94 @@
+"""The statistics behind the condition tests, as pure functions of arrays (see ingest/conditions.py).
+
+Each takes model outputs (log-probabilities or log-ratios) or per-triple scores and returns a
+number; the thresholds and the fitting of the models that produce those outputs live in
+ingest/conditions.py, so each statistic can be checked on hand-built cases with known answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """A mean with its percentile bootstrap interval and one-sided p-value for "mean > 0"."""
+
+    mean: float
+    low: float  # 2.5% quantile of the bootstrap means
+    high: float  # 97.5% quantile
+    p_not_positive: float  # share of bootstrap means <= 0
+
+    def text(self) -> str:
+        return f"{self.mean:+.3f} (95% bootstrap [{self.low:+.3f}, {self.high:+.3f}], p={self.p_not_positive:.3f})"
+
+
+def bootstrap_mean(values: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> Bootstrap:
+    """Percentile bootstrap of the mean of `values` [N] (e.g. per-triple log-likelihood differences)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap_mean needs a non-empty 1-d array, got shape {values.shape}")
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = values[idx].mean(axis=1)
+    return Bootstrap(
+        mean=float(values.mean()),
+        low=float(np.quantile(means, 0.025)),
+        high=float(np.quantile(means, 0.975)),
+        p_not_positive=float((means <= 0).mean()),
+    )
+
+
+def log_ratios(log_probs: np.ndarray) -> np.ndarray:
+    """Centred log-probabilities [N, Y]: Euclidean distance between rows is the Aitchison distance
+    between the output distributions, a metric on the open simplex."""
+    result: np.ndarray = log_probs - log_probs.mean(axis=-1, keepdims=True)
+    return result
+
+
+def encoding_dimension(z: np.ndarray, variance_share: float) -> tuple[int, np.ndarray]:
+    """Principal components of the rows of z [N, k] needed to explain `variance_share` of their
+    variance, and the cumulative explained shares. 0 when the rows are all equal."""
+    z = z - z.mean(axis=0)
+    variances = np.linalg.svd(z, compute_uv=False) ** 2
+    total = variances.sum()
+    if total <= 1e-12 * max(1.0, float(np.abs(z).max(initial=0.0)) ** 2):
+        return 0, np.zeros_like(variances)
+    explained = np.cumsum(variances) / total
+    return int(np.searchsorted(explained, variance_share - 1e-12) + 1), explained
+
+
+def favourite_shares(log_probs: np.ndarray) -> np.ndarray:
+    """Share of inputs on which each output is the most likely one: [N, Y] -> [Y]."""
+    favourite = log_probs.argmax(axis=-1)
+    shares: np.ndarray = np.bincount(favourite, minlength=log_probs.shape[-1]) / len(favourite)
+    return shares
+
+
+def preferred_outputs(shares: np.ndarray, min_share: float) -> set[int]:
+    """Outputs that are the favourite on at least `min_share` of inputs."""
+    return {int(y) for y in np.flatnonzero(shares >= min_share)}
+
+
+def coverage(expert_preferred: set[int], proxy_preferred: set[int]) -> float:
+    """Share of the expert's preferred outputs the proxy also prefers somewhere (1.0 if none)."""
+    if not expert_preferred:
+        return 1.0  # nothing the expert prefers can be missing from the proxy's image
+    return len(expert_preferred & proxy_preferred) / len(expert_preferred)
+
+
+def distance_ratios(expert_z: np.ndarray, proxy_z: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """d_expert(x_i, x_j) / d_proxy(x_i, x_j) per pair, on log-ratio rows [N, Y] of each model.
+
+    Pairs the proxy cannot tell apart but the expert can give huge ratios: that is the point."""
+    d_expert = np.linalg.norm(expert_z[i] - expert_z[j], axis=1)
+    d_proxy = np.linalg.norm(proxy_z[i] - proxy_z[j], axis=1)
+    ratios: np.ndarray = d_expert / np.maximum(d_proxy, 1e-6)
+    return ratios
+
+
+def relaxation_constant(ratios: np.ndarray, quantile: float) -> float:
+    """L estimate: a high quantile of the distance ratios (L is a worst case; the quantile keeps a
+    few outlying pairs from deciding it)."""
+    return float(np.quantile(ratios, quantile))

@@ -1,0 +1,113 @@
+"""Provision a Label Studio project for pairwise preferences: labelling config, tasks, webhook.
+
+Run: `proxyloop labelstudio setup [--tasks FILE.jsonl]`. Idempotent: the project is found by title
+and the webhook by URL, so running it again only imports the tasks given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from label_studio_sdk.client import LabelStudio
+
+from ingest.labelstudio.receiver import SECRET_HEADER
+from proxyloop.settings import Settings
+
+# The task's `prompt`, `answer_a` and `answer_b` are shown; the annotator picks one side and may say why.
+# Feature tasks (paper 1) carry `x`, `y_a`, `y_b` as well; the receiver reads those instead.
+PAIRWISE_CONFIG = """<View>
+  <Header value="$prompt"/>
+  <Pairwise name="pw" toName="a,b"/>
+  <Text name="a" value="$answer_a"/>
+  <Text name="b" value="$answer_b"/>
+  <TextArea name="why" toName="a" placeholder="Why is it better? (optional)" maxSubmissions="1" editable="true"/>
+</View>"""
+
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+REQUIRED_TASK_KEYS = ("prompt", "answer_a", "answer_b")
+
+
+class LabelStudioSetupError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProvisionedProject:
+    project_id: int
+    webhook_id: int
+    tasks_imported: int
+    created: bool
+
+
+def client_for(settings: Settings) -> LabelStudio:
+    if not settings.labelstudio_token:
+        raise LabelStudioSetupError(
+            "no Label Studio API token: set PROXYLOOP_LABELSTUDIO_TOKEN (Account & Settings → Legacy Token)"
+        )
+    return LabelStudio(base_url=settings.labelstudio_url, api_key=settings.labelstudio_token)
+
+
+def read_tasks(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line with at least prompt, answer_a, answer_b."""
+    tasks: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            task = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LabelStudioSetupError(f"{path}:{number}: not JSON: {exc}") from exc
+        missing = [k for k in REQUIRED_TASK_KEYS if not isinstance(task, dict) or k not in task]
+        if missing:
+            raise LabelStudioSetupError(f"{path}:{number}: task lacks {missing}; each needs {list(REQUIRED_TASK_KEYS)}")
+        tasks.append(task)
+    return tasks
+
+
+def find_project(client: LabelStudio, title: str) -> int | None:
+    project: Any
+    for project in client.projects.list(title=title):
+        if project.title == title and project.id is not None:
+            return int(project.id)
+    return None
+
+
+def setup_project(
+    settings: Settings, tasks: list[dict[str, Any]] | None = None, client: LabelStudio | None = None,
+) -> ProvisionedProject:
+    """Create (or reuse) the project, import `tasks`, and point a webhook with the shared secret at us."""
+    client = client or client_for(settings)
+    title = settings.labelstudio_project_title
+    project_id = find_project(client, title)
+    created = project_id is None
+    if project_id is None:
+        project = client.projects.create(title=title, label_config=PAIRWISE_CONFIG,
+                                         description="Pairwise preferences collected by proxyloop.")
+        assert project.id is not None
+        project_id = int(project.id)
+    imported = 0
+    if tasks:
+        client.projects.import_tasks(id=project_id, request=tasks)  # type: ignore[arg-type]
+        imported = len(tasks)
+    webhook_id = ensure_webhook(settings, client, project_id)
+    return ProvisionedProject(project_id=project_id, webhook_id=webhook_id, tasks_imported=imported, created=created)
+
+
+def ensure_webhook(settings: Settings, client: LabelStudio, project_id: int, active: bool = True) -> int:
+    """The project's webhook to our receiver, with the secret header; created or brought up to date."""
+    url = settings.resolved_labelstudio_webhook_url
+    options: dict[str, Any] = {
+        "headers": {SECRET_HEADER: settings.webhook_secret}, "actions": WEBHOOK_ACTIONS,
+        "send_payload": True, "send_for_all_actions": False, "is_active": active,
+    }
+    for hook in client.webhooks.list(project=str(project_id)):
+        if hook.url == url and hook.id is not None:
+            client.webhooks.update(hook.id, url=url, **options)
+            return int(hook.id)
+    hook = client.webhooks.create(url=url, project=project_id, **options)
+    if hook.id is None:
+        raise LabelStudioSetupError(f"Label Studio at {settings.labelstudio_url} returned a webhook without an id")
+    return int(hook.id)

@@ -1,0 +1,149 @@
+"""Reconciliation: re-read annotations from the Label Studio API so a lost webhook loses nothing.
+
+Run: `proxyloop labelstudio reconcile` (or the `reconcile-labelstudio` Prefect flow in flows/reconcile.py).
+Annotations changed at or after the project's stored watermark are published as the same
+`ExpertLabel` events the webhook would have sent (same event id, same `occurred_at`), so the
+store's idempotent upsert keeps each exactly once. Labels the store holds but Label Studio no
+longer has are retracted. The watermark moves only after Kafka acknowledged every event.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from kafka import KafkaProducer
+from label_studio_sdk.client import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from ingest.bus import make_producer, publish
+from ingest.labelstudio.payloads import (
+    EVENT_ID_PREFIX,
+    LSAnnotation,
+    LSTask,
+    UnusableAnnotation,
+    annotation_id_of,
+    expert_label_from_annotation,
+    retraction,
+)
+from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
+from ingest.schemas import ExpertLabel
+from ingest.store import LabelStudioSync, live_event_ids, make_engine
+from proxyloop.settings import Settings
+
+log = logging.getLogger("proxyloop.labelstudio")
+
+PAGE_SIZE = 500
+
+
+@dataclass
+class ReconcileReport:
+    project_id: int
+    seen: int = 0
+    published: int = 0
+    retracted: int = 0
+    skipped: list[str] = field(default_factory=list)
+    watermark: datetime | None = None
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _action(annotation: LSAnnotation) -> Literal["created", "updated"]:
+    # Label Studio stamps created_at and updated_at microseconds apart on creation.
+    created = getattr(annotation, "created_at", None)
+    if isinstance(created, str) and annotation.updated_at is not None:
+        created_at = _aware(datetime.fromisoformat(created))
+        if created_at is not None and annotation.updated_at - created_at > timedelta(seconds=1):
+            return "updated"
+    return "created"
+
+
+def _changed_labels(
+    client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
+) -> tuple[list[ExpertLabel], set[int]]:
+    """Events for annotations changed at/after `since`, and the ids of every annotation that exists."""
+    labels: list[ExpertLabel] = []
+    present: set[int] = set()
+    task: Any
+    for task in client.tasks.list(project=project_id, fields="all", page_size=PAGE_SIZE):
+        ls_task = LSTask(id=task.id, data=task.data)
+        for raw in task.annotations or []:
+            annotation = LSAnnotation.model_validate(raw)
+            present.add(annotation.id)
+            report.seen += 1
+            changed = _aware(annotation.updated_at)
+            # `>=`: an annotation saved in the same instant as the last run is re-sent, never missed.
+            if since is not None and changed is not None and changed < since:
+                continue
+            try:
+                labels.append(expert_label_from_annotation(annotation, ls_task, _action(annotation)))
+            except UnusableAnnotation as exc:
+                report.skipped.append(f"annotation {annotation.id}: {exc}")
+                continue
+            if changed is not None and (report.watermark is None or changed > report.watermark):
+                report.watermark = changed
+    return labels, present
+
+
+def _vanished(client: LabelStudio, engine: Engine, present: set[int]) -> list[int]:
+    """Annotations the store holds as live that Label Studio answers 404 for (deleted, webhook lost)."""
+    with Session(engine) as session:
+        candidates = {annotation_id_of(e) for e in live_event_ids(session, EVENT_ID_PREFIX)} - present
+    gone: list[int] = []
+    for annotation_id in sorted(candidates):
+        try:
+            client.annotations.get(annotation_id)  # may belong to another project: then it stays
+        except ApiError as exc:
+            if exc.status_code == 404:
+                gone.append(annotation_id)
+            else:
+                raise
+    return gone
+
+
+def reconcile(
+    settings: Settings, client: LabelStudio | None = None, producer: KafkaProducer | None = None,
+    project_id: int | None = None,
+) -> ReconcileReport:
+    """Publish what changed since the watermark and retract what vanished; returns what it did."""
+    client = client or client_for(settings)
+    if project_id is None:
+        project_id = find_project(client, settings.labelstudio_project_title)
+        if project_id is None:
+            raise LabelStudioSetupError(
+                f"no Label Studio project titled {settings.labelstudio_project_title!r} at {settings.labelstudio_url}; "
+                "run `proxyloop labelstudio setup` first"
+            )
+    engine = make_engine(settings.resolved_store_url)
+    with Session(engine) as session:
+        state = session.get(LabelStudioSync, project_id)
+        since = _aware(state.watermark) if state else None
+    report = ReconcileReport(project_id=project_id, watermark=since)
+    labels, present = _changed_labels(client, project_id, since, report)
+    labels += [retraction(annotation_id) for annotation_id in _vanished(client, engine, present)]
+    own_producer = producer is None
+    producer = producer or make_producer(settings)
+    try:
+        futures = [publish(producer, settings.topic_expert, label, wait=False) for label in labels]
+        producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises if the broker did not take it: the watermark stays put
+    finally:
+        if own_producer:
+            producer.close()
+    report.published = sum(label.action != "deleted" for label in labels)
+    report.retracted = len(labels) - report.published
+    with Session(engine) as session:
+        state = session.get(LabelStudioSync, project_id) or LabelStudioSync(project_id=project_id)
+        state.watermark = report.watermark
+        session.add(state)
+        session.commit()
+    log.info("reconciled project %d: %d annotations seen, %d published, %d retracted, %d skipped",
+             project_id, report.seen, report.published, report.retracted, len(report.skipped))
+    return report

@@ -1,0 +1,118 @@
+"""The training plan chosen from the condition checks and held-out (cross-validated) expert evidence.
+
+Rule (`choose_plan`): with too few expert triples to cross-validate, serve the proxy only if it
+agrees with the experts there are, else refuse. Otherwise every candidate plan is scored by its
+held-out Bradley–Terry log-likelihood on the expert triples; "two_stage" is eligible only when the
+paper's four conditions and the end-to-end check pass. The plan is the best one, or a simpler one
+(proxy as is, then two-stage) that is not significantly worse, and "refuse" when even that does not rank held-out expert
+pairs better than a coin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ingest.condition_statistics import bootstrap_mean
+from ingest.schemas import ConditionCheck, Plan
+
+# Simplest first: how much each fits to expert data (nothing; a D×D adapter; every weight from a
+# proxy start; every weight from scratch). The first two are kept unless significantly worse than
+# the best: fewer weights fitted to a few dozen triples is the point of the proxy.
+CANDIDATES: tuple[Plan, ...] = ("proxy_as_is", "two_stage", "fine_tune", "expert_only")
+SIMPLER: tuple[Plan, ...] = ("proxy_as_is", "two_stage")  # preferred unless significantly worse
+PAPER_CONDITIONS = ("shared_level_sets", "image_containment", "low_dimensional_encoding", "similarity_preserved")
+ALPHA = 0.05  # one-sided level of "significantly worse than the best" and "better than a coin"
+# With too few expert triples to test anything, a proxy that gets fewer than half of them right
+# (worse than a coin) is taken as contradicted by the experts and not served.
+MIN_PROXY_AGREEMENT = 0.5
+CHANCE_LOG_LIKELIHOOD = float(np.log(0.5))  # a predictor that always says 50/50
+CHANCE_ACCURACY = 0.5  # a coin ranks half the pairs right
+
+
+@dataclass
+class PlanEvidence:
+    """What the plan rule sees besides the checks."""
+
+    proxy_agreement: float | None  # share of expert triples the raw proxy ranks right (None: no triples)
+    # Per-triple held-out log-likelihood of each candidate in CANDIDATES (empty: too few to cross-validate).
+    heldout_ll: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # Per-triple held-out correctness (1.0 when the candidate ranks y_w above y_l), same keys.
+    heldout_correct: Mapping[str, np.ndarray] = field(default_factory=dict)
+    seed: int = 0  # of the bootstrap
+
+    def mean_ll(self) -> dict[str, float]:
+        return {name: float(ll.mean()) for name, ll in self.heldout_ll.items()}
+
+
+def significantly_worse(ll: np.ndarray, best: np.ndarray, rng: np.random.Generator) -> tuple[bool, float]:
+    """Paired bootstrap on per-triple log-likelihoods: is `ll` below `best`? -> (decision, p)."""
+    p = bootstrap_mean(best - ll, rng).p_not_positive
+    return p < ALPHA, p
+
+
+def _too_few(
+    by_name: Mapping[str, ConditionCheck], evidence: PlanEvidence, reasons: list[str]
+) -> tuple[Plan, list[str]]:
+    usable = by_name["low_dimensional_encoding"].passed
+    agreement = evidence.proxy_agreement
+    if agreement is None:
+        said = "no expert triples to check the proxy against (it is unvalidated)"
+    else:
+        said = f"the proxy agrees with {agreement:.0%} of the expert triples there are"
+    if usable and (agreement is None or agreement >= MIN_PROXY_AGREEMENT):
+        reasons.append(f"too few expert triples to fit an adapter; {said}: serve the proxy as is")
+        return "proxy_as_is", reasons
+    why = said if usable else "no usable proxy model"
+    reasons.append(f"too few expert triples to learn from, and the proxy is not safe to serve alone: {why}")
+    return "refuse", reasons
+
+
+def choose_plan(checks: Sequence[ConditionCheck], evidence: PlanEvidence) -> tuple[Plan, list[str]]:
+    """The plan and its reasons (failed checks first, then the held-out evidence and the choice)."""
+    by_name = {c.name: c for c in checks}
+    reasons = [f"{c.name} failed: {c.detail}" for c in checks if not c.passed]
+    if not by_name["expert_sample_size"].passed or not evidence.heldout_ll:
+        return _too_few(by_name, evidence, reasons)
+    missing = [c for c in CANDIDATES if c not in evidence.heldout_ll or c not in evidence.heldout_correct]
+    if missing:
+        raise ValueError(f"PlanEvidence lacks held-out scores for {missing}; it needs every one of {list(CANDIDATES)}")
+
+    rng = np.random.default_rng(evidence.seed)
+    means = evidence.mean_ll()
+    blocked = [name for name in (*PAPER_CONDITIONS, "end_to_end") if not by_name[name].passed]
+    eligible = [c for c in CANDIDATES if c != "two_stage" or not blocked]
+    best = max(eligible, key=lambda c: means[c])
+    n = len(evidence.heldout_ll[best])
+    table = ", ".join(f"{c} {means[c]:+.3f}" for c in CANDIDATES)
+    reasons.append(f"held-out expert log-likelihood per triple ({n} triples, cross-validated): {table}; "
+                   f"a coin scores {CHANCE_LOG_LIKELIHOOD:+.3f}")
+    if blocked:
+        reasons.append(f"two_stage is not eligible: {', '.join(blocked)} failed")
+    chosen = best
+    for candidate in SIMPLER:  # simplest first; fine_tune and expert_only both refit every weight
+        if candidate == best:
+            break
+        if candidate not in eligible:
+            continue
+        worse, p = significantly_worse(evidence.heldout_ll[candidate], evidence.heldout_ll[best], rng)
+        if not worse:
+            chosen = candidate
+            reasons.append(f"{candidate} is not significantly worse than the best, {best} (p={p:.3f} >= "
+                           f"{ALPHA}), and fits less to expert data")
+            break
+    # Accuracy, not log-likelihood, decides "better than a coin": a few confident held-out mistakes
+    # make the log-likelihood's interval too wide to tell anything from chance at 30-100 triples.
+    for plan in dict.fromkeys((chosen, best)):
+        above_chance = bootstrap_mean(evidence.heldout_correct[plan] - CHANCE_ACCURACY, rng)
+        if above_chance.p_not_positive < ALPHA:
+            if plan == best:
+                reasons.append(f"{plan} has the highest held-out expert log-likelihood of the eligible plans")
+            return plan, reasons
+        reasons.append(f"{plan} does not rank held-out expert pairs significantly better than a coin "
+                       f"(accuracy minus 0.5: {above_chance.text()})")
+    reasons.append("refuse: no eligible plan beats a coin on held-out expert pairs; the proxy data do not help "
+                   "and the expert data are too few to learn from alone")
+    return "refuse", reasons

@@ -1,0 +1,75 @@
+"""Paper 2's over-optimisation indicators for a causal-LM checkpoint on a fixed held-out prompt set.
+
+Two views: teacher-forced (the model's next-token distributions over reference completions, one
+batched forward pass) and generated (greedy continuations, scored from the same forward pass over
+prompt + continuation). Values are averaged over a sequence's positions, then over the prompt set
+(with the standard deviation across sequences). Entropy is reported renormalised over the top-k
+(the default the gate uses: it isolates the shape of the head of the distribution) and raw; mass
+is always the raw top-k probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from policies.indicators import topk_indicators
+
+TOP_K = 10
+
+
+def _padded(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def completion_indicators(
+    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K
+) -> dict[str, float]:
+    """Indicators at the completion positions of prompt+completion, computed in one batch."""
+    prompt_lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    ids, mask = _padded(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
+    positions = torch.arange(ids.shape[1] - 1).unsqueeze(0)
+    scored = (positions >= torch.tensor(prompt_lengths).unsqueeze(1) - 1) & (mask[:, 1:] == 1)  # [B, T-1]
+    entropy, mass = topk_indicators(logits, k=k, renormalise=True)
+    raw_entropy, _ = topk_indicators(logits, k=k, renormalise=False)
+    per_sequence = {name: (values * scored).sum(1) / scored.sum(1).clamp(min=1)
+                    for name, values in (("entropy", entropy), ("entropy_raw", raw_entropy), ("mass", mass))}
+    return {f"{name}_{stat}": float(getattr(values, stat)()) for name, values in per_sequence.items()
+            for stat in ("mean", "std")}
+
+
+@torch.no_grad()
+def generated_indicators(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 16, k: int = TOP_K
+) -> dict[str, float]:
+    """Greedy continuations of each prompt, then the indicators over the generated positions."""
+    continuations = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        continuations.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False) or " ")
+    return completion_indicators(model, tokenizer, prompts, continuations, k)
+
+
+def checkpoint_indicators(
+    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K
+) -> dict[str, float]:
+    """Both views, keyed `teacher_forced/...` and `generated/...` as the metrics convention asks."""
+    model.eval()
+    forced = completion_indicators(model, tokenizer, prompts, completions, k)
+    generated = generated_indicators(model, tokenizer, prompts, k=k)
+    return {**{f"teacher_forced/{key}": v for key, v in forced.items()},
+            **{f"generated/{key}": v for key, v in generated.items()}}

@@ -1,0 +1,112 @@
+"""Fixtures for ingest tests: a real Label Studio server (one per session, ~35 s cold start)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxyloop.stack import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "labelstudio.sh"
+
+
+@dataclass(frozen=True)
+class LabelStudioServer:
+    url: str
+    token: str
+    username: str
+    password: str
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """Label Studio from its own cached venv, headless on a free loopback port, admin + token preset."""
+    subprocess.run(["bash", str(SCRIPT), "install"], check=True)
+    data_dir = tmp_path_factory.mktemp("labelstudio")
+    port = free_port()
+    server = LabelStudioServer(url=f"http://127.0.0.1:{port}", token=secrets.token_hex(20),
+                               username="admin@example.com", password=secrets.token_urlsafe(12))
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": server.username, "LABEL_STUDIO_PASSWORD": server.password,
+           "LABEL_STUDIO_USER_TOKEN": server.token}
+    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(["bash", str(SCRIPT), "start", str(port), str(data_dir)], stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"Label Studio exited with {process.returncode}; see {data_dir / 'server.log'}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Label Studio not healthy after 240 s; see {data_dir / 'server.log'}")
+            time.sleep(1)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        raise RuntimeError(f"PostgreSQL's {name} not found; install Debian's `postgresql` (make test does)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server on a free loopback port; yields an admin URL (psycopg) to the `postgres` db."""
+    # initdb refuses to run as root: run the server as the `postgres` system user then.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="proxyloop-pg-"))
+    if as_user:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run([*as_user, _pg_bin("initdb"), "-D", str(data / "db"), "-U", "proxyloop", "--auth=trust",
+                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {data} -c fsync=off", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://proxyloop@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    import sqlalchemy
+
+    admin_url = request.getfixturevalue("postgres")
+    name = f"t_{secrets.token_hex(6)}"
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"

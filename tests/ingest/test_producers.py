@@ -1,0 +1,94 @@
+"""Producers other than our webhook: the bulk proxy CLI, and a Kafka client that is not kafka-python."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest import consumer as ingest_consumer
+from ingest.bus import ensure_topics
+from ingest.schemas import FeatureTriple, PairwiseText, ProxyPreference
+from ingest.store import LabelRow, make_engine
+from proxyloop import stack
+from proxyloop.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
+    settings = service_settings.model_copy(update={
+        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
+        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
+        "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
+    })
+    ensure_topics(settings)
+    return settings
+
+
+def _consume_until(settings: Settings, ids: set[str], timeout: float = 60) -> dict[str, LabelRow]:
+    stop = threading.Event()
+    thread = threading.Thread(target=ingest_consumer.run, args=(settings, stop), daemon=True)
+    thread.start()
+    engine = make_engine(settings.resolved_store_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with Session(engine) as session:
+                rows = {r.event_id: r for r in session.scalars(select(LabelRow))}
+            if ids <= set(rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _preferences(n: int) -> list[ProxyPreference]:
+    return [ProxyPreference(event_id=f"bulk-{i}", proxy_name="judge",
+                            item=FeatureTriple(x=[float(i), 1.0], y_w=i % 3, y_l=(i + 1) % 3)) for i in range(n)]
+
+
+def test_proxy_cli_publishes_a_jsonl_file_and_every_line_is_stored(settings: Settings, tmp_path: Path) -> None:
+    events = _preferences(250)
+    source = tmp_path / "proxy.jsonl"
+    source.write_text("\n".join(e.model_dump_json() for e in events) + "\n\n")
+    result = subprocess.run([sys.executable, "-m", "proxyloop.cli", "ingest", "proxy", str(source)],
+                            env=stack.child_env(settings), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "published 250 proxy preferences" in result.stdout
+    rows = _consume_until(settings, {e.event_id for e in events})
+    assert {k: r.item for k, r in rows.items()} == {e.event_id: e.item.model_dump(mode="json") for e in events}
+
+
+def test_proxy_cli_names_the_bad_line(settings: Settings, tmp_path: Path) -> None:
+    source = tmp_path / "proxy.jsonl"
+    source.write_text(_preferences(1)[0].model_dump_json() + '\n{"event_id": "x", "proxy_name": "judge"}\n')
+    result = subprocess.run([sys.executable, "-m", "proxyloop.cli", "ingest", "proxy", str(source)],
+                            env=stack.child_env(settings), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"{source}:2" in result.stdout and "item" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="Debian's kcat is not installed (make test installs it)")
+@pytest.mark.xfail(strict=True, reason=(
+    "Debian bookworm's kcat (librdkafka 2.0.2) fails its ApiVersions handshake with the embedded Tansu 0.6.0 "
+    "broker ('Read underflow'), even with api.version.request=false; strict, so it reports when that changes"))
+def test_events_produced_by_kcat_are_stored(settings: Settings) -> None:
+    events = [*_preferences(5), ProxyPreference(event_id="kcat-text", proxy_name="clicks", item=PairwiseText(
+        prompt="Best editor?", response_a="vim", response_b="emacs", choice="b", rationale="ünïcödé ✓"))]
+    lines = "".join(f"{e.event_id}\t{e.model_dump_json()}\n" for e in events)
+    result = subprocess.run(["kcat", "-P", "-b", settings.kafka_bootstrap, "-t", settings.topic_proxy, "-K", "\t"],
+                            input=lines.encode(), capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    rows = _consume_until(settings, {e.event_id for e in events})
+    assert rows["kcat-text"].item["rationale"] == "ünïcödé ✓"
+    assert {e.event_id for e in events} <= set(rows)

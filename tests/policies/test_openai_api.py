@@ -1,0 +1,103 @@
+"""The official `openai` client, unmodified, against the serving endpoint."""
+
+import hashlib
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from policies.chat import register_causal_lm
+from policies.registry import set_alias
+from proxyloop.http import create_app
+from proxyloop.stack import isolated_settings
+from workers.models import build_tiny
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    home = tmp_path_factory.mktemp("openai")
+    hashed = hashlib.sha256(b"hashed-key").hexdigest()
+    settings = isolated_settings(home, api_keys="plain-key", api_key_hashes=hashed,
+                                 registry_url=str(home / "registry"), max_request_bytes=4096)
+    for seed in (0, 1):
+        register_causal_lm(settings.registry_dir, "chat", build_tiny(home / f"tiny{seed}", seed=seed), {"seed": seed})
+    http = TestClient(create_app(settings))
+    return settings, http
+
+
+def _client(http, key="plain-key"):
+    return openai.OpenAI(base_url=f"{http.base_url}/v1", api_key=key, http_client=http, max_retries=0)
+
+
+def test_lists_models_and_completes_a_chat(served):
+    _, http = served
+    client = _client(http)
+    assert "chat@production" in [m.id for m in client.models.list().data]
+    completion = client.chat.completions.create(
+        model="chat@production", messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+        max_tokens=8, temperature=0)
+    assert completion.model == "chat@2"
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 8 and completion.usage.prompt_tokens > 0
+
+
+def test_streamed_completion_equals_the_unstreamed_one(served):
+    _, http = served
+    client = _client(http)
+    messages = [{"role": "user", "content": "the expert ranks both drafts."}]
+    whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=10, temperature=0)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="chat", messages=messages, max_tokens=10, temperature=0, stream=True)]
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_a_key_configured_only_as_a_hash_is_accepted(served):
+    _, http = served
+    assert _client(http, "hashed-key").models.list().data
+
+
+def test_wrong_or_missing_key_is_401(served):
+    _, http = served
+    with pytest.raises(openai.AuthenticationError):
+        _client(http, "wrong").models.list()
+    assert http.post("/v1/chat/completions", json={"model": "chat", "messages": []}).status_code == 401
+
+
+def test_rollback_is_served_without_restart(served):
+    settings, http = served
+    client = _client(http)
+    set_alias(settings.registry_dir, "chat", "production", 1)
+    try:
+        reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2, temperature=0)
+        assert reply.model == "chat@1"
+    finally:
+        set_alias(settings.registry_dir, "chat", "production", 2)
+
+
+def test_oversized_and_invalid_requests_get_clear_4xx(served):
+    _, http = served
+    client = _client(http)
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x" * 10_000}])
+    assert too_big.value.status_code == 413
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=10_000)
+
+
+def test_the_user_field_puts_the_profile_at_the_start_and_says_so_in_a_header(served):
+    settings, http = served
+    for text in ["the annotator prefers the first response.", "What is 2 plus 2? It is 4."]:
+        http.post("/v1/users/u1/responses", json={"response": text}, headers={"Authorization": "Bearer plain-key"})
+    client = _client(http)
+    ask = [{"role": "user", "content": "What is 3 plus 4?"}]
+    plain = client.chat.completions.create(model="chat", messages=ask, max_tokens=2, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=ask, max_tokens=2,
+                                                           temperature=0, user="u1")
+    header = raw.headers["x-proxyloop-profile"]
+    assert header.startswith("items=2;") and "position=start" in header
+    assert raw.parse().usage.prompt_tokens > plain.usage.prompt_tokens
+    tokens = int(header.split("tokens=")[1].split(";")[0])
+    assert 0 < tokens <= settings.profile_budget_tokens

@@ -1,0 +1,35 @@
+"""Helpers for language-model worker tests: one tiny model per test process, small datasets."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from workers.models import build_tiny
+
+PAIRS = [
+    {"prompt": "What is 3 plus 4?", "chosen": " It is 7.", "rejected": " It is 9, the model says."},
+    {"prompt": "the expert labels", "chosen": " the first response.", "rejected": " both drafts."},
+    {"prompt": "a proxy judge ranks the longer reply and", "chosen": " it.",
+     "rejected": " the question or the short answer."},
+    {"prompt": "What is 5 plus 1?", "chosen": " It is 6.", "rejected": " It is 2."},
+]
+
+
+@cache
+def tiny_model_dir() -> Path:
+    """A 2-layer, 64-wide Llama with a locally trained tokenizer, built once per test process."""
+    return build_tiny(Path(tempfile.mkdtemp(prefix="proxyloop-tiny-")) / "tiny", seed=0)
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    """`n` preference rows cycling through PAIRS with varied numbers (varied lengths too)."""
+    rows = []
+    for i in range(n):
+        base = PAIRS[i % len(PAIRS)]
+        rows.append({"prompt": f"{base['prompt']} ({i})", "chosen": base["chosen"],
+                     "rejected": base["rejected"] + " no." * (i % 3)})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

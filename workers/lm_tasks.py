@@ -1,0 +1,39 @@
+"""Celery task `proxyloop.train_lm`: a language-model run (DPO/IPO/hinge or SFT) on the `gpu` queue.
+
+Send: `app.send_task("proxyloop.train_lm", args=[LMTrainingRequest(...).model_dump()], task_id=run_id)`.
+Idempotent by run id: a finished run returns its stored result; a redelivered one (its worker
+died; acks_late + Redis visibility timeout) resumes from the newest checkpoint. Progress goes to
+the result backend as state PROGRESS (step, loss, tokens/s) and to the worker log.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from workers.app import app
+from workers.training.checkpoint import latest_checkpoint
+from workers.training.lm_run import LMTrainingRequest, run_lm_training
+
+TRAIN_LM_TASK = "proxyloop.train_lm"
+log = logging.getLogger("proxyloop.workers.lm")
+
+
+@app.task(name=TRAIN_LM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    req = LMTrainingRequest.model_validate(request)
+    resume = latest_checkpoint(Path(req.output_dir))
+    attempt = f"resuming from {resume.name}" if resume else "starting"
+    log.info("run %s: %s %s, base %s, data %s", req.run_id, attempt, req.method, req.base_model, req.dataset)
+
+    def progress(meta: dict[str, Any]) -> None:
+        self.update_state(state="PROGRESS", meta={"run_id": req.run_id, **meta})
+        log.info("run %s: step %s/%s loss %.5f %.0f tokens/s", req.run_id, meta["step"], meta["of"],
+                 meta["loss"], meta["tokens_per_s"])
+
+    result = run_lm_training(req, progress, worker=self.request.hostname or "")
+    log.info("run %s: done, final loss %.5f", req.run_id, result["final_loss"])
+    return result

@@ -1,0 +1,73 @@
+"""Direct preference training step: one forward over [chosen; rejected], reference log-probs precomputed.
+
+The reference model's sequence log-probs do not change during a run, so they are computed once per
+dataset (`reference_logps`) and cached beside the run's checkpoints; each step then costs a single
+policy forward and backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workers.training.dpo_config import DPOConfig
+from workers.training.lm_data import TokenizedPair, collate_pairs
+from workers.training.objectives import nll_loss, preference_loss, sequence_logps, token_logps
+
+
+def completion_token_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs [2B, K-1] of the batch's ids and the completion mask aligned with them.
+
+    Only the last K positions, from the earliest completion start in the batch, get logits
+    (`logits_to_keep`): prompt positions never score, so the LM head skips them.
+    """
+    ids, completion = batch["input_ids"], batch["completion_mask"]
+    width = ids.shape[1]
+    first = int(completion.argmax(dim=1).min())  # sync point: earliest completion token in the batch
+    keep = width - max(first - 1, 0)  # position first-1 predicts the first completion token
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=keep).logits
+    return token_logps(logits, ids[:, width - keep:]), completion[:, width - keep + 1:]
+
+
+def dpo_batch_loss(
+    model: Any, batch: dict[str, Tensor], reference_chosen: Tensor, reference_rejected: Tensor, config: DPOConfig,
+) -> tuple[Tensor, dict[str, float]]:
+    """Loss of one micro-batch of B pairs (batch rows are [chosen; rejected]) against reference log-probs [B]."""
+    per_token, mask = completion_token_logps(model, batch)
+    logps = sequence_logps(per_token, mask, config.reduction)
+    chosen, rejected = logps.chunk(2, dim=0)
+    loss, metrics = preference_loss(config.loss_type, chosen, rejected, reference_chosen, reference_rejected,
+                                    config.beta)
+    if config.nll_weight:
+        chosen_tokens, _ = per_token.chunk(2, dim=0)
+        chosen_mask, _ = mask.chunk(2, dim=0)
+        nll = nll_loss(chosen_tokens, chosen_mask)
+        metrics["nll/chosen"] = float(nll.detach())
+        loss = loss + config.nll_weight * nll
+    return loss, metrics
+
+
+@torch.no_grad()
+def reference_logps(
+    model: Any, pairs: Sequence[TokenizedPair], config: DPOConfig, pad_token_id: int, device: torch.device,
+    autocast: AbstractContextManager[Any],
+) -> tuple[Tensor, Tensor]:
+    """Sequence log-probs [N] of chosen and rejected responses under `model` (the frozen reference)."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), config.batch_size):
+        batch = collate_pairs(pairs[start:start + config.batch_size], pad_token_id, config.max_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            per_token, mask = completion_token_logps(model, batch)
+        c, r = sequence_logps(per_token, mask, config.reduction).float().cpu().chunk(2, dim=0)
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)

@@ -1,0 +1,36 @@
+"""Configuration of direct preference training (DPO / IPO / hinge), one dataclass as in TRL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.training.loop_config import LoopConfig, _help
+from workers.training.objectives import LOSS_TYPES, PAPER_REDUCTION, Reduction, check_loss_type
+
+
+@dataclass
+class DPOConfig(LoopConfig):
+    loss_type: str = _help(f"One of {list(LOSS_TYPES)}.", "sigmoid")
+    beta: float = _help("β of DPO and hinge; τ of IPO. Larger keeps the policy nearer the reference.", 0.1)
+    logp_reduction: str = _help(
+        "How token log-probs make a sequence log-prob: 'sum', 'mean', or 'auto' (paper 2: sum for "
+        "sigmoid/IPO, mean for hinge). TRL uses sum for sigmoid/hinge and mean for IPO.",
+        "auto",
+    )
+    nll_weight: float = _help("Weight of the NLL on chosen tokens added to the loss; 0 disables it.", 0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_loss_type(self.loss_type)
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta} (IPO divides by it)")
+        if self.logp_reduction not in ("auto", "sum", "mean"):
+            raise ValueError(f"logp_reduction must be 'auto', 'sum' or 'mean', got {self.logp_reduction!r}")
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
+
+    @property
+    def reduction(self) -> Reduction:
+        if self.logp_reduction == "auto":
+            return PAPER_REDUCTION[self.loss_type]
+        return "sum" if self.logp_reduction == "sum" else "mean"

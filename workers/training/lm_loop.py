@@ -1,0 +1,136 @@
+"""The language-model training loop, read top to bottom: schedule, step, accumulate, clip, log, checkpoint.
+
+Method-specific parts (which tokens, which loss) come in through an `Objective`; everything else
+(data order, learning rate, resume) is a pure function of the config and the step number, so a run
+resumed from a checkpoint continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from workers.training.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint
+from workers.training.lm_data import bucketed_batches
+from workers.training.loop_config import LoopConfig
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class Objective(Protocol):
+    """A method's data and loss: per-example lengths, a collated micro-batch, its loss."""
+
+    lengths: list[int]
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]: ...
+
+    def loss(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    final_loss: float
+    losses: list[float]
+    checkpoints: list[str]
+    resumed_from_step: int
+    tokens_per_s: float
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Schedule:
+    """Which examples micro-batch k holds: epoch k // n, position k % n of that epoch's bucketed order."""
+
+    def __init__(self, lengths: list[int], config: LoopConfig) -> None:
+        self.lengths, self.config = lengths, config
+        self.per_epoch = math.ceil(len(lengths) / config.batch_size)
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    @property
+    def total_steps(self) -> int:
+        if self.config.max_steps:
+            return self.config.max_steps
+        return max(1, self.config.epochs * self.per_epoch // self.config.grad_accum_steps)
+
+    def micro_batch(self, k: int) -> list[int]:
+        epoch, position = divmod(k, self.per_epoch)
+        if epoch not in self._epochs:
+            self._epochs = {epoch: bucketed_batches(self.lengths, self.config.batch_size, self.config.bucket_factor,
+                                                    self.config.seed, epoch)}
+        return self._epochs[epoch][position]
+
+
+def learning_rate(step: int, config: LoopConfig) -> float:
+    """Linear warm-up to `learning_rate`, then constant (a function of the step: nothing to checkpoint)."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return config.learning_rate * step / config.warmup_steps
+    return config.learning_rate
+
+
+def train_loop(
+    model: Any, tokenizer: Any, objective: Objective, config: LoopConfig, out_dir: Path, device: torch.device,
+    autocast: AbstractContextManager[Any], lineage: dict[str, Any], progress: Progress,
+) -> LoopResult:
+    """Train until `total_steps`, resuming from the newest checkpoint in `out_dir` when there is one.
+
+    `model` must already hold the newest checkpoint's weights when one exists (see `lm_run`).
+    """
+    started = time.perf_counter()
+    schedule = Schedule(objective.lengths, config)
+    total = schedule.total_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    checkpoints: list[str] = []
+    start_step = 0
+    resume = latest_checkpoint(out_dir)
+    if resume is not None:
+        state = restore_training_state(resume, optimizer)
+        start_step, losses, checkpoints = state["step"], list(state["losses"]), list(state["checkpoints"])
+    model.train()
+    tokens_seen, loss_value, metrics = 0, float("nan"), {}
+    for step in range(start_step + 1, total + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        step_loss = torch.zeros((), device=device)
+        step_metrics: dict[str, float] = {}
+        for micro in range(config.grad_accum_steps):
+            batch = objective.batch(schedule.micro_batch((step - 1) * config.grad_accum_steps + micro))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast:
+                loss, micro_metrics = objective.loss(model, batch)
+            (loss / config.grad_accum_steps).backward()
+            step_loss += loss.detach().float() / config.grad_accum_steps
+            tokens_seen += int(batch["attention_mask"].sum())
+            for key, value in micro_metrics.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value / config.grad_accum_steps
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(step_loss)  # sync point: once per optimiser step
+        losses.append(loss_value)
+        metrics = step_metrics
+        elapsed = time.perf_counter() - started
+        if step % config.log_every == 0 or step == total:
+            progress({"step": step, "of": total, "loss": round(loss_value, 6),
+                      "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+                      "lr": learning_rate(step, config), **{k: round(v, 6) for k, v in metrics.items()}})
+        if step % config.checkpoint_every == 0 or step == total:
+            path = out_dir / f"checkpoint-{step:06d}"
+            checkpoints.append(str(path))
+            save_checkpoint(out_dir, step, model, tokenizer, optimizer,
+                            {"losses": losses, "checkpoints": checkpoints, "config": config.to_dict(), **lineage})
+    seconds = time.perf_counter() - started
+    return LoopResult(steps=total, final_loss=losses[-1] if losses else loss_value, losses=losses,
+                      checkpoints=checkpoints, resumed_from_step=start_step,
+                      tokens_per_s=tokens_seen / max(seconds, 1e-9), seconds=seconds, metrics=metrics)

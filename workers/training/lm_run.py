@@ -1,0 +1,157 @@
+"""One language-model training run from paths and a config dict: the body of `proxyloop.train_lm`.
+
+Idempotent by run id: a finished run returns its stored `result.json`; an interrupted one resumes
+from its newest checkpoint (weights, optimiser, RNG, losses so far). Reference log-probs are
+computed once per run, before the first step, and cached as `reference_logps.safetensors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from contextlib import AbstractContextManager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from workers.models import load_causal_lm, load_tokenizer
+from workers.training.checkpoint import latest_checkpoint
+from workers.training.device import select_device
+from workers.training.dpo import dpo_batch_loss, reference_logps
+from workers.training.dpo_config import DPOConfig
+from workers.training.lm_data import collate_chats, collate_pairs, load_jsonl, tokenize_pairs
+from workers.training.lm_loop import Progress, train_loop
+from workers.training.loop_config import LoopConfig
+from workers.training.sft import choose_loss_mode, render_chat, sft_batch_loss
+from workers.training.sft_config import SFTConfig
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+class LMTrainingRequest(BaseModel):
+    """Arguments of `proxyloop.train_lm`: ids, paths and a config dict, never tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    method: Literal["dpo", "sft"]
+    base_model: str  # Hugging Face directory (`proxyloop models prepare ...`)
+    dataset: str  # JSONL: prompt/chosen/rejected rows (dpo) or {"messages": [...]} rows (sft)
+    output_dir: str
+    config: dict[str, Any] = {}
+
+
+class PairObjective:
+    def __init__(self, pairs: list[Any], reference: tuple[Tensor, Tensor], config: DPOConfig, pad: int) -> None:
+        self.pairs, self.reference, self.config, self.pad = pairs, reference, config, pad
+        self.lengths = [p.length for p in pairs]
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        batch = collate_pairs([self.pairs[i] for i in indices], self.pad, self.config.max_length)
+        batch["reference_chosen"] = self.reference[0][indices]
+        batch["reference_rejected"] = self.reference[1][indices]
+        return batch
+
+    def loss(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return dpo_batch_loss(model, batch, batch["reference_chosen"], batch["reference_rejected"], self.config)
+
+
+class ChatObjective:
+    def __init__(self, chats: list[Any], config: SFTConfig, pad: int) -> None:
+        self.chats, self.config, self.pad = chats, config, pad
+        self.lengths = [c.length for c in chats]
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        return collate_chats([self.chats[i] for i in indices], self.pad, self.config.max_length)
+
+    def loss(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return sft_batch_loss(model, batch)
+
+
+def parse_config(method: str, values: dict[str, Any]) -> LoopConfig:
+    return DPOConfig.from_dict(values) if method == "dpo" else SFTConfig.from_dict(values)
+
+
+def autocast_for(device: torch.device, bf16: bool | None) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA by default (weights stay float32); plain float32 on CPU unless asked."""
+    if bf16 if bf16 is not None else device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_policy(base_model: str, checkpoint: Path | None, config: LoopConfig, device: torch.device) -> Any:
+    """The base model, wrapped with LoRA when `lora_r` > 0, holding `checkpoint`'s weights when given."""
+    if not config.lora_r:
+        return load_causal_lm(checkpoint or base_model, device)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_causal_lm(base_model, device)
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def _reference(model: Any, pairs: list[Any], config: DPOConfig, pad: int, device: torch.device,
+               autocast: AbstractContextManager[Any], out: Path, resuming: bool) -> tuple[Tensor, Tensor]:
+    cache = out / REFERENCE_FILE
+    if cache.exists():
+        stored = load_file(str(cache))
+        return stored["chosen"], stored["rejected"]
+    if resuming:
+        raise RuntimeError(f"{out} has checkpoints but no {REFERENCE_FILE}; the run directory is damaged: "
+                           "delete it to retrain from scratch")
+    disable = model.disable_adapter() if config.lora_r else contextlib.nullcontext()  # LoRA: base = reference
+    with disable:
+        chosen, rejected = reference_logps(model, pairs, config, pad, device, autocast)
+    partial = out / (REFERENCE_FILE + ".partial")
+    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial))
+    partial.rename(cache)
+    return chosen, rejected
+
+
+def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str = "") -> dict[str, Any]:
+    """Train (or resume, or return the finished result of) `request.run_id`."""
+    out = Path(request.output_dir)
+    result_path = out / "result.json"
+    if result_path.exists():
+        return dict(json.loads(result_path.read_text()))
+    started = time.perf_counter()
+    config = parse_config(request.method, request.config)
+    device = select_device(config.device or None)
+    autocast = autocast_for(device, config.bf16)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = latest_checkpoint(out)
+    torch.manual_seed(config.seed)  # LoRA initialisation; restored RNG state takes over on resume
+    tokenizer = load_tokenizer(request.base_model)
+    model = load_policy(request.base_model, resume, config, device)
+    pad = int(tokenizer.pad_token_id)
+    lineage: dict[str, Any] = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,
+                               "dataset": request.dataset, "device": str(device)}
+    objective: PairObjective | ChatObjective
+    if isinstance(config, DPOConfig):
+        pairs = tokenize_pairs(load_jsonl(request.dataset, ["prompt", "chosen", "rejected"]), tokenizer)
+        reference = _reference(model, pairs, config, pad, device, autocast, out, resume is not None)
+        objective = PairObjective(pairs, reference, config, pad)
+        lineage["logp_reduction"] = config.reduction
+    else:
+        assert isinstance(config, SFTConfig)
+        chats = [row["messages"] for row in load_jsonl(request.dataset, ["messages"])]
+        choice = choose_loss_mode(chats, tokenizer, config)
+        objective = ChatObjective([render_chat(c, tokenizer, choice.mode) for c in chats], config, pad)
+        lineage["loss_mode"] = {**asdict(choice), "length_ratio": choice.length_ratio}
+    if resume is None:
+        (out / "run.json").write_text(json.dumps({**lineage, "config": config.to_dict()}, indent=2))
+    result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress)
+    payload = {**lineage, "worker": worker, **asdict(result), "seconds_this_attempt": time.perf_counter() - started}
+    partial = result_path.with_name("result.json.partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.rename(result_path)
+    return payload

@@ -1,0 +1,31 @@
+"""Configuration of supervised fine-tuning with Instruction Modelling (IM) or instruction tuning (IT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.training.loop_config import LoopConfig, _help
+
+LOSS_MODES = ("auto", "im", "it")
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    loss_mode: str = _help(
+        "'im' scores instruction, prompt and output tokens (paper 4), 'it' the output only, 'auto' picks "
+        "per dataset with the rule in `sft.choose_loss_mode` and records why.",
+        "auto",
+    )
+    im_min_length_ratio: float = _help(
+        "auto: IM only when instruction tokens / output tokens over the dataset is at least this.", 1.0
+    )
+    im_max_examples: int = _help("auto: IM only when the dataset has at most this many examples.", 5000)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"Unknown loss mode {self.loss_mode!r}; should be one of {list(LOSS_MODES)}")
+        if self.im_min_length_ratio < 0:
+            raise ValueError(f"im_min_length_ratio must be >= 0, got {self.im_min_length_ratio}")
+        if self.im_max_examples < 1:
+            raise ValueError(f"im_max_examples must be >= 1, got {self.im_max_examples}")
