@@ -10,8 +10,10 @@ from prefect import flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
+from flows.reconcile import reconcile_flow
 from flows.retrain import check_conditions_flow, evaluate_and_gate_flow, release_flow, retrain
 from ingest.consumer import DATASET_UPDATED_EVENT
+from proxyloop.settings import get_settings
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"
 HEALTH_EVENT = "proxyloop.health.ping"
@@ -35,6 +37,7 @@ def retrain_trigger() -> DeploymentEventTrigger:
 
 
 def main() -> None:
+    settings = get_settings()
     deployments = [
         # concurrency_limit=1: at most one retrain of the policy at a time; later triggers queue.
         retrain.to_deployment(name="retrain", triggers=[retrain_trigger()], concurrency_limit=1),
@@ -42,6 +45,11 @@ def main() -> None:
         evaluate_and_gate_flow.to_deployment(name="evaluate-and-gate"),
         release_flow.to_deployment(name="release"),
         health_flow.to_deployment(name="health", triggers=[DeploymentEventTrigger(expect={HEALTH_EVENT})]),
+        # Scheduled only where a Label Studio is configured (a token); runnable by hand everywhere.
+        reconcile_flow.to_deployment(
+            name="reconcile-labelstudio",
+            interval=settings.labelstudio_reconcile_interval_s if settings.labelstudio_token else None,
+        ),
     ]
     serve(*[d for d in deployments if isinstance(d, RunnerDeployment)])
 

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
 
     labelstudio_url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
     labelstudio_token: str = Field("", description="Label Studio API token (legacy token of the provisioning user).")
+    labelstudio_reconcile_interval_s: int = Field(600, ge=10, description="Schedule of the reconciliation flow.")
     labelstudio_project_title: str = Field("proxyloop pairwise", description="Project that setup creates or reuses.")
     labelstudio_webhook_url: str = Field(
         "", description="Where Label Studio reaches proxyloop's receiver; empty means http_url + /webhooks/labelstudio."
