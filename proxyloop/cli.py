@@ -31,6 +31,16 @@ def _say(message: str) -> None:
 
 
 @app.command()
+def contract(directory: Annotated[Path, typer.Argument(help="Where to write the JSON Schemas.")] = Path(
+        "docs/contract")) -> None:
+    """Export the event contract (one JSON Schema per topic payload) for non-Python producers."""
+    from ingest.contract import export
+
+    for path in export(directory):
+        _say(f"wrote {path}")
+
+
+@app.command()
 def up() -> None:
     """Start the local stack (Kafka broker, Redis, Prefect, worker, HTTP app, consumer, flows)."""
     settings = get_settings()
