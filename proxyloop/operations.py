@@ -42,11 +42,22 @@ def kafka_figures(settings: Settings) -> tuple[int | None, int | None]:
         labels = partitions(settings.topic_expert) + partitions(settings.topic_proxy)
         ends = consumer.end_offsets(labels)
         lag = sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in labels)
-        dead = partitions(settings.topic_dead_letter)
-        starts, dead_ends = consumer.beginning_offsets(dead), consumer.end_offsets(dead)
-        return lag, sum(dead_ends[tp] - starts[tp] for tp in dead)
+        return lag, _count_records(consumer, partitions(settings.topic_dead_letter))
     finally:
         consumer.close()
+
+
+def _count_records(consumer: Any, partitions: list[Any], idle_polls: int = 2) -> int:
+    """Count by reading: Tansu's ListOffsets reports one offset per produced batch, not per record,
+    so end − beginning undercounts batched dead letters. Fine at dead-letter volumes."""
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    count, idle = 0, 0
+    while idle < idle_polls:
+        batch = consumer.poll(timeout_ms=300)
+        idle = 0 if batch else idle + 1
+        count += sum(len(records) for records in batch.values())
+    return count
 
 
 def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str] | None]:

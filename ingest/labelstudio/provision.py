@@ -20,9 +20,17 @@ from proxyloop.settings import Settings
 # Feature tasks (paper 1) carry `x`, `y_a`, `y_b` as well; the receiver reads those instead.
 PAIRWISE_CONFIG = """<View>
   <Header value="$prompt"/>
-  <Pairwise name="pw" toName="a,b"/>
-  <Text name="a" value="$answer_a"/>
-  <Text name="b" value="$answer_b"/>
+  <Pairwise name="pw" toName="a,b" selectionStyle="background-color: #d8f5ec; outline: 2px solid #27c2a8;"/>
+  <View style="display: flex; gap: 2%;">
+    <View style="width: 49%; padding: 12px; border: 1px solid #ccc; border-radius: 6px;">
+      <Header value="Response A (click to prefer)" size="6"/>
+      <Text name="a" value="$answer_a"/>
+    </View>
+    <View style="width: 49%; padding: 12px; border: 1px solid #ccc; border-radius: 6px;">
+      <Header value="Response B (click to prefer)" size="6"/>
+      <Text name="b" value="$answer_b"/>
+    </View>
+  </View>
   <TextArea name="why" toName="a" placeholder="Why is it better? (optional)" maxSubmissions="1" editable="true"/>
 </View>"""
 

@@ -216,3 +216,42 @@ def test_webhook_without_the_secret_is_refused(pipeline: Settings) -> None:
                           headers={"X-Proxyloop-Secret": "ls-test-secret"})
     assert response.status_code == 422 and "unusable" in response.json()["detail"]
     assert Path(pipeline.home_dir).exists()
+
+
+def test_an_annotator_labels_in_the_browser_and_the_label_reaches_the_store(
+    pipeline: Settings, project: int, labelstudio: Any, tmp_path: Path,
+) -> None:
+    """Headless Chromium (Debian's) logs in, sees the prompt and both responses, picks B, submits."""
+    from playwright.sync_api import sync_playwright
+
+    client = _client(pipeline)
+    task_data = {"prompt": "What is the capital of France?", "answer_a": "Lyon, probably.",
+                 "answer_b": "The capital of France is Paris."}
+    client.projects.import_tasks(id=project, request=[task_data])
+    task_id = max(_project_tasks(client, project))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{labelstudio.url}/user/login", wait_until="networkidle")
+            page.fill("input[name=email]", labelstudio.username)
+            page.fill("input[name=password]", labelstudio.password)
+            page.click("button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            page.goto(f"{labelstudio.url}/projects/{project}/data?task={task_id}", wait_until="networkidle")
+            for text in task_data.values():
+                page.get_by_text(text, exact=True).last.wait_for(timeout=30_000)
+            page.get_by_text(task_data["answer_b"], exact=True).last.click()
+            page.screenshot(path=str(tmp_path / "labelling.png"))
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_timeout(1000)
+        finally:
+            browser.close()
+    rows = _wait_for(pipeline, lambda r: any(row.item and row.item.get("prompt") == task_data["prompt"]
+                                             for row in r.values()))
+    stored = [row for row in rows.values() if row.item and row.item.get("prompt") == task_data["prompt"]]
+    assert len(stored) == 1 and stored[0].item["choice"] == "b"
+    assert stored[0].item["response_b"] == task_data["answer_b"]
+    assert (tmp_path / "labelling.png").stat().st_size > 10_000

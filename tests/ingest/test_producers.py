@@ -92,3 +92,21 @@ def test_events_produced_by_kcat_are_stored(settings: Settings) -> None:
     rows = _consume_until(settings, {e.event_id for e in events})
     assert rows["kcat-text"].item["rationale"] == "ünïcödé ✓"
     assert {e.event_id for e in events} <= set(rows)
+
+
+def test_events_produced_by_librdkafka_are_stored(settings: Settings) -> None:
+    """The wire format is plain Kafka: confluent-kafka (librdkafka, not kafka-python) produces, we store."""
+    from confluent_kafka import Producer
+
+    events = [*_preferences(5), ProxyPreference(event_id="librdkafka-text", proxy_name="clicks", item=PairwiseText(
+        prompt="Which is kinder?", response_a="No.", response_b="Happy to help!", choice="b",
+        rationale="ünïcödé ✓"))]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "client.id": "librdkafka"})
+    delivered: list[str] = []
+    for event in events:
+        producer.produce(settings.topic_proxy, key=event.event_id.encode(), value=event.model_dump_json().encode(),
+                         on_delivery=lambda err, msg: delivered.append("ok" if err is None else str(err)))
+    assert producer.flush(30) == 0 and delivered == ["ok"] * len(events)
+    rows = _consume_until(settings, {e.event_id for e in events})
+    assert {e.event_id for e in events} <= set(rows)
+    assert rows["librdkafka-text"].item["rationale"] == "ünïcödé ✓"
