@@ -21,9 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-from kafka import KafkaConsumer, TopicPartition
 
-from ingest.bus import make_producer, publish
+from ingest.bus import make_producer, publish, read_topic
 from ingest.schemas import ExpertLabel, ProxyPreference
 from ingest.synthetic import appendix_d
 from proxyloop import stack
@@ -31,16 +30,8 @@ from proxyloop.settings import Settings
 
 
 def _dataset_updates(settings: Settings) -> list[float]:
-    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    parts = [TopicPartition(settings.topic_dataset_updated, p) for p in range(settings.topic_partitions)]
-    reader.assign(parts)
-    reader.seek_to_beginning(*parts)
-    times = []
-    for _ in range(6):
-        for batch in reader.poll(timeout_ms=500).values():
-            times += [datetime.fromisoformat(json.loads(r.value)["occurred_at"]).timestamp() for r in batch]
-    reader.close()
-    return sorted(times)
+    values = read_topic(settings, settings.topic_dataset_updated, idle_polls=2)
+    return sorted(datetime.fromisoformat(json.loads(v)["occurred_at"]).timestamp() for v in values)
 
 
 def _flow_runs(settings: Settings, flow_name: str) -> list[dict[str, object]]:

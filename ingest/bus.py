@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from collections.abc import Callable
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
@@ -154,3 +156,31 @@ def dead_letter(
     if wait:
         future.get(timeout=30)
     return future
+
+
+def read_topic(
+    settings: Settings, topic: str, stop_when: Callable[[list[bytes]], bool] | None = None,
+    idle_polls: int = 3, timeout_s: float = 30,
+) -> list[bytes]:
+    """Values of every record of `topic`, all partitions from the start, without joining a group.
+
+    For tools and tests. Stops after `idle_polls` empty polls in a row, when `stop_when(values)`
+    holds, or at the timeout. The end is not taken from offsets: the embedded Tansu broker reports
+    one offset per produced batch, not per record.
+    """
+    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        reader.assign(partitions)
+        reader.seek_to_beginning(*partitions)
+        values: list[bytes] = []
+        idle, deadline = 0, time.monotonic() + timeout_s
+        while idle < idle_polls and time.monotonic() < deadline:
+            polled = reader.poll(timeout_ms=300)
+            idle = 0 if polled else idle + 1
+            values += [r.value for records in polled.values() for r in records]
+            if stop_when is not None and stop_when(values):
+                break
+        return values
+    finally:
+        reader.close()

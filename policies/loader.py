@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from safetensors.torch import load_file
 from torch import nn
@@ -26,6 +27,7 @@ def _direct(config: TwoStageConfig) -> nn.Module:
     return DirectPolicy(config.input_dim, config.n_outputs, config.hidden)
 
 
+T = TypeVar("T")
 FAMILIES: dict[str, Callable[[TwoStageConfig], nn.Module]] = {"two_stage": _two_stage, "direct": _direct}
 
 
@@ -49,6 +51,19 @@ def load_policy_dir(path: Path | str) -> nn.Module:
     model = FAMILIES[family](config)
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
     return model.eval()
+
+
+def cached_by_version(root: Path, ref: str, cache: dict[tuple[str, int], T],
+                      load_version: Callable[[Path, str], T]) -> T:
+    """What `ref` points at now (aliases re-resolved on every call), loaded once per version.
+
+    This is how serving follows a release or rollback without a restart.
+    """
+    version = resolve(root, ref)
+    key = (version.policy, version.version)
+    if key not in cache:
+        cache[key] = load_version(root, f"{version.policy}@{version.version}")
+    return cache[key]
 
 
 def load(ref: str, root: Path | None = None) -> LoadedPolicy:

@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session
 from ingest.store import make_engine
 from policies.auth import ApiKey
 from policies.chat import ChatPolicy, load_chat_policy
+from policies.loader import cached_by_version
 from policies.profile import BuildReport, build_messages, create_tables, items_of
-from policies.registry import RegistryError, resolve
+from policies.registry import RegistryError
 from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -80,11 +81,7 @@ _cache: dict[tuple[str, int], ChatPolicy] = {}
 
 def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
     try:
-        version = resolve(settings.registry_dir, ref)
-        key = (version.policy, version.version)
-        if key not in _cache:
-            _cache[key] = load_chat_policy(settings.registry_dir, f"{version.policy}@{version.version}")
-        return _cache[key]
+        return cached_by_version(settings.registry_dir, ref, _cache, load_chat_policy)
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc
     except ValueError as exc:

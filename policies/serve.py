@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from policies.auth import ApiKey
-from policies.loader import LoadedPolicy, load
+from policies.loader import LoadedPolicy, cached_by_version, load
 from policies.registry import RegistryError, aliases, list_policies
 from proxyloop.settings import Settings
 
@@ -52,14 +52,7 @@ _cache: dict[tuple[str, int], LoadedPolicy] = {}
 
 def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
     try:
-        name, _, alias = ref.partition("@")
-        version = aliases(settings.registry_dir, name).get(alias or "production")
-        if version is None:
-            raise RegistryError(f"{ref!r} has no released version yet")
-        key = (name, version)
-        if key not in _cache:
-            _cache[key] = load(f"{name}@{version}", settings.registry_dir)
-        return _cache[key]
+        return cached_by_version(settings.registry_dir, ref, _cache, lambda root, exact: load(exact, root))
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc
 

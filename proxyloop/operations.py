@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from ingest.bus import read_topic
 from ingest.store import count_labels, latest_runs, make_engine
 from policies.registry import aliases, list_policies
 from proxyloop.settings import Settings
@@ -42,22 +43,10 @@ def kafka_figures(settings: Settings) -> tuple[int | None, int | None]:
         labels = partitions(settings.topic_expert) + partitions(settings.topic_proxy)
         ends = consumer.end_offsets(labels)
         lag = sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in labels)
-        return lag, _count_records(consumer, partitions(settings.topic_dead_letter))
+        # Counted by reading: Tansu's offsets count produced batches, not records.
+        return lag, len(read_topic(settings, settings.topic_dead_letter, idle_polls=2))
     finally:
         consumer.close()
-
-
-def _count_records(consumer: Any, partitions: list[Any], idle_polls: int = 2) -> int:
-    """Count by reading: Tansu's ListOffsets reports one offset per produced batch, not per record,
-    so end − beginning undercounts batched dead letters. Fine at dead-letter volumes."""
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    count, idle = 0, 0
-    while idle < idle_polls:
-        batch = consumer.poll(timeout_ms=300)
-        idle = 0 if batch else idle + 1
-        count += sum(len(records) for records in batch.values())
-    return count
 
 
 def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str] | None]:

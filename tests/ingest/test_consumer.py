@@ -10,25 +10,11 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy.orm import Session
 
 from ingest import consumer as ingest_consumer
-from ingest.bus import make_producer, publish
+from ingest.bus import make_producer, publish, read_topic
 from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import count_labels, make_engine
 
 pytestmark = pytest.mark.integration
-
-
-def _read_all(settings, topic):
-    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
-    reader.assign(partitions)
-    reader.seek_to_beginning(*partitions)
-    out, idle = [], 0
-    while idle < 3:
-        batch = reader.poll(timeout_ms=500)
-        idle = 0 if batch else idle + 1
-        out += [r for records in batch.values() for r in records]
-    reader.close()
-    return out
 
 
 @pytest.fixture
@@ -83,8 +69,8 @@ def test_valid_events_are_stored_and_poison_goes_to_dead_letters(settings):
 
     assert _run_until_stored(settings, 30) == 30
 
-    letters = [json.loads(r.value) for r in _read_all(settings, settings.topic_dead_letter)
-               if json.loads(r.value)["topic"] == settings.topic_proxy]
+    letters = [json.loads(v) for v in read_topic(settings, settings.topic_dead_letter)
+               if json.loads(v)["topic"] == settings.topic_proxy]
     originals = {base64.b64decode(letter["original_b64"]) for letter in letters}
     assert originals == {poison, b"\xff not json"}
     reasons = " ".join(letter["reason"] for letter in letters)

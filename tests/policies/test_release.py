@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, TopicPartition
 from safetensors.torch import save_file
 
-from ingest.bus import ensure_topics
+from ingest.bus import ensure_topics, read_topic
 from policies.model import TwoStageConfig, TwoStagePolicy
 from policies.release import move_alias, release_checkpoint
 from proxyloop.http import create_app
@@ -26,14 +25,8 @@ def _checkpoint(path, seed):
 
 
 def _released_events(settings):
-    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    parts = [TopicPartition(settings.topic_policy_released, p) for p in range(settings.topic_partitions)]
-    reader.assign(parts)
-    reader.seek_to_beginning(*parts)
-    events = []
-    for _ in range(8):
-        events += [json.loads(r.value) for batch in reader.poll(timeout_ms=500).values() for r in batch]
-    reader.close()
+    values = read_topic(settings, settings.topic_policy_released, stop_when=lambda v: len(v) >= 3)
+    events = [json.loads(v) for v in values]
     return sorted(events, key=lambda e: e["occurred_at"])
 
 

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, TopicPartition
 
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
 from policies.model import TwoStageConfig, TwoStagePolicy
@@ -59,7 +58,7 @@ def test_unknown_policy_is_404_and_wrong_input_422(client):
 @pytest.mark.integration
 def test_webhook_is_acknowledged_only_with_the_secret_and_lands_in_kafka(service_settings, kafka):
     settings = service_settings.model_copy(update={"topic_expert": "expert-webhook-test"})
-    from ingest.bus import ensure_topics
+    from ingest.bus import ensure_topics, read_topic
 
     ensure_topics(settings)
     payload = webhook_payload(1, 99, {"x": [0.0] * 5, "y_a": 0, "y_b": 1}, "right")
@@ -69,14 +68,5 @@ def test_webhook_is_acknowledged_only_with_the_secret_and_lands_in_kafka(service
                          headers={SECRET_HEADER: settings.webhook_secret}).status_code == 422
         ok = http.post("/webhooks/labelstudio", json=payload, headers={SECRET_HEADER: settings.webhook_secret})
     assert ok.status_code == 200 and ok.json()["event_id"] == "labelstudio-annotation-99"
-    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    partitions = [TopicPartition(settings.topic_expert, p) for p in range(settings.topic_partitions)]
-    reader.assign(partitions)
-    reader.seek_to_beginning(*partitions)
-    values: list[dict] = []
-    for _ in range(20):
-        values += [json.loads(r.value) for batch in reader.poll(timeout_ms=500).values() for r in batch]
-        if values:
-            break
-    reader.close()
+    values = [json.loads(v) for v in read_topic(settings, settings.topic_expert, stop_when=bool)]
     assert [(v["event_id"], v["item"]["y_w"]) for v in values] == [("labelstudio-annotation-99", 1)]
