@@ -24,7 +24,7 @@ from ingest.store import make_engine
 from policies.auth import ApiKey
 from policies.chat import ChatPolicy, load_chat_policy
 from policies.loader import cached_by_version
-from policies.profile import BuildReport, build_messages, create_tables, items_of
+from policies.profile import BuildReport, build_messages, create_tables, items_of, sync_expert_labels
 from policies.registry import RegistryError
 from proxyloop.settings import Settings
 
@@ -108,6 +108,8 @@ def personalise(
     engine = make_engine(settings.resolved_store_url)
     create_tables(engine)
     with Session(engine) as session:
+        sync_expert_labels(session, body.user)  # the user's own chosen responses, if they annotate
+        session.commit()
         items = items_of(session, body.user)
         return build_messages(messages, items, settings.profile_config(),
                               lambda text: len(policy.tokenizer(text).input_ids))

@@ -9,6 +9,7 @@ position and format are settings so the claim can be ablated (bench/profile.py).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ class ProfileItem(ProfileBase):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ErasedUser(ProfileBase):
+    """Only a hash of an erased user's id, so label sync never re-creates their profile."""
+
+    __tablename__ = "profile_erasures"
+    user_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _user_hash(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode()).hexdigest()
+
+
 def create_tables(engine: Engine) -> None:
     ProfileBase.metadata.create_all(engine)
 
@@ -68,17 +81,25 @@ def items_of(session: Session, user_id: str) -> list[ProfileItem]:
 def erase_user(session: Session, user_id: str) -> int:
     """Delete every stored item of a user; returns how many were removed."""
     result = session.execute(delete(ProfileItem).where(ProfileItem.user_id == user_id))
+    session.merge(ErasedUser(user_hash=_user_hash(user_id)))
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def sync_expert_labels(session: Session) -> int:
-    """Chosen responses of text expert labels become their annotator's profile items."""
+def sync_expert_labels(session: Session, user_id: str | None = None) -> int:
+    """Chosen responses of text expert labels become their annotator's profile items (idempotent).
+
+    Keyed by the annotator id as stored (e.g. `labelstudio-user-7`). Erased users are skipped: their
+    labels remain training data, retracted through Label Studio like any other label.
+    """
     from ingest.store import LabelRow
 
     added = 0
-    rows = session.scalars(select(LabelRow).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False)))
-    for row in rows:
-        if row.item.get("type") != "pairwise_text":
+    query = select(LabelRow).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False))
+    if user_id is not None:
+        query = query.where(LabelRow.source_id == user_id)
+    erased = set(session.scalars(select(ErasedUser.user_hash)))
+    for row in session.scalars(query):
+        if not row.item or row.item.get("type") != "pairwise_text" or _user_hash(row.source_id) in erased:
             continue
         item = PairwiseText.model_validate(row.item)
         chosen = item.response_a if item.choice == "a" else item.response_b

@@ -8,7 +8,15 @@ from sqlalchemy.orm import Session
 
 from ingest.schemas import ExpertLabel, PairwiseText, utcnow
 from ingest.store import make_engine, upsert_events
-from policies.profile import ProfileConfig, ProfileItem, build_messages, create_tables, items_of, sync_expert_labels
+from policies.profile import (
+    ProfileConfig,
+    ProfileItem,
+    build_messages,
+    create_tables,
+    erase_user,
+    items_of,
+    sync_expert_labels,
+)
 from proxyloop.http import create_app
 from proxyloop.stack import isolated_settings
 
@@ -71,6 +79,8 @@ def test_chosen_responses_of_text_labels_become_the_annotators_profile(tmp_path)
         assert sync_expert_labels(session) == 0  # idempotent
         assert [(i.response, i.query) for i in items_of(session, "ann-7")] == [("Paris, of course.",
                                                                                 "Capital of France?")]
+        erase_user(session, "ann-7")
+        assert sync_expert_labels(session) == 0 and items_of(session, "ann-7") == []  # erasure sticks
 
 
 def test_erasure_removes_every_item_of_the_user_and_nothing_else(tmp_path):
