@@ -1,6 +1,10 @@
 """The stage flows and `retrain`, which chains them: snapshot → conditions → training on `gpu`
 → evaluation → gate → release.
 
+The snapshot's item kind picks the branch: feature triples train the two-stage feature policy;
+pairwise text (chat) trains a language model with DPO (`proxyloop.train_lm`), evaluates each
+checkpoint's held-out accuracy and paper 2's indicators on `cpu`, and releases a `causal_lm` policy.
+
 Each stage is also its own deployment (see flows.serve), so an operator can re-run one stage of
 a run by its id, e.g. `proxyloop override RUN --reason ...` runs `release` on a blocked run.
 """
@@ -17,9 +21,23 @@ from prefect.runtime import flow_run
 from sqlalchemy.orm import Session
 
 from flows.artifacts import publish_condition_report, publish_gate_decision, publish_release
-from flows.stages import check_conditions, dispatch_training, evaluate, freeze, gate, record
+from flows.stages import (
+    chat_base_model,
+    chat_training_request,
+    check_conditions,
+    dispatch_lm_training,
+    dispatch_training,
+    evaluate,
+    evaluate_lm,
+    freeze,
+    gate,
+    record,
+    text_conditions,
+    write_chat_data,
+)
 from ingest.schemas import CheckpointEvaluation, GateDecision, TrainingRequest, TrainingResult, utcnow
 from ingest.store import RetrainRun, make_engine
+from policies.lm_release import release_causal_lm
 from policies.release import release_checkpoint
 from proxyloop.settings import get_settings
 from workers.app import GPU_QUEUE
@@ -38,13 +56,31 @@ def load_run(run_id: str) -> RetrainRun:
         return run
 
 
+def _is_chat(snapshot: dict[str, Any]) -> bool:
+    return bool(snapshot.get("item_kind") == "pairwise_text")
+
+
+def _train_chat_policy(run_id: str, summary: dict[str, Any]) -> TrainingResult:
+    """Snapshot pairs → JSONL → DPO of the chat base model on the `gpu` queue; records data and request."""
+    settings = get_settings()
+    summary["chat_data"] = write_chat_data(settings, run_id, summary["snapshot"]["snapshot_id"])
+    base_model = chat_base_model(settings)
+    request = chat_training_request(settings, run_id, base_model, summary["chat_data"]["train"])
+    summary["training_request"] = request.model_dump(mode="json")
+    record(settings, run_id, "training", summary)
+    return dispatch_lm_training(request)
+
+
 @flow(name="check-conditions")
 def check_conditions_flow(run_id: str | None = None) -> dict[str, Any]:
     """Freeze a snapshot and run the sufficient-condition tests on it."""
     settings = get_settings()
     run_id = run_id or str(flow_run.get_id() or uuid.uuid4())
     snapshot = freeze(settings)
-    report = check_conditions(settings, snapshot["snapshot_id"])
+    if _is_chat(snapshot):
+        report = text_conditions(settings, snapshot["snapshot_id"])
+    else:
+        report = check_conditions(settings, snapshot["snapshot_id"])
     publish_condition_report(settings, run_id, report)
     return {"snapshot": snapshot, "conditions": report.model_dump(mode="json")}
 
@@ -55,7 +91,10 @@ def evaluate_and_gate_flow(run_id: str) -> dict[str, Any]:
     settings = get_settings()
     summary = load_run(run_id).summary
     training = TrainingResult.model_validate(summary["training"])
-    evaluation = evaluate(settings, summary["snapshot"]["snapshot_id"], training)
+    if _is_chat(summary["snapshot"]):
+        evaluation = evaluate_lm(summary["training_request"]["base_model"], summary["chat_data"]["heldout"], training)
+    else:
+        evaluation = evaluate(settings, summary["snapshot"]["snapshot_id"], training)
     decision = gate(settings, evaluation)
     evals = [CheckpointEvaluation.model_validate(e) for e in evaluation["evaluations"]]
     publish_gate_decision(settings, run_id, decision, evals)
@@ -82,7 +121,11 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
     lineage = {"snapshot": summary["snapshot"], "conditions": summary["conditions"],
                "training_request": summary.get("training_request"), "training": summary["training"],
                "gate": summary["gate"], "override": override, "flow_run_id": run_id}
-    version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage)
+    if _is_chat(summary["snapshot"]):
+        lineage["chat_data"] = summary["chat_data"]  # the JSONL files and the snapshot they came from
+        version = release_causal_lm(settings, Path(decision.checkpoint.path), lineage)
+    else:
+        version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage)
     release = {"policy": version.policy, "version": version.version, "alias": "production", "path": version.path,
                "override": override}
     publish_release(settings, release)
@@ -116,12 +159,15 @@ def retrain(expert_total: int = 0, proxy_total: int = 0) -> dict[str, Any]:
             return summary
 
         started = time.perf_counter()
-        request = TrainingRequest(
-            run_id=run_id, snapshot_id=summary["snapshot"]["snapshot_id"], store_url=settings.resolved_store_url,
-            plan=plan, output_dir=str(settings.runs_dir / run_id), seed=settings.training_seed,
-        )
-        summary["training_request"] = request.model_dump(mode="json")
-        training = dispatch_training(request)
+        if _is_chat(summary["snapshot"]):
+            training = _train_chat_policy(run_id, summary)
+        else:
+            request = TrainingRequest(
+                run_id=run_id, snapshot_id=summary["snapshot"]["snapshot_id"], store_url=settings.resolved_store_url,
+                plan=plan, output_dir=str(settings.runs_dir / run_id), seed=settings.training_seed,
+            )
+            summary["training_request"] = request.model_dump(mode="json")
+            training = dispatch_training(request)
         summary["training"] = {**training.model_dump(mode="json"), "task_id": run_id, "queue": GPU_QUEUE}
         stage("training", started)
         record(settings, run_id, "trained", summary)

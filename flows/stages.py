@@ -7,6 +7,7 @@ that failed on the worker is not: it fails the flow run with the worker's error.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from celery.result import AsyncResult
@@ -14,12 +15,26 @@ from prefect import get_run_logger, task
 from sqlalchemy.orm import Session
 
 from ingest.conditions import run_condition_tests
-from ingest.schemas import CheckpointEvaluation, ConditionReport, GateDecision, TrainingRequest, TrainingResult
+from ingest.schemas import (
+    CheckpointEvaluation,
+    CheckpointRef,
+    ConditionReport,
+    GateDecision,
+    TrainingRequest,
+    TrainingResult,
+)
 from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, record_run
+from ingest.text_snapshot import load_snapshot_pairs, snapshot_item_kind, text_condition_report
 from policies.gate import GateRules, decide
+from policies.lm_gate import decide_language_model
 from proxyloop.settings import Settings
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
+from workers.chat_base import ensure_chat_base_model
+from workers.chat_data import write_snapshot_datasets
+from workers.lm_tasks import EVALUATE_LM_TASK, TRAIN_LM_TASK
+from workers.training.checkpoint import PREFIX as CHECKPOINT_PREFIX
+from workers.training.lm_run import LMTrainingRequest
 
 TASK_TIMEOUT_S = 1800
 RETRY_DELAYS_S: list[float] = [2, 10, 30]
@@ -44,9 +59,10 @@ def freeze(settings: Settings) -> dict[str, Any]:
     with Session(make_engine(settings.resolved_store_url)) as session:
         snapshot = freeze_snapshot(session)
         session.commit()
-        frozen = {"snapshot_id": snapshot.snapshot_id, "n_expert": snapshot.n_expert, "n_proxy": snapshot.n_proxy}
-    get_run_logger().info("snapshot %s: %d expert, %d proxy", frozen["snapshot_id"], frozen["n_expert"],
-                          frozen["n_proxy"])
+        frozen = {"snapshot_id": snapshot.snapshot_id, "n_expert": snapshot.n_expert, "n_proxy": snapshot.n_proxy,
+                  "item_kind": snapshot_item_kind(session, snapshot.snapshot_id)}
+    get_run_logger().info("snapshot %s: %d expert, %d proxy, %s items", frozen["snapshot_id"], frozen["n_expert"],
+                          frozen["n_proxy"], frozen["item_kind"])
     return frozen
 
 
@@ -55,6 +71,15 @@ def check_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
     with Session(make_engine(settings.resolved_store_url)) as session:
         triples = load_snapshot_triples(session, snapshot_id)
     report = run_condition_tests(triples["expert"], triples["proxy"], snapshot_id, seed=settings.training_seed)
+    get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
+    return report
+
+
+@task(name="text-conditions")
+def text_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        pairs = load_snapshot_pairs(session, snapshot_id)
+    report = text_condition_report(snapshot_id, len(pairs["expert"]), len(pairs["proxy"]))
     get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
     return report
 
@@ -97,12 +122,66 @@ def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> 
     return wait_for_task(sent.id)
 
 
+@task(name="write-preference-data", retries=2, retry_delay_seconds=RETRY_DELAYS_S)
+def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> dict[str, Any]:
+    data = write_snapshot_datasets(settings.resolved_store_url, snapshot_id, settings.runs_dir / run_id / "data")
+    get_run_logger().info("run %s: snapshot %s → %d expert + %d proxy training pairs, %d held out", run_id,
+                          snapshot_id, data["n_expert_train"], data["n_proxy"], data["n_heldout"])
+    return data
+
+
+@task(name="chat-base-model", retries=1, retry_delay_seconds=RETRY_DELAYS_S)
+def chat_base_model(settings: Settings) -> str:
+    path = ensure_chat_base_model(settings.chat_base_model, settings.models_dir, seed=settings.training_seed)
+    get_run_logger().info("chat base model %s: %s", settings.chat_base_model, path)
+    return str(path)
+
+
+def chat_training_request(settings: Settings, run_id: str, base_model: str, dataset: str) -> LMTrainingRequest:
+    """DPO (sigmoid) of the base model with every weight trained, checkpoints every few steps."""
+    config = {"loss_type": "sigmoid", "beta": settings.chat_beta, "learning_rate": settings.chat_learning_rate,
+              "batch_size": settings.chat_batch_size, "max_steps": settings.chat_train_steps,
+              "checkpoint_every": settings.chat_checkpoint_every, "seed": settings.training_seed,
+              "log_every": max(1, settings.chat_checkpoint_every // 2)}
+    return LMTrainingRequest(run_id=run_id, method="dpo", base_model=base_model, dataset=dataset,
+                             output_dir=str(settings.runs_dir / run_id / "lm"), config=config)
+
+
+def _step_of(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.removeprefix(CHECKPOINT_PREFIX))
+
+
+@task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
+def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
+    # As for feature runs, the task id is the run id: a retried dispatch finds the same task.
+    celery_app.send_task(TRAIN_LM_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
+                         task_id=request.run_id)
+    get_run_logger().info("run %s: %s training of %s sent to queue %s", request.run_id, request.method,
+                          request.base_model, GPU_QUEUE)
+    result = wait_for_task(request.run_id)
+    return TrainingResult(
+        run_id=request.run_id, device=result["device"], worker=result["worker"], final_loss=result["final_loss"],
+        seconds=result["seconds"],
+        checkpoints=[CheckpointRef(step=_step_of(c), path=c) for c in result["checkpoints"]],
+    )
+
+
+@task(name="evaluate-lm-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
+def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) -> dict[str, Any]:
+    sent = celery_app.send_task(EVALUATE_LM_TASK, queue=CPU_QUEUE,
+                                args=[base_model, heldout_path, [c.model_dump() for c in training.checkpoints]])
+    return wait_for_task(sent.id)
+
+
 @task(name="gate")
 def gate(settings: Settings, evaluation: dict[str, Any]) -> GateDecision:
     evaluations = [CheckpointEvaluation.model_validate(e) for e in evaluation["evaluations"]]
     rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
                       use_indicators=evaluation["language_model"])
-    decision = decide(evaluations, evaluation["baseline_accuracy"], rules)
+    if evaluation["language_model"]:
+        decision = decide_language_model(evaluations, evaluation["baseline_accuracy"], rules)
+    else:
+        decision = decide(evaluations, evaluation["baseline_accuracy"], rules)
     get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
     return decision
 

@@ -65,10 +65,14 @@ def ensure_topics(settings: Settings) -> None:
 
 
 def make_producer(settings: Settings) -> KafkaProducer:
-    # acks="all": a publish returns only once the broker has the record.
+    # acks="all": a publish returns only once the broker has the record. Idempotent publishing is
+    # off: the embedded Tansu broker answers concurrent producers with "out of order sequence
+    # number", after which kafka-python's idempotent producer fails every send. Duplicates from a
+    # retried send are harmless: the store upserts by event id.
     return KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
+        enable_idempotence=False,
         linger_ms=5,
         retries=5,
         client_id="proxyloop-producer",

@@ -167,6 +167,9 @@ class CheckpointEvaluation(BaseModel):
     heldout_accuracy: float
     topk_entropy: float
     topk_mass: float
+    # Every indicator of a language-model checkpoint, keyed `teacher_forced/...` and `generated/...`
+    # (policies.lm_indicators), with `rewards/margins_mean`; empty for feature-vector policies.
+    indicators: dict[str, float] = Field(default_factory=dict)
 
 
 class GateDecision(BaseModel):

@@ -144,23 +144,30 @@ def rollback(version: Annotated[int, typer.Argument(help="Version to point `prod
 def demo(
     report: Annotated[Path | None, typer.Option(help="Write the run's report as JSON here.")] = None,
     keep_up: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
-    n_proxy: Annotated[int, typer.Option(help="Proxy preferences to publish.")] = 3000,
+    n_proxy: Annotated[int | None, typer.Option(help="Proxy preferences to publish (default: 3000 "
+                                                     "features, 600 chat).")] = None,
     n_expert: Annotated[int, typer.Option(help="Expert labels to post through the webhook.")] = 60,
+    task: Annotated[str, typer.Option(help="'features' (paper 1, Appendix D) or 'chat' (DPO of a language "
+                                           "model, gated on paper 2's indicators).")] = "features",
 ) -> None:
     """Drive one full cycle: events → store → conditions → training → gate → release → serving."""
     from proxyloop.demo import DemoFailed, run_demo
 
+    if task not in ("features", "chat"):
+        console.print(f"[red]error:[/red] unknown task {task!r}; use --task features or --task chat")
+        raise typer.Exit(2)
     settings = get_settings()
     try:
-        result = run_demo(settings, _say, n_proxy=n_proxy, n_expert=n_expert, keep_up=keep_up)
+        result = run_demo(settings, _say, n_proxy=n_proxy, n_expert=n_expert, keep_up=keep_up,
+                          task="chat" if task == "chat" else "features")
     except (DemoFailed, stack.StackError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from exc
     if report:
         report.write_text(json.dumps(result, indent=2, default=str))
         _say(f"report written to {report}")
-    console.print_json(json.dumps({k: result[k] for k in ("events", "conditions", "gate", "release", "serving",
-                                                          "timings_s")}, default=str))
+    console.print_json(json.dumps({k: result[k] for k in ("events", "conditions", "indicators", "gate", "release",
+                                                          "serving", "timings_s")}, default=str))
     ok = (result["events"]["stored"] == result["events"]["proxy_published"] + result["events"]["expert_published"]
           and result["serving"].get("status") == 200)
     if not ok:

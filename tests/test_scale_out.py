@@ -85,7 +85,8 @@ def test_two_gpu_worker_processes_share_training_runs(service_settings, redis, t
             pass
         requests = [TrainingRequest(run_id=f"scale-{i}", snapshot_id=snapshot_id,
                                     store_url=settings.resolved_store_url, plan="two_stage",
-                                    output_dir=str(tmp_path / f"run-{i}"), seed=i) for i in range(4)]
+                                    output_dir=str(tmp_path / f"run-{i}"), seed=i, stage1_epochs=40,
+                                    stage2_epochs=20, checkpoint_every=10) for i in range(4)]
         sent = [app.send_task("proxyloop.train", args=[r.model_dump(mode="json")], queue="gpu", task_id=r.run_id)
                 for r in requests]
         results = [s.get(timeout=300) for s in sent]

@@ -1,7 +1,8 @@
-"""Celery task `proxyloop.train_lm`: a language-model run (DPO/IPO/hinge or SFT) on the `gpu` queue.
+"""Celery tasks of language-model policies: `proxyloop.train_lm` (DPO/IPO/hinge or SFT, queue `gpu`) and
+`proxyloop.evaluate_lm` (held-out pairwise accuracy and indicators per checkpoint, queue `cpu`).
 
 Send: `app.send_task("proxyloop.train_lm", args=[LMTrainingRequest(...).model_dump()], task_id=run_id)`.
-Idempotent by run id: a finished run returns its stored result; a redelivered one (its worker
+`train_lm` is idempotent by run id: a finished run returns its stored result; a redelivered one (its worker
 died; acks_late + Redis visibility timeout) resumes from the newest checkpoint. Progress goes to
 the result backend as state PROGRESS (step, loss, tokens/s) and to the worker log.
 """
@@ -14,11 +15,14 @@ from typing import Any
 
 from celery import Task
 
+from ingest.schemas import CheckpointRef
 from workers.app import app
 from workers.training.checkpoint import latest_checkpoint
+from workers.training.lm_evaluate import evaluate_lm_checkpoints
 from workers.training.lm_run import LMTrainingRequest, run_lm_training
 
 TRAIN_LM_TASK = "proxyloop.train_lm"
+EVALUATE_LM_TASK = "proxyloop.evaluate_lm"
 log = logging.getLogger("proxyloop.workers.lm")
 
 
@@ -36,4 +40,17 @@ def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
 
     result = run_lm_training(req, progress, worker=self.request.hostname or "")
     log.info("run %s: done, final loss %.5f", req.run_id, result["final_loss"])
+    return result
+
+
+@app.task(name=EVALUATE_LM_TASK, bind=True, acks_late=True)
+def evaluate_lm(self: Task, base_model: str, heldout_path: str, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    """Send: `app.send_task("proxyloop.evaluate_lm", args=[base_dir, heldout_jsonl, [CheckpointRef...]], queue="cpu")`.
+
+    Reads only files: idempotent, safe to redeliver.
+    """
+    refs = [CheckpointRef.model_validate(c) for c in checkpoints]
+    result = evaluate_lm_checkpoints(base_model, heldout_path, refs)
+    log.info("%d checkpoints evaluated on %d held-out pairs; the base model's log-prob ranking gets %.3f", len(refs),
+             result["n_heldout"], result["base_model_log_prob_accuracy"])
     return result

@@ -1,0 +1,73 @@
+"""Pairwise-text snapshots: which kind of item a snapshot holds, its text pairs, and their condition report.
+
+Paper 1's condition tests are defined on feature triples (x, y_w, y_l) over a finite output set;
+for free-text responses they do not apply, and the report says so with the plan `fine_tune`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypeVar
+
+from pydantic import TypeAdapter
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest.schemas import ConditionReport, Item, PairwiseText
+from ingest.store import HELDOUT_EVERY, LabelKind, LabelRow, SnapshotNotFound, SnapshotRow
+
+ItemKind = Literal["features", "pairwise_text"]
+_item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
+T = TypeVar("T")
+
+
+def _snapshot_rows(session: Session, snapshot_id: str) -> list[LabelRow]:
+    snapshot = session.get(SnapshotRow, snapshot_id)
+    if snapshot is None:
+        raise SnapshotNotFound(f"snapshot {snapshot_id!r} not in the store; freeze one first")
+    wanted = set(snapshot.event_ids)
+    return [row for row in session.scalars(select(LabelRow).order_by(LabelRow.event_id)) if row.event_id in wanted]
+
+
+def snapshot_item_kind(session: Session, snapshot_id: str) -> ItemKind:
+    """The kind of the snapshot's most recently stored label: the data that triggered this retrain.
+
+    A store may hold both kinds (a feature task and a chat task fed to one stack); each retrain
+    trains on the kind its newest data has, and ignores the other kind's items.
+    """
+    rows = _snapshot_rows(session, snapshot_id)
+    if not rows:
+        return "features"
+    newest = max(rows, key=lambda row: row.seq)
+    return "pairwise_text" if newest.item.get("type") == "pairwise_text" else "features"
+
+
+def load_snapshot_pairs(session: Session, snapshot_id: str) -> dict[LabelKind, list[PairwiseText]]:
+    """The pairwise-text items of a snapshot, split by kind, in event-id order (deterministic)."""
+    out: dict[LabelKind, list[PairwiseText]] = {"expert": [], "proxy": []}
+    for row in _snapshot_rows(session, snapshot_id):
+        item = _item_adapter.validate_python(row.item)
+        if isinstance(item, PairwiseText):
+            out["expert" if row.kind == "expert" else "proxy"].append(item)
+    return out
+
+
+def split_heldout(items: Sequence[T]) -> tuple[list[T], list[T]]:
+    """(train, held-out) by the store's rule: every third expert item in snapshot order is held out."""
+    return ([t for i, t in enumerate(items) if i % HELDOUT_EVERY != 0],
+            [t for i, t in enumerate(items) if i % HELDOUT_EVERY == 0])
+
+
+def text_condition_report(snapshot_id: str, n_expert: int, n_proxy: int) -> ConditionReport:
+    """No checks run on text pairs; the plan is to fine-tune the base model on expert + proxy pairs."""
+    n_train = len(split_heldout(range(n_expert))[0])
+    return ConditionReport(
+        snapshot_id=snapshot_id, n_expert=n_expert, n_proxy=n_proxy, checks=[], plan="fine_tune",
+        reasons=[
+            "snapshot holds pairwise-text items: paper 1's condition tests (shared level sets, image "
+            "containment, ...) are defined on feature triples over a finite output set and do not apply",
+            f"plan fine_tune: preference training (DPO) of the base language model on {n_train} of {n_expert} "
+            f"expert pairs and {n_proxy} proxy pairs; the other {n_expert - n_train} expert pairs are held out to "
+            "gate the checkpoints together with paper 2's top-k entropy/mass indicators",
+        ],
+    )

@@ -1,0 +1,37 @@
+"""Releasing a language-model checkpoint: the model files (not the optimiser state) as a registry
+version of family `causal_lm`, the alias moved, and `policy.released` on Kafka.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ingest.bus import make_producer, publish
+from ingest.schemas import PolicyReleased, PolicyVersion
+from policies.chat import register_causal_lm
+from proxyloop.settings import Settings
+
+# Training state that a served model does not need (see workers.training.checkpoint).
+TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
+
+
+def release_causal_lm(
+    settings: Settings, checkpoint_dir: Path, lineage: dict[str, Any], alias: str = "production"
+) -> PolicyVersion:
+    """Register `checkpoint_dir` under `settings.chat_policy_name` and tell services."""
+    with tempfile.TemporaryDirectory(prefix="release-") as staging:
+        model_dir = Path(staging) / "model"
+        shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
+        version = register_causal_lm(settings.registry_dir, settings.chat_policy_name, model_dir, lineage, alias=alias)
+    producer = make_producer(settings)
+    try:
+        publish(producer, settings.topic_policy_released, PolicyReleased(
+            event_id=f"released-{version.policy}-{version.version}", policy=version.policy,
+            version=version.version, alias=alias, uri=version.path,
+        ))
+    finally:
+        producer.close()
+    return version

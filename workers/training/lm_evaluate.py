@@ -1,0 +1,74 @@
+"""Held-out evaluation of language-model checkpoints: implicit-reward pairwise accuracy and paper 2's indicators.
+
+A DPO policy's implicit reward of a response is β·(log π(y|x) − log π_ref(y|x)); a held-out expert
+pair is ranked correctly when the chosen response's reward exceeds the rejected one's (β > 0 does
+not change the ranking). The baseline is the reference's own implicit reward, zero for every
+response: every pair a tie, accuracy 0.5. The base model's ranking by its raw log-probs,
+log π_ref(chosen) > log π_ref(rejected), is reported beside it: a different quantity (it rewards
+whatever the base model finds likely, e.g. short answers), so the gate does not compare with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ingest.schemas import CheckpointEvaluation, CheckpointRef
+from policies.lm_indicators import checkpoint_indicators
+from workers.models import load_causal_lm, load_tokenizer
+from workers.training.dpo import reference_logps
+from workers.training.dpo_config import DPOConfig
+from workers.training.lm_data import TokenizedPair, load_jsonl, tokenize_pairs
+
+# Sequence log-probs are sums over response tokens, as DPO's sigmoid loss uses them (paper 2).
+_SCORING = DPOConfig(batch_size=16, logp_reduction="sum")
+INDICATOR_PROMPTS = 8  # held-out prompts the indicators are computed on (a fixed set: the first ones)
+
+
+def _pairwise_accuracy(margins: Tensor) -> float:
+    """Share of pairs with a positive margin; exact ties count half."""
+    return float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean())
+
+
+def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Tensor, Tensor]:
+    """Summed log-probs [N] of each pair's chosen and rejected response under `model` (on the CPU)."""
+    return reference_logps(model, pairs, _SCORING, pad, torch.device("cpu"), nullcontext())
+
+
+def evaluate_lm_checkpoints(
+    base_model: str, heldout_path: str, checkpoints: Sequence[CheckpointRef],
+    n_indicator_prompts: int = INDICATOR_PROMPTS,
+) -> dict[str, Any]:
+    """Evaluate full-weight checkpoints on the held-out pairs; returns what the gate stage reads."""
+    tokenizer = load_tokenizer(base_model)
+    rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
+    pairs = tokenize_pairs(rows, tokenizer)
+    pad = int(tokenizer.pad_token_id)
+    reference = load_causal_lm(base_model).eval()
+    ref_chosen, ref_rejected = pair_logps(reference, pairs, pad)
+    baseline = _pairwise_accuracy(torch.zeros(len(pairs)))  # the reference's implicit reward margins
+    prompts = [r["prompt"] for r in rows[:n_indicator_prompts]]
+    completions = [r["chosen"] for r in rows[:n_indicator_prompts]]
+    evaluations = []
+    for ref in checkpoints:
+        if (Path(ref.path) / "adapter_config.json").exists():
+            raise ValueError(f"{ref.path} is a LoRA adapter; chat evaluation and release take full-weight "
+                             "checkpoints (train with lora_r=0)")
+        model = load_causal_lm(ref.path).eval()
+        chosen, rejected = pair_logps(model, pairs, pad)
+        margins = (chosen - ref_chosen) - (rejected - ref_rejected)  # implicit reward margins / β
+        indicators = checkpoint_indicators(model, tokenizer, prompts, completions)
+        indicators["rewards/margins_mean"] = float(margins.mean())
+        evaluations.append(CheckpointEvaluation(
+            step=ref.step, path=ref.path, heldout_accuracy=_pairwise_accuracy(margins),
+            topk_entropy=indicators["teacher_forced/entropy_mean"], topk_mass=indicators["teacher_forced/mass_mean"],
+            indicators=indicators,
+        ))
+    return {"evaluations": [e.model_dump(mode="json") for e in evaluations], "baseline_accuracy": baseline,
+            "base_model_log_prob_accuracy": _pairwise_accuracy(ref_chosen - ref_rejected), "n_heldout": len(pairs),
+            "n_indicator_prompts": len(prompts), "language_model": True}
