@@ -113,11 +113,18 @@ def publish_gate_decision(
     create_image_artifact(image_url=_link(settings, run_id, plot), key="training-plot")
 
 
+def _serve_line(settings: Settings, release: dict[str, Any]) -> str:
+    ref = f"{release['policy']}@{release['alias']}"
+    if release.get("family") == "causal_lm":
+        return f"- serve: `POST {settings.http_url}/v1/chat/completions` with `model={ref}`\n"
+    return f"- serve: `POST {settings.http_url}/v1/policies/{ref}/predict`\n"
+
+
 def publish_release(settings: Settings, release: dict[str, Any]) -> None:
     create_markdown_artifact(
         key="release",
         markdown=f"# Released `{release['policy']}` v{release['version']} as `{release['alias']}`\n\n"
         f"- registry path: `{release['path']}`\n"
-        f"- serve: `{settings.http_url}/v1/policies/{release['policy']}@{release['alias']}/predict`\n"
+        + _serve_line(settings, release)
         + (f"- **operator override**: {release['override']}\n" if release.get("override") else ""),
     )

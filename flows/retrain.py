@@ -127,7 +127,7 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
     else:
         version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage)
     release = {"policy": version.policy, "version": version.version, "alias": "production", "path": version.path,
-               "override": override}
+               "override": override, "family": "causal_lm" if _is_chat(summary["snapshot"]) else "feature"}
     publish_release(settings, release)
     summary["release"] = release
     record(settings, run_id, "released", summary)

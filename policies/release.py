@@ -32,10 +32,11 @@ def release_checkpoint(
     return version
 
 
-def move_alias(settings: Settings, version: int, alias: str = "production") -> PolicyVersion:
+def move_alias(settings: Settings, version: int, alias: str = "production", policy: str | None = None) -> PolicyVersion:
     """Point an alias at an existing version (rollback or promote) and tell services."""
-    set_alias(settings.registry_dir, settings.policy_name, alias, version)
-    moved = resolve(settings.registry_dir, f"{settings.policy_name}@{version}")
+    policy = policy or settings.policy_name
+    set_alias(settings.registry_dir, policy, alias, version)
+    moved = resolve(settings.registry_dir, f"{policy}@{version}")
     producer = make_producer(settings)
     try:
         publish(producer, settings.topic_policy_released, PolicyReleased(

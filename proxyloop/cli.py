@@ -126,18 +126,21 @@ def override(run_id: str, reason: Annotated[str, typer.Option(help="Why the gate
 
 
 @app.command()
-def rollback(version: Annotated[int, typer.Argument(help="Version to point `production` at.")]) -> None:
+def rollback(
+    version: Annotated[int, typer.Argument(help="Version to point `production` at.")],
+    policy: Annotated[str | None, typer.Option(help="Policy name; default PROXYLOOP_POLICY_NAME.")] = None,
+) -> None:
     """Point the `production` alias back at an earlier version; serving follows at once."""
     from policies.registry import RegistryError
     from policies.release import move_alias
 
     settings = get_settings()
     try:
-        move_alias(settings, version)
+        moved = move_alias(settings, version, policy=policy)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
-    console.print(f"{settings.policy_name}@production → v{version}")
+    console.print(f"{moved.policy}@production → v{moved.version}")
 
 
 @app.command()
