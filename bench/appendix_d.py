@@ -255,15 +255,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SEEDS} seeds instead of {SEEDS}")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides --quick)")
     parser.add_argument("--plot", type=Path, default=Path("docs/appendix_d.png"))
+    parser.add_argument("--results", type=Path, default=None,
+                        help="append each seed's scores to this JSON-lines file as it finishes")
+    parser.add_argument("--aggregate", type=Path, default=None,
+                        help="no runs: tabulate the seeds already in this JSON-lines file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors; the machine is shared
-    n_seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     ns = list(NS)
     started = time.perf_counter()
-    results = []
-    for seed in range(n_seeds):
-        results.append(run_seed(seed, ns))
-        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    results: list[dict[str, dict[str, dict[int, tuple[float, float]]]]] = []
+    if args.aggregate is not None:
+        for line in args.aggregate.read_text().splitlines():
+            raw = json.loads(line)
+            results.append({k: {m: {int(n): (v[0], v[1]) for n, v in d.items()} for m, d in per.items()}
+                            for k, per in raw.items()})
+    else:
+        for seed in range(args.seeds or (QUICK_SEEDS if args.quick else SEEDS)):
+            results.append(run_seed(seed, ns))
+            if args.results is not None:
+                with args.results.open("a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
+            print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    n_seeds = len(results)
     curves = _mean_curves(results, ns)
     sds = {kind: {m: np.array([[r[kind][m][n] for n in ns] for r in results]).std(axis=0, ddof=1) / np.sqrt(n_seeds)
                   for m in METHODS if m != "expert_only"} for kind in FAMILY_PROXIES} if n_seeds > 1 else {

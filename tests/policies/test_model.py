@@ -219,10 +219,11 @@ def test_choose_adapter_prior_picks_from_the_grid_and_leaves_the_stack_alone() -
     torch.manual_seed(0)
     model = TwoStagePolicy()
     before = _snapshot(list(model.parameters()))
-    prior = choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0))
+    quick = replace(ADAPTER_STAGE, steps=40)
+    prior = choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0), recipe=quick)
     assert prior in (0.3, 30.0)
     assert _same(before, _snapshot(list(model.parameters())))
-    assert choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0)) == prior
+    assert choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0), recipe=quick) == prior
 
 
 def test_fit_preferences_refuses_frozen_parameters() -> None:
