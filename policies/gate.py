@@ -81,8 +81,8 @@ def decide(
         reasons.append(f"accuracy {best.heldout_accuracy:.3f} is worse than the baseline "
                        f"{baseline_accuracy:.3f} by more than {rules.max_accuracy_drop:.3f}")
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
-    reasons.append(f"accuracy {best.heldout_accuracy:.3f} ≥ floor {rules.min_heldout_accuracy:.3f} and within "
-                   f"{rules.max_accuracy_drop:.3f} of the baseline {baseline_accuracy:.3f}")
+    reasons.append(f"accuracy {best.heldout_accuracy:.3f} ≥ floor {rules.min_heldout_accuracy:.3f} and not more than "
+                   f"{rules.max_accuracy_drop:.3f} below the baseline {baseline_accuracy:.3f}")
     decision: Decision = "release" if best.step == evals[-1].step else "pick_checkpoint"
     if decision == "pick_checkpoint":
         reasons.append(f"releasing step {best.step} rather than the last checkpoint (step {evals[-1].step})")
