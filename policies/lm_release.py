@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ingest.bus import make_producer, publish
-from ingest.schemas import PolicyReleased, PolicyVersion
+from ingest.schemas import PolicyVersion
 from policies.chat import register_causal_lm
+from policies.release import announce
 from proxyloop.settings import Settings
 
 # Training state that a served model does not need (see workers.training.checkpoint).
@@ -26,12 +26,5 @@ def release_causal_lm(
         model_dir = Path(staging) / "model"
         shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
         version = register_causal_lm(settings.registry_dir, settings.chat_policy_name, model_dir, lineage, alias=alias)
-    producer = make_producer(settings)
-    try:
-        publish(producer, settings.topic_policy_released, PolicyReleased(
-            event_id=f"released-{version.policy}-{version.version}", policy=version.policy,
-            version=version.version, alias=alias, uri=version.path,
-        ))
-    finally:
-        producer.close()
+    announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
     return version

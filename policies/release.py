@@ -15,20 +15,23 @@ from policies.registry import register, resolve, set_alias
 from proxyloop.settings import Settings
 
 
+def announce(settings: Settings, version: PolicyVersion, alias: str, event_id: str) -> None:
+    """Publish `policy.released` (acknowledged by the broker) so services reload."""
+    producer = make_producer(settings)
+    try:
+        publish(producer, settings.topic_policy_released, PolicyReleased(
+            event_id=event_id, policy=version.policy, version=version.version, alias=alias, uri=version.path))
+    finally:
+        producer.close()
+
+
 def release_checkpoint(
     settings: Settings, checkpoint_dir: Path, lineage: dict[str, Any], alias: str = "production"
 ) -> PolicyVersion:
     tensors = load_file(str(checkpoint_dir / "model.safetensors"))
     config = json.loads((checkpoint_dir / "config.json").read_text())
     version = register(settings.registry_dir, settings.policy_name, tensors, config, lineage, alias=alias)
-    producer = make_producer(settings)
-    try:
-        publish(producer, settings.topic_policy_released, PolicyReleased(
-            event_id=f"released-{version.policy}-{version.version}", policy=version.policy,
-            version=version.version, alias=alias, uri=version.path,
-        ))
-    finally:
-        producer.close()
+    announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
     return version
 
 
@@ -37,12 +40,5 @@ def move_alias(settings: Settings, version: int, alias: str = "production", poli
     policy = policy or settings.policy_name
     set_alias(settings.registry_dir, policy, alias, version)
     moved = resolve(settings.registry_dir, f"{policy}@{version}")
-    producer = make_producer(settings)
-    try:
-        publish(producer, settings.topic_policy_released, PolicyReleased(
-            event_id=f"alias-{moved.policy}-{alias}-{version}-{uuid.uuid4().hex[:8]}", policy=moved.policy,
-            version=version, alias=alias, uri=moved.path,
-        ))
-    finally:
-        producer.close()
+    announce(settings, moved, alias, event_id=f"alias-{moved.policy}-{alias}-{version}-{uuid.uuid4().hex[:8]}")
     return moved
