@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +56,27 @@ def redis(service_settings: Settings) -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _no_hub_downloads() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@contextmanager
+def celery_worker(settings: Settings, queues: str, name: str, log_path: Path) -> Iterator[Any]:
+    """A real Celery worker process on `queues`, answering pings before the body runs; a Celery app to send with."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
+         "--loglevel", "INFO"], env=stack.child_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    from workers.app import make_app
+
+    app = make_app()
+    deadline = time.monotonic() + 90
+    while not app.control.ping(timeout=1) and time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()
+    try:
+        yield app
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

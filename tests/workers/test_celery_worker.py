@@ -1,8 +1,5 @@
 """A real Celery worker process on the `gpu` queue, against a real Redis broker."""
 
-import subprocess
-import sys
-import time
 
 import pytest
 from sqlalchemy.orm import Session
@@ -10,8 +7,7 @@ from sqlalchemy.orm import Session
 from ingest.schemas import ExpertLabel, ProxyPreference, TrainingRequest
 from ingest.store import freeze_snapshot, make_engine, upsert_events
 from ingest.synthetic import appendix_d
-from proxyloop import stack
-from tests.conftest import export
+from tests.conftest import celery_worker, export
 
 pytestmark = pytest.mark.integration
 
@@ -20,23 +16,8 @@ pytestmark = pytest.mark.integration
 def worker(service_settings, redis, tmp_path, monkeypatch):
     settings = service_settings.model_copy(update={"store_url": f"sqlite:///{tmp_path}/store.db"})
     export(settings, monkeypatch)
-    log = open(tmp_path / "worker.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1", "-n",
-         f"gpu-test-{tmp_path.name}@%h", "--loglevel", "INFO"],
-        env=stack.child_env(settings), stdout=log, stderr=subprocess.STDOUT)
-    from workers.app import make_app
-
-    app = make_app()
-    deadline = time.monotonic() + 90
-    while not app.control.ping(timeout=1) and time.monotonic() < deadline:
-        assert process.poll() is None, (tmp_path / "worker.log").read_text()
-    yield settings, app
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with celery_worker(settings, "gpu,cpu", f"gpu-test-{tmp_path.name}", tmp_path / "worker.log") as app:
+        yield settings, app
 
 
 def test_training_task_runs_on_the_gpu_queue_in_a_worker_process(worker, tmp_path):

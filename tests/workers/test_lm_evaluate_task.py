@@ -1,14 +1,10 @@
 """`proxyloop.evaluate_lm` in a real worker process on the `cpu` queue: accuracy and indicators per checkpoint."""
 
 import math
-import subprocess
-import sys
-import time
 
 import pytest
 
-from proxyloop import stack
-from tests.conftest import export
+from tests.conftest import celery_worker, export
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
 from workers.lm_tasks import EVALUATE_LM_TASK
 from workers.training.lm_run import LMTrainingRequest, run_lm_training
@@ -21,23 +17,8 @@ INDICATOR_KEYS = {f"{view}/{name}_{stat}" for view in ("teacher_forced", "genera
 @pytest.fixture
 def cpu_worker(service_settings, redis, tmp_path, monkeypatch):
     export(service_settings, monkeypatch)
-    log = open(tmp_path / "worker.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "cpu", "-c", "1", "-n",
-         f"cpu-test-{tmp_path.name}@%h", "--loglevel", "INFO"],
-        env=stack.child_env(service_settings), stdout=log, stderr=subprocess.STDOUT)
-    from workers.app import make_app
-
-    app = make_app()
-    deadline = time.monotonic() + 90
-    while not app.control.ping(timeout=1) and time.monotonic() < deadline:
-        assert process.poll() is None, (tmp_path / "worker.log").read_text()
-    yield app
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with celery_worker(service_settings, "cpu", f"cpu-test-{tmp_path.name}", tmp_path / "worker.log") as app:
+        yield app
 
 
 def test_every_checkpoint_gets_implicit_reward_accuracy_and_both_indicator_views(cpu_worker, tmp_path):
