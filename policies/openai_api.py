@@ -26,6 +26,7 @@ from policies.chat import ChatPolicy, load_chat_policy
 from policies.loader import cached_by_version
 from policies.profile import BuildReport, build_messages, create_tables, items_of, sync_expert_labels
 from policies.registry import RegistryError
+from policies.registry_remote import refresh
 from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -81,6 +82,7 @@ _cache: dict[tuple[str, int], ChatPolicy] = {}
 
 def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
     try:
+        refresh(settings, ref)
         return cached_by_version(settings.registry_dir, ref, _cache, load_chat_policy)
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ingest.schemas import PolicyVersion
 
+ALIASES_FILE = "aliases.json"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -58,7 +59,7 @@ def versions(root: Path, name: str) -> list[int]:
 
 
 def aliases(root: Path, name: str) -> dict[str, int]:
-    path = root / validate_name(name) / "aliases.json"
+    path = root / validate_name(name) / ALIASES_FILE
     return {k: int(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
 
 
@@ -67,7 +68,7 @@ def set_alias(root: Path, name: str, alias: str, version: int) -> None:
         raise RegistryError(f"{name} has no version {version}; known: {versions(root, name)}")
     current = aliases(root, name)
     current[_validate_alias(alias)] = version
-    _write_json_atomic(root / name / "aliases.json", current)
+    _write_json_atomic(root / name / ALIASES_FILE, current)
 
 
 def _model_card(name: str, version: int, lineage: dict[str, Any]) -> str:

@@ -12,11 +12,14 @@ from safetensors.torch import load_file
 from ingest.bus import make_producer, publish
 from ingest.schemas import PolicyReleased, PolicyVersion
 from policies.registry import register, resolve, set_alias
+from policies.registry_remote import push
 from proxyloop.settings import Settings
 
 
 def announce(settings: Settings, version: PolicyVersion, alias: str, event_id: str) -> None:
-    """Publish `policy.released` (acknowledged by the broker) so services reload."""
+    """Mirror the registry to its remote (if any), then publish `policy.released` so services reload."""
+    if settings.registry_remote_url:
+        push(settings.registry_dir, settings.registry_remote_url, version.policy)
     producer = make_producer(settings)
     try:
         publish(producer, settings.topic_policy_released, PolicyReleased(

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, cached_by_version, load
 from policies.registry import RegistryError, aliases, list_policies
+from policies.registry_remote import refresh
 from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["policies"])
@@ -52,6 +53,7 @@ _cache: dict[tuple[str, int], LoadedPolicy] = {}
 
 def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
     try:
+        refresh(settings, ref)
         return cached_by_version(settings.registry_dir, ref, _cache, lambda root, exact: load(exact, root))
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     prefect_api_url: str = Field("http://127.0.0.1:14200/api", description="Prefect server API URL.")
     store_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under home.")
     registry_url: str = Field("", description="Registry root directory; empty means home/registry.")
+    registry_remote_url: str = Field(
+        "", description="Any fsspec URL (s3://bucket/registry, gs://…) the registry is mirrored to; empty: local only.")
+    registry_remote_poll_s: float = Field(5.0, ge=0, description="Serving pulls the remote at most this often.")
     http_host: str = "127.0.0.1"
     http_port: int = 18000
 

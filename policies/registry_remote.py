@@ -1,0 +1,83 @@
+"""Registry storage on any fsspec URL (S3-compatible, GCS, …) behind the local registry directory.
+
+The local directory stays the working copy (atomic renames, fast reads). With
+`PROXYLOOP_REGISTRY_REMOTE_URL` set, every release and alias move is pushed there, and readers
+pull aliases and missing versions before resolving, so services on other machines see releases.
+Versions are immutable, so a version present locally is never fetched again.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from pathlib import Path
+
+import fsspec
+
+from policies.registry import ALIASES_FILE, validate_name, versions
+from proxyloop.settings import Settings
+
+COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def push(local_root: Path, url: str, name: str) -> None:
+    """Upload versions the remote lacks, then the aliases (after the versions they point at)."""
+    fs, root = _fs(url)
+    remote_policy = posixpath.join(root, validate_name(name))
+    for version in versions(local_root, name):
+        remote_version = posixpath.join(remote_policy, str(version))
+        if fs.exists(posixpath.join(remote_version, COMPLETE_MARKER)):
+            continue
+        local_version = local_root / name / str(version)
+        for path in sorted(p for p in local_version.rglob("*") if p.is_file()):
+            fs.put_file(str(path), posixpath.join(remote_version, path.relative_to(local_version).as_posix()))
+        fs.pipe_file(posixpath.join(remote_version, COMPLETE_MARKER), b"")
+    aliases = local_root / name / ALIASES_FILE
+    if aliases.exists():
+        fs.pipe_file(posixpath.join(remote_policy, ALIASES_FILE), aliases.read_bytes())
+
+
+def pull(local_root: Path, url: str, name: str) -> None:
+    """Fetch the remote aliases and every complete version missing locally."""
+    fs, root = _fs(url)
+    remote_policy = posixpath.join(root, validate_name(name))
+    if not fs.exists(remote_policy):
+        return
+    local_policy = local_root / name
+    local_policy.mkdir(parents=True, exist_ok=True)
+    have = set(versions(local_root, name))
+    for entry in fs.ls(remote_policy, detail=False):
+        version = posixpath.basename(entry.rstrip("/"))
+        if not version.isdigit() or int(version) in have:
+            continue
+        if not fs.exists(posixpath.join(entry, COMPLETE_MARKER)):
+            continue
+        staging = local_policy / f".pull-{version}"
+        fs.get(entry.rstrip("/") + "/", str(staging), recursive=True)
+        (staging / COMPLETE_MARKER).unlink(missing_ok=True)
+        staging.rename(local_policy / version)
+    remote_aliases = posixpath.join(remote_policy, ALIASES_FILE)
+    if fs.exists(remote_aliases):
+        tmp = local_policy / f".{ALIASES_FILE}.pull"
+        tmp.write_bytes(fs.cat_file(remote_aliases))
+        tmp.replace(local_policy / ALIASES_FILE)
+
+
+_last_pull: dict[str, float] = {}
+
+
+def refresh(settings: Settings, ref: str) -> None:
+    """Before serving `ref`: pull the remote registry, at most every `registry_remote_poll_s`."""
+    if not settings.registry_remote_url:
+        return
+    name = ref.partition("@")[0]
+    now = time.monotonic()
+    if now - _last_pull.get(name, float("-inf")) < settings.registry_remote_poll_s:
+        return
+    pull(settings.registry_dir, settings.registry_remote_url, name)
+    _last_pull[name] = now

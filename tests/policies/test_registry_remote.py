@@ -1,0 +1,49 @@
+"""The registry mirrored to an fsspec URL: a service on another machine (another local dir) serves releases."""
+
+import uuid
+
+import torch
+from fastapi.testclient import TestClient
+
+from policies.model import TwoStageConfig, TwoStagePolicy
+from policies.registry import register, resolve, set_alias, versions
+from policies.registry_remote import pull, push
+from proxyloop.http import create_app
+from proxyloop.stack import isolated_settings
+
+
+def _release(root, seed, alias="production"):
+    torch.manual_seed(seed)
+    config = TwoStageConfig()
+    return register(root, "demo", TwoStagePolicy(config).state_dict(),
+                    {"family": "two_stage", "model": config.to_dict()}, {"seed": seed}, alias=alias)
+
+
+def test_push_then_pull_reproduces_versions_lineage_and_aliases(tmp_path):
+    url = f"memory://registry-{uuid.uuid4().hex}"
+    publisher, reader = tmp_path / "a", tmp_path / "b"
+    _release(publisher, 0)
+    _release(publisher, 1)
+    push(publisher, url, "demo")
+    pull(reader, url, "demo")
+    assert versions(reader, "demo") == [1, 2]
+    assert resolve(reader, "demo@production").version == 2
+    assert resolve(reader, "demo@1").lineage["seed"] == 0
+    assert (reader / "demo" / "1" / "model.safetensors").read_bytes() == \
+        (publisher / "demo" / "1" / "model.safetensors").read_bytes()
+
+    set_alias(publisher, "demo", "production", 1)  # rollback travels too
+    push(publisher, url, "demo")
+    pull(reader, url, "demo")
+    assert resolve(reader, "demo@production").version == 1
+
+
+def test_a_server_with_an_empty_local_registry_serves_what_was_pushed(tmp_path):
+    url = f"memory://registry-{uuid.uuid4().hex}"
+    _release(tmp_path / "publisher", 3)
+    push(tmp_path / "publisher", url, "demo")
+    settings = isolated_settings(tmp_path / "server", api_keys="k", registry_url=str(tmp_path / "server-registry"),
+                                 registry_remote_url=url, registry_remote_poll_s=0)
+    http = TestClient(create_app(settings))
+    response = http.post("/v1/policies/demo/predict", json={"x": [0.0] * 5}, headers={"Authorization": "Bearer k"})
+    assert response.status_code == 200 and response.json()["version"] == 1
