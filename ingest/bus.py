@@ -164,12 +164,12 @@ def dead_letter(
 
 def read_topic(
     settings: Settings, topic: str, stop_when: Callable[[list[bytes]], bool] | None = None,
-    idle_polls: int = 3, timeout_s: float = 30,
+    idle_polls: int | None = 3, timeout_s: float = 30,
 ) -> list[bytes]:
     """Values of every record of `topic`, all partitions from the start, without joining a group.
 
-    For tools and tests. Stops after `idle_polls` empty polls in a row, when `stop_when(values)`
-    holds, or at the timeout. The end is not taken from offsets: the embedded Tansu broker reports
+    For tools and tests. Stops after `idle_polls` empty polls in a row (None: never), when
+    `stop_when(values)` holds, or at the timeout. The end is not taken from offsets: the embedded Tansu broker reports
     one offset per produced batch, not per record.
     """
     reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
@@ -179,7 +179,7 @@ def read_topic(
         reader.seek_to_beginning(*partitions)
         values: list[bytes] = []
         idle, deadline = 0, time.monotonic() + timeout_s
-        while idle < idle_polls and time.monotonic() < deadline:
+        while (idle_polls is None or idle < idle_polls) and time.monotonic() < deadline:
             polled = reader.poll(timeout_ms=300)
             idle = 0 if polled else idle + 1
             values += [r.value for records in polled.values() for r in records]

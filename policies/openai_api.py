@@ -20,11 +20,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from ingest.store import make_engine
 from policies.auth import ApiKey
 from policies.chat import ChatPolicy, load_chat_policy
 from policies.loader import cached_by_version
-from policies.profile import BuildReport, build_messages, create_tables, items_of, sync_expert_labels
+from policies.profile import BuildReport, build_messages, items_of, profile_engine, sync_expert_labels
 from policies.registry import RegistryError
 from policies.registry_remote import refresh
 from proxyloop.settings import Settings
@@ -107,9 +106,7 @@ def personalise(
     messages = _messages(body)
     if not body.user:
         return messages, None
-    engine = make_engine(settings.resolved_store_url)
-    create_tables(engine)
-    with Session(engine) as session:
+    with Session(profile_engine(settings.resolved_store_url)) as session:
         sync_expert_labels(session, body.user)  # the user's own chosen responses, if they annotate
         session.commit()
         items = items_of(session, body.user)

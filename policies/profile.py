@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Literal
 
 from rank_bm25 import BM25Okapi
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ingest.schemas import PairwiseText, utcnow
+from ingest.store import make_engine
 
 Position = Literal["start", "end"]
 Order = Literal["relevance", "recency"]
@@ -58,6 +60,14 @@ def _user_hash(user_id: str) -> str:
 
 def create_tables(engine: Engine) -> None:
     ProfileBase.metadata.create_all(engine)
+
+
+@lru_cache(maxsize=8)
+def profile_engine(store_url: str) -> Engine:
+    """The store's engine with the profile tables created, once per process (not per request)."""
+    engine = make_engine(store_url)
+    create_tables(engine)
+    return engine
 
 
 def add_item(session: Session, user_id: str, response: str, query: str | None = None,

@@ -9,9 +9,8 @@ from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from ingest.store import make_engine
 from policies.auth import ApiKey
-from policies.profile import add_item, create_tables, erase_user, items_of
+from policies.profile import add_item, erase_user, items_of, profile_engine
 from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1/users", tags=["profiles"])
@@ -38,9 +37,7 @@ class Erased(BaseModel):
 
 def profile_session(request: Request) -> Session:
     settings: Settings = request.app.state.settings
-    engine = make_engine(settings.resolved_store_url)
-    create_tables(engine)
-    return Session(engine)
+    return Session(profile_engine(settings.resolved_store_url))
 
 
 @router.post("/{user_id}/responses", response_model=ResponseOut, status_code=201)

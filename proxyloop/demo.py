@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ingest.bus import make_producer, publish
+from ingest.bus import make_producer, publish, read_topic
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
 from ingest.schemas import Item, ProxyPreference
 from ingest.store import LabelRow, RetrainRun, make_engine
@@ -68,20 +67,12 @@ def _count_stored(settings: Settings, event_ids: list[str]) -> int:
         )
 
 
-def _read_topic(settings: Settings, topic: str, match: Callable[[bytes], bool], want: int, timeout_s: float) -> int:
-    """Count records of a topic matching `match`, reading all partitions from the start."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        seen, deadline = 0, time.monotonic() + timeout_s
-        while seen < want and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                seen += sum(match(r.value) for r in records)
-        return seen
-    finally:
-        consumer.close()
+def _count_matching(settings: Settings, topic: str, match: Callable[[bytes], bool], want: int,
+                    timeout_s: float) -> int:
+    """Records of `topic` matching `match`, read until `want` of them are seen or the timeout."""
+    values = read_topic(settings, topic, stop_when=lambda v: sum(map(match, v)) >= want, idle_polls=None,
+                        timeout_s=timeout_s)
+    return sum(map(match, values))
 
 
 def _wait_stored(settings: Settings, event_ids: list[str], timeout_s: float = 120) -> int:
@@ -234,7 +225,7 @@ def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, floa
     # the embedded broker has failed idempotent publishes from two producers writing at once.
     with _timed(timings, "ingest_proxy"):
         _wait_stored(settings, proxy_ids)
-        dead = _read_topic(settings, settings.topic_dead_letter, _dead_letter_matches(demo_id), 3, 30)
+        dead = _count_matching(settings, settings.topic_dead_letter, _dead_letter_matches(demo_id), 3, 30)
         say(f"dead-lettered {dead} malformed events")
 
     expert_ids: list[str] = []
@@ -264,8 +255,8 @@ def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, floa
     release = summary.get("release") or {}
     with _timed(timings, "serving"):
         if release:
-            released_seen = _read_topic(settings, settings.topic_policy_released,
-                                        lambda v: json.loads(v)["version"] == release["version"], 1, 20)
+            released_seen = _count_matching(settings, settings.topic_policy_released,
+                                            lambda v: json.loads(v)["version"] == release["version"], 1, 20)
             release["event_seen"] = released_seen > 0
             serving = task.serve(settings, release)
             say(f"serving answered {serving['status']}: {json.dumps(serving)[:200]}")
