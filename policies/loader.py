@@ -16,7 +16,7 @@ from torch import nn
 
 from ingest.schemas import PolicyVersion
 from policies.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
-from policies.registry import resolve
+from policies.registry import resolve, version_of
 
 
 def _two_stage(config: TwoStageConfig) -> nn.Module:
@@ -59,10 +59,9 @@ def cached_by_version(root: Path, ref: str, cache: dict[tuple[str, int], T],
 
     This is how serving follows a release or rollback without a restart.
     """
-    version = resolve(root, ref)
-    key = (version.policy, version.version)
+    key = version_of(root, ref)  # one small file read; the version itself is loaded only once
     if key not in cache:
-        cache[key] = load_version(root, f"{version.policy}@{version.version}")
+        cache[key] = load_version(root, f"{key[0]}@{key[1]}")
     return cache[key]
 
 

@@ -112,8 +112,8 @@ def register(
     return PolicyVersion(policy=name, version=version, path=str(policy_dir / str(version)), lineage=full_lineage)
 
 
-def resolve(root: Path, ref: str) -> PolicyVersion:
-    """`name@alias`, `name@<version>` or `name` (= `name@production`) → the version on disk."""
+def version_of(root: Path, ref: str) -> tuple[str, int]:
+    """`name@alias`, `name@<version>` or `name` (= `name@production`) → (name, version number)."""
     name, _, tag = ref.partition("@")
     tag = tag or "production"
     validate_name(name)
@@ -126,6 +126,12 @@ def resolve(root: Path, ref: str) -> PolicyVersion:
         if tag not in known:
             raise RegistryError(f"{name} has no alias {tag!r}; known aliases: {sorted(known)}")
         version = known[tag]
+    return name, version
+
+
+def resolve(root: Path, ref: str) -> PolicyVersion:
+    """`ref` as in `version_of` → the version on disk, with its lineage."""
+    name, version = version_of(root, ref)
     path = root / name / str(version)
     return PolicyVersion(
         policy=name, version=version, path=str(path), lineage=json.loads((path / "lineage.json").read_text())
