@@ -80,3 +80,61 @@ def celery_worker(settings: Settings, queues: str, name: str, log_path: Path) ->
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny fits: extra intra-op threads only contend with other processes on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`proxyloop ARGS` as a user runs it, resolving these settings."""
+    return subprocess.run([sys.executable, "-m", "proxyloop.cli", *args], env=stack.child_env(settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def launch_chromium(playwright: Any) -> Any:
+    """Debian's headless Chromium, with nothing that reaches outside this machine."""
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"])
+
+
+@contextmanager
+def consumer_in_thread(settings: Settings) -> Iterator[Any]:
+    """The ingest consumer loop running in a thread for the body; stopped and joined afterwards."""
+    import threading
+
+    from ingest import consumer as ingest_consumer
+
+    stop = threading.Event()
+    thread = threading.Thread(target=ingest_consumer.run, args=(settings, stop), daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def stored_snapshot(settings: Settings, task: Any) -> str:
+    """Store a synthetic task's proxy and expert triples as events and freeze a snapshot of them."""
+    from sqlalchemy.orm import Session
+
+    from ingest.schemas import ExpertLabel, ProxyPreference
+    from ingest.store import freeze_snapshot, make_engine, upsert_events
+
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        upsert_events(session, [ProxyPreference(event_id=f"p{i}", proxy_name="j", item=t)
+                                for i, t in enumerate(task.proxy)])
+        upsert_events(session, [ExpertLabel(event_id=f"e{i}", annotator_id="a", item=t)
+                                for i, t in enumerate(task.expert)])
+        snapshot_id = freeze_snapshot(session).snapshot_id
+        session.commit()
+    return snapshot_id

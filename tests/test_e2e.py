@@ -1,8 +1,6 @@
 """The whole stack as separate processes: broker, Redis, Prefect, worker, HTTP app, consumer, flows."""
 
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,14 +13,9 @@ from ingest.store import SnapshotRow, count_labels, load_snapshot_triples, make_
 from ingest.synthetic import appendix_d
 from policies.registry import resolve
 from proxyloop import stack
-from tests.conftest import isolated_settings
+from tests.conftest import isolated_settings, launch_chromium, run_cli
 
 pytestmark = pytest.mark.e2e
-
-
-def _cli(settings, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "proxyloop.cli", *args], env=stack.child_env(settings),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _bursts_during_a_run(settings, bursts=2):
@@ -53,9 +46,7 @@ def _operator_view(settings, report_path, screenshot):
     run_id = json.loads(report_path.read_text())["flow"]["run_id"]
     ui = settings.prefect_api_url.removesuffix("/api")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle", timeout=60_000)
@@ -78,16 +69,16 @@ def demo_run(tmp_path_factory):
     settings = isolated_settings(home)
     report_path = home / "report.json"
     try:
-        demo = _cli(settings, "demo", "--report", str(report_path), "--keep-up")
+        demo = run_cli(settings, "demo", "--report", str(report_path), "--keep-up")
         assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
         with Session(make_engine(settings.resolved_store_url)) as session:
             counts = count_labels(session)
-        status = _cli(settings, "status", timeout=60)
+        status = run_cli(settings, "status", timeout=60)
         artifacts = httpx.post(f"{settings.prefect_api_url}/artifacts/filter", json={"limit": 100}, timeout=30).json()
         ui_text = _operator_view(settings, report_path, home / "ui.png")
         burst_runs = _bursts_during_a_run(settings)
     finally:
-        down = _cli(settings, "down", timeout=120)
+        down = run_cli(settings, "down", timeout=120)
     return {"settings": settings, "report": json.loads(report_path.read_text()), "status": status, "down": down,
             "artifacts": artifacts, "counts": counts, "burst_runs": burst_runs, "ui_text": ui_text,
             "ui_png": home / "ui.png"}

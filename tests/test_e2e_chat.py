@@ -1,8 +1,6 @@
 """`proxyloop demo --task chat` on its own stack: text labels → DPO on `gpu` → indicators → gate → chat serving."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from sqlalchemy.orm import Session
@@ -11,14 +9,9 @@ from ingest.store import SnapshotRow, make_engine
 from ingest.text_snapshot import load_snapshot_pairs
 from policies.registry import resolve
 from proxyloop import stack
-from tests.conftest import isolated_settings
+from tests.conftest import isolated_settings, run_cli
 
 pytestmark = pytest.mark.e2e
-
-
-def _cli(settings, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "proxyloop.cli", *args], env=stack.child_env(settings),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +20,10 @@ def chat_demo(tmp_path_factory):
     settings = isolated_settings(home)
     report_path = home / "report.json"
     try:
-        demo = _cli(settings, "demo", "--task", "chat", "--report", str(report_path), "--keep-up")
+        demo = run_cli(settings, "demo", "--task", "chat", "--report", str(report_path), "--keep-up")
         assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
     finally:
-        down = _cli(settings, "down", timeout=120)
+        down = run_cli(settings, "down", timeout=120)
     return {"settings": settings, "report": json.loads(report_path.read_text()), "down": down}
 
 

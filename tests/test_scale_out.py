@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy.orm import Session
 
 from ingest.bus import ensure_topics, make_producer, publish
-from ingest.schemas import ExpertLabel, FeatureTriple, ProxyPreference, TrainingRequest
-from ingest.store import count_labels, freeze_snapshot, make_engine, upsert_events
+from ingest.schemas import FeatureTriple, ProxyPreference, TrainingRequest
+from ingest.store import count_labels, make_engine
 from ingest.synthetic import appendix_d
 from proxyloop import stack
-from tests.conftest import export
+from tests.conftest import export, stored_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +66,7 @@ def test_two_consumer_processes_share_partitions_and_lose_nothing(service_settin
 def test_two_gpu_worker_processes_share_training_runs(service_settings, redis, tmp_path, monkeypatch):
     settings = service_settings.model_copy(update={"store_url": f"sqlite:///{tmp_path}/store.db"})
     export(settings, monkeypatch)
-    task = appendix_d(n_proxy=1500, n_expert=30, seed=5)
-    with Session(make_engine(settings.resolved_store_url)) as session:
-        upsert_events(session, [ProxyPreference(event_id=f"p{i}", proxy_name="j", item=t)
-                                for i, t in enumerate(task.proxy)])
-        upsert_events(session, [ExpertLabel(event_id=f"e{i}", annotator_id="a", item=t)
-                                for i, t in enumerate(task.expert)])
-        snapshot_id = freeze_snapshot(session).snapshot_id
-        session.commit()
+    snapshot_id = stored_snapshot(settings, appendix_d(n_proxy=1500, n_expert=30, seed=5))
     workers = [_spawn(settings, ["-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu", "-c", "1", "-n",
                                  f"gpu{i}-{tmp_path.name}@%h"], tmp_path / f"worker{i}.log") for i in range(2)]
     from workers.app import make_app

@@ -2,7 +2,6 @@
 
 import base64
 import json
-import threading
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from ingest import consumer as ingest_consumer
 from ingest.bus import make_producer, publish, read_topic
 from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import count_labels, make_engine
+from tests.conftest import consumer_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -38,21 +38,15 @@ def probe_partitions(settings):
 
 
 def _run_until_stored(settings, expected, timeout=60):
-    stop = threading.Event()
-    thread = threading.Thread(target=ingest_consumer.run, args=(settings, stop), daemon=True)
-    thread.start()
     engine = make_engine(settings.store_url)
     deadline = time.monotonic() + timeout
-    try:
+    with consumer_in_thread(settings):
         while time.monotonic() < deadline:
             with Session(engine) as session:
                 if count_labels(session)["proxy"] >= expected:
                     break
             time.sleep(0.3)
         time.sleep(1.5)  # let the offset commit after the last batch land
-    finally:
-        stop.set()
-        thread.join(timeout=20)
     with Session(engine) as session:
         return count_labels(session)["proxy"]
 

@@ -20,16 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ingest import consumer as ingest_consumer
-from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_producer, publish
+from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_producer, publish, read_topic
 from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
 from proxyloop.settings import Settings
+from tests.conftest import consumer_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -196,19 +195,6 @@ def _collect_hostile(n: int) -> list[bytes]:
     return sorted(found)
 
 
-def _read_topic(settings: Settings, topic: str) -> list[bytes]:
-    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
-    reader.assign(partitions)
-    reader.seek_to_beginning(*partitions)
-    ends = reader.end_offsets(partitions)
-    out: list[bytes] = []
-    while any(reader.position(tp) < ends[tp] for tp in partitions):
-        out += [r.value for batch in reader.poll(timeout_ms=500).values() for r in batch]
-    reader.close()
-    return out
-
-
 def test_a_thousand_hostile_events_are_dead_lettered_and_the_good_ones_around_them_stored(
     settings: Settings,
 ) -> None:
@@ -225,19 +211,13 @@ def test_a_thousand_hostile_events_are_dead_lettered_and_the_good_ones_around_th
     producer.flush()
     producer.close()
 
-    stop = threading.Event()
-    thread = threading.Thread(target=ingest_consumer.run, args=(settings, stop), daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: len(_read_topic(settings, settings.topic_dead_letter)) >= len(hostile)
+    with consumer_in_thread(settings) as thread:
+        _wait(lambda: len(read_topic(settings, settings.topic_dead_letter)) >= len(hostile)
               and len(_stored_ids(settings)) >= len(good), 180, "every event to be stored or dead-lettered")
-    finally:
-        stop.set()
-        thread.join(timeout=30)
     assert not thread.is_alive()
 
     assert sorted(_stored_ids(settings)) == sorted(good)
-    letters = [json.loads(v) for v in _read_topic(settings, settings.topic_dead_letter)]
+    letters = [json.loads(v) for v in read_topic(settings, settings.topic_dead_letter)]
     originals = {base64.b64decode(letter["original_b64"]): letter for letter in letters}
     assert set(originals) == set(hostile)
     assert all(letter["reason"] and letter["topic"] == settings.topic_proxy and letter["offset"] >= 0

@@ -7,8 +7,6 @@ on the session's Kafka broker.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from ingest.store import LabelRow, label_history, make_engine
 from proxyloop import stack
 from proxyloop.settings import Settings
 from proxyloop.stack import free_port
+from tests.conftest import launch_chromium, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +52,7 @@ def pipeline(service_settings: Settings, kafka: str, labelstudio: Any, tmp_path_
 
 
 def _cli(settings: Settings, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "proxyloop.cli", *args], env=stack.child_env(settings),
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli(settings, *args, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -230,9 +228,7 @@ def test_an_annotator_labels_in_the_browser_and_the_label_reaches_the_store(
     client.projects.import_tasks(id=project, request=[task_data])
     task_id = max(_project_tasks(client, project))
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{labelstudio.url}/user/login", wait_until="networkidle")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ingest import consumer as ingest_consumer
 from ingest.bus import ensure_topics
 from ingest.schemas import FeatureTriple, PairwiseText, ProxyPreference
 from ingest.store import LabelRow, make_engine
 from proxyloop import stack
 from proxyloop.settings import Settings
+from tests.conftest import consumer_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -35,21 +34,15 @@ def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings
 
 
 def _consume_until(settings: Settings, ids: set[str], timeout: float = 60) -> dict[str, LabelRow]:
-    stop = threading.Event()
-    thread = threading.Thread(target=ingest_consumer.run, args=(settings, stop), daemon=True)
-    thread.start()
     engine = make_engine(settings.resolved_store_url)
     deadline = time.monotonic() + timeout
-    try:
+    with consumer_in_thread(settings):
         while True:
             with Session(engine) as session:
                 rows = {r.event_id: r for r in session.scalars(select(LabelRow))}
             if ids <= set(rows) or time.monotonic() > deadline:
                 return rows
             time.sleep(0.3)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def _preferences(n: int) -> list[ProxyPreference]:

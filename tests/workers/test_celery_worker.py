@@ -2,12 +2,10 @@
 
 
 import pytest
-from sqlalchemy.orm import Session
 
-from ingest.schemas import ExpertLabel, ProxyPreference, TrainingRequest
-from ingest.store import freeze_snapshot, make_engine, upsert_events
+from ingest.schemas import TrainingRequest
 from ingest.synthetic import appendix_d
-from tests.conftest import celery_worker, export
+from tests.conftest import celery_worker, export, stored_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +21,7 @@ def worker(service_settings, redis, tmp_path, monkeypatch):
 def test_training_task_runs_on_the_gpu_queue_in_a_worker_process(worker, tmp_path):
     settings, app = worker
     task = appendix_d(n_proxy=300, n_expert=24, seed=4)
-    engine = make_engine(settings.resolved_store_url)
-    with Session(engine) as session:
-        upsert_events(session, [ProxyPreference(event_id=f"p{i}", proxy_name="j", item=t)
-                                for i, t in enumerate(task.proxy)])
-        upsert_events(session, [ExpertLabel(event_id=f"e{i}", annotator_id="a", item=t)
-                                for i, t in enumerate(task.expert)])
-        snapshot_id = freeze_snapshot(session).snapshot_id
-        session.commit()
+    snapshot_id = stored_snapshot(settings, task)
     request = TrainingRequest(run_id="run-1", snapshot_id=snapshot_id, store_url=settings.resolved_store_url,
                               plan="two_stage", output_dir=str(tmp_path / "run-1"), stage1_epochs=30,
                               stage2_epochs=20, checkpoint_every=10)

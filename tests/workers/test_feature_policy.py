@@ -1,5 +1,4 @@
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -20,14 +19,7 @@ from policies.model import (
 )
 from workers.training.feature_policy import train_feature_policy
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny fits: extra intra-op threads only contend with other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _request(tmp_path, plan, **kw):
