@@ -78,13 +78,20 @@ def coverage(expert_preferred: set[int], proxy_preferred: set[int]) -> float:
     return len(expert_preferred & proxy_preferred) / len(expert_preferred)
 
 
-def distance_ratios(expert_z: np.ndarray, proxy_z: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+def distance_ratios(
+    expert_z: np.ndarray, proxy_z: np.ndarray, i: np.ndarray, j: np.ndarray, proxy_floor_quantile: float = 0.0
+) -> np.ndarray:
     """d_expert(x_i, x_j) / d_proxy(x_i, x_j) per pair, on log-ratio rows [N, Y] of each model.
 
-    Pairs the proxy cannot tell apart but the expert can give huge ratios: that is the point."""
+    Pairs the proxy cannot tell apart but the expert can give huge ratios: that is the point. With
+    `proxy_floor_quantile` q > 0 only pairs whose proxy distance is at least its q-quantile count:
+    a fitted proxy model's outputs carry estimation error of roughly fixed size, so on pairs it
+    barely separates the ratio measures that error, not the proxy. A proxy that merges all inputs
+    still gives huge ratios (every distance is then at the floor)."""
     d_expert = np.linalg.norm(expert_z[i] - expert_z[j], axis=1)
     d_proxy = np.linalg.norm(proxy_z[i] - proxy_z[j], axis=1)
-    ratios: np.ndarray = d_expert / np.maximum(d_proxy, 1e-6)
+    kept = d_proxy >= np.quantile(d_proxy, proxy_floor_quantile)
+    ratios: np.ndarray = d_expert[kept] / np.maximum(d_proxy[kept], 1e-6)
     return ratios
 
 

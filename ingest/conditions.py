@@ -39,6 +39,7 @@ from policies.model import (
     PreferenceModel,
     TwoStageConfig,
     TwoStagePolicy,
+    choose_centre,
     fit_adapter,
     fit_preferences,
     fit_stage1,
@@ -75,8 +76,13 @@ DIMENSION_VARIANCE = 0.99
 MAX_DIMENSION_RATIO = 0.6
 N_PAIRS = 1000  # input pairs over which output distances are compared
 L_QUANTILE = 0.9  # L is a worst case; the 90th percentile estimates it without chasing outliers
-# Paper 1 gives no numeric bound on L (the gain just shrinks as L grows); 10 is our tolerance. The
-# synthetic "ok" world (true L = 2) estimates 1.6-3.1, the 25x over-smoothed proxy (L = 50) 25-37.
+# Only pairs the proxy model separates by at least its median distance count: below that the ratio
+# mostly measures the fitted models' noise. Over all pairs, the tempered Appendix D proxy (true
+# L = 3) estimated 5.6-17.7 on 10 seeds; over these pairs 3.3-7.0 (bench/conditions_power.py).
+PROXY_FLOOR_QUANTILE = 0.5
+# Paper 1 gives no numeric bound on L (the gain just shrinks as L grows); 10 is our tolerance. On
+# 10 seeds each: "ok" world (L = 2) 1.2-2.0, permuted proxy (L = 1) 1.2-2.5, tempered (L = 3)
+# 3.3-7.0, the 25x over-smoothed "large_L" proxy (L = 50) 25-46.
 MAX_L = 10.0
 
 CHECK_NAMES = (
@@ -135,7 +141,11 @@ def _fit_direct(config: TwoStageConfig, x: Tensor, y_w: Tensor, y_l: Tensor, see
 
 def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> _AdapterPlusInputs:
     """Adapter plus direct x path, with the adapter's own prior and a ridge on the x path."""
-    model = _AdapterPlusInputs(_fresh_adapter(stack))
+    base = _fresh_adapter(stack)
+    with torch.no_grad():
+        choose_centre(base, base.log_embed(x), y_w, y_l)  # the null's centre, so the model nests it
+    base.adapter.reset()
+    model = _AdapterPlusInputs(base)
     adapter, n = model.base.adapter, x.shape[0]
 
     def penalty() -> Tensor:
@@ -335,7 +345,8 @@ def _run_checks(
 
     i = rng.integers(0, x_all.shape[0], size=N_PAIRS)
     j = (i + rng.integers(1, x_all.shape[0], size=N_PAIRS)) % x_all.shape[0]  # distinct partner
-    ratios = distance_ratios(log_ratios(expert_lp), log_ratios(_model_log_probs(proxy_model, x_all)), i, j)
+    ratios = distance_ratios(log_ratios(expert_lp), log_ratios(_model_log_probs(proxy_model, x_all)), i, j,
+                             PROXY_FLOOR_QUANTILE)
     resampled = ratios[rng.integers(0, len(ratios), size=(500, len(ratios)))]
     low, high = np.quantile(np.quantile(resampled, L_QUANTILE, axis=1), [0.025, 0.975])
     l_hat = relaxation_constant(ratios, L_QUANTILE)
@@ -344,9 +355,10 @@ def _run_checks(
         l_hat <= MAX_L,
         l_hat,
         MAX_L,
-        f"L estimate = {L_QUANTILE:.0%} quantile over {N_PAIRS} input pairs of expert-model / proxy-model "
-        f"Aitchison distance = {l_hat:.2f} (95% bootstrap [{low:.2f}, {high:.2f}], median ratio "
-        f"{np.median(ratios):.2f}); pass when <= {MAX_L}",
+        f"L estimate = {L_QUANTILE:.0%} quantile, over the {len(ratios)} of {N_PAIRS} input pairs the proxy model "
+        f"separates by at least its median distance, of expert-model / proxy-model Aitchison distance = "
+        f"{l_hat:.2f} (95% bootstrap [{low:.2f}, {high:.2f}], median ratio {np.median(ratios):.2f}); "
+        f"pass when <= {MAX_L}",
     )
 
     others = [c for c in CANDIDATES if c != "two_stage"]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ingest.schemas import FeatureTriple
+from policies.simplex_adapter import SimplexAdapter, relabelled_centres
 
 
 @dataclass(frozen=True)
@@ -47,43 +48,6 @@ class TwoStageConfig:
         return cls(**dict(data))
 
 
-class SimplexAdapter(nn.Module):
-    """π̄†: a map of the D-simplex to itself, softmax(M log s + b).
-
-    Acting on log s makes tempering (scaling M), re-weighting (b) and relabelling (permuting M)
-    exact members of the family. M = I, b = 0 is the identity, so an untrained adapter leaves
-    the proxy's predictions unchanged.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(self.weight.shape[0]))
-            self.bias.zero_()
-
-    def deviation(self, tempering_weight: float = 1.0) -> Tensor:
-        """‖M − I‖² + ‖b‖², with the tempering direction (M = αI) weighted by `tempering_weight`.
-
-        ‖M − I‖² = ‖M − αI‖² + D(α − 1)² with α = tr(M)/D, so a weight below 1 makes re-tempering
-        the proxy (an over- or under-confident copy of the expert) cheap, while every other change,
-        a relabelling included, is paid for in full. Weight 0 would leave the temperature free, and
-        on a few separable triples it then runs off to overconfidence.
-        """
-        dim = self.weight.shape[0]
-        alpha = torch.diagonal(self.weight).mean()
-        identity = torch.eye(dim, device=self.weight.device, dtype=self.weight.dtype)
-        shape = ((self.weight - alpha * identity) ** 2).sum()
-        return shape + tempering_weight * dim * (alpha - 1) ** 2 + (self.bias**2).sum()
-
-    def forward(self, log_s: Tensor) -> Tensor:
-        # log_s: [B, D] log-coordinates of a simplex point -> [B, D] log-coordinates of the image.
-        return F.log_softmax(log_s @ self.weight.T + self.bias, dim=-1)
-
-
 class TwoStagePolicy(nn.Module):
     """Paper 1's factorisation for x ∈ R^input_dim and Y = {0..n_outputs-1}."""
 
@@ -110,6 +74,17 @@ class TwoStagePolicy(nn.Module):
         # Centring gives log-ratio coordinates: the normaliser of log u carries no information.
         centred = log_u - log_u.mean(dim=-1, keepdim=True)
         return self.output_map(self.theta(centred))
+
+    def head_affine(self) -> tuple[Tensor, Tensor]:
+        """The head as one affine map of the adapter's pre-softmax output u = M log s + b:
+        logits = gain·u + offset, gain [n_outputs, D] (centring folded in), offset [n_outputs]."""
+        with torch.no_grad():
+            dim = self.config.simplex_dim
+            weight = self.theta.weight
+            centring = torch.eye(dim, device=weight.device, dtype=weight.dtype) - 1.0 / dim
+            gain = self.output_map.weight @ self.theta.weight @ centring
+            offset = self.output_map.weight @ self.theta.bias + self.output_map.bias
+        return gain, offset
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.adapter(self.log_embed(x)))
@@ -279,7 +254,7 @@ EXPERT_ONLY = FitRecipe(steps=300, lr=0.02, weight_decay=1e-2)
 FINE_TUNE = FitRecipe(steps=200, lr=0.02)
 FINE_TUNE_PRIOR = 1.0
 # Candidate prior weights for `choose_adapter_prior`, from "move freely" to "stay a tempered proxy".
-ADAPTER_PRIORS = (0.3, 1.0, 3.0, 10.0)
+ADAPTER_PRIORS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 class _OnEmbedding(nn.Module):
@@ -298,21 +273,42 @@ def fit_stage1(
     on_step: Callable[[int, float], None] | None = None, after_step: Callable[[int], None] | None = None,
 ) -> float:
     """Stage 1 in place: τ̃, Θ̃, φ̃ on proxy triples, the adapter held at the identity."""
-    stack.adapter.reset()
+    stack.adapter.reset(identity=True)
     stack.set_stage(1)
     return fit_preferences(stack, stack.proxy_parameters(), x, y_w, y_l, recipe.steps, recipe.lr, seed, on_step,
                            weight_decay=recipe.weight_decay, after_step=after_step)
+
+
+def choose_centre(stack: TwoStagePolicy, log_s: Tensor, y_w: Tensor, y_l: Tensor) -> int:
+    """Set the adapter's centre to the relabelling of the frozen head's outputs (identity included)
+    that best explains these expert triples; returns its index in `relabelled_centres` (0: identity).
+
+    log_s = stack.log_embed(x). A relabelling must beat the identity by log(K − 1) nats, K the number
+    of candidates: a prior with half its mass on keeping the proxy's labels and the rest spread over
+    the relabellings, so a handful of triples does not relabel a proxy that is merely noisy.
+    """
+    gain, offset = stack.head_affine()
+    candidates = relabelled_centres(gain, offset)
+    with torch.no_grad():
+        logits = [(log_s @ m.T + b) @ gain.T + offset for m, b in candidates]
+        scores = [float(preference_log_likelihoods(F.log_softmax(z, dim=-1), y_w, y_l).sum()) for z in logits]
+    cost = float(np.log(max(len(candidates) - 1, 1)))
+    best = max(range(len(candidates)), key=lambda k: scores[k] - (cost if k else 0.0))
+    stack.adapter.set_centre(*candidates[best])
+    return best
 
 
 def fit_adapter(
     stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, recipe: FitRecipe = ADAPTER_STAGE,
     on_step: Callable[[int, float], None] | None = None, after_step: Callable[[int], None] | None = None,
 ) -> float:
-    """Stage 2 in place: only the adapter, from the identity, on expert triples; the rest frozen."""
-    stack.adapter.reset()
+    """Stage 2 in place: only the adapter, from the centre `choose_centre` picks, on expert
+    triples; the rest frozen."""
     stack.set_stage(2)
     with torch.no_grad():
         log_s = stack.log_embed(x)  # τ̃ is frozen: embed once, not once per step
+    choose_centre(stack, log_s, y_w, y_l)
+    stack.adapter.reset()
     weight = recipe.adapter_prior / x.shape[0]
     penalty = (lambda: weight * stack.adapter.deviation(recipe.tempering_weight)) if weight > 0 else None
     return fit_preferences(_OnEmbedding(stack), stack.adapter_parameters(), log_s, y_w, y_l, recipe.steps,

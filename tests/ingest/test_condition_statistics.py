@@ -88,6 +88,26 @@ def test_distance_ratios_recover_a_known_scaling() -> None:
     assert distance_ratios(proxy_z, merged, i, j).min() > 1e3
 
 
+def test_distance_ratios_floor_drops_the_pairs_the_proxy_barely_separates() -> None:
+    rng = _rng()
+    # 100 pairs: the proxy puts half of them 0.05 apart and half 1.0 apart.
+    base = log_ratios(rng.standard_normal((100, 3)))
+    step = log_ratios(rng.standard_normal((100, 3)))
+    step *= np.where(np.arange(100) < 50, 0.05, 1.0)[:, None] / np.linalg.norm(step, axis=1, keepdims=True)
+    proxy_z = np.concatenate([base, base + step])
+    i, j = np.arange(0, 100), np.arange(100, 200)
+    # The expert = 3 x proxy (L = 3) seen through a fitted model with noise of fixed size: on the
+    # near pairs the noise dominates and the ratio overshoots L; on the far ones it does not.
+    expert_z = 3.0 * proxy_z + 0.1 * rng.standard_normal(proxy_z.shape)
+    everything = distance_ratios(expert_z, proxy_z, i, j)
+    separated = distance_ratios(expert_z, proxy_z, i, j, proxy_floor_quantile=0.5)
+    assert len(everything) == 100 and len(separated) == 50
+    assert np.quantile(separated, 0.9) < 3.5 < 5.0 < np.quantile(everything, 0.9)
+    # A proxy that merges every input keeps all pairs at the floor, and the ratios stay huge.
+    merged = np.zeros_like(proxy_z)
+    assert distance_ratios(proxy_z, merged, i, j, proxy_floor_quantile=0.5).min() > 1e3
+
+
 def test_relaxation_constant_is_the_chosen_quantile() -> None:
     ratios = np.arange(1, 101, dtype=float)
     assert relaxation_constant(ratios, 0.9) == pytest.approx(90.1)

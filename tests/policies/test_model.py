@@ -14,7 +14,6 @@ from ingest.synthetic import appendix_d
 from policies.model import (
     ADAPTER_STAGE,
     DirectPolicy,
-    SimplexAdapter,
     TwoStageConfig,
     TwoStagePolicy,
     choose_adapter_prior,
@@ -24,6 +23,7 @@ from policies.model import (
     preference_loss,
     triples_to_tensors,
 )
+from policies.simplex_adapter import SimplexAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,101 @@
+"""π̄†, the two-stage policy's adapter: the one part learned from expert data (see policies/model.py).
+
+A few dozen expert triples cannot move a D×D map far, so what the adapter is pulled toward (its
+centre) decides most of what stage 2 can learn. The identity suits a proxy that answers like the
+expert up to confidence; a proxy that relabels the outputs (paper 1's shared level sets with the
+wrong answers) needs the relabelling as the centre instead. `relabelled_centres` turns each
+relabelling of the outputs into the adapter that reproduces it through the frozen head, and the
+fit picks the centre the expert triples favour (policies.model.choose_centre).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+# Relabellings are searched exhaustively up to this many outputs (720 candidates); above it only
+# the identity is a centre: the search would grow factorially for little use.
+MAX_RELABELLED_OUTPUTS = 6
+
+
+class SimplexAdapter(nn.Module):
+    """π̄†: a map of the D-simplex to itself, softmax(M log s + b).
+
+    Acting on log s makes tempering (scaling M), re-weighting (b) and relabelling (permuting M)
+    exact members of the family. M = I, b = 0 is the identity, so an untrained adapter leaves
+    the proxy's predictions unchanged. The centre (M₀, b₀) is the prior's mode and where a fit
+    starts: the identity unless a relabelling was chosen (`set_centre`).
+    """
+
+    centre_weight: Tensor
+    centre_bias: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("centre_weight", torch.eye(dim))
+        self.register_buffer("centre_bias", torch.zeros(dim))
+
+    def set_centre(self, weight: Tensor, bias: Tensor) -> None:
+        with torch.no_grad():
+            self.centre_weight.copy_(weight)
+            self.centre_bias.copy_(bias)
+
+    def reset(self, identity: bool = False) -> None:
+        """Back to the centre (the identity unless `set_centre` chose another); with `identity`,
+        make the identity the centre first (stage 1 trains the proxy stack through it)."""
+        with torch.no_grad():
+            if identity:
+                self.centre_weight.copy_(torch.eye(self.weight.shape[0]))
+                self.centre_bias.zero_()
+            self.weight.copy_(self.centre_weight)
+            self.bias.copy_(self.centre_bias)
+
+    def deviation(self, tempering_weight: float = 1.0) -> Tensor:
+        """‖M − M₀‖² + ‖b − b₀‖², with the tempering direction (M = αM₀) weighted by `tempering_weight`.
+
+        ‖M − M₀‖² = ‖M − αM₀‖² + ‖M₀‖²(α − 1)² with α = ⟨M, M₀⟩/‖M₀‖², so a weight below 1 makes
+        re-tempering the centre (an over- or under-confident copy of the expert) cheap, while every
+        other change is paid for in full. Weight 0 would leave the temperature free, and on a few
+        separable triples it then runs off to overconfidence.
+        """
+        centre = self.centre_weight
+        norm = (centre**2).sum()
+        alpha = (self.weight * centre).sum() / norm
+        shape = ((self.weight - alpha * centre) ** 2).sum()
+        return shape + tempering_weight * norm * (alpha - 1) ** 2 + ((self.bias - self.centre_bias) ** 2).sum()
+
+    def forward(self, log_s: Tensor) -> Tensor:
+        # log_s: [B, D] log-coordinates of a simplex point -> [B, D] log-coordinates of the image.
+        return F.log_softmax(log_s @ self.weight.T + self.bias, dim=-1)
+
+
+def relabelled_centres(gain: Tensor, offset: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Adapters (M, b) under which a head with logits = gain·u + offset, u = M log s + b, answers
+    with its outputs relabelled, one per permutation of the outputs; the identity first.
+
+    gain [Y, D], offset [Y] (`TwoStagePolicy.head_affine`). Logits matter only up to a constant,
+    so both sides are compared after centring over outputs (H): H·gain·M = H·P·gain and
+    H·gain·b = H·(P − I)·offset, solved by least squares. Exact when H·gain has full rank on the
+    centred simplex (D ≤ Y); otherwise the closest adapter. Only the identity beyond MAX_RELABELLED_OUTPUTS outputs.
+    """
+    n_outputs, dim = gain.shape
+    identity = (torch.eye(dim, dtype=gain.dtype, device=gain.device), gain.new_zeros(dim))
+    if n_outputs > MAX_RELABELLED_OUTPUTS:
+        return [identity]
+    outputs_eye = torch.eye(n_outputs, dtype=gain.dtype, device=gain.device)
+    centring = outputs_eye - 1.0 / n_outputs
+    inverse = torch.linalg.pinv(centring @ gain)
+    centres = [identity]
+    for order in itertools.permutations(range(n_outputs)):
+        if list(order) == list(range(n_outputs)):
+            continue
+        relabel = outputs_eye[list(order)]
+        weight = inverse @ centring @ relabel @ gain
+        bias = inverse @ centring @ (relabel - outputs_eye) @ offset
+        centres.append((weight, bias))
+    return centres
