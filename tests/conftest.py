@@ -30,7 +30,9 @@ def export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def service_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return isolated_settings(tmp_path_factory.mktemp("proxyloop-home"))
+    # The session's shared broker holds throwaway topics: memory storage, no object store to start.
+    # The durable default (Tansu on SeaweedFS) runs in test_durable_broker.py and the end-to-end tests.
+    return isolated_settings(tmp_path_factory.mktemp("proxyloop-home"), broker_storage="memory")
 
 
 @pytest.fixture(scope="session")
