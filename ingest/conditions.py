@@ -80,7 +80,8 @@ L_QUANTILE = 0.9  # L is a worst case; the 90th percentile estimates it without 
 # mostly measures the fitted models' noise. Over all pairs, the tempered Appendix D proxy (true
 # L = 3) estimated 5.6-17.7 on 10 seeds; over these pairs 3.3-7.0 (bench/conditions_power.py).
 PROXY_FLOOR_QUANTILE = 0.5
-# Paper 1 gives no numeric bound on L (the gain just shrinks as L grows); 10 is our tolerance. On
+# Paper 1 gives no numeric bound on L (the gain just shrinks as L grows); 10 is our tolerance, and
+# the check fails only when the bootstrap interval of the estimate lies wholly above it. On
 # 10 seeds each: "ok" world (L = 2) 1.2-2.0, permuted proxy (L = 1) 1.2-2.5, tempered (L = 3)
 # 3.3-7.0, the 25x over-smoothed "large_L" proxy (L = 50) 25-46.
 MAX_L = 10.0
@@ -352,13 +353,13 @@ def _run_checks(
     l_hat = relaxation_constant(ratios, L_QUANTILE)
     similarity = _check(
         "similarity_preserved",
-        l_hat <= MAX_L,
+        low <= MAX_L,
         l_hat,
         MAX_L,
         f"L estimate = {L_QUANTILE:.0%} quantile, over the {len(ratios)} of {N_PAIRS} input pairs the proxy model "
         f"separates by at least its median distance, of expert-model / proxy-model Aitchison distance = "
         f"{l_hat:.2f} (95% bootstrap [{low:.2f}, {high:.2f}], median ratio {np.median(ratios):.2f}); "
-        f"pass when <= {MAX_L}",
+        f"pass unless L is significantly above {MAX_L} (the whole interval above it)",
     )
 
     others = [c for c in CANDIDATES if c != "two_stage"]
