@@ -92,12 +92,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 000 events instead of 30 000")
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--store-url", default="", help="default: a fresh SQLite file")
+    parser.add_argument("--broker-storage", choices=["s3", "memory"], default="s3",
+                        help="the embedded broker's log: in the SeaweedFS object store (default, durable) or memory")
     args = parser.parse_args()
     n = args.events or (3_000 if args.quick else 30_000)
     home = Path(tempfile.mkdtemp(prefix="proxyloop-bench-"))
-    settings = stack.isolated_settings(home, store_url=args.store_url or f"sqlite:///{home}/store.db")
-    kafka = next(c for c in stack.COMPONENTS if c.name == "kafka")
-    stack.start_component(settings, kafka, lambda _: None)
+    settings = stack.isolated_settings(home, store_url=args.store_url or f"sqlite:///{home}/store.db",
+                                       broker_storage=args.broker_storage)
+    started = [c for c in stack.COMPONENTS if c.name in ("objectstore", "kafka") and c.enabled(settings)]
+    for component in started:
+        stack.start_component(settings, component, lambda _: None)
     try:
         ensure_topics(settings)
         produce_eps = produce(settings, n)
@@ -110,9 +114,11 @@ def main() -> None:
         print(f"ratio pipeline/bare: {ratio:.3f}")
         print(json.dumps({"events": n, "ratio": round(ratio, 4), "pipeline_eps": round(pipeline_eps, 1),
                           "bare_eps": round(bare_eps, 1), "produce_eps": round(produce_eps, 1),
-                          "store": settings.resolved_store_url.split(":")[0], "broker": "tansu 0.6.0 memory"}))
+                          "store": settings.resolved_store_url.split(":")[0],
+                          "broker": f"tansu 0.6.0 {args.broker_storage}"}))
     finally:
-        stack.stop_component(settings, "kafka")
+        for component in reversed(started):
+            stack.stop_component(settings, component.name)
 
 
 if __name__ == "__main__":
