@@ -28,7 +28,7 @@ from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
 from proxyloop.settings import Settings
-from tests.conftest import consumer_in_thread
+from tests.conftest import consumer_in_thread, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,14 +64,6 @@ def _start_consumer(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_sigkill_mid_stream_twenty_times_loses_and_duplicates_nothing(settings: Settings, tmp_path: Path) -> None:
     published: list[str] = []
     stop = threading.Event()
@@ -102,7 +94,7 @@ def test_sigkill_mid_stream_twenty_times_loses_and_duplicates_nothing(settings: 
             before = len(_stored_ids(settings))
             process = _start_consumer(settings, log)
             # Kill while it is working: right after it stored something, at a random point of the next batch.
-            _wait(lambda: len(_stored_ids(settings)) > before, 60, "the consumer to store a batch")  # noqa: B023
+            wait_until(lambda: len(_stored_ids(settings)) > before, 60, "the consumer to store a batch")  # noqa: B023
             time.sleep(rng.uniform(0, 0.05))
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -111,7 +103,7 @@ def test_sigkill_mid_stream_twenty_times_loses_and_duplicates_nothing(settings: 
         producer_thread.join(timeout=60)
     final = _start_consumer(settings, log)
     try:
-        _wait(lambda: len(_stored_ids(settings)) >= len(published), 120, "the last consumer to catch up")
+        wait_until(lambda: len(_stored_ids(settings)) >= len(published), 120, "the last consumer to catch up")
     finally:
         os.killpg(final.pid, signal.SIGTERM)
         final.wait(timeout=30)
@@ -216,7 +208,7 @@ def test_a_thousand_hostile_events_are_dead_lettered_and_the_good_ones_around_th
     producer.close()
 
     with consumer_in_thread(settings) as thread:
-        _wait(lambda: len(read_topic(settings, settings.topic_dead_letter)) >= len(hostile)
+        wait_until(lambda: len(read_topic(settings, settings.topic_dead_letter)) >= len(hostile)
               and len(_stored_ids(settings)) >= len(good), 180, "every event to be stored or dead-lettered")
     assert not thread.is_alive()
 

@@ -18,6 +18,7 @@ from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
 from proxyloop.settings import Settings
 from proxyloop.stack import isolated_settings
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +43,6 @@ def _start(settings: Settings, *names: str) -> None:
 def _stored(settings: Settings) -> list[str]:
     with Session(make_engine(settings.resolved_store_url)) as session:
         return list(session.scalars(select(LabelRow.event_id)))
-
-
-def _wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_broker_and_object_store_restarted_mid_stream_lose_nothing(settings: Settings) -> None:
@@ -82,17 +75,17 @@ def test_broker_and_object_store_restarted_mid_stream_lose_nothing(settings: Set
     producer_thread.start()
     try:
         _start(settings, "consumer")
-        _wait(lambda: len(_stored(settings)) >= 30, 120, "the consumer to store the first events")
+        wait_until(lambda: len(_stored(settings)) >= 30, 120, "the consumer to store the first events")
         for name in ("kafka", "objectstore"):  # mid-stream: the producer and the consumer keep going
             stack.stop_component(settings, name)
         before_restart = len(acked)
         _start(settings, "objectstore", "kafka")
-        _wait(lambda: len(acked) >= before_restart + 30, 120, "events acknowledged after the restart")
+        wait_until(lambda: len(acked) >= before_restart + 30, 120, "events acknowledged after the restart")
     finally:
         stop.set()
         producer_thread.join(timeout=60)
 
-    _wait(lambda: set(_stored(settings)) >= set(acked), 120, "every acknowledged event to be stored")
+    wait_until(lambda: set(_stored(settings)) >= set(acked), 120, "every acknowledged event to be stored")
     stored = _stored(settings)
     assert len(stored) == len(set(stored)) and set(stored) == set(acked)  # 0 lost, 0 duplicated rows
     with Session(make_engine(settings.resolved_store_url)) as session:

@@ -4,12 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from proxyloop import stack
-from tests.conftest import export
+from tests.conftest import export, wait_until
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
 from workers.training.lm_run import LMTrainingRequest, run_lm_training
 
@@ -25,14 +24,6 @@ def _start_worker(settings, log_path, name):
         [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu", "-c", "1", "-n",
          f"{name}@%h", "--loglevel", "INFO"],
         env=stack.child_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_until(condition, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_sigkilled_worker_run_is_redelivered_and_resumes_to_the_same_final_loss(
@@ -52,7 +43,7 @@ def test_sigkilled_worker_run_is_redelivered_and_resumes_to_the_same_final_loss(
 
     first = _start_worker(settings, log_path, "doomed")
     sent = app.send_task("proxyloop.train_lm", args=[request.model_dump()], task_id=request.run_id)
-    _wait_until(lambda: (out / "checkpoint-000005").exists() or first.poll() is not None, "the first checkpoint")
+    wait_until(lambda: (out / "checkpoint-000005").exists() or first.poll() is not None, 120, "the first checkpoint")
     assert first.poll() is None, log_path.read_text()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
