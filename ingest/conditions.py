@@ -151,8 +151,7 @@ def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
 
     def penalty() -> Tensor:
         ridge = sum((p**2).sum() for p in model.direct.parameters())
-        deviation = adapter.deviation(ADAPTER_STAGE.tempering_weight)
-        return (ADAPTER_STAGE.adapter_prior * deviation + DIRECT_PATH_PRIOR * ridge) / n
+        return ADAPTER_STAGE.adapter_penalty(adapter, n) + DIRECT_PATH_PRIOR * ridge / n
 
     params = [*model.base.adapter_parameters(), *model.direct.parameters()]
     fit_preferences(model, params, x, y_w, y_l, ADAPTER_STAGE.steps, ADAPTER_STAGE.lr, seed, penalty=penalty)

@@ -55,19 +55,24 @@ class SimplexAdapter(nn.Module):
             self.weight.copy_(self.centre_weight)
             self.bias.copy_(self.centre_bias)
 
-    def deviation(self, tempering_weight: float = 1.0) -> Tensor:
-        """‖M − M₀‖² + ‖b − b₀‖², with the tempering direction (M = αM₀) weighted by `tempering_weight`.
-
-        ‖M − M₀‖² = ‖M − αM₀‖² + ‖M₀‖²(α − 1)² with α = ⟨M, M₀⟩/‖M₀‖², so a weight below 1 makes
-        re-tempering the centre (an over- or under-confident copy of the expert) cheap, while every
-        other change is paid for in full. Weight 0 would leave the temperature free, and on a few
-        separable triples it then runs off to overconfidence.
-        """
+    def deviation_terms(self) -> tuple[Tensor, Tensor]:
+        """(‖M − αM₀‖² + ‖b − b₀‖², ‖M₀‖²(α − 1)²) with α = ⟨M, M₀⟩/‖M₀‖²: every change but a
+        re-tempering of the centre, and the re-tempering. Their sum is ‖M − M₀‖² + ‖b − b₀‖²."""
         centre = self.centre_weight
         norm = (centre**2).sum()
         alpha = (self.weight * centre).sum() / norm
-        shape = ((self.weight - alpha * centre) ** 2).sum()
-        return shape + tempering_weight * norm * (alpha - 1) ** 2 + ((self.bias - self.centre_bias) ** 2).sum()
+        shape = ((self.weight - alpha * centre) ** 2).sum() + ((self.bias - self.centre_bias) ** 2).sum()
+        return shape, norm * (alpha - 1) ** 2
+
+    def deviation(self, tempering_weight: float = 1.0) -> Tensor:
+        """‖M − M₀‖² + ‖b − b₀‖², with the tempering direction (M = αM₀) weighted by `tempering_weight`.
+
+        A weight below 1 makes re-tempering the centre (an over- or under-confident copy of the
+        expert) cheap, while every other change is paid for in full. Weight 0 would leave the
+        temperature free, and on a few separable triples it then runs off to overconfidence.
+        """
+        shape, tempering = self.deviation_terms()
+        return shape + tempering_weight * tempering
 
     def forward(self, log_s: Tensor) -> Tensor:
         # log_s: [B, D] log-coordinates of a simplex point -> [B, D] log-coordinates of the image.

@@ -12,6 +12,7 @@ import torch
 from ingest.schemas import FeatureTriple
 from ingest.synthetic import appendix_d
 from policies.model import (
+    ADAPTER_PRIORS,
     ADAPTER_STAGE,
     DirectPolicy,
     TwoStageConfig,
@@ -216,6 +217,43 @@ def test_choose_adapter_prior_picks_from_the_grid_and_leaves_the_stack_alone() -
     assert prior in (0.3, 30.0)
     assert _same(before, _snapshot(list(model.parameters())))
     assert choose_adapter_prior(model, x, y_w, y_l, seed=0, folds=4, priors=(0.3, 30.0), recipe=quick) == prior
+
+
+def test_choose_adapter_prior_takes_the_strongest_prior_the_data_cannot_tell_apart() -> None:
+    """One-standard-error rule: when the expert answers like the proxy stack, no prior is clearly
+    better and the strongest wins (the best CV score alone picks 10 on these 40 triples); when
+    the expert is another policy and there are many triples, a strong pull toward the stack is
+    clearly worse and a weaker prior wins."""
+    quick = replace(ADAPTER_STAGE, steps=60)
+    torch.manual_seed(0)
+    stack = TwoStagePolicy()
+    with torch.no_grad():
+        stack.output_map.weight.mul_(4.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 5, generator=g)
+    y_w = torch.randint(0, 3, (40,), generator=g)
+    y_l = (y_w + torch.randint(1, 3, (40,), generator=g)) % 3
+    with torch.no_grad():
+        own = stack.log_probs(x)
+    same_w, same_l = _bt_winners(own, y_w, y_l, g)
+    assert choose_adapter_prior(stack, x, same_w, same_l, 0, 4, ADAPTER_PRIORS, quick) == max(ADAPTER_PRIORS)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 5, generator=g)
+    y_w = torch.randint(0, 3, (400,), generator=g)
+    y_l = (y_w + torch.randint(1, 3, (400,), generator=g)) % 3
+    with torch.no_grad():  # another expert: the stack's logits through a fixed non-tempering mixing
+        mixing = torch.tensor([[0.2, 1.5, -1.0], [-1.2, 0.1, 1.3], [1.0, -1.4, 0.3]])
+        other = torch.log_softmax(stack.log_probs(x) @ mixing, dim=-1)
+    other_w, other_l = _bt_winners(other, y_w, y_l, g)
+    assert choose_adapter_prior(stack, x, other_w, other_l, 0, 4, (0.3, 3000.0), quick) == 0.3
+
+
+def _bt_winners(log_probs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    p_a = torch.sigmoid(log_probs.gather(1, a[:, None]) - log_probs.gather(1, b[:, None])).squeeze(1)
+    a_wins = torch.rand(a.shape, generator=g) < p_a
+    return torch.where(a_wins, a, b), torch.where(a_wins, b, a)
 
 
 def test_fit_preferences_refuses_frozen_parameters() -> None:
