@@ -80,11 +80,14 @@ L_QUANTILE = 0.9  # L is a worst case; the 90th percentile estimates it without 
 # mostly measures the fitted models' noise. Over all pairs, the tempered Appendix D proxy (true
 # L = 3) estimated 5.6-17.7 on 10 seeds; over these pairs 3.3-7.0 (bench/conditions_power.py).
 PROXY_FLOOR_QUANTILE = 0.5
-# Paper 1 gives no numeric bound on L (the gain just shrinks as L grows); 10 is our tolerance, and
-# the check fails only when the bootstrap interval of the estimate lies wholly above it. On
-# 10 seeds each: "ok" world (L = 2) 1.2-2.0, permuted proxy (L = 1) 1.2-2.5, tempered (L = 3)
-# 3.3-7.0, the 25x over-smoothed "large_L" proxy (L = 50) 25-46.
-MAX_L = 10.0
+# Paper 1 gives no numeric bound on L (the gain just shrinks as L grows), so the tolerance is ours,
+# calibrated on the generators of bench/conditions_power.py: the check fails only when the
+# bootstrap interval of the estimate lies wholly above 15. The estimate is biased upward at few
+# expert triples (an expert model fitted on 35 triples is overconfident, and the interval covers
+# the choice of pairs, not that fit): the tempered Appendix D proxy (true L = 3) estimates 3.3-7.0
+# on most seeds but 11.7 and 12.5 on two of 20 at 35 triples; the "ok" world (L = 2) 1.2-2.0, the
+# permuted proxy (L = 1) 1.2-2.5, and the 25x over-smoothed "large_L" proxy (L = 50) 25-46.
+MAX_L = 15.0
 
 CHECK_NAMES = (
     "expert_sample_size",
