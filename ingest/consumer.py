@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import IllegalStateError, KafkaError
+from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
@@ -137,7 +137,7 @@ def _rewind(consumer: KafkaConsumer, records: list[Any]) -> None:
     for tp, offset in first.items():
         try:
             consumer.seek(tp, offset)
-        except (IllegalStateError, AssertionError):
+        except ValueError:  # kafka-python: "Unassigned partition"
             pass  # no longer ours after a rebalance: its new owner starts from the committed offset
 
 

@@ -101,3 +101,19 @@ def test_threshold_crossing_emits_dataset_updated_once(settings, monkeypatch):
     assert len(emitted) == 1 and emitted[0].proxy_total == 6
     engine = make_engine(settings.store_url)
     assert ingest_consumer.check_thresholds(engine, producer, settings) is None  # no new crossing
+
+
+def test_rewind_seeks_each_partition_to_its_first_record_and_skips_partitions_lost_to_a_rebalance():
+    """An unconnected real KafkaConsumer: seek only moves local positions, and raises ValueError
+    ("Unassigned partition") for a partition this member no longer owns."""
+    from types import SimpleNamespace
+
+    ours = TopicPartition("t", 0)  # partition 1 of the records was lost to a rebalance
+    reader = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(2, 0), enable_auto_commit=False)
+    try:
+        reader.assign([ours])
+        records = [SimpleNamespace(topic="t", partition=p, offset=o) for p, o in ((0, 7), (1, 3), (0, 5), (0, 9))]
+        ingest_consumer._rewind(reader, records)  # must not raise for the lost partition
+        assert reader._subscription.assignment[ours].position.offset == 5
+    finally:
+        reader.close()
