@@ -99,7 +99,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="proxyloop-bench-"))
     settings = stack.isolated_settings(home, store_url=args.store_url or f"sqlite:///{home}/store.db",
                                        broker_storage=args.broker_storage)
-    started = [c for c in stack.COMPONENTS if c.name in ("objectstore", "kafka") and c.enabled(settings)]
+    started = [c for c in map(stack.component, ("objectstore", "kafka")) if c.enabled(settings)]
     for component in started:
         stack.start_component(settings, component, lambda _: None)
     try:

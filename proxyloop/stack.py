@@ -172,6 +172,14 @@ COMPONENTS: list[Component] = [
 ]
 
 
+def component(name: str) -> Component:
+    """The stack component called `name` (see COMPONENTS)."""
+    for candidate in COMPONENTS:
+        if candidate.name == name:
+            return candidate
+    raise StackError(f"no stack component {name!r}; known: {', '.join(c.name for c in COMPONENTS)}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -293,7 +301,7 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
         start_component(settings, component, say)
 
 
-def _stop_pid(pid: int, grace_s: float, stop_signal: signal.Signals = signal.SIGTERM) -> None:
+def _stop_pid(pid: int, grace_s: float, stop_signal: signal.Signals) -> None:
     try:
         os.killpg(pid, stop_signal)
     except ProcessLookupError:
@@ -313,13 +321,10 @@ def _stop_pid(pid: int, grace_s: float, stop_signal: signal.Signals = signal.SIG
 
 def stop_component(settings: Settings, name: str) -> bool:
     """Stop one component started from this home; True if it was running."""
+    stopping = component(name)
     pid = pid_of(settings, name)
-    component = next((c for c in COMPONENTS if c.name == name), None)
     if pid is not None:
-        if component is None:
-            _stop_pid(pid, grace_s=8)
-        else:
-            _stop_pid(pid, component.stop_grace_s, component.stop_signal)
+        _stop_pid(pid, stopping.stop_grace_s, stopping.stop_signal)
     _pidfile(settings, name).unlink(missing_ok=True)
     return pid is not None
 

@@ -40,8 +40,7 @@ def kafka(service_settings: Settings) -> Iterator[str]:
     """A real Kafka-protocol broker (Tansu) with the platform's topics."""
     from ingest.bus import ensure_topics
 
-    component = next(c for c in stack.COMPONENTS if c.name == "kafka")
-    stack.start_component(service_settings, component, lambda _: None)
+    stack.start_component(service_settings, stack.component("kafka"), lambda _: None)
     ensure_topics(service_settings)
     yield service_settings.kafka_bootstrap
     stack.stop_component(service_settings, "kafka")
@@ -49,8 +48,7 @@ def kafka(service_settings: Settings) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis(service_settings: Settings) -> Iterator[str]:
-    component = next(c for c in stack.COMPONENTS if c.name == "redis")
-    stack.start_component(service_settings, component, lambda _: None)
+    stack.start_component(service_settings, stack.component("redis"), lambda _: None)
     yield service_settings.celery_broker
     stack.stop_component(service_settings, "redis")
 

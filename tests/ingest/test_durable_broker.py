@@ -37,7 +37,7 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
 
 def _start(settings: Settings, *names: str) -> None:
     for name in names:
-        stack.start_component(settings, next(c for c in stack.COMPONENTS if c.name == name), lambda _: None)
+        stack.start_component(settings, stack.component(name), lambda _: None)
 
 
 def _stored(settings: Settings) -> list[str]:

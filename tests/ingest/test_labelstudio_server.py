@@ -43,7 +43,7 @@ def pipeline(service_settings: Settings, kafka: str, labelstudio: Any, tmp_path_
     })
     ensure_topics(settings)
     for name in ("http", "consumer"):
-        stack.start_component(settings, next(c for c in stack.COMPONENTS if c.name == name), lambda _: None)
+        stack.start_component(settings, stack.component(name), lambda _: None)
     try:
         yield settings
     finally:
