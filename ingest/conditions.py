@@ -148,7 +148,6 @@ def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
     base = _fresh_adapter(stack)
     with torch.no_grad():
         choose_centre(base, base.log_embed(x), y_w, y_l)  # the null's centre, so the model nests it
-    base.adapter.reset()
     model = _AdapterPlusInputs(base)
     adapter, n = model.base.adapter, x.shape[0]
 

@@ -288,7 +288,8 @@ def fit_stage1(
 
 def choose_centre(stack: TwoStagePolicy, log_s: Tensor, y_w: Tensor, y_l: Tensor) -> int:
     """Set the adapter's centre to the relabelling of the frozen head's outputs (identity included)
-    that best explains these expert triples; returns its index in `relabelled_centres` (0: identity).
+    that best explains these expert triples, and start the adapter there; returns its index in
+    `relabelled_centres` (0: identity).
 
     log_s = stack.log_embed(x). A relabelling must beat the identity by log(K − 1) nats, K the number
     of candidates: a prior with half its mass on keeping the proxy's labels and the rest spread over
@@ -302,6 +303,7 @@ def choose_centre(stack: TwoStagePolicy, log_s: Tensor, y_w: Tensor, y_l: Tensor
     cost = float(np.log(max(len(candidates) - 1, 1)))
     best = max(range(len(candidates)), key=lambda k: scores[k] - (cost if k else 0.0))
     stack.adapter.set_centre(*candidates[best])
+    stack.adapter.reset()
     return best
 
 
@@ -315,7 +317,6 @@ def fit_adapter(
     with torch.no_grad():
         log_s = stack.log_embed(x)  # τ̃ is frozen: embed once, not once per step
     choose_centre(stack, log_s, y_w, y_l)
-    stack.adapter.reset()
     n = x.shape[0]
     has_prior = recipe.adapter_prior > 0 or recipe.tempering_prior > 0
     penalty = (lambda: recipe.adapter_penalty(stack.adapter, n)) if has_prior else None
