@@ -108,6 +108,12 @@ def run_cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_demo(settings: Settings, report_path: Path, *args: str) -> None:
+    """`proxyloop demo ARGS` to a report, leaving the stack up for the test to inspect (and stop)."""
+    demo = run_cli(settings, "demo", *args, "--report", str(report_path), "--keep-up")
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+
+
 def launch_chromium(playwright: Any) -> Any:
     """Debian's headless Chromium, with nothing that reaches outside this machine."""
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[

@@ -13,7 +13,7 @@ from ingest.store import SnapshotRow, count_labels, load_snapshot_triples, make_
 from ingest.synthetic import appendix_d
 from policies.registry import resolve
 from proxyloop import stack
-from tests.conftest import isolated_settings, launch_chromium, run_cli
+from tests.conftest import isolated_settings, launch_chromium, run_cli, run_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -69,8 +69,7 @@ def demo_run(tmp_path_factory):
     settings = isolated_settings(home)
     report_path = home / "report.json"
     try:
-        demo = run_cli(settings, "demo", "--report", str(report_path), "--keep-up")
-        assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+        run_demo(settings, report_path)
         with Session(make_engine(settings.resolved_store_url)) as session:
             counts = count_labels(session)
         status = run_cli(settings, "status", timeout=60)

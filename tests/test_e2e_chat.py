@@ -9,7 +9,7 @@ from ingest.store import SnapshotRow, make_engine
 from ingest.text_snapshot import load_snapshot_pairs
 from policies.registry import resolve
 from proxyloop import stack
-from tests.conftest import isolated_settings, run_cli
+from tests.conftest import isolated_settings, run_cli, run_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +20,7 @@ def chat_demo(tmp_path_factory):
     settings = isolated_settings(home)
     report_path = home / "report.json"
     try:
-        demo = run_cli(settings, "demo", "--task", "chat", "--report", str(report_path), "--keep-up")
-        assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+        run_demo(settings, report_path, "--task", "chat")
     finally:
         down = run_cli(settings, "down", timeout=120)
     return {"settings": settings, "report": json.loads(report_path.read_text()), "down": down}
