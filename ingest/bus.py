@@ -1,11 +1,10 @@
-"""Kafka (kafka-python): topics, producer, bytes → typed event, and the dead-letter topic.
+"""Kafka (kafka-python): topics, producer, consumer, and bytes → typed event.
 
 Works against the embedded Tansu broker and any Kafka cluster (`PROXYLOOP_KAFKA_BOOTSTRAP`).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +15,14 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import TypeAdapter, ValidationError
 
-from ingest.schemas import SCHEMA_VERSION, DeadLetter, ExpertLabel, PolicyReleased, ProxyPreference
+from ingest.schemas import (
+    READABLE_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    DeadLetterReason,
+    ExpertLabel,
+    PolicyReleased,
+    ProxyPreference,
+)
 from proxyloop.settings import Settings
 
 LabelEvent = ExpertLabel | ProxyPreference
@@ -26,13 +32,16 @@ _label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 2000
 
-
-# Kafka's default max.message.bytes is 1 MB; a label event is a few KB.
+# Default of Settings.max_event_bytes; a label event is a few KB.
 MAX_EVENT_BYTES = 1_000_000
 
 
 class MalformedEvent(ValueError):
-    """Bytes that cannot become a typed event; the message is the dead-letter reason."""
+    """Bytes that cannot become a typed event; the message is the dead-letter reason, `code` its kind."""
+
+    def __init__(self, reason: str, code: DeadLetterReason) -> None:
+        super().__init__(reason)
+        self.code: DeadLetterReason = code
 
 
 def all_topics(settings: Settings) -> list[str]:
@@ -50,8 +59,9 @@ def ensure_topics(settings: Settings) -> None:
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="proxyloop-admin")
     try:
         existing = set(admin.list_topics())
+        limit = {"max.message.bytes": str(settings.kafka_max_message_bytes)}
         missing = [
-            NewTopic(name=t, num_partitions=settings.topic_partitions, replication_factor=1)
+            NewTopic(name=t, num_partitions=settings.topic_partitions, replication_factor=1, topic_configs=limit)
             for t in all_topics(settings)
             if t not in existing
         ]
@@ -75,6 +85,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
         enable_idempotence=False,
         linger_ms=5,
         retries=5,
+        max_request_size=settings.kafka_max_message_bytes,
         client_id="proxyloop-producer",
     )
 
@@ -88,6 +99,9 @@ def make_consumer(settings: Settings, topics: list[str], group_id: str) -> Kafka
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         max_poll_records=settings.consumer_max_poll_records,
+        # At least the largest record a producer may send, so one record never exceeds a fetch.
+        max_partition_fetch_bytes=settings.kafka_max_message_bytes,
+        fetch_max_bytes=max(52_428_800, settings.kafka_max_message_bytes),
         client_id=f"{group_id}-consumer",
     )
     consumer.subscribe(topics)
@@ -98,30 +112,36 @@ def encode_event(event: LabelEvent | PolicyReleased) -> bytes:
     return event.model_dump_json().encode()
 
 
-def decode_label_event(raw: bytes | None) -> LabelEvent:
+def decode_label_event(raw: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> LabelEvent:
     """The one place bytes become a typed label event; raises MalformedEvent with the reason."""
     if raw is None:
-        raise MalformedEvent("empty record value (tombstone) on a label topic")
-    if len(raw) > MAX_EVENT_BYTES:
-        raise MalformedEvent(f"record of {len(raw)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit for one event")
+        raise MalformedEvent("empty record value (tombstone) on a label topic", "empty")
+    if len(raw) > max_bytes:
+        raise MalformedEvent(f"record of {len(raw)} bytes exceeds the {max_bytes}-byte limit for one event "
+                             "(PROXYLOOP_MAX_EVENT_BYTES)", "too_large")
     try:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedEvent(f"not JSON: {exc}") from exc
+        raise MalformedEvent(f"not JSON: {exc}", "not_json") from exc
     except RecursionError as exc:  # e.g. b"[" * 100_000
-        raise MalformedEvent("not JSON this reader accepts: nested too deeply") from exc
+        raise MalformedEvent("not JSON this reader accepts: nested too deeply", "too_deep") from exc
     if not isinstance(payload, dict):
-        raise MalformedEvent(f"event must be a JSON object, got {type(payload).__name__}")
+        raise MalformedEvent(f"event must be a JSON object, got {type(payload).__name__}", "not_object")
     version = payload.get("schema_version")
-    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
-        raise MalformedEvent(f"unknown schema_version {_clip(repr(version))}; this reader knows {SCHEMA_VERSION}")
+    if version is not None and (type(version) is not int or version not in READABLE_SCHEMA_VERSIONS):
+        raise MalformedEvent(f"unknown schema_version {_clip(repr(version))}; this reader knows "
+                             f"{list(READABLE_SCHEMA_VERSIONS)}", "unknown_schema_version")
+    if "occurred_at" not in payload:
+        # The reader's clock would make a redelivery look newer than the stored version (contract v2).
+        raise MalformedEvent(f"occurred_at is required (event contract v{SCHEMA_VERSION}): the producer's time of "
+                             "this version, ISO 8601 with a zone", "missing_occurred_at")
     try:
         return _label_adapter.validate_python(payload)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise MalformedEvent(f"does not match the event contract: {_clip(problems)}") from exc
+        raise MalformedEvent(f"does not match the event contract: {_clip(problems)}", "contract") from exc
     except RecursionError as exc:
-        raise MalformedEvent("does not match the event contract: nested too deeply") from exc
+        raise MalformedEvent("does not match the event contract: nested too deeply", "too_deep") from exc
 
 
 def _clip(text: str, limit: int = 500) -> str:
@@ -138,25 +158,6 @@ def publish(
     otherwise silent.
     """
     future = producer.send(topic, key=event.event_id.encode(), value=encode_event(event))
-    if wait:
-        future.get(timeout=30)
-    return future
-
-
-def dead_letter(
-    producer: KafkaProducer, settings: Settings, reason: str, topic: str, partition: int, offset: int,
-    raw: bytes | None, wait: bool = True,
-) -> FutureRecordMetadata:
-    """Send the original bytes and the reason to the dead-letter topic; with wait=False call
-    `.get()` on the returned future after `flush()` (before committing the record's offset)."""
-    letter = DeadLetter(
-        reason=reason, topic=topic, partition=partition, offset=offset,
-        original_b64=base64.b64encode(raw or b"").decode(),
-    )
-    future = producer.send(
-        settings.topic_dead_letter, key=f"{topic}:{partition}:{offset}".encode(),
-        value=letter.model_dump_json().encode(),
-    )
     if wait:
         future.get(timeout=30)
     return future

@@ -9,26 +9,29 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.producer.future import FutureRecordMetadata
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential
 
+from ingest import dead_letters
 from ingest.bus import (
     LabelEvent,
     MalformedEvent,
-    dead_letter,
     decode_label_event,
     ensure_topics,
     make_consumer,
     make_producer,
     publish,
 )
+from ingest.dead_letters import Refusal
 from ingest.schemas import DatasetUpdated
 from ingest.store import count_labels, make_engine, upsert_events, watermark
 from proxyloop.settings import Settings, get_settings
@@ -44,27 +47,40 @@ class BatchOutcome:
     dead_lettered: int
 
 
-def store_batch(
-    engine: Engine, producer: KafkaProducer, settings: Settings, records: list[object]
-) -> BatchOutcome:
-    """Dead-letter what is malformed, upsert the rest, commit the store. Offsets come after.
+class StoreUnavailable(RuntimeError):
+    """The store stayed unreachable for longer than Settings.store_retry_s."""
 
-    Every dead letter is acknowledged by the broker before this returns, so committing the
-    offsets afterwards can never drop a refused record.
+
+def _retrying(seconds: float, on: Callable[[BaseException], bool]) -> Retrying:
+    return Retrying(stop=stop_after_delay(seconds), wait=wait_exponential(multiplier=0.2, max=10),
+                    retry=retry_if_exception(on), before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)
+
+
+def _retriable_kafka(error: BaseException) -> bool:
+    return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
+
+
+def store_batch(
+    engine: Engine, producer: KafkaProducer, settings: Settings, records: list[Any]
+) -> BatchOutcome:
+    """Upsert what decodes, dead-letter the rest once, commit the store. Offsets come after.
+
+    Every dead letter is acknowledged by the broker and recorded in the store before this returns,
+    so committing the offsets afterwards can never drop a refused record, and a batch read again
+    (after a broker error or a restart) sends no letter twice.
     """
     decoded: list[tuple[Any, LabelEvent]] = []
-    letters: list[FutureRecordMetadata] = []
+    refusals: list[Refusal] = []
 
-    def refuse(record: Any, reason: str) -> None:
-        letters.append(dead_letter(producer, settings, reason, record.topic, record.partition, record.offset,
-                                   record.value, wait=False))
-        log.warning("dead-lettered %s:%s:%s: %s", record.topic, record.partition, record.offset, reason)
+    def refuse(record: Any, error: MalformedEvent) -> None:
+        refusals.append(Refusal(record.topic, record.partition, record.offset, record.key, record.value,
+                                str(error), error.code))
 
     for record in records:
         try:
-            decoded.append((record, decode_label_event(record.value)))  # type: ignore[attr-defined]
+            decoded.append((record, decode_label_event(record.value, settings.max_event_bytes)))
         except MalformedEvent as exc:
-            refuse(record, str(exc))
+            refuse(record, exc)
     try:
         stored = _upsert_committed(engine, [event for _, event in decoded])
     except (DataError, IntegrityError):
@@ -75,12 +91,49 @@ def store_batch(
             try:
                 stored += _upsert_committed(engine, [event])
             except (DataError, IntegrityError) as exc:
-                refuse(record, f"the store refused the event: {str(exc.orig)[:500]}")
-    if letters:
-        producer.flush()
-        for letter in letters:
-            letter.get(timeout=30)
-    return BatchOutcome(stored=stored, dead_lettered=len(letters))
+                refuse(record, MalformedEvent(f"the store refused the event: {str(exc.orig)[:500]}",
+                                              "store_refused"))
+    return BatchOutcome(stored=stored, dead_lettered=send_dead_letters(engine, producer, settings, refusals))
+
+
+def send_dead_letters(engine: Engine, producer: KafkaProducer, settings: Settings, refusals: list[Refusal]) -> int:
+    """Send each refusal's letter unless the store says it was sent; retry the unacknowledged ones with
+    backoff for Settings.broker_retry_s, then raise the broker's error. Returns letters sent now."""
+    with Session(engine) as session:
+        done = dead_letters.already_dead_lettered(session, refusals)
+    pending = [(r, dead_letters.letter_for(settings, r)) for r in refusals if r.position not in done]
+    sent = 0
+    for attempt in _retrying(settings.broker_retry_s, _retriable_kafka):
+        with attempt:
+            futures = []
+            for refusal, letter in pending:
+                try:
+                    futures.append(producer.send(settings.topic_dead_letter, value=letter.model_dump_json().encode(),
+                                                 key=f"{refusal.topic}:{refusal.partition}:{refusal.offset}".encode()))
+                except KafkaError as error:  # e.g. no metadata: the broker is away
+                    futures.append(error)
+            producer.flush()
+            acknowledged, failed, last_error = [], [], None
+            for item, future in zip(pending, futures, strict=True):
+                try:
+                    if isinstance(future, KafkaError):
+                        raise future
+                    future.get(timeout=30)
+                    acknowledged.append(item)
+                except KafkaError as error:
+                    failed.append(item)
+                    last_error = error
+            with Session(engine) as session:
+                dead_letters.record(session, acknowledged)
+                session.commit()
+            for refusal, _ in acknowledged:
+                log.warning("dead-lettered %s:%s:%s (%s): %s", refusal.topic, refusal.partition, refusal.offset,
+                            refusal.code, refusal.reason[:300])
+            sent += len(acknowledged)
+            pending = failed
+            if last_error is not None:
+                raise last_error
+    return sent
 
 
 def _upsert_committed(engine: Engine, events: list[LabelEvent]) -> int:
@@ -88,6 +141,13 @@ def _upsert_committed(engine: Engine, events: list[LabelEvent]) -> int:
         stored = upsert_events(session, events)
         session.commit()
     return stored
+
+
+def commit_offsets(consumer: KafkaConsumer, settings: Settings) -> None:
+    """Commit after the store commit; retriable broker errors are retried with backoff, bounded."""
+    for attempt in _retrying(settings.broker_retry_s, _retriable_kafka):
+        with attempt:
+            consumer.commit()
 
 
 def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings) -> DatasetUpdated | None:
@@ -147,6 +207,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     producer = make_producer(settings)
     consumer = make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
     log.info("consuming %s, %s as group %s", settings.topic_expert, settings.topic_proxy, settings.consumer_group)
+    pause, store_down_since = 1.0, None
     try:
         while not stop.is_set():
             polled = consumer.poll(timeout_ms=500)
@@ -155,20 +216,28 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 continue
             try:
                 outcome = store_batch(engine, producer, settings, records)
-                consumer.commit()  # only after the store commit above
-            except KafkaError as error:
-                # The broker went away mid-batch (a restart, a network blip): a dead letter or the
-                # offset commit was not acknowledged. Read the batch again once it is back; the
-                # store upserts by event id, so the second pass writes nothing twice (a dead
-                # letter may be sent twice).
-                log.warning("broker error on a batch of %d (%r); reading it again", len(records), error)
+                commit_offsets(consumer, settings)  # only after the store commit above
+            except (KafkaError, OperationalError) as error:
+                # The broker stayed away past its retries, the group rebalanced, or the store is
+                # unreachable: read the batch again later. The store upserts by event id and records
+                # every letter sent, so the second pass stores and dead-letters nothing twice.
+                if isinstance(error, OperationalError):
+                    store_down_since = store_down_since or time.monotonic()
+                    if time.monotonic() - store_down_since > settings.store_retry_s:
+                        raise StoreUnavailable(f"the store at {engine.url!r} has been unreachable for more than "
+                                               f"{settings.store_retry_s:.0f} s (PROXYLOOP_STORE_RETRY_S)") from error
+                log.error("%s error on a batch of %d (%s); reading it again in %.0f s",
+                          "store" if isinstance(error, OperationalError) else "broker", len(records),
+                          str(error).splitlines()[0][:300], pause)
                 _rewind(consumer, records)
-                stop.wait(1.0)
+                stop.wait(pause)
+                pause = min(pause * 2, 30.0)
                 continue
+            pause, store_down_since = 1.0, None
             log.info("stored %d, dead-lettered %d", outcome.stored, outcome.dead_lettered)
             try:
                 check_thresholds(engine, producer, settings)
-            except KafkaError as error:  # the watermark did not move: the next batch tries again
+            except (KafkaError, OperationalError) as error:  # the watermark did not move: the next batch retries
                 log.warning("dataset.updated not published (%r); retrying after the next batch", error)
     finally:
         consumer.close()

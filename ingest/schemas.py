@@ -2,16 +2,23 @@
 
 Imports nothing of ours. Every event carries `schema_version`; a change that breaks readers
 bumps it, and readers refuse versions they do not know (the event goes to the dead letters).
+
+Version 2 (this one) requires `occurred_at` on the wire: the producer's moment of the change. A
+reader never stamps its own clock, so a redelivered copy cannot look newer than the stored one.
+Between two versions of one event id the later `occurred_at` wins; equal moments are ordered by
+content hash; an identical copy is a no-op whatever its timestamp (ingest.store.upsert_events).
+Version 1 events are still read when they carry `occurred_at` (they meant the same).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 Plan = Literal["two_stage", "proxy_as_is", "fine_tune", "expert_only", "refuse"]
 Decision = Literal["release", "block", "pick_checkpoint"]
@@ -55,10 +62,19 @@ class PairwiseText(_Strict):
 Item = Annotated[FeatureTriple | PairwiseText, Field(discriminator="type")]
 
 
+def _occurred_at_required(schema: dict[str, Any]) -> None:
+    # Python producers get the producer's clock by default; on the wire the field is required.
+    schema["required"] = sorted({*schema.get("required", []), "occurred_at"})
+
+
 class _Event(_Strict):
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    model_config = ConfigDict(json_schema_extra=_occurred_at_required)
+
+    schema_version: Literal[1, 2] = 2  # SCHEMA_VERSION
     event_id: str = Field(min_length=1, max_length=256, description="Idempotency key.")
-    occurred_at: datetime = Field(default_factory=utcnow)
+    occurred_at: datetime = Field(
+        default_factory=utcnow,
+        description="When the producer made this version (required on the wire since v2); orders versions of an id.")
 
 
 class ExpertLabel(_Event):
@@ -101,14 +117,31 @@ class PolicyReleased(_Event):
     uri: str
 
 
+DeadLetterReason = Literal[
+    "empty", "too_large", "not_json", "too_deep", "not_object", "unknown_schema_version", "missing_occurred_at",
+    "contract", "store_refused",
+]
+
+
 class DeadLetter(BaseModel):
-    """What the dead-letter topic holds: the original bytes (base64) and why they were refused."""
+    """What the dead-letter topic holds: why a record was refused, where it was, and its bytes.
+
+    A dead letter always fits the topic's size limit: when the base64 of the original would not, it
+    carries the first `dead_letter_inline_bytes` of it (`truncated`) and the whole payload is kept
+    at `payload_uri` (verify it against `sha256`).
+    """
 
     reason: str
+    reason_code: DeadLetterReason = "contract"
     topic: str
     partition: int
     offset: int
+    key_b64: str | None = None
+    size: int = Field(0, description="Bytes of the original record value.")
+    sha256: str = ""
     original_b64: str
+    truncated: bool = False
+    payload_uri: str | None = None
     dead_lettered_at: datetime = Field(default_factory=utcnow)
 
 

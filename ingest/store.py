@@ -6,9 +6,11 @@ SQLite by default, any SQLAlchemy URL (PostgreSQL) by `PROXYLOOP_STORE_URL`.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
@@ -95,10 +97,17 @@ _LABELS = Base.metadata.tables[LabelRow.__tablename__]
 _HISTORY = Base.metadata.tables[LabelHistoryRow.__tablename__]
 
 
+# Modules that declare further tables on Base (they import this one, so they are loaded here, lazily).
+_TABLE_MODULES = ("ingest.dead_letters",)
+
+
 @lru_cache(maxsize=8)
 def make_engine(url: str) -> Engine:
     """One engine per URL and process; creates missing tables (several processes may race)."""
-    engine = create_engine(url)
+    for module in _TABLE_MODULES:
+        importlib.import_module(module)
+    # pre_ping: after a database restart the pool's old connections are replaced, not handed out.
+    engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa_event.listen(engine, "connect", _sqlite_wal)
     for attempt in range(5):
@@ -139,8 +148,11 @@ _IN_CHUNK = 500  # ids per IN (...) query; far below SQLite's and PostgreSQL's p
 def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreference]) -> int:
     """Insert or update by event id; repeating a delivery changes nothing. Returns rows written.
 
-    A newer `occurred_at` replaces the row (an update), `action="deleted"` retracts it; each write
-    is appended to `label_history`. The caller commits: Kafka offsets are committed only after that.
+    The rule of the event contract (v2): an identical copy (same content, whatever its `occurred_at`)
+    is a no-op; between different versions of one id the later `occurred_at` wins, and equal moments
+    are ordered by content hash, so the stored version never depends on arrival order or on any
+    reader's clock. `action="deleted"` retracts. Each write is appended to `label_history`. The
+    caller commits: Kafka offsets are committed only after that.
     """
     batch = list(events)
     existing: dict[str, LabelRow] = {}
@@ -164,6 +176,7 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
             action = "created" if row is None and fresh is None else "updated"
         item = event.item.model_dump(mode="json") if event.item is not None else None
         deleted = action == "deleted"
+        version = _Version(event.occurred_at, source_id, item, deleted)
         if row is None and fresh is None:
             # A retraction that overtook its creation leaves a tombstone, so the late creation
             # (older occurred_at) cannot resurrect the label.
@@ -172,14 +185,18 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
                 "deleted": deleted, "occurred_at": event.occurred_at, "seq": next_seq, "stored_at": utcnow(),
             }
             next_seq += 1
-        elif fresh is not None and event.occurred_at > fresh["occurred_at"]:
-            fresh.update(deleted=deleted, occurred_at=event.occurred_at, **({"item": item} if item else {}))
-        elif row is not None and event.occurred_at > _aware(row.occurred_at):  # a redelivery is a no-op
-            row.deleted, row.occurred_at = deleted, event.occurred_at
+        elif fresh is not None:
+            if not version.supersedes(_Version(fresh["occurred_at"], fresh["source_id"], fresh["item"],
+                                               fresh["deleted"])):
+                continue
+            fresh.update(deleted=deleted, occurred_at=event.occurred_at, source_id=source_id,
+                         **({"item": item} if item else {}))
+        elif row is not None:
+            if not version.supersedes(_Version(_aware(row.occurred_at), row.source_id, row.item, row.deleted)):
+                continue
+            row.deleted, row.occurred_at, row.source_id = deleted, event.occurred_at, source_id
             if item is not None:
                 row.item = item
-        else:
-            continue
         history.append({"event_id": event.event_id, "kind": kind, "action": action, "item": item,
                         "occurred_at": event.occurred_at, "recorded_at": utcnow()})
     if inserts:
@@ -188,6 +205,26 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
         session.execute(insert(_HISTORY), history)
     session.flush()
     return len(history)
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One version of a label, as the ordering rule of upsert_events sees it."""
+
+    occurred_at: datetime
+    source_id: str
+    item: dict[str, object] | None
+    deleted: bool
+
+    def content_hash(self) -> str:
+        # A retraction's content is the retraction itself: who sent it does not make it another version.
+        content = ["deleted"] if self.deleted else [self.source_id, self.item]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def supersedes(self, stored: _Version) -> bool:
+        if self.content_hash() == stored.content_hash():
+            return False  # an identical copy (a redelivery, a replay) whatever its timestamp
+        return (self.occurred_at, self.content_hash()) > (stored.occurred_at, stored.content_hash())
 
 
 def label_history(session: Session, event_id: str) -> Sequence[LabelHistoryRow]:

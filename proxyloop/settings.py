@@ -71,12 +71,35 @@ class Settings(BaseSettings):
     topic_dataset_updated: str = "proxyloop.dataset-updated"
     topic_policy_released: str = "proxyloop.policy-released"
     topic_partitions: int = 3
+    # Size limits, one story from producer to consumer: producers may send records up to
+    # kafka_max_message_bytes (also the topics' max.message.bytes and the consumer's fetch size); the
+    # consumer stores events up to max_event_bytes and dead-letters larger ones with a letter that fits.
+    kafka_max_message_bytes: int = Field(
+        1_048_576, ge=65_536, description="Producer max_request_size, topic max.message.bytes, consumer fetch size.")
+    max_event_bytes: int = Field(1_000_000, ge=1024, description="Larger label events are dead-lettered (too_large).")
+    dead_letter_inline_bytes: int = Field(
+        262_144, ge=0, description="A dead letter carries at most this many bytes of the original (base64); "
+        "the whole payload of a larger one is kept under dead_letter_payload_url.")
+    dead_letter_payload_url: str = Field(
+        "", description="fsspec URL where payloads too large to inline are kept (s3://bucket/dead-letters, …); "
+        "empty means home/dead-letters.")
+    broker_retry_s: float = Field(
+        60, gt=0, description="A dead letter or offset commit the broker refuses is retried with backoff this long; "
+        "then the batch is read again (nothing is stored or dead-lettered twice).")
+    store_retry_s: float = Field(
+        300, gt=0, description="The consumer retries an unreachable store with backoff this long, then exits.")
     consumer_group: str = "proxyloop-ingest"
     # Tansu's group join waits about session_timeout/2 before the first record; Kafka's default
     # (45 s) would stall every consumer start.
     kafka_session_timeout_ms: int = Field(6000, ge=1000, description="Consumer group session timeout.")
     kafka_heartbeat_interval_ms: int = Field(2000, ge=100, description="Must be below a third of the session timeout.")
     consumer_max_poll_records: int = Field(500, ge=1, description="Records per consumer batch (one store commit).")
+    consumer_stall_after_s: int = Field(
+        120, ge=1, description="Lag above 0 with the committed offset unchanged this long: the consumer is stalled.")
+    lag_alert_after_s: int = Field(
+        300, ge=1, description="Lag rising over this long raises the Prefect event proxyloop.ingest.lag-growing.")
+    lag_history_s: int = Field(86400, ge=3600, description="Lag samples older than this are deleted.")
+    health_interval_s: int = Field(60, ge=5, description="Schedule of the ingest-health flow, which samples lag.")
 
     labelstudio_url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
     labelstudio_token: str = Field("", description="Label Studio API token (legacy token of the provisioning user).")
@@ -123,6 +146,21 @@ class Settings(BaseSettings):
                     "set PROXYLOOP_WEBHOOK_SECRET and PROXYLOOP_API_KEYS"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _size_limits_consistent(self) -> Settings:
+        # A letter's envelope (reason, hash, position) needs room beside the base64 of its payload.
+        if self.max_event_bytes > self.kafka_max_message_bytes:
+            raise ValueError(f"max_event_bytes ({self.max_event_bytes}) must not exceed kafka_max_message_bytes "
+                             f"({self.kafka_max_message_bytes}): producers could not send the largest event")
+        if self.dead_letter_inline_bytes * 4 // 3 + 16_384 > self.kafka_max_message_bytes:
+            raise ValueError(f"dead_letter_inline_bytes ({self.dead_letter_inline_bytes}) base64-encoded plus 16 KiB "
+                             f"must fit kafka_max_message_bytes ({self.kafka_max_message_bytes})")
+        return self
+
+    @property
+    def resolved_dead_letter_payload_url(self) -> str:
+        return self.dead_letter_payload_url or (self.home_dir / "dead-letters").as_uri()
 
     @property
     def api_key_list(self) -> list[str]:

@@ -56,20 +56,23 @@ def test_valid_events_are_stored_and_poison_goes_to_dead_letters(settings):
     for i in range(30):
         publish(producer, settings.topic_proxy, ProxyPreference(
             event_id=f"ok-{i}", proxy_name="judge", item=FeatureTriple(x=[float(i)], y_w=0, y_l=1)), wait=False)
-    poison = b'{"schema_version": 1, "event_id": "bad", "kind": "proxy_preference"}'
+    poison = b'{"schema_version": 2, "event_id": "bad", "kind": "proxy_preference", "occurred_at": "2026-01-01T00:00Z"}'
+    unstamped = b'{"event_id": "unstamped", "proxy_name": "j", "item": {"type": "features", "x": [1], "y_w": 0, "y_l": 1}}'
     producer.send(settings.topic_proxy, key=b"bad", value=poison)
     producer.send(settings.topic_proxy, key=b"bad2", value=b"\xff not json")
+    producer.send(settings.topic_proxy, key=b"bad3", value=unstamped)
     producer.flush()
 
     assert _run_until_stored(settings, 30) == 30
 
     letters = [json.loads(v) for v in read_topic(settings, settings.topic_dead_letter)
                if json.loads(v)["topic"] == settings.topic_proxy]
-    originals = {base64.b64decode(letter["original_b64"]) for letter in letters}
-    assert originals == {poison, b"\xff not json"}
+    codes = {base64.b64decode(letter["original_b64"]): letter["reason_code"] for letter in letters}
+    assert codes == {poison: "contract", b"\xff not json": "not_json", unstamped: "missing_occurred_at"}
     reasons = " ".join(letter["reason"] for letter in letters)
     assert "does not match the event contract" in reasons and "not JSON" in reasons
-    assert all(letter["offset"] >= 0 for letter in letters)
+    assert "occurred_at is required" in reasons
+    assert all(letter["offset"] >= 0 and not letter["truncated"] for letter in letters)
 
 
 def test_offsets_are_committed_so_a_restart_rereads_nothing(settings):

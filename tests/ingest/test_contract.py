@@ -14,5 +14,8 @@ def test_committed_json_schemas_match_the_models():
 
 def test_schemas_state_the_version_and_the_required_identity_fields():
     expert = json.loads(json_schemas()["ExpertLabel.schema.json"])
-    assert expert["properties"]["schema_version"]["const"] == 1
-    assert {"event_id", "annotator_id"} <= set(expert["required"])
+    assert expert["properties"]["schema_version"]["default"] == 2
+    assert expert["properties"]["schema_version"]["enum"] == [1, 2]
+    # v2: the producer's clock orders versions, so the wire requires it.
+    assert {"event_id", "annotator_id", "occurred_at"} <= set(expert["required"])
+    assert "v2" in expert["$comment"]

@@ -110,3 +110,47 @@ def test_only_a_retraction_may_omit_the_item():
         ExpertLabel(event_id="e1", annotator_id="ann", action="updated")
     with pytest.raises(ValidationError):
         FeatureTriple(x=[float("nan")], y_w=0, y_l=1)
+
+
+def test_forty_identical_redeliveries_stamped_later_write_nothing(store_url):
+    from ingest.store import label_history
+
+    engine = make_engine(store_url)
+    original = _proxy(1)
+    copies = [original.model_copy(update={"occurred_at": original.occurred_at + timedelta(seconds=i)})
+              for i in range(1, 41)]
+    with Session(engine) as session:
+        assert upsert_events(session, [original]) == 1
+        assert sum(upsert_events(session, [copy]) for copy in copies) == 0
+        assert upsert_events(session, copies) == 0  # in one batch too
+        session.commit()
+        assert len(label_history(session, "p1")) == 1
+
+
+def test_the_stored_version_does_not_depend_on_arrival_order(store_url):
+    from itertools import permutations
+
+    from sqlalchemy import delete
+
+    from ingest.store import LabelHistoryRow, LabelRow
+
+    engine = make_engine(store_url)
+    t0 = utcnow()
+    versions = [
+        ExpertLabel(event_id="e1", annotator_id="ann", occurred_at=t0, item=FeatureTriple(x=[1.0], y_w=0, y_l=1)),
+        # Two different versions at the same moment: ordered by content hash, not by arrival.
+        ExpertLabel(event_id="e1", annotator_id="ann", action="updated", occurred_at=t0 + timedelta(seconds=1),
+                    item=FeatureTriple(x=[2.0], y_w=0, y_l=1)),
+        ExpertLabel(event_id="e1", annotator_id="ann", action="updated", occurred_at=t0 + timedelta(seconds=1),
+                    item=FeatureTriple(x=[3.0], y_w=0, y_l=1)),
+    ]
+    outcomes = set()
+    for order in permutations(versions):
+        with Session(engine) as session:
+            for event in order:  # one delivery at a time, as a consumer re-reading after a rewind would
+                upsert_events(session, [event])
+            outcomes.add(tuple(session.get(LabelRow, "e1").item["x"]))
+            session.execute(delete(LabelRow))
+            session.execute(delete(LabelHistoryRow))
+            session.commit()
+    assert len(outcomes) == 1 and outcomes.pop() in {(2.0,), (3.0,)}

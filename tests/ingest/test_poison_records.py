@@ -1,0 +1,110 @@
+"""No record stalls a partition: oversized records from another client, batches read twice, the v2 clock rule.
+
+Real broker (the session's Tansu), real clients (confluent-kafka's librdkafka and kafka-python).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from ingest import consumer as ingest_consumer
+from ingest import dead_letters
+from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_consumer, make_producer, read_topic
+from ingest.schemas import FeatureTriple, ProxyPreference
+from ingest.store import count_labels, make_engine
+from proxyloop.settings import Settings
+from tests.conftest import consumer_in_thread, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
+    settings = service_settings.model_copy(update={
+        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
+        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
+        "topic_dead_letter": f"dead-{tmp_path.name}", "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
+        "consumer_max_poll_records": 7})
+    ensure_topics(settings)
+    return settings
+
+
+def _event(i: int) -> bytes:
+    return ProxyPreference(event_id=f"ok-{i}", proxy_name="judge",
+                           item=FeatureTriple(x=[float(i)], y_w=0, y_l=1)).model_dump_json().encode()
+
+
+def _stored(settings: Settings) -> int:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        return count_labels(session)["proxy"]
+
+
+def test_a_3mb_record_from_librdkafka_is_dead_lettered_once_and_ingest_goes_on(settings: Settings) -> None:
+    from confluent_kafka import Producer
+
+    # A producer that is not ours, allowed to send far more than our limits; the broker accepts it.
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "message.max.bytes": 5_000_000})
+    huge = b'{"event_id": "' + b"x" * 3_000_000 + b'"}'
+    for value in [*(_event(i) for i in range(10)), huge, *(_event(i) for i in range(10, 20))]:
+        producer.produce(settings.topic_proxy, value=value, key=b"k", partition=0)
+    assert producer.flush(30) == 0
+
+    with consumer_in_thread(settings):
+        wait_until(lambda: _stored(settings) == 20, 90, "the 20 events around the huge one to be stored")
+        letters = read_topic(settings, settings.topic_dead_letter, stop_when=lambda v: len(v) >= 1)
+
+    assert len(letters) == 1  # dead-lettered once, not once per re-read
+    assert len(letters[0]) <= settings.kafka_max_message_bytes
+    letter = json.loads(letters[0])
+    assert (letter["reason_code"], letter["size"], letter["truncated"]) == ("too_large", len(huge), True)
+    assert letter["sha256"] == hashlib.sha256(huge).hexdigest()
+    assert dead_letters.load_payload(letter["payload_uri"], letter["sha256"]) == huge
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        assert dead_letters.count_by_reason(session) == {"too_large": 1}
+        (row,) = dead_letters.find(session)
+        assert (row.partition, row.payload, dead_letters.original_bytes(row)) == (0, None, huge)
+
+
+def test_a_batch_read_again_sends_no_dead_letter_twice(settings: Settings) -> None:
+    producer = make_producer(settings)
+    for value in (b"not json", _event(1), b"[1]", _event(2)):
+        producer.send(settings.topic_proxy, value=value, partition=0)
+    producer.flush()
+    consumer = make_consumer(settings, [settings.topic_proxy], settings.consumer_group)
+    engine = make_engine(settings.resolved_store_url)
+    try:
+        records: list[object] = []
+        wait_until(lambda: records.extend(r for batch in consumer.poll(500).values() for r in batch)
+                   or len(records) >= 4, 60, "the batch")
+        first = ingest_consumer.store_batch(engine, producer, settings, records)
+        again = ingest_consumer.store_batch(engine, producer, settings, records)  # as after a failed commit
+    finally:
+        consumer.close()
+        producer.close()
+    assert (first.stored, first.dead_lettered) == (2, 2)
+    assert (again.stored, again.dead_lettered) == (0, 0)
+    assert len(read_topic(settings, settings.topic_dead_letter)) == 2
+
+
+def test_an_event_without_occurred_at_is_refused_and_a_v1_event_with_it_is_read() -> None:
+    body = {"event_id": "e", "proxy_name": "j", "item": {"type": "features", "x": [1.0], "y_w": 0, "y_l": 1}}
+    with pytest.raises(MalformedEvent, match="occurred_at is required") as refused:
+        decode_label_event(json.dumps(body).encode())
+    assert refused.value.code == "missing_occurred_at"
+    v1 = decode_label_event(json.dumps({**body, "schema_version": 1, "occurred_at": "2026-01-02T03:04:05Z"}).encode())
+    assert (v1.schema_version, v1.occurred_at.isoformat()) == (1, "2026-01-02T03:04:05+00:00")
+    with pytest.raises(MalformedEvent) as unknown:
+        decode_label_event(json.dumps({**body, "schema_version": 3, "occurred_at": "2026-01-02T03:04:05Z"}).encode())
+    assert unknown.value.code == "unknown_schema_version"
+
+
+def test_size_limits_that_do_not_fit_together_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_event_bytes"):
+        Settings(home=tmp_path, max_event_bytes=2_000_000)
+    with pytest.raises(ValueError, match="dead_letter_inline_bytes"):
+        Settings(home=tmp_path, dead_letter_inline_bytes=1_000_000)
