@@ -37,6 +37,7 @@ from flows.stages import (
 )
 from ingest.schemas import CheckpointEvaluation, GateDecision, TrainingRequest, TrainingResult, utcnow
 from ingest.store import RetrainRun, make_engine
+from policies.audit import ReleaseEvidence, current_user
 from policies.lm_release import release_causal_lm
 from policies.release import release_checkpoint
 from proxyloop.settings import get_settings
@@ -102,30 +103,35 @@ def evaluate_and_gate_flow(run_id: str) -> dict[str, Any]:
 
 
 @flow(name="release")
-def release_flow(run_id: str, override_reason: str | None = None, operator: str = "operator") -> dict[str, Any]:
-    """Release a run's gated checkpoint; a blocked run needs `override_reason` (audited in lineage)."""
+def release_flow(run_id: str, override_reason: str | None = None, operator: str | None = None) -> dict[str, Any]:
+    """Release a run's gated checkpoint; a blocked run needs `override_reason` (audited in lineage and in the
+    promotion history, with `operator`, default the OS user)."""
     settings = get_settings()
     run = load_run(run_id)
     summary = dict(run.summary)
     decision = GateDecision.model_validate(summary["gate"])
     if decision.checkpoint is None:
         raise ValueError(f"run {run_id} has no evaluated checkpoint to release")
+    who = operator or current_user()
     override = None
     if decision.decision == "block":
         if not override_reason:
             raise PermissionError(f"run {run_id} was blocked by the gate: {decision.reasons}; "
                                   "release it only with an override reason")
-        override = {"by": operator, "reason": override_reason, "at": utcnow().isoformat(),
+        override = {"by": who, "reason": override_reason, "at": utcnow().isoformat(),
                     "gate_reasons": decision.reasons}
-        get_run_logger().warning("run %s: gate overridden by %s: %s", run_id, operator, override_reason)
+        get_run_logger().warning("run %s: gate overridden by %s: %s", run_id, who, override_reason)
     lineage = {"snapshot": summary["snapshot"], "conditions": summary["conditions"],
                "training_request": summary.get("training_request"), "training": summary["training"],
                "gate": summary["gate"], "override": override, "flow_run_id": run_id}
+    evidence = ReleaseEvidence(who=who, why=override_reason or f"gate decision {decision.decision!r} for run {run_id}",
+                               gate=summary["gate"], snapshot_id=summary["snapshot"]["snapshot_id"],
+                               override=override is not None)
     if _is_chat(summary["snapshot"]):
         lineage["chat_data"] = summary["chat_data"]  # the JSONL files and the snapshot they came from
-        version = release_causal_lm(settings, Path(decision.checkpoint.path), lineage)
+        version = release_causal_lm(settings, Path(decision.checkpoint.path), lineage, evidence=evidence)
     else:
-        version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage)
+        version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage, evidence=evidence)
     release = {"policy": version.policy, "version": version.version, "alias": "production", "path": version.path,
                "override": override, "family": "causal_lm" if _is_chat(summary["snapshot"]) else "feature"}
     publish_release(settings, release)

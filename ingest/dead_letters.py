@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import fsspec
+from kafka import KafkaProducer
 from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, func, select, tuple_
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -157,3 +158,29 @@ def original_bytes(row: DeadLetterRow) -> bytes:
     if row.payload_uri is None:
         return row.payload or b""
     return load_payload(row.payload_uri, row.sha256)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    topic: str
+    partition: int
+    offset: int
+    reason_code: str
+
+
+def replay(session: Session, producer: KafkaProducer, rows: Sequence[DeadLetterRow]) -> list[Replayed]:
+    """Publish each refused record again, as it was (same key, same bytes), to the topic it came from.
+
+    Meant for after a fix (a contract change, a raised limit): what now passes is stored, what does not
+    is dead-lettered again under its new position. Safe to repeat: the store treats an identical copy
+    as a no-op. Rows are marked replayed as soon as the broker acknowledged them (the caller commits).
+    """
+    futures = [(row, producer.send(row.topic, key=row.key, value=original_bytes(row))) for row in rows]
+    producer.flush()
+    done = []
+    for row, future in futures:
+        future.get(timeout=30)
+        row.replayed_at, row.replays = utcnow(), row.replays + 1
+        done.append(Replayed(row.topic, row.partition, row.offset, row.reason_code))
+    session.flush()
+    return done

@@ -1,5 +1,6 @@
 """Releasing a language-model checkpoint: the model files (not the optimiser state) as a registry
-version of family `causal_lm`, the alias moved, and `policy.released` on Kafka.
+version of family `causal_lm`, the alias moved and logged in the promotion history, and `policy.released`
+on Kafka.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.schemas import PolicyVersion
+from policies.audit import ReleaseEvidence, record_release
 from policies.chat import register_causal_lm
 from policies.release import announce
 from proxyloop.settings import Settings
@@ -19,12 +21,15 @@ TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "
 
 
 def release_causal_lm(
-    settings: Settings, checkpoint_dir: Path, lineage: dict[str, Any], alias: str = "production"
+    settings: Settings, checkpoint_dir: Path, lineage: dict[str, Any], alias: str = "production",
+    evidence: ReleaseEvidence | None = None,
 ) -> PolicyVersion:
-    """Register `checkpoint_dir` under `settings.chat_policy_name` and tell services."""
+    """Register `checkpoint_dir` under `settings.chat_policy_name`, point `alias` at it, log who/why/gate/snapshot
+    (`evidence`) and tell services."""
     with tempfile.TemporaryDirectory(prefix="release-") as staging:
         model_dir = Path(staging) / "model"
         shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
-        version = register_causal_lm(settings.registry_dir, settings.chat_policy_name, model_dir, lineage, alias=alias)
+        version = register_causal_lm(settings.registry_dir, settings.chat_policy_name, model_dir, lineage, alias=None)
+    record_release(settings.registry_dir, version, alias, evidence or ReleaseEvidence())
     announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
     return version

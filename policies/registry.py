@@ -84,7 +84,8 @@ def register(
     """Write a new immutable version and (optionally) point an alias at it.
 
     `tensors` become `model.safetensors`; `directories` (e.g. a Hugging Face model directory) are
-    copied in under the given names before the version becomes visible.
+    copied in under the given names before the version becomes visible. Releases pass `alias=None` and
+    move the alias through `policies.audit`, which logs the move in the promotion history.
     """
     policy_dir = root / validate_name(name)
     policy_dir.mkdir(parents=True, exist_ok=True)

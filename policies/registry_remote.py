@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fsspec
 
+from policies.audit import AUDIT_FILE, AuditTampered
 from policies.registry import ALIASES_FILE, validate_name, versions
 from proxyloop.settings import Settings
 
@@ -26,7 +27,8 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def push(local_root: Path, url: str, name: str) -> None:
-    """Upload versions the remote lacks, then the aliases (after the versions they point at)."""
+    """Upload versions the remote lacks, then the aliases (after the versions they point at), then the
+    registry's promotion history."""
     fs, root = _fs(url)
     remote_policy = posixpath.join(root, validate_name(name))
     for version in versions(local_root, name):
@@ -40,6 +42,21 @@ def push(local_root: Path, url: str, name: str) -> None:
     aliases = local_root / name / ALIASES_FILE
     if aliases.exists():
         fs.pipe_file(posixpath.join(remote_policy, ALIASES_FILE), aliases.read_bytes())
+    _push_audit_log(fs, root, local_root / AUDIT_FILE)
+
+
+def _push_audit_log(fs: fsspec.AbstractFileSystem, root: str, log: Path) -> None:
+    """Mirror the log, refusing to replace a remote copy the local log does not extend: that copy is the
+    witness that catches a local log whose newest entries were cut off (or another machine's divergent log)."""
+    if not log.exists():
+        return
+    remote_log, local = posixpath.join(root, AUDIT_FILE), log.read_bytes()
+    if fs.exists(remote_log) and not local.startswith(fs.cat_file(remote_log)):
+        raise AuditTampered(f"{log} does not extend the mirrored history at {remote_log} (versions and aliases "
+                            "were mirrored, the history was not): local entries were lost or changed, or another "
+                            "machine publishes to this registry. Compare both with `proxyloop history`, restore the "
+                            "local log from the mirror, and publish from one machine")
+    fs.pipe_file(remote_log, local)
 
 
 def pull(local_root: Path, url: str, name: str) -> None:

@@ -14,15 +14,19 @@ from rich.console import Console
 from rich.table import Table
 
 from ingest.cli import app as ingest_app
+from ingest.dead_letters_cli import app as dead_letters_app
 from ingest.labelstudio.cli import app as labelstudio_app
 from proxyloop import stack
+from proxyloop.history_cli import history
 from proxyloop.settings import get_settings
 from workers.cli import models_app
 
 app = typer.Typer(help="proxyloop: annotation streams in, safely released policies out.", no_args_is_help=True)
 app.add_typer(labelstudio_app, name="labelstudio")
 app.add_typer(ingest_app, name="ingest")
+app.add_typer(dead_letters_app, name="deadletters")
 app.add_typer(models_app, name="models")
+app.command(name="history")(history)
 console = Console(soft_wrap=True)  # no hard wraps in logs and pipes
 
 
@@ -129,15 +133,17 @@ def override(run_id: str, reason: Annotated[str, typer.Option(help="Why the gate
 def rollback(
     version: Annotated[int, typer.Argument(help="Version to point `production` at.")],
     policy: Annotated[str | None, typer.Option(help="Policy name; default PROXYLOOP_POLICY_NAME.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the promotion history with your OS user).")] = "",
 ) -> None:
     """Point the `production` alias back at an earlier version; serving follows at once."""
+    from policies.audit import AuditTampered
     from policies.registry import RegistryError
     from policies.release import move_alias
 
     settings = get_settings()
     try:
-        moved = move_alias(settings, version, policy=policy)
-    except RegistryError as exc:
+        moved = move_alias(settings, version, policy=policy, reason=reason)
+    except (RegistryError, AuditTampered) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"{moved.policy}@production → v{moved.version}")

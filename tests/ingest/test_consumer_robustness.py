@@ -116,7 +116,7 @@ def test_sigkill_mid_stream_twenty_times_loses_and_duplicates_nothing(settings: 
 
 # --- hostile input -------------------------------------------------------------------------------------------
 
-_VALID = {"schema_version": 1, "event_id": "x", "kind": "proxy_preference", "proxy_name": "judge",
+_VALID = {"schema_version": 2, "event_id": "x", "occurred_at": "2026-11-29T12:00:00Z", "kind": "proxy_preference", "proxy_name": "judge",
           "item": {"type": "features", "x": [0.5, 1.0], "y_w": 0, "y_l": 1}}
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -130,7 +130,7 @@ def _mutated(draw: st.DrawFn) -> bytes:
     event["event_id"] = f"hostile-{draw(st.uuids())}"
     how = draw(st.sampled_from(["drop", "retype", "version", "huge", "item", "extra", "nan"]))
     if how == "drop":  # `kind` and `schema_version` have defaults; these do not
-        del event[draw(st.sampled_from(["event_id", "proxy_name", "item"]))]
+        del event[draw(st.sampled_from(["event_id", "proxy_name", "item", "occurred_at"]))]
     elif how == "retype":
         key = draw(st.sampled_from(["event_id", "proxy_name", "item", "occurred_at", "kind"]))
         if key == "occurred_at":
@@ -140,7 +140,7 @@ def _mutated(draw: st.DrawFn) -> bytes:
         else:
             event[key] = draw(_json_values.filter(lambda v: not isinstance(v, str | dict) or v == {}))
     elif how == "version":
-        event["schema_version"] = draw(_json_values.filter(lambda v: v != 1 or isinstance(v, bool)))
+        event["schema_version"] = draw(_json_values.filter(lambda v: v not in (1, 2) or isinstance(v, bool)))
     elif how == "huge":
         event["event_id"] = "h" * draw(st.integers(257, 200_000))
     elif how == "item":
