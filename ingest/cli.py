@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from proxyloop.settings import get_settings
 
 app = typer.Typer(help="Bring data in: publish proxy preferences to Kafka.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # no hard wraps in logs and pipes
 
 
 @app.command()
@@ -23,7 +23,14 @@ def proxy(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL, one ProxyPreference per line.")],
 ) -> None:
     """Publish proxy preferences in bulk; returns once the broker acknowledged every one."""
-    from ingest.proxy_client import BadProxyLine, ProxyPublisher, count_lines, example_line, read_preferences
+    from ingest.proxy_client import (
+        BadProxyLine,
+        EventTooLarge,
+        ProxyPublisher,
+        count_lines,
+        example_line,
+        read_preferences,
+    )
 
     settings = get_settings()
     total = count_lines(file)
@@ -36,6 +43,9 @@ def proxy(
                 progress.advance(bar)
     except BadProxyLine as exc:
         console.print(f"[red]error:[/red] {exc}\nexample line: {example_line()}")
+        raise typer.Exit(1) from exc
+    except EventTooLarge as exc:
+        console.print(f"[red]error:[/red] {exc}; the events before it were published")
         raise typer.Exit(1) from exc
     console.print(f"published {publisher.acknowledged} proxy preferences to {settings.topic_proxy} "
                   f"at {settings.kafka_bootstrap}")

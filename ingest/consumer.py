@@ -99,6 +99,8 @@ def store_batch(
 def send_dead_letters(engine: Engine, producer: KafkaProducer, settings: Settings, refusals: list[Refusal]) -> int:
     """Send each refusal's letter unless the store says it was sent; retry the unacknowledged ones with
     backoff for Settings.broker_retry_s, then raise the broker's error. Returns letters sent now."""
+    if not refusals:
+        return 0
     with Session(engine) as session:
         done = dead_letters.already_dead_lettered(session, refusals)
     pending = [(r, dead_letters.letter_for(settings, r)) for r in refusals if r.position not in done]

@@ -17,7 +17,7 @@ from types import TracebackType
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import ValidationError
 
-from ingest.bus import make_producer, publish
+from ingest.bus import encode_event, make_producer, publish
 from ingest.schemas import ProxyPreference
 from proxyloop.settings import Settings
 
@@ -26,8 +26,16 @@ class BadProxyLine(ValueError):
     """A line of the input file that is not a valid ProxyPreference (path:line and the reason)."""
 
 
+class EventTooLarge(ValueError):
+    """An event larger than the consumer would store (it would only be dead-lettered)."""
+
+
 def read_preferences(path: Path) -> Iterator[ProxyPreference]:
-    """One ProxyPreference JSON object per line; blank lines are skipped."""
+    """One ProxyPreference JSON object per line; blank lines are skipped.
+
+    A line without `occurred_at` is stamped with this publisher's clock when read: this command is
+    the producer. Give it in the file when the lines come from elsewhere with their own time.
+    """
     with path.open() as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -55,6 +63,11 @@ class ProxyPublisher:
         self.acknowledged = 0
 
     def publish(self, event: ProxyPreference) -> None:
+        size = len(encode_event(event))
+        if size > self.settings.max_event_bytes:
+            # Refused here rather than dead-lettered by the consumer: the producer can still fix it.
+            raise EventTooLarge(f"event {event.event_id!r} is {size} bytes; the limit is "
+                                f"{self.settings.max_event_bytes} (PROXYLOOP_MAX_EVENT_BYTES)")
         self._pending.append(publish(self._producer, self.settings.topic_proxy, event, wait=False))
         if len(self._pending) >= self.window:
             self.flush()
@@ -84,5 +97,5 @@ class ProxyPublisher:
 
 def example_line() -> str:
     """A valid line, for help texts and docs."""
-    return json.dumps({"event_id": "judge-1", "proxy_name": "llm-judge",
+    return json.dumps({"event_id": "judge-1", "proxy_name": "llm-judge", "occurred_at": "2026-11-29T17:00:00Z",
                        "item": {"type": "features", "x": [0.1, -0.3, 1.2, 0.0, 0.5], "y_w": 2, "y_l": 0}})

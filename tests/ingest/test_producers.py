@@ -103,3 +103,16 @@ def test_events_produced_by_librdkafka_are_stored(settings: Settings) -> None:
     rows = _consume_until(settings, {e.event_id for e in events})
     assert {e.event_id for e in events} <= set(rows)
     assert rows["librdkafka-text"].item["rationale"] == "ünïcödé ✓"
+
+
+def test_proxy_cli_refuses_an_event_over_the_size_limit_before_sending_it(settings: Settings, tmp_path: Path) -> None:
+    small, large = _preferences(2)
+    large = large.model_copy(update={"proxy_name": "j" * 3000})
+    source = tmp_path / "proxy.jsonl"
+    source.write_text(small.model_dump_json() + "\n" + large.model_dump_json() + "\n")
+    env = {**stack.child_env(settings), "PROXYLOOP_MAX_EVENT_BYTES": "2000"}
+    result = subprocess.run([sys.executable, "-m", "proxyloop.cli", "ingest", "proxy", str(source)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "'bulk-1' is" in result.stdout and "limit is 2000 (PROXYLOOP_MAX_EVENT_BYTES)" in result.stdout
+    assert set(_consume_until(settings, {"bulk-0"})) == {"bulk-0"}
