@@ -10,6 +10,7 @@ from prefect import flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
+from flows.health import ingest_health_flow
 from flows.reconcile import reconcile_flow
 from flows.retrain import check_conditions_flow, evaluate_and_gate_flow, release_flow, retrain
 from ingest.consumer import DATASET_UPDATED_EVENT
@@ -45,6 +46,8 @@ def main() -> None:
         evaluate_and_gate_flow.to_deployment(name="evaluate-and-gate"),
         release_flow.to_deployment(name="release"),
         health_flow.to_deployment(name="health", triggers=[DeploymentEventTrigger(expect={HEALTH_EVENT})]),
+        # Samples consumer lag and raises proxyloop.ingest.lag-growing / consumer-stalled.
+        ingest_health_flow.to_deployment(name="ingest-health", interval=settings.health_interval_s),
         # Scheduled only where a Label Studio is configured (a token); runnable by hand everywhere.
         reconcile_flow.to_deployment(
             name="reconcile-labelstudio",

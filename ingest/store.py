@@ -98,7 +98,7 @@ _HISTORY = Base.metadata.tables[LabelHistoryRow.__tablename__]
 
 
 # Modules that declare further tables on Base (they import this one, so they are loaded here, lazily).
-_TABLE_MODULES = ("ingest.dead_letters",)
+_TABLE_MODULES = ("ingest.dead_letters", "ingest.lag")
 
 
 @lru_cache(maxsize=8)

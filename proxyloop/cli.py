@@ -63,26 +63,43 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
-    """Health of each component, Kafka lag, Celery queues, data counts, runs and released versions."""
+def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of tables.")] = False) -> None:
+    """Health of each component, lag per partition (growing? stalled?), dead letters by reason, Celery
+    queues, data counts, runs and released versions. Exit code 1: a component is down or the consumer stalled."""
+    from rich.markup import escape
+    from rich.table import Column
+
     from proxyloop.operations import overview
 
-    settings = get_settings()
-    states = stack.health(settings)
+    view = overview(get_settings())
+    if as_json:
+        typer.echo(json.dumps(view.as_json(), indent=2))
+        raise typer.Exit(0 if view.healthy else 1)
     table = Table("component", "state", title="stack")
-    for name, state in states.items():
+    for name, state in view.components.items():
         table.add_row(name, state if state.startswith("healthy") else f"[red]{state}[/red]")
     console.print(table)
-    view = overview(settings)
     unknown = "[dim]unknown[/dim]"
+    if view.partitions is None:
+        console.print(f"consumer lag: {unknown} ({escape(view.lag_error or '')})")
+    else:
+        lag = Table(Column("partition", no_wrap=True), "end", "committed", "lag", "trend (UTC)",
+                    title=f"consumer lag: {view.lag_total}")
+        for p in view.partitions:
+            trend = " ".join(f"[red]{flag} since {since:%H:%M:%S}[/red]" for flag, since in
+                             (("stalled", p.stalled_since), ("growing", p.growing_since)) if since is not None)
+            lag.add_row(f"{p.topic}[{p.partition}]", str(p.end_offset),
+                        "none" if p.committed is None else str(p.committed), str(p.lag), trend)
+        console.print(lag)
+    letters = view.dead_letters_by_reason
+    reasons = " (" + ", ".join(f"{code} {n}" for code, n in sorted(letters.items())) + ")" if letters else ""
     console.print(f"labels stored: expert {view.labels.get('expert', 0)}, proxy {view.labels.get('proxy', 0)}; "
-                  f"dead-lettered: {view.dead_lettered if view.dead_lettered is not None else unknown}; "
-                  f"consumer lag: {view.consumer_lag if view.consumer_lag is not None else unknown}")
+                  f"dead-lettered: {unknown if letters is None else sum(letters.values())}{reasons}")
     queues = ", ".join(f"{q} {n}" for q, n in view.queue_depths.items()) if view.queue_depths is not None else unknown
     console.print(f"celery queued: {queues}; active: {view.active_tasks if view.active_tasks is not None else unknown}")
     console.print("production: " + (", ".join(f"{n} v{v}" for n, v in view.production.items()) or "nothing released"))
     _print_runs(view.runs)
-    if not all(s.startswith("healthy") for s in states.values()):
+    if not view.healthy:
         raise typer.Exit(1)
 
 

@@ -1,52 +1,71 @@
-"""What `proxyloop status` reports beyond process health: lag, queues, counts, runs, versions.
+"""What `proxyloop status` reports: component health, lag per partition and its trend, dead letters
+by reason, queues, counts, runs, versions.
 
 Each probe answers None when its service is unreachable, so status works on a half-up stack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ingest.bus import read_topic
+from ingest.dead_letters import count_by_reason
+from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_lag, record_lag
+from ingest.schemas import utcnow
 from ingest.store import count_labels, latest_runs, make_engine
 from policies.registry import aliases, list_policies
+from proxyloop import stack
 from proxyloop.settings import Settings
 
 
 @dataclass
 class Overview:
-    consumer_lag: int | None = None
-    dead_lettered: int | None = None
+    components: dict[str, str] = field(default_factory=dict)
+    partitions: list[PartitionTrend] | None = None  # None: the broker did not answer (see lag_error)
+    lag_error: str | None = None
+    dead_letters_by_reason: dict[str, int] | None = None  # None: no store yet
     queue_depths: dict[str, int] | None = None
     active_tasks: list[str] | None = None
     labels: dict[str, int] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     production: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def lag_total(self) -> int | None:
+        return None if self.partitions is None else sum(p.lag for p in self.partitions)
 
-def kafka_figures(settings: Settings) -> tuple[int | None, int | None]:
-    """(consumer-group lag over the label topics, records in the dead-letter topic)."""
-    from kafka import KafkaConsumer, TopicPartition
+    @property
+    def consumer_stalled(self) -> bool:
+        return any(p.stalled for p in self.partitions or [])
 
-    try:
-        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                                 enable_auto_commit=False, request_timeout_ms=3000)
-    except Exception:  # noqa: BLE001 - broker down: report unknown
-        return None, None
-    try:
-        def partitions(topic: str) -> list[TopicPartition]:
-            return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+    @property
+    def healthy(self) -> bool:
+        """What status's exit code says: every component healthy and the consumer not stalled."""
+        return all(s.startswith("healthy") for s in self.components.values()) and not self.consumer_stalled
 
-        labels = partitions(settings.topic_expert) + partitions(settings.topic_proxy)
-        ends = consumer.end_offsets(labels)
-        lag = sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in labels)
-        # Counted by reading: Tansu's offsets count produced batches, not records.
-        return lag, len(read_topic(settings, settings.topic_dead_letter, idle_polls=2))
-    finally:
-        consumer.close()
+    def as_json(self) -> dict[str, Any]:
+        """The `proxyloop status --json` object; its key names are a contract for scripts and monitors."""
+        return {
+            "components": self.components,
+            "partitions": None if self.partitions is None else [_partition_json(p) for p in self.partitions],
+            "lag_total": self.lag_total,
+            "lag_error": self.lag_error,
+            "consumer_stalled": self.consumer_stalled,
+            "dead_letters_by_reason": self.dead_letters_by_reason,
+            "labels": self.labels,
+            "queues": {"depths": self.queue_depths, "active_tasks": self.active_tasks},
+            "runs": self.runs,
+            "production": self.production,
+        }
+
+
+def _partition_json(trend: PartitionTrend) -> dict[str, Any]:
+    values = asdict(trend)
+    for key in ("at", "growing_since", "stalled_since"):
+        values[key] = values[key].isoformat() if values[key] is not None else None
+    return values
 
 
 def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str] | None]:
@@ -57,8 +76,10 @@ def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str]
 
     try:
         client = redis.Redis.from_url(settings.celery_broker, socket_timeout=2)
-        depths = {queue: int(client.llen(queue)) for queue in (GPU_QUEUE, CPU_QUEUE)}
-    except Exception:  # noqa: BLE001 - broker down or not Redis
+        depths: dict[str, int] | None = {queue: int(client.llen(queue)) for queue in (GPU_QUEUE, CPU_QUEUE)}
+    except (redis.ConnectionError, redis.TimeoutError):
+        return None, None  # worker control goes through the same broker: asking would only wait out its retries
+    except Exception:  # noqa: BLE001 - not Redis (RabbitMQ): no queue depths, workers can still answer
         depths = None
     try:
         active = app.control.inspect(timeout=1.0).active() or {}
@@ -68,18 +89,36 @@ def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str]
     return depths, tasks
 
 
+def store_exists(settings: Settings) -> bool:
+    """A configured store URL, or the home directory the default SQLite store lives in."""
+    return bool(settings.store_url) or settings.home_dir.exists()
+
+
 def overview(settings: Settings) -> Overview:
-    view = Overview()
-    view.consumer_lag, view.dead_lettered = kafka_figures(settings)
+    """Everything status shows. Records a lag sample each call, so two calls seconds apart show a trend."""
+    view = Overview(components=stack.health(settings))
+    now = utcnow()
+    try:
+        lags = measure_lag(settings)
+    except LagUnavailable as exc:
+        lags, view.lag_error = None, str(exc)
     view.queue_depths, view.active_tasks = celery_figures(settings)
-    if settings.home_dir.exists():
+    if store_exists(settings):
         with Session(make_engine(settings.resolved_store_url)) as session:
+            if lags is not None:
+                record_lag(session, settings.consumer_group, lags, now, settings.lag_history_s)
+                session.commit()
+                view.partitions = current_trend(session, settings, now)
+            view.dead_letters_by_reason = count_by_reason(session)
             view.labels = count_labels(session)
             view.runs = [{"run_id": r.run_id, "status": r.status, "updated": f"{r.updated_at:%Y-%m-%d %H:%M:%S}",
                           "plan": (r.summary.get("conditions") or {}).get("plan"),
                           "gate": (r.summary.get("gate") or {}).get("decision"),
                           "version": (r.summary.get("release") or {}).get("version")}
                          for r in latest_runs(session, limit=10)]
+    elif lags is not None:  # nowhere to keep samples: the current figures, no trend
+        view.partitions = [PartitionTrend(lag.topic, lag.partition, lag.end_offset, lag.committed, lag.lag, now,
+                                          False, None, False, None) for lag in lags]
     view.production = {name: aliases(settings.registry_dir, name).get("production", 0)
                        for name in list_policies(settings.registry_dir)}
     return view

@@ -57,7 +57,8 @@ def test_valid_events_are_stored_and_poison_goes_to_dead_letters(settings):
         publish(producer, settings.topic_proxy, ProxyPreference(
             event_id=f"ok-{i}", proxy_name="judge", item=FeatureTriple(x=[float(i)], y_w=0, y_l=1)), wait=False)
     poison = b'{"schema_version": 2, "event_id": "bad", "kind": "proxy_preference", "occurred_at": "2026-01-01T00:00Z"}'
-    unstamped = b'{"event_id": "unstamped", "proxy_name": "j", "item": {"type": "features", "x": [1], "y_w": 0, "y_l": 1}}'
+    unstamped = (b'{"event_id": "unstamped", "proxy_name": "j", '
+                 b'"item": {"type": "features", "x": [1], "y_w": 0, "y_l": 1}}')
     producer.send(settings.topic_proxy, key=b"bad", value=poison)
     producer.send(settings.topic_proxy, key=b"bad2", value=b"\xff not json")
     producer.send(settings.topic_proxy, key=b"bad3", value=unstamped)

@@ -116,7 +116,8 @@ def test_sigkill_mid_stream_twenty_times_loses_and_duplicates_nothing(settings: 
 
 # --- hostile input -------------------------------------------------------------------------------------------
 
-_VALID = {"schema_version": 2, "event_id": "x", "occurred_at": "2026-11-29T12:00:00Z", "kind": "proxy_preference", "proxy_name": "judge",
+_VALID = {"schema_version": 2, "event_id": "x", "occurred_at": "2026-11-29T12:00:00Z", "kind": "proxy_preference",
+          "proxy_name": "judge",
           "item": {"type": "features", "x": [0.5, 1.0], "y_w": 0, "y_l": 1}}
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
