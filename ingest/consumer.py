@@ -33,7 +33,7 @@ from ingest.bus import (
 )
 from ingest.dead_letters import Refusal
 from ingest.schemas import DatasetUpdated
-from ingest.store import count_labels, make_engine, upsert_events, watermark
+from ingest.store import count_labels, count_new_labels, make_engine, upsert_events
 from proxyloop.settings import Settings, get_settings
 
 log = logging.getLogger("proxyloop.ingest")
@@ -153,28 +153,30 @@ def commit_offsets(consumer: KafkaConsumer, settings: Settings) -> None:
 
 
 def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings) -> DatasetUpdated | None:
-    """Emit `dataset.updated` (Kafka + Prefect event) once per threshold crossing."""
+    """Emit `dataset.updated` (Kafka + Prefect event) once per threshold crossing.
+
+    Counts only the labels added since the last check (ingest.store.count_new_labels), so the cost
+    of a check does not grow with the store; the whole table is counted only when emitting.
+    """
     with Session(engine) as session:
-        counts = count_labels(session)
-        mark = watermark(session)
-        expert_new = counts["expert"] - mark.expert_total
-        proxy_new = counts["proxy"] - mark.proxy_total
+        cursor = count_new_labels(session)
         # Either kind of new data past its threshold is reason enough to retrain.
-        if expert_new < settings.retrain_min_expert and proxy_new < settings.retrain_min_proxy:
+        if cursor.expert_new < settings.retrain_min_expert and cursor.proxy_new < settings.retrain_min_proxy:
             session.commit()
             return None
+        counts = count_labels(session)
         update = DatasetUpdated(
             event_id=f"dataset-updated-{counts['expert']}-{counts['proxy']}",
             expert_total=counts["expert"], proxy_total=counts["proxy"],
-            expert_new=expert_new, proxy_new=proxy_new,
+            expert_new=cursor.expert_new, proxy_new=cursor.proxy_new,
         )
-        # Emit before moving the watermark: a crash in between re-triggers rather than loses.
+        # Emit before resetting the counts: a crash in between re-triggers rather than loses.
         publish(producer, settings.topic_dataset_updated, update)  # type: ignore[arg-type]
         emit_prefect_event(update, settings)
-        mark.expert_total, mark.proxy_total = counts["expert"], counts["proxy"]
+        cursor.expert_new = cursor.proxy_new = 0
         session.commit()
-    log.info("dataset.updated: expert %d (+%d), proxy %d (+%d)", update.expert_total, expert_new,
-             update.proxy_total, proxy_new)
+    log.info("dataset.updated: expert %d (+%d), proxy %d (+%d)", update.expert_total, update.expert_new,
+             update.proxy_total, update.proxy_new)
     return update
 
 

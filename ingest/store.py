@@ -75,13 +75,20 @@ class SnapshotRow(Base):
     event_ids: Mapped[list[str]] = mapped_column(JSON)
 
 
-class TriggerWatermark(Base):
-    """Counts at the last `dataset.updated` emission, so each threshold crossing fires once."""
+class NewLabelCursor(Base):
+    """Labels counted toward the next threshold crossing: rows with a higher `seq` are not counted yet.
 
-    __tablename__ = "trigger_watermark"
+    So each check counts only the rows added since the last one (the seq index), not the whole table:
+    counting the table after every batch slowed ingest as the store grew. Retractions are not new
+    labels and do not count. With several consumers on PostgreSQL, seq values of concurrent batches
+    may interleave and a few rows be counted late; the totals an emission reports are exact.
+    """
+
+    __tablename__ = "new_label_cursor"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    expert_total: Mapped[int] = mapped_column(Integer)
-    proxy_total: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    expert_new: Mapped[int] = mapped_column(Integer)
+    proxy_new: Mapped[int] = mapped_column(Integer)
 
 
 class RetrainRun(Base):
@@ -296,13 +303,22 @@ def load_snapshot_triples(session: Session, snapshot_id: str) -> dict[LabelKind,
     return out
 
 
-def watermark(session: Session) -> TriggerWatermark:
-    mark = session.get(TriggerWatermark, 1)
-    if mark is None:
-        mark = TriggerWatermark(id=1, expert_total=0, proxy_total=0)
-        session.add(mark)
-        session.flush()
-    return mark
+def count_new_labels(session: Session) -> NewLabelCursor:
+    """Advance the cursor over rows added since the last call; returns it with the running counts."""
+    cursor = session.get(NewLabelCursor, 1)
+    if cursor is None:
+        cursor = NewLabelCursor(id=1, seq=0, expert_new=0, proxy_new=0)
+        session.add(cursor)
+    rows = session.execute(select(LabelRow.kind, func.count(), func.max(LabelRow.seq))
+                           .where(LabelRow.seq > cursor.seq).group_by(LabelRow.kind)).all()
+    for kind, n, _ in rows:
+        if kind == "expert":
+            cursor.expert_new += n
+        else:
+            cursor.proxy_new += n
+    cursor.seq = max([cursor.seq, *(top for _, _, top in rows)])
+    session.flush()
+    return cursor
 
 
 def record_run(session: Session, run_id: str, status: str, summary: dict[str, object]) -> None:
