@@ -108,9 +108,7 @@ def _object_store_command(s: Settings) -> list[str]:
     offsets = [f"-{flag}={port + offset}" for flag, offset in _OBJECT_STORE_PORT_OFFSETS.items()]
     return [weed, "mini", f"-dir={data}", f"-ip={host}", f"-ip.bind={host}", f"-s3.port={port}", *offsets,
             f"-bucket={s.object_store_bucket}", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            # The volume's needle index on disk (LevelDB): in memory (the default) it grows with every
-            # object Tansu writes, +23 % RSS in a 2-minute soak.
-            "-volume.index=leveldb", "-webdav=false", "-admin.ui=false", f"-filer.localSocket={data}/filer.sock",
+            "-webdav=false", "-admin.ui=false", f"-filer.localSocket={data}/filer.sock",
             f"-s3.localSocket={data}/s3.sock"]
 
 
