@@ -108,3 +108,55 @@ def test_size_limits_that_do_not_fit_together_are_refused(tmp_path: Path) -> Non
         Settings(home=tmp_path, max_event_bytes=2_000_000)
     with pytest.raises(ValueError, match="dead_letter_inline_bytes"):
         Settings(home=tmp_path, dead_letter_inline_bytes=1_000_000)
+
+
+class _FlakyProducer:
+    """A producer whose first `failures` sends fail as a broker outage would (retriable), then succeed."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.sent = failures, []
+
+    def send(self, topic: str, value: bytes, key: bytes) -> object:
+        from kafka.errors import KafkaTimeoutError
+        from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+
+        produced = FutureProduceResult(None)
+        future = FutureRecordMetadata(produced, 0, -1, None, 0, len(value), -1)
+        if self.failures > 0:
+            self.failures -= 1
+            future.failure(KafkaTimeoutError("broker away"))
+        else:
+            self.sent.append(value)
+            future.success(None)
+        return future
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_refused_dead_letter_is_retried_with_backoff_and_sent_once(tmp_path: Path) -> None:
+    from ingest.dead_letters import Refusal
+
+    settings = Settings(home=tmp_path, store_url=f"sqlite:///{tmp_path}/store.db", broker_retry_s=30)
+    engine = make_engine(settings.resolved_store_url)
+    refusals = [Refusal("t", 0, offset, None, b"x%d" % offset, "not JSON", "not_json") for offset in range(3)]
+    producer = _FlakyProducer(failures=4)  # the first pass fails all three, the second one of them
+    assert ingest_consumer.send_dead_letters(engine, producer, settings, refusals) == 3  # type: ignore[arg-type]
+    assert sorted(json.loads(v)["offset"] for v in producer.sent) == [0, 1, 2]  # each letter acknowledged once
+    again = _FlakyProducer(failures=0)
+    assert ingest_consumer.send_dead_letters(engine, again, settings, refusals) == 0  # type: ignore[arg-type]
+    assert again.sent == []
+
+
+def test_a_broker_away_past_the_bound_raises_and_records_nothing(tmp_path: Path) -> None:
+    from kafka.errors import KafkaTimeoutError
+
+    from ingest.dead_letters import Refusal
+
+    settings = Settings(home=tmp_path, store_url=f"sqlite:///{tmp_path}/store.db", broker_retry_s=1)
+    engine = make_engine(settings.resolved_store_url)
+    refusal = Refusal("t", 0, 7, None, b"x", "not JSON", "not_json")
+    with pytest.raises(KafkaTimeoutError):
+        ingest_consumer.send_dead_letters(engine, _FlakyProducer(failures=10**6), settings, [refusal])  # type: ignore[arg-type]
+    with Session(engine) as session:
+        assert dead_letters.find(session) == []
