@@ -22,6 +22,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Services the tests start themselves but cannot get from our venv: Label Studio (its own cached venv,
 # it conflicts with our pins) and Debian's PostgreSQL server and kcat (installed when missing; needs root).

@@ -19,10 +19,10 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ingest.conditions import CHECK_NAMES, run_condition_tests
-from ingest.plan_choice import PAPER_CONDITIONS
-from ingest.schemas import ConditionReport, FeatureTriple
+from ground.schemas import ConditionReport, FeatureTriple
 from ingest.synthetic import appendix_d, appendix_d_family, draw_triples
+from policies.conditions import CHECK_NAMES, run_condition_tests
+from policies.plan_choice import PAPER_CONDITIONS
 
 N_PROXY = 8000
 SATISFYING = ("ok", "family_permuted", "family_tempered")

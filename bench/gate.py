@@ -33,7 +33,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ingest.schemas import CheckpointEvaluation, GateDecision  # noqa: E402
+from ground.schemas import CheckpointEvaluation, GateDecision  # noqa: E402
 from policies.gate import GateRules, decide  # noqa: E402
 from policies.lm_indicators import completion_indicators  # noqa: E402
 from workers.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402

@@ -19,12 +19,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from kafka import KafkaConsumer  # noqa: E402
 
+from ground.schemas import FeatureTriple, PairwiseText, ProxyPreference  # noqa: E402
+from ground.settings import Settings  # noqa: E402
 from ingest.bus import ensure_topics, make_consumer, make_producer, publish  # noqa: E402
 from ingest.consumer import store_batch  # noqa: E402
-from ingest.schemas import FeatureTriple, PairwiseText, ProxyPreference  # noqa: E402
 from ingest.store import make_engine  # noqa: E402
 from proxyloop import stack  # noqa: E402
-from proxyloop.settings import Settings  # noqa: E402
 
 
 def _event(i: int) -> ProxyPreference:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ingest.schemas import utcnow
+from ground.schemas import utcnow
 from policies.profile import ProfileConfig, ProfileItem, build_messages
 
 GREETINGS = ["Ahoy!", "Hey there,", "Greetings.", "Yo!", "Good day!", "Hi friend,", "Well,", "Okay so"]

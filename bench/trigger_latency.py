@@ -22,11 +22,11 @@ from pathlib import Path
 
 import httpx
 
+from ground.schemas import ExpertLabel, ProxyPreference
+from ground.settings import Settings
 from ingest.bus import make_producer, publish, read_topic
-from ingest.schemas import ExpertLabel, ProxyPreference
 from ingest.synthetic import appendix_d
 from proxyloop import stack
-from proxyloop.settings import Settings
 
 
 def _dataset_updates(settings: Settings) -> list[float]:
@@ -123,7 +123,7 @@ def main() -> None:
 
         os.environ.update({k: v for k, v in stack.child_env(settings).items()
                            if k.startswith(("PROXYLOOP_", "PREFECT_"))})
-        from proxyloop.settings import get_settings
+        from ground.settings import get_settings
 
         get_settings.cache_clear()
         try:

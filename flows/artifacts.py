@@ -21,8 +21,8 @@ from prefect.artifacts import (  # noqa: E402
     create_table_artifact,
 )
 
-from ingest.schemas import CheckpointEvaluation, ConditionReport, GateDecision  # noqa: E402
-from proxyloop.settings import Settings  # noqa: E402
+from ground.schemas import CheckpointEvaluation, ConditionReport, GateDecision  # noqa: E402
+from ground.settings import Settings  # noqa: E402
 
 
 def _key(text: str) -> str:

@@ -16,10 +16,10 @@ from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
 from sqlalchemy.orm import Session
 
+from ground.schemas import utcnow
+from ground.settings import Settings, get_settings
 from ingest.lag import PartitionTrend, current_trend, sample_lag
-from ingest.schemas import utcnow
 from ingest.store import make_engine
-from proxyloop.settings import Settings, get_settings
 
 LAG_GROWING_EVENT = "proxyloop.ingest.lag-growing"
 CONSUMER_STALLED_EVENT = "proxyloop.ingest.consumer-stalled"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
+from ground.settings import get_settings
 from ingest.labelstudio.reconcile import ReconcileReport, reconcile
-from proxyloop.settings import get_settings
 
 
 @task(name="reconcile-project", retries=3, retry_delay_seconds=10)

@@ -35,12 +35,12 @@ from flows.stages import (
     text_conditions,
     write_chat_data,
 )
-from ingest.schemas import CheckpointEvaluation, GateDecision, TrainingRequest, TrainingResult, utcnow
+from ground.schemas import CheckpointEvaluation, GateDecision, TrainingRequest, TrainingResult, utcnow
+from ground.settings import get_settings
 from ingest.store import RetrainRun, make_engine
 from policies.audit import ReleaseEvidence, current_user
 from policies.lm_release import release_causal_lm
 from policies.release import release_checkpoint
-from proxyloop.settings import get_settings
 from workers.app import GPU_QUEUE
 
 

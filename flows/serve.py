@@ -13,8 +13,8 @@ from prefect.events import DeploymentEventTrigger
 from flows.health import ingest_health_flow
 from flows.reconcile import reconcile_flow
 from flows.retrain import check_conditions_flow, evaluate_and_gate_flow, release_flow, retrain
-from ingest.consumer import DATASET_UPDATED_EVENT
-from proxyloop.settings import get_settings
+from ground.schemas import DATASET_UPDATED_EVENT
+from ground.settings import get_settings
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"
 HEALTH_EVENT = "proxyloop.health.ping"

@@ -14,8 +14,7 @@ from celery.result import AsyncResult
 from prefect import get_run_logger, task
 from sqlalchemy.orm import Session
 
-from ingest.conditions import run_condition_tests
-from ingest.schemas import (
+from ground.schemas import (
     CheckpointEvaluation,
     CheckpointRef,
     ConditionReport,
@@ -23,11 +22,12 @@ from ingest.schemas import (
     TrainingRequest,
     TrainingResult,
 )
+from ground.settings import Settings
 from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, record_run
 from ingest.text_snapshot import load_snapshot_pairs, snapshot_item_kind, text_condition_report
+from policies.conditions import run_condition_tests
 from policies.gate import GateRules, decide
 from policies.lm_gate import decide_language_model
-from proxyloop.settings import Settings
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
 from workers.chat_base import ensure_chat_base_model

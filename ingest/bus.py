@@ -15,7 +15,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import TypeAdapter, ValidationError
 
-from ingest.schemas import (
+from ground.schemas import (
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     DeadLetterReason,
@@ -23,7 +23,7 @@ from ingest.schemas import (
     PolicyReleased,
     ProxyPreference,
 )
-from proxyloop.settings import Settings
+from ground.settings import Settings
 
 LabelEvent = ExpertLabel | ProxyPreference
 _label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from proxyloop.settings import get_settings
+from ground.settings import get_settings
 
 app = typer.Typer(help="Bring data in: publish proxy preferences to Kafka.", no_args_is_help=True)
 console = Console(soft_wrap=True)  # no hard wraps in logs and pipes

@@ -21,6 +21,8 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential
 
+from ground.schemas import DATASET_UPDATED_EVENT, DatasetUpdated
+from ground.settings import Settings, get_settings
 from ingest import dead_letters
 from ingest.bus import (
     LabelEvent,
@@ -32,14 +34,9 @@ from ingest.bus import (
     publish,
 )
 from ingest.dead_letters import Refusal
-from ingest.schemas import DatasetUpdated
 from ingest.store import count_labels, count_new_labels, make_engine, upsert_events
-from proxyloop.settings import Settings, get_settings
 
 log = logging.getLogger("proxyloop.ingest")
-
-DATASET_UPDATED_EVENT = "proxyloop.dataset.updated"
-
 
 @dataclass
 class BatchOutcome:

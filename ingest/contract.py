@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from ingest.schemas import SCHEMA_VERSION, DatasetUpdated, DeadLetter, ExpertLabel, PolicyReleased, ProxyPreference
+from ground.schemas import SCHEMA_VERSION, DatasetUpdated, DeadLetter, ExpertLabel, PolicyReleased, ProxyPreference
 
 # Topic setting → the model of its records.
 TOPIC_MODELS: dict[str, type[BaseModel]] = {

@@ -19,9 +19,9 @@ from kafka import KafkaProducer
 from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, func, select, tuple_
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ingest.schemas import DeadLetter, DeadLetterReason, utcnow
+from ground.schemas import DeadLetter, DeadLetterReason, utcnow
+from ground.settings import Settings
 from ingest.store import Base
-from proxyloop.settings import Settings
 
 
 class DeadLetterRow(Base):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from proxyloop.settings import get_settings
+from ground.settings import get_settings
 
 app = typer.Typer(help="Dead-lettered records: list them, replay them after a fix.", no_args_is_help=True)
 console = Console(soft_wrap=True)

@@ -18,9 +18,9 @@ from kafka.errors import KafkaError
 from sqlalchemy import DateTime, Index, Integer, String, and_, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ingest.schemas import utcnow
+from ground.schemas import utcnow
+from ground.settings import Settings
 from ingest.store import Base, make_engine
-from proxyloop.settings import Settings
 
 
 class LagUnavailable(RuntimeError):

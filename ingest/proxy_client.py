@@ -17,9 +17,9 @@ from types import TracebackType
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import ValidationError
 
+from ground.schemas import ProxyPreference
+from ground.settings import Settings
 from ingest.bus import encode_event, make_producer, publish
-from ingest.schemas import ProxyPreference
-from proxyloop.settings import Settings
 
 
 class BadProxyLine(ValueError):

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ingest.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, utcnow
 
 LabelKind = Literal["expert", "proxy"]
 _item_adapter: TypeAdapter[Item] = TypeAdapter(Item)

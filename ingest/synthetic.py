@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from ingest.schemas import FeatureTriple
+from ground.schemas import FeatureTriple
 
 FloatArray = NDArray[np.float64]
 

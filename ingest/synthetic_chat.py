@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ingest.schemas import PairwiseText
+from ground.schemas import PairwiseText
 
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ingest.schemas import ConditionReport, Item, PairwiseText
+from ground.schemas import ConditionReport, Item, PairwiseText
 from ingest.store import HELDOUT_EVERY, LabelKind, LabelRow, SnapshotNotFound, SnapshotRow
 
 ItemKind = Literal["features", "pairwise_text"]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.schemas import PolicyVersion, utcnow
+from ground.schemas import PolicyVersion, utcnow
 from policies.registry import aliases, set_alias
 
 AUDIT_FILE = "audit.jsonl"

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
-from proxyloop.settings import Settings
+from ground.settings import Settings
 
 
 def hash_key(key: str) -> str:

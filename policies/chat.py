@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ingest.schemas import PolicyVersion
+from ground.schemas import PolicyVersion
 from policies.registry import register, resolve
 
 CAUSAL_LM = "causal_lm"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ingest.schemas import CheckpointEvaluation, Decision, GateDecision
+from ground.schemas import CheckpointEvaluation, Decision, GateDecision
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ingest.schemas import CheckpointEvaluation, GateDecision
+from ground.schemas import CheckpointEvaluation, GateDecision
 from policies.gate import GateRules, decide, entropy_declined_after_peak
 
 

@@ -10,11 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ingest.schemas import PolicyVersion
+from ground.schemas import PolicyVersion
+from ground.settings import Settings
 from policies.audit import ReleaseEvidence, record_release
 from policies.chat import register_causal_lm
 from policies.release import announce
-from proxyloop.settings import Settings
 
 # Training state that a served model does not need (see workers.training.checkpoint).
 TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}

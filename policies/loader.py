@@ -14,7 +14,7 @@ from typing import TypeVar
 from safetensors.torch import load_file
 from torch import nn
 
-from ingest.schemas import PolicyVersion
+from ground.schemas import PolicyVersion
 from policies.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
 from policies.registry import resolve, version_of
 
@@ -68,7 +68,7 @@ def cached_by_version(root: Path, ref: str, cache: dict[tuple[str, int], T],
 def load(ref: str, root: Path | None = None) -> LoadedPolicy:
     """`policies.load("appendix-d@production")`: the released policy, ready for inference."""
     if root is None:
-        from proxyloop.settings import get_settings
+        from ground.settings import get_settings
 
         root = get_settings().registry_dir
     version = resolve(root, ref)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ingest.schemas import FeatureTriple
+from ground.schemas import FeatureTriple
 from policies.simplex_adapter import SimplexAdapter, relabelled_centres
 
 

@@ -20,13 +20,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from ground.settings import Settings
 from policies.auth import ApiKey
 from policies.chat import ChatPolicy, load_chat_policy
 from policies.loader import cached_by_version
-from policies.profile import BuildReport, build_messages, items_of, profile_engine, sync_expert_labels
+from policies.profile import (
+    BuildReport,
+    build_messages,
+    items_of,
+    profile_config,
+    profile_engine,
+    sync_expert_labels,
+)
 from policies.registry import RegistryError
 from policies.registry_remote import refresh
-from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 log = logging.getLogger("proxyloop.serve")
@@ -110,7 +117,7 @@ def personalise(
         sync_expert_labels(session, body.user)  # the user's own chosen responses, if they annotate
         session.commit()
         items = items_of(session, body.user)
-        return build_messages(messages, items, settings.profile_config(),
+        return build_messages(messages, items, profile_config(settings),
                               lambda text: len(policy.tokenizer(text).input_ids))
 
 

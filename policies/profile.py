@@ -22,7 +22,8 @@ from sqlalchemy import DateTime, Integer, String, Text, delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ingest.schemas import PairwiseText, utcnow
+from ground.schemas import PairwiseText, utcnow
+from ground.settings import Settings
 from ingest.store import make_engine
 
 Position = Literal["start", "end"]
@@ -135,6 +136,12 @@ class ProfileConfig:
             raise ValueError(f"position must be 'start' or 'end', got {self.position!r}")
         if self.order not in ("relevance", "recency"):
             raise ValueError(f"order must be 'relevance' or 'recency', got {self.order!r}")
+
+
+def profile_config(settings: Settings) -> ProfileConfig:
+    """The serving layout from settings (PROXYLOOP_PROFILE_*)."""
+    return ProfileConfig(budget_tokens=settings.profile_budget_tokens, position=settings.profile_position,
+                         include_query=settings.profile_include_query, order=settings.profile_order)
 
 
 @dataclass

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from ground.settings import Settings
 from policies.auth import ApiKey
 from policies.profile import add_item, erase_user, items_of, profile_engine
-from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1/users", tags=["profiles"])
 UserId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.@:-]{1,256}$", description="The service's user id.")]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ingest.schemas import PolicyVersion
+from ground.schemas import PolicyVersion
 
 ALIASES_FILE = "aliases.json"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

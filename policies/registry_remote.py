@@ -14,9 +14,9 @@ from pathlib import Path
 
 import fsspec
 
+from ground.settings import Settings
 from policies.audit import AUDIT_FILE, AuditTampered
 from policies.registry import ALIASES_FILE, validate_name, versions
-from proxyloop.settings import Settings
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
 

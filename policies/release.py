@@ -11,12 +11,12 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from ground.schemas import PolicyReleased, PolicyVersion
+from ground.settings import Settings
 from ingest.bus import make_producer, publish
-from ingest.schemas import PolicyReleased, PolicyVersion
 from policies.audit import ReleaseEvidence, record_move, record_release
 from policies.registry import register, resolve
 from policies.registry_remote import push
-from proxyloop.settings import Settings
 
 
 def announce(settings: Settings, version: PolicyVersion, alias: str, event_id: str) -> None:

@@ -10,11 +10,11 @@ import torch
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from ground.settings import Settings
 from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, cached_by_version, load
 from policies.registry import RegistryError, aliases, list_policies
 from policies.registry_remote import refresh
-from proxyloop.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["policies"])
 

@@ -13,12 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ground.settings import get_settings
 from ingest.cli import app as ingest_app
 from ingest.dead_letters_cli import app as dead_letters_app
 from ingest.labelstudio.cli import app as labelstudio_app
 from proxyloop import stack
 from proxyloop.history_cli import history
-from proxyloop.settings import get_settings
 from workers.cli import models_app
 
 app = typer.Typer(help="proxyloop: annotation streams in, safely released policies out.", no_args_is_help=True)

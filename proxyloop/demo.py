@@ -23,14 +23,14 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ground.schemas import Item, ProxyPreference
+from ground.settings import Settings
 from ingest.bus import make_producer, publish, read_topic
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
-from ingest.schemas import Item, ProxyPreference
 from ingest.store import LabelRow, RetrainRun, make_engine
 from ingest.synthetic import appendix_d
 from ingest.synthetic_chat import chat_preferences
 from proxyloop import stack
-from proxyloop.settings import Settings
 
 Say = Callable[[str], None]
 FINAL_STATES = {"released", "blocked", "refused", "failed"}

@@ -12,12 +12,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from ground.settings import Settings, get_settings
 from ingest.bus import make_producer
 from ingest.labelstudio import router as labelstudio_router
 from policies.openai_api import router as openai_router
 from policies.profile_api import router as profile_router
 from policies.serve import router as serving_router
-from proxyloop.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -11,13 +11,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from ground.schemas import utcnow
+from ground.settings import Settings
 from ingest.dead_letters import count_by_reason
 from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_lag, record_lag
-from ingest.schemas import utcnow
 from ingest.store import count_labels, latest_runs, make_engine
 from policies.registry import aliases, list_policies
 from proxyloop import stack
-from proxyloop.settings import Settings
 
 
 @dataclass

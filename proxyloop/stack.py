@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from proxyloop.settings import Settings
+from ground.settings import Settings
 
 
 class StackError(RuntimeError):

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
+from ground.settings import Settings
 from proxyloop import stack
-from proxyloop.settings import Settings
 from proxyloop.stack import isolated_settings
 
 
 def export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make `get_settings()` in this process (and children) resolve these settings."""
-    from proxyloop.settings import get_settings
+    from ground.settings import get_settings
 
     for key, value in stack.child_env(settings).items():
         if key.startswith(("PROXYLOOP_", "PREFECT_")):
@@ -142,7 +142,7 @@ def stored_snapshot(settings: Settings, task: Any) -> str:
     """Store a synthetic task's proxy and expert triples as events and freeze a snapshot of them."""
     from sqlalchemy.orm import Session
 
-    from ingest.schemas import ExpertLabel, ProxyPreference
+    from ground.schemas import ExpertLabel, ProxyPreference
     from ingest.store import freeze_snapshot, make_engine, upsert_events
 
     with Session(make_engine(settings.resolved_store_url)) as session:

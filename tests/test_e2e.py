@@ -7,8 +7,8 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session
 
+from ground.schemas import ExpertLabel
 from ingest.bus import make_producer, publish
-from ingest.schemas import ExpertLabel
 from ingest.store import SnapshotRow, count_labels, load_snapshot_triples, make_engine
 from ingest.synthetic import appendix_d
 from policies.registry import resolve

@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy.orm import Session
 
+from ground.schemas import FeatureTriple, ProxyPreference, TrainingRequest
 from ingest.bus import ensure_topics, make_producer, publish
-from ingest.schemas import FeatureTriple, ProxyPreference, TrainingRequest
 from ingest.store import count_labels, make_engine
 from ingest.synthetic import appendix_d
 from proxyloop import stack

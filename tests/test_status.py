@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
+from ground.schemas import utcnow
+from ground.settings import Settings
 from ingest.bus import ensure_topics, make_producer
 from ingest.lag import PartitionLag, PartitionTrend, measure_lag, record_lag
-from ingest.schemas import utcnow
 from ingest.store import make_engine
 from proxyloop.operations import Overview, overview
-from proxyloop.settings import Settings
 from proxyloop.stack import free_port
 from tests.conftest import consumer_in_thread, run_cli, wait_until
 from tests.ingest.test_lag import publish_one_by_one

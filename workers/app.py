@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from proxyloop.settings import get_settings
+from ground.settings import get_settings
 
 TRAIN_TASK = "proxyloop.train"
 EVALUATE_TASK = "proxyloop.evaluate"

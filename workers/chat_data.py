@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ingest.schemas import PairwiseText
+from ground.schemas import PairwiseText
 from ingest.store import make_engine
 from ingest.text_snapshot import load_snapshot_pairs, split_heldout
 

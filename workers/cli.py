@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from proxyloop.settings import get_settings
+from ground.settings import get_settings
 
 models_app = typer.Typer(help="Base language models: convert SmolLM2 from its wheel, build a tiny one.",
                          no_args_is_help=True)

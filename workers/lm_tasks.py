@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Task
 
-from ingest.schemas import CheckpointRef
+from ground.schemas import CheckpointRef
 from workers.app import app
 from workers.training.checkpoint import latest_checkpoint
 from workers.training.lm_evaluate import evaluate_lm_checkpoints

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy.orm import Session
 
-from ingest.schemas import CheckpointRef, FeatureTriple, TrainingRequest
+from ground.schemas import CheckpointRef, FeatureTriple, TrainingRequest
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app
 from workers.training.device import select_device

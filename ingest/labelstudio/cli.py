@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from proxyloop.settings import get_settings
+from ground.settings import get_settings
 
 app = typer.Typer(help="Label Studio: provision the pairwise project, reconcile annotations.", no_args_is_help=True)
 console = Console()

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ingest.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, utcnow
 
 _ACTIONS: dict[str, Literal["created", "updated"]] = {
     "ANNOTATION_CREATED": "created",

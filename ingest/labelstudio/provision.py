@@ -13,8 +13,8 @@ from typing import Any
 
 from label_studio_sdk.client import LabelStudio
 
+from ground.settings import Settings
 from ingest.labelstudio.receiver import SECRET_HEADER
-from proxyloop.settings import Settings
 
 # The task's `prompt`, `answer_a` and `answer_b` are shown; the annotator picks one side and may say why.
 # Feature tasks (paper 1) carry `x`, `y_a`, `y_b` as well; the receiver reads those instead.

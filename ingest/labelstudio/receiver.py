@@ -13,10 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 from kafka import KafkaProducer
 from pydantic import BaseModel, ValidationError
 
+from ground.schemas import ExpertLabel
+from ground.settings import Settings
 from ingest.bus import publish
 from ingest.labelstudio.payloads import expert_labels_from_webhook
-from ingest.schemas import ExpertLabel
-from proxyloop.settings import Settings
 
 SECRET_HEADER = "X-Proxyloop-Secret"
 

@@ -20,6 +20,8 @@ from label_studio_sdk.core.api_error import ApiError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from ground.schemas import ExpertLabel
+from ground.settings import Settings
 from ingest.bus import make_producer, publish
 from ingest.labelstudio.payloads import (
     EVENT_ID_PREFIX,
@@ -31,9 +33,7 @@ from ingest.labelstudio.payloads import (
     retraction,
 )
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
-from ingest.schemas import ExpertLabel
 from ingest.store import LabelStudioSync, live_event_ids, make_engine
-from proxyloop.settings import Settings
 
 log = logging.getLogger("proxyloop.labelstudio")
 

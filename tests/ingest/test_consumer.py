@@ -8,9 +8,9 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy.orm import Session
 
+from ground.schemas import FeatureTriple, ProxyPreference
 from ingest import consumer as ingest_consumer
 from ingest.bus import make_producer, publish, read_topic
-from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import count_labels, make_engine
 from tests.conftest import consumer_in_thread
 

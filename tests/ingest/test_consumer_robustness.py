@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ground.schemas import FeatureTriple, ProxyPreference
+from ground.settings import Settings
 from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_producer, publish, read_topic
-from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
-from proxyloop.settings import Settings
 from tests.conftest import consumer_in_thread, wait_until
 
 pytestmark = pytest.mark.integration

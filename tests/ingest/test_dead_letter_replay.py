@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ground.schemas import PairwiseText, ProxyPreference
+from ground.settings import Settings
 from ingest import dead_letters
 from ingest.bus import ensure_topics, make_producer, publish
-from ingest.schemas import PairwiseText, ProxyPreference
 from ingest.store import LabelHistoryRow, count_labels, make_engine
-from proxyloop.settings import Settings
 from tests.conftest import consumer_in_thread, run_cli, wait_until
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ground.schemas import FeatureTriple, ProxyPreference
+from ground.settings import Settings
 from ingest.bus import decode_label_event, ensure_topics, make_producer, publish, read_topic
-from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
-from proxyloop.settings import Settings
 from proxyloop.stack import isolated_settings
 from tests.conftest import wait_until
 

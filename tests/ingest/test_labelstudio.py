@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
+from ground.schemas import FeatureTriple, PairwiseText
 from ingest.labelstudio import UnusableAnnotation, expert_label_from_webhook, webhook_payload
-from ingest.schemas import FeatureTriple, PairwiseText
 
 
 def test_feature_task_left_choice_prefers_answer_a():

@@ -17,11 +17,11 @@ from label_studio_sdk.client import LabelStudio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ground.settings import Settings
 from ingest.bus import ensure_topics
 from ingest.labelstudio.provision import ensure_webhook
 from ingest.store import LabelRow, label_history, make_engine
 from proxyloop import stack
-from proxyloop.settings import Settings
 from proxyloop.stack import free_port
 from tests.conftest import launch_chromium, run_cli
 

@@ -18,11 +18,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from flows import health
+from ground.schemas import FeatureTriple, ProxyPreference
+from ground.settings import Settings
 from ingest.bus import encode_event, ensure_topics, make_producer
 from ingest.lag import LagSample, PartitionLag, current_trend, lag_trend, measure_lag, record_lag, sample_lag
-from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import make_engine
-from proxyloop.settings import Settings
 from tests.conftest import consumer_in_thread, export, wait_until
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
+from ground.schemas import FeatureTriple, ProxyPreference
+from ground.settings import Settings
 from ingest import consumer as ingest_consumer
 from ingest import dead_letters
 from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_consumer, make_producer, read_topic
-from ingest.schemas import FeatureTriple, ProxyPreference
 from ingest.store import count_labels, make_engine
-from proxyloop.settings import Settings
 from tests.conftest import consumer_in_thread, wait_until
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ground.schemas import FeatureTriple, PairwiseText, ProxyPreference
+from ground.settings import Settings
 from ingest.bus import ensure_topics
-from ingest.schemas import FeatureTriple, PairwiseText, ProxyPreference
 from ingest.store import LabelRow, make_engine
 from proxyloop import stack
-from proxyloop.settings import Settings
 from tests.conftest import consumer_in_thread
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from ingest.schemas import ExpertLabel, FeatureTriple, ProxyPreference, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, ProxyPreference, utcnow
 from ingest.store import count_labels, freeze_snapshot, load_snapshot_triples, make_engine, split_expert, upsert_events
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ground.settings import get_settings
 from policies.audit import (
     AUDIT_FILE,
     GENESIS_HASH,
@@ -25,7 +26,6 @@ from policies.registry import aliases, register
 from policies.registry_remote import push
 from policies.release import move_alias, release_checkpoint
 from proxyloop.cli import app
-from proxyloop.settings import get_settings
 from proxyloop.stack import isolated_settings
 from tests.conftest import export
 from tests.policies.test_release import _checkpoint

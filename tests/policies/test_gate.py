@@ -1,4 +1,4 @@
-from ingest.schemas import CheckpointEvaluation
+from ground.schemas import CheckpointEvaluation
 from policies.gate import GateRules, decide
 
 

@@ -1,6 +1,6 @@
 """The language-model gate states the indicator trend it judged, whether or not a rule fired."""
 
-from ingest.schemas import CheckpointEvaluation
+from ground.schemas import CheckpointEvaluation
 from policies.gate import GateRules
 from policies.lm_gate import decide_language_model
 

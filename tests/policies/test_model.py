@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.schemas import FeatureTriple
+from ground.schemas import FeatureTriple
 from ingest.synthetic import appendix_d
 from policies.model import (
     ADAPTER_PRIORS,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from ingest.schemas import ExpertLabel, PairwiseText, utcnow
+from ground.schemas import ExpertLabel, PairwiseText, utcnow
 from ingest.store import make_engine, upsert_events
 from policies.profile import (
     ProfileConfig,

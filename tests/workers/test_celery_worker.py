@@ -3,7 +3,7 @@
 
 import pytest
 
-from ingest.schemas import TrainingRequest
+from ground.schemas import TrainingRequest
 from ingest.synthetic import appendix_d
 from tests.conftest import celery_worker, export, stored_snapshot
 

@@ -4,7 +4,7 @@ import json
 
 from sqlalchemy.orm import Session
 
-from ingest.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference
+from ground.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference
 from ingest.store import freeze_snapshot, make_engine, upsert_events
 from ingest.text_snapshot import snapshot_item_kind
 from workers.chat_data import chat_prompt, write_snapshot_datasets

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ingest.schemas import TrainingRequest
+from ground.schemas import TrainingRequest
 from ingest.synthetic import appendix_d
 from policies.loader import load_policy_dir
 from policies.model import (

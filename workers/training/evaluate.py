@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ingest.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
+from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
 from policies.indicators import topk_indicators
 from policies.loader import load_policy_dir
 from policies.model import EXPERT_ONLY, DirectPolicy, fit_preferences, pairwise_accuracy, triples_to_tensors

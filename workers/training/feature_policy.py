@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ingest.schemas import CheckpointRef, FeatureTriple, Plan, TrainingRequest, TrainingResult
+from ground.schemas import CheckpointRef, FeatureTriple, Plan, TrainingRequest, TrainingResult
 from policies.model import (
     ADAPTER_STAGE,
     EXPERT_ONLY,
@@ -69,7 +69,7 @@ def _fit_expert_stage(
 ) -> float:
     """Stage 2 by plan: the adapter alone (two_stage), every weight pulled toward stage 1
     (fine_tune), or a direct policy from scratch (expert_only) — the recipes of policies.model that
-    ingest.conditions scores the plans with."""
+    policies.conditions scores the plans with."""
     x, y_w, y_l = data
     if plan == "two_stage":
         assert isinstance(model, TwoStagePolicy)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ingest.schemas import CheckpointEvaluation, CheckpointRef
+from ground.schemas import CheckpointEvaluation, CheckpointRef
 from policies.lm_indicators import checkpoint_indicators
 from workers.models import load_causal_lm, load_tokenizer
 from workers.training.dpo import reference_logps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.condition_statistics import (
+from policies.condition_statistics import (
     bootstrap_mean,
     coverage,
     distance_ratios,
@@ -15,7 +15,7 @@ from ingest.condition_statistics import (
     preferred_outputs,
     relaxation_constant,
 )
-from ingest.plan_choice import significantly_worse
+from policies.plan_choice import significantly_worse
 
 
 def _rng() -> np.random.Generator:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ingest.condition_statistics import (
+from ground.schemas import ConditionCheck, ConditionReport, FeatureTriple
+from policies.condition_statistics import (
     bootstrap_mean,
     coverage,
     distance_ratios,
@@ -27,8 +28,6 @@ from ingest.condition_statistics import (
     preferred_outputs,
     relaxation_constant,
 )
-from ingest.plan_choice import ALPHA, CANDIDATES, PlanEvidence, choose_plan, significantly_worse
-from ingest.schemas import ConditionCheck, ConditionReport, FeatureTriple
 from policies.model import (
     ADAPTER_STAGE,
     EXPERT_ONLY,
@@ -46,6 +45,7 @@ from policies.model import (
     preference_log_likelihoods,
     triples_to_tensors,
 )
+from policies.plan_choice import ALPHA, CANDIDATES, PlanEvidence, choose_plan, significantly_worse
 
 __all__ = ["CHECK_NAMES", "MIN_EXPERT_TRIPLES", "choose_plan", "run_condition_tests"]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.conditions import CHECK_NAMES, MIN_EXPERT_TRIPLES, choose_plan, run_condition_tests
-from ingest.plan_choice import CANDIDATES, PlanEvidence
-from ingest.schemas import ConditionCheck, ConditionReport
+from ground.schemas import ConditionCheck, ConditionReport
 from ingest.synthetic import appendix_d
+from policies.conditions import CHECK_NAMES, MIN_EXPERT_TRIPLES, choose_plan, run_condition_tests
+from policies.plan_choice import CANDIDATES, PlanEvidence
 
 
 def _report(variant: str, seed: int, n_expert: int = 48) -> ConditionReport:

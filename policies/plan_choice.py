@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest.condition_statistics import bootstrap_mean
-from ingest.schemas import ConditionCheck, Plan
+from ground.schemas import ConditionCheck, Plan
+from policies.condition_statistics import bootstrap_mean
 
 # Simplest first: how much each fits to expert data (nothing; a D×D adapter; every weight from a
 # proxy start; every weight from scratch). The first two are kept unless significantly worse than

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from policies.profile import ProfileConfig
 
 PLACEHOLDER_SECRETS = {"dev-webhook-secret", "dev-api-key"}
 
@@ -165,12 +162,6 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
-
-    def profile_config(self) -> ProfileConfig:
-        from policies.profile import ProfileConfig
-
-        return ProfileConfig(budget_tokens=self.profile_budget_tokens, position=self.profile_position,
-                             include_query=self.profile_include_query, order=self.profile_order)
 
     @property
     def api_key_hash_list(self) -> list[str]:

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
+# Prefect event the consumer emits when new labels cross the retrain thresholds; triggers `retrain`.
+DATASET_UPDATED_EVENT = "proxyloop.dataset.updated"
+
 Plan = Literal["two_stage", "proxy_as_is", "fine_tune", "expert_only", "refuse"]
 Decision = Literal["release", "block", "pick_checkpoint"]
 
