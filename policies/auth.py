@@ -6,9 +6,11 @@ import hashlib
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ground.settings import Settings
+from ingest.web import SettingsDep
 
 
 def hash_key(key: str) -> str:
@@ -20,9 +22,14 @@ def accepted_hashes(settings: Settings) -> list[str]:
     return [hash_key(k) for k in settings.api_key_list] + settings.api_key_hash_list
 
 
-def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    settings: Settings = request.app.state.settings
-    token = (authorization or "").removeprefix("Bearer ").strip()
+# auto_error=False: a missing or non-bearer header gets our 401 with how to send the key.
+_bearer = HTTPBearer(auto_error=False, description="An API key from PROXYLOOP_API_KEYS / PROXYLOOP_API_KEY_HASHES.")
+
+
+def require_api_key(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    token = credentials.credentials.strip() if credentials is not None else ""
     presented = hash_key(token)
     if not token or not any(hmac.compare_digest(presented, h) for h in accepted_hashes(settings)):
         raise HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from ground.settings import Settings
+from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.chat import ChatPolicy, load_chat_policy
 from policies.loader import cached_by_version
@@ -136,10 +137,9 @@ def _stream(
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, _: ApiKey
+    body: ChatCompletionRequest, settings: SettingsDep, _: ApiKey
 ) -> JSONResponse | StreamingResponse:
     """Chat completion from a released language-model policy (OpenAI wire format, optional SSE stream)."""
-    settings: Settings = request.app.state.settings
     policy = await run_in_threadpool(chat_policy, settings, body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens or 64
     model = f"{policy.version.policy}@{policy.version.version}"

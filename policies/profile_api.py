@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from ground.settings import Settings
+from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.profile import add_item, erase_user, items_of, profile_engine
 
@@ -35,31 +36,30 @@ class Erased(BaseModel):
     items_deleted: int
 
 
-def profile_session(request: Request) -> Session:
-    settings: Settings = request.app.state.settings
+def profile_session(settings: Settings) -> Session:
     return Session(profile_engine(settings.resolved_store_url))
 
 
 @router.post("/{user_id}/responses", response_model=ResponseOut, status_code=201)
-def add_response(user_id: UserId, body: ResponseIn, request: Request, _: ApiKey) -> ResponseOut:
+def add_response(user_id: UserId, body: ResponseIn, settings: SettingsDep, _: ApiKey) -> ResponseOut:
     """Record a response the user produced or approved."""
-    with profile_session(request) as session:
+    with profile_session(settings) as session:
         item = add_item(session, user_id, body.response, body.query)
         session.commit()
         return ResponseOut.model_validate(item, from_attributes=True)
 
 
 @router.get("/{user_id}/responses", response_model=list[ResponseOut])
-def list_responses(user_id: UserId, request: Request, _: ApiKey) -> list[ResponseOut]:
+def list_responses(user_id: UserId, settings: SettingsDep, _: ApiKey) -> list[ResponseOut]:
     """Everything stored for a user, newest first."""
-    with profile_session(request) as session:
+    with profile_session(settings) as session:
         return [ResponseOut.model_validate(i, from_attributes=True) for i in items_of(session, user_id)]
 
 
 @router.delete("/{user_id}", response_model=Erased)
-def erase(user_id: UserId, request: Request, _: ApiKey) -> Erased:
+def erase(user_id: UserId, settings: SettingsDep, _: ApiKey) -> Erased:
     """Erase a user: every stored profile item is deleted."""
-    with profile_session(request) as session:
+    with profile_session(settings) as session:
         deleted = erase_user(session, user_id)
         session.commit()
     return Erased(user_id=user_id, items_deleted=deleted)

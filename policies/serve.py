@@ -7,21 +7,17 @@ so a release is served as soon as the registry's alias moves; no restart.
 from __future__ import annotations
 
 import torch
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from ground.settings import Settings
+from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, cached_by_version, load
 from policies.registry import RegistryError, aliases, list_policies
 from policies.registry_remote import refresh
 
 router = APIRouter(prefix="/v1", tags=["policies"])
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
 
 
 class ModelCard(BaseModel):
@@ -60,9 +56,9 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(request: Request, _: ApiKey) -> ModelList:
+def list_models(settings: SettingsDep, _: ApiKey) -> ModelList:
     """Released policies and the version each alias points at."""
-    root = _settings(request).registry_dir
+    root = settings.registry_dir
     cards = [ModelCard(id=f"{name}@{alias}", version=version,
                        created=int((root / name / str(version)).stat().st_mtime))
              for name in list_policies(root) for alias, version in sorted(aliases(root, name).items())]
@@ -70,9 +66,9 @@ def list_models(request: Request, _: ApiKey) -> ModelList:
 
 
 @router.post("/policies/{ref}/predict", response_model=Prediction)
-def predict(ref: str, body: PredictRequest, request: Request, _: ApiKey) -> Prediction:
+def predict(ref: str, body: PredictRequest, settings: SettingsDep, _: ApiKey) -> Prediction:
     """Output distribution of a feature-vector policy (`name` or `name@alias`) for one input."""
-    policy = current_policy(_settings(request), ref)
+    policy = current_policy(settings, ref)
     expected = policy.config.input_dim
     if len(body.x) != expected:
         raise HTTPException(422, f"x has {len(body.x)} features; {policy.version.policy} expects {expected}")

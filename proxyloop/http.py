@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.producer.close()
 
     app = FastAPI(title="proxyloop", lifespan=lifespan)
-    app.state.settings = settings
+    app.dependency_overrides[get_settings] = lambda: settings  # every SettingsDep resolves these
     app.include_router(labelstudio_router)
     app.include_router(serving_router)
     app.include_router(openai_router)

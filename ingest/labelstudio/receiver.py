@@ -8,15 +8,16 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader
 from kafka import KafkaProducer
 from pydantic import BaseModel, ValidationError
 
 from ground.schemas import ExpertLabel
-from ground.settings import Settings
 from ingest.bus import publish
 from ingest.labelstudio.payloads import expert_labels_from_webhook
+from ingest.web import ProducerDep, SettingsDep
 
 SECRET_HEADER = "X-Proxyloop-Secret"
 
@@ -29,9 +30,13 @@ class WebhookAccepted(BaseModel):
     topic: str
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+# auto_error=False: a missing header gets the same 401 and message as a wrong one.
+_secret_header = APIKeyHeader(name=SECRET_HEADER, auto_error=False, description="The shared webhook secret.")
+
+
+def require_webhook_secret(settings: SettingsDep, secret: Annotated[str | None, Depends(_secret_header)]) -> None:
+    if secret is None or not hmac.compare_digest(secret.encode(), settings.webhook_secret.encode()):
+        raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
 
 
 def _publish_all(producer: KafkaProducer, topic: str, labels: list[ExpertLabel]) -> None:
@@ -41,20 +46,16 @@ def _publish_all(producer: KafkaProducer, topic: str, labels: list[ExpertLabel])
         future.get(timeout=30)
 
 
-@router.post("/webhooks/labelstudio", response_model=WebhookAccepted)
+@router.post("/webhooks/labelstudio", response_model=WebhookAccepted, dependencies=[Depends(require_webhook_secret)])
 async def receive_labelstudio_webhook(
-    request: Request, secret: Annotated[str | None, Header(alias=SECRET_HEADER)] = None,
+    request: Request, settings: SettingsDep, producer: ProducerDep
 ) -> WebhookAccepted:
     """Receive a Label Studio annotation webhook; 200 only once Kafka has the label."""
-    settings = _settings(request)
-    if secret is None or not hmac.compare_digest(secret.encode(), settings.webhook_secret.encode()):
-        raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
     try:
         payload = await request.json()
         labels = expert_labels_from_webhook(payload)
     except (ValueError, ValidationError) as exc:
         raise HTTPException(422, f"unusable Label Studio payload: {exc}") from exc
-    producer: KafkaProducer = request.app.state.producer
     await run_in_threadpool(_publish_all, producer, settings.topic_expert, labels)
     ids = [label.event_id for label in labels]
     return WebhookAccepted(event_id=ids[0] if ids else "", event_ids=ids, topic=settings.topic_expert)
