@@ -50,14 +50,14 @@ from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from ground.schemas import DeadLetter, FeatureTriple, PairwiseText, ProxyPreference, utcnow  # noqa: E402
+from ground.settings import Settings  # noqa: E402
 from ingest.bus import ensure_topics, make_producer, publish, read_topic  # noqa: E402
 from ingest.dead_letters import count_by_reason  # noqa: E402
 from ingest.labelstudio import SECRET_HEADER, webhook_payload  # noqa: E402
 from ingest.lag import LagUnavailable, measure_lag  # noqa: E402
-from ground.schemas import DeadLetter, FeatureTriple, PairwiseText, ProxyPreference, utcnow  # noqa: E402
 from ingest.store import LabelRow, count_labels, make_engine  # noqa: E402
 from proxyloop import stack  # noqa: E402
-from ground.settings import Settings  # noqa: E402
 
 COMPONENTS = ("objectstore", "kafka", "http", "consumer")
 SAMPLE_EVERY_S = 5.0
