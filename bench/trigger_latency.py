@@ -85,7 +85,7 @@ def prefect_floor(settings: Settings, repeats: int) -> list[float]:
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    from flows.serve import HEALTH_EVENT
+    from flows.deployments import HEALTH_EVENT
 
     floors = []
     for i in range(repeats):

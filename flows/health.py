@@ -1,6 +1,6 @@
 """The `ingest-health` flow: sample consumer lag and raise Prefect events when ingest is in trouble.
 
-Run: `python -m flows.health` (one run); `python -m flows.serve` runs it every
+Run: `python -m flows.health` (one run); `python -m flows.deployments` runs it every
 PROXYLOOP_HEALTH_INTERVAL_S seconds. Orchestration only: measuring and judging lag is `ingest.lag`.
 Attach a Prefect automation (a notification, say) to the two events; docs/operators.md shows how.
 """

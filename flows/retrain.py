@@ -5,7 +5,7 @@ The snapshot's item kind picks the branch: feature triples train the two-stage f
 pairwise text (chat) trains a language model with DPO (`proxyloop.train_lm`), evaluates each
 checkpoint's held-out accuracy and paper 2's indicators on `cpu`, and releases a `causal_lm` policy.
 
-Each stage is also its own deployment (see flows.serve), so an operator can re-run one stage of
+Each stage is also its own deployment (see flows.deployments), so an operator can re-run one stage of
 a run by its id, e.g. `proxyloop override RUN --reason ...` runs `release` on a blocked run.
 """
 
@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from sqlalchemy.orm import Session
 
 from flows.artifacts import publish_condition_report, publish_gate_decision, publish_release
-from flows.stages import (
+from flows.tasks import (
     chat_base_model,
     chat_training_request,
     check_conditions,

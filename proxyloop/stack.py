@@ -167,7 +167,7 @@ COMPONENTS: list[Component] = [
                                  str(s.http_port)], lambda s: _http_ok(f"{s.http_url}/health"),
               listens_on=lambda s: s.http_url),
     Component("consumer", lambda s: [PY, "-m", "ingest.consumer"], lambda s: True),
-    Component("flows", lambda s: [PY, "-m", "flows.serve"],
+    Component("flows", lambda s: [PY, "-m", "flows.deployments"],
               lambda s: _http_ok(f"{s.prefect_api_url}/deployments/name/retrain/retrain"), start_timeout_s=90),
 ]
 

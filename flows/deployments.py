@@ -1,6 +1,6 @@
 """Serve every stage as a deployment; `retrain` is started by the dataset threshold event.
 
-Run: `python -m flows.serve` (started by `proxyloop up`; needs PREFECT_API_URL). At scale, use
+Run: `python -m flows.deployments` (started by `proxyloop up`; needs PREFECT_API_URL). At scale, use
 a Prefect work pool instead; the triggers and limits are the same.
 """
 
