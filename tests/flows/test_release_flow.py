@@ -1,0 +1,82 @@
+"""The release flow run as Prefect runs it (a temporary Prefect server), against the session's broker.
+
+The gate's override path: a blocked run is released only with a reason, and who and why land in the
+version's lineage and in the promotion history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from ground.schemas import CheckpointEvaluation, GateDecision
+from ground.settings import Settings, get_settings
+from ingest.bus import ensure_topics
+from ingest.store import make_engine, record_run
+from policies.audit import verify
+from policies.registry import resolve, versions
+from proxyloop import stack
+from tests.policies.test_release import _checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def settings(service_settings: Settings, kafka: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    settings = service_settings.model_copy(update={
+        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "registry_url": str(tmp_path / "registry"),
+        "topic_policy_released": f"released-{tmp_path.name}"})
+    ensure_topics(settings)
+    for key, value in stack.child_env(settings).items():  # the flow resolves get_settings(); Prefect keeps its own
+        if key.startswith("PROXYLOOP_"):
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    return settings
+
+
+def _blocked_run(settings: Settings, checkpoint: Path) -> str:
+    evaluation = CheckpointEvaluation(step=10, path=str(checkpoint), heldout_accuracy=0.4, topk_entropy=1.0,
+                                      topk_mass=0.9)
+    gate = GateDecision(decision="block", checkpoint=evaluation, baseline_accuracy=0.6,
+                        reasons=["held-out accuracy 0.400 is below the minimum 0.55"])
+    summary = {"run_id": "run-1", "snapshot": {"snapshot_id": "snap-1", "item_kind": "features", "n_expert": 3,
+                                               "n_proxy": 9},
+               "conditions": {"plan": "two_stage"}, "training": {"checkpoints": []},
+               "gate": gate.model_dump(mode="json")}
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        record_run(session, "run-1", "blocked", summary)
+        session.commit()
+    return "run-1"
+
+
+def test_a_blocked_run_is_released_only_with_a_reason_and_the_override_is_audited(
+    settings: Settings, prefect_server: None, tmp_path: Path
+) -> None:
+    from flows.retrain import release_flow
+
+    run_id = _blocked_run(settings, _checkpoint(tmp_path / "ckpt", 1))
+    with pytest.raises(PermissionError, match="blocked by the gate"):
+        release_flow(run_id)
+    assert versions(settings.registry_dir, settings.policy_name) == []
+
+    release = release_flow(run_id, override_reason="accepted: held-out set too small (ticket 7)", operator="alice")
+
+    assert (release["version"], release["alias"], release["override"]["by"]) == (1, "production", "alice")
+    lineage = resolve(settings.registry_dir, f"{settings.policy_name}@production").lineage
+    assert lineage["override"]["reason"] == "accepted: held-out set too small (ticket 7)"
+    assert lineage["override"]["gate_reasons"] == ["held-out accuracy 0.400 is below the minimum 0.55"]
+    (entry,) = verify(settings.registry_dir)
+    assert (entry.action, entry.who, entry.why, entry.snapshot_id, entry.version) == (
+        "override", "alice", "accepted: held-out set too small (ticket 7)", "snap-1", 1)
+    assert entry.gate["decision"] == "block"
