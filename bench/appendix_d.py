@@ -27,16 +27,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ingest.synthetic import FAMILY_PROXIES, FamilyWorld, appendix_d_family, draw_triples
-from policies.model import (
+from policies.features.fitting import (
     ADAPTER_STAGE,
     PROXY_STAGE,
-    DirectPolicy,
-    TwoStageConfig,
-    TwoStagePolicy,
     choose_adapter_prior,
     fit_adapter,
     fit_preferences,
     fit_stage1,
+)
+from policies.features.model import (
+    DirectPolicy,
+    TwoStageConfig,
+    TwoStagePolicy,
     preference_log_likelihoods,
     triples_to_tensors,
 )
@@ -46,7 +48,7 @@ HEADLINE_N = 35
 N_PROXY, N_TEST, N_VALID = 8000, 5000, 1000
 SEEDS, QUICK_SEEDS = 10, 3
 # Stage 1 (proxy stack on 8000 proxy triples) and stage 2 (adapter on n expert triples): the recipe
-# of policies.model; the adapter's prior weight (worth `prior` triples, toward a tempered identity)
+# of policies.features.model; the adapter's prior weight (worth `prior` triples, toward a tempered identity)
 # is chosen per n by cross-validation on the n expert triples themselves.
 STAGE1 = replace(PROXY_STAGE, steps=600)  # 8000 triples rather than the demo's 3000
 FINE_TUNE_STEPS, FINE_TUNE_LR, FINE_TUNE_PRIOR = 300, 0.003, 1.0  # not tuned

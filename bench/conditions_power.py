@@ -21,7 +21,7 @@ import torch
 
 from ground.schemas import ConditionReport, FeatureTriple
 from ingest.synthetic import appendix_d, appendix_d_family, draw_triples
-from policies.conditions import CHECK_NAMES, run_condition_tests
+from policies.features.conditions import CHECK_NAMES, run_condition_tests
 from policies.plan_choice import PAPER_CONDITIONS
 
 N_PROXY = 8000

@@ -7,7 +7,7 @@ A generated task with a gold reward we can compute for any text: "What is a plus
 off-topic replies) so it has a real next-token distribution; preference pairs rank two replies by
 the gold reward. DPO with a small β and hinge are then trained long enough to over-optimise, with
 checkpoints every N steps through the workers' own loop (`run_lm_training`). Every checkpoint is
-scored on a fixed held-out prompt set: paper 2's indicators (`policies.lm_indicators`), the
+scored on a fixed held-out prompt set: paper 2's indicators (`policies.lm.indicators`), the
 held-out pairwise accuracy of the implicit reward, and the gold reward of sampled and greedy
 generations. `policies.gate.decide` then sees everything but the gold reward. The last line
 printed is JSON with `pick_vs_best`, `last_vs_best` and `blocked_in_time`.
@@ -35,13 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ground.schemas import CheckpointEvaluation, GateDecision  # noqa: E402
 from policies.gate import GateRules, decide  # noqa: E402
-from policies.lm_indicators import completion_indicators  # noqa: E402
-from workers.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
-from workers.training.dpo import reference_logps  # noqa: E402
-from workers.training.dpo_config import DPOConfig  # noqa: E402
-from workers.training.lm_data import TokenizedChat, collate_chats, tokenize_pairs  # noqa: E402
-from workers.training.lm_run import LMTrainingRequest, run_lm_training  # noqa: E402
-from workers.training.sft import sft_batch_loss  # noqa: E402
+from policies.lm.indicators import completion_indicators  # noqa: E402
+from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
+from workers.lm.training.data import TokenizedChat, collate_chats, tokenize_pairs  # noqa: E402
+from workers.lm.training.dpo import reference_logps  # noqa: E402
+from workers.lm.training.dpo_config import DPOConfig  # noqa: E402
+from workers.lm.training.run import LMTrainingRequest, run_lm_training  # noqa: E402
+from workers.lm.training.sft import sft_batch_loss  # noqa: E402
 
 MAX_OPERAND = 14  # operands 0..14: 225 sums, enough to hold some out
 ALLOWED_WORDS = {"it", "is"}  # plus the number: the clean answer is exactly " It is <n>."

@@ -18,11 +18,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from workers.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
-from workers.training.lm_data import collate_chats  # noqa: E402
-from workers.training.lm_run import LMTrainingRequest, run_lm_training  # noqa: E402
-from workers.training.sft import choose_loss_mode, render_chat, sft_batch_loss  # noqa: E402
-from workers.training.sft_config import SFTConfig  # noqa: E402
+from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
+from workers.lm.training.data import collate_chats  # noqa: E402
+from workers.lm.training.run import LMTrainingRequest, run_lm_training  # noqa: E402
+from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_loss  # noqa: E402
+from workers.lm.training.sft_config import SFTConfig  # noqa: E402
 
 NAMES = ["ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal", "ivy", "jo", "kit", "lu"]
 COLOURS = ["red", "blue", "green", "black", "white", "gold"]

@@ -62,11 +62,11 @@ def load(model_arg: str) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_arg == "smollm2":
-        from workers.models import prepare_smollm2
+        from workers.lm.models import prepare_smollm2
 
         path = prepare_smollm2(Path.home() / ".cache" / "proxyloop" / "models")
     elif model_arg == "tiny":
-        from workers.models import build_tiny
+        from workers.lm.models import build_tiny
 
         path = build_tiny(Path("/tmp/proxyloop-bench-tiny"))
     else:

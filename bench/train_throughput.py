@@ -19,12 +19,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from workers.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
-from workers.training.dpo import completion_token_logps, dpo_batch_loss, reference_logps  # noqa: E402
-from workers.training.dpo_config import DPOConfig  # noqa: E402
-from workers.training.lm_data import collate_pairs, tokenize_pairs  # noqa: E402
-from workers.training.lm_run import autocast_for  # noqa: E402
-from workers.training.objectives import sequence_logps  # noqa: E402
+from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
+from workers.lm.training.data import collate_pairs, tokenize_pairs  # noqa: E402
+from workers.lm.training.dpo import completion_token_logps, dpo_batch_loss, reference_logps  # noqa: E402
+from workers.lm.training.dpo_config import DPOConfig  # noqa: E402
+from workers.lm.training.objectives import sequence_logps  # noqa: E402
+from workers.lm.training.run import autocast_for  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

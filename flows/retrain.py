@@ -39,7 +39,7 @@ from ground.schemas import CheckpointEvaluation, GateDecision, TrainingRequest, 
 from ground.settings import get_settings
 from ingest.store import RetrainRun, make_engine
 from policies.audit import ReleaseEvidence, current_user
-from policies.lm_release import release_causal_lm
+from policies.lm.release import release_causal_lm
 from policies.release import release_checkpoint
 from workers.app import GPU_QUEUE
 

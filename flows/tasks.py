@@ -25,16 +25,16 @@ from ground.schemas import (
 from ground.settings import Settings
 from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, record_run
 from ingest.text_snapshot import load_snapshot_pairs, snapshot_item_kind, text_condition_report
-from policies.conditions import run_condition_tests
+from policies.features.conditions import run_condition_tests
 from policies.gate import GateRules, decide
-from policies.lm_gate import decide_language_model
+from policies.lm.gate import decide_language_model
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
-from workers.chat_base import ensure_chat_base_model
-from workers.chat_data import write_snapshot_datasets
-from workers.lm_tasks import EVALUATE_LM_TASK, TRAIN_LM_TASK
-from workers.training.checkpoint import PREFIX as CHECKPOINT_PREFIX
-from workers.training.lm_run import LMTrainingRequest
+from workers.lm.base_model import ensure_chat_base_model
+from workers.lm.snapshot_data import write_snapshot_datasets
+from workers.lm.tasks import EVALUATE_LM_TASK, TRAIN_LM_TASK
+from workers.lm.training.checkpoint import PREFIX as CHECKPOINT_PREFIX
+from workers.lm.training.run import LMTrainingRequest
 
 TASK_TIMEOUT_S = 1800
 RETRY_DELAYS_S: list[float] = [2, 10, 30]

@@ -204,7 +204,7 @@ class CheckpointEvaluation(BaseModel):
     topk_entropy: float
     topk_mass: float
     # Every indicator of a language-model checkpoint, keyed `teacher_forced/...` and `generated/...`
-    # (policies.lm_indicators), with `rewards/margins_mean`; empty for feature-vector policies.
+    # (policies.lm.indicators), with `rewards/margins_mean`; empty for feature-vector policies.
     indicators: dict[str, float] = Field(default_factory=dict)
 
 

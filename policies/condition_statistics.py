@@ -1,8 +1,8 @@
-"""The statistics behind the condition tests, as pure functions of arrays (see policies/conditions.py).
+"""The statistics behind the condition tests, as pure functions of arrays (see policies/features/conditions.py).
 
 Each takes model outputs (log-probabilities or log-ratios) or per-triple scores and returns a
 number; the thresholds and the fitting of the models that produce those outputs live in
-policies/conditions.py, so each statistic can be checked on hand-built cases with known answers.
+policies/features/conditions.py, so each statistic can be checked on hand-built cases with known answers.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ground.schemas import PolicyVersion
-from policies.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
+from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
 from policies.registry import resolve, version_of
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
-from policies.chat import ChatPolicy, load_chat_policy
+from policies.lm.chat import ChatPolicy, load_chat_policy
 from policies.loader import cached_by_version
 from policies.profile import (
     BuildReport,

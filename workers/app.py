@@ -43,7 +43,7 @@ def make_app() -> Celery:
         broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s,
                                   "unacked_restore_interval": settings.celery_unacked_restore_interval_s,
                                   "unacked_restore_throttle": 1},
-        imports=("workers.tasks", "workers.lm_tasks"),  # loaded by the worker; senders use task names only
+        imports=("workers.features.tasks", "workers.lm.tasks"),  # loaded by the worker; senders use task names only
     )
     return celery
 

@@ -29,7 +29,7 @@ def prepare(
     out: Annotated[Path | None, typer.Option(help="Directory for the model (default PROXYLOOP_HOME/models).")] = None,
 ) -> None:
     """Write a Hugging Face safetensors directory for NAME (once; later calls reuse it)."""
-    from workers.models import ModelNotPrepared, build_tiny, prepare_smollm2
+    from workers.lm.models import ModelNotPrepared, build_tiny, prepare_smollm2
 
     target = out or models_dir()
     if name not in MODEL_NAMES:

@@ -8,7 +8,7 @@ import torch
 
 from ground.schemas import ConditionCheck, ConditionReport
 from ingest.synthetic import appendix_d
-from policies.conditions import CHECK_NAMES, MIN_EXPERT_TRIPLES, choose_plan, run_condition_tests
+from policies.features.conditions import CHECK_NAMES, MIN_EXPERT_TRIPLES, choose_plan, run_condition_tests
 from policies.plan_choice import CANDIDATES, PlanEvidence
 
 

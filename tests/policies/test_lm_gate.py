@@ -2,7 +2,7 @@
 
 from ground.schemas import CheckpointEvaluation
 from policies.gate import GateRules
-from policies.lm_gate import decide_language_model
+from policies.lm.gate import decide_language_model
 
 
 def _evals(entropy, mass, accuracy):

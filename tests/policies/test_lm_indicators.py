@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policies.indicators import topk_indicators
-from policies.lm_indicators import checkpoint_indicators, completion_indicators
-from workers.models import build_tiny
+from policies.lm.indicators import checkpoint_indicators, completion_indicators
+from workers.lm.models import build_tiny
 
 PROMPTS = ["the expert ranks", "What is 3 plus 4? It is"]
 COMPLETIONS = [" the longer reply.", " 7."]

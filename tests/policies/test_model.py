@@ -11,20 +11,16 @@ import torch
 
 from ground.schemas import FeatureTriple
 from ingest.synthetic import appendix_d
-from policies.model import (
-    ADAPTER_PRIORS,
-    ADAPTER_STAGE,
+from policies.features.fitting import ADAPTER_PRIORS, ADAPTER_STAGE, choose_adapter_prior, fit_adapter, fit_preferences
+from policies.features.model import (
     DirectPolicy,
     TwoStageConfig,
     TwoStagePolicy,
-    choose_adapter_prior,
-    fit_adapter,
-    fit_preferences,
     pairwise_accuracy,
     preference_loss,
     triples_to_tensors,
 )
-from policies.simplex_adapter import SimplexAdapter
+from policies.features.simplex_adapter import SimplexAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,11 +6,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from policies.chat import register_causal_lm
+from policies.lm.chat import register_causal_lm
 from policies.registry import set_alias
 from proxyloop.http import create_app
 from proxyloop.stack import isolated_settings
-from workers.models import build_tiny
+from workers.lm.models import build_tiny
 
 
 @pytest.fixture(scope="module")

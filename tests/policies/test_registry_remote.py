@@ -5,7 +5,7 @@ import uuid
 import torch
 from fastapi.testclient import TestClient
 
-from policies.model import TwoStageConfig, TwoStagePolicy
+from policies.features.model import TwoStageConfig, TwoStagePolicy
 from policies.registry import register, resolve, set_alias, versions
 from policies.registry_remote import pull, push
 from proxyloop.http import create_app

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from ingest.bus import ensure_topics, read_topic
-from policies.model import TwoStageConfig, TwoStagePolicy
+from policies.features.model import TwoStageConfig, TwoStagePolicy
 from policies.release import move_alias, release_checkpoint
 from proxyloop.http import create_app
 

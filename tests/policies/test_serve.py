@@ -5,7 +5,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
-from policies.model import TwoStageConfig, TwoStagePolicy
+from policies.features.model import TwoStageConfig, TwoStagePolicy
 from policies.registry import register, set_alias
 from proxyloop.http import create_app
 from tests.conftest import isolated_settings

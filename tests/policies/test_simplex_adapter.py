@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 
-from policies.model import TwoStagePolicy, choose_centre
-from policies.simplex_adapter import SimplexAdapter, relabelled_centres
+from policies.features.fitting import choose_centre
+from policies.features.model import TwoStagePolicy
+from policies.features.simplex_adapter import SimplexAdapter, relabelled_centres
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

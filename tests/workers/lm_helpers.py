@@ -7,7 +7,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from workers.models import build_tiny
+from workers.lm.models import build_tiny
 
 PAIRS = [
     {"prompt": "What is 3 plus 4?", "chosen": " It is 7.", "rejected": " It is 9, the model says."},

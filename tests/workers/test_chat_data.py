@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference
 from ingest.store import freeze_snapshot, make_engine, upsert_events
 from ingest.text_snapshot import snapshot_item_kind
-from workers.chat_data import chat_prompt, write_snapshot_datasets
+from workers.lm.snapshot_data import chat_prompt, write_snapshot_datasets
 
 
 def _pair(i: int, choice: str) -> PairwiseText:

@@ -7,17 +7,10 @@ from safetensors.torch import load_file
 
 from ground.schemas import TrainingRequest
 from ingest.synthetic import appendix_d
+from policies.features.fitting import ADAPTER_STAGE, PROXY_STAGE, fit_adapter, fit_stage1
+from policies.features.model import TwoStageConfig, TwoStagePolicy, triples_to_tensors
 from policies.loader import load_policy_dir
-from policies.model import (
-    ADAPTER_STAGE,
-    PROXY_STAGE,
-    TwoStageConfig,
-    TwoStagePolicy,
-    fit_adapter,
-    fit_stage1,
-    triples_to_tensors,
-)
-from workers.training.feature_policy import train_feature_policy
+from workers.features.training import train_feature_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +52,7 @@ def test_same_seed_gives_the_same_weights(tmp_path):
 
 
 def test_two_stage_run_follows_the_recipe_the_condition_tests_score(tmp_path):
-    """Worker weights equal a hand-run of policies.model's recipe: stage 1 then the prior-pulled adapter."""
+    """Worker weights equal a hand-run of policies.features.model's recipe: stage 1 then the prior-pulled adapter."""
     task = appendix_d(n_proxy=300, n_expert=30, seed=4)
     result = train_feature_policy(_request(tmp_path, "two_stage"), task.proxy, task.expert, torch.device("cpu"),
                                   "w", lambda _: None)

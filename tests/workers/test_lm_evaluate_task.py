@@ -6,8 +6,8 @@ import pytest
 
 from tests.conftest import celery_worker, export
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
-from workers.lm_tasks import EVALUATE_LM_TASK
-from workers.training.lm_run import LMTrainingRequest, run_lm_training
+from workers.lm.tasks import EVALUATE_LM_TASK
+from workers.lm.training.run import LMTrainingRequest, run_lm_training
 
 pytestmark = pytest.mark.integration
 INDICATOR_KEYS = {f"{view}/{name}_{stat}" for view in ("teacher_forced", "generated")

@@ -5,7 +5,7 @@ import importlib.util
 from typer.testing import CliRunner
 
 from proxyloop.cli import app
-from workers.models import load_causal_lm, load_tokenizer
+from workers.lm.models import load_causal_lm, load_tokenizer
 
 
 def test_prepare_tiny_writes_a_loadable_model_with_a_chat_tokenizer(tmp_path):

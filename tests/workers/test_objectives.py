@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
-from workers.models import load_causal_lm, load_tokenizer
-from workers.training.dpo import completion_token_logps, dpo_batch_loss
-from workers.training.dpo_config import DPOConfig
-from workers.training.lm_data import collate_pairs, tokenize_pairs
-from workers.training.objectives import (
+from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.training.data import collate_pairs, tokenize_pairs
+from workers.lm.training.dpo import completion_token_logps, dpo_batch_loss
+from workers.lm.training.dpo_config import DPOConfig
+from workers.lm.training.objectives import (
     dpo_sigmoid_loss,
     hinge_loss,
     ipo_loss,

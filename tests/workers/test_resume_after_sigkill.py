@@ -10,7 +10,7 @@ import pytest
 from proxyloop import stack
 from tests.conftest import export, wait_until
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
-from workers.training.lm_run import LMTrainingRequest, run_lm_training
+from workers.lm.training.run import LMTrainingRequest, run_lm_training
 
 pytestmark = pytest.mark.integration
 

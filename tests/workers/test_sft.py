@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from tests.workers.lm_helpers import tiny_model_dir
-from workers.models import load_causal_lm, load_tokenizer
-from workers.training.lm_data import collate_chats
-from workers.training.sft import choose_loss_mode, render_chat, sft_batch_loss
-from workers.training.sft_config import SFTConfig
+from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.training.data import collate_chats
+from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_loss
+from workers.lm.training.sft_config import SFTConfig
 
 CHAT = [
     {"role": "system", "content": "You are terse."},

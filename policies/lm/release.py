@@ -13,10 +13,10 @@ from typing import Any
 from ground.schemas import PolicyVersion
 from ground.settings import Settings
 from policies.audit import ReleaseEvidence, record_release
-from policies.chat import register_causal_lm
+from policies.lm.chat import register_causal_lm
 from policies.release import announce
 
-# Training state that a served model does not need (see workers.training.checkpoint).
+# Training state that a served model does not need (see workers.lm.training.checkpoint).
 TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
 
 

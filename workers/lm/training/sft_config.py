@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.training.loop_config import LoopConfig, _help
+from workers.lm.training.loop_config import LoopConfig, _help
 
 LOSS_MODES = ("auto", "im", "it")
 

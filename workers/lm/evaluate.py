@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef
-from policies.lm_indicators import checkpoint_indicators
-from workers.models import load_causal_lm, load_tokenizer
-from workers.training.dpo import reference_logps
-from workers.training.dpo_config import DPOConfig
-from workers.training.lm_data import TokenizedPair, load_jsonl, tokenize_pairs
+from policies.lm.indicators import checkpoint_indicators
+from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
+from workers.lm.training.dpo import reference_logps
+from workers.lm.training.dpo_config import DPOConfig
 
 # Sequence log-probs are sums over response tokens, as DPO's sigmoid loss uses them (paper 2).
 _SCORING = DPOConfig(batch_size=16, logp_reduction="sum")

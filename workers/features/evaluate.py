@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
+from policies.features.fitting import EXPERT_ONLY, fit_preferences
+from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
 from policies.indicators import topk_indicators
 from policies.loader import load_policy_dir
-from policies.model import EXPERT_ONLY, DirectPolicy, fit_preferences, pairwise_accuracy, triples_to_tensors
 
 
 @torch.no_grad()

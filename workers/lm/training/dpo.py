@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workers.training.dpo_config import DPOConfig
-from workers.training.lm_data import TokenizedPair, collate_pairs
-from workers.training.objectives import nll_loss, preference_loss, sequence_logps, token_logps
+from workers.lm.training.data import TokenizedPair, collate_pairs
+from workers.lm.training.dpo_config import DPOConfig
+from workers.lm.training.objectives import nll_loss, preference_loss, sequence_logps, token_logps
 
 
 def completion_token_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from workers.training.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint
-from workers.training.lm_data import bucketed_batches
-from workers.training.loop_config import LoopConfig
+from workers.lm.training.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint
+from workers.lm.training.data import bucketed_batches
+from workers.lm.training.loop_config import LoopConfig
 
 Progress = Callable[[dict[str, Any]], None]
 

@@ -1,11 +1,11 @@
-"""π̄†, the two-stage policy's adapter: the one part learned from expert data (see policies/model.py).
+"""π̄†, the two-stage policy's adapter: the one part learned from expert data (see policies/features/model.py).
 
 A few dozen expert triples cannot move a D×D map far, so what the adapter is pulled toward (its
 centre) decides most of what stage 2 can learn. The identity suits a proxy that answers like the
 expert up to confidence; a proxy that relabels the outputs (paper 1's shared level sets with the
 wrong answers) needs the relabelling as the centre instead. `relabelled_centres` turns each
 relabelling of the outputs into the adapter that reproduces it through the frozen head, and the
-fit picks the centre the expert triples favour (policies.model.choose_centre).
+fit picks the centre the expert triples favour (policies.features.model.choose_centre).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from celery import Task
 
 from ground.schemas import CheckpointRef
 from workers.app import app
-from workers.training.checkpoint import latest_checkpoint
-from workers.training.lm_evaluate import evaluate_lm_checkpoints
-from workers.training.lm_run import LMTrainingRequest, run_lm_training
+from workers.lm.evaluate import evaluate_lm_checkpoints
+from workers.lm.training.checkpoint import latest_checkpoint
+from workers.lm.training.run import LMTrainingRequest, run_lm_training
 
 TRAIN_LM_TASK = "proxyloop.train_lm"
 EVALUATE_LM_TASK = "proxyloop.evaluate_lm"

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from workers.training.lm_data import TokenizedChat
-from workers.training.objectives import lm_loss, token_logps
-from workers.training.sft_config import SFTConfig
+from workers.lm.training.data import TokenizedChat
+from workers.lm.training.objectives import lm_loss, token_logps
+from workers.lm.training.sft_config import SFTConfig
 
 LossMode = Literal["im", "it"]
 ROLES = ("system", "user", "assistant")

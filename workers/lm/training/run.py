@@ -20,16 +20,16 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from workers.models import load_causal_lm, load_tokenizer
-from workers.training.checkpoint import latest_checkpoint
-from workers.training.device import select_device
-from workers.training.dpo import dpo_batch_loss, reference_logps
-from workers.training.dpo_config import DPOConfig
-from workers.training.lm_data import collate_chats, collate_pairs, load_jsonl, tokenize_pairs
-from workers.training.lm_loop import Progress, train_loop
-from workers.training.loop_config import LoopConfig
-from workers.training.sft import choose_loss_mode, render_chat, sft_batch_loss
-from workers.training.sft_config import SFTConfig
+from workers.device import select_device
+from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.training.checkpoint import latest_checkpoint
+from workers.lm.training.data import collate_chats, collate_pairs, load_jsonl, tokenize_pairs
+from workers.lm.training.dpo import dpo_batch_loss, reference_logps
+from workers.lm.training.dpo_config import DPOConfig
+from workers.lm.training.loop import Progress, train_loop
+from workers.lm.training.loop_config import LoopConfig
+from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_loss
+from workers.lm.training.sft_config import SFTConfig
 
 REFERENCE_FILE = "reference_logps.safetensors"
 

@@ -1,7 +1,7 @@
 """Training of feature-vector policies (paper 1): proxy stage, adapter stage, checkpoints.
 
 Stage 1 learns τ̃, Θ̃, φ̃ from proxy triples; stage 2 learns only the adapter π̄† from expert
-triples, with policies.model's recipe (the one the condition tests score the plans with). Each
+triples, with policies.features.model's recipe (the one the condition tests score the plans with). Each
 plan is a choice of which stages run and which parameters they touch. Every
 checkpoint holds the weights (safetensors) and its step/loss/config (JSON) so a run can be
 evaluated, compared and resumed.
@@ -20,20 +20,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ground.schemas import CheckpointRef, FeatureTriple, Plan, TrainingRequest, TrainingResult
-from policies.model import (
+from policies.features.fitting import (
     ADAPTER_STAGE,
     EXPERT_ONLY,
     FINE_TUNE,
     FINE_TUNE_PRIOR,
     PROXY_STAGE,
-    DirectPolicy,
-    TwoStageConfig,
-    TwoStagePolicy,
     fit_adapter,
     fit_preferences,
     fit_stage1,
-    triples_to_tensors,
 )
+from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy, triples_to_tensors
 
 Progress = Callable[[dict[str, object]], None]
 PROGRESS_EVERY = 25  # steps between progress messages
@@ -68,8 +65,8 @@ def _fit_expert_stage(
     on_step: Callable[[int, float], None], after_step: Callable[[int], None],
 ) -> float:
     """Stage 2 by plan: the adapter alone (two_stage), every weight pulled toward stage 1
-    (fine_tune), or a direct policy from scratch (expert_only) — the recipes of policies.model that
-    policies.conditions scores the plans with."""
+    (fine_tune), or a direct policy from scratch (expert_only) — the recipes of policies.features.model that
+    policies.features.conditions scores the plans with."""
     x, y_w, y_l = data
     if plan == "two_stage":
         assert isinstance(model, TwoStagePolicy)
@@ -89,7 +86,7 @@ def train_feature_policy(
 ) -> TrainingResult:
     """Run the plan's stages; checkpoint after stage 1 (step 0) and every `checkpoint_every` steps
     of the expert stage. Step counts come from the request; learning rates, weight decay and priors
-    from the recipes in policies.model."""
+    from the recipes in policies.features.model."""
     started = time.perf_counter()
     torch.manual_seed(request.seed)
     out = Path(request.output_dir)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.training.loop_config import LoopConfig, _help
-from workers.training.objectives import LOSS_TYPES, PAPER_REDUCTION, Reduction, check_loss_type
+from workers.lm.training.loop_config import LoopConfig, _help
+from workers.lm.training.objectives import LOSS_TYPES, PAPER_REDUCTION, Reduction, check_loss_type
 
 
 @dataclass

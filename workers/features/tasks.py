@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 from ground.schemas import CheckpointRef, FeatureTriple, TrainingRequest
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app
-from workers.training.device import select_device
-from workers.training.evaluate import evaluate_checkpoint, expert_only_baseline
-from workers.training.feature_policy import n_outputs_of, train_feature_policy
+from workers.device import select_device
+from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
+from workers.features.training import n_outputs_of, train_feature_policy
 
 log = logging.getLogger("proxyloop.workers")
 

@@ -28,20 +28,22 @@ from policies.condition_statistics import (
     preferred_outputs,
     relaxation_constant,
 )
-from policies.model import (
+from policies.features.fitting import (
     ADAPTER_STAGE,
     EXPERT_ONLY,
     FINE_TUNE,
     FINE_TUNE_PRIOR,
     PROXY_STAGE,
-    DirectPolicy,
-    PreferenceModel,
-    TwoStageConfig,
-    TwoStagePolicy,
     choose_centre,
     fit_adapter,
     fit_preferences,
     fit_stage1,
+)
+from policies.features.model import (
+    DirectPolicy,
+    PreferenceModel,
+    TwoStageConfig,
+    TwoStagePolicy,
     preference_log_likelihoods,
     triples_to_tensors,
 )
@@ -55,7 +57,7 @@ MIN_EXPERT_TRIPLES = 30
 # Fewer proxy triples than this cannot pin down a proxy model (Appendix D uses thousands).
 MIN_PROXY_TRIPLES = 200
 CV_FOLDS = 6  # cross-validation folds over expert triples: 60 triples -> 10 held out per fold
-# Fit recipes are policies.model's (PROXY_STAGE, ADAPTER_STAGE, FINE_TUNE, EXPERT_ONLY), the same
+# Fit recipes are policies.features.model's (PROXY_STAGE, ADAPTER_STAGE, FINE_TUNE, EXPERT_ONLY), the same
 # the training worker uses: small full-batch fits, well under a second each on one core.
 DIRECT_HIDDEN = 32
 # The direct x path of the level-set test is pulled to zero with a prior worth this many triples.

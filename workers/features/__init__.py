@@ -1,0 +1,1 @@
+"""Feature-vector training and evaluation tasks (the gpu and cpu queues)."""
