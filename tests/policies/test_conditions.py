@@ -8,7 +8,8 @@ import torch
 
 from ground.schemas import ConditionCheck, ConditionReport
 from ingest.synthetic import appendix_d
-from policies.features.conditions import CHECK_NAMES, MIN_EXPERT_TRIPLES, choose_plan, run_condition_tests
+from policies.features.condition_config import THRESHOLDS
+from policies.features.conditions import CHECK_NAMES, choose_plan, run_condition_tests
 from policies.plan_choice import CANDIDATES, PlanEvidence
 
 
@@ -78,7 +79,7 @@ def test_a_proxy_of_another_expert_loses_to_expert_only_on_held_out_likelihood()
 def test_five_expert_labels_are_too_few_to_decide() -> None:
     report = _report("ok", seed=1, n_expert=5)
     size = _check(report, "expert_sample_size")
-    assert not size.passed and size.statistic == 5 and size.threshold == MIN_EXPERT_TRIPLES
+    assert not size.passed and size.statistic == 5 and size.threshold == THRESHOLDS.min_expert_triples
     assert "too little expert data" in size.detail
     assert "undecided" in _check(report, "shared_level_sets").detail
     # The ok world's proxy ranks outputs in a relabelled order, so it disagrees with the experts.
@@ -106,7 +107,7 @@ def _checks(failing: frozenset[str] = frozenset(), n_expert: int = 48) -> list[C
     return [
         ConditionCheck(
             name=name,
-            passed=name not in failing and (name != "expert_sample_size" or n_expert >= MIN_EXPERT_TRIPLES),
+            passed=name not in failing and (name != "expert_sample_size" or n_expert >= THRESHOLDS.min_expert_triples),
             statistic=0.0,
             threshold=0.0,
             detail="",
@@ -180,3 +181,13 @@ def test_plan_rule_refuses_evidence_without_every_candidate() -> None:
     evidence.heldout_ll = {"two_stage": evidence.heldout_ll["two_stage"]}
     with pytest.raises(ValueError, match="lacks held-out scores"):
         choose_plan(_checks(), evidence)
+
+
+def test_thresholds_are_one_object_the_caller_can_replace():
+    from dataclasses import replace
+
+    task = appendix_d(n_proxy=300, n_expert=20, seed=1)
+    stricter = replace(THRESHOLDS, min_expert_triples=10)
+    size = run_condition_tests(task.expert, task.proxy, "s", thresholds=stricter).checks[0]
+    assert (size.passed, size.threshold) == (True, 10.0)
+    assert not run_condition_tests(task.expert, task.proxy, "s").checks[0].passed  # 20 < the default 30

@@ -1,0 +1,141 @@
+"""The learners the condition tests compare, fitted on expert triples and cross-validated.
+
+Each candidate plan's learner (two-stage adapter, fine-tune, expert-only; the proxy as is needs no
+fit) plus the level-set test's augmented model, with the same fit recipes the training worker uses
+(policies.features.fitting): small full-batch fits, well under a second each on one core.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from policies.features.fitting import (
+    ADAPTER_STAGE,
+    EXPERT_ONLY,
+    FINE_TUNE,
+    FINE_TUNE_PRIOR,
+    choose_centre,
+    fit_adapter,
+    fit_preferences,
+)
+from policies.features.model import (
+    DirectPolicy,
+    PreferenceModel,
+    TwoStageConfig,
+    TwoStagePolicy,
+    preference_log_likelihoods,
+)
+from policies.plan_choice import CANDIDATES
+
+CV_FOLDS = 6  # cross-validation folds over expert triples: 60 triples -> 10 held out per fold
+DIRECT_HIDDEN = 32
+# The direct x path of the level-set test is pulled to zero with a prior worth this many triples.
+DIRECT_PATH_PRIOR = 1.0
+
+
+class _AdapterPlusInputs(nn.Module):
+    """The frozen proxy stack with its adapter plus a direct linear path from x to the logits.
+
+    It nests the adapter-only model, so a held-out gain over it means x carries information about
+    the expert's choice that the proxy's output does not: the expert does not factor through π.
+    """
+
+    def __init__(self, base: TwoStagePolicy) -> None:
+        super().__init__()
+        self.base = base
+        self.direct = nn.Linear(base.config.input_dim, base.config.n_outputs)
+        nn.init.zeros_(self.direct.weight)
+        nn.init.zeros_(self.direct.bias)
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.base.logits(x) + self.direct(x), dim=-1)
+
+
+@dataclass
+class CrossValidated:
+    """Held-out per-triple log-likelihoods of every expert-side learner, and their correctness."""
+
+    ll: dict[str, np.ndarray]  # CANDIDATES and "augmented" (adapter + direct path)
+    correct: dict[str, np.ndarray]
+
+
+def _fresh_adapter(stack: TwoStagePolicy) -> TwoStagePolicy:
+    model = copy.deepcopy(stack)
+    model.adapter.reset()
+    model.set_stage(2)
+    return model
+
+
+def fit_direct(config: TwoStageConfig, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> DirectPolicy:
+    """The expert-only learner: a DirectPolicy fitted on expert triples alone."""
+    torch.manual_seed(seed)
+    model = DirectPolicy(config.input_dim, config.n_outputs, DIRECT_HIDDEN)
+    fit_preferences(
+        model, model.parameters(), x, y_w, y_l, EXPERT_ONLY.steps, EXPERT_ONLY.lr, seed,
+        weight_decay=EXPERT_ONLY.weight_decay,
+    )
+    return model
+
+
+def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> _AdapterPlusInputs:
+    """Adapter plus direct x path, with the adapter's own prior and a ridge on the x path."""
+    base = _fresh_adapter(stack)
+    with torch.no_grad():
+        choose_centre(base, base.log_embed(x), y_w, y_l)  # the null's centre, so the model nests it
+    model = _AdapterPlusInputs(base)
+    adapter, n = model.base.adapter, x.shape[0]
+
+    def penalty() -> Tensor:
+        ridge = sum((p**2).sum() for p in model.direct.parameters())
+        return ADAPTER_STAGE.adapter_penalty(adapter, n) + DIRECT_PATH_PRIOR * ridge / n
+
+    params = [*model.base.adapter_parameters(), *model.direct.parameters()]
+    fit_preferences(model, params, x, y_w, y_l, ADAPTER_STAGE.steps, ADAPTER_STAGE.lr, seed, penalty=penalty)
+    return model
+
+
+def _fit_fine_tune(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> TwoStagePolicy:
+    """Every weight of the stack, from its stage-1 values and pulled back toward them."""
+    model = copy.deepcopy(stack)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    fit_preferences(model, list(model.parameters()), x, y_w, y_l, FINE_TUNE.steps, FINE_TUNE.lr, seed,
+                    anchor=FINE_TUNE_PRIOR / x.shape[0])
+    return model
+
+
+def held_out(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        ll = preference_log_likelihoods(model.log_probs(x), y_w, y_l)
+    return ll.numpy().astype(np.float64), (ll > np.log(0.5)).numpy().astype(np.float64)
+
+
+def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> CrossValidated:
+    n = x.shape[0]
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CV_FOLDS, n))
+    names = (*CANDIDATES, "augmented")
+    ll = {k: np.zeros(n) for k in names}
+    correct = {k: np.zeros(n) for k in names}
+    # The proxy as is sees no expert data, so every triple is already held out for it.
+    ll["proxy_as_is"], correct["proxy_as_is"] = held_out(stack, x, y_w, y_l)
+    for fold, test_idx in enumerate(folds):
+        train = torch.from_numpy(np.setdiff1d(np.arange(n), test_idx))
+        test = torch.from_numpy(test_idx)
+        xt, wt, lt = x[train], y_w[train], y_l[train]
+        adapter = _fresh_adapter(stack)
+        fit_adapter(adapter, xt, wt, lt, seed + fold)
+        fitted: dict[str, PreferenceModel] = {
+            "two_stage": adapter,
+            "augmented": _fit_augmented(stack, xt, wt, lt, seed + fold),
+            "fine_tune": _fit_fine_tune(stack, xt, wt, lt, seed + fold),
+            "expert_only": fit_direct(stack.config, xt, wt, lt, seed + fold),
+        }
+        for name, model in fitted.items():
+            ll[name][test_idx], correct[name][test_idx] = held_out(model, x[test], y_w[test], y_l[test])
+    return CrossValidated(ll, correct)
