@@ -33,14 +33,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ground.schemas import CheckpointEvaluation, GateDecision  # noqa: E402
+from ground.schemas import CheckpointEvaluation, GateDecision, LMTrainingRequest  # noqa: E402
 from policies.gate import GateRules, decide  # noqa: E402
 from policies.lm.indicators import completion_indicators  # noqa: E402
 from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
 from workers.lm.training.data import TokenizedChat, collate_chats, tokenize_pairs  # noqa: E402
 from workers.lm.training.dpo import reference_logps  # noqa: E402
 from workers.lm.training.dpo_config import DPOConfig  # noqa: E402
-from workers.lm.training.run import LMTrainingRequest, run_lm_training  # noqa: E402
+from workers.lm.training.run import run_lm_training  # noqa: E402
 from workers.lm.training.sft import sft_batch_loss  # noqa: E402
 
 MAX_OPERAND = 14  # operands 0..14: 225 sums, enough to hold some out

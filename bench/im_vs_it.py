@@ -18,9 +18,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ground.schemas import LMTrainingRequest
 from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
 from workers.lm.training.data import collate_chats  # noqa: E402
-from workers.lm.training.run import LMTrainingRequest, run_lm_training  # noqa: E402
+from workers.lm.training.run import run_lm_training  # noqa: E402
 from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_loss  # noqa: E402
 from workers.lm.training.sft_config import SFTConfig  # noqa: E402
 

@@ -21,7 +21,7 @@ from prefect.artifacts import (  # noqa: E402
     create_table_artifact,
 )
 
-from ground.schemas import CheckpointEvaluation, ConditionReport, GateDecision  # noqa: E402
+from ground.schemas import CheckpointEvaluation, ConditionReport, GateDecision, ReleaseRecord  # noqa: E402
 from ground.settings import Settings  # noqa: E402
 
 
@@ -113,18 +113,18 @@ def publish_gate_decision(
     create_image_artifact(image_url=_link(settings, run_id, plot), key="training-plot")
 
 
-def _serve_line(settings: Settings, release: dict[str, Any]) -> str:
-    ref = f"{release['policy']}@{release['alias']}"
-    if release.get("family") == "causal_lm":
+def _serve_line(settings: Settings, release: ReleaseRecord) -> str:
+    ref = f"{release.policy}@{release.alias}"
+    if release.family == "causal_lm":
         return f"- serve: `POST {settings.http_url}/v1/chat/completions` with `model={ref}`\n"
     return f"- serve: `POST {settings.http_url}/v1/policies/{ref}/predict`\n"
 
 
-def publish_release(settings: Settings, release: dict[str, Any]) -> None:
+def publish_release(settings: Settings, release: ReleaseRecord) -> None:
     create_markdown_artifact(
         key="release",
-        markdown=f"# Released `{release['policy']}` v{release['version']} as `{release['alias']}`\n\n"
-        f"- registry path: `{release['path']}`\n"
+        markdown=f"# Released `{release.policy}` v{release.version} as `{release.alias}`\n\n"
+        f"- registry path: `{release.path}`\n"
         + _serve_line(settings, release)
-        + (f"- **operator override**: {release['override']}\n" if release.get("override") else ""),
+        + (f"- **operator override**: {release.override}\n" if release.override else ""),
     )

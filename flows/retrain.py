@@ -35,9 +35,17 @@ from flows.tasks import (
     text_conditions,
     write_chat_data,
 )
-from ground.schemas import CheckpointEvaluation, GateDecision, TrainingRequest, TrainingResult, utcnow
+from ground.schemas import (
+    LMTrainingRequest,
+    ReleaseRecord,
+    RetrainRunRecord,
+    TrainingRecord,
+    TrainingRequest,
+    TrainingResult,
+    utcnow,
+)
 from ground.settings import get_settings
-from ingest.store import RetrainRun, make_engine
+from ingest.store import RetrainRun, make_engine, run_record
 from policies.audit import ReleaseEvidence, current_user
 from policies.lm.release import release_causal_lm
 from policies.release import release_checkpoint
@@ -48,68 +56,78 @@ class RunNotFound(LookupError):
     pass
 
 
-def load_run(run_id: str) -> RetrainRun:
+def load_run(run_id: str) -> RetrainRunRecord:
     with Session(make_engine(get_settings().resolved_store_url)) as session:
         run = session.get(RetrainRun, run_id)
         if run is None:
             raise RunNotFound(f"no retrain run {run_id!r}; `proxyloop runs` lists them")
-        session.expunge(run)
-        return run
+        return run_record(run)
 
 
-def _is_chat(snapshot: dict[str, Any]) -> bool:
-    return bool(snapshot.get("item_kind") == "pairwise_text")
+class StageMissing(ValueError):
+    """A stage flow was run on a run whose earlier stage has not completed."""
 
 
-def _train_chat_policy(run_id: str, summary: dict[str, Any]) -> TrainingResult:
+def _needs(run: RetrainRunRecord, *fields: str) -> None:
+    missing = [f for f in fields if getattr(run, f) is None]
+    if missing:
+        raise StageMissing(f"run {run.run_id} has no {', '.join(missing)} yet; run the earlier stages first")
+
+
+def _train_chat_policy(settings: Any, run: RetrainRunRecord) -> TrainingResult:
     """Snapshot pairs → JSONL → DPO of the chat base model on the `gpu` queue; records data and request."""
-    settings = get_settings()
-    summary["chat_data"] = write_chat_data(settings, run_id, summary["snapshot"]["snapshot_id"])
+    assert run.snapshot is not None
+    run.chat_data = write_chat_data(settings, run.run_id, run.snapshot.snapshot_id)
     base_model = chat_base_model(settings)
-    request = chat_training_request(settings, run_id, base_model, summary["chat_data"]["train"])
-    summary["training_request"] = request.model_dump(mode="json")
-    record(settings, run_id, "training", summary)
+    request = chat_training_request(settings, run.run_id, base_model, run.chat_data.train)
+    run.training_request = request
+    record(settings, run, "training")
     return dispatch_lm_training(request)
 
 
 @flow(name="check-conditions")
-def check_conditions_flow(run_id: str | None = None) -> dict[str, Any]:
+def check_conditions_flow(run_id: str | None = None) -> RetrainRunRecord:
     """Freeze a snapshot and run the sufficient-condition tests on it."""
     settings = get_settings()
-    run_id = run_id or str(flow_run.get_id() or uuid.uuid4())
-    snapshot = freeze(settings)
-    if _is_chat(snapshot):
-        report = text_conditions(settings, snapshot["snapshot_id"])
+    run = RetrainRunRecord(run_id=run_id or str(flow_run.get_id() or uuid.uuid4()))
+    run.snapshot = freeze(settings)
+    if run.is_chat:
+        run.conditions = text_conditions(settings, run.snapshot.snapshot_id)
     else:
-        report = check_conditions(settings, snapshot["snapshot_id"])
-    publish_condition_report(settings, run_id, report)
-    return {"snapshot": snapshot, "conditions": report.model_dump(mode="json")}
+        run.conditions = check_conditions(settings, run.snapshot.snapshot_id)
+    publish_condition_report(settings, run.run_id, run.conditions)
+    return run
 
 
 @flow(name="evaluate-and-gate")
-def evaluate_and_gate_flow(run_id: str) -> dict[str, Any]:
+def evaluate_and_gate_flow(run_id: str) -> RetrainRunRecord:
     """Evaluate a run's checkpoints on held-out expert data and apply the release gate."""
     settings = get_settings()
-    summary = load_run(run_id).summary
-    training = TrainingResult.model_validate(summary["training"])
-    if _is_chat(summary["snapshot"]):
-        evaluation = evaluate_lm(summary["training_request"]["base_model"], summary["chat_data"]["heldout"], training)
+    run = load_run(run_id)
+    _needs(run, "snapshot", "training")
+    assert run.snapshot is not None and run.training is not None
+    if run.is_chat:
+        _needs(run, "chat_data")
+        assert run.chat_data is not None
+        if not isinstance(run.training_request, LMTrainingRequest):
+            raise StageMissing(f"run {run_id} is a chat run without a language-model training request")
+        run.evaluation = evaluate_lm(run.training_request.base_model, run.chat_data.heldout, run.training)
     else:
-        evaluation = evaluate(settings, summary["snapshot"]["snapshot_id"], training)
-    decision = gate(settings, evaluation)
-    evals = [CheckpointEvaluation.model_validate(e) for e in evaluation["evaluations"]]
-    publish_gate_decision(settings, run_id, decision, evals)
-    return {"evaluation": evaluation, "gate": decision.model_dump(mode="json")}
+        run.evaluation = evaluate(settings, run.snapshot.snapshot_id, run.training)
+    run.gate = gate(settings, run.evaluation)
+    publish_gate_decision(settings, run_id, run.gate, run.evaluation.evaluations)
+    return run
 
 
 @flow(name="release")
-def release_flow(run_id: str, override_reason: str | None = None, operator: str | None = None) -> dict[str, Any]:
+def release_flow(run_id: str, override_reason: str | None = None, operator: str | None = None) -> ReleaseRecord:
     """Release a run's gated checkpoint; a blocked run needs `override_reason` (audited in lineage and in the
     promotion history, with `operator`, default the OS user)."""
     settings = get_settings()
     run = load_run(run_id)
-    summary = dict(run.summary)
-    decision = GateDecision.model_validate(summary["gate"])
+    _needs(run, "snapshot", "gate")
+    assert run.snapshot is not None and run.gate is not None
+    decision = run.gate
     if decision.checkpoint is None:
         raise ValueError(f"run {run_id} has no evaluated checkpoint to release")
     who = operator or current_user()
@@ -121,77 +139,76 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
         override = {"by": who, "reason": override_reason, "at": utcnow().isoformat(),
                     "gate_reasons": decision.reasons}
         get_run_logger().warning("run %s: gate overridden by %s: %s", run_id, who, override_reason)
-    lineage = {"snapshot": summary["snapshot"], "conditions": summary["conditions"],
-               "training_request": summary.get("training_request"), "training": summary["training"],
-               "gate": summary["gate"], "override": override, "flow_run_id": run_id}
+    dumped = run.model_dump(mode="json")
+    lineage = {key: dumped[key] for key in ("snapshot", "conditions", "training_request", "training", "gate")}
+    lineage.update(override=override, flow_run_id=run_id)
     evidence = ReleaseEvidence(who=who, why=override_reason or f"gate decision {decision.decision!r} for run {run_id}",
-                               gate=summary["gate"], snapshot_id=summary["snapshot"]["snapshot_id"],
+                               gate=dumped["gate"], snapshot_id=run.snapshot.snapshot_id,
                                override=override is not None)
-    if _is_chat(summary["snapshot"]):
-        lineage["chat_data"] = summary["chat_data"]  # the JSONL files and the snapshot they came from
+    if run.is_chat:
+        lineage["chat_data"] = dumped["chat_data"]  # the JSONL files and the snapshot they came from
         version = release_causal_lm(settings, Path(decision.checkpoint.path), lineage, evidence=evidence)
     else:
         version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage, evidence=evidence)
-    release = {"policy": version.policy, "version": version.version, "alias": "production", "path": version.path,
-               "override": override, "family": "causal_lm" if _is_chat(summary["snapshot"]) else "feature"}
-    publish_release(settings, release)
-    summary["release"] = release
-    record(settings, run_id, "released", summary)
+    run.release = ReleaseRecord(policy=version.policy, version=version.version, alias="production", path=version.path,
+                                override=override, family="causal_lm" if run.is_chat else "feature")
+    publish_release(settings, run.release)
+    record(settings, run, "released")
     get_run_logger().info("run %s: released %s v%d as production", run_id, version.policy, version.version)
-    return release
+    return run.release
 
 
 @flow(name="retrain")
-def retrain(expert_total: int = 0, proxy_total: int = 0) -> dict[str, Any]:
+def retrain(expert_total: int = 0, proxy_total: int = 0) -> RetrainRunRecord:
     """Retrain the policy on a fresh snapshot and release it if the gate allows."""
     settings = get_settings()
-    run_id = str(flow_run.get_id() or uuid.uuid4())
-    timings: dict[str, float] = {}
-    summary: dict[str, Any] = {"run_id": run_id, "trigger": {"expert_total": expert_total,
-                                                              "proxy_total": proxy_total}}
-    record(settings, run_id, "running", summary)
+    run = RetrainRunRecord(run_id=str(flow_run.get_id() or uuid.uuid4()),
+                           trigger={"expert_total": expert_total, "proxy_total": proxy_total})
+    record(settings, run, "running")
 
     def stage(name: str, started: float) -> None:
-        timings[name] = round(time.perf_counter() - started, 3)
-        summary["timings_s"] = timings
+        run.timings_s[name] = round(time.perf_counter() - started, 3)
 
     try:
         started = time.perf_counter()
-        summary.update(check_conditions_flow.fn(run_id))  # .fn: artifacts land on this run
+        checked = check_conditions_flow.fn(run.run_id)  # .fn: artifacts land on this run
+        run.snapshot, run.conditions = checked.snapshot, checked.conditions
         stage("conditions", started)
-        plan = summary["conditions"]["plan"]
-        if plan == "refuse":
-            record(settings, run_id, "refused", summary)
-            return summary
+        assert run.snapshot is not None and run.conditions is not None
+        if run.conditions.plan == "refuse":
+            record(settings, run, "refused")
+            return run
 
         started = time.perf_counter()
-        if _is_chat(summary["snapshot"]):
-            training = _train_chat_policy(run_id, summary)
+        if run.is_chat:
+            training = _train_chat_policy(settings, run)
         else:
             request = TrainingRequest(
-                run_id=run_id, snapshot_id=summary["snapshot"]["snapshot_id"], store_url=settings.resolved_store_url,
-                plan=plan, output_dir=str(settings.runs_dir / run_id), seed=settings.training_seed,
+                run_id=run.run_id, snapshot_id=run.snapshot.snapshot_id, store_url=settings.resolved_store_url,
+                plan=run.conditions.plan, output_dir=str(settings.runs_dir / run.run_id), seed=settings.training_seed,
             )
-            summary["training_request"] = request.model_dump(mode="json")
+            run.training_request = request
             training = dispatch_training(request)
-        summary["training"] = {**training.model_dump(mode="json"), "task_id": run_id, "queue": GPU_QUEUE}
+        run.training = TrainingRecord(**training.model_dump(), task_id=run.run_id, queue=GPU_QUEUE)
         stage("training", started)
-        record(settings, run_id, "trained", summary)
+        record(settings, run, "trained")
 
         started = time.perf_counter()
-        summary.update(evaluate_and_gate_flow.fn(run_id))
+        gated = evaluate_and_gate_flow.fn(run.run_id)
+        run.evaluation, run.gate = gated.evaluation, gated.gate
         stage("evaluate_and_gate", started)
-        if summary["gate"]["decision"] == "block":
-            record(settings, run_id, "blocked", summary)
-            return summary
-        record(settings, run_id, "gated", summary)
+        assert run.gate is not None
+        if run.gate.decision == "block":
+            record(settings, run, "blocked")
+            return run
+        record(settings, run, "gated")
 
         started = time.perf_counter()
-        summary["release"] = release_flow.fn(run_id)
+        run.release = release_flow.fn(run.run_id)
         stage("release", started)
-        record(settings, run_id, "released", summary)
-        return summary
+        record(settings, run, "released")
+        return run
     except Exception as exc:
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-        record(settings, run_id, "failed", summary)
+        run.error = f"{type(exc).__name__}: {exc}"
+        record(settings, run, "failed")
         raise

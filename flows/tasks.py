@@ -7,7 +7,6 @@ that failed on the worker is not: it fails the flow run with the worker's error.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from celery.result import AsyncResult
@@ -15,10 +14,14 @@ from prefect import get_run_logger, task
 from sqlalchemy.orm import Session
 
 from ground.schemas import (
-    CheckpointEvaluation,
-    CheckpointRef,
+    ChatData,
     ConditionReport,
+    Evaluation,
+    EvaluationRequest,
     GateDecision,
+    LMTrainingRequest,
+    RetrainRunRecord,
+    SnapshotInfo,
     TrainingRequest,
     TrainingResult,
 )
@@ -33,8 +36,6 @@ from workers.app import app as celery_app
 from workers.lm.base_model import ensure_chat_base_model
 from workers.lm.snapshot_data import write_snapshot_datasets
 from workers.lm.tasks import EVALUATE_LM_TASK, TRAIN_LM_TASK
-from workers.lm.training.checkpoint import PREFIX as CHECKPOINT_PREFIX
-from workers.lm.training.run import LMTrainingRequest
 
 TASK_TIMEOUT_S = 1800
 RETRY_DELAYS_S: list[float] = [2, 10, 30]
@@ -55,14 +56,14 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(name="freeze-snapshot", retries=3, retry_delay_seconds=RETRY_DELAYS_S)
-def freeze(settings: Settings) -> dict[str, Any]:
+def freeze(settings: Settings) -> SnapshotInfo:
     with Session(make_engine(settings.resolved_store_url)) as session:
         snapshot = freeze_snapshot(session)
         session.commit()
-        frozen = {"snapshot_id": snapshot.snapshot_id, "n_expert": snapshot.n_expert, "n_proxy": snapshot.n_proxy,
-                  "item_kind": snapshot_item_kind(session, snapshot.snapshot_id)}
-    get_run_logger().info("snapshot %s: %d expert, %d proxy, %s items", frozen["snapshot_id"], frozen["n_expert"],
-                          frozen["n_proxy"], frozen["item_kind"])
+        frozen = SnapshotInfo(snapshot_id=snapshot.snapshot_id, n_expert=snapshot.n_expert, n_proxy=snapshot.n_proxy,
+                              item_kind=snapshot_item_kind(session, snapshot.snapshot_id))
+    get_run_logger().info("snapshot %s: %d expert, %d proxy, %s items", frozen.snapshot_id, frozen.n_expert,
+                          frozen.n_proxy, frozen.item_kind)
     return frozen
 
 
@@ -113,20 +114,18 @@ def dispatch_training(request: TrainingRequest) -> TrainingResult:
 
 
 @task(name="evaluate-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
-def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> dict[str, Any]:
-    sent = celery_app.send_task(
-        EVALUATE_TASK, queue=CPU_QUEUE,
-        args=[settings.resolved_store_url, snapshot_id, [c.model_dump() for c in training.checkpoints],
-              settings.training_seed],
-    )
-    return wait_for_task(sent.id)
+def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> Evaluation:
+    request = EvaluationRequest(checkpoints=training.checkpoints, store_url=settings.resolved_store_url,
+                                snapshot_id=snapshot_id, seed=settings.training_seed)
+    sent = celery_app.send_task(EVALUATE_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
+    return Evaluation.model_validate(wait_for_task(sent.id))
 
 
 @task(name="write-preference-data", retries=2, retry_delay_seconds=RETRY_DELAYS_S)
-def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> dict[str, Any]:
+def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> ChatData:
     data = write_snapshot_datasets(settings.resolved_store_url, snapshot_id, settings.runs_dir / run_id / "data")
     get_run_logger().info("run %s: snapshot %s → %d expert + %d proxy training pairs, %d held out", run_id,
-                          snapshot_id, data["n_expert_train"], data["n_proxy"], data["n_heldout"])
+                          snapshot_id, data.n_expert_train, data.n_proxy, data.n_heldout)
     return data
 
 
@@ -147,10 +146,6 @@ def chat_training_request(settings: Settings, run_id: str, base_model: str, data
                              output_dir=str(settings.runs_dir / run_id / "lm"), config=config)
 
 
-def _step_of(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.removeprefix(CHECKPOINT_PREFIX))
-
-
 @task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
     # As for feature runs, the task id is the run id: a retried dispatch finds the same task.
@@ -158,35 +153,29 @@ def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
                          task_id=request.run_id)
     get_run_logger().info("run %s: %s training of %s sent to queue %s", request.run_id, request.method,
                           request.base_model, GPU_QUEUE)
-    result = wait_for_task(request.run_id)
-    return TrainingResult(
-        run_id=request.run_id, device=result["device"], worker=result["worker"], final_loss=result["final_loss"],
-        seconds=result["seconds"],
-        checkpoints=[CheckpointRef(step=_step_of(c), path=c) for c in result["checkpoints"]],
-    )
+    return TrainingResult.model_validate(wait_for_task(request.run_id))
 
 
 @task(name="evaluate-lm-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
-def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) -> dict[str, Any]:
-    sent = celery_app.send_task(EVALUATE_LM_TASK, queue=CPU_QUEUE,
-                                args=[base_model, heldout_path, [c.model_dump() for c in training.checkpoints]])
-    return wait_for_task(sent.id)
+def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) -> Evaluation:
+    request = EvaluationRequest(checkpoints=training.checkpoints, base_model=base_model, heldout_path=heldout_path)
+    sent = celery_app.send_task(EVALUATE_LM_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
+    return Evaluation.model_validate(wait_for_task(sent.id))
 
 
 @task(name="gate")
-def gate(settings: Settings, evaluation: dict[str, Any]) -> GateDecision:
-    evaluations = [CheckpointEvaluation.model_validate(e) for e in evaluation["evaluations"]]
+def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
     rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
-                      use_indicators=evaluation["language_model"])
-    if evaluation["language_model"]:
-        decision = decide_language_model(evaluations, evaluation["baseline_accuracy"], rules)
+                      use_indicators=evaluation.language_model)
+    if evaluation.language_model:
+        decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules)
     else:
-        decision = decide(evaluations, evaluation["baseline_accuracy"], rules)
+        decision = decide(evaluation.evaluations, evaluation.baseline_accuracy, rules)
     get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
     return decision
 
 
-def record(settings: Settings, run_id: str, status: str, summary: dict[str, Any]) -> None:
+def record(settings: Settings, run: RetrainRunRecord, status: str) -> None:
     with Session(make_engine(settings.resolved_store_url)) as session:
-        record_run(session, run_id, status, summary)
+        record_run(session, run, status)
         session.commit()

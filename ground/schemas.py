@@ -163,12 +163,28 @@ class TrainingRequest(BaseModel):
     checkpoint_every: int = 50
 
 
+class LMTrainingRequest(BaseModel):
+    """Arguments of `proxyloop.train_lm`: ids, paths and a config dict (workers.lm.training's DPOConfig
+    or SFTConfig, validated by the worker), never tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    method: Literal["dpo", "sft"]
+    base_model: str  # Hugging Face directory (`proxyloop models prepare ...`)
+    dataset: str  # JSONL: prompt/chosen/rejected rows (dpo) or {"messages": [...]} rows (sft)
+    output_dir: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
 class CheckpointRef(BaseModel):
     step: int
     path: str
 
 
 class TrainingResult(BaseModel):
+    """What a training task of either family returns: where its checkpoints are."""
+
     run_id: str
     device: str
     worker: str
@@ -220,3 +236,88 @@ class PolicyVersion(BaseModel):
     version: int
     path: str
     lineage: dict[str, object]
+
+
+class EvaluationRequest(BaseModel):
+    """Arguments of an evaluation task: the checkpoints and where the held-out expert data is.
+
+    Feature policies read the held-out triples from the store (`store_url`, `snapshot_id`, `seed` of
+    the expert-only baseline); language models from a JSONL of held-out pairs beside `base_model`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoints: list[CheckpointRef]
+    store_url: str | None = None
+    snapshot_id: str | None = None
+    seed: int = 0
+    base_model: str | None = None
+    heldout_path: str | None = None
+
+
+class Evaluation(BaseModel):
+    """What an evaluation task returns and the gate reads."""
+
+    evaluations: list[CheckpointEvaluation]
+    baseline_accuracy: float
+    n_heldout: int
+    language_model: bool
+    # Language models only: the base model's own log-prob ranking of the held-out pairs.
+    base_model_log_prob_accuracy: float | None = None
+    n_indicator_prompts: int | None = None
+
+
+class SnapshotInfo(BaseModel):
+    snapshot_id: str
+    n_expert: int
+    n_proxy: int
+    item_kind: Literal["features", "pairwise_text"]
+
+
+class ChatData(BaseModel):
+    """The JSONL files a chat retrain trains and evaluates on, written from one snapshot."""
+
+    snapshot_id: str
+    train: str
+    heldout: str
+    n_expert_train: int
+    n_proxy: int
+    n_heldout: int
+
+
+class TrainingRecord(TrainingResult):
+    task_id: str
+    queue: str
+
+
+class ReleaseRecord(BaseModel):
+    policy: str
+    version: int
+    alias: str
+    path: str
+    override: dict[str, Any] | None = None
+    family: Literal["feature", "causal_lm"]
+
+
+class RetrainRunRecord(BaseModel):
+    """One retrain run as the flow hands it from stage to stage, and as the store's run table keeps it.
+
+    Each stage fills its field; `None` means the stage has not run (or the run stopped before it).
+    """
+
+    run_id: str
+    trigger: dict[str, int] = Field(default_factory=dict)
+    snapshot: SnapshotInfo | None = None
+    conditions: ConditionReport | None = None
+    chat_data: ChatData | None = None
+    training_request: TrainingRequest | LMTrainingRequest | None = None
+    training: TrainingRecord | None = None
+    evaluation: Evaluation | None = None
+    gate: GateDecision | None = None
+    release: ReleaseRecord | None = None
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.snapshot is not None and self.snapshot.item_kind == "pairwise_text"

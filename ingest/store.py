@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, RetrainRunRecord, utcnow
 
 LabelKind = Literal["expert", "proxy"]
 _item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
@@ -92,6 +92,11 @@ class NewLabelCursor(Base):
 
 
 class RetrainRun(Base):
+    """What proxyloop keeps of a retrain beyond Prefect's run states: its `RetrainRunRecord` (snapshot,
+    condition report, training, evaluation, gate decision, release: the lineage a release and an
+    override need), and a coarse stage marker that `proxyloop runs` and the demo read without Prefect.
+    Prefect's flow-run state stays the authority on whether the run is running, failed or done."""
+
     __tablename__ = "retrain_runs"
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(32))
@@ -321,13 +326,18 @@ def count_new_labels(session: Session) -> NewLabelCursor:
     return cursor
 
 
-def record_run(session: Session, run_id: str, status: str, summary: dict[str, object]) -> None:
-    run = session.get(RetrainRun, run_id)
+def record_run(session: Session, record: RetrainRunRecord, status: str) -> None:
+    summary = record.model_dump(mode="json")
+    run = session.get(RetrainRun, record.run_id)
     if run is None:
-        session.add(RetrainRun(run_id=run_id, status=status, summary=summary))
+        session.add(RetrainRun(run_id=record.run_id, status=status, summary=summary))
     else:
         run.status, run.summary = status, summary
     session.flush()
+
+
+def run_record(run: RetrainRun) -> RetrainRunRecord:
+    return RetrainRunRecord.model_validate(run.summary)
 
 
 def latest_runs(session: Session, limit: int = 5) -> Sequence[RetrainRun]:

@@ -131,7 +131,7 @@ def _release_run(run_id: str, reason: str | None) -> None:
     except (RunNotFound, PermissionError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
-    console.print(f"released {release['policy']} v{release['version']} as {release['alias']}")
+    console.print(f"released {release.policy} v{release.version} as {release.alias}")
 
 
 @app.command()

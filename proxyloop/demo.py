@@ -23,11 +23,11 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ground.schemas import Item, ProxyPreference
+from ground.schemas import Evaluation, Item, ProxyPreference, ReleaseRecord
 from ground.settings import Settings
 from ingest.bus import make_producer, publish, read_topic
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
-from ingest.store import LabelRow, RetrainRun, make_engine
+from ingest.store import LabelRow, RetrainRun, make_engine, run_record
 from ingest.synthetic import appendix_d
 from ingest.synthetic_chat import chat_preferences
 from proxyloop import stack
@@ -121,7 +121,7 @@ class DemoTask:
     proxy_name: str
     proxy_items: list[Item]
     expert_tasks: list[tuple[dict[str, Any], Literal["left", "right"]]]
-    serve: Callable[[Settings, dict[str, Any]], dict[str, Any]]
+    serve: Callable[[Settings, ReleaseRecord], dict[str, Any]]
 
 
 def _auth(settings: Settings) -> dict[str, str]:
@@ -137,8 +137,8 @@ def feature_task(settings: Settings, n_proxy: int, n_expert: int) -> DemoTask:
                 "answer_a": f"output {y_a}", "answer_b": f"output {y_b}"}
         expert_tasks.append((data, "left" if triple.y_w == y_a else "right"))
 
-    def serve(settings: Settings, release: dict[str, Any]) -> dict[str, Any]:
-        response = httpx.post(f"{settings.http_url}/v1/policies/{release['policy']}@production/predict",
+    def serve(settings: Settings, release: ReleaseRecord) -> dict[str, Any]:
+        response = httpx.post(f"{settings.http_url}/v1/policies/{release.policy}@production/predict",
                               json={"x": task.expert_heldout[0].x}, headers=_auth(settings), timeout=30)
         body = response.json() if response.status_code == 200 else {}
         return {"status": response.status_code, **({"model": body.get("model"), "version": body.get("version"),
@@ -153,10 +153,10 @@ def chat_task(settings: Settings, n_proxy: int, n_expert: int) -> DemoTask:
         ({"prompt": p.prompt, "answer_a": p.response_a, "answer_b": p.response_b},
          "left" if p.choice == "a" else "right") for p in task.expert]
 
-    def serve(settings: Settings, release: dict[str, Any]) -> dict[str, Any]:
+    def serve(settings: Settings, release: ReleaseRecord) -> dict[str, Any]:
         question = task.expert_heldout[0].prompt
         response = httpx.post(f"{settings.http_url}/v1/chat/completions", headers=_auth(settings), timeout=60,
-                              json={"model": f"{release['policy']}@production", "temperature": 0, "max_tokens": 32,
+                              json={"model": f"{release.policy}@production", "temperature": 0, "max_tokens": 32,
                                     "messages": [{"role": "user", "content": question}]})
         if response.status_code != 200:
             return {"status": response.status_code, "error": response.text}
@@ -187,10 +187,10 @@ def run_demo(settings: Settings, say: Say, n_proxy: int | None = None, n_expert:
             stack.down(settings, say)
 
 
-def _indicators(evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _indicators(evaluation: Evaluation | None) -> list[dict[str, Any]]:
     """Per checkpoint: held-out accuracy and every indicator (language models: teacher-forced and generated)."""
-    return [{"step": e["step"], "heldout_accuracy": e["heldout_accuracy"], "topk_entropy": e["topk_entropy"],
-             "topk_mass": e["topk_mass"], **e.get("indicators", {})} for e in (evaluation or {}).get("evaluations", [])]
+    return [{"step": e.step, "heldout_accuracy": e.heldout_accuracy, "topk_entropy": e.topk_entropy,
+             "topk_mass": e.topk_mass, **e.indicators} for e in (evaluation.evaluations if evaluation else [])]
 
 
 def _post_webhook(client: httpx.Client, settings: Settings, payload: dict[str, Any],
@@ -247,43 +247,45 @@ def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, floa
 
     with _timed(timings, "retrain"):
         run = _wait_for_run(settings, before, timeout_s, say)
-    summary: dict[str, Any] = run.summary
+    record = run_record(run)
     if run.status == "failed":
-        raise DemoFailed(f"retrain flow failed: {summary.get('error')}")
+        raise DemoFailed(f"retrain flow failed: {record.error}")
 
     serving: dict[str, Any] = {"status": None, "model": None}
-    release = summary.get("release") or {}
+    release, event_seen = record.release, None
     with _timed(timings, "serving"):
-        if release:
-            released_seen = _count_matching(settings, settings.topic_policy_released,
-                                            lambda v: json.loads(v)["version"] == release["version"], 1, 20)
-            release["event_seen"] = released_seen > 0
+        if release is not None:
+            version = release.version
+            event_seen = _count_matching(settings, settings.topic_policy_released,
+                                         lambda v: json.loads(v)["version"] == version, 1, 20) > 0
             serving = task.serve(settings, release)
             say(f"serving answered {serving['status']}: {json.dumps(serving)[:200]}")
 
-    training = summary.get("training", {})
-    conditions = summary.get("conditions", {})
-    gate = summary.get("gate", {})
+    summary = record.model_dump(mode="json")
+    training = summary["training"] or {}
+    conditions = summary["conditions"] or {}
+    gate = summary["gate"] or {}
+    released = summary["release"] or {}
     return {
         "demo_id": demo_id,
         "events": {"proxy_published": len(proxy_ids), "expert_published": len(expert_ids),
                    "malformed_published": 3, "stored": stored, "dead_lettered": dead},
-        "snapshot": summary.get("snapshot"),
+        "snapshot": summary["snapshot"],
         "conditions": {"plan": conditions.get("plan"), "reasons": conditions.get("reasons", []),
                        "checks": [{k: c[k] for k in ("name", "passed", "statistic", "threshold")}
                                   for c in conditions.get("checks", [])]},
         "training": {"task_id": training.get("task_id"), "queue": training.get("queue"),
                      "device": training.get("device"), "worker": training.get("worker"),
                      "final_loss": training.get("final_loss"), "checkpoints": len(training.get("checkpoints", [])),
-                     "base_model": (summary.get("training_request") or {}).get("base_model")},
-        "evaluation": summary.get("evaluation"),
-        "indicators": _indicators(summary.get("evaluation")),
+                     "base_model": (summary["training_request"] or {}).get("base_model")},
+        "evaluation": summary["evaluation"],
+        "indicators": _indicators(record.evaluation),
         "gate": {"decision": gate.get("decision"), "reasons": gate.get("reasons", []),
                  "checkpoint_step": (gate.get("checkpoint") or {}).get("step"),
                  "baseline_accuracy": gate.get("baseline_accuracy")},
-        "release": {"policy": release.get("policy"), "version": release.get("version"),
-                    "alias": release.get("alias"), "event_seen": release.get("event_seen")},
+        "release": {"policy": released.get("policy"), "version": released.get("version"),
+                    "alias": released.get("alias"), "event_seen": event_seen},
         "serving": serving,
-        "flow": {"run_id": run.run_id, "status": run.status, "timings_s": summary.get("timings_s", {})},
+        "flow": {"run_id": run.run_id, "status": run.status, "timings_s": record.timings_s},
         "timings_s": timings,
     }

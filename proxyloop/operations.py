@@ -15,7 +15,7 @@ from ground.schemas import utcnow
 from ground.settings import Settings
 from ingest.dead_letters import count_by_reason
 from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_lag, record_lag
-from ingest.store import count_labels, latest_runs, make_engine
+from ingest.store import RetrainRun, count_labels, latest_runs, make_engine, run_record
 from policies.registry import aliases, list_policies
 from proxyloop import stack
 
@@ -94,6 +94,14 @@ def store_exists(settings: Settings) -> bool:
     return bool(settings.store_url) or settings.home_dir.exists()
 
 
+def _run_row(run: RetrainRun) -> dict[str, Any]:
+    record = run_record(run)
+    return {"run_id": run.run_id, "status": run.status, "updated": f"{run.updated_at:%Y-%m-%d %H:%M:%S}",
+            "plan": record.conditions.plan if record.conditions else None,
+            "gate": record.gate.decision if record.gate else None,
+            "version": record.release.version if record.release else None}
+
+
 def overview(settings: Settings) -> Overview:
     """Everything status shows. Records a lag sample each call, so two calls seconds apart show a trend."""
     view = Overview(components=stack.health(settings))
@@ -111,11 +119,7 @@ def overview(settings: Settings) -> Overview:
                 view.partitions = current_trend(session, settings, now)
             view.dead_letters_by_reason = count_by_reason(session)
             view.labels = count_labels(session)
-            view.runs = [{"run_id": r.run_id, "status": r.status, "updated": f"{r.updated_at:%Y-%m-%d %H:%M:%S}",
-                          "plan": (r.summary.get("conditions") or {}).get("plan"),
-                          "gate": (r.summary.get("gate") or {}).get("decision"),
-                          "version": (r.summary.get("release") or {}).get("version")}
-                         for r in latest_runs(session, limit=10)]
+            view.runs = [_run_row(r) for r in latest_runs(session, limit=10)]
     elif lags is not None:  # nowhere to keep samples: the current figures, no trend
         view.partitions = [PartitionTrend(lag.topic, lag.partition, lag.end_offset, lag.committed, lag.lag, now,
                                           False, None, False, None) for lag in lags]

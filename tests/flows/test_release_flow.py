@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from ground.schemas import CheckpointEvaluation, GateDecision
+from ground.schemas import CheckpointEvaluation, GateDecision, RetrainRunRecord, SnapshotInfo
 from ground.settings import Settings, get_settings
 from ingest.bus import ensure_topics
 from ingest.store import make_engine, record_run
@@ -50,12 +50,10 @@ def _blocked_run(settings: Settings, checkpoint: Path) -> str:
                                       topk_mass=0.9)
     gate = GateDecision(decision="block", checkpoint=evaluation, baseline_accuracy=0.6,
                         reasons=["held-out accuracy 0.400 is below the minimum 0.55"])
-    summary = {"run_id": "run-1", "snapshot": {"snapshot_id": "snap-1", "item_kind": "features", "n_expert": 3,
-                                               "n_proxy": 9},
-               "conditions": {"plan": "two_stage"}, "training": {"checkpoints": []},
-               "gate": gate.model_dump(mode="json")}
+    run = RetrainRunRecord(run_id="run-1", gate=gate,
+                           snapshot=SnapshotInfo(snapshot_id="snap-1", item_kind="features", n_expert=3, n_proxy=9))
     with Session(make_engine(settings.resolved_store_url)) as session:
-        record_run(session, "run-1", "blocked", summary)
+        record_run(session, run, "blocked")
         session.commit()
     return "run-1"
 
@@ -72,7 +70,8 @@ def test_a_blocked_run_is_released_only_with_a_reason_and_the_override_is_audite
 
     release = release_flow(run_id, override_reason="accepted: held-out set too small (ticket 7)", operator="alice")
 
-    assert (release["version"], release["alias"], release["override"]["by"]) == (1, "production", "alice")
+    assert (release.version, release.alias, release.family) == (1, "production", "feature")
+    assert release.override is not None and release.override["by"] == "alice"
     lineage = resolve(settings.registry_dir, f"{settings.policy_name}@production").lineage
     assert lineage["override"]["reason"] == "accepted: held-out set too small (ticket 7)"
     assert lineage["override"]["gate_reasons"] == ["held-out accuracy 0.400 is below the minimum 0.55"]

@@ -3,7 +3,7 @@
 
 import pytest
 
-from ground.schemas import TrainingRequest
+from ground.schemas import Evaluation, EvaluationRequest, TrainingRequest
 from ingest.synthetic import appendix_d
 from tests.conftest import celery_worker, export, stored_snapshot
 
@@ -35,10 +35,13 @@ def test_training_task_runs_on_the_gpu_queue_in_a_worker_process(worker, tmp_pat
     again = app.send_task("proxyloop.train", args=[request.model_dump(mode="json")], queue="gpu").get(timeout=60)
     assert again == result  # idempotent by run id: the finished run is not retrained
 
-    evaluation = app.send_task("proxyloop.evaluate", queue="cpu", args=[
-        settings.resolved_store_url, snapshot_id, result["checkpoints"], 0]).get(timeout=120)
-    assert len(evaluation["evaluations"]) == 3
-    assert 0.0 <= evaluation["baseline_accuracy"] <= 1.0
+    request = EvaluationRequest(checkpoints=result["checkpoints"], store_url=settings.resolved_store_url,
+                                snapshot_id=snapshot_id, seed=0)
+    evaluation = Evaluation.model_validate(app.send_task("proxyloop.evaluate", queue="cpu", args=[
+        request.model_dump(mode="json")]).get(timeout=120))
+    assert [e.step for e in evaluation.evaluations] == [0, 10, 20]
+    assert (evaluation.n_heldout, evaluation.language_model) == (8, False)  # every third of 24 expert triples
+    assert evaluation.baseline_accuracy * 8 == round(evaluation.baseline_accuracy * 8)  # a share of the 8
 
 
 def test_a_failing_task_reports_the_workers_error(worker):

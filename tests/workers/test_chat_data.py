@@ -32,8 +32,8 @@ def test_chosen_follows_choice_and_expert_pairs_are_split_into_train_and_heldout
 
     data = write_snapshot_datasets(store_url, snapshot_id, tmp_path / "data")
 
-    assert data["snapshot_id"] == snapshot_id
-    assert (data["n_expert_train"], data["n_heldout"], data["n_proxy"]) == (4, 2, 1)  # the feature item is ignored
+    assert data.snapshot_id == snapshot_id
+    assert (data.n_expert_train, data.n_heldout, data.n_proxy) == (4, 2, 1)  # the feature item is ignored
     train, heldout = _rows(tmp_path / "data" / "train.jsonl"), _rows(tmp_path / "data" / "heldout.jsonl")
     assert [r["source"] for r in train] == ["expert"] * 4 + ["proxy"]
     # e0 (choice a) and e3 (choice b) are every third expert label: held out, never trained on.

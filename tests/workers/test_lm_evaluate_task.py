@@ -4,10 +4,11 @@ import math
 
 import pytest
 
+from ground.schemas import EvaluationRequest, LMTrainingRequest
 from tests.conftest import celery_worker, export
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
 from workers.lm.tasks import EVALUATE_LM_TASK
-from workers.lm.training.run import LMTrainingRequest, run_lm_training
+from workers.lm.training.run import run_lm_training
 
 pytestmark = pytest.mark.integration
 INDICATOR_KEYS = {f"{view}/{name}_{stat}" for view in ("teacher_forced", "generated")
@@ -32,7 +33,8 @@ def test_every_checkpoint_gets_implicit_reward_accuracy_and_both_indicator_views
     # The base model itself as "step 0": its implicit reward is zero for every response.
     checkpoints = [{"step": 0, "path": base}] + [{"step": int(c[-6:]), "path": c} for c in result["checkpoints"]]
 
-    evaluation = cpu_worker.send_task(EVALUATE_LM_TASK, args=[base, str(heldout), checkpoints],
+    request = EvaluationRequest(checkpoints=checkpoints, base_model=base, heldout_path=str(heldout))
+    evaluation = cpu_worker.send_task(EVALUATE_LM_TASK, args=[request.model_dump(mode="json")],
                                       queue="cpu").get(timeout=180)
 
     assert evaluation["language_model"] is True and evaluation["n_heldout"] == 6

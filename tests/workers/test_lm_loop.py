@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ground.schemas import LMTrainingRequest
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
 from workers.lm.models import load_causal_lm
 from workers.lm.training.data import bucketed_batches, padding_fraction
-from workers.lm.training.run import LMTrainingRequest, run_lm_training
+from workers.lm.training.run import run_lm_training
 
 FAST = {"learning_rate": 1e-3, "batch_size": 4, "max_length": 64, "max_grad_norm": 0.0}
 

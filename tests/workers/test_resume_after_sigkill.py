@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
+from ground.schemas import LMTrainingRequest
 from proxyloop import stack
 from tests.conftest import export, wait_until
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
-from workers.lm.training.run import LMTrainingRequest, run_lm_training
+from workers.lm.training.run import run_lm_training
 
 pytestmark = pytest.mark.integration
 

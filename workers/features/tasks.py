@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy.orm import Session
 
-from ground.schemas import CheckpointRef, FeatureTriple, TrainingRequest
+from ground.schemas import Evaluation, EvaluationRequest, FeatureTriple, TrainingRequest
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app
 from workers.device import select_device
@@ -63,15 +63,17 @@ def ping() -> str:
 
 
 @app.task(name=EVALUATE_TASK, bind=True, acks_late=True)
-def evaluate(
-    self: Task, store_url: str, snapshot_id: str, checkpoints: list[dict[str, Any]], seed: int
-) -> dict[str, Any]:
-    triples = _snapshot(store_url, snapshot_id)
+def evaluate(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """An `EvaluationRequest` (store_url, snapshot_id, seed, checkpoints) → an `Evaluation`, as JSON."""
+    req = EvaluationRequest.model_validate(request)
+    if req.store_url is None or req.snapshot_id is None:
+        raise ValueError("a feature-policy evaluation needs store_url and snapshot_id")
+    triples = _snapshot(req.store_url, req.snapshot_id)
     expert_train, heldout = split_expert(triples["expert"])
-    evaluations = [evaluate_checkpoint(CheckpointRef.model_validate(c), heldout) for c in checkpoints]
+    evaluations = [evaluate_checkpoint(ref, heldout) for ref in req.checkpoints]
     n_outputs = n_outputs_of([*triples["proxy"], *triples["expert"]])
-    baseline = expert_only_baseline(expert_train, heldout, n_outputs, seed)
-    log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", snapshot_id, len(evaluations),
+    baseline = expert_only_baseline(expert_train, heldout, n_outputs, req.seed)
+    log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", req.snapshot_id, len(evaluations),
              baseline)
-    return {"evaluations": [e.model_dump(mode="json") for e in evaluations], "baseline_accuracy": baseline,
-            "n_heldout": len(heldout), "language_model": False}
+    return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(heldout),
+                      language_model=False).model_dump(mode="json")

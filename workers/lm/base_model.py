@@ -12,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
 from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, prepare_smollm2
-from workers.lm.training.run import LMTrainingRequest, run_lm_training
+from workers.lm.training.run import run_lm_training
 
 TINY_CHAT_DIR = "tiny-chat"
 # Training state a base model does not need (see workers.lm.training.checkpoint).

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ground.schemas import CheckpointEvaluation, CheckpointRef
+from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.lm.indicators import checkpoint_indicators
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
@@ -43,7 +43,7 @@ def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Te
 def evaluate_lm_checkpoints(
     base_model: str, heldout_path: str, checkpoints: Sequence[CheckpointRef],
     n_indicator_prompts: int = INDICATOR_PROMPTS,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Evaluate full-weight checkpoints on the held-out pairs; returns what the gate stage reads."""
     tokenizer = load_tokenizer(base_model)
     rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
@@ -69,6 +69,6 @@ def evaluate_lm_checkpoints(
             topk_entropy=indicators["teacher_forced/entropy_mean"], topk_mass=indicators["teacher_forced/mass_mean"],
             indicators=indicators,
         ))
-    return {"evaluations": [e.model_dump(mode="json") for e in evaluations], "baseline_accuracy": baseline,
-            "base_model_log_prob_accuracy": _pairwise_accuracy(ref_chosen - ref_rejected), "n_heldout": len(pairs),
-            "n_indicator_prompts": len(prompts), "language_model": True}
+    return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(pairs), language_model=True,
+                      base_model_log_prob_accuracy=_pairwise_accuracy(ref_chosen - ref_rejected),
+                      n_indicator_prompts=len(prompts))

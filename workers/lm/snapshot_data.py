@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ground.schemas import PairwiseText
+from ground.schemas import ChatData, PairwiseText
 from ingest.store import make_engine
 from ingest.text_snapshot import load_snapshot_pairs, split_heldout
 
@@ -47,7 +46,7 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
     return path
 
 
-def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> dict[str, Any]:
+def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> ChatData:
     """Write `train.jsonl` (expert train split + proxy pairs) and `heldout.jsonl` (held-out expert pairs).
 
     Returns the paths and counts, with the snapshot id, for the run's lineage.
@@ -62,5 +61,5 @@ def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> 
                                                                           for p in pairs["proxy"]]
     train = write_jsonl(train_rows, out_dir / TRAIN_FILE)
     held = write_jsonl([preference_row(p, "expert") for p in heldout], out_dir / HELDOUT_FILE)
-    return {"snapshot_id": snapshot_id, "train": str(train), "heldout": str(held), "n_expert_train": len(expert_train),
-            "n_proxy": len(pairs["proxy"]), "n_heldout": len(heldout)}
+    return ChatData(snapshot_id=snapshot_id, train=str(train), heldout=str(held), n_expert_train=len(expert_train),
+                    n_proxy=len(pairs["proxy"]), n_heldout=len(heldout))

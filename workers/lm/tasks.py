@@ -1,7 +1,8 @@
 """Celery tasks of language-model policies: `proxyloop.train_lm` (DPO/IPO/hinge or SFT, queue `gpu`) and
 `proxyloop.evaluate_lm` (held-out pairwise accuracy and indicators per checkpoint, queue `cpu`).
 
-Send: `app.send_task("proxyloop.train_lm", args=[LMTrainingRequest(...).model_dump()], task_id=run_id)`.
+Send: `app.send_task("proxyloop.train_lm", args=[LMTrainingRequest(...).model_dump()], task_id=run_id)`; it
+returns a `TrainingResult` (the run's full record is its `result.json`).
 `train_lm` is idempotent by run id: a finished run returns its stored result; a redelivered one (its worker
 died; acks_late + Redis visibility timeout) resumes from the newest checkpoint. Progress goes to
 the result backend as state PROGRESS (step, loss, tokens/s) and to the worker log.
@@ -15,11 +16,11 @@ from typing import Any
 
 from celery import Task
 
-from ground.schemas import CheckpointRef
+from ground.schemas import CheckpointRef, EvaluationRequest, LMTrainingRequest, TrainingResult
 from workers.app import app
 from workers.lm.evaluate import evaluate_lm_checkpoints
-from workers.lm.training.checkpoint import latest_checkpoint
-from workers.lm.training.run import LMTrainingRequest, run_lm_training
+from workers.lm.training.checkpoint import PREFIX, latest_checkpoint
+from workers.lm.training.run import run_lm_training
 
 TRAIN_LM_TASK = "proxyloop.train_lm"
 EVALUATE_LM_TASK = "proxyloop.evaluate_lm"
@@ -28,6 +29,7 @@ log = logging.getLogger("proxyloop.workers.lm")
 
 @app.task(name=TRAIN_LM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """The run's `TrainingResult`, as JSON."""
     req = LMTrainingRequest.model_validate(request)
     resume = latest_checkpoint(Path(req.output_dir))
     attempt = f"resuming from {resume.name}" if resume else "starting"
@@ -40,17 +42,22 @@ def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
 
     result = run_lm_training(req, progress, worker=self.request.hostname or "")
     log.info("run %s: done, final loss %.5f", req.run_id, result["final_loss"])
-    return result
+    return TrainingResult(
+        run_id=req.run_id, device=result["device"], worker=result["worker"], final_loss=result["final_loss"],
+        seconds=result["seconds"],
+        checkpoints=[CheckpointRef(step=int(Path(c).name.removeprefix(PREFIX)), path=c) for c in result["checkpoints"]],
+    ).model_dump(mode="json")
 
 
 @app.task(name=EVALUATE_LM_TASK, bind=True, acks_late=True)
-def evaluate_lm(self: Task, base_model: str, heldout_path: str, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
-    """Send: `app.send_task("proxyloop.evaluate_lm", args=[base_dir, heldout_jsonl, [CheckpointRef...]], queue="cpu")`.
-
-    Reads only files: idempotent, safe to redeliver.
+def evaluate_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """Send: `app.send_task("proxyloop.evaluate_lm", args=[EvaluationRequest(base_model=..., heldout_path=...,
+    checkpoints=[...]).model_dump()], queue="cpu")`; returns an `Evaluation`. Reads only files: safe to redeliver.
     """
-    refs = [CheckpointRef.model_validate(c) for c in checkpoints]
-    result = evaluate_lm_checkpoints(base_model, heldout_path, refs)
-    log.info("%d checkpoints evaluated on %d held-out pairs; the base model's log-prob ranking gets %.3f", len(refs),
-             result["n_heldout"], result["base_model_log_prob_accuracy"])
-    return result
+    req = EvaluationRequest.model_validate(request)
+    if req.base_model is None or req.heldout_path is None:
+        raise ValueError("a language-model evaluation needs base_model and heldout_path")
+    result = evaluate_lm_checkpoints(req.base_model, req.heldout_path, req.checkpoints)
+    log.info("%d checkpoints evaluated on %d held-out pairs; the base model's log-prob ranking gets %.3f",
+             len(req.checkpoints), result.n_heldout, result.base_model_log_prob_accuracy)
+    return result.model_dump(mode="json")

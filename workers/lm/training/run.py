@@ -13,13 +13,13 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ground.schemas import LMTrainingRequest
 from workers.device import select_device
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.checkpoint import latest_checkpoint
@@ -32,19 +32,6 @@ from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_los
 from workers.lm.training.sft_config import SFTConfig
 
 REFERENCE_FILE = "reference_logps.safetensors"
-
-
-class LMTrainingRequest(BaseModel):
-    """Arguments of `proxyloop.train_lm`: ids, paths and a config dict, never tensors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: str
-    method: Literal["dpo", "sft"]
-    base_model: str  # Hugging Face directory (`proxyloop models prepare ...`)
-    dataset: str  # JSONL: prompt/chosen/rejected rows (dpo) or {"messages": [...]} rows (sft)
-    output_dir: str
-    config: dict[str, Any] = {}
 
 
 class PairObjective:
