@@ -6,12 +6,12 @@ that failed on the worker is not: it fails the flow run with the worker's error.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery.result import AsyncResult
 from prefect import get_run_logger, task
 from sqlalchemy.orm import Session
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from ground.schemas import (
     ChatData,
@@ -89,20 +89,26 @@ def wait_for_task(task_id: str, timeout_s: float = TASK_TIMEOUT_S) -> dict[str, 
     """Poll a Celery task, logging its progress; a failed task raises with the worker's error."""
     logger = get_run_logger()
     result = AsyncResult(task_id, app=celery_app)
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        state = result.state
-        if state == "SUCCESS":
-            value: dict[str, Any] = result.get(timeout=10)
-            return value
-        if state in ("FAILURE", "REVOKED"):
-            raise TrainingFailed(f"task {task_id} {state.lower()} on the worker: {result.result!r}\n{result.traceback}")
-        if state == "PROGRESS" and result.info != last:
-            last = result.info
-            logger.info("task %s: %s", task_id, last)
-        time.sleep(0.5)
-    raise TrainingFailed(f"task {task_id} did not finish within {timeout_s:.0f} s (state {result.state})")
+    seen: list[object] = [None]
+
+    def state() -> str:
+        current = result.state
+        if current in ("FAILURE", "REVOKED"):
+            raise TrainingFailed(f"task {task_id} {current.lower()} on the worker: {result.result!r}\n"
+                                 f"{result.traceback}")
+        if current == "PROGRESS" and result.info != seen[-1]:
+            seen.append(result.info)
+            logger.info("task %s: %s", task_id, result.info)
+        return current
+
+    def timed_out(retry_state: RetryCallState) -> str:
+        raise TrainingFailed(f"task {task_id} did not finish within {timeout_s:.0f} s (state {result.state})")
+
+    poll = Retrying(retry=retry_if_result(lambda current: current != "SUCCESS"), wait=wait_fixed(0.5),
+                    stop=stop_after_delay(timeout_s), retry_error_callback=timed_out)
+    poll(state)
+    value: dict[str, Any] = result.get(timeout=10)
+    return value
 
 
 @task(name="train-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, RetrainRunRecord, utcnow
 
@@ -122,14 +122,9 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa_event.listen(engine, "connect", _sqlite_wal)
-    for attempt in range(5):
-        try:
-            Base.metadata.create_all(engine)
-            break
-        except OperationalError:  # another process created a table between check and create
-            if attempt == 4:
-                raise
-            time.sleep(0.2)
+    # Another process may create a table between this one's check and create: try again.
+    Retrying(retry=retry_if_exception_type(OperationalError), stop=stop_after_attempt(5), wait=wait_fixed(0.2),
+             reraise=True)(Base.metadata.create_all, engine)
     return engine
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ground.schemas import PolicyVersion
 from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
-from policies.registry import resolve, version_of
+from policies.registry import REGISTRY_FORMAT, RegistryFormatError, resolve, version_of
 
 
 def _two_stage(config: TwoStageConfig) -> nn.Module:
@@ -40,6 +40,10 @@ class LoadedPolicy:
 
 def read_config(path: Path | str) -> tuple[str, TwoStageConfig]:
     config = json.loads((Path(path) / "config.json").read_text())
+    written = config.get("format_version")
+    if written is not None and written > REGISTRY_FORMAT:
+        raise RegistryFormatError(f"{path} was written in registry format {written}; this proxyloop reads formats "
+                                  f"up to {REGISTRY_FORMAT}: upgrade proxyloop to load it")
     family = config.get("family")
     if family not in FAMILIES:
         raise ValueError(f"unknown policy family {family!r} in {path}/config.json; known: {sorted(FAMILIES)}")
@@ -49,7 +53,14 @@ def read_config(path: Path | str) -> tuple[str, TwoStageConfig]:
 def load_policy_dir(path: Path | str) -> nn.Module:
     family, config = read_config(path)
     model = FAMILIES[family](config)
-    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    missing = sorted(set(model.state_dict()) - set(tensors))
+    if missing:
+        raise RegistryFormatError(
+            f"{path} was written in registry format 1 (its weights lack {', '.join(missing)}); this proxyloop reads "
+            f"format {REGISTRY_FORMAT}: release the policy again from its run (`proxyloop approve <run-id>`), or "
+            "load it with the proxyloop that wrote it")
+    model.load_state_dict(tensors)
     return model.eval()
 
 

@@ -21,12 +21,20 @@ from safetensors.torch import save_file
 from ground.schemas import PolicyVersion
 
 ALIASES_FILE = "aliases.json"
+# Written into every version's config.json. 2: the two-stage adapter's centre is part of the weights
+# (adapter.centre_weight / centre_bias). Versions without the field were written by format 1 or by
+# format-2 code before the field existed; the loader tells them apart by their tensors.
+REGISTRY_FORMAT = 2
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 class RegistryError(ValueError):
     pass
+
+
+class RegistryFormatError(RegistryError):
+    """A version written in a registry format this proxyloop cannot read; the message names both formats."""
 
 
 def validate_name(name: str) -> str:
@@ -95,7 +103,8 @@ def register(
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"))
         for subdir, source in (directories or {}).items():
             shutil.copytree(source, staging / subdir)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (staging / "config.json").write_text(json.dumps({**config, "format_version": REGISTRY_FORMAT}, indent=2,
+                                                        sort_keys=True))
         while True:
             version = (max(versions(root, name), default=0)) + 1
             full_lineage = {**lineage, "policy": name, "version": version}

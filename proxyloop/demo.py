@@ -22,6 +22,15 @@ from typing import Any, Literal
 import httpx
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_result,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_fixed,
+    wait_incrementing,
+)
 
 from ground.schemas import Evaluation, Item, ProxyPreference, ReleaseRecord
 from ground.settings import Settings
@@ -75,12 +84,17 @@ def _count_matching(settings: Settings, topic: str, match: Callable[[bytes], boo
     return sum(map(match, values))
 
 
+def _last_result(state: RetryCallState) -> Any:
+    """What a poll that ran out of time returns: its last answer."""
+    assert state.outcome is not None
+    return state.outcome.result()
+
+
 def _wait_stored(settings: Settings, event_ids: list[str], timeout_s: float = 120) -> int:
     """How many of `event_ids` are stored, once all are or `timeout_s` passed."""
-    deadline, stored = time.monotonic() + timeout_s, 0
-    while time.monotonic() < deadline and stored < len(event_ids):
-        stored = _count_stored(settings, event_ids)
-        time.sleep(0.5)
+    poll = Retrying(retry=retry_if_result(lambda stored: stored < len(event_ids)), wait=wait_fixed(0.5),
+                    stop=stop_after_delay(timeout_s), retry_error_callback=_last_result)
+    stored: int = poll(_count_stored, settings, event_ids)
     return stored
 
 
@@ -97,21 +111,28 @@ def _run_ids(settings: Settings) -> set[str]:
 
 def _wait_for_run(settings: Settings, before: set[str], timeout_s: float, say: Say) -> RetrainRun:
     engine = make_engine(settings.resolved_store_url)
-    deadline, last_status = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
+    said: list[str] = [""]
+
+    def newest() -> RetrainRun | None:
         with Session(engine) as session:
             run = session.scalars(
                 select(RetrainRun).where(RetrainRun.run_id.not_in(before)).order_by(RetrainRun.updated_at.desc())
             ).first()
             if run is not None:
-                if run.status != last_status:
+                session.expunge(run)
+                if run.status != said[-1]:
                     say(f"retrain flow run {run.run_id}: {run.status}")
-                    last_status = run.status
-                if run.status in FINAL_STATES:
-                    session.expunge(run)
-                    return run
-        time.sleep(1)
-    raise DemoFailed(f"no retrain run finished within {timeout_s:.0f} s; see {settings.home_dir}/logs")
+                    said.append(run.status)
+            return run
+
+    def timed_out(retry_state: RetryCallState) -> RetrainRun:
+        raise DemoFailed(f"no retrain run finished within {timeout_s:.0f} s; see {settings.home_dir}/logs")
+
+    poll = Retrying(retry=retry_if_result(lambda run: run is None or run.status not in FINAL_STATES),
+                    wait=wait_fixed(1), stop=stop_after_delay(timeout_s), retry_error_callback=timed_out)
+    finished: RetrainRun | None = poll(newest)
+    assert finished is not None  # the poll retries until there is one
+    return finished
 
 
 @dataclass
@@ -197,11 +218,11 @@ def _post_webhook(client: httpx.Client, settings: Settings, payload: dict[str, A
                   attempts: int = 3) -> httpx.Response:
     """POST one annotation; a 5xx (the receiver could not get Kafka's ack) is retried, as the event id makes it
     idempotent."""
-    for attempt in range(attempts):
-        response = client.post("/webhooks/labelstudio", json=payload, headers={SECRET_HEADER: settings.webhook_secret})
-        if response.status_code < 500 or attempt == attempts - 1:
-            break
-        time.sleep(1 + attempt)
+    post = Retrying(retry=retry_if_result(lambda response: response.status_code >= 500),
+                    stop=stop_after_attempt(attempts), wait=wait_incrementing(start=1, increment=1),
+                    retry_error_callback=_last_result)
+    response: httpx.Response = post(client.post, "/webhooks/labelstudio", json=payload,
+                                    headers={SECRET_HEADER: settings.webhook_secret})
     return response
 
 

@@ -48,7 +48,14 @@ class ChatPolicy:
     @torch.no_grad()
     def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                seed: int | None = None) -> Iterator[tuple[str, str | None]]:
-        """Yield (text piece, finish reason or None); one forward pass per token with a KV cache."""
+        """Yield (text piece, finish reason or None); one forward pass per token with a KV cache.
+
+        Not `model.generate` with a `TextIteratorStreamer`: generate samples from torch's global RNG
+        (`torch.multinomial` without a generator; transformers 5.24 takes none), so a request with a
+        `seed` would share and race that state with every other request the threaded server samples
+        for. This loop gives each request its own `torch.Generator`, which makes seeded completions
+        reproducible under concurrency.
+        """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         input_ids = self.prompt_ids(messages)
         config = self.model.config

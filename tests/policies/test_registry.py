@@ -36,3 +36,41 @@ def test_unknown_alias_and_version_explain_what_exists(tmp_path):
         resolve(tmp_path, "demo@staging")
     with pytest.raises(RegistryError, match="known"):
         resolve(tmp_path, "demo@7")
+
+
+def _two_stage_version(tmp_path, drop=(), format_version=None):
+    import json
+
+    from policies.features.model import TwoStageConfig, TwoStagePolicy
+
+    config = TwoStageConfig()
+    tensors = {k: v for k, v in TwoStagePolicy(config).state_dict().items() if k not in drop}
+    version = register(tmp_path, "p", tensors, {"family": "two_stage", "model": config.to_dict()}, {})
+    if format_version is not None:
+        path = tmp_path / "p" / str(version.version) / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": format_version}))
+    return version
+
+
+def test_a_release_names_its_registry_format_and_loads(tmp_path):
+    import json
+
+    from policies.loader import load
+    from policies.registry import REGISTRY_FORMAT
+
+    version = _two_stage_version(tmp_path)
+    assert json.loads((tmp_path / "p" / "1" / "config.json").read_text())["format_version"] == REGISTRY_FORMAT
+    assert load("p@1", root=tmp_path).version == version
+
+
+def test_a_version_from_an_older_or_newer_format_fails_with_a_message_naming_it(tmp_path):
+    from policies.loader import load
+    from policies.registry import RegistryFormatError
+
+    _two_stage_version(tmp_path, drop=("adapter.centre_weight", "adapter.centre_bias"))
+    with pytest.raises(RegistryFormatError, match=r"registry format 1 \(its weights lack adapter.centre_bias, "
+                                                  r"adapter.centre_weight\); this proxyloop reads format 2"):
+        load("p@1", root=tmp_path)
+    _two_stage_version(tmp_path, format_version=3)
+    with pytest.raises(RegistryFormatError, match="registry format 3; this proxyloop reads formats up to 2"):
+        load("p@2", root=tmp_path)

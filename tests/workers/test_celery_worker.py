@@ -49,5 +49,6 @@ def test_a_failing_task_reports_the_workers_error(worker):
     bad = TrainingRequest(run_id="run-missing", snapshot_id="nope", store_url=worker[0].resolved_store_url,
                           plan="two_stage", output_dir="/tmp/proxyloop-none")
     sent = app.send_task("proxyloop.train", args=[bad.model_dump(mode="json")], queue="gpu")
-    with pytest.raises(Exception, match="snapshot 'nope' not in the store"):
+    with pytest.raises(Exception, match="snapshot 'nope' not in the store") as raised:
         sent.get(timeout=60)
+    assert type(raised.value).__name__ == "SnapshotNotFound"  # the worker's own exception, not a transport error
