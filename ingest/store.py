@@ -6,7 +6,6 @@ SQLite by default, any SQLAlchemy URL (PostgreSQL) by `PROXYLOOP_STORE_URL`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, func, insert, select
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
@@ -109,22 +108,19 @@ _LABELS = Base.metadata.tables[LabelRow.__tablename__]
 _HISTORY = Base.metadata.tables[LabelHistoryRow.__tablename__]
 
 
-# Modules that declare further tables on Base (they import this one, so they are loaded here, lazily).
-_TABLE_MODULES = ("ingest.dead_letters", "ingest.lag")
-
-
 @lru_cache(maxsize=8)
 def make_engine(url: str) -> Engine:
-    """One engine per URL and process; creates missing tables (several processes may race)."""
-    for module in _TABLE_MODULES:
-        importlib.import_module(module)
+    """One engine per URL and process; upgrades the store's schema to the newest migration
+    (ingest/migrations), so an upgraded proxyloop keeps the data of the old one."""
+    from ingest.migrations import upgrade
     # pre_ping: after a database restart the pool's old connections are replaced, not handed out.
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa_event.listen(engine, "connect", _sqlite_wal)
-    # Another process may create a table between this one's check and create: try again.
-    Retrying(retry=retry_if_exception_type(OperationalError), stop=stop_after_attempt(5), wait=wait_fixed(0.2),
-             reraise=True)(Base.metadata.create_all, engine)
+    # Processes starting together race to migrate; the loser sees the tables appear (or its version
+    # row collide) and, tried again, finds the store at the newest revision.
+    Retrying(retry=retry_if_exception_type((OperationalError, ProgrammingError, IntegrityError)),
+             stop=stop_after_attempt(5), wait=wait_fixed(0.5), reraise=True)(upgrade, engine)
     return engine
 
 
