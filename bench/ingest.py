@@ -24,7 +24,7 @@ from ground.settings import Settings  # noqa: E402
 from ingest.bus import ensure_topics, make_consumer, make_producer, publish  # noqa: E402
 from ingest.consumer import store_batch  # noqa: E402
 from ingest.store import make_engine  # noqa: E402
-from proxyloop import stack  # noqa: E402
+from proxyloop import stack, testing  # noqa: E402
 
 
 def _event(i: int) -> ProxyPreference:
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.events or (3_000 if args.quick else 30_000)
     home = Path(tempfile.mkdtemp(prefix="proxyloop-bench-"))
-    settings = stack.isolated_settings(home, store_url=args.store_url or f"sqlite:///{home}/store.db",
+    settings = testing.isolated_settings(home, store_url=args.store_url or f"sqlite:///{home}/store.db",
                                        broker_storage=args.broker_storage)
     started = [c for c in map(stack.component, ("objectstore", "kafka")) if c.enabled(settings)]
     for component in started:

@@ -57,7 +57,7 @@ from ingest.dead_letters import count_by_reason  # noqa: E402
 from ingest.labelstudio import SECRET_HEADER, webhook_payload  # noqa: E402
 from ingest.lag import LagUnavailable, measure_lag  # noqa: E402
 from ingest.store import LabelRow, count_labels, make_engine  # noqa: E402
-from proxyloop import stack  # noqa: E402
+from proxyloop import stack, testing  # noqa: E402
 
 COMPONENTS = ("objectstore", "kafka", "http", "consumer")
 SAMPLE_EVERY_S = 5.0
@@ -392,7 +392,7 @@ def main() -> None:
     args.minutes = args.minutes or (2 if args.quick else 10)
     args.burst_s = args.burst_s or (10 if args.quick else 20)
     home = Path(tempfile.mkdtemp(prefix="proxyloop-soak-"))
-    settings = stack.isolated_settings(home, broker_storage=args.broker_storage, retrain_min_expert=10**9,
+    settings = testing.isolated_settings(home, broker_storage=args.broker_storage, retrain_min_expert=10**9,
                                        retrain_min_proxy=10**9)
     started: list[str] = []
     failed = True

@@ -26,7 +26,7 @@ from ground.schemas import ExpertLabel, ProxyPreference
 from ground.settings import Settings
 from ingest.bus import make_producer, publish, read_topic
 from ingest.synthetic import appendix_d
-from proxyloop import stack
+from proxyloop import stack, testing
 
 
 def _dataset_updates(settings: Settings) -> list[float]:
@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 1 if args.quick else 3
     with tempfile.TemporaryDirectory(prefix="proxyloop-bench-") as home:
-        settings = stack.isolated_settings(Path(home))
+        settings = testing.isolated_settings(Path(home))
         import os
 
         os.environ.update({k: v for k, v in stack.child_env(settings).items()

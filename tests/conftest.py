@@ -15,7 +15,7 @@ import pytest
 
 from ground.settings import Settings
 from proxyloop import stack
-from proxyloop.stack import isolated_settings
+from proxyloop.testing import isolated_settings
 
 
 def export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from ingest.bus import ensure_topics, make_producer
 from ingest.lag import PartitionLag, PartitionTrend, measure_lag, record_lag
 from ingest.store import make_engine
 from proxyloop.operations import Overview, overview
-from proxyloop.stack import free_port
+from proxyloop.testing import free_port
 from tests.conftest import consumer_in_thread, run_cli, wait_until
 from tests.ingest.test_lag import publish_one_by_one
 

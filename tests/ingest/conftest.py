@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxyloop.stack import free_port
+from proxyloop.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "labelstudio.sh"

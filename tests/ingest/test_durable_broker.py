@@ -17,7 +17,7 @@ from ground.settings import Settings
 from ingest.bus import decode_label_event, ensure_topics, make_producer, publish, read_topic
 from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
-from proxyloop.stack import isolated_settings
+from proxyloop.testing import isolated_settings
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from ingest.bus import ensure_topics
 from ingest.labelstudio.provision import ensure_webhook
 from ingest.store import LabelRow, label_history, make_engine
 from proxyloop import stack
-from proxyloop.stack import free_port
+from proxyloop.testing import free_port
 from tests.conftest import launch_chromium, run_cli
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from policies.registry import aliases, register
 from policies.registry_remote import push
 from policies.release import move_alias, release_checkpoint
 from proxyloop.cli import app
-from proxyloop.stack import isolated_settings
+from proxyloop.testing import isolated_settings
 from tests.conftest import export
 from tests.policies.test_release import _checkpoint
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from policies.lm.chat import register_causal_lm
 from policies.registry import set_alias
 from proxyloop.http import create_app
-from proxyloop.stack import isolated_settings
+from proxyloop.testing import isolated_settings
 from workers.lm.models import build_tiny
 
 

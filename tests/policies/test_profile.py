@@ -18,7 +18,7 @@ from policies.profile import (
     sync_expert_labels,
 )
 from proxyloop.http import create_app
-from proxyloop.stack import isolated_settings
+from proxyloop.testing import isolated_settings
 
 AUTH = {"Authorization": "Bearer k"}
 

@@ -9,7 +9,7 @@ from policies.features.model import TwoStageConfig, TwoStagePolicy
 from policies.registry import register, resolve, set_alias, versions
 from policies.registry_remote import pull, push
 from proxyloop.http import create_app
-from proxyloop.stack import isolated_settings
+from proxyloop.testing import isolated_settings
 
 
 def _release(root, seed, alias="production"):
