@@ -7,6 +7,7 @@ revision -m "what changes"` from the repository root, then write its upgrade.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -14,12 +15,14 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 SCRIPTS = Path(__file__).resolve().parent
+# Alembic runs migrations through module-level proxies (alembic.context, alembic.op): one at a time per process.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def upgrade(engine: Engine) -> None:
     """Bring the store to the newest revision (a no-op when it is there already)."""
     config = Config()
     config.set_main_option("script_location", str(SCRIPTS))
-    with engine.begin() as connection:
+    with _ONE_AT_A_TIME, engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
