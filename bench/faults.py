@@ -18,7 +18,8 @@ Acknowledged = producer future succeeded or webhook answered 200; lost = acknowl
 stored (for runs: a run left without a terminal state); duplicated = label_history rows beyond one
 per stored id, or a run trained or released twice; recover_s = restart → every event acknowledged
 up to the restart stored, or the run in a terminal state. Targets: lost = 0, duplicated = 0.
-The case drivers are in tests/faults/cases.py (tests/faults runs the short variants in `make test`).
+The case drivers are in tests/faults/ (harness, ingest_cases, run_cases); tests/faults runs the short
+variants in `make test`.
 The last line is JSON: `cases`, `lost`, `duplicated`, `max_recover_s` and `per_case`.
 """
 
@@ -32,8 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.faults import cases
-from tests.faults.cases import CaseFigures
+from tests.faults import harness, ingest_cases, run_cases
+from tests.faults.harness import CaseFigures
 from tests.faults.pg import create_database, postgres_server
 
 Case = Callable[[Path, bool], CaseFigures]
@@ -42,8 +43,8 @@ Case = Callable[[Path, bool], CaseFigures]
 def _store_case(outage_s: float, events: int) -> Case:
     def run(home: Path, inject: bool) -> CaseFigures:
         with postgres_server() as server:
-            settings = cases.case_settings(home, store_url=create_database(server.url, "faults"))
-            return cases.store_stopped(settings, server, inject=inject, outage_s=outage_s, warmup=events,
+            settings = harness.case_settings(home, store_url=create_database(server.url, "faults"))
+            return ingest_cases.store_stopped(settings, server, inject=inject, outage_s=outage_s, warmup=events,
                                        after=events)
     return run
 
@@ -52,24 +53,24 @@ def plan(quick: bool) -> dict[str, Case]:
     """Case name → driver; --quick publishes fewer events and skips the long Redis outage."""
     events = 50 if quick else 300
     chosen: dict[str, Case] = {
-        "broker_objectstore_sigkill": lambda home, inject: cases.broker_and_object_store_killed(
-            cases.case_settings(home, broker_storage="s3"), inject=inject, warmup=events, after=events),
+        "broker_objectstore_sigkill": lambda home, inject: ingest_cases.broker_and_object_store_killed(
+            harness.case_settings(home, broker_storage="s3"), inject=inject, warmup=events, after=events),
         "store_stopped_30s": _store_case(30, events),
-        "redis_at_dispatch": lambda home, inject: cases.redis_stopped(
-            cases.case_settings(home), inject=inject, during="dispatch"),
-        "redis_30s_mid_training": lambda home, inject: cases.redis_stopped(
-            cases.case_settings(home), inject=inject, during="training", outage_s=30),
-        "worker_sigkill_mid_training": lambda home, inject: cases.worker_killed_mid_training(
-            cases.case_settings(home), inject=inject),
-        "prefect_sigkill_mid_flow": lambda home, inject: cases.prefect_killed_mid_flow(
-            cases.case_settings(home), inject=inject, down_s=10 if quick else 30),
-        "http_sigkill_webhook_burst": lambda home, inject: cases.http_killed_during_burst(
-            cases.case_settings(home), inject=inject, webhooks=300 if quick else 1000,
+        "redis_at_dispatch": lambda home, inject: run_cases.redis_stopped(
+            harness.case_settings(home), inject=inject, during="dispatch"),
+        "redis_30s_mid_training": lambda home, inject: run_cases.redis_stopped(
+            harness.case_settings(home), inject=inject, during="training", outage_s=30),
+        "worker_sigkill_mid_training": lambda home, inject: run_cases.worker_killed_mid_training(
+            harness.case_settings(home), inject=inject),
+        "prefect_sigkill_mid_flow": lambda home, inject: run_cases.prefect_killed_mid_flow(
+            harness.case_settings(home), inject=inject, down_s=10 if quick else 30),
+        "http_sigkill_webhook_burst": lambda home, inject: ingest_cases.http_killed_during_burst(
+            harness.case_settings(home), inject=inject, webhooks=300 if quick else 1000,
             kill_after=100 if quick else 300),
     }
     if not quick:
-        chosen["redis_90s_at_dispatch"] = lambda home, inject: cases.redis_stopped(
-            cases.case_settings(home), inject=inject, during="dispatch", outage_s=90)
+        chosen["redis_90s_at_dispatch"] = lambda home, inject: run_cases.redis_stopped(
+            harness.case_settings(home), inject=inject, during="dispatch", outage_s=90)
     return chosen
 
 

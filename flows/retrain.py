@@ -125,6 +125,9 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
     promotion history, with `operator`, default the OS user)."""
     settings = get_settings()
     run = load_run(run_id)
+    if run.release is not None:  # a repeated approve/override, or a flow re-run: never a second version
+        get_run_logger().info("run %s: already released as %s v%d", run_id, run.release.policy, run.release.version)
+        return run.release
     _needs(run, "snapshot", "gate")
     assert run.snapshot is not None and run.gate is not None
     decision = run.gate

@@ -6,10 +6,14 @@ that failed on the worker is not: it fails the flow run with the worker's error.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError as KombuOperationalError
 from prefect import get_run_logger, task
+from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
@@ -85,24 +89,54 @@ def text_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
     return report
 
 
-def wait_for_task(task_id: str, timeout_s: float = TASK_TIMEOUT_S) -> dict[str, Any]:
-    """Poll a Celery task, logging its progress; a failed task raises with the worker's error."""
+# Errors of the Celery result backend or broker being away (the embedded Redis restarting, say).
+BACKEND_ERRORS = (OSError, KombuOperationalError, RedisError)
+LOST_AFTER_S = 30.0  # PENDING this long after an outage, the task died with the broker: send it again
+
+
+def wait_for_task(task_id: str, resend: Callable[[], object] | None = None,
+                  timeout_s: float = TASK_TIMEOUT_S) -> dict[str, Any]:
+    """Poll a Celery task, logging its progress; a failed task raises with the worker's error.
+
+    A result-backend outage is waited out (the worker keeps training, see workers.app.report_progress).
+    If afterwards the task stays PENDING for LOST_AFTER_S, its message was lost with the broker (the
+    embedded Redis keeps nothing across a restart) and `resend` sends it again: the task id is the
+    run id, and a worker returns a finished run's stored result or resumes from its checkpoint.
+    """
     logger = get_run_logger()
     result = AsyncResult(task_id, app=celery_app)
     seen: list[object] = [None]
+    outage: dict[str, float | None] = {"since": None, "back": None}
 
     def state() -> str:
-        current = result.state
+        try:
+            current = result.state
+        except BACKEND_ERRORS as exc:
+            if outage["since"] is None:
+                logger.warning("task %s: the result backend is unreachable (%s); waiting for it", task_id, exc)
+                outage["since"] = time.monotonic()
+            return "UNREACHABLE"
+        if outage["since"] is not None:
+            logger.info("task %s: the result backend is back; the task is %s", task_id, current)
+            outage["since"], outage["back"] = None, time.monotonic()
         if current in ("FAILURE", "REVOKED"):
             raise TrainingFailed(f"task {task_id} {current.lower()} on the worker: {result.result!r}\n"
                                  f"{result.traceback}")
         if current == "PROGRESS" and result.info != seen[-1]:
             seen.append(result.info)
             logger.info("task %s: %s", task_id, result.info)
+        back = outage["back"]
+        if current != "PENDING":
+            outage["back"] = None
+        elif back is not None and time.monotonic() - back > LOST_AFTER_S and resend is not None:
+            logger.warning("task %s: still pending %.0f s after the outage, so lost with the broker; sending it "
+                           "again", task_id, LOST_AFTER_S)
+            resend()
+            outage["back"] = None
         return current
 
     def timed_out(retry_state: RetryCallState) -> str:
-        raise TrainingFailed(f"task {task_id} did not finish within {timeout_s:.0f} s (state {result.state})")
+        raise TrainingFailed(f"task {task_id} did not finish within {timeout_s:.0f} s")
 
     poll = Retrying(retry=retry_if_result(lambda current: current != "SUCCESS"), wait=wait_fixed(0.5),
                     stop=stop_after_delay(timeout_s), retry_error_callback=timed_out)
@@ -114,9 +148,13 @@ def wait_for_task(task_id: str, timeout_s: float = TASK_TIMEOUT_S) -> dict[str, 
 @task(name="train-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def dispatch_training(request: TrainingRequest) -> TrainingResult:
     # The task id is the run id: a retried dispatch finds the same task, the worker's result is idempotent.
-    celery_app.send_task(TRAIN_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE, task_id=request.run_id)
+    def send() -> object:
+        return celery_app.send_task(TRAIN_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
+                                    task_id=request.run_id)
+
+    send()
     get_run_logger().info("run %s: training task sent to queue %s", request.run_id, GPU_QUEUE)
-    return TrainingResult.model_validate(wait_for_task(request.run_id))
+    return TrainingResult.model_validate(wait_for_task(request.run_id, resend=send))
 
 
 @task(name="evaluate-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
@@ -155,11 +193,14 @@ def chat_training_request(settings: Settings, run_id: str, base_model: str, data
 @task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
     # As for feature runs, the task id is the run id: a retried dispatch finds the same task.
-    celery_app.send_task(TRAIN_LM_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
-                         task_id=request.run_id)
+    def send() -> object:
+        return celery_app.send_task(TRAIN_LM_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
+                                    task_id=request.run_id)
+
+    send()
     get_run_logger().info("run %s: %s training of %s sent to queue %s", request.run_id, request.method,
                           request.base_model, GPU_QUEUE)
-    return TrainingResult.model_validate(wait_for_task(request.run_id))
+    return TrainingResult.model_validate(wait_for_task(request.run_id, resend=send))
 
 
 @task(name="evaluate-lm-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)

@@ -6,7 +6,10 @@ scale, GPU hosts run `-Q gpu` against the broker in `PROXYLOOP_CELERY_BROKER`).
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
+
+from celery import Celery, Task
 from kombu import Queue
 
 from ground.settings import get_settings
@@ -49,3 +52,12 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+def report_progress(task: Task, meta: dict[str, Any]) -> None:
+    """Progress to the result backend, best-effort: the backend being away (Redis restarting) must not
+    end a training run that is otherwise fine. The flow keeps polling through such an outage."""
+    try:
+        task.update_state(state="PROGRESS", meta=meta)
+    except Exception as exc:  # noqa: BLE001 - any backend's connection error; progress is informational
+        logging.getLogger("proxyloop.workers").warning("progress not reported (%s); training goes on", exc)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxyloop.stack import free_port
+from proxyloop.testing import free_port
 
 
 def pg_bin(name: str) -> str:

@@ -79,3 +79,7 @@ def test_a_blocked_run_is_released_only_with_a_reason_and_the_override_is_audite
     assert (entry.action, entry.who, entry.why, entry.snapshot_id, entry.version) == (
         "override", "alice", "accepted: held-out set too small (ticket 7)", "snap-1", 1)
     assert entry.gate["decision"] == "block"
+
+    again = release_flow(run_id, override_reason="clicked twice", operator="bob")  # released once, whatever is asked
+    assert again == release and versions(settings.registry_dir, settings.policy_name) == [1]
+    assert len(verify(settings.registry_dir)) == 1

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from ground.schemas import Evaluation, EvaluationRequest, FeatureTriple, TrainingRequest
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
-from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app
+from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
 from workers.device import select_device
 from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
 from workers.features.training import n_outputs_of, train_feature_policy
@@ -48,7 +48,7 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
              len(triples["proxy"]), len(expert_train))
 
     def progress(meta: dict[str, object]) -> None:
-        self.update_state(state="PROGRESS", meta={"run_id": req.run_id, "device": str(device), **meta})
+        report_progress(self, {"run_id": req.run_id, "device": str(device), **meta})
         log.info("run %s: %s", req.run_id, meta)
 
     result = train_feature_policy(req, triples["proxy"], expert_train, device, self.request.hostname or "", progress)

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task
 
 from ground.schemas import CheckpointRef, EvaluationRequest, LMTrainingRequest, TrainingResult
-from workers.app import app
+from workers.app import app, report_progress
 from workers.lm.evaluate import evaluate_lm_checkpoints
 from workers.lm.training.checkpoint import PREFIX, latest_checkpoint
 from workers.lm.training.run import run_lm_training
@@ -36,7 +36,7 @@ def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     log.info("run %s: %s %s, base %s, data %s", req.run_id, attempt, req.method, req.base_model, req.dataset)
 
     def progress(meta: dict[str, Any]) -> None:
-        self.update_state(state="PROGRESS", meta={"run_id": req.run_id, **meta})
+        report_progress(self, {"run_id": req.run_id, **meta})
         log.info("run %s: step %s/%s loss %.5f %.0f tokens/s", req.run_id, meta["step"], meta["of"],
                  meta["loss"], meta["tokens_per_s"])
 
