@@ -42,6 +42,11 @@ def make_app() -> Celery:
         accept_content=["json"],
         result_extended=True,
         broker_connection_retry_on_startup=True,
+        # A result the backend could not take (Redis restarting) is retried, backing off to 10 s apart,
+        # for about 5 minutes, rather than failing a finished training run.
+        result_backend_always_retry=True,
+        result_backend_max_retries=40,
+        result_backend_max_sleep_between_retries_ms=10_000,
         # Redis redelivers a dead worker's unacked task after the visibility timeout (see Settings).
         broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s,
                                   "unacked_restore_interval": settings.celery_unacked_restore_interval_s,
