@@ -147,13 +147,18 @@ def wait_for_task(task_id: str, resend: Callable[[], object] | None = None,
 
 @task(name="train-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def dispatch_training(request: TrainingRequest) -> TrainingResult:
-    # The task id is the run id: a retried dispatch finds the same task, the worker's result is idempotent.
+    return _train_on_gpu_queue(TRAIN_TASK, request, "training task")
+
+
+def _train_on_gpu_queue(task_name: str, request: TrainingRequest | LMTrainingRequest, what: str) -> TrainingResult:
+    """Send a training task and wait for its `TrainingResult`. The task id is the run id: a retried
+    dispatch finds the same task, and the worker's result is idempotent."""
     def send() -> object:
-        return celery_app.send_task(TRAIN_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
+        return celery_app.send_task(task_name, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
                                     task_id=request.run_id)
 
     send()
-    get_run_logger().info("run %s: training task sent to queue %s", request.run_id, GPU_QUEUE)
+    get_run_logger().info("run %s: %s sent to queue %s", request.run_id, what, GPU_QUEUE)
     return TrainingResult.model_validate(wait_for_task(request.run_id, resend=send))
 
 
@@ -192,15 +197,7 @@ def chat_training_request(settings: Settings, run_id: str, base_model: str, data
 
 @task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
-    # As for feature runs, the task id is the run id: a retried dispatch finds the same task.
-    def send() -> object:
-        return celery_app.send_task(TRAIN_LM_TASK, args=[request.model_dump(mode="json")], queue=GPU_QUEUE,
-                                    task_id=request.run_id)
-
-    send()
-    get_run_logger().info("run %s: %s training of %s sent to queue %s", request.run_id, request.method,
-                          request.base_model, GPU_QUEUE)
-    return TrainingResult.model_validate(wait_for_task(request.run_id, resend=send))
+    return _train_on_gpu_queue(TRAIN_LM_TASK, request, f"{request.method} training of {request.base_model}")
 
 
 @task(name="evaluate-lm-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)

@@ -153,3 +153,17 @@ def stored_snapshot(settings: Settings, task: Any) -> str:
         snapshot_id = freeze_snapshot(session).snapshot_id
         session.commit()
     return snapshot_id
+
+
+def own_topics(service_settings: Settings, tmp_path: Path, **overrides: object) -> Settings:
+    """The session's broker, with this test's own home, SQLite store, consumer group and topics (created),
+    and the retrain thresholds out of reach."""
+    from ingest.bus import ensure_topics
+
+    name = tmp_path.name
+    settings = service_settings.model_copy(update={
+        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{name}",
+        "topic_proxy": f"proxy-{name}", "topic_expert": f"expert-{name}", "topic_dead_letter": f"dead-{name}",
+        "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6, **overrides})
+    ensure_topics(settings)
+    return settings

@@ -85,6 +85,15 @@ def sigkill(settings: Settings, name: str) -> None:
     stack.stop_component(settings, name)
 
 
+def kill_and_restart(settings: Settings, name: str, down_s: float) -> float:
+    """SIGKILL a component, leave it down `down_s`, start it again; returns the seconds it was down."""
+    killed = time.monotonic()
+    sigkill(settings, name)
+    time.sleep(down_s)
+    start(settings, name)
+    return time.monotonic() - killed
+
+
 @contextmanager
 def running_stack(settings: Settings) -> Iterator[None]:
     """Everything a case started from this home is stopped afterwards, whatever happened."""
@@ -141,13 +150,13 @@ class Publisher:
         self._thread.join(timeout=60)
 
 
-def _reader(settings: Settings) -> sqlalchemy.Engine:
+def reader(settings: Settings) -> sqlalchemy.Engine:
     # No pool: after a PostgreSQL restart every query gets a fresh connection instead of a dead one.
     return sqlalchemy.create_engine(settings.resolved_store_url, poolclass=NullPool)
 
 
 def stored_ids(settings: Settings) -> set[str]:
-    engine = _reader(settings)
+    engine = reader(settings)
     try:
         with Session(engine) as session:
             return set(session.scalars(select(LabelRow.event_id)))
@@ -157,7 +166,7 @@ def stored_ids(settings: Settings) -> set[str]:
 
 def extra_history_rows(settings: Settings) -> int:
     """label_history rows beyond one per stored id: a redelivery that was written twice."""
-    engine = _reader(settings)
+    engine = reader(settings)
     try:
         with Session(engine) as session:
             counts = session.execute(select(LabelHistoryRow.event_id, func.count()).group_by(LabelHistoryRow.event_id))

@@ -22,6 +22,7 @@ from tests.faults.harness import (
     CaseFigures,
     Publisher,
     ingest_figures,
+    kill_and_restart,
     restarted_and_caught_up,
     running_stack,
     sigkill,
@@ -162,13 +163,7 @@ def http_killed_during_burst(settings: Settings, inject: bool = True, webhooks: 
         start(settings, "consumer", "http")
         with WebhookClient(settings, payloads, clients, timeout_s) as client:
             wait_until(lambda: len(client.accepted) >= kill_after, timeout_s, f"{kill_after} webhooks answered")
-            down = 0.0
-            if inject:
-                killed = time.monotonic()
-                sigkill(settings, "http")
-                time.sleep(down_s)
-                start(settings, "http")
-                down = time.monotonic() - killed
+            down = kill_and_restart(settings, "http", down_s) if inject else 0.0
             restarted_at = time.monotonic()
         if len(client.accepted) != webhooks:
             raise AssertionError(f"only {len(client.accepted)} of {webhooks} webhooks were answered 200")

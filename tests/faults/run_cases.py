@@ -27,7 +27,7 @@ from ingest.synthetic import appendix_d
 from proxyloop import stack
 from proxyloop.demo import FINAL_STATES
 from tests.conftest import wait_until
-from tests.faults.harness import CaseFigures, _reader, running_stack, sigkill, start
+from tests.faults.harness import CaseFigures, kill_and_restart, reader, running_stack, start
 
 
 def store_training_data(settings: Settings, n_proxy: int = 300, n_expert: int = 30, seed: int = 0) -> None:
@@ -43,7 +43,7 @@ def store_training_data(settings: Settings, n_proxy: int = 300, n_expert: int = 
 
 
 def retrain_runs(settings: Settings) -> dict[str, RetrainRun]:
-    engine = _reader(settings)
+    engine = reader(settings)
     try:
         with Session(engine) as session:
             runs = {run.run_id: run for run in session.scalars(select(RetrainRun))}
@@ -267,13 +267,7 @@ def prefect_killed_mid_flow(settings: Settings, inject: bool = True, down_s: flo
         run_id = _create_retrain_run(settings)
         wait_until(lambda: (settings.runs_dir / run_id / "started.json").exists(), timeout_s,
                    "the worker to start training")
-        down = 0.0
-        if inject:
-            killed = time.monotonic()
-            sigkill(settings, "prefect")
-            time.sleep(down_s)
-            start(settings, "prefect")
-            down = time.monotonic() - killed
+        down = kill_and_restart(settings, "prefect", down_s) if inject else 0.0
         recover_s = _wait_terminal(settings, run_id, timeout_s)
         # Prefect's own view may trail the store's (the runner reports the final state last).
         deadline = time.monotonic() + 60

@@ -12,21 +12,14 @@ from ground.schemas import FeatureTriple, ProxyPreference
 from ingest import consumer as ingest_consumer
 from ingest.bus import make_producer, publish, read_topic
 from ingest.store import count_labels, make_engine
-from tests.conftest import consumer_in_thread
+from tests.conftest import consumer_in_thread, own_topics
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def settings(service_settings, kafka, tmp_path):
-    from ingest.bus import ensure_topics
-
-    settings = service_settings.model_copy(update={
-        "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
-        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6})
-    ensure_topics(settings)
-    return settings
+    return own_topics(service_settings, tmp_path)
 
 
 def probe_partitions(settings):

@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session
 
 from ground.schemas import FeatureTriple, ProxyPreference
 from ground.settings import Settings
-from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_producer, publish, read_topic
+from ingest.bus import MalformedEvent, decode_label_event, make_producer, publish, read_topic
 from ingest.store import LabelHistoryRow, LabelRow, make_engine
 from proxyloop import stack
-from tests.conftest import consumer_in_thread, wait_until
+from tests.conftest import consumer_in_thread, own_topics, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +37,9 @@ KILLS = 20
 
 @pytest.fixture
 def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
-    settings = service_settings.model_copy(update={
-        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
-        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "topic_dead_letter": f"dead-{tmp_path.name}", "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
-        # A killed member is evicted after its session times out; keep that short so restarts are quick.
-        "kafka_session_timeout_ms": 1000, "kafka_heartbeat_interval_ms": 300, "consumer_max_poll_records": 40,
-    })
-    ensure_topics(settings)
-    return settings
+    # A killed member is evicted after its session times out; keep that short so restarts are quick.
+    return own_topics(service_settings, tmp_path, kafka_session_timeout_ms=1000, kafka_heartbeat_interval_ms=300,
+                      consumer_max_poll_records=40)
 
 
 def _stored_ids(settings: Settings) -> list[str]:

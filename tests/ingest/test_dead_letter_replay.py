@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 from ground.schemas import PairwiseText, ProxyPreference
 from ground.settings import Settings
 from ingest import dead_letters
-from ingest.bus import ensure_topics, make_producer, publish
+from ingest.bus import make_producer, publish
 from ingest.store import LabelHistoryRow, count_labels, make_engine
-from tests.conftest import consumer_in_thread, run_cli, wait_until
+from tests.conftest import consumer_in_thread, own_topics, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
     # A limit too tight for long texts: the "bug" the operator later fixes by raising it.
-    settings = service_settings.model_copy(update={
-        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
-        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "topic_dead_letter": f"dead-{tmp_path.name}", "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
-        "max_event_bytes": 2000})
-    ensure_topics(settings)
-    return settings
+    return own_topics(service_settings, tmp_path, max_event_bytes=2000)
 
 
 def _counts(settings: Settings) -> tuple[int, int, dict[str, int]]:

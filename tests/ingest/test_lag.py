@@ -20,24 +20,17 @@ from sqlalchemy.orm import Session
 from flows import health
 from ground.schemas import FeatureTriple, ProxyPreference
 from ground.settings import Settings
-from ingest.bus import encode_event, ensure_topics, make_producer
+from ingest.bus import encode_event, make_producer
 from ingest.lag import LagSample, PartitionLag, current_trend, lag_trend, measure_lag, record_lag, sample_lag
 from ingest.store import make_engine
-from tests.conftest import consumer_in_thread, export, wait_until
+from tests.conftest import consumer_in_thread, export, own_topics, wait_until
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
-    settings = service_settings.model_copy(update={
-        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
-        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "topic_dead_letter": f"dead-{tmp_path.name}", "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
-        "kafka_session_timeout_ms": 1000, "kafka_heartbeat_interval_ms": 300,
-    })
-    ensure_topics(settings)
-    return settings
+    return own_topics(service_settings, tmp_path, kafka_session_timeout_ms=1000, kafka_heartbeat_interval_ms=300)
 
 
 def publish_one_by_one(settings: Settings, topic: str, partition: int, count: int, start: int = 0) -> None:

@@ -16,22 +16,16 @@ from ground.schemas import FeatureTriple, ProxyPreference
 from ground.settings import Settings
 from ingest import consumer as ingest_consumer
 from ingest import dead_letters
-from ingest.bus import MalformedEvent, decode_label_event, ensure_topics, make_consumer, make_producer, read_topic
+from ingest.bus import MalformedEvent, decode_label_event, make_consumer, make_producer, read_topic
 from ingest.store import count_labels, make_engine
-from tests.conftest import consumer_in_thread, wait_until
+from tests.conftest import consumer_in_thread, own_topics, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
-    settings = service_settings.model_copy(update={
-        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
-        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "topic_dead_letter": f"dead-{tmp_path.name}", "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
-        "consumer_max_poll_records": 7})
-    ensure_topics(settings)
-    return settings
+    return own_topics(service_settings, tmp_path, consumer_max_poll_records=7)
 
 
 def _event(i: int) -> bytes:

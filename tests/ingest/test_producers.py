@@ -14,23 +14,16 @@ from sqlalchemy.orm import Session
 
 from ground.schemas import FeatureTriple, PairwiseText, ProxyPreference
 from ground.settings import Settings
-from ingest.bus import ensure_topics
 from ingest.store import LabelRow, make_engine
 from proxyloop import stack
-from tests.conftest import consumer_in_thread
+from tests.conftest import consumer_in_thread, own_topics
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def settings(service_settings: Settings, kafka: str, tmp_path: Path) -> Settings:
-    settings = service_settings.model_copy(update={
-        "home": tmp_path, "store_url": f"sqlite:///{tmp_path}/store.db", "consumer_group": f"g-{tmp_path.name}",
-        "topic_proxy": f"proxy-{tmp_path.name}", "topic_expert": f"expert-{tmp_path.name}",
-        "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
-    })
-    ensure_topics(settings)
-    return settings
+    return own_topics(service_settings, tmp_path)
 
 
 def _consume_until(settings: Settings, ids: set[str], timeout: float = 60) -> dict[str, LabelRow]:
