@@ -1,5 +1,6 @@
 """A training run survives SIGKILL of its worker: Redis redelivers it and it resumes from the last checkpoint."""
 
+import json
 import os
 import signal
 import subprocess
@@ -53,12 +54,15 @@ def test_sigkilled_worker_run_is_redelivered_and_resumes_to_the_same_final_loss(
 
     second = _start_worker(settings, log_path, "heir")
     try:
-        result = sent.get(timeout=240)
+        returned = sent.get(timeout=240)
     finally:
         os.killpg(second.pid, signal.SIGKILL)  # nothing in flight any more; a warm shutdown takes seconds
         second.wait()
 
-    assert result["worker"].startswith("heir@")
+    # The task returns the run's TrainingResult; the run's full record (losses, resume point) is result.json.
+    result = json.loads((out / "result.json").read_text())
+    assert returned["worker"] == result["worker"] and returned["worker"].startswith("heir@")
+    assert [c["path"] for c in returned["checkpoints"]] == result["checkpoints"]
     assert result["resumed_from_step"] >= 5
     assert result["resumed_from_step"] >= killed_at
     assert result["steps"] == 40 and len(result["losses"]) == 40
