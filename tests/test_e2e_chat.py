@@ -54,7 +54,7 @@ def test_dpo_runs_on_the_gpu_queue_and_every_checkpoint_has_indicators(chat_demo
         # Accuracy over the held-out pairs, ties counting half: a multiple of 1 / (2 n).
         n_heldout = report["evaluation"]["n_heldout"]
         halves = checkpoint["heldout_accuracy"] * 2 * n_heldout
-        assert n_heldout > 0 and abs(halves - round(halves)) < 1e-9
+        assert n_heldout > 0 and abs(halves - round(halves)) < 1e-4  # float32 means
 
 
 def test_the_gate_cites_entropy_and_mass_and_the_release_is_served(chat_demo):
