@@ -213,7 +213,8 @@ def worker_killed_mid_training(settings: Settings, inject: bool = True, timeout_
                 restarted_at = time.monotonic()
                 down = restarted_at - killed
             try:
-                result: dict[str, Any] | None = sent.get(timeout=timeout_s)
+                sent.get(timeout=timeout_s)  # the TrainingResult; the run's full record is its result.json
+                result: dict[str, Any] | None = json.loads((out / "result.json").read_text())
             except Exception:  # noqa: BLE001 - reported as a lost run below
                 result = None
             recover_s = time.monotonic() - restarted_at if result else None
