@@ -6,7 +6,7 @@ Run: `proxyloop deadletters list [--reason too_large]`, `proxyloop deadletters r
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session
 
+from ground.schemas import as_utc
 from ground.settings import get_settings
 
 app = typer.Typer(help="Dead-lettered records: list them, replay them after a fix.", no_args_is_help=True)
@@ -30,7 +31,7 @@ def _since(value: str | None) -> datetime | None:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:
         raise typer.BadParameter(f"--since {value!r} is not ISO 8601, e.g. 2026-11-29T17:00") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return as_utc(moment)
 
 
 @app.command("list")

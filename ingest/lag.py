@@ -18,7 +18,7 @@ from kafka.errors import KafkaError
 from sqlalchemy import DateTime, Index, Integer, String, and_, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ground.schemas import utcnow
+from ground.schemas import as_utc, utcnow
 from ground.settings import Settings
 from ingest.store import Base, make_engine
 
@@ -177,22 +177,22 @@ def lag_trend(session: Session, group: str, topics: Collection[str], window_s: f
     trends = []
     for (topic, partition), series in sorted(samples.items()):
         newest = series[-1]
-        if _utc(newest.at) <= now - window:
+        if as_utc(newest.at) <= now - window:
             continue  # no recent sample: the broker was unreachable, nothing current to judge
         since_growing = _growing_since(series, now - window)
         since_stalled = _stalled_since(series, now - stall)
         trends.append(PartitionTrend(topic, partition, newest.end_offset, newest.committed, newest.lag,
-                                     _utc(newest.at), since_growing is not None, since_growing,
+                                     as_utc(newest.at), since_growing is not None, since_growing,
                                      since_stalled is not None, since_stalled))
     return trends
 
 
 def _growing_since(series: Sequence[LagSample], window_start: datetime) -> datetime | None:
-    before = [i for i, s in enumerate(series) if _utc(s.at) <= window_start]
+    before = [i for i, s in enumerate(series) if as_utc(s.at) <= window_start]
     considered = series[before[-1] if before else 0:]
     if len(considered) < 2 or considered[-1].lag <= considered[0].lag or min(s.lag for s in considered) <= 0:
         return None
-    return _utc(considered[0].at)
+    return as_utc(considered[0].at)
 
 
 def _stalled_since(series: Sequence[LagSample], stall_start: datetime) -> datetime | None:
@@ -200,11 +200,6 @@ def _stalled_since(series: Sequence[LagSample], stall_start: datetime) -> dateti
     start = len(series) - 1
     while start > 0 and series[start - 1].lag > 0 and series[start - 1].committed == newest.committed:
         start -= 1
-    if newest.lag <= 0 or _utc(series[start].at) > stall_start:
+    if newest.lag <= 0 or as_utc(series[start].at) > stall_start:
         return None
-    return _utc(series[start].at)
-
-
-def _utc(at: datetime) -> datetime:
-    # SQLite hands timezone-aware columns back naive; every stored time is UTC.
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return as_utc(series[start].at)

@@ -9,7 +9,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, RetrainRunRecord, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, RetrainRunRecord, as_utc, utcnow
 
 LabelKind = Literal["expert", "proxy"]
 _item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
@@ -195,7 +195,7 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
             fresh.update(deleted=deleted, occurred_at=event.occurred_at, source_id=source_id,
                          **({"item": item} if item else {}))
         elif row is not None:
-            if not version.supersedes(_Version(_aware(row.occurred_at), row.source_id, row.item, row.deleted)):
+            if not version.supersedes(_Version(as_utc(row.occurred_at), row.source_id, row.item, row.deleted)):
                 continue
             row.deleted, row.occurred_at, row.source_id = deleted, event.occurred_at, source_id
             if item is not None:
@@ -243,11 +243,6 @@ def live_event_ids(session: Session, prefix: str) -> set[str]:
         select(LabelRow.event_id).where(LabelRow.event_id.startswith(prefix), LabelRow.deleted.is_(False))
     )
     return set(rows)
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite drops tzinfo; everything we store is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def count_labels(session: Session) -> dict[str, int]:

@@ -14,13 +14,13 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ground.schemas import PolicyVersion, utcnow
+from ground.schemas import PolicyVersion, as_utc, utcnow
 from policies.registry import aliases, set_alias
 
 AUDIT_FILE = "audit.jsonl"
@@ -186,6 +186,6 @@ def serving_at(root: Path, policy: str, alias: str, at: datetime) -> AuditEntry 
 
     Verifies the whole chain first, so the answer never comes from a tampered log.
     """
-    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    at = as_utc(at)
     matching = [entry for entry in verify(root) if (entry.policy, entry.alias) == (policy, alias) and entry.at <= at]
     return matching[-1] if matching else None

@@ -7,13 +7,14 @@ Run: `proxyloop history --at 2025-03-01T12:00 --policy appendix-d`.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ground.schemas import as_utc
 from ground.settings import get_settings
 
 console = Console(soft_wrap=True)
@@ -25,7 +26,7 @@ def _parse_time(text: str) -> datetime:
     except ValueError as exc:
         raise typer.BadParameter(f"{text!r} is not an ISO 8601 time; e.g. 2025-03-01T12:00 (UTC) or "
                                  "2025-03-01T12:00+02:00", param_hint="--at") from exc
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return as_utc(when)
 
 
 def history(

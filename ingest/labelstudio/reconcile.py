@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from kafka import KafkaProducer
@@ -20,7 +20,7 @@ from label_studio_sdk.core.api_error import ApiError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel
+from ground.schemas import ExpertLabel, as_utc
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
 from ingest.labelstudio.payloads import (
@@ -51,7 +51,7 @@ class ReconcileReport:
 
 
 def _aware(moment: datetime | None) -> datetime | None:
-    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
+    return None if moment is None else as_utc(moment)
 
 
 def _action(annotation: LSAnnotation) -> Literal["created", "updated"]:
