@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 import fsspec
 from kafka import KafkaProducer
@@ -59,7 +60,7 @@ class Refusal:
     reason: str
     code: DeadLetterReason
 
-    @property
+    @cached_property  # a refused record may be megabytes; its position, letter and row all use the hash
     def sha256(self) -> str:
         return hashlib.sha256(self.raw or b"").hexdigest()
 
@@ -76,9 +77,9 @@ def payload_uri(settings: Settings, sha256: str) -> str:
     return f"{settings.resolved_dead_letter_payload_url.rstrip('/')}/{sha256}.bin"
 
 
-def keep_payload(settings: Settings, raw: bytes) -> str:
-    """Write the whole payload where letters point (idempotent: the name is its hash)."""
-    uri = payload_uri(settings, hashlib.sha256(raw).hexdigest())
+def keep_payload(settings: Settings, raw: bytes, sha256: str) -> str:
+    """Write the whole payload where letters point (idempotent: the name is its hash, `sha256`)."""
+    uri = payload_uri(settings, sha256)
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -107,7 +108,7 @@ def letter_for(settings: Settings, refusal: Refusal) -> DeadLetter:
         offset=refusal.offset, key_b64=base64.b64encode(refusal.key).decode() if refusal.key is not None else None,
         size=len(raw), sha256=refusal.sha256,
         original_b64=base64.b64encode(raw[: settings.dead_letter_inline_bytes]).decode(),
-        truncated=not inline, payload_uri=None if inline else keep_payload(settings, raw),
+        truncated=not inline, payload_uri=None if inline else keep_payload(settings, raw, refusal.sha256),
     )
 
 

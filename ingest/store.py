@@ -225,9 +225,9 @@ class _Version:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def supersedes(self, stored: _Version) -> bool:
-        if self.content_hash() == stored.content_hash():
-            return False  # an identical copy (a redelivery, a replay) whatever its timestamp
-        return (self.occurred_at, self.content_hash()) > (stored.occurred_at, stored.content_hash())
+        mine, theirs = self.content_hash(), stored.content_hash()
+        # An identical copy (a redelivery, a replay) is no newer whatever its timestamp.
+        return mine != theirs and (self.occurred_at, mine) > (stored.occurred_at, theirs)
 
 
 def label_history(session: Session, event_id: str) -> Sequence[LabelHistoryRow]:
