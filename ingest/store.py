@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, func, insert, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, case, create_engine, func, insert, select
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -300,7 +300,8 @@ def count_new_labels(session: Session) -> NewLabelCursor:
     if cursor is None:
         cursor = NewLabelCursor(id=1, seq=0, expert_new=0, proxy_new=0)
         session.add(cursor)
-    rows = session.execute(select(LabelRow.kind, func.count(), func.max(LabelRow.seq))
+    live = func.sum(case((LabelRow.deleted.is_(False), 1), else_=0))  # a tombstone is no new label
+    rows = session.execute(select(LabelRow.kind, live, func.max(LabelRow.seq))
                            .where(LabelRow.seq > cursor.seq).group_by(LabelRow.kind)).all()
     for kind, n, _ in rows:
         if kind == "expert":

@@ -154,3 +154,18 @@ def test_the_stored_version_does_not_depend_on_arrival_order(store_url):
             session.execute(delete(LabelHistoryRow))
             session.commit()
     assert len(outcomes) == 1 and outcomes.pop() in {(2.0,), (3.0,)}
+
+
+def test_new_labels_are_counted_once_and_a_retraction_that_arrives_first_is_not_one(store_url):
+    from ingest.store import count_new_labels
+
+    engine = make_engine(store_url)
+    with Session(engine) as session:
+        upsert_events(session, [_proxy(1), _proxy(2), _expert(1)])
+        tombstone = ExpertLabel(event_id="e9", annotator_id="ann", action="deleted", occurred_at=utcnow())
+        upsert_events(session, [tombstone])
+        cursor = count_new_labels(session)
+        assert (cursor.expert_new, cursor.proxy_new) == (1, 2)
+        assert (count_new_labels(session).expert_new, count_new_labels(session).proxy_new) == (1, 2)  # once
+        upsert_events(session, [_proxy(3)])
+        assert count_new_labels(session).proxy_new == 3
