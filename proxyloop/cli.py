@@ -114,9 +114,9 @@ def _print_runs(runs: list[dict[str, object]]) -> None:
 @app.command()
 def runs() -> None:
     """The latest retrain runs with their plan, gate decision and released version."""
-    from proxyloop.operations import overview
+    from proxyloop.operations import recent_runs
 
-    _print_runs(overview(get_settings()).runs)
+    _print_runs(recent_runs(get_settings()))
 
 
 def _release_run(run_id: str, reason: str | None) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import utcnow
 from ground.settings import Settings
 from ingest.dead_letters import count_by_reason
-from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_lag, record_lag
+from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_lag, sample_lag
 from ingest.store import RetrainRun, count_labels, latest_runs, make_engine, run_record
 from policies.registry import aliases, list_policies
 from proxyloop import stack
@@ -102,24 +102,31 @@ def _run_row(run: RetrainRun) -> dict[str, Any]:
             "version": record.release.version if record.release else None}
 
 
+def recent_runs(settings: Settings, limit: int = 10) -> list[dict[str, Any]]:
+    """The latest retrain runs with plan, gate decision and released version (empty without a store)."""
+    if not store_exists(settings):
+        return []
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        return [_run_row(r) for r in latest_runs(session, limit=limit)]
+
+
 def overview(settings: Settings) -> Overview:
     """Everything status shows. Records a lag sample each call, so two calls seconds apart show a trend."""
     view = Overview(components=stack.health(settings))
     now = utcnow()
+    keeps_samples = store_exists(settings)
     try:
-        lags = measure_lag(settings)
+        lags = sample_lag(settings, now) if keeps_samples else measure_lag(settings)
     except LagUnavailable as exc:
         lags, view.lag_error = None, str(exc)
     view.queue_depths, view.active_tasks = celery_figures(settings)
-    if store_exists(settings):
+    if keeps_samples:
         with Session(make_engine(settings.resolved_store_url)) as session:
             if lags is not None:
-                record_lag(session, settings.consumer_group, lags, now, settings.lag_history_s)
-                session.commit()
                 view.partitions = current_trend(session, settings, now)
             view.dead_letters_by_reason = count_by_reason(session)
             view.labels = count_labels(session)
-            view.runs = [_run_row(r) for r in latest_runs(session, limit=10)]
+        view.runs = recent_runs(settings)
     elif lags is not None:  # nowhere to keep samples: the current figures, no trend
         view.partitions = [PartitionTrend(lag.topic, lag.partition, lag.end_offset, lag.committed, lag.lag, now,
                                           False, None, False, None) for lag in lags]
