@@ -32,8 +32,8 @@ _label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 2000
 
-# Default of Settings.max_event_bytes; a label event is a few KB.
-MAX_EVENT_BYTES = 1_000_000
+# The default of Settings.max_event_bytes, for callers without settings; a label event is a few KB.
+MAX_EVENT_BYTES: int = Settings.model_fields["max_event_bytes"].default
 
 
 class MalformedEvent(ValueError):
