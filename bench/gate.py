@@ -9,7 +9,7 @@ the gold reward. DPO with a small β and hinge are then trained long enough to o
 checkpoints every N steps through the workers' own loop (`run_lm_training`). Every checkpoint is
 scored on a fixed held-out prompt set: paper 2's indicators (`policies.lm.indicators`), the
 held-out pairwise accuracy of the implicit reward, and the gold reward of sampled and greedy
-generations. `policies.gate.decide` then sees everything but the gold reward. The last line
+generations. `policies.promotion.decide` then sees everything but the gold reward. The last line
 printed is JSON with `pick_vs_best`, `last_vs_best` and `blocked_in_time`.
 """
 
@@ -34,8 +34,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ground.schemas import CheckpointEvaluation, GateDecision, LMTrainingRequest  # noqa: E402
-from policies.gate import GateRules, decide  # noqa: E402
 from policies.lm.indicators import completion_indicators  # noqa: E402
+from policies.promotion import GateRules, decide  # noqa: E402
 from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
 from workers.lm.training.data import TokenizedChat, collate_chats, tokenize_pairs  # noqa: E402
 from workers.lm.training.dpo import reference_logps  # noqa: E402

@@ -2,7 +2,8 @@
 → evaluation → gate → release.
 
 The snapshot's item kind picks the branch: feature triples train the two-stage feature policy;
-pairwise text (chat) trains a language model with DPO (`proxyloop.train_lm`), evaluates each
+pairwise text (chat) first trains stage 1 (DPO with a D-simplex bottleneck on the proxy pairs), runs
+paper 1's condition tests on it, then trains what the plan says (workers.lm.plans), evaluates each
 checkpoint's held-out accuracy and paper 2's indicators on `cpu`, and releases a `causal_lm` policy.
 
 Each stage is also its own deployment (see flows.deployments), so an operator can re-run one stage of
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from flows.artifacts import publish_condition_report, publish_gate_decision, publish_release
 from flows.tasks import (
     chat_base_model,
-    chat_training_request,
+    chat_recipe,
     check_conditions,
     dispatch_lm_training,
     dispatch_training,
@@ -46,10 +47,11 @@ from ground.schemas import (
 )
 from ground.settings import get_settings
 from ingest.store import RetrainRun, make_engine, run_record
-from policies.audit import ReleaseEvidence, current_user
 from policies.lm.release import release_causal_lm
-from policies.release import release_checkpoint
+from policies.promotion import release_checkpoint
+from policies.registry import ReleaseEvidence, current_user
 from workers.app import GPU_QUEUE
+from workers.lm.plans import plan_request, recipe_request
 
 
 class RunNotFound(LookupError):
@@ -74,12 +76,34 @@ def _needs(run: RetrainRunRecord, *fields: str) -> None:
         raise StageMissing(f"run {run.run_id} has no {', '.join(missing)} yet; run the earlier stages first")
 
 
-def _train_chat_policy(settings: Any, run: RetrainRunRecord) -> TrainingResult:
-    """Snapshot pairs → JSONL → DPO of the chat base model on the `gpu` queue; records data and request."""
+def _chat_stage1(settings: Any, run: RetrainRunRecord) -> None:
+    """Snapshot pairs → JSONL → stage 1 (DPO with a simplex bottleneck on the proxy pairs) → the condition tests;
+    fills the run's chat data, stage 1 and condition report."""
     assert run.snapshot is not None
     run.chat_data = write_chat_data(settings, run.run_id, run.snapshot.snapshot_id)
     base_model = chat_base_model(settings)
-    request = chat_training_request(settings, run.run_id, base_model, run.chat_data.train)
+    if run.chat_data.proxy:
+        request = recipe_request("stage1", chat_recipe(settings), run_id=f"{run.run_id}-stage1", base_model=base_model,
+                                 dataset=run.chat_data.proxy, output_dir=settings.runs_dir / run.run_id / "stage1")
+        run.stage1_request = request
+        record(settings, run, "stage1")
+        result = dispatch_lm_training(request)
+        run.stage1 = TrainingRecord(**result.model_dump(), task_id=request.run_id, queue=GPU_QUEUE)
+    run.conditions = text_conditions(settings, run, base_model)
+
+
+def _train_chat_policy(settings: Any, run: RetrainRunRecord) -> TrainingResult:
+    """What the plan trains after stage 1 (nothing for proxy_as_is: the stage-1 model is the policy)."""
+    assert run.chat_data is not None and run.conditions is not None
+    base_model = chat_base_model(settings)
+    stage1 = run.stage1.checkpoints[-1].path if run.stage1 is not None else ""
+    request = plan_request(run.conditions.plan, chat_recipe(settings), run_id=run.run_id, base_model=base_model,
+                           stage1_checkpoint=stage1, expert_pairs=run.chat_data.expert,
+                           output_dir=settings.runs_dir / run.run_id / "lm")
+    if request is None:
+        assert run.stage1 is not None and run.stage1_request is not None
+        run.training_request = run.stage1_request
+        return TrainingResult.model_validate(run.stage1.model_dump())
     run.training_request = request
     record(settings, run, "training")
     return dispatch_lm_training(request)
@@ -87,14 +111,15 @@ def _train_chat_policy(settings: Any, run: RetrainRunRecord) -> TrainingResult:
 
 @flow(name="check-conditions")
 def check_conditions_flow(run_id: str | None = None) -> RetrainRunRecord:
-    """Freeze a snapshot and run the sufficient-condition tests on it."""
+    """Freeze a snapshot and run the sufficient-condition tests on it (chat: after stage 1, on its model)."""
     settings = get_settings()
     run = RetrainRunRecord(run_id=run_id or str(flow_run.get_id() or uuid.uuid4()))
     run.snapshot = freeze(settings)
     if run.is_chat:
-        run.conditions = text_conditions(settings, run.snapshot.snapshot_id)
+        _chat_stage1(settings, run)
     else:
         run.conditions = check_conditions(settings, run.snapshot.snapshot_id)
+    assert run.conditions is not None
     publish_condition_report(settings, run.run_id, run.conditions)
     return run
 
@@ -175,7 +200,8 @@ def retrain(expert_total: int = 0, proxy_total: int = 0) -> RetrainRunRecord:
     try:
         started = time.perf_counter()
         checked = check_conditions_flow.fn(run.run_id)  # .fn: artifacts land on this run
-        run.snapshot, run.conditions = checked.snapshot, checked.conditions
+        run.snapshot, run.conditions, run.chat_data = checked.snapshot, checked.conditions, checked.chat_data
+        run.stage1_request, run.stage1 = checked.stage1_request, checked.stage1
         stage("conditions", started)
         assert run.snapshot is not None and run.conditions is not None
         if run.conditions.plan == "refuse":

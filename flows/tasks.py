@@ -26,20 +26,23 @@ from ground.schemas import (
     LMTrainingRequest,
     RetrainRunRecord,
     SnapshotInfo,
+    TextConditionRequest,
     TrainingRequest,
     TrainingResult,
 )
 from ground.settings import Settings
 from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, record_run
-from ingest.text_snapshot import load_snapshot_pairs, snapshot_item_kind, text_condition_report
+from ingest.text_snapshot import snapshot_item_kind
 from policies.features.conditions import run_condition_tests
-from policies.gate import GateRules, decide
 from policies.lm.gate import decide_language_model
+from policies.plan_choice import no_proxy_report
+from policies.promotion import GateRules, decide
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
 from workers.lm.base_model import ensure_chat_base_model
+from workers.lm.plans import LMRecipe
 from workers.lm.snapshot_data import write_snapshot_datasets
-from workers.lm.tasks import EVALUATE_LM_TASK, TRAIN_LM_TASK
+from workers.lm.tasks import EVALUATE_LM_TASK, TEXT_CONDITIONS_TASK, TRAIN_LM_TASK
 
 TASK_TIMEOUT_S = 1800
 RETRY_DELAYS_S: list[float] = [2, 10, 30]
@@ -80,11 +83,21 @@ def check_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
     return report
 
 
-@task(name="text-conditions")
-def text_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
-    with Session(make_engine(settings.resolved_store_url)) as session:
-        pairs = load_snapshot_pairs(session, snapshot_id)
-    report = text_condition_report(snapshot_id, len(pairs["expert"]), len(pairs["proxy"]))
+@task(name="text-conditions", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
+def text_conditions(settings: Settings, run: RetrainRunRecord, base_model: str) -> ConditionReport:
+    """Paper 1's tests on the stage-1 model (task `proxyloop.text_conditions` on `gpu`: it runs the models);
+    without proxy pairs there is nothing to test and the plan is expert_only."""
+    assert run.snapshot is not None and run.chat_data is not None
+    data, snapshot_id = run.chat_data, run.snapshot.snapshot_id
+    if run.stage1 is None:
+        report = no_proxy_report(snapshot_id, data.n_expert_train + data.n_heldout)
+    else:
+        request = TextConditionRequest(
+            snapshot_id=snapshot_id, base_model=base_model, stage1_checkpoint=run.stage1.checkpoints[-1].path,
+            expert_pairs=data.expert, proxy_pairs=data.proxy, n_expert=data.n_expert_train + data.n_heldout,
+            n_proxy=data.n_proxy, beta=chat_recipe(settings).beta, seed=settings.training_seed)
+        sent = celery_app.send_task(TEXT_CONDITIONS_TASK, queue=GPU_QUEUE, args=[request.model_dump(mode="json")])
+        report = ConditionReport.model_validate(wait_for_task(sent.id))
     get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
     return report
 
@@ -185,14 +198,13 @@ def chat_base_model(settings: Settings) -> str:
     return str(path)
 
 
-def chat_training_request(settings: Settings, run_id: str, base_model: str, dataset: str) -> LMTrainingRequest:
-    """DPO (sigmoid) of the base model with every weight trained, checkpoints every few steps."""
-    config = {"loss_type": "sigmoid", "beta": settings.chat_beta, "learning_rate": settings.chat_learning_rate,
-              "batch_size": settings.chat_batch_size, "max_steps": settings.chat_train_steps,
-              "checkpoint_every": settings.chat_checkpoint_every, "seed": settings.training_seed,
-              "log_every": max(1, settings.chat_checkpoint_every // 2)}
-    return LMTrainingRequest(run_id=run_id, method="dpo", base_model=base_model, dataset=dataset,
-                             output_dir=str(settings.runs_dir / run_id / "lm"), config=config)
+def chat_recipe(settings: Settings) -> LMRecipe:
+    """The bench's recipe (LMRecipe's defaults), with `PROXYLOOP_CHAT_RECIPE`'s overrides and the run seed."""
+    overrides = {"seed": settings.training_seed, **settings.chat_recipe}
+    unknown = sorted(set(overrides) - set(LMRecipe().to_dict()))
+    if unknown:
+        raise ValueError(f"PROXYLOOP_CHAT_RECIPE has unknown keys {unknown}; known: {sorted(LMRecipe().to_dict())}")
+    return LMRecipe(**overrides)
 
 
 @task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)

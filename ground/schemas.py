@@ -284,11 +284,27 @@ class ChatData(BaseModel):
     """The JSONL files a chat retrain trains and evaluates on, written from one snapshot."""
 
     snapshot_id: str
-    train: str
-    heldout: str
+    proxy: str = ""  # proxy pairs: stage 1 (empty path when the snapshot has none)
+    expert: str = ""  # the expert pairs the plan trains on and the condition tests read
+    heldout: str  # held-out expert pairs: the gate's evaluation only
     n_expert_train: int
     n_proxy: int
     n_heldout: int
+
+
+class TextConditionRequest(BaseModel):
+    """Arguments of `proxyloop.text_conditions`: paper 1's condition tests on the stage-1 model of a chat retrain."""
+
+    snapshot_id: str
+    base_model: str
+    stage1_checkpoint: str
+    expert_pairs: str
+    proxy_pairs: str
+    n_expert: int
+    n_proxy: int
+    beta: float
+    seed: int = 0
+    max_proxy_pairs: int = 1000  # a sample of the proxy pairs is enough to describe the proxy's image
 
 
 class TrainingRecord(TrainingResult):
@@ -316,6 +332,9 @@ class RetrainRunRecord(BaseModel):
     snapshot: SnapshotInfo | None = None
     conditions: ConditionReport | None = None
     chat_data: ChatData | None = None
+    # Chat runs: stage 1 (DPO with a simplex bottleneck on the proxy pairs), which the condition tests read.
+    stage1_request: LMTrainingRequest | None = None
+    stage1: TrainingRecord | None = None
     training_request: TrainingRequest | LMTrainingRequest | None = None
     training: TrainingRecord | None = None
     evaluation: Evaluation | None = None

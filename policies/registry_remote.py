@@ -15,8 +15,7 @@ from pathlib import Path
 import fsspec
 
 from ground.settings import Settings
-from policies.audit import AUDIT_FILE, AuditTampered
-from policies.registry import ALIASES_FILE, validate_name, versions
+from policies.registry import ALIASES_FILE, AUDIT_FILE, AuditTampered, validate_name, versions
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
 

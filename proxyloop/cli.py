@@ -153,9 +153,8 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why (kept in the promotion history with your OS user).")] = "",
 ) -> None:
     """Point the `production` alias back at an earlier version; serving follows at once."""
-    from policies.audit import AuditTampered
-    from policies.registry import RegistryError
-    from policies.release import move_alias
+    from policies.promotion import move_alias
+    from policies.registry import AuditTampered, RegistryError
 
     settings = get_settings()
     try:

@@ -1,15 +1,17 @@
-"""Label Studio's side of ingest: webhook payloads → `ExpertLabel`, the receiver route, project
+"""Label Studio's side of ingest: the webhook (route and payload → `ExpertLabel`), project
 provisioning (`proxyloop labelstudio setup`) and reconciliation (`proxyloop labelstudio reconcile`).
 """
 
-from ingest.labelstudio.payloads import (
+from ingest.labelstudio.webhook import (
+    SECRET_HEADER,
     UnusableAnnotation,
+    WebhookAccepted,
     expert_label_from_annotation,
     expert_label_from_webhook,
     expert_labels_from_webhook,
+    router,
     webhook_payload,
 )
-from ingest.labelstudio.receiver import SECRET_HEADER, WebhookAccepted, router
 
 __all__ = [
     "SECRET_HEADER",

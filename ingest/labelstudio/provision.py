@@ -14,10 +14,10 @@ from typing import Any
 from label_studio_sdk.client import LabelStudio
 
 from ground.settings import Settings
-from ingest.labelstudio.receiver import SECRET_HEADER
+from ingest.labelstudio.webhook import SECRET_HEADER
 
 # The task's `prompt`, `answer_a` and `answer_b` are shown; the annotator picks one side and may say why.
-# Feature tasks (paper 1) carry `x`, `y_a`, `y_b` as well; the receiver reads those instead.
+# Feature tasks (paper 1) carry `x`, `y_a`, `y_b` as well; the webhook reads those instead.
 PAIRWISE_CONFIG = """<View>
   <Header value="$prompt"/>
   <Pairwise name="pw" toName="a,b" selectionStyle="background-color: #d8f5ec; outline: 2px solid #27c2a8;"/>

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from ground.schemas import ExpertLabel, as_utc
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
-from ingest.labelstudio.payloads import (
+from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
+from ingest.labelstudio.webhook import (
     EVENT_ID_PREFIX,
     LSAnnotation,
     LSTask,
@@ -32,7 +33,6 @@ from ingest.labelstudio.payloads import (
     expert_label_from_annotation,
     retraction,
 )
-from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
 from ingest.store import LabelStudioSync, live_event_ids, make_engine
 
 log = logging.getLogger("proxyloop.labelstudio")

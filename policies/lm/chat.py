@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ground.schemas import PolicyVersion
+from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from policies.registry import register, resolve
 
 CAUSAL_LM = "causal_lm"
@@ -89,7 +90,7 @@ class ChatPolicy:
 
 
 def load_chat_policy(root: Path, ref: str) -> ChatPolicy:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     version = resolve(root, ref)
     if not is_causal_lm(version.path):
@@ -97,5 +98,5 @@ def load_chat_policy(root: Path, ref: str) -> ChatPolicy:
                          "use /v1/policies/{name}/predict for feature-vector policies")
     path = Path(version.path) / MODEL_SUBDIR
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    model = load_causal_lm_dir(path).eval()  # with its simplex bottleneck when it is a two-stage policy
     return ChatPolicy(version=version, model=model, tokenizer=tokenizer)

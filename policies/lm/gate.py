@@ -1,4 +1,4 @@
-"""The release gate for language-model policies: `policies.gate.decide` with paper 2's indicators, plus
+"""The release gate for language-model policies: `policies.promotion.decide` with paper 2's indicators, plus
 reasons that state the indicator trend it judged, whether or not a rule fired.
 
 An operator reading a release should see the entropy and mass the gate looked at, not only the
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ground.schemas import CheckpointEvaluation, GateDecision
-from policies.gate import GateRules, decide, entropy_declined_after_peak
+from policies.promotion import GateRules, decide, entropy_declined_after_peak
 
 
 def _trend(values: Sequence[float]) -> str:

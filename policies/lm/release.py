@@ -12,9 +12,9 @@ from typing import Any
 
 from ground.schemas import PolicyVersion
 from ground.settings import Settings
-from policies.audit import ReleaseEvidence, record_release
 from policies.lm.chat import register_causal_lm
-from policies.release import announce
+from policies.promotion import announce
+from policies.registry import ReleaseEvidence, record_release
 
 # Training state that a served model does not need (see workers.lm.training.checkpoint).
 TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}

@@ -1,5 +1,5 @@
 from ground.schemas import CheckpointEvaluation
-from policies.gate import GateRules, decide
+from policies.promotion import GateRules, decide
 
 
 def _evals(accuracies, entropies=None, masses=None):

@@ -1,8 +1,8 @@
 """The language-model gate states the indicator trend it judged, whether or not a rule fired."""
 
 from ground.schemas import CheckpointEvaluation
-from policies.gate import GateRules
 from policies.lm.gate import decide_language_model
+from policies.promotion import GateRules
 
 
 def _evals(entropy, mass, accuracy):

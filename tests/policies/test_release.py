@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from ingest.bus import ensure_topics, read_topic
 from policies.features.model import TwoStageConfig, TwoStagePolicy
-from policies.release import move_alias, release_checkpoint
+from policies.promotion import move_alias, release_checkpoint
 from proxyloop.http import create_app
 
 pytestmark = pytest.mark.integration

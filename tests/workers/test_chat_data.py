@@ -19,7 +19,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_chosen_follows_choice_and_expert_pairs_are_split_into_train_and_heldout(tmp_path):
+def test_chosen_follows_choice_and_pairs_are_split_into_proxy_expert_and_heldout(tmp_path):
     store_url = f"sqlite:///{tmp_path}/store.db"
     with Session(make_engine(store_url)) as session:
         upsert_events(session, [ExpertLabel(event_id=f"e{i}", annotator_id="ann", item=_pair(i, "ab"[i % 2]))
@@ -34,14 +34,17 @@ def test_chosen_follows_choice_and_expert_pairs_are_split_into_train_and_heldout
 
     assert data.snapshot_id == snapshot_id
     assert (data.n_expert_train, data.n_heldout, data.n_proxy) == (4, 2, 1)  # the feature item is ignored
-    train, heldout = _rows(tmp_path / "data" / "train.jsonl"), _rows(tmp_path / "data" / "heldout.jsonl")
-    assert [r["source"] for r in train] == ["expert"] * 4 + ["proxy"]
+    proxy, expert = _rows(tmp_path / "data" / "proxy.jsonl"), _rows(tmp_path / "data" / "expert.jsonl")
+    heldout = _rows(tmp_path / "data" / "heldout.jsonl")
+    assert (data.proxy, data.expert) == (str(tmp_path / "data" / "proxy.jsonl"),
+                                         str(tmp_path / "data" / "expert.jsonl"))
+    assert [r["source"] for r in expert] == ["expert"] * 4 and [r["source"] for r in proxy] == ["proxy"]
     # e0 (choice a) and e3 (choice b) are every third expert label: held out, never trained on.
     assert heldout[0] == {"prompt": chat_prompt("What is 0 plus 1?"), "chosen": "good 0<|im_end|>",
                           "rejected": "bad 0<|im_end|>", "source": "expert"}
     assert heldout[1]["chosen"] == "bad 3<|im_end|>" and heldout[1]["rejected"] == "good 3<|im_end|>"
-    assert train[-1]["chosen"] == "bad 100<|im_end|>"
-    assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    assert proxy[0]["chosen"] == "bad 100<|im_end|>"
+    assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in expert + proxy}
 
 
 def test_the_newest_label_decides_the_snapshot_kind(tmp_path):

@@ -10,7 +10,7 @@ from ingest.synthetic import appendix_d
 from policies.features.fitting import ADAPTER_STAGE, PROXY_STAGE, fit_adapter, fit_stage1
 from policies.features.model import TwoStageConfig, TwoStagePolicy, triples_to_tensors
 from policies.loader import load_policy_dir
-from workers.features.training import train_feature_policy
+from workers.features.tasks import train_feature_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

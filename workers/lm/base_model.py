@@ -24,13 +24,17 @@ WARMUP = {"loss_mode": "it", "learning_rate": 4e-3, "batch_size": 16, "max_steps
           "log_every": 20}
 
 
-def _pretrain_tiny(out: Path, seed: int) -> Path:
-    """Random init → SFT on `warmup_chats` → the final weights and tokenizer in `out`."""
+def _pretrain_tiny(out: Path, seed: int, corpus: list[str] | None = None,
+                   chats: list[list[dict[str, str]]] | None = None) -> Path:
+    """Random init → SFT on `warmup_chats` → the final weights and tokenizer in `out`. `corpus` (the tokenizer's
+    text) and `chats` (the warm-up) default to the demo's chat task; `bench/lm_proxy.py` passes its own world's."""
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    init = build_tiny(work / "init", seed=seed, corpus=default_corpus() + chat_corpus())
+    corpus = corpus if corpus is not None else default_corpus() + chat_corpus()
+    init = build_tiny(work / "init", seed=seed, corpus=corpus)
     data = work / "warmup.jsonl"
-    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in warmup_chats(seed=seed + 1)))
+    chats = chats if chats is not None else warmup_chats(seed=seed + 1)
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     result = run_lm_training(LMTrainingRequest(run_id="tiny-chat-warmup", method="sft", base_model=str(init),
                                                dataset=str(data), output_dir=str(work / "sft"),
                                                config={**WARMUP, "seed": seed}), progress=lambda _: None)

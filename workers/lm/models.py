@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from policies.lm.simplex_bottleneck import load_causal_lm_dir
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML, the format SmolLM2-Instruct uses; `sft.py` renders chats with the same markers.
 CHATML_TEMPLATE = (
@@ -99,14 +101,12 @@ def load_tokenizer(path: Path | str) -> Any:
 
 
 def load_causal_lm(path: Path | str, device: torch.device | str = "cpu") -> Any:
-    """Weights in float32 (master copy; bf16 is applied by autocast in the loop)."""
-    from transformers import AutoModelForCausalLM
-
+    """Weights in float32 (master copy; bf16 is applied by autocast in the loop), with the model's simplex
+    bottleneck when it has one."""
     if not (Path(path) / "config.json").exists():
         raise ModelNotPrepared(f"no model at {path}: expected a Hugging Face directory with config.json "
                                "(build one with `proxyloop models prepare tiny` or `... smollm2`)")
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.to(device)
+    return load_causal_lm_dir(path, device)
 
 
 def smollm2_gguf() -> Path:

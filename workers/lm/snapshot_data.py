@@ -16,7 +16,8 @@ from ground.schemas import ChatData, PairwiseText
 from ingest.store import make_engine
 from ingest.text_snapshot import load_snapshot_pairs, split_heldout
 
-TRAIN_FILE = "train.jsonl"
+PROXY_FILE = "proxy.jsonl"
+EXPERT_FILE = "expert.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
 END_OF_TURN = "<|im_end|>"
 
@@ -47,9 +48,8 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
 
 
 def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> ChatData:
-    """Write `train.jsonl` (expert train split + proxy pairs) and `heldout.jsonl` (held-out expert pairs).
-
-    Returns the paths and counts, with the snapshot id, for the run's lineage.
+    """Write `proxy.jsonl` (stage 1), `expert.jsonl` (the expert train split) and `heldout.jsonl` (held-out expert
+    pairs, for the gate only). Returns the paths and counts, with the snapshot id, for the run's lineage.
     """
     with Session(make_engine(store_url)) as session:
         pairs = load_snapshot_pairs(session, snapshot_id)
@@ -57,9 +57,10 @@ def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> 
     if not heldout or not expert_train:
         raise NoTextPairs(f"snapshot {snapshot_id} has {len(pairs['expert'])} expert text pairs; at least 2 are "
                           "needed (one to train on, one held out)")
-    train_rows = [preference_row(p, "expert") for p in expert_train] + [preference_row(p, "proxy")
-                                                                          for p in pairs["proxy"]]
-    train = write_jsonl(train_rows, out_dir / TRAIN_FILE)
+    proxy = ""
+    if pairs["proxy"]:
+        proxy = str(write_jsonl([preference_row(p, "proxy") for p in pairs["proxy"]], out_dir / PROXY_FILE))
+    expert = write_jsonl([preference_row(p, "expert") for p in expert_train], out_dir / EXPERT_FILE)
     held = write_jsonl([preference_row(p, "expert") for p in heldout], out_dir / HELDOUT_FILE)
-    return ChatData(snapshot_id=snapshot_id, train=str(train), heldout=str(held), n_expert_train=len(expert_train),
-                    n_proxy=len(pairs["proxy"]), n_heldout=len(heldout))
+    return ChatData(snapshot_id=snapshot_id, proxy=proxy, expert=str(expert), heldout=str(held),
+                    n_expert_train=len(expert_train), n_proxy=len(pairs["proxy"]), n_heldout=len(heldout))

@@ -1,5 +1,6 @@
-"""Celery tasks of language-model policies: `proxyloop.train_lm` (DPO/IPO/hinge or SFT, queue `gpu`) and
-`proxyloop.evaluate_lm` (held-out pairwise accuracy and indicators per checkpoint, queue `cpu`).
+"""Celery tasks of language-model policies: `proxyloop.train_lm` (DPO/IPO/hinge or SFT, queue `gpu`),
+`proxyloop.evaluate_lm` (held-out pairwise accuracy and indicators per checkpoint, queue `cpu`) and
+`proxyloop.text_conditions` (paper 1's condition tests on a stage-1 model, queue `gpu`: it runs the models).
 
 Send: `app.send_task("proxyloop.train_lm", args=[LMTrainingRequest(...).model_dump()], task_id=run_id)`; it
 returns a `TrainingResult` (the run's full record is its `result.json`).
@@ -16,14 +17,16 @@ from typing import Any
 
 from celery import Task
 
-from ground.schemas import CheckpointRef, EvaluationRequest, LMTrainingRequest, TrainingResult
+from ground.schemas import CheckpointRef, EvaluationRequest, LMTrainingRequest, TextConditionRequest, TrainingResult
 from workers.app import app, report_progress
 from workers.lm.evaluate import evaluate_lm_checkpoints
+from workers.lm.text_conditions import text_condition_report
 from workers.lm.training.checkpoint import PREFIX, latest_checkpoint
 from workers.lm.training.run import run_lm_training
 
 TRAIN_LM_TASK = "proxyloop.train_lm"
 EVALUATE_LM_TASK = "proxyloop.evaluate_lm"
+TEXT_CONDITIONS_TASK = "proxyloop.text_conditions"
 log = logging.getLogger("proxyloop.workers.lm")
 
 
@@ -61,3 +64,12 @@ def evaluate_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     log.info("%d checkpoints evaluated on %d held-out pairs; the base model's log-prob ranking gets %.3f",
              len(req.checkpoints), result.n_heldout, result.base_model_log_prob_accuracy)
     return result.model_dump(mode="json")
+
+
+@app.task(name=TEXT_CONDITIONS_TASK, bind=True, acks_late=True)
+def text_conditions(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """Send: `app.send_task("proxyloop.text_conditions", args=[TextConditionRequest(...).model_dump()], queue="gpu")`;
+    returns the `ConditionReport` of paper 1's tests on the stage-1 model. Reads only files: safe to redeliver."""
+    report = text_condition_report(TextConditionRequest.model_validate(request))
+    log.info("snapshot %s: plan %s (%s)", report.snapshot_id, report.plan, "; ".join(report.reasons))
+    return report.model_dump(mode="json")

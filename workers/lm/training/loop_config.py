@@ -39,6 +39,13 @@ class LoopConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "Module names LoRA wraps (Llama-family names; GPT-2 uses 'c_attn')."},
     )
+    simplex_dim: int = _help(
+        "Paper 1's stage 1: give the model a D-simplex bottleneck before its LM head (policies.lm.simplex_bottleneck) "
+        "and train it with the rest, its adapter held at the identity; 0 adds none. A model that already has one keeps "
+        "it.", 0)
+    train_parts: str = _help(
+        "'all' trains every weight; 'adapter' only the bottleneck's D×D adapter (paper 1's stage 2, expert pairs).",
+        "all")
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "epochs", "max_length", "bucket_factor", "checkpoint_every",
@@ -55,6 +62,15 @@ class LoopConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_r and not self.lora_target_modules:
             raise ValueError("lora_r > 0 needs lora_target_modules (e.g. ['q_proj', 'v_proj'])")
+        if self.simplex_dim < 0 or self.simplex_dim == 1:
+            raise ValueError(f"simplex_dim must be 0 (none) or >= 2, got {self.simplex_dim}")
+        if self.train_parts not in ("all", "adapter"):
+            raise ValueError(f"train_parts must be 'all' or 'adapter', got {self.train_parts!r}")
+        if self.simplex_dim and self.train_parts == "adapter":
+            raise ValueError("simplex_dim > 0 is stage 1 (the adapter stays the identity); train_parts='adapter' is "
+                             "stage 2, started from the stage-1 checkpoint with simplex_dim=0")
+        if self.lora_r and (self.simplex_dim or self.train_parts != "all"):
+            raise ValueError("LoRA and the simplex bottleneck do not combine yet: set lora_r=0 for two-stage training")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Self:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ground.schemas import LMTrainingRequest
+from policies.lm.simplex_bottleneck import attach_bottleneck, bottleneck_of, select_trainable
 from workers.device import select_device
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.checkpoint import latest_checkpoint
@@ -73,9 +74,18 @@ def autocast_for(device: torch.device, bf16: bool | None) -> AbstractContextMana
 
 
 def load_policy(base_model: str, checkpoint: Path | None, config: LoopConfig, device: torch.device) -> Any:
-    """The base model, wrapped with LoRA when `lora_r` > 0, holding `checkpoint`'s weights when given."""
+    """The base model, wrapped with LoRA when `lora_r` > 0, holding `checkpoint`'s weights when given; with a
+    simplex bottleneck when `simplex_dim` > 0 (stage 1) and only `train_parts` trainable (stage 2: the adapter)."""
     if not config.lora_r:
-        return load_causal_lm(checkpoint or base_model, device)
+        model = load_causal_lm(checkpoint or base_model, device)
+        existing = bottleneck_of(model)
+        if config.simplex_dim and existing is None:
+            attach_bottleneck(model, config.simplex_dim)
+        elif config.simplex_dim and existing is not None and existing.simplex_dim != config.simplex_dim:
+            raise ValueError(f"{base_model} already has a {existing.simplex_dim}-simplex bottleneck; "
+                             f"simplex_dim={config.simplex_dim} asks for another")
+        select_trainable(model, config.train_parts, adapter_frozen=config.simplex_dim > 0)
+        return model
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = load_causal_lm(base_model, device)

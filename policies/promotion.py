@@ -1,16 +1,30 @@
-"""Release rules: checkpoints' held-out quality and over-optimisation indicators → GateDecision.
+"""Promoting a checkpoint, in its two steps: the gate rule (evaluations → `GateDecision`) and the
+release (registry version with lineage, alias move logged in the promotion history, `policy.released`).
 
-Paper 2: top-k entropy that peaked and then fell, or top-k mass that collapsed, marks
+Both live here because together they are the one step of a label's path that decides what serves;
+the language-model family reuses both (`policies/lm/gate.py`, `policies/lm/release.py`).
+
+The gate, after paper 2: top-k entropy that peaked and then fell, or top-k mass that collapsed, marks
 over-optimisation even when training loss still improves; we then prefer the checkpoint at the
 peak. Held-out expert accuracy must clear an absolute floor and not fall behind the baseline.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from ground.schemas import CheckpointEvaluation, Decision, GateDecision
+from safetensors.torch import load_file
+
+from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyReleased, PolicyVersion
+from ground.settings import Settings
+from ingest.bus import make_producer, publish
+from policies.registry import ReleaseEvidence, record_move, record_release, register, resolve
+from policies.registry_remote import push
 
 
 @dataclass(frozen=True)
@@ -87,3 +101,43 @@ def decide(
     if decision == "pick_checkpoint":
         reasons.append(f"releasing step {best.step} rather than the last checkpoint (step {evals[-1].step})")
     return GateDecision(decision=decision, checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
+
+
+# The release: register, move the alias (logged), tell services.
+
+
+def announce(settings: Settings, version: PolicyVersion, alias: str, event_id: str) -> None:
+    """Mirror the registry to its remote (if any), then publish `policy.released` so services reload."""
+    if settings.registry_remote_url:
+        push(settings.registry_dir, settings.registry_remote_url, version.policy)
+    producer = make_producer(settings)
+    try:
+        publish(producer, settings.topic_policy_released, PolicyReleased(
+            event_id=event_id, policy=version.policy, version=version.version, alias=alias, uri=version.path))
+    finally:
+        producer.close()
+
+
+def release_checkpoint(
+    settings: Settings, checkpoint_dir: Path, lineage: dict[str, Any], alias: str = "production",
+    evidence: ReleaseEvidence | None = None,
+) -> PolicyVersion:
+    """Register the checkpoint, point `alias` at it, log who/why/gate/snapshot (`evidence`) and tell services."""
+    tensors = load_file(str(checkpoint_dir / "model.safetensors"))
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    version = register(settings.registry_dir, settings.policy_name, tensors, config, lineage, alias=None)
+    record_release(settings.registry_dir, version, alias, evidence or ReleaseEvidence())
+    announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
+    return version
+
+
+def move_alias(
+    settings: Settings, version: int, alias: str = "production", policy: str | None = None, reason: str = ""
+) -> PolicyVersion:
+    """Point an alias at an existing version (rollback or promote), log it with `reason` and the OS user,
+    and tell services."""
+    policy = policy or settings.policy_name
+    record_move(settings.registry_dir, policy, alias, version, why=reason)
+    moved = resolve(settings.registry_dir, f"{policy}@{version}")
+    announce(settings, moved, alias, event_id=f"alias-{moved.policy}-{alias}-{version}-{uuid.uuid4().hex[:8]}")
+    return moved

@@ -1,18 +1,29 @@
-"""Label Studio's annotation JSON → `ExpertLabel` events, for webhook payloads and API reads alike.
+"""Label Studio's webhook: the route that receives it, and annotation JSON → `ExpertLabel` events.
 
-The webhook and reconciliation build events through the same functions, so one annotation gets
-the same event id (`labelstudio-annotation-{id}`) and the same `occurred_at` whichever path
-delivered it; the store's idempotent upsert then keeps exactly one row.
+Both live here because they are one step of a label's path: the route checks the shared secret,
+converts the payload and publishes to Kafka, answering only after the broker's ack, so a 200 means
+the label is durable in the log.
+
+Reconciliation (`reconcile.py`) builds events through the same conversion functions, so one
+annotation gets the same event id (`labelstudio-annotation-{id}`) and the same `occurred_at`
+whichever path delivered it; the store's idempotent upsert then keeps exactly one row.
 """
 
 from __future__ import annotations
 
+import hmac
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader
+from kafka import KafkaProducer
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, utcnow
+from ingest.bus import publish
+from ingest.web import ProducerDep, SettingsDep
 
 _ACTIONS: dict[str, Literal["created", "updated"]] = {
     "ANNOTATION_CREATED": "created",
@@ -21,6 +32,9 @@ _ACTIONS: dict[str, Literal["created", "updated"]] = {
 DELETED_ACTION = "ANNOTATIONS_DELETED"
 HANDLED_ACTIONS = (*_ACTIONS, DELETED_ACTION)
 EVENT_ID_PREFIX = "labelstudio-annotation-"
+SECRET_HEADER = "X-Proxyloop-Secret"
+
+router = APIRouter(tags=["labelstudio"])
 
 
 class _Loose(BaseModel):
@@ -175,3 +189,43 @@ def webhook_payload(
         "project": {"id": project_id, "title": "proxyloop pairwise"},
         "task": {"id": task_id, "data": data, "project": project_id, "is_labeled": True},
     }
+
+
+# The route: secret check, conversion above, publish; 200 only once Kafka acknowledged every label.
+
+
+class WebhookAccepted(BaseModel):
+    event_id: str
+    event_ids: list[str]
+    topic: str
+
+
+# auto_error=False: a missing header gets the same 401 and message as a wrong one.
+_secret_header = APIKeyHeader(name=SECRET_HEADER, auto_error=False, description="The shared webhook secret.")
+
+
+def require_webhook_secret(settings: SettingsDep, secret: Annotated[str | None, Depends(_secret_header)]) -> None:
+    if secret is None or not hmac.compare_digest(secret.encode(), settings.webhook_secret.encode()):
+        raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
+
+
+def _publish_all(producer: KafkaProducer, topic: str, labels: list[ExpertLabel]) -> None:
+    futures = [publish(producer, topic, label, wait=False) for label in labels]
+    producer.flush()
+    for future in futures:
+        future.get(timeout=30)
+
+
+@router.post("/webhooks/labelstudio", response_model=WebhookAccepted, dependencies=[Depends(require_webhook_secret)])
+async def receive_labelstudio_webhook(
+    request: Request, settings: SettingsDep, producer: ProducerDep
+) -> WebhookAccepted:
+    """Receive a Label Studio annotation webhook; 200 only once Kafka has the label."""
+    try:
+        payload = await request.json()
+        labels = expert_labels_from_webhook(payload)
+    except (ValueError, ValidationError) as exc:
+        raise HTTPException(422, f"unusable Label Studio payload: {exc}") from exc
+    await run_in_threadpool(_publish_all, producer, settings.topic_expert, labels)
+    ids = [label.event_id for label in labels]
+    return WebhookAccepted(event_id=ids[0] if ids else "", event_ids=ids, topic=settings.topic_expert)

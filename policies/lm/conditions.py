@@ -1,0 +1,330 @@
+"""Paper 1's four conditions tested on text snapshots, through the stage-1 model's D-simplex.
+
+The caller runs the stage-1 model (a causal LM with a simplex bottleneck, DPO-trained on proxy pairs)
+and hands over arrays (`TextPairFeatures`). Each response is read two ways: its simplex point (mean
+log s over its tokens: what τ̃ keeps) and a direct representation around the bottleneck (the base
+model's mean hidden state). The expert-side learners, Bradley–Terry logistic regressions on
+chosen-minus-rejected differences cross-validated over the expert pairs, stand in for the plans:
+
+- proxy_as_is: σ(proxy_margin), nothing fitted;
+- two_stage: [proxy_margin, Δ log s], prior centred on (1, 0, ...) — the adapter starts as the proxy;
+- fine_tune: [proxy_margin, Δ log s, Δ direct PCs], prior centred on (1, 0, ...);
+- expert_only: [Δ direct PCs], prior centred on 0.
+
+Direct features are reduced to `direct_components` principal components of the proxy pairs' responses
+(no held-out expert pair shapes its own features); every column but the margin is scaled to unit RMS
+over the proxy pairs' differences, so one prior fits all. The plan is `plan_choice.choose_plan`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ground.schemas import ConditionCheck, ConditionReport
+from policies.condition_statistics import bootstrap_mean, encoding_dimension, log_ratios, relaxation_constant
+from policies.features.condition_config import CHECK_NAMES
+from policies.lm.condition_config import TEXT_THRESHOLDS, TextConditionThresholds
+from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, significantly_worse
+
+__all__ = ["CHECK_NAMES", "TextConditionThresholds", "TextPairFeatures", "run_text_condition_tests"]
+
+LOG_TOLERANCE = 1e-2  # how far above 0 a mean log-probability may round (bf16 forwards)
+
+
+@dataclass(frozen=True)
+class TextPairFeatures:
+    """What the stage-1 model says about each pair's two responses (n pairs); stored as float64."""
+
+    simplex_chosen: np.ndarray  # [n, D] mean over response tokens of log s, s the bottleneck's point on the D-simplex
+    simplex_rejected: np.ndarray  # [n, D]
+    direct_chosen: np.ndarray  # [n, K] not through the bottleneck (base model's mean last hidden state)
+    direct_rejected: np.ndarray  # [n, K]
+    proxy_margin: np.ndarray  # [n] stage-1 DPO implicit reward margin β·[Δ(log π1 − log π0)]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            try:
+                array = np.asarray(getattr(self, f.name), dtype=np.float64)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{f.name} must be a numeric array: {error}") from error
+            if not np.isfinite(array).all():
+                raise ValueError(f"{f.name} has {int((~np.isfinite(array)).sum())} non-finite values (NaN or inf)")
+            object.__setattr__(self, f.name, array)
+        for a, b in (("simplex_chosen", "simplex_rejected"), ("direct_chosen", "direct_rejected")):
+            shape_a, shape_b = getattr(self, a).shape, getattr(self, b).shape
+            if len(shape_a) != 2 or shape_a != shape_b:
+                raise ValueError(f"{a} and {b} must be 2-d arrays of one shape [n, dim], got {shape_a} and {shape_b}")
+        n = self.simplex_chosen.shape[0]
+        if self.direct_chosen.shape[0] != n or self.proxy_margin.shape != (n,):
+            raise ValueError(f"every array needs one row per pair: simplex has {n} rows, direct "
+                             f"{self.direct_chosen.shape[0]}, proxy_margin has shape {self.proxy_margin.shape}")
+        if self.simplex_dim < 2 or self.direct_dim < 1:
+            raise ValueError(f"need D >= 2 simplex coordinates and K >= 1 direct features, got D={self.simplex_dim}, "
+                             f"K={self.direct_dim}")
+        top = max(float(self.simplex_chosen.max(initial=0.0)), float(self.simplex_rejected.max(initial=0.0)))
+        if top > LOG_TOLERANCE:
+            raise ValueError(f"simplex_chosen/simplex_rejected must be mean log-probabilities (<= 0), found {top:.3g}: "
+                             "pass log s, not s")
+
+    @property
+    def n(self) -> int:
+        return int(self.simplex_chosen.shape[0])
+
+    @property
+    def simplex_dim(self) -> int:  # D
+        return int(self.simplex_chosen.shape[1])
+
+    @property
+    def direct_dim(self) -> int:  # K
+        return int(self.direct_chosen.shape[1])
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(-np.logaddexp(0.0, -x))
+
+
+def fit_bradley_terry(z: np.ndarray, centre: np.ndarray, precision: float) -> np.ndarray:
+    """MAP weights w of P(chosen ≻ rejected) = σ(z·w), z [n, p] the pairs' feature differences, under
+    the prior N(centre, I/precision): damped Newton steps on a strictly concave objective (no intercept:
+    a pair's orientation carries no information)."""
+
+    def objective(w: np.ndarray) -> float:
+        return float(_log_sigmoid(z @ w).sum() - 0.5 * precision * ((w - centre) ** 2).sum())
+
+    w, value = centre.astype(np.float64).copy(), objective(centre)
+    for _ in range(100):
+        s = z @ w
+        miss, weight = np.exp(_log_sigmoid(-s)), np.exp(_log_sigmoid(s) + _log_sigmoid(-s))
+        grad = z.T @ miss - precision * (w - centre)
+        step = np.linalg.solve((z * weight[:, None]).T @ z + precision * np.eye(len(w)), grad)
+        for _ in range(30):  # halve until the objective rises
+            if (new_value := objective(w + step)) >= value:
+                break
+            step = step / 2
+        w, value = w + step, new_value
+        if np.abs(step).max(initial=0.0) < 1e-9:
+            break
+    return w
+
+
+@dataclass
+class _Designs:
+    """Per-pair learner inputs: name -> (feature differences [n, p], prior centre [p])."""
+
+    by_name: dict[str, tuple[np.ndarray, np.ndarray]]
+    n_components: int
+
+
+def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextConditionThresholds) -> _Designs:
+    stacked = np.concatenate([proxy.direct_chosen, proxy.direct_rejected])
+    _, singular, vt = np.linalg.svd(stacked - stacked.mean(axis=0), full_matrices=False)
+    components = vt[: min(t.direct_components, int((singular > 1e-9 * singular.max(initial=1.0)).sum()))]
+
+    def scaled(diff_expert: np.ndarray, diff_proxy: np.ndarray) -> np.ndarray:
+        rms = np.sqrt((diff_proxy**2).mean(axis=0))
+        return diff_expert / np.where(rms > 1e-12, rms, 1.0)
+
+    simplex = scaled(expert.simplex_chosen - expert.simplex_rejected, proxy.simplex_chosen - proxy.simplex_rejected)
+    direct = scaled((expert.direct_chosen - expert.direct_rejected) @ components.T,
+                    (proxy.direct_chosen - proxy.direct_rejected) @ components.T)
+    with_proxy = [expert.proxy_margin[:, None], simplex]
+    two_stage, fine_tune = np.hstack(with_proxy), np.hstack([*with_proxy, direct])
+    return _Designs({  # the proxy-side priors: weight 1 on the proxy margin, 0 elsewhere
+        "two_stage": (two_stage, np.eye(1, two_stage.shape[1])[0]),
+        "fine_tune": (fine_tune, np.eye(1, fine_tune.shape[1])[0]),
+        "expert_only": (direct, np.zeros(direct.shape[1])),
+    }, len(components))
+
+
+def _cross_validate(designs: _Designs, margin: np.ndarray, seed: int,
+                    t: TextConditionThresholds) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-pair held-out log-likelihood and correctness of every candidate (k-fold over expert pairs)."""
+    n = len(margin)
+    ll = {"proxy_as_is": _log_sigmoid(margin)}  # fits nothing: every pair is held out for it
+    correct = {"proxy_as_is": (margin > 0).astype(np.float64)}
+    for name in designs.by_name:
+        ll[name], correct[name] = np.zeros(n), np.zeros(n)
+    for test in np.array_split(np.random.default_rng(seed).permutation(n), min(t.cv_folds, n)):
+        train = np.setdiff1d(np.arange(n), test)
+        for name, (z, centre) in designs.by_name.items():
+            s = z[test] @ fit_bradley_terry(z[train], centre, t.prior_precision)
+            ll[name][test], correct[name][test] = _log_sigmoid(s), (s > 0).astype(np.float64)
+    return {c: ll[c] for c in CANDIDATES}, {c: correct[c] for c in CANDIDATES}
+
+
+def _check(name: str, passed: bool, statistic: float, threshold: float, detail: str) -> ConditionCheck:
+    return ConditionCheck(name=name, passed=bool(passed), statistic=statistic, threshold=threshold, detail=detail)
+
+
+def _aitchison(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Aitchison distance between simplex points given as (mean) log-coordinates."""
+    return np.asarray(np.linalg.norm(log_ratios(a) - log_ratios(b), axis=1))
+
+
+def _nearest(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Distance of each row of `points` to its nearest row of `reference` (chunked)."""
+    ref_sq = (reference**2).sum(axis=1)
+    out = [np.sqrt(np.maximum((c**2).sum(axis=1)[:, None] + ref_sq[None, :] - 2 * c @ reference.T, 0.0).min(axis=1))
+           for c in np.array_split(points, max(1, len(points) // 512))]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                                 + j * math.log(p) + (n - j) * math.log1p(-p)) for j in range(k, n + 1)))
+
+
+def run_text_condition_tests(
+    expert: TextPairFeatures, proxy: TextPairFeatures, snapshot_id: str, n_expert: int, n_proxy: int,
+    seed: int = 0, thresholds: TextConditionThresholds | None = None,
+) -> ConditionReport:
+    """Test paper 1's four conditions on a text snapshot and choose the training plan.
+
+    `expert` holds the expert pairs tested, `proxy` a sample of the proxy pairs; `n_expert` and
+    `n_proxy` are the snapshot's counts (the report's), at least the rows given. Deterministic for a
+    seed; numpy only, well under a second for 300 expert and 2000 proxy pairs.
+    """
+    t = thresholds or TEXT_THRESHOLDS
+    if (expert.simplex_dim, expert.direct_dim) != (proxy.simplex_dim, proxy.direct_dim):
+        raise ValueError(f"expert and proxy features must share D and K: expert D={expert.simplex_dim}, "
+                         f"K={expert.direct_dim}; proxy D={proxy.simplex_dim}, K={proxy.direct_dim}")
+    if n_expert < expert.n or n_proxy < proxy.n:
+        raise ValueError(f"n_expert={n_expert} and n_proxy={n_proxy} are the snapshot's counts and cannot be below "
+                         f"the pairs given ({expert.n} expert, {proxy.n} proxy)")
+    checks, evidence, pcs = _run_checks(expert, proxy, seed, t)
+    plan, reasons = choose_plan(checks, evidence)
+    first = (f"these tests ran on the stage-1 model's D={proxy.simplex_dim} simplex representation of (prompt, "
+             f"response) pairs ({expert.n} expert, {proxy.n} proxy pairs; a direct path through {pcs} principal "
+             f"components of the base model's K={proxy.direct_dim} hidden features stands in for what bypasses it)")
+    return ConditionReport(
+        snapshot_id=snapshot_id, n_expert=n_expert, n_proxy=n_proxy, checks=checks, plan=plan,
+        reasons=[first, *reasons], heldout_log_likelihood={k: round(v, 4) for k, v in evidence.mean_ll().items()},
+    )
+
+
+def _run_checks(
+    expert: TextPairFeatures, proxy: TextPairFeatures, seed: int, t: TextConditionThresholds
+) -> tuple[list[ConditionCheck], PlanEvidence, int]:
+    """All checks in CHECK_NAMES order, the evidence the plan rule weighs, and the direct PCs used."""
+    n = expert.n
+    few = "" if n >= t.min_expert_pairs else ": too little expert data to decide the expert-side conditions"
+    size = _check("expert_sample_size", not few, n, t.min_expert_pairs,
+                  f"{n} expert pairs to cross-validate; pass when at least {t.min_expert_pairs}{few}")
+    if proxy.n < t.min_proxy_pairs:
+        detail = f"only {proxy.n} proxy pairs (< {t.min_proxy_pairs}): too few to describe the proxy's simplex"
+        return [size] + [_check(c, False, 0.0, 0.0, detail) for c in CHECK_NAMES[1:]], PlanEvidence(None), 0
+    low_dim = _low_dimensional_encoding(proxy, t)
+    agreement = float((expert.proxy_margin > 0).mean()) if n else None
+    if n < t.min_expert_pairs:
+        detail = f"undecided: needs >= {t.min_expert_pairs} expert pairs to test, have {n}"
+        rest = [low_dim if c == low_dim.name else _check(c, False, 0.0, 0.0, detail) for c in CHECK_NAMES[1:]]
+        return [size, *rest], PlanEvidence(agreement), 0
+    rng = np.random.default_rng(seed)
+    designs = _designs(expert, proxy, t)
+    ll, correct = _cross_validate(designs, expert.proxy_margin, seed, t)
+    checks = [size, _shared_level_sets(ll, n, rng, t), _image_containment(expert, proxy, rng, t), low_dim,
+              _similarity_preserved(designs, expert, proxy, rng, t), _end_to_end(ll, correct, n, rng, t)]
+    return checks, PlanEvidence(agreement, ll, correct, seed), designs.n_components
+
+
+def _low_dimensional_encoding(proxy: TextPairFeatures, t: TextConditionThresholds) -> ConditionCheck:
+    """Effective dimension of the proxy responses' simplex log-ratios (components for `dimension_variance`
+    of their variance). It is at most D - 1 by construction, so the test is that it is well below K and
+    that the simplex did not collapse (RMS distance from the mean below `min_simplex_spread`: dimension 0)."""
+    points = log_ratios(np.concatenate([proxy.simplex_chosen, proxy.simplex_rejected]))
+    spread = float(np.sqrt(((points - points.mean(axis=0)) ** 2).sum(axis=1).mean()))
+    dimension, explained = encoding_dimension(points, t.dimension_variance)
+    dimension = dimension if spread >= t.min_simplex_spread else 0
+    limit = t.max_dimension_ratio * proxy.direct_dim
+    collapsed = "" if dimension else "; the simplex collapsed: stage 1 put nothing the adapter could re-map into it"
+    return _check(
+        "low_dimensional_encoding", 1 <= dimension <= limit, dimension, limit,
+        f"D_eff = {dimension} principal components explain {t.dimension_variance:.0%} of the {len(points)} proxy "
+        f"responses' simplex log-ratios (D = {proxy.simplex_dim}; cumulative "
+        f"{np.round(explained[: dimension + 1], 3).tolist()}), RMS spread {spread:.3g} nats (collapsed below "
+        f"{t.min_simplex_spread}); pass when 1 <= D_eff <= {t.max_dimension_ratio} x K = {limit:.1f}{collapsed}",
+    )
+
+
+def _shared_level_sets(ll: dict[str, np.ndarray], n: int, rng: np.random.Generator,
+                       t: TextConditionThresholds) -> ConditionCheck:
+    """Does a path around the bottleneck add held-out expert likelihood beyond the proxy? fine_tune nests
+    both proxy-only learners; the null is the better of them (an adapter fitted on few pairs can lose to
+    the identity it starts from). Fails when the gain is significant and above the tolerance."""
+    null = max(("two_stage", "proxy_as_is"), key=lambda c: float(ll[c].mean()))
+    gain = bootstrap_mean(ll["fine_tune"] - ll[null], rng)
+    failed = gain.p_not_positive < t.alpha and gain.mean > t.level_set_tolerance
+    return _check(
+        "shared_level_sets", not failed, gain.p_not_positive, t.alpha,
+        f"held-out ({n} pairs, {min(t.cv_folds, n)}-fold) log-likelihood gain per pair of fine_tune (proxy margin, "
+        f"simplex and direct features) over the best learner reading only the proxy ({null}): {gain.text()}; pass "
+        f"unless the direct path adds significantly (p < {t.alpha}) more than {t.level_set_tolerance} nats per pair",
+    )
+
+
+def _image_containment(expert: TextPairFeatures, proxy: TextPairFeatures, rng: np.random.Generator,
+                       t: TextConditionThresholds) -> ConditionCheck:
+    """Share of expert-chosen responses whose simplex point is farther from the proxy-chosen ones (half
+    of them, the reference) than the `image_quantile` of the other half's distances to the reference.
+    Exchangeable responses give 1 - image_quantile (5%), but an expert re-weighting the simplex picks
+    from other tails than the proxy: 5-10% with the same support. So the one-sided binomial test is
+    against `max_outside_share`, not 5% (a point threshold at 10% failed 2 of 20 such worlds at n=50)."""
+    points = log_ratios(proxy.simplex_chosen)
+    order = rng.permutation(len(points))
+    reference, held = points[order[: len(points) // 2]], points[order[len(points) // 2:]]
+    cutoff = float(np.quantile(_nearest(held, reference), t.image_quantile))
+    outside = int((_nearest(log_ratios(expert.simplex_chosen), reference) > cutoff).sum())
+    share = outside / expert.n
+    p = _binomial_tail(outside, expert.n, t.max_outside_share)
+    return _check(
+        "image_containment", p >= t.alpha, share, t.max_outside_share,
+        f"{outside} of {expert.n} expert-chosen responses ({share:.1%}) lie farther (Aitchison, nearest neighbour) "
+        f"from {len(reference)} proxy-chosen responses than {t.image_quantile:.0%} of {len(held)} held-out "
+        f"proxy-chosen ones ({cutoff:.3g}; exchangeable responses: {1 - t.image_quantile:.0%}); binomial "
+        f"p={p:.3g} against {t.max_outside_share:.0%}; pass unless the share is significantly (p < {t.alpha}) above "
+        f"{t.max_outside_share:.0%}",
+    )
+
+
+def _similarity_preserved(designs: _Designs, expert: TextPairFeatures, proxy: TextPairFeatures,
+                          rng: np.random.Generator, t: TextConditionThresholds) -> ConditionCheck:
+    """Relaxation constant L: how much faster the expert's preference changes with simplex distance than
+    the proxy's. Per expert pair: |expert logit difference| (fine_tune fitted on all expert pairs; it also
+    reads around the bottleneck) / (κ × Aitchison distance of the two simplex points), κ = median over
+    proxy pairs of |proxy_margin| / distance (puts both in logit units). L is a high quantile over pairs
+    the simplex separates: a re-mapped simplex keeps it moderate; preferences the simplex cannot see, or
+    an over-smoothed proxy, make it large."""
+    z, centre = designs.by_name["fine_tune"]
+    strength = np.abs(z @ fit_bradley_terry(z, centre, t.prior_precision))
+    d_proxy = _aitchison(proxy.simplex_chosen, proxy.simplex_rejected)
+    kappa = max(float(np.median(np.abs(proxy.proxy_margin) / np.maximum(d_proxy, 1e-9))), 1e-9)
+    d_expert = _aitchison(expert.simplex_chosen, expert.simplex_rejected)
+    kept = d_expert >= np.quantile(d_expert, t.proxy_floor_quantile)
+    ratios = strength[kept] / (kappa * np.maximum(d_expert[kept], 1e-9))
+    l_hat = relaxation_constant(ratios, t.l_quantile)
+    resampled = ratios[rng.integers(0, len(ratios), size=(500, len(ratios)))]
+    low, high = np.quantile(np.quantile(resampled, t.l_quantile, axis=1), [0.025, 0.975])
+    return _check(
+        "similarity_preserved", low <= t.max_l, l_hat, t.max_l,
+        f"L = {t.l_quantile:.0%} quantile, over the {len(ratios)} of {expert.n} expert pairs at least their "
+        f"{t.proxy_floor_quantile:.0%} quantile of simplex distance apart, of |fitted expert logit difference| / "
+        f"(κ x Aitchison distance), κ = {kappa:.3g} proxy-margin nats per simplex nat: {l_hat:.2f} (95% bootstrap "
+        f"[{low:.2f}, {high:.2f}], median {np.median(ratios):.2f}); pass unless L is significantly above {t.max_l}",
+    )
+
+
+def _end_to_end(ll: dict[str, np.ndarray], correct: dict[str, np.ndarray], n: int, rng: np.random.Generator,
+                t: TextConditionThresholds) -> ConditionCheck:
+    rival = max((c for c in CANDIDATES if c != "two_stage"), key=lambda c: float(ll[c].mean()))
+    worse, p = significantly_worse(ll["two_stage"], ll[rival], rng)
+    accuracy = ", ".join(f"{c} {correct[c].mean():.3f}" for c in CANDIDATES)
+    return _check(
+        "end_to_end", not worse, p, t.alpha,
+        f"held-out ({n} pairs, {min(t.cv_folds, n)}-fold) log-likelihood per pair: two_stage "
+        f"{ll['two_stage'].mean():+.3f} vs the best other plan, {rival}, {ll[rival].mean():+.3f} (paired bootstrap "
+        f"p={p:.3f}); pairwise accuracy: {accuracy}; pass unless two_stage is significantly worse (p < {t.alpha})",
+    )
