@@ -1,13 +1,22 @@
 """Paper 1's Appendix D reproduction: two-stage vs expert-only vs full fine-tuning vs the proxy as is.
 
-    nice .venv/bin/python -m bench.appendix_d [--quick] [--seeds N] [--plot docs/appendix_d.png]
+    nice .venv/bin/python -m bench.appendix_d [--quick] [--seeds N] [--seed-start 100] [--families ...]
 
 Family (issue 6): x ~ N(0, I5), Y = {0,1,2}; per seed W ∈ R^{5×2} ~ N(0,1.5²), A ∈ R^{2×3} ~ N(0,2²),
-expert logits tanh(xW)A; proxies (a) the expert's answers permuted, (b) softmax(logits / 3).
-8000 proxy triples, n expert triples, 5000 fresh test inputs. Accuracy: agreement with the expert's
-more likely response over all three pairs of every test input; KL(π† ‖ π̂) averaged over test inputs.
+expert logits tanh(xW)A; proxies of the same expert (ingest.synthetic_families): (a) the expert's answers
+permuted, (b) softmax(logits / 3), and issue 15's kinds (invertible, more_outputs: satisfy the
+conditions; partly_wrong, blind_direction: break shared level sets, so their multiples say what the
+two-stage learner costs when the plan wrongly chooses it; bench/conditions_power.py reports the plan's
+regret on them). 8000 proxy triples, n expert triples, 5000 fresh test inputs. Accuracy: agreement
+with the expert's more likely response over all three pairs of every test input; KL(π† ‖ π̂) averaged
+over test inputs (a model over more outputs than the expert's three is renormalised over them).
 The expert-only learner gets a separate validation set of 1000 expert triples to tune on (more than
 any real user would have: generous to the baseline, so the multiples below are conservative).
+
+Seeds: 0–49 are for tuning (every threshold, prior and recipe was chosen there); report on seeds 100
+and up (`--seed-start`, default 100). Every multiple comes with a 95% bootstrap interval over seeds
+(`*_ci`); `families` holds each proxy kind's multiples. The two-stage recipe is
+policies.features.recipe.TWO_STAGE, the one the training worker runs.
 The last line printed is one JSON object with the headline figures.
 """
 
@@ -18,7 +27,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +35,27 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ingest.synthetic import FAMILY_PROXIES, FamilyWorld, appendix_d_family, draw_triples
-from policies.features.fitting import (
-    ADAPTER_STAGE,
-    PROXY_STAGE,
-    choose_adapter_prior,
-    fit_adapter,
-    fit_preferences,
-    fit_stage1,
+from ingest.synthetic_families import (
+    FAMILY_PROXIES,
+    SATISFYING_FAMILIES,
+    FamilyWorld,
+    appendix_d_family,
+    draw_triples,
 )
-from policies.features.model import (
-    DirectPolicy,
-    TwoStageConfig,
-    TwoStagePolicy,
-    preference_log_likelihoods,
-    triples_to_tensors,
-)
+from policies.features.fitting import fit_preferences, fit_stage1
+from policies.features.model import DirectPolicy, TwoStagePolicy, preference_log_likelihoods, triples_to_tensors
+from policies.features.recipe import TWO_STAGE, fit_two_stage_adapter
 
 NS = (5, 10, 20, 35, 100, 300, 1000, 3000)
 HEADLINE_N = 35
 N_PROXY, N_TEST, N_VALID = 8000, 5000, 1000
 SEEDS, QUICK_SEEDS = 10, 3
-# Stage 1 (proxy stack on 8000 proxy triples) and stage 2 (adapter on n expert triples): the recipe
-# of policies.features.model; the adapter's prior weight (worth `prior` triples, toward a tempered identity)
-# is chosen per n by cross-validation on the n expert triples themselves.
-STAGE1 = replace(PROXY_STAGE, steps=600)  # 8000 triples rather than the demo's 3000
+SEED_START = 100  # reporting seeds; 0-49 are for tuning
+NEW_SATISFYING = tuple(k for k in SATISFYING_FAMILIES if k not in ("permuted", "tempered"))  # issue 15's
+BOOTSTRAP = 1000  # resamples of the seeds for every interval
+# Stage 1 (proxy stack on 8000 proxy triples) and stage 2 (adapter on n expert triples, its prior chosen
+# per n by cross-validation on the n expert triples themselves): the worker's recipe, one object.
+RECIPE = TWO_STAGE
 FINE_TUNE_STEPS, FINE_TUNE_LR, FINE_TUNE_PRIOR = 300, 0.003, 1.0  # not tuned
 # Expert-only grid: (family, weight decay); each fit is chosen by validation log-likelihood.
 EXPERT_STEPS, EXPERT_LR = 500, 0.02
@@ -78,9 +83,10 @@ class TestSet:
 
     def score(self, model: nn.Module) -> tuple[float, float]:
         """(ranking accuracy over the 3 pairs of each input, KL(π† ‖ π̂) averaged over inputs)."""
-        with torch.no_grad():
-            lp = model.log_probs(self.x).double().numpy()  # type: ignore[operator]
         gold = self.gold_log_probs
+        with torch.no_grad():
+            lp = model.log_probs(self.x).double()  # type: ignore[operator]
+            lp = torch.log_softmax(lp[:, : gold.shape[1]], dim=-1).numpy()  # the expert's outputs only
         agree = [np.sign(lp[:, a] - lp[:, b]) == np.sign(gold[:, a] - gold[:, b]) for a, b in ((0, 1), (0, 2), (1, 2))]
         kl = (np.exp(gold) * (gold - lp)).sum(axis=1).mean()
         return float(np.mean(agree)), float(kl)
@@ -90,8 +96,7 @@ def two_stage(stack: TwoStagePolicy, data: tuple[Tensor, ...], seed: int) -> Two
     """Stage 2 on a copy of the stack: the adapter prior chosen by 5-fold CV on the n triples alone."""
     model = copy.deepcopy(stack)
     x, y_w, y_l = data
-    prior = choose_adapter_prior(model, x, y_w, y_l, seed)
-    fit_adapter(model, x, y_w, y_l, seed, replace(ADAPTER_STAGE, adapter_prior=prior))
+    fit_two_stage_adapter(model, x, y_w, y_l, seed, RECIPE)
     return model
 
 
@@ -126,13 +131,16 @@ def _tuned(make: Callable[[], nn.Module], decays: Sequence[float], data: tuple[T
 def _proxy_stack(world: FamilyWorld, rng: np.random.Generator, seed: int) -> TwoStagePolicy:
     xp, wp, lp = triples_to_tensors(draw_triples(world, N_PROXY, expert=False, rng=rng))
     torch.manual_seed(seed)
-    stack = TwoStagePolicy(TwoStageConfig(input_dim=world.input_dim, n_outputs=world.n_outputs, simplex_dim=3))
-    fit_stage1(stack, xp, wp, lp, seed, STAGE1)
+    stack = TwoStagePolicy(RECIPE.config(world.input_dim, world.n_outputs))
+    fit_stage1(stack, xp, wp, lp, seed, RECIPE.proxy_stage)
     return stack
 
 
-def run_seed(seed: int, ns: Sequence[int]) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
-    """{proxy kind: {method: {n: (accuracy, KL)}}} for one seed; expert data shared by both proxies."""
+Scores = dict[str, dict[str, dict[int, tuple[float, float]]]]  # {proxy kind: {method: {n: (accuracy, KL)}}}
+
+
+def run_seed(seed: int, ns: Sequence[int], kinds: Sequence[str] = FAMILY_PROXIES) -> Scores:
+    """{proxy kind: {method: {n: (accuracy, KL)}}} for one seed; expert data shared by all proxies."""
     expert_world = appendix_d_family(seed, FAMILY_PROXIES[0])
     rng = np.random.default_rng(10_000 + seed)
     x_test = rng.standard_normal((N_TEST, expert_world.input_dim))
@@ -148,10 +156,11 @@ def run_seed(seed: int, ns: Sequence[int]) -> dict[str, dict[str, dict[int, tupl
         expert_scores["expert_linear"][n] = test.score(linear)
         expert_scores["expert_mlp"][n] = test.score(mlp)
 
-    out: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}
-    for kind in FAMILY_PROXIES:
+    out: Scores = {}
+    for kind in kinds:
         world = appendix_d_family(seed, kind)
-        stack = _proxy_stack(world, rng, seed)
+        # Each kind's proxy triples from a stream of its own: adding or dropping kinds changes no other's.
+        stack = _proxy_stack(world, np.random.default_rng([10_000 + seed, FAMILY_PROXIES.index(kind)]), seed)
         scores: dict[str, dict[int, tuple[float, float]]] = {"two_stage": {}, "fine_tune": {}, "proxy_as_is": {}}
         as_is = test.score(stack)
         for n in ns:
@@ -186,12 +195,11 @@ def crossing_multiple(
     return ns[-1] / HEADLINE_N
 
 
-def _mean_curves(results: list[dict[str, dict[str, dict[int, tuple[float, float]]]]], ns: Sequence[int]
-                 ) -> dict[str, dict[str, np.ndarray]]:
+def _mean_curves(results: list[Scores], ns: Sequence[int]) -> dict[str, dict[str, np.ndarray]]:
     """{proxy kind: {method: [len(ns), 2] mean (accuracy, KL) over seeds}}; "expert_only" is the
     better of the linear and MLP mean curves at each n, separately for accuracy and for KL."""
     curves: dict[str, dict[str, np.ndarray]] = {}
-    for kind in FAMILY_PROXIES:
+    for kind in results[0]:
         per = {m: np.array([[r[kind][m][n] for n in ns] for r in results]).mean(axis=0)
                for m in METHODS if m != "expert_only"}
         lin, mlp = per["expert_linear"], per["expert_mlp"]
@@ -201,21 +209,53 @@ def _mean_curves(results: list[dict[str, dict[str, dict[int, tuple[float, float]
 
 
 def headline(curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int]) -> dict[str, float]:
+    """Each kind's multiples; `expert_only_multiple(_kl)` averages the kinds that satisfy the conditions
+    (issue 6's figure when only permuted and tempered run), `new_families_multiple(_kl)` issue 15's."""
     at = ns.index(HEADLINE_N)
     out: dict[str, float] = {}
     for kind, per in curves.items():
         two, exp_only = per["two_stage"], per["expert_only"]
         out[f"{kind}_multiple"] = crossing_multiple(ns, exp_only[:, 0], float(two[at, 0]), higher_is_better=True)
         out[f"{kind}_multiple_kl"] = crossing_multiple(ns, exp_only[:, 1], float(two[at, 1]), higher_is_better=False)
-    out["expert_only_multiple"] = float(np.mean([out[f"{k}_multiple"] for k in curves]))
-    out["expert_only_multiple_kl"] = float(np.mean([out[f"{k}_multiple_kl"] for k in curves]))
+    for key, group in (("expert_only_multiple", SATISFYING_FAMILIES), ("new_families_multiple", NEW_SATISFYING)):
+        kinds = [k for k in curves if k in group]
+        if kinds:
+            out[key] = float(np.mean([out[f"{k}_multiple"] for k in kinds]))
+            out[f"{key}_kl"] = float(np.mean([out[f"{k}_multiple_kl"] for k in kinds]))
+    return out
+
+
+def bootstrap_intervals(results: list[Scores], ns: Sequence[int], seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile interval of every headline figure over `BOOTSTRAP` resamples of the seeds."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(BOOTSTRAP):
+        sample = [results[i] for i in rng.integers(0, len(results), size=len(results))]
+        for key, value in headline(_mean_curves(sample, ns), ns).items():
+            draws.setdefault(key, []).append(value)
+    return {f"{key}_ci": [round(float(q), 2) for q in np.quantile(values, [0.025, 0.975])]
+            for key, values in draws.items()}
+
+
+def families_summary(figures: dict[str, float], intervals: dict[str, list[float]],
+                     curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int]) -> dict[str, dict[str, object]]:
+    at = ns.index(HEADLINE_N)
+    out: dict[str, dict[str, object]] = {}
+    for kind, per in curves.items():
+        row: dict[str, object] = {"satisfies": kind in SATISFYING_FAMILIES}
+        for key in ("multiple", "multiple_kl"):
+            row[key] = round(figures[f"{kind}_{key}"], 2)
+            row[f"{key}_ci"] = intervals.get(f"{kind}_{key}_ci")
+        row["two_stage_at_35"] = [round(float(v), 4) for v in per["two_stage"][at]]
+        row["expert_only_at_35"] = [round(float(v), 4) for v in per["expert_only"][at]]
+        out[kind] = row
     return out
 
 
 def _table(curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int], sds: dict[str, dict[str, np.ndarray]]) -> str:
     lines = []
     for kind, per in curves.items():
-        lines.append(f"\nproxy ({'a' if kind == 'permuted' else 'b'}) {kind}: mean accuracy / KL(π†‖π̂) (± s.e.)")
+        lines.append(f"\nproxy {kind}: mean accuracy / KL(π†‖π̂) (± s.e.)")
         lines.append(f"{'n':>6} " + " ".join(f"{m:>22}" for m in METHODS))
         for i, n in enumerate(ns):
             cells = []
@@ -233,7 +273,7 @@ def _plot(curves: dict[str, dict[str, np.ndarray]], ns: Sequence[int], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    fig, axes = plt.subplots(2, len(curves), figsize=(5.5 * len(curves), 8), sharex=True, squeeze=False)
     for col, (kind, per) in enumerate(curves.items()):
         for row, label in enumerate(("held-out ranking accuracy", "KL(π† ‖ π̂)")):
             ax = axes[row, col]
@@ -256,6 +296,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SEEDS} seeds instead of {SEEDS}")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides --quick)")
+    parser.add_argument("--seed-start", type=int, default=SEED_START,
+                        help="first seed (default 100: reporting; seeds 0-49 are for tuning)")
+    parser.add_argument("--families", nargs="+", choices=FAMILY_PROXIES, default=list(FAMILY_PROXIES),
+                        help="proxy kinds to run (default: all)")
     parser.add_argument("--plot", type=Path, default=Path("docs/appendix_d.png"))
     parser.add_argument("--results", type=Path, default=None,
                         help="append each seed's scores to this JSON-lines file as it finishes")
@@ -265,30 +309,37 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny tensors; the machine is shared
     ns = list(NS)
     started = time.perf_counter()
-    results: list[dict[str, dict[str, dict[int, tuple[float, float]]]]] = []
+    results: list[Scores] = []
+    seeds = list(range(args.seed_start, args.seed_start + (args.seeds or (QUICK_SEEDS if args.quick else SEEDS))))
     if args.aggregate is not None:
         for line in args.aggregate.read_text().splitlines():
             raw = json.loads(line)
             results.append({k: {m: {int(n): (v[0], v[1]) for n, v in d.items()} for m, d in per.items()}
-                            for k, per in raw.items()})
+                            for k, per in raw.items() if k in args.families})
     else:
-        for seed in range(args.seeds or (QUICK_SEEDS if args.quick else SEEDS)):
-            results.append(run_seed(seed, ns))
+        for seed in seeds:
+            results.append(run_seed(seed, ns, args.families))
             if args.results is not None:
                 with args.results.open("a") as f:
                     f.write(json.dumps(results[-1]) + "\n")
             print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
     n_seeds = len(results)
+    kinds = list(results[0])
     curves = _mean_curves(results, ns)
     sds = {kind: {m: np.array([[r[kind][m][n] for n in ns] for r in results]).std(axis=0, ddof=1) / np.sqrt(n_seeds)
-                  for m in METHODS if m != "expert_only"} for kind in FAMILY_PROXIES} if n_seeds > 1 else {
-        kind: {} for kind in FAMILY_PROXIES}
+                  for m in METHODS if m != "expert_only"} for kind in kinds} if n_seeds > 1 else {
+        kind: {} for kind in kinds}
     print(_table(curves, ns, sds))
     _plot(curves, ns, args.plot)
-    summary = {**headline(curves, ns), "seeds": n_seeds, "ns": ns, "n_proxy": N_PROXY, "n_test": N_TEST,
-               "seconds": round(time.perf_counter() - started, 1), "plot": str(args.plot),
+    figures = headline(curves, ns)
+    intervals = bootstrap_intervals(results, ns)
+    summary = {**{k: round(v, 2) for k, v in figures.items()}, **intervals, "seeds": n_seeds,
+               "seed_range": [seeds[0], seeds[-1]] if args.aggregate is None else None, "ns": ns,
+               "n_proxy": N_PROXY, "n_test": N_TEST, "seconds": round(time.perf_counter() - started, 1),
+               "plot": str(args.plot),
                "two_stage_at_35": {k: [round(float(v), 4) for v in curves[k]["two_stage"][ns.index(HEADLINE_N)]]
-                                   for k in FAMILY_PROXIES}}
+                                   for k in kinds},
+               "families": families_summary(figures, intervals, curves, ns)}
     print(json.dumps(summary))
 
 

@@ -6,7 +6,10 @@ loopback ports, crosses the retrain threshold `rounds` times, and for each round
 worker picked the training task up (`started.json` in the run directory). Floors measured in the
 same run: an empty flow deployment triggered by an event, and an empty Celery task round trip.
 The last line is JSON: `event_to_task_s` (median), `event_to_flow_s`, `prefect_floor_s`,
-`celery_floor_s`.
+`celery_floor_s`, and `event_to_flow_parts_s` / `prefect_floor_parts_s`: where event → flow goes
+(`emit`: event → received by the Prefect server; `trigger`: → flow run created by the automation;
+`poll`: → Pending, the runner's poll; `process`: → Running, the flow subprocess's start and its
+module's imports).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import statistics
 import tempfile
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
-from ground.schemas import ExpertLabel, ProxyPreference
+from ground.schemas import DATASET_UPDATED_EVENT, ExpertLabel, ProxyPreference
 from ground.settings import Settings
 from ingest.bus import make_producer, publish, read_topic
 from ingest.synthetic import appendix_d
@@ -53,14 +56,43 @@ def _ts(value: object) -> float:
     return datetime.fromisoformat(str(value)).timestamp()
 
 
-def measure_rounds(settings: Settings, rounds: int) -> tuple[list[float], list[float]]:
+def _received_at(settings: Settings, event: str, event_at: float) -> float:
+    """When the Prefect server received the first `event` since event_at (persisted within ~5 s)."""
+    since = datetime.fromtimestamp(event_at - 0.01, tz=UTC).isoformat()  # occurred: at or after event_at
+    body = {"filter": {"event": {"name": [event]}, "occurred": {"since": since}}, "limit": 10}
+    found: list[dict[str, object]] = []
+
+    def persisted() -> bool:
+        found[:] = httpx.post(f"{settings.prefect_api_url}/events/filter", json=body, timeout=30).json()["events"]
+        return bool(found)
+
+    _wait(persisted, 30)
+    return min(_ts(e["received"]) for e in found)
+
+
+def _flow_start_parts(settings: Settings, run: dict[str, object], event: str, event_at: float) -> dict[str, float]:
+    """event → received by Prefect (emit) → flow run created by the automation (trigger) → first Pending
+    (runner poll) → Running (flow subprocess start + its module's imports)."""
+    states = httpx.get(f"{settings.prefect_api_url}/flow_run_states/", params={"flow_run_id": str(run["id"])},
+                       timeout=30).json()
+    pending = min(_ts(s["timestamp"]) for s in states if s["type"] == "PENDING")
+    received, created = _received_at(settings, event, event_at), _ts(run["created"])
+    return {"emit": received - event_at, "trigger": created - received, "poll": pending - created,
+            "process": _ts(run["start_time"]) - pending}
+
+
+def _median_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
+
+
+def measure_rounds(settings: Settings, rounds: int) -> tuple[list[float], list[float], list[dict[str, float]]]:
     producer = make_producer(settings)
     task = appendix_d(n_proxy=3000, n_expert=settings.retrain_min_expert * rounds, seed=0)
     for i, triple in enumerate(task.proxy):
         publish(producer, settings.topic_proxy, ProxyPreference(event_id=f"p{i}", proxy_name="bench", item=triple),
                 wait=False)
     producer.flush()
-    to_task, to_flow = [], []
+    to_task, to_flow, parts = [], [], []
     per_round = settings.retrain_min_expert
     for r in range(rounds):
         for i, triple in enumerate(task.expert[r * per_round:(r + 1) * per_round]):
@@ -75,19 +107,21 @@ def measure_rounds(settings: Settings, rounds: int) -> tuple[list[float], list[f
         started = json.loads((settings.runs_dir / str(run["id"]) / "started.json").read_text())["started_at"]
         to_task.append(started - event_at)
         to_flow.append(_ts(run["start_time"]) - event_at)
-        print(f"round {r + 1}: event → flow run started {to_flow[-1]:.2f} s, → training task started "
+        parts.append(_flow_start_parts(settings, run, DATASET_UPDATED_EVENT, event_at))
+        print(f"round {r + 1}: event → flow run started {to_flow[-1]:.2f} s "
+              f"({', '.join(f'{k} {v:.2f}' for k, v in parts[-1].items())}), → training task started "
               f"{to_task[-1]:.2f} s", flush=True)
     producer.close()
-    return to_task, to_flow
+    return to_task, to_flow, parts
 
 
-def prefect_floor(settings: Settings, repeats: int) -> list[float]:
+def prefect_floor(settings: Settings, repeats: int) -> tuple[list[float], list[dict[str, float]]]:
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    from flows.deployments import HEALTH_EVENT
+    from flows.probe import HEALTH_EVENT
 
-    floors = []
+    floors, parts = [], []
     for i in range(repeats):
         before = len(_flow_runs(settings, "health"))
         emitted = time.time()
@@ -96,8 +130,10 @@ def prefect_floor(settings: Settings, repeats: int) -> list[float]:
         _wait(lambda b=before: len([x for x in _flow_runs(settings, "health") if x.get("start_time")]) > b, 120)
         run = [x for x in _flow_runs(settings, "health") if x.get("start_time")][before]
         floors.append(_ts(run["start_time"]) - emitted)
-        print(f"prefect floor {i + 1}: event → empty flow run started {floors[-1]:.2f} s", flush=True)
-    return floors
+        parts.append(_flow_start_parts(settings, run, HEALTH_EVENT, emitted))
+        print(f"prefect floor {i + 1}: event → empty flow run started {floors[-1]:.2f} s "
+              f"({', '.join(f'{k} {v:.2f}' for k, v in parts[-1].items())})", flush=True)
+    return floors, parts
 
 
 def celery_floor(repeats: int) -> list[float]:
@@ -128,8 +164,8 @@ def main() -> None:
         get_settings.cache_clear()
         try:
             stack.up(settings, lambda m: print(m, flush=True))
-            to_task, to_flow = measure_rounds(settings, rounds)
-            prefect = prefect_floor(settings, 2 if args.quick else 5)
+            to_task, to_flow, parts = measure_rounds(settings, rounds)
+            prefect, floor_parts = prefect_floor(settings, 3 if args.quick else 5)
             celery = celery_floor(20 if args.quick else 100)
         finally:
             stack.down(settings)
@@ -138,6 +174,8 @@ def main() -> None:
         "event_to_flow_s": round(statistics.median(to_flow), 3),
         "prefect_floor_s": round(statistics.median(prefect), 3),
         "celery_floor_s": round(statistics.median(celery), 4),
+        "event_to_flow_parts_s": _median_parts(parts),
+        "prefect_floor_parts_s": _median_parts(floor_parts),
         "rounds": rounds,
     }
     print(json.dumps(result))

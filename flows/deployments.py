@@ -6,24 +6,20 @@ a Prefect work pool instead; the triggers and limits are the same.
 
 from __future__ import annotations
 
-from prefect import flow, serve
+from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
+from flows.acquisition import acquisition_deployments
 from flows.health import ingest_health_flow
+from flows.probe import HEALTH_EVENT, health_flow
 from flows.reconcile import reconcile_flow
 from flows.retrain import check_conditions_flow, evaluate_and_gate_flow, release_flow, retrain
 from ground.schemas import DATASET_UPDATED_EVENT
 from ground.settings import get_settings
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"
-HEALTH_EVENT = "proxyloop.health.ping"
-
-
-@flow(name="health")
-def health_flow() -> str:
-    """Does nothing: proves the event → automation → runner path works (and measures its floor)."""
-    return "ok"
+__all__ = ["HEALTH_EVENT", "RETRAIN_DEPLOYMENT", "health_flow", "main", "retrain_trigger"]
 
 
 def retrain_trigger() -> DeploymentEventTrigger:
@@ -54,7 +50,9 @@ def main() -> None:
             interval=settings.labelstudio_reconcile_interval_s if settings.labelstudio_token else None,
         ),
     ]
-    serve(*[d for d in deployments if isinstance(d, RunnerDeployment)])
+    deployments += acquisition_deployments()  # refresh-acquisition: triggered by the ML backend's webhook
+    # query_seconds: how often the runner asks for the runs a trigger created (Prefect's default: 1 s).
+    serve(*[d for d in deployments if isinstance(d, RunnerDeployment)], query_seconds=settings.runner_poll_s)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 
 # Prefect event the consumer emits when new labels cross the retrain thresholds; triggers `retrain`.
 DATASET_UPDATED_EVENT = "proxyloop.dataset.updated"
+ACQUISITION_REQUESTED_EVENT = "proxyloop.acquisition.requested"  # Label Studio's ML-backend webhook saw a label
 
 Plan = Literal["two_stage", "proxy_as_is", "fine_tune", "expert_only", "refuse"]
 Decision = Literal["release", "block", "pick_checkpoint"]
@@ -163,9 +164,9 @@ class TrainingRequest(BaseModel):
     plan: Plan
     output_dir: str
     seed: int = 0
-    stage1_epochs: int = 300
-    stage2_epochs: int = 200
-    adapter_dim: int = 3
+    stage1_epochs: int | None = None  # None: policies.features.recipe.TWO_STAGE's (the bench's); set to shorten
+    stage2_epochs: int | None = None  # expert-stage steps of every plan (None: each plan's recipe)
+    adapter_dim: int | None = None
     checkpoint_every: int = 50
 
 

@@ -98,8 +98,8 @@ class Settings(BaseSettings):
     lag_history_s: int = Field(86400, ge=3600, description="Lag samples older than this are deleted.")
     health_interval_s: int = Field(60, ge=5, description="Schedule of the ingest-health flow, which samples lag.")
     runner_poll_s: float = Field(
-        0.25, gt=0, description="How often the flows runner asks Prefect for flow runs to start (up to this much "
-        "of every event → flow start); each poll is one API query.")
+        0.5, gt=0, description="How often the flows runner asks Prefect for flow runs to start (Prefect's default: "
+        "1 s): up to this much of every event → flow start. Each poll is one API call and one database write.")
 
     labelstudio_url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
     labelstudio_token: str = Field("", description="Label Studio API token (legacy token of the provisioning user).")

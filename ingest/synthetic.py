@@ -1,7 +1,7 @@
 """Synthetic preference data in paper 1's Appendix D setting, with known gold policies.
 
-Two families. `appendix_d_family` is the issue's exact specification of Appendix D (expert logits
-tanh(xW)A; proxy = permuted answers or a tempered softmax), used by bench/appendix_d.py. The
+Two families. `ingest.synthetic_families.appendix_d_family` is the issue's exact specification of
+Appendix D (expert logits tanh(xW)A; proxies of several kinds), used by bench/appendix_d.py. The
 `appendix_d` worlds below are the demo's and the condition tests' family, with one variant per
 broken condition.
 
@@ -197,65 +197,3 @@ def appendix_d(
         n_outputs=world.n_outputs,
         world=world,
     )
-
-
-# --- The Appendix D family as the issue specifies it (bench/appendix_d.py) ---------------------
-
-FAMILY_PROXIES = ("permuted", "tempered")
-FAMILY_LATENT = 2  # W ∈ R^{5×2}, A ∈ R^{2×3}
-FAMILY_W_STD = 1.5  # entries of W ~ N(0, 1.5²)
-FAMILY_A_STD = 2.0  # entries of A ~ N(0, 2²)
-FAMILY_TEMPERATURE = 3.0  # proxy (b): softmax of the expert's logits / 3 (paper 1's over-smoothing)
-
-
-@dataclass(frozen=True, eq=False)
-class FamilyWorld:
-    """Expert π†(x) = softmax(tanh(xW)A) and one proxy of it, for x ∈ R^5, Y = {0, 1, 2}."""
-
-    proxy_kind: str  # "permuted": π(y|x) = π†(σ(y)|x); "tempered": softmax(tanh(xW)A / T)
-    weight: FloatArray  # W: [5, 2]
-    readout: FloatArray  # A: [2, 3]
-    permutation: tuple[int, ...]  # σ, a non-identity permutation of Y (used by "permuted")
-    temperature: float = FAMILY_TEMPERATURE
-    input_dim: int = INPUT_DIM
-    n_outputs: int = N_OUTPUTS
-
-    def expert_logits(self, x: FloatArray) -> FloatArray:
-        """tanh(xW)A: [N, 5] -> [N, 3]."""
-        result: FloatArray = np.tanh(np.asarray(x, dtype=np.float64) @ self.weight) @ self.readout
-        return result
-
-    def expert_log_probs(self, x: FloatArray) -> FloatArray:
-        return _log_softmax(self.expert_logits(x))
-
-    def proxy_log_probs(self, x: FloatArray) -> FloatArray:
-        logits = self.expert_logits(x)
-        if self.proxy_kind == "permuted":
-            return _log_softmax(logits[:, list(self.permutation)])
-        return _log_softmax(logits / self.temperature)
-
-    def expert_probs(self, x: FloatArray) -> FloatArray:
-        return np.exp(self.expert_log_probs(x))
-
-    def proxy_probs(self, x: FloatArray) -> FloatArray:
-        return np.exp(self.proxy_log_probs(x))
-
-
-def appendix_d_family(seed: int, proxy_kind: str) -> FamilyWorld:
-    """One world of the Appendix D family; the expert (W, A, σ) depends on `seed` only, so the
-    two proxies of a seed are proxies of the same expert."""
-    if proxy_kind not in FAMILY_PROXIES:
-        raise ValueError(f"Unknown proxy kind {proxy_kind!r}; should be one of {list(FAMILY_PROXIES)}")
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(0.0, FAMILY_W_STD, size=(INPUT_DIM, FAMILY_LATENT))
-    readout = rng.normal(0.0, FAMILY_A_STD, size=(FAMILY_LATENT, N_OUTPUTS))
-    permutation = tuple(range(N_OUTPUTS))
-    while permutation == tuple(range(N_OUTPUTS)):  # the identity would make the proxy the expert
-        permutation = tuple(int(i) for i in rng.permutation(N_OUTPUTS))
-    return FamilyWorld(proxy_kind=proxy_kind, weight=weight, readout=readout, permutation=permutation)
-
-
-def draw_triples(world: FamilyWorld, n: int, expert: bool, rng: np.random.Generator) -> list[FeatureTriple]:
-    """n triples at fresh inputs x ~ N(0, I5), Bradley–Terry from the expert's or the proxy's policy."""
-    x = rng.standard_normal((n, world.input_dim))
-    return sample_triples(world.expert_probs(x) if expert else world.proxy_probs(x), x, rng)

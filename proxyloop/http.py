@@ -1,4 +1,4 @@
-"""The HTTP app: Label Studio webhook receiver and policy serving.
+"""The HTTP app: Label Studio webhook receiver and ML backend, and policy serving.
 
 Run: `uvicorn proxyloop.http:app` (started by `proxyloop up`).
 """
@@ -15,6 +15,8 @@ from fastapi.staticfiles import StaticFiles
 from ground.settings import Settings, get_settings
 from ingest.bus import make_producer
 from ingest.labelstudio import router as labelstudio_router
+from policies.ml_backend import ML_BACKEND_PREFIX
+from policies.ml_backend import router as ml_backend_router
 from policies.openai_api import router as openai_router
 from policies.profile_api import router as profile_router
 from policies.serve import router as serving_router
@@ -34,6 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="proxyloop", lifespan=lifespan)
     app.dependency_overrides[get_settings] = lambda: settings  # every SettingsDep resolves these
     app.include_router(labelstudio_router)
+    # Label Studio's ML-backend protocol (pre-annotations, acquisition scores); the webhook's secret.
+    app.include_router(ml_backend_router, prefix=ML_BACKEND_PREFIX)
     app.include_router(serving_router)
     app.include_router(openai_router)
     app.include_router(profile_router)

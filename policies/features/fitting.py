@@ -200,7 +200,7 @@ def choose_adapter_prior(
             fit_adapter(stack, x[train], y_w[train], y_l[train], seed + k, replace(recipe, adapter_prior=prior))
             with torch.no_grad():
                 ll = preference_log_likelihoods(stack.log_probs(x[test]), y_w[test], y_l[test])
-            held_out[i, test.numpy()] = ll.numpy()
+            held_out[i, test.numpy()] = ll.cpu().numpy()
     stack.adapter.load_state_dict(saved)
     means = held_out.mean(axis=1)
     best = int(np.argmax(means))

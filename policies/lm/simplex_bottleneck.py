@@ -32,7 +32,7 @@ from policies.features.simplex_adapter import SimplexAdapter
 
 CONFIG_KEY = "proxyloop_simplex_bottleneck"
 MODULE_NAME = "simplex_bottleneck"
-TRAIN_PARTS = ("all", "adapter")
+TRAIN_PARTS = ("all", "bottleneck", "adapter")
 
 
 class SimplexBottleneck(nn.Module):
@@ -115,19 +115,26 @@ def load_causal_lm_dir(path: Path | str, device: torch.device | str = "cpu") -> 
 
 
 def select_trainable(model: Any, parts: str, adapter_frozen: bool = False) -> list[str]:
-    """Freeze all but `parts` ('all': every weight; 'adapter': the bottleneck's adapter only); with `adapter_frozen`
-    (stage 1) the adapter stays the identity while the rest trains. Returns the names left trainable."""
+    """Freeze all but `parts` ('all': every weight; 'bottleneck': the bottleneck's τ̃ projection and Θ̃, the body
+    frozen, so that all proxy training adds passes through the simplex; 'adapter': the adapter only). With
+    `adapter_frozen` (stage 1) the adapter stays the identity. Returns the names left trainable."""
     if parts not in TRAIN_PARTS:
         raise ValueError(f"train_parts must be one of {list(TRAIN_PARTS)}, got {parts!r}")
     if parts == "adapter" and (bottleneck_of(model) is None or adapter_frozen):
         raise ValueError("train_parts='adapter' needs a model with a simplex bottleneck: train stage 1 "
                          "(simplex_dim > 0, on proxy pairs) first and start stage 2 from its checkpoint")
-    adapter = f"{MODULE_NAME}.adapter."
+    if parts == "bottleneck" and bottleneck_of(model) is None:
+        raise ValueError("train_parts='bottleneck' needs a simplex bottleneck: set simplex_dim > 0")
+    adapter, bottleneck = f"{MODULE_NAME}.adapter.", f"{MODULE_NAME}."
     trainable = []
     for name, parameter in model.named_parameters():
         in_adapter = name.startswith(adapter)
-        parameter.requires_grad_(in_adapter if parts == "adapter" else not (adapter_frozen and in_adapter))
-        if parameter.requires_grad:
+        if parts == "adapter":
+            wanted = in_adapter
+        else:
+            wanted = (parts == "all" or name.startswith(bottleneck)) and not (adapter_frozen and in_adapter)
+        parameter.requires_grad_(wanted)
+        if wanted:
             trainable.append(name)
     return trainable
 

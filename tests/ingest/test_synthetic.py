@@ -10,10 +10,9 @@ from ingest.synthetic import (
     SyntheticTask,
     SyntheticWorld,
     appendix_d,
-    appendix_d_family,
-    draw_triples,
     sample_triples,
 )
+from ingest.synthetic_families import appendix_d_family, draw_triples
 
 
 def _small(seed: int = 0, variant: str = "ok") -> SyntheticTask:

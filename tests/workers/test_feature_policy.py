@@ -7,10 +7,11 @@ from safetensors.torch import load_file
 
 from ground.schemas import TrainingRequest
 from ingest.synthetic import appendix_d
-from policies.features.fitting import ADAPTER_STAGE, PROXY_STAGE, fit_adapter, fit_stage1
-from policies.features.model import TwoStageConfig, TwoStagePolicy, triples_to_tensors
+from policies.features.fitting import fit_stage1
+from policies.features.model import TwoStagePolicy, triples_to_tensors
+from policies.features.recipe import TWO_STAGE, fit_two_stage_adapter, resolve_recipe
 from policies.loader import load_policy_dir
-from workers.features.tasks import train_feature_policy
+from workers.features.tasks import expert_steps, train_feature_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,14 +53,17 @@ def test_same_seed_gives_the_same_weights(tmp_path):
 
 
 def test_two_stage_run_follows_the_recipe_the_condition_tests_score(tmp_path):
-    """Worker weights equal a hand-run of policies.features.model's recipe: stage 1 then the prior-pulled adapter."""
+    """Worker weights equal a hand-run of the bench's recipe (policies.features.recipe): stage 1, then the
+    adapter with its prior chosen by cross-validation on the expert triples."""
     task = appendix_d(n_proxy=300, n_expert=30, seed=4)
     result = train_feature_policy(_request(tmp_path, "two_stage"), task.proxy, task.expert, torch.device("cpu"),
                                   "w", lambda _: None)
     torch.manual_seed(0)
-    model = TwoStagePolicy(TwoStageConfig(input_dim=5, n_outputs=3, simplex_dim=3))
-    fit_stage1(model, *triples_to_tensors(task.proxy), 0, replace(PROXY_STAGE, steps=60))
-    fit_adapter(model, *triples_to_tensors(task.expert), 0, replace(ADAPTER_STAGE, steps=40))
+    short = replace(TWO_STAGE, proxy_stage=replace(TWO_STAGE.proxy_stage, steps=60),
+                    adapter_stage=replace(TWO_STAGE.adapter_stage, steps=40))
+    model = TwoStagePolicy(short.config(5, 3))
+    fit_stage1(model, *triples_to_tensors(task.proxy), 0, short.proxy_stage)
+    fit_two_stage_adapter(model, *triples_to_tensors(task.expert), 0, short)
     final = load_file(f"{result.checkpoints[-1].path}/model.safetensors")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(final[name], value)
@@ -84,3 +88,18 @@ def test_curve_records_every_step_of_both_stages(tmp_path):
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert [c["step"] for c in curve if c["stage"] == "proxy"] == list(range(1, 61))
     assert [c["step"] for c in curve if c["stage"] == "expert"] == list(range(1, 41))
+
+
+def test_a_plain_training_request_runs_exactly_the_recipe_the_bench_reports(tmp_path):
+    """What flows/retrain.py sends (no step counts, no adapter size) resolves to bench/appendix_d.py's recipe."""
+    from bench.appendix_d import RECIPE
+
+    plain = TrainingRequest(run_id="r", snapshot_id="s", store_url="sqlite://", plan="two_stage",
+                            output_dir=str(tmp_path), seed=0)
+    assert RECIPE is TWO_STAGE
+    assert resolve_recipe(plain) == RECIPE
+    assert expert_steps("two_stage", plain, resolve_recipe(plain)) == RECIPE.adapter_stage.steps
+    assert RECIPE.proxy_stage.steps == 600 and RECIPE.adapter_stage.steps == 300 and RECIPE.simplex_dim == 3
+    shortened = resolve_recipe(_request(tmp_path, "two_stage"))
+    assert shortened.proxy_stage.steps == 60 and shortened.adapter_stage.steps == 40
+    assert replace(shortened, proxy_stage=RECIPE.proxy_stage, adapter_stage=RECIPE.adapter_stage) == RECIPE

@@ -91,3 +91,16 @@ def test_stage_2_without_a_bottleneck_or_with_lora_is_refused(tmp_path):
         LoopConfig(simplex_dim=4, lora_r=4)
     with pytest.raises(ValueError, match="simplex_dim"):
         LoopConfig(simplex_dim=1)
+
+
+def test_a_bottleneck_only_stage_1_leaves_the_body_and_the_adapter_as_they_were(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 8)
+    stage1 = run_lm_training(_request(tmp_path, "s1", data, simplex_dim=4, train_parts="bottleneck", max_steps=4),
+                             lambda _: None)
+    after = _weights(stage1["checkpoints"][-1])
+    before = _weights(tiny_model_dir())
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the body is frozen
+    moved = {k for k in after if k.startswith(MODULE_NAME)
+             and not torch.equal(after[k], torch.zeros_like(after[k]))}
+    assert f"{MODULE_NAME}.theta.weight" in moved
+    assert torch.equal(after[f"{ADAPTER}weight"], torch.eye(4))

@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +38,9 @@ from ground.schemas import (
     TrainingResult,
 )
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
-from policies.features.fitting import (
-    ADAPTER_STAGE,
-    EXPERT_ONLY,
-    FINE_TUNE,
-    FINE_TUNE_PRIOR,
-    PROXY_STAGE,
-    fit_adapter,
-    fit_preferences,
-    fit_stage1,
-)
+from policies.features.fitting import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy, triples_to_tensors
+from policies.features.recipe import TwoStageRecipe, fit_two_stage_adapter, resolve_recipe
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
 from workers.device import select_device
 from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
@@ -84,17 +75,24 @@ def _save_checkpoint(model: nn.Module, out: Path, step: int, loss: float, meta: 
     return CheckpointRef(step=step, path=str(path))
 
 
+def expert_steps(plan: Plan, request: TrainingRequest, recipe: TwoStageRecipe) -> int:
+    """Steps of the expert stage: the request's, else the plan's recipe."""
+    if request.stage2_epochs is not None:
+        return request.stage2_epochs
+    return {"two_stage": recipe.adapter_stage.steps, "fine_tune": FINE_TUNE.steps}.get(plan, EXPERT_ONLY.steps)
+
+
 def _fit_expert_stage(
     plan: Plan, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], steps: int, seed: int,
-    on_step: Callable[[int, float], None], after_step: Callable[[int], None],
+    recipe: TwoStageRecipe, on_step: Callable[[int, float], None], after_step: Callable[[int], None],
 ) -> float:
-    """Stage 2 by plan: the adapter alone (two_stage), every weight pulled toward stage 1
-    (fine_tune), or a direct policy from scratch (expert_only) — the recipes of policies.features.model that
-    policies.features.conditions scores the plans with."""
+    """Stage 2 by plan: the adapter alone with its prior chosen by cross-validation (two_stage, the
+    recipe bench/appendix_d.py reports), every weight pulled toward stage 1 (fine_tune), or a direct
+    policy from scratch (expert_only)."""
     x, y_w, y_l = data
     if plan == "two_stage":
         assert isinstance(model, TwoStagePolicy)
-        return fit_adapter(model, x, y_w, y_l, seed, replace(ADAPTER_STAGE, steps=steps), on_step, after_step)
+        return fit_two_stage_adapter(model, x, y_w, y_l, seed, recipe, on_step, after_step)
     for p in model.parameters():
         p.requires_grad_(True)
     if plan == "fine_tune":
@@ -109,16 +107,15 @@ def train_feature_policy(
     device: torch.device, worker: str, progress: Progress,
 ) -> TrainingResult:
     """Run the plan's stages; checkpoint after stage 1 (step 0) and every `checkpoint_every` steps
-    of the expert stage. Step counts come from the request; learning rates, weight decay and priors
-    from the recipes in policies.features.model."""
+    of the expert stage. The two-stage recipe is policies.features.recipe.TWO_STAGE (the bench's),
+    with the request's step counts and adapter size where it names them (`resolve_recipe`)."""
     started = time.perf_counter()
     torch.manual_seed(request.seed)
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     everything = [*proxy, *expert_train]
-    config = TwoStageConfig(
-        input_dim=len(everything[0].x), n_outputs=n_outputs_of(everything), simplex_dim=request.adapter_dim
-    )
+    recipe = resolve_recipe(request)
+    config = recipe.config(len(everything[0].x), n_outputs_of(everything))
     model = build_model(request.plan, config).to(device)
     meta: dict[str, object] = {
         "plan": request.plan, "config": model_config(request.plan, config), "run_id": request.run_id,
@@ -142,19 +139,19 @@ def train_feature_policy(
 
     if request.plan in ("two_stage", "proxy_as_is", "fine_tune"):
         assert isinstance(model, TwoStagePolicy)
-        recipe = replace(PROXY_STAGE, steps=request.stage1_epochs)
         xp, wp, lp = to_device(proxy)
-        loss = fit_stage1(model, xp, wp, lp, request.seed, recipe, report("proxy", request.stage1_epochs))
+        stage1 = recipe.proxy_stage
+        loss = fit_stage1(model, xp, wp, lp, request.seed, stage1, report("proxy", stage1.steps))
         checkpoints.append(_save_checkpoint(model, out, 0, loss, meta))
     if request.plan in ("two_stage", "fine_tune", "expert_only"):
-        total = request.stage2_epochs
+        total = expert_steps(request.plan, request, recipe)
 
         def after_expert_step(step: int) -> None:
             if step % request.checkpoint_every == 0 or step == total:
                 last = float(curve[-1]["loss"]) if curve else float("nan")  # type: ignore[arg-type]
                 checkpoints.append(_save_checkpoint(model, out, step, last, meta))
 
-        loss = _fit_expert_stage(request.plan, model, to_device(expert_train), total, request.seed,
+        loss = _fit_expert_stage(request.plan, model, to_device(expert_train), total, request.seed, recipe,
                                  report("expert", total), after_expert_step)
     (out / "curve.json").write_text(json.dumps(curve))
     return TrainingResult(

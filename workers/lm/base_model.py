@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
@@ -25,9 +26,11 @@ WARMUP = {"loss_mode": "it", "learning_rate": 4e-3, "batch_size": 16, "max_steps
 
 
 def _pretrain_tiny(out: Path, seed: int, corpus: list[str] | None = None,
-                   chats: list[list[dict[str, str]]] | None = None) -> Path:
+                   chats: list[list[dict[str, str]]] | None = None, warmup: dict[str, Any] | None = None) -> Path:
     """Random init → SFT on `warmup_chats` → the final weights and tokenizer in `out`. `corpus` (the tokenizer's
-    text) and `chats` (the warm-up) default to the demo's chat task; `bench/lm_proxy.py` passes its own world's."""
+    text), `chats` (the warm-up) and `warmup` (overrides of WARMUP) default to the demo's; `bench/lm_proxy.py`
+    passes its own world's."""
+    warmup = {**WARMUP, **(warmup or {})}
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     corpus = corpus if corpus is not None else default_corpus() + chat_corpus()
@@ -37,11 +40,11 @@ def _pretrain_tiny(out: Path, seed: int, corpus: list[str] | None = None,
     data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     result = run_lm_training(LMTrainingRequest(run_id="tiny-chat-warmup", method="sft", base_model=str(init),
                                                dataset=str(data), output_dir=str(work / "sft"),
-                                               config={**WARMUP, "seed": seed}), progress=lambda _: None)
+                                               config={**warmup, "seed": seed}), progress=lambda _: None)
     staged = work / "model"
     shutil.copytree(result["checkpoints"][-1], staged,
                     ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
-    (staged / "proxyloop-source.json").write_text(json.dumps({"built": "tiny", "warmup": WARMUP,
+    (staged / "proxyloop-source.json").write_text(json.dumps({"built": "tiny", "warmup": warmup,
                                                               "final_loss": result["final_loss"]}))
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)  # a directory with config.json is always complete

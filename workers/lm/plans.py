@@ -29,15 +29,16 @@ class LMRecipe:
     """Hyper-parameters of every recipe; the defaults were chosen on the bench's tuning seeds (docs/benchmarks.md)."""
 
     simplex_dim: int = 8
-    beta: float = 0.1
+    stage1_parts: str = "all"  # "bottleneck": stage 1 trains only τ̃'s projection and Θ̃, the body frozen
+    beta: float = 0.5  # bench/lm_proxy.py, tuning seeds 0-1: 0.1 left the policies' gold reward unmoved
     batch_size: int = 16
-    proxy_learning_rate: float = 5e-4  # stage 1 and pooled; SmolLM2 wants about 1e-5
-    proxy_epochs: int = 2
+    proxy_learning_rate: float = 2e-3  # stage 1 and pooled (the tiny model); SmolLM2 wants about 1e-5
+    proxy_epochs: int = 4
     proxy_max_steps: int = 0  # > 0 caps stage 1 (and pooled) at this many steps
     adapter_learning_rate: float = 5e-2  # a D×D map from a few dozen pairs: large steps, few weights
     adapter_epochs: int = 30
-    expert_learning_rate: float = 5e-4  # fine_tune and expert_only
-    expert_epochs: int = 10
+    expert_learning_rate: float = 2e-3  # fine_tune and expert_only (the tiny model)
+    expert_epochs: int = 20
     checkpoint_every: int = 20
     max_length: int = 128
     seed: int = 0
@@ -61,7 +62,7 @@ def recipe_request(
     otherwise."""
     if recipe_name == "stage1":
         config = _config(recipe, recipe.proxy_learning_rate, recipe.proxy_epochs, recipe.proxy_max_steps,
-                         simplex_dim=recipe.simplex_dim)
+                         simplex_dim=recipe.simplex_dim, train_parts=recipe.stage1_parts)
     elif recipe_name == "pooled":
         config = _config(recipe, recipe.proxy_learning_rate, recipe.proxy_epochs, recipe.proxy_max_steps)
     elif recipe_name == "two_stage":

@@ -44,8 +44,8 @@ class LoopConfig:
         "and train it with the rest, its adapter held at the identity; 0 adds none. A model that already has one keeps "
         "it.", 0)
     train_parts: str = _help(
-        "'all' trains every weight; 'adapter' only the bottleneck's D×D adapter (paper 1's stage 2, expert pairs).",
-        "all")
+        "'all' trains every weight; 'bottleneck' only the simplex bottleneck's projection and Θ̃ (stage 1 with the "
+        "body frozen); 'adapter' only the bottleneck's D×D adapter (paper 1's stage 2, expert pairs).", "all")
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum_steps", "epochs", "max_length", "bucket_factor", "checkpoint_every",
@@ -64,8 +64,8 @@ class LoopConfig:
             raise ValueError("lora_r > 0 needs lora_target_modules (e.g. ['q_proj', 'v_proj'])")
         if self.simplex_dim < 0 or self.simplex_dim == 1:
             raise ValueError(f"simplex_dim must be 0 (none) or >= 2, got {self.simplex_dim}")
-        if self.train_parts not in ("all", "adapter"):
-            raise ValueError(f"train_parts must be 'all' or 'adapter', got {self.train_parts!r}")
+        if self.train_parts not in ("all", "bottleneck", "adapter"):
+            raise ValueError(f"train_parts must be 'all', 'bottleneck' or 'adapter', got {self.train_parts!r}")
         if self.simplex_dim and self.train_parts == "adapter":
             raise ValueError("simplex_dim > 0 is stage 1 (the adapter stays the identity); train_parts='adapter' is "
                              "stage 2, started from the stage-1 checkpoint with simplex_dim=0")

@@ -1,0 +1,196 @@
+"""Label Studio's ML-backend protocol, served by the HTTP app under /labelstudio/ml (issue 17).
+
+Label Studio calls GET /health and POST /setup when the backend is connected (`POST /api/ml`), POST
+/predict with the tasks it wants predictions for, and POST /webhook with annotation events when
+"training" is on. Shapes as in HumanSignal/label-studio-ml-backend (label_studio_ml/api.py):
+/predict answers {"results": [{"result": [...], "score": s, "model_version": v}, ...]} in task order.
+
+Each prediction pre-annotates the pairwise choice the current policy prefers (a prediction, which
+Label Studio shows as a suggestion the annotator accepts or overrides) and carries the task's
+acquisition score (policies/acquisition.py) as `score`, so the task list sorts by it. Scores are
+computed by the `refresh-acquisition` flow (flows/acquisition.py) and kept in a small JSON file
+(`ScoreCache`); /predict only reads it, so no model runs in a request. A task the last refresh did
+not score gets the highest score, log 2: it is unknown, so it is asked about early.
+
+Auth: the webhook's shared secret, either in the X-Proxyloop-Secret header or as the password of
+HTTP Basic auth (what Label Studio's ML-backend connection can send; the user name is ignored).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from ground.schemas import ACQUISITION_REQUESTED_EVENT, utcnow
+from ground.settings import Settings
+from ingest.labelstudio.webhook import SECRET_HEADER
+from ingest.web import SettingsDep
+from policies.acquisition import MAX_SCORE, AcquisitionScores
+
+ML_BACKEND_PREFIX = "/labelstudio/ml"
+MODEL_CLASS = "proxyloop.acquisition"
+PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "a,b"  # ingest/labelstudio/provision.PAIRWISE_CONFIG
+
+
+class TaskScore(BaseModel):
+    score: float = Field(ge=0.0)
+    preferred: Literal["a", "b"]
+    prob_a: float = Field(ge=0.0, le=1.0)
+
+
+class ScoreCache(BaseModel):
+    """The last refresh: one score per open task, keyed by Label Studio task id."""
+
+    refreshed_at: datetime = Field(default_factory=utcnow)
+    model_version: str = "proxy"  # the registry version the scores came from (or "proxy")
+    method: str = "none"
+    n_labels: int = 0  # expert labels the scores were computed from
+    tasks: dict[int, TaskScore] = Field(default_factory=dict)
+
+    @classmethod
+    def from_scores(cls, task_ids: list[int], scores: AcquisitionScores, model_version: str) -> ScoreCache:
+        if len(task_ids) != len(scores):
+            raise ValueError(f"{len(task_ids)} task ids for {len(scores)} scores")
+        tasks = {t: TaskScore(score=float(s), preferred=c, prob_a=float(p)) for t, s, c, p in
+                 zip(task_ids, scores.scores, scores.preferred(), scores.prob_a, strict=True)}
+        return cls(model_version=model_version, method=scores.method, n_labels=scores.n_labels, tasks=tasks)
+
+
+def cache_path(settings: Settings) -> Path:
+    return settings.home_dir / "acquisition" / "scores.json"
+
+
+def read_cache(settings: Settings) -> ScoreCache | None:
+    """The last refresh's scores, or None before the first (or if the file is unreadable)."""
+    path = cache_path(settings)
+    try:
+        return ScoreCache.model_validate_json(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_cache(settings: Settings, cache: ScoreCache) -> Path:
+    """Atomically replace the cache (readers never see half a file)."""
+    path = cache_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".scores-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(cache.model_dump_json())
+    os.replace(tmp, path)
+    return path
+
+
+def prediction(task_id: int | None, cache: ScoreCache | None) -> dict[str, Any]:
+    """One Label Studio prediction: the preferred side as a pairwise pre-annotation, the score."""
+    version = cache.model_version if cache else "proxy"
+    entry = cache.tasks.get(task_id) if cache and task_id is not None else None
+    if entry is None:
+        return {"result": [], "score": MAX_SCORE, "model_version": version}
+    result = {"from_name": PAIRWISE_FROM_NAME, "to_name": PAIRWISE_TO_NAME, "type": "pairwise",
+              "origin": "prediction", "value": {"selected": "left" if entry.preferred == "a" else "right"}}
+    return {"result": [result], "score": entry.score, "model_version": version}
+
+
+# The router.
+
+
+def _basic_password(authorization: str | None) -> str | None:
+    if not authorization or not authorization.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2]
+
+
+def require_backend_secret(request: Request, settings: SettingsDep) -> None:
+    """The webhook's shared secret, in its header or as the Basic-auth password."""
+    expected = settings.webhook_secret.encode()
+    for presented in (request.headers.get(SECRET_HEADER), _basic_password(request.headers.get("authorization"))):
+        if presented is not None and hmac.compare_digest(presented.encode(), expected):
+            return
+    raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header (or Basic-auth password)")
+
+
+router = APIRouter(tags=["labelstudio-ml-backend"], dependencies=[Depends(require_backend_secret)])
+
+
+class PredictRequest(BaseModel):
+    tasks: list[dict[str, Any]] = Field(default_factory=list)
+    project: str | int | None = None
+    label_config: str | None = None
+    params: dict[str, Any] | None = None
+
+
+class SetupRequest(BaseModel):
+    project: str | int | None = None
+    schema_: str | None = Field(None, alias="schema")
+    hostname: str | None = None
+    access_token: str | None = None
+    model_version: str | None = None
+    extra_params: Any = None
+
+
+@router.get("/health")
+@router.get("/")
+def health(settings: SettingsDep) -> dict[str, Any]:
+    cache = read_cache(settings)
+    return {"status": "UP", "model_class": MODEL_CLASS,
+            "model_version": cache.model_version if cache else "proxy"}
+
+
+@router.post("/setup")
+def setup(body: SetupRequest, settings: SettingsDep) -> dict[str, str]:
+    cache = read_cache(settings)
+    return {"model_version": cache.model_version if cache else "proxy"}
+
+
+@router.post("/predict")
+def predict(body: PredictRequest, settings: SettingsDep) -> dict[str, Any]:
+    cache = read_cache(settings)
+    results = []
+    for task in body.tasks:
+        task_id = task.get("id")
+        results.append(prediction(task_id if isinstance(task_id, int) else None, cache))
+    return {"results": results, "model_version": cache.model_version if cache else "proxy"}
+
+
+def request_refresh(reason: str, project: object = None) -> None:
+    """Emit the Prefect event the `refresh-acquisition` deployment is triggered by."""
+    from prefect.events import emit_event
+
+    emit_event(event=ACQUISITION_REQUESTED_EVENT, resource={"prefect.resource.id": "proxyloop.acquisition"},
+               payload={"reason": reason, "project": json.loads(json.dumps(project, default=str))})
+
+
+@router.post("/webhook", status_code=201)
+async def webhook(request: Request) -> dict[str, Any]:
+    """Label Studio's training webhook: acknowledged at once; an annotation event requests a refresh
+    (the deployment's rate limit turns a burst into one refresh)."""
+    try:
+        payload = await request.json()
+    except ValueError as exc:
+        raise HTTPException(422, f"webhook body is not JSON: {exc}") from exc
+    action = payload.get("action") if isinstance(payload, dict) else None
+    if not isinstance(action, str):
+        raise HTTPException(422, "webhook body needs an 'action'")
+    if not action.startswith("ANNOTATION"):
+        return {"status": "ignored", "action": action}
+    project = payload.get("project")
+    try:
+        await run_in_threadpool(request_refresh, action, project.get("id") if isinstance(project, dict) else project)
+    except Exception as exc:  # Prefect unreachable: the label itself still travels by the ingest webhook
+        return {"status": "ok", "action": action, "refresh": f"not requested: {exc}"}
+    return {"status": "ok", "action": action, "refresh": "requested"}
+

@@ -1,0 +1,110 @@
+"""Label Studio's ML-backend protocol (policies/ml_backend.py): shapes, auth, the score cache."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+import policies.ml_backend as ml_backend
+from ground.settings import Settings, get_settings
+from policies.acquisition import MAX_SCORE, text_scores
+from policies.ml_backend import ML_BACKEND_PREFIX, ScoreCache, read_cache, router, write_cache
+
+SECRET = {"X-Proxyloop-Secret": "s3cret"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, webhook_secret="s3cret")
+
+
+@pytest.fixture
+def client(settings: Settings) -> TestClient:
+    app = FastAPI()
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.include_router(router, prefix=ML_BACKEND_PREFIX)
+    return TestClient(app)
+
+
+def _cache(settings: Settings) -> None:
+    scores = text_scores([3.0, -3.0], proxy_margin=[3.0, 3.0], n_labels=4)
+    write_cache(settings, ScoreCache.from_scores([11, 12], scores, "chat@3"))
+
+
+def test_health_and_setup_answer_as_label_studio_expects(client: TestClient, settings: Settings) -> None:
+    health = client.get(f"{ML_BACKEND_PREFIX}/health", headers=SECRET)
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    setup = client.post(f"{ML_BACKEND_PREFIX}/setup", headers=SECRET,
+                        json={"project": "1.1700000000", "schema": "<View/>", "hostname": "http://ls",
+                              "access_token": "t", "model_version": None, "extra_params": None})
+    assert setup.status_code == 200 and setup.json() == {"model_version": "proxy"}
+    _cache(settings)
+    assert client.post(f"{ML_BACKEND_PREFIX}/setup", headers=SECRET, json={}).json() == {"model_version": "chat@3"}
+
+
+def test_predict_returns_one_prediction_per_task_in_order(client: TestClient, settings: Settings) -> None:
+    _cache(settings)
+    tasks = [{"id": 12, "data": {"prompt": "p", "answer_a": "a", "answer_b": "b"}}, {"id": 11, "data": {}},
+             {"id": 99, "data": {}}]
+    body = client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET,
+                       json={"tasks": tasks, "project": "1.1700000000", "label_config": "<View/>", "params": {}}).json()
+    results = body["results"]
+    assert [set(r) for r in results] == [{"result", "score", "model_version"}] * 3
+    assert body["model_version"] == "chat@3"
+    # Task 12: the policy prefers b, the proxy a: a disagreement, scored above task 11 (both agree on a).
+    assert results[0]["result"] == [{"from_name": "pw", "to_name": "a,b", "type": "pairwise", "origin": "prediction",
+                                     "value": {"selected": "right"}}]
+    assert results[1]["result"][0]["value"] == {"selected": "left"}
+    assert results[0]["score"] > results[1]["score"]
+    # Never scored: no pre-annotation, the highest score (asked about early).
+    assert results[2] == {"result": [], "score": pytest.approx(MAX_SCORE), "model_version": "chat@3"}
+    assert client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": []}).json()["results"] == []
+
+
+def test_every_route_needs_the_secret_in_the_header_or_basic_auth(client: TestClient) -> None:
+    for method, path in (("get", "/health"), ("post", "/setup"), ("post", "/predict"), ("post", "/webhook")):
+        response = client.request(method, f"{ML_BACKEND_PREFIX}{path}", json={})
+        assert response.status_code == 401, path
+        assert client.request(method, f"{ML_BACKEND_PREFIX}{path}", json={},
+                              headers={"X-Proxyloop-Secret": "wrong"}).status_code == 401
+    basic = base64.b64encode(b"labelstudio:s3cret").decode()
+    assert client.get(f"{ML_BACKEND_PREFIX}/health", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    wrong = base64.b64encode(b"labelstudio:nope").decode()
+    assert client.get(f"{ML_BACKEND_PREFIX}/health", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+
+
+def test_webhook_acknowledges_and_requests_a_refresh(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(ml_backend, "request_refresh", lambda reason, project=None: calls.append((reason, project)))
+    response = client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET,
+                           json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}})
+    assert response.status_code == 201
+    assert response.json() == {"status": "ok", "action": "ANNOTATION_CREATED", "refresh": "requested"}
+    assert calls == [("ANNOTATION_CREATED", 3)]
+    ignored = client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET, json={"action": "PROJECT_UPDATED"})
+    assert ignored.status_code == 201 and ignored.json()["status"] == "ignored"
+    assert client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET, json={"no": "action"}).status_code == 422
+
+    def unreachable(reason: str, project: object = None) -> None:
+        raise ConnectionError("prefect down")
+
+    monkeypatch.setattr(ml_backend, "request_refresh", unreachable)
+    down = client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET, json={"action": "ANNOTATION_UPDATED"})
+    assert down.status_code == 201 and down.json()["refresh"].startswith("not requested")
+
+
+def test_cache_round_trip_and_bad_files(settings: Settings) -> None:
+    assert read_cache(settings) is None
+    _cache(settings)
+    cache = read_cache(settings)
+    assert cache is not None and set(cache.tasks) == {11, 12} and cache.n_labels == 4
+    assert cache.method == "proxy_disagreement"
+    ml_backend.cache_path(settings).write_text("{not json")
+    assert read_cache(settings) is None
+    with pytest.raises(ValueError, match="1 task ids for 2 scores"):
+        ScoreCache.from_scores([1], text_scores(np.zeros(2)), "v")
