@@ -99,3 +99,11 @@ def relaxation_constant(ratios: np.ndarray, quantile: float) -> float:
     """L estimate: a high quantile of the distance ratios (L is a worst case; the quantile keeps a
     few outlying pairs from deciding it)."""
     return float(np.quantile(ratios, quantile))
+
+
+def relaxation_interval(ratios: np.ndarray, quantile: float, rng: np.random.Generator,
+                        resamples: int = 500) -> tuple[float, float, float]:
+    """(L estimate, 95% bootstrap interval of it): similarity passes unless the whole interval is above the bound."""
+    resampled = ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))]
+    low, high = np.quantile(np.quantile(resampled, quantile, axis=1), [0.025, 0.975])
+    return relaxation_constant(ratios, quantile), float(low), float(high)

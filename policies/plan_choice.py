@@ -53,6 +53,15 @@ def significantly_worse(ll: np.ndarray, best: np.ndarray, rng: np.random.Generat
     return p < ALPHA, p
 
 
+def two_stage_vs_rival(ll: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray],
+                       rng: np.random.Generator) -> tuple[bool, float, str, str]:
+    """The end-to-end check of both families: is two_stage significantly worse than the best other plan on
+    held-out expert data? -> (worse, p, that plan, a text of every plan's held-out accuracy)."""
+    rival = max((c for c in CANDIDATES if c != "two_stage"), key=lambda c: float(ll[c].mean()))
+    worse, p = significantly_worse(ll["two_stage"], ll[rival], rng)
+    return worse, p, rival, ", ".join(f"{c} {correct[c].mean():.3f}" for c in CANDIDATES)
+
+
 def _too_few(
     by_name: Mapping[str, ConditionCheck], evidence: PlanEvidence, reasons: list[str]
 ) -> tuple[Plan, list[str]]:

@@ -24,7 +24,7 @@ from policies.condition_statistics import (
     favourite_shares,
     log_ratios,
     preferred_outputs,
-    relaxation_constant,
+    relaxation_interval,
 )
 from policies.features.condition_config import CHECK_NAMES, THRESHOLDS, ConditionThresholds
 from policies.features.cross_validation import (
@@ -37,7 +37,7 @@ from policies.features.cross_validation import (
 )
 from policies.features.fitting import PROXY_STAGE, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, PreferenceModel, TwoStageConfig, TwoStagePolicy, triples_to_tensors
-from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, significantly_worse
+from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, two_stage_vs_rival
 
 __all__ = ["CHECK_NAMES", "ConditionThresholds", "choose_plan", "run_condition_tests"]
 
@@ -222,9 +222,7 @@ def _similarity_preserved(expert_lp: np.ndarray, proxy_lp_all: np.ndarray, rng: 
     i = rng.integers(0, n, size=t.n_pairs)
     j = (i + rng.integers(1, n, size=t.n_pairs)) % n  # distinct partner
     ratios = distance_ratios(log_ratios(expert_lp), log_ratios(proxy_lp_all), i, j, t.proxy_floor_quantile)
-    resampled = ratios[rng.integers(0, len(ratios), size=(500, len(ratios)))]
-    low, high = np.quantile(np.quantile(resampled, t.l_quantile, axis=1), [0.025, 0.975])
-    l_hat = relaxation_constant(ratios, t.l_quantile)
+    l_hat, low, high = relaxation_interval(ratios, t.l_quantile, rng)
     return _check(
         "similarity_preserved", low <= t.max_l, l_hat, t.max_l,
         f"L estimate = {t.l_quantile:.0%} quantile, over the {len(ratios)} of {t.n_pairs} input pairs the proxy "
@@ -235,10 +233,7 @@ def _similarity_preserved(expert_lp: np.ndarray, proxy_lp_all: np.ndarray, rng: 
 
 
 def _end_to_end(cv: CrossValidated, rng: np.random.Generator, t: ConditionThresholds) -> ConditionCheck:
-    others = [c for c in CANDIDATES if c != "two_stage"]
-    rival = max(others, key=lambda c: float(cv.ll[c].mean()))
-    worse, p = significantly_worse(cv.ll["two_stage"], cv.ll[rival], rng)
-    accuracy = ", ".join(f"{c} {cv.correct[c].mean():.3f}" for c in CANDIDATES)
+    worse, p, rival, accuracy = two_stage_vs_rival(cv.ll, cv.correct, rng)
     return _check(
         "end_to_end", not worse, p, t.alpha,
         f"held-out ({CV_FOLDS}-fold) log-likelihood per triple: two_stage {cv.ll['two_stage'].mean():+.3f} vs the "

@@ -24,10 +24,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ground.schemas import ConditionCheck, ConditionReport
-from policies.condition_statistics import bootstrap_mean, encoding_dimension, log_ratios, relaxation_constant
+from policies.condition_statistics import bootstrap_mean, encoding_dimension, log_ratios, relaxation_interval
 from policies.features.condition_config import CHECK_NAMES
 from policies.lm.condition_config import TEXT_THRESHOLDS, TextConditionThresholds
-from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, significantly_worse
+from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, two_stage_vs_rival
 
 __all__ = ["CHECK_NAMES", "TextConditionThresholds", "TextPairFeatures", "run_text_condition_tests"]
 
@@ -305,9 +305,7 @@ def _similarity_preserved(designs: _Designs, expert: TextPairFeatures, proxy: Te
     d_expert = _aitchison(expert.simplex_chosen, expert.simplex_rejected)
     kept = d_expert >= np.quantile(d_expert, t.proxy_floor_quantile)
     ratios = strength[kept] / (kappa * np.maximum(d_expert[kept], 1e-9))
-    l_hat = relaxation_constant(ratios, t.l_quantile)
-    resampled = ratios[rng.integers(0, len(ratios), size=(500, len(ratios)))]
-    low, high = np.quantile(np.quantile(resampled, t.l_quantile, axis=1), [0.025, 0.975])
+    l_hat, low, high = relaxation_interval(ratios, t.l_quantile, rng)
     return _check(
         "similarity_preserved", low <= t.max_l, l_hat, t.max_l,
         f"L = {t.l_quantile:.0%} quantile, over the {len(ratios)} of {expert.n} expert pairs at least their "
@@ -319,9 +317,7 @@ def _similarity_preserved(designs: _Designs, expert: TextPairFeatures, proxy: Te
 
 def _end_to_end(ll: dict[str, np.ndarray], correct: dict[str, np.ndarray], n: int, rng: np.random.Generator,
                 t: TextConditionThresholds) -> ConditionCheck:
-    rival = max((c for c in CANDIDATES if c != "two_stage"), key=lambda c: float(ll[c].mean()))
-    worse, p = significantly_worse(ll["two_stage"], ll[rival], rng)
-    accuracy = ", ".join(f"{c} {correct[c].mean():.3f}" for c in CANDIDATES)
+    worse, p, rival, accuracy = two_stage_vs_rival(ll, correct, rng)
     return _check(
         "end_to_end", not worse, p, t.alpha,
         f"held-out ({n} pairs, {min(t.cv_folds, n)}-fold) log-likelihood per pair: two_stage "
