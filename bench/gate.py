@@ -305,9 +305,9 @@ def train_run(sft: Path, task: Task, work: Path, loss_type: str, beta: float, se
     # Baseline: the SFT model in service; its implicit reward is 0 everywhere, i.e. chance (0.5).
     baseline = base.heldout_accuracy
     return RunResult(loss_type, beta, seed, base, scores,
-                     decide(evaluations(scores, "generated"), baseline, GateRules(use_indicators=True)),
-                     decide(evaluations(scores, "generated"), baseline, GateRules(use_indicators=False)),
-                     decide(evaluations(scores, "teacher_forced"), baseline, GateRules(use_indicators=True)),
+                     decide(evaluations(scores, "generated"), baseline, GateRules(indicators="decide")),
+                     decide(evaluations(scores, "generated"), baseline, GateRules(indicators="advisory")),
+                     decide(evaluations(scores, "teacher_forced"), baseline, GateRules(indicators="decide")),
                      time.perf_counter() - started)
 
 

@@ -60,7 +60,8 @@ def training_plot(curve: list[dict[str, Any]], evals: list[CheckpointEvaluation]
     steps = [e.step for e in evals]
     right.plot(steps, [e.heldout_accuracy for e in evals], marker="o", label="held-out accuracy")
     right.plot(steps, [e.topk_entropy for e in evals], marker="s", label="top-k entropy (bits)")
-    right.plot(steps, [e.topk_mass for e in evals], marker="^", label="top-k mass")
+    if all(e.topk_mass is not None for e in evals):
+        right.plot(steps, [e.topk_mass for e in evals], marker="^", label="top-k mass")
     right.set_xlabel("checkpoint step")
     right.legend(fontsize=7)
     right.set_title("checkpoints")
@@ -101,7 +102,8 @@ def publish_gate_decision(
     create_table_artifact(
         key="checkpoint-evaluations",
         table=[{"step": e.step, "heldout_accuracy": round(e.heldout_accuracy, 4),
-                "topk_entropy_bits": round(e.topk_entropy, 4), "topk_mass": round(e.topk_mass, 4)} for e in evals],
+                "topk_entropy_bits": round(e.topk_entropy, 4),
+                "topk_mass": "n/a" if e.topk_mass is None else round(e.topk_mass, 4)} for e in evals],
         description="Held-out expert accuracy and over-optimisation indicators per checkpoint",
     )
     create_markdown_artifact(

@@ -222,9 +222,10 @@ def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) ->
 @task(name="gate")
 def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
     rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
-                      use_indicators=evaluation.language_model)
+                      indicators=settings.gate_indicators if evaluation.language_model else "not_applicable")
     if evaluation.language_model:
-        decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules)
+        decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules,
+                                         evaluation.base_topk_mass)
     else:
         decision = decide(evaluation.evaluations, evaluation.baseline_accuracy, rules)
     get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))

@@ -225,7 +225,7 @@ class CheckpointEvaluation(BaseModel):
     path: str
     heldout_accuracy: float
     topk_entropy: float
-    topk_mass: float
+    topk_mass: float | None  # None: not applicable (a policy over no more outputs than k: the mass is always 1)
     # Every indicator of a language-model checkpoint, keyed `teacher_forced/...` and `generated/...`
     # (policies.lm.indicators), with `rewards/margins_mean`; empty for feature-vector policies.
     indicators: dict[str, float] = Field(default_factory=dict)
@@ -272,6 +272,7 @@ class Evaluation(BaseModel):
     # Language models only: the base model's own log-prob ranking of the held-out pairs.
     base_model_log_prob_accuracy: float | None = None
     n_indicator_prompts: int | None = None
+    base_topk_mass: float | None = None  # language models: the base model's (step 0), the mass rule's reference
 
 
 class SnapshotInfo(BaseModel):

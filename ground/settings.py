@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     gate_max_accuracy_drop: float = Field(
         0.02, ge=0, le=1, description="Block when the release is this much worse than the baseline."
     )
+    gate_indicators: Literal["advisory", "decide"] = Field(
+        "advisory", description="Paper 2's indicators in the language-model gate: 'advisory' records what they "
+        "would do; 'decide' acts on them. bench/gate.py found no gain from acting (docs/benchmarks.md).")
     training_seed: int = 0
 
     @model_validator(mode="after")

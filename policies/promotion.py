@@ -4,9 +4,11 @@ release (registry version with lineage, alias move logged in the promotion histo
 Both live here because together they are the one step of a label's path that decides what serves;
 the language-model family reuses both (`policies/lm/gate.py`, `policies/lm/release.py`).
 
-The gate, after paper 2: top-k entropy that peaked and then fell, or top-k mass that collapsed, marks
-over-optimisation even when training loss still improves; we then prefer the checkpoint at the
-peak. Held-out expert accuracy must clear an absolute floor and not fall behind the baseline.
+The gate, after paper 2: top-k entropy that peaked and then fell, or top-k mass that collapsed below the
+base model's, marks over-optimisation even when training loss still improves; in "decide" mode we then
+prefer the checkpoint at the peak. By default the indicators are advisory (recorded in the reasons, not
+applied): bench/gate.py found that acting on them did not beat the plain pick (docs/benchmarks.md).
+Held-out expert accuracy must clear an absolute floor and not fall behind the baseline.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from safetensors.torch import load_file
 
@@ -26,65 +28,86 @@ from ingest.bus import make_producer, publish
 from policies.registry import ReleaseEvidence, record_move, record_release, register, resolve
 from policies.registry_remote import push
 
+IndicatorMode = Literal["not_applicable", "advisory", "decide"]
+
 
 @dataclass(frozen=True)
 class GateRules:
     min_heldout_accuracy: float = 0.55
     max_accuracy_drop: float = 0.02
-    entropy_decline_evals: int = 2  # consecutive declines after the peak that count as a trend
-    max_mass_drop: float = 0.2  # relative drop of top-k mass from its first value
-    # Paper 2's indicators describe next-token distributions of language models. A policy over a
-    # handful of outputs gets more confident as it learns, so for it they are recorded, not gated.
-    use_indicators: bool = True
+    entropy_decline_evals: int = 2  # new lows after the peak that make a fall (not necessarily monotone)
+    min_entropy_drop: float = 0.02  # ... and how far below the peak, relative, the last low must be
+    max_mass_drop: float = 0.2  # relative drop of top-k mass from the base model's (step 0)
+    # "decide": the indicators exclude checkpoints; "advisory": what they would do is recorded in the
+    # reasons, the decision is the plain pick (bench/gate.py found no gain from them: docs/benchmarks.md);
+    # "not_applicable": a policy over a handful of outputs, which gets more confident as it learns.
+    indicators: IndicatorMode = "advisory"
 
 
-def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_length: int) -> int | None:
-    """Index of the entropy peak if entropy fell for `run_length` evaluations after it."""
+def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_length: int,
+                                min_drop: float = 0.0) -> int | None:
+    """Index of the entropy peak if, after it, entropy reached `run_length` new lows and ended more than
+    `min_drop` (relative) below the peak. A bump between lows (1.0, 0.9, 0.91, 0.8, 0.7) is still a fall."""
     values = [e.topk_entropy for e in evals]
     if len(values) < run_length + 1:
         return None
     peak = max(range(len(values)), key=values.__getitem__)
-    after = values[peak:]
-    if len(after) > run_length and all(b < a for a, b in zip(after, after[1:], strict=False)):
+    lows, lowest = 0, values[peak]
+    for value in values[peak + 1:]:
+        if value < lowest:
+            lows, lowest = lows + 1, value
+    if lows >= run_length and lowest < values[peak] * (1 - min_drop):
         return peak
     return None
 
 
 def _apply_indicators(
-    evals: Sequence[CheckpointEvaluation], rules: GateRules, reasons: list[str]
+    evals: Sequence[CheckpointEvaluation], rules: GateRules, reasons: list[str], base_mass: float | None,
 ) -> list[CheckpointEvaluation]:
-    """Drop checkpoints past an entropy peak-then-decline or a top-k mass collapse (paper 2)."""
+    """Checkpoints left after an entropy peak-then-fall or a top-k mass collapse against the base (paper 2)."""
     candidates = list(evals)
-    peak = entropy_declined_after_peak(evals, rules.entropy_decline_evals)
+    peak = entropy_declined_after_peak(evals, rules.entropy_decline_evals, rules.min_entropy_drop)
     if peak is not None:
         reasons.append(
-            f"top-k entropy peaked at step {evals[peak].step} and declined for "
-            f"{len(evals) - 1 - peak} evaluations: over-optimisation; considering checkpoints up to the peak"
+            f"top-k entropy peaked at step {evals[peak].step} and fell to new lows after it: over-optimisation; "
+            "considering checkpoints up to the peak"
         )
         candidates = candidates[: peak + 1]
-    first_mass = evals[0].topk_mass
-    collapsed = [e for e in candidates if first_mass > 0 and e.topk_mass < first_mass * (1 - rules.max_mass_drop)]
+    reference = base_mass if base_mass is not None else evals[0].topk_mass
+    collapsed = [e for e in candidates if reference and e.topk_mass is not None
+                 and e.topk_mass < reference * (1 - rules.max_mass_drop)]
     if collapsed:
+        against = "the base model's" if base_mass is not None else "the first checkpoint's"
         reasons.append(
-            f"top-k mass fell more than {rules.max_mass_drop:.0%} from {first_mass:.3f} at step "
-            f"{collapsed[0].step}; excluding later checkpoints"
+            f"top-k mass fell more than {rules.max_mass_drop:.0%} below {against} {reference:.3f} at step "
+            f"{collapsed[0].step}; excluding it and later checkpoints"
         )
         candidates = [e for e in candidates if e.step < collapsed[0].step] or candidates[:1]
     return candidates
 
 
 def decide(
-    evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules
+    evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules,
+    base_mass: float | None = None,
 ) -> GateDecision:
+    """The gate: the checkpoint with the best held-out expert accuracy among those the indicators leave (all of
+    them unless `rules.indicators` is "decide"), released if it clears the floor and the baseline."""
     if not evals:
         return GateDecision(decision="block", checkpoint=None, baseline_accuracy=baseline_accuracy,
                             reasons=["no checkpoints were evaluated"])
     reasons: list[str] = []
     candidates = list(evals)
-    if rules.use_indicators:
-        candidates = _apply_indicators(evals, rules, reasons)
+    if rules.indicators == "not_applicable":
+        reasons.append("indicators not applicable: this policy family is not a language model")
     else:
-        reasons.append("indicators recorded, not gated: this policy family is not a language model")
+        flagged: list[str] = []
+        kept = _apply_indicators(evals, rules, flagged, base_mass)
+        if rules.indicators == "decide":
+            candidates, reasons = kept, reasons + flagged
+        else:
+            reasons += [f"advisory (PROXYLOOP_GATE_INDICATORS=advisory), not applied: {r}" for r in flagged]
+        if not flagged:
+            reasons.append(f"indicators ({rules.indicators}): no rule fired")
     best = max(candidates, key=lambda e: (e.heldout_accuracy, -e.step))
     reasons.append(f"best checkpoint: step {best.step}, held-out expert accuracy {best.heldout_accuracy:.3f}")
     if best.heldout_accuracy < rules.min_heldout_accuracy:

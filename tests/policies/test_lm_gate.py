@@ -4,6 +4,8 @@ from ground.schemas import CheckpointEvaluation
 from policies.lm.gate import decide_language_model
 from policies.promotion import GateRules
 
+DECIDE = GateRules(indicators="decide")
+
 
 def _evals(entropy, mass, accuracy):
     return [CheckpointEvaluation(step=10 * (i + 1), path=f"c{i}", heldout_accuracy=a, topk_entropy=e, topk_mass=m)
@@ -11,7 +13,7 @@ def _evals(entropy, mass, accuracy):
 
 
 def test_a_steady_run_is_released_with_reasons_citing_entropy_and_mass():
-    decision = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.9, 0.91], [0.7, 0.8, 0.9]), 0.5, GateRules())
+    decision = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.9, 0.91], [0.7, 0.8, 0.9]), 0.5, DECIDE)
     assert decision.decision == "release" and decision.checkpoint.step == 30
     assert "1.000 → 1.100 → 1.200" in decision.reasons[0] and "no peak" in decision.reasons[0]
     assert "top-k mass" in decision.reasons[1] and "within the 20% limit" in decision.reasons[1]
@@ -19,13 +21,15 @@ def test_a_steady_run_is_released_with_reasons_citing_entropy_and_mass():
 
 def test_entropy_peak_then_decline_picks_the_peak_even_when_later_accuracy_is_higher():
     decision = decide_language_model(_evals([1.0, 1.4, 1.2, 1.0], [0.9] * 4, [0.7, 0.8, 0.85, 0.9]), 0.5,
-                                     GateRules(use_indicators=False))  # the LM gate always uses indicators
+                                     DECIDE)
     assert decision.decision == "pick_checkpoint" and decision.checkpoint.step == 20
-    assert "peaked and declined" in decision.reasons[0]
+    assert "peaked, then 2+ new lows" in decision.reasons[0]
     assert any("peaked at step 20" in r for r in decision.reasons)
 
 
 def test_a_mass_collapse_is_named_with_its_size():
-    decision = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.6, 0.5], [0.7, 0.8, 0.9]), 0.5, GateRules())
+    decision = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.6, 0.5], [0.7, 0.8, 0.9]), 0.5, DECIDE)
     assert decision.checkpoint.step == 10
     assert "44.4% exceeds the 20% limit" in decision.reasons[1]
+    based = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.6, 0.5], [0.7, 0.8, 0.9]), 0.5, DECIDE, 1.0)
+    assert "from the base model's 1.000 50.0% exceeds" in based.reasons[1]

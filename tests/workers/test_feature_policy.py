@@ -11,6 +11,7 @@ from policies.features.fitting import fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE, fit_two_stage_adapter, resolve_recipe
 from policies.loader import load_policy_dir
+from workers.features.evaluate import evaluate_checkpoint
 from workers.features.tasks import expert_steps, train_feature_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +43,9 @@ def test_expert_only_plan_trains_a_direct_policy_that_loads_back(tmp_path):
     assert [c.step for c in result.checkpoints] == [20, 40]
     model = load_policy_dir(result.checkpoints[-1].path)
     assert model.log_probs(torch.zeros(2, 5)).shape == (2, 3)
+    evaluation = evaluate_checkpoint(result.checkpoints[-1], task.expert_heldout)
+    assert evaluation.topk_mass is None  # 3 outputs ≤ k: the top-k mass would be 1 whatever the policy
+    assert 0 < evaluation.topk_entropy <= 1.6
 
 
 def test_same_seed_gives_the_same_weights(tmp_path):

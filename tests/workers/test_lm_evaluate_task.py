@@ -49,3 +49,4 @@ def test_every_checkpoint_gets_implicit_reward_accuracy_and_both_indicator_views
         assert e["topk_mass"] == e["indicators"]["teacher_forced/mass_mean"]
         assert 0 <= e["topk_entropy"] <= math.log2(10) + 1e-6 and 0 < e["topk_mass"] <= 1
     assert evals[-1]["indicators"] != evals[0]["indicators"]
+    assert evaluation["base_topk_mass"] == pytest.approx(evals[0]["topk_mass"])  # step 0 is the base model

@@ -14,7 +14,7 @@ import torch
 from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
 from policies.features.fitting import EXPERT_ONLY, fit_preferences
 from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
-from policies.indicators import topk_indicators
+from policies.indicators import DEFAULT_TOP_K, topk_indicators
 from policies.loader import load_policy_dir
 
 
@@ -22,10 +22,13 @@ from policies.loader import load_policy_dir
 def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) -> CheckpointEvaluation:
     model: Any = load_policy_dir(ref.path)
     x, y_w, y_l = triples_to_tensors(heldout)
-    entropy, mass = topk_indicators(model.logits(x))  # type: ignore[operator]
+    logits = model.logits(x)  # type: ignore[operator]
+    entropy, mass = topk_indicators(logits)
     return CheckpointEvaluation(
         step=ref.step, path=ref.path, heldout_accuracy=pairwise_accuracy(model, x, y_w, y_l),
-        topk_entropy=float(entropy.mean()), topk_mass=float(mass.mean()),
+        topk_entropy=float(entropy.mean()),
+        # With no more outputs than k the top-k holds every output: its mass is 1 by construction, not a reading.
+        topk_mass=float(mass.mean()) if logits.shape[-1] > DEFAULT_TOP_K else None,
     )
 
 

@@ -69,6 +69,8 @@ def evaluate_lm_checkpoints(
             topk_entropy=indicators["teacher_forced/entropy_mean"], topk_mass=indicators["teacher_forced/mass_mean"],
             indicators=indicators,
         ))
+    base_mass = checkpoint_indicators(reference, tokenizer, prompts, completions)["teacher_forced/mass_mean"]
     return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(pairs), language_model=True,
+                      base_topk_mass=base_mass,
                       base_model_log_prob_accuracy=_pairwise_accuracy(ref_chosen - ref_rejected),
                       n_indicator_prompts=len(prompts))
