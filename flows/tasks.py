@@ -89,13 +89,13 @@ def text_conditions(settings: Settings, run: RetrainRunRecord, base_model: str) 
     without proxy pairs there is nothing to test and the plan is expert_only."""
     assert run.snapshot is not None and run.chat_data is not None
     data, snapshot_id = run.chat_data, run.snapshot.snapshot_id
-    if run.stage1 is None:
+    if run.stage1 is None or run.stage1_request is None:  # both are set together, by stage 1
         report = no_proxy_report(snapshot_id, data.n_expert_train + data.n_heldout)
     else:
         request = TextConditionRequest(
             snapshot_id=snapshot_id, base_model=base_model, stage1_checkpoint=run.stage1.checkpoints[-1].path,
             expert_pairs=data.expert, proxy_pairs=data.proxy, n_expert=data.n_expert_train + data.n_heldout,
-            n_proxy=data.n_proxy, beta=chat_recipe(settings).beta, seed=settings.training_seed)
+            n_proxy=data.n_proxy, beta=float(run.stage1_request.config["beta"]), seed=settings.training_seed)
         sent = celery_app.send_task(TEXT_CONDITIONS_TASK, queue=GPU_QUEUE, args=[request.model_dump(mode="json")])
         report = ConditionReport.model_validate(wait_for_task(sent.id))
     get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))

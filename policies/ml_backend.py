@@ -19,7 +19,6 @@ HTTP Basic auth (what Label Studio's ML-backend connection can send; the user na
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import os
 import tempfile
@@ -33,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from ground.schemas import ACQUISITION_REQUESTED_EVENT, utcnow
 from ground.settings import Settings
-from ingest.labelstudio.webhook import SECRET_HEADER
+from ingest.labelstudio.webhook import SECRET_HEADER, secret_matches
 from ingest.web import SettingsDep
 from policies.acquisition import MAX_SCORE, AcquisitionScores
 
@@ -116,9 +115,8 @@ def _basic_password(authorization: str | None) -> str | None:
 
 def require_backend_secret(request: Request, settings: SettingsDep) -> None:
     """The webhook's shared secret, in its header or as the Basic-auth password."""
-    expected = settings.webhook_secret.encode()
     for presented in (request.headers.get(SECRET_HEADER), _basic_password(request.headers.get("authorization"))):
-        if presented is not None and hmac.compare_digest(presented.encode(), expected):
+        if secret_matches(presented, settings):
             return
     raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header (or Basic-auth password)")
 

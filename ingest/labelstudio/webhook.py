@@ -22,6 +22,7 @@ from kafka import KafkaProducer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, utcnow
+from ground.settings import Settings
 from ingest.bus import publish
 from ingest.web import ProducerDep, SettingsDep
 
@@ -204,8 +205,13 @@ class WebhookAccepted(BaseModel):
 _secret_header = APIKeyHeader(name=SECRET_HEADER, auto_error=False, description="The shared webhook secret.")
 
 
+def secret_matches(presented: str | None, settings: Settings) -> bool:
+    """The shared webhook secret, compared in constant time; None (nothing presented) never matches."""
+    return presented is not None and hmac.compare_digest(presented.encode(), settings.webhook_secret.encode())
+
+
 def require_webhook_secret(settings: SettingsDep, secret: Annotated[str | None, Depends(_secret_header)]) -> None:
-    if secret is None or not hmac.compare_digest(secret.encode(), settings.webhook_secret.encode()):
+    if not secret_matches(secret, settings):
         raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
 
 

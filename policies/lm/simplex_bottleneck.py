@@ -92,7 +92,6 @@ def restore_bottleneck(model: Any, model_dir: Path | str) -> SimplexBottleneck |
     if not weights:
         raise ValueError(f"{model_dir}/config.json declares a simplex bottleneck but its safetensors hold no "
                          f"{prefix}* weights: the model directory is incomplete")
-    delattr(model.config, CONFIG_KEY)  # attach sets it again
     bottleneck = attach_bottleneck(model, int(spec["simplex_dim"]))
     bottleneck.load_state_dict(weights)
     return bottleneck

@@ -9,9 +9,9 @@ model no proxy trained), and DPO's implicit reward margin of the stage-1 model a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,27 +44,18 @@ def pair_features(
     """Features of `pairs` under the stage-1 model (which must have its bottleneck) and the base model."""
     stage1.eval()
     base.eval()
-    parts: dict[str, list[Tensor]] = {"simplex": [], "direct": [], "margin": []}
+    parts: dict[str, list[Tensor]] = {f.name: [] for f in fields(TextPairFeatures)}
     for start in range(0, len(pairs), BATCH):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + BATCH], pad_token_id,
                                                           max_length).items()}
         hidden1, logps1 = _forward(stage1, batch)
         hidden0, logps0 = _forward(base, batch)
-        mask = batch["completion_mask"]
-        parts["simplex"].append(_masked_mean(simplex_points(stage1, hidden1), mask).cpu())
-        parts["direct"].append(_masked_mean(hidden0, mask).cpu())
+        mask = batch["completion_mask"]  # rows are [chosen; rejected]
+        for name, values in (("simplex", _masked_mean(simplex_points(stage1, hidden1), mask)),
+                             ("direct", _masked_mean(hidden0, mask))):
+            chosen, rejected = values.cpu().chunk(2)
+            parts[f"{name}_chosen"].append(chosen)
+            parts[f"{name}_rejected"].append(rejected)
         chosen, rejected = (logps1 - logps0).chunk(2)
-        parts["margin"].append((beta * (chosen - rejected)).cpu())
-
-    def halves(name: str) -> tuple[np.ndarray, np.ndarray]:
-        chosen_rows, rejected_rows = [], []
-        for block in parts[name]:
-            c, r = block.chunk(2)
-            chosen_rows.append(c)
-            rejected_rows.append(r)
-        return torch.cat(chosen_rows).double().numpy(), torch.cat(rejected_rows).double().numpy()
-
-    simplex_c, simplex_r = halves("simplex")
-    direct_c, direct_r = halves("direct")
-    return TextPairFeatures(simplex_chosen=simplex_c, simplex_rejected=simplex_r, direct_chosen=direct_c,
-                            direct_rejected=direct_r, proxy_margin=torch.cat(parts["margin"]).double().numpy())
+        parts["proxy_margin"].append((beta * (chosen - rejected)).cpu())
+    return TextPairFeatures(**{name: torch.cat(blocks).double().numpy() for name, blocks in parts.items()})

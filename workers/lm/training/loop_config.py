@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from policies.lm.simplex_bottleneck import TRAIN_PARTS
+
 
 def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
@@ -64,8 +66,8 @@ class LoopConfig:
             raise ValueError("lora_r > 0 needs lora_target_modules (e.g. ['q_proj', 'v_proj'])")
         if self.simplex_dim < 0 or self.simplex_dim == 1:
             raise ValueError(f"simplex_dim must be 0 (none) or >= 2, got {self.simplex_dim}")
-        if self.train_parts not in ("all", "bottleneck", "adapter"):
-            raise ValueError(f"train_parts must be 'all', 'bottleneck' or 'adapter', got {self.train_parts!r}")
+        if self.train_parts not in TRAIN_PARTS:
+            raise ValueError(f"train_parts must be one of {list(TRAIN_PARTS)}, got {self.train_parts!r}")
         if self.simplex_dim and self.train_parts == "adapter":
             raise ValueError("simplex_dim > 0 is stage 1 (the adapter stays the identity); train_parts='adapter' is "
                              "stage 2, started from the stage-1 checkpoint with simplex_dim=0")
