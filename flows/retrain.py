@@ -47,7 +47,6 @@ from ground.schemas import (
 )
 from ground.settings import get_settings
 from ingest.store import RetrainRun, make_engine, run_record
-from policies.lm.release import release_causal_lm
 from policies.promotion import release_checkpoint
 from policies.registry import ReleaseEvidence, current_user
 from workers.app import GPU_QUEUE
@@ -175,6 +174,8 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
                                override=override is not None)
     if run.is_chat:
         lineage["chat_data"] = dumped["chat_data"]  # the JSONL files and the snapshot they came from
+        from policies.lm.release import release_causal_lm  # torch, here: a flow run's start stays without it
+
         version = release_causal_lm(settings, Path(decision.checkpoint.path), lineage, evidence=evidence)
     else:
         version = release_checkpoint(settings, Path(decision.checkpoint.path), lineage, evidence=evidence)

@@ -2,6 +2,10 @@
 
 Transient failures (broker or database hiccups) are retried with backoff; a training task
 that failed on the worker is not: it fails the flow run with the worker's error.
+
+What needs torch (the feature family's condition tests, the chat base model, the language-model
+workers' task names) is imported in the task that uses it, so that a flow run's subprocess starts
+without torch (tests/flows/test_import_cost.py; docs/benchmarks.md, trigger latency).
 """
 
 from __future__ import annotations
@@ -33,16 +37,13 @@ from ground.schemas import (
 from ground.settings import Settings
 from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, record_run
 from ingest.text_snapshot import snapshot_item_kind
-from policies.features.conditions import run_condition_tests
 from policies.lm.gate import decide_language_model
 from policies.plan_choice import no_proxy_report
 from policies.promotion import GateRules, decide
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
-from workers.lm.base_model import ensure_chat_base_model
 from workers.lm.plans import LMRecipe
 from workers.lm.snapshot_data import write_snapshot_datasets
-from workers.lm.tasks import EVALUATE_LM_TASK, TEXT_CONDITIONS_TASK, TRAIN_LM_TASK
 
 TASK_TIMEOUT_S = 1800
 RETRY_DELAYS_S: list[float] = [2, 10, 30]
@@ -78,6 +79,8 @@ def freeze(settings: Settings) -> SnapshotInfo:
 def check_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
     with Session(make_engine(settings.resolved_store_url)) as session:
         triples = load_snapshot_triples(session, snapshot_id)
+    from policies.features.conditions import run_condition_tests  # torch: see the module docstring
+
     report = run_condition_tests(triples["expert"], triples["proxy"], snapshot_id, seed=settings.training_seed)
     get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
     return report
@@ -89,6 +92,8 @@ def text_conditions(settings: Settings, run: RetrainRunRecord, base_model: str) 
     without proxy pairs there is nothing to test and the plan is expert_only."""
     assert run.snapshot is not None and run.chat_data is not None
     data, snapshot_id = run.chat_data, run.snapshot.snapshot_id
+    from workers.lm.tasks import TEXT_CONDITIONS_TASK  # torch: see the module docstring
+
     if run.stage1 is None or run.stage1_request is None:  # both are set together, by stage 1
         report = no_proxy_report(snapshot_id, data.n_expert_train + data.n_heldout)
     else:
@@ -193,6 +198,8 @@ def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> ChatDa
 
 @task(name="chat-base-model", retries=1, retry_delay_seconds=RETRY_DELAYS_S)
 def chat_base_model(settings: Settings) -> str:
+    from workers.lm.base_model import ensure_chat_base_model  # torch: see the module docstring
+
     path = ensure_chat_base_model(settings.chat_base_model, settings.models_dir, seed=settings.training_seed)
     get_run_logger().info("chat base model %s: %s", settings.chat_base_model, path)
     return str(path)
@@ -209,11 +216,15 @@ def chat_recipe(settings: Settings) -> LMRecipe:
 
 @task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
+    from workers.lm.tasks import TRAIN_LM_TASK  # torch: see the module docstring
+
     return _train_on_gpu_queue(TRAIN_LM_TASK, request, f"{request.method} training of {request.base_model}")
 
 
 @task(name="evaluate-lm-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_transient)
 def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) -> Evaluation:
+    from workers.lm.tasks import EVALUATE_LM_TASK  # torch: see the module docstring
+
     request = EvaluationRequest(checkpoints=training.checkpoints, base_model=base_model, heldout_path=heldout_path)
     sent = celery_app.send_task(EVALUATE_LM_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
     return Evaluation.model_validate(wait_for_task(sent.id))

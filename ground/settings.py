@@ -32,6 +32,12 @@ class Settings(BaseSettings):
         "redelivered. Must exceed the longest training run, or a running task is delivered twice.")
     celery_unacked_restore_interval_s: int = Field(
         10, ge=1, description="Redis broker: seconds between the workers' sweeps for such tasks.")
+    gpus_per_worker: int = Field(
+        0, ge=0, description="CUDA devices one gpu-queue training task runs on, one torchrun rank each (DDP or "
+        "FSDP, NCCL); 0 means every device the worker sees (CUDA_VISIBLE_DEVICES). Run one worker per host.")
+    cpu_ranks_per_worker: int = Field(
+        1, ge=1, description="Ranks (gloo) a training task runs on a worker without CUDA; more than 1 is for tests "
+        "and benches of the distributed path, since the ranks share the same cores.")
     prefect_api_url: str = Field("http://127.0.0.1:14200/api", description="Prefect server API URL.")
     store_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under home.")
     registry_url: str = Field("", description="Registry root directory; empty means home/registry.")
@@ -122,6 +128,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="Overrides of the language-model recipe (workers.lm.plans.LMRecipe: "
         "simplex_dim, beta, learning rates, epochs ...), as JSON; its defaults are what bench/lm_proxy.py reports. "
         "SmolLM2 wants learning rates near 1e-5.")
+    reference_cache_dir: str = Field(
+        "", description="Where DPO reference log-probs are kept across runs (workers/lm/training/reference_cache.py: "
+        "a retrain scores only pairs it has not seen); empty means home/reference-cache. A local disk: SQLite.")
 
     profile_budget_tokens: int = Field(256, ge=1, description="Token budget of the profile in the context.")
     profile_position: Literal["start", "end"] = Field("start", description="Paper 3: the start counts most.")
@@ -186,6 +195,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home_dir / "models"
+
+    @property
+    def resolved_reference_cache_dir(self) -> Path:
+        return Path(self.reference_cache_dir) if self.reference_cache_dir else self.home_dir / "reference-cache"
 
     @property
     def runs_dir(self) -> Path:

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from safetensors.torch import load_file
-
 from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyReleased, PolicyVersion
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
@@ -146,6 +144,8 @@ def release_checkpoint(
     evidence: ReleaseEvidence | None = None,
 ) -> PolicyVersion:
     """Register the checkpoint, point `alias` at it, log who/why/gate/snapshot (`evidence`) and tell services."""
+    from safetensors.torch import load_file  # here, not at the top: it pulls torch into every flow run's start
+
     tensors = load_file(str(checkpoint_dir / "model.safetensors"))
     config = json.loads((checkpoint_dir / "config.json").read_text())
     version = register(settings.registry_dir, settings.policy_name, tensors, config, lineage, alias=None)

@@ -26,13 +26,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import save_file
 
 from ground.schemas import PolicyVersion, as_utc, utcnow
+
+if TYPE_CHECKING:  # torch and safetensors load when a version is written, not when a flow module imports this
+    import torch
 
 ALIASES_FILE = "aliases.json"
 # Written into every version's config.json. 2: the two-stage adapter's centre is part of the weights
@@ -114,6 +115,8 @@ def register(
     staging = Path(tempfile.mkdtemp(dir=policy_dir, prefix=".staging-"))
     try:
         if tensors is not None:
+            from safetensors.torch import save_file
+
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"))
         for subdir, source in (directories or {}).items():
             shutil.copytree(source, staging / subdir)

@@ -58,6 +58,12 @@ def _no_hub_downloads() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def _own_reference_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own DPO reference cache: none fills ./.proxyloop, none reads another's entries."""
+    monkeypatch.setenv("PROXYLOOP_REFERENCE_CACHE_DIR", str(tmp_path / "reference-cache"))
+
+
 @contextmanager
 def celery_worker(settings: Settings, queues: str, name: str, log_path: Path) -> Iterator[Any]:
     """A real Celery worker process on `queues`, answering pings before the body runs; a Celery app to send with."""

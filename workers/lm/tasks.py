@@ -7,6 +7,8 @@ returns a `TrainingResult` (the run's full record is its `result.json`).
 `train_lm` is idempotent by run id: a finished run returns its stored result; a redelivered one (its worker
 died; acks_late + Redis visibility timeout) resumes from the newest checkpoint. Progress goes to
 the result backend as state PROGRESS (step, loss, tokens/s) and to the worker log.
+On a worker that owns several devices (`PROXYLOOP_GPUS_PER_WORKER`) the task stays one unit of work: it
+starts torchrun over them (`training/distributed.py`), relays rank 0's progress and returns rank 0's result.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import Any
 from celery import Task
 
 from ground.schemas import CheckpointRef, EvaluationRequest, LMTrainingRequest, TextConditionRequest, TrainingResult
+from ground.settings import get_settings
 from workers.app import app, report_progress
+from workers.device import select_device
 from workers.lm.evaluate import evaluate_lm_checkpoints
 from workers.lm.text_conditions import text_condition_report
 from workers.lm.training.checkpoint import PREFIX, latest_checkpoint
+from workers.lm.training.distributed import world_size
 from workers.lm.training.run import run_lm_training
 
 TRAIN_LM_TASK = "proxyloop.train_lm"
@@ -36,14 +41,18 @@ def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     req = LMTrainingRequest.model_validate(request)
     resume = latest_checkpoint(Path(req.output_dir))
     attempt = f"resuming from {resume.name}" if resume else "starting"
-    log.info("run %s: %s %s, base %s, data %s", req.run_id, attempt, req.method, req.base_model, req.dataset)
+    settings = get_settings()
+    device = select_device(req.config.get("device") or None)
+    ranks = world_size(device.type, settings.gpus_per_worker, settings.cpu_ranks_per_worker)
+    log.info("run %s: %s %s on %d %s rank(s), base %s, data %s", req.run_id, attempt, req.method, ranks,
+             device.type, req.base_model, req.dataset)
 
     def progress(meta: dict[str, Any]) -> None:
         report_progress(self, {"run_id": req.run_id, **meta})
         log.info("run %s: step %s/%s loss %.5f %.0f tokens/s", req.run_id, meta["step"], meta["of"],
                  meta["loss"], meta["tokens_per_s"])
 
-    result = run_lm_training(req, progress, worker=self.request.hostname or "")
+    result = run_lm_training(req, progress, worker=self.request.hostname or "", ranks=ranks)
     log.info("run %s: done, final loss %.5f", req.run_id, result["final_loss"])
     return TrainingResult(
         run_id=req.run_id, device=result["device"], worker=result["worker"], final_loss=result["final_loss"],

@@ -12,6 +12,8 @@ from typing import Any, Self
 
 from policies.lm.simplex_bottleneck import TRAIN_PARTS
 
+SHARDINGS = ("ddp", "fsdp")
+
 
 def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
@@ -34,6 +36,10 @@ class LoopConfig:
     seed: int = _help("Seeds initialisation, data order and dropout; a resumed run continues the same stream.", 0)
     device: str = _help("'cpu', 'cuda', 'cuda:1'; empty picks CUDA when present.", "")
     bf16: bool | None = _help("bf16 autocast; None means on for CUDA, off for CPU (which runs fp32).", None)
+    sharding: str = _help(
+        "How a task on several ranks (PROXYLOOP_GPUS_PER_WORKER) splits the model: 'ddp' keeps a full replica per "
+        "device and averages gradients; 'fsdp' (torch FSDP2) shards weights, gradients and optimiser state across "
+        "the devices, for a model whose training state does not fit one. One rank ignores it.", "ddp")
     lora_r: int = _help("LoRA rank via peft; 0 trains every weight.", 0)
     lora_alpha: int = _help("LoRA scaling numerator.", 16)
     lora_dropout: float = _help("LoRA dropout.", 0.0)
@@ -66,6 +72,8 @@ class LoopConfig:
             raise ValueError("lora_r > 0 needs lora_target_modules (e.g. ['q_proj', 'v_proj'])")
         if self.simplex_dim < 0 or self.simplex_dim == 1:
             raise ValueError(f"simplex_dim must be 0 (none) or >= 2, got {self.simplex_dim}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {list(SHARDINGS)}, got {self.sharding!r}")
         if self.train_parts not in TRAIN_PARTS:
             raise ValueError(f"train_parts must be one of {list(TRAIN_PARTS)}, got {self.train_parts!r}")
         if self.simplex_dim and self.train_parts == "adapter":

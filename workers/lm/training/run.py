@@ -2,7 +2,8 @@
 
 Idempotent by run id: a finished run returns its stored `result.json`; an interrupted one resumes
 from its newest checkpoint (weights, optimiser, RNG, losses so far). Reference log-probs are
-computed once per run, before the first step, and cached as `reference_logps.safetensors`.
+computed once per run, before the first step, and cached as `reference_logps.safetensors`; pairs an earlier
+run scored with the same reference come from the shared cache (`reference_cache.py`) instead.
 """
 
 from __future__ import annotations
@@ -20,46 +21,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ground.schemas import LMTrainingRequest
+from ground.settings import get_settings
 from policies.lm.simplex_bottleneck import attach_bottleneck, bottleneck_of, select_trainable
 from workers.device import select_device
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.checkpoint import latest_checkpoint
-from workers.lm.training.data import collate_chats, collate_pairs, load_jsonl, tokenize_pairs
-from workers.lm.training.dpo import dpo_batch_loss, reference_logps
+from workers.lm.training.data import load_jsonl, tokenize_pairs
+from workers.lm.training.distributed import Ranks, launch
 from workers.lm.training.dpo_config import DPOConfig
 from workers.lm.training.loop import Progress, train_loop
 from workers.lm.training.loop_config import LoopConfig
-from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_loss
+from workers.lm.training.reference_cache import ReferenceCache, cached_reference_logps
+from workers.lm.training.sft import choose_loss_mode, render_chat
 from workers.lm.training.sft_config import SFTConfig
+from workers.lm.training.sharded import ChatObjective, PairObjective
 
 REFERENCE_FILE = "reference_logps.safetensors"
-
-
-class PairObjective:
-    def __init__(self, pairs: list[Any], reference: tuple[Tensor, Tensor], config: DPOConfig, pad: int) -> None:
-        self.pairs, self.reference, self.config, self.pad = pairs, reference, config, pad
-        self.lengths = [p.length for p in pairs]
-
-    def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        batch = collate_pairs([self.pairs[i] for i in indices], self.pad, self.config.max_length)
-        batch["reference_chosen"] = self.reference[0][indices]
-        batch["reference_rejected"] = self.reference[1][indices]
-        return batch
-
-    def loss(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return dpo_batch_loss(model, batch, batch["reference_chosen"], batch["reference_rejected"], self.config)
-
-
-class ChatObjective:
-    def __init__(self, chats: list[Any], config: SFTConfig, pad: int) -> None:
-        self.chats, self.config, self.pad = chats, config, pad
-        self.lengths = [c.length for c in chats]
-
-    def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        return collate_chats([self.chats[i] for i in indices], self.pad, self.config.max_length)
-
-    def loss(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return sft_batch_loss(model, batch)
 
 
 def parse_config(method: str, values: dict[str, Any]) -> LoopConfig:
@@ -105,24 +82,39 @@ def _reference(model: Any, pairs: list[Any], config: DPOConfig, pad: int, device
     if resuming:
         raise RuntimeError(f"{out} has checkpoints but no {REFERENCE_FILE}; the run directory is damaged: "
                            "delete it to retrain from scratch")
+    shared = ReferenceCache(get_settings().resolved_reference_cache_dir)  # across runs: only unseen pairs computed
     disable = model.disable_adapter() if config.lora_r else contextlib.nullcontext()  # LoRA: base = reference
     with disable:
-        chosen, rejected = reference_logps(model, pairs, config, pad, device, autocast)
+        chosen, rejected = cached_reference_logps(model, pairs, config, pad, device, autocast, shared)
     partial = out / (REFERENCE_FILE + ".partial")
     save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial))
     partial.rename(cache)
     return chosen, rejected
 
 
-def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str = "") -> dict[str, Any]:
-    """Train (or resume, or return the finished result of) `request.run_id`."""
-    out = Path(request.output_dir)
-    result_path = out / "result.json"
+def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str = "", ranks: int = 1) -> dict[str, Any]:
+    """Train (or resume, or return the finished result of) `request.run_id` on `ranks` processes.
+
+    One rank trains in this process; more are started by torchrun (`distributed.launch`), each on its
+    own device (or sharing the CPU, with gloo), rank 0 reporting progress and writing the result.
+    """
+    result_path = Path(request.output_dir) / "result.json"
     if result_path.exists():
         return dict(json.loads(result_path.read_text()))
+    if ranks == 1:
+        return train_in_process(request, progress, worker, Ranks.single())
+    config = parse_config(request.method, request.config)  # a bad config fails here, before any rank starts
+    backend = "nccl" if select_device(config.device or None).type == "cuda" else "gloo"
+    launch(request, worker, ranks, backend, progress)
+    return dict(json.loads(result_path.read_text()))
+
+
+def train_in_process(request: LMTrainingRequest, progress: Progress, worker: str, ranks: Ranks) -> dict[str, Any]:
+    """This process's part of the run: all of it on one rank, its shards of every batch on several."""
+    out = Path(request.output_dir)
     started = time.perf_counter()
     config = parse_config(request.method, request.config)
-    device = select_device(config.device or None)
+    device = ranks.device(select_device(config.device or None))
     autocast = autocast_for(device, config.bf16)
     out.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(out)
@@ -131,11 +123,12 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
     model = load_policy(request.base_model, resume, config, device)
     pad = int(tokenizer.pad_token_id)
     lineage: dict[str, Any] = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,
-                               "dataset": request.dataset, "device": str(device)}
+                               "dataset": request.dataset, "device": str(device), "ranks": ranks.world}
     objective: PairObjective | ChatObjective
     if isinstance(config, DPOConfig):
         pairs = tokenize_pairs(load_jsonl(request.dataset, ["prompt", "chosen", "rejected"]), tokenizer)
-        reference = _reference(model, pairs, config, pad, device, autocast, out, resume is not None)
+        with ranks.main_first():  # rank 0 computes and stores the reference log-probs; the others read them
+            reference = _reference(model, pairs, config, pad, device, autocast, out, resume is not None)
         objective = PairObjective(pairs, reference, config, pad)
         lineage["logp_reduction"] = config.reduction
     else:
@@ -144,11 +137,12 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
         choice = choose_loss_mode(chats, tokenizer, config)
         objective = ChatObjective([render_chat(c, tokenizer, choice.mode) for c in chats], config, pad)
         lineage["loss_mode"] = {**asdict(choice), "length_ratio": choice.length_ratio}
-    if resume is None:
+    if resume is None and ranks.is_main:
         (out / "run.json").write_text(json.dumps({**lineage, "config": config.to_dict()}, indent=2))
-    result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress)
+    result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress, ranks)
     payload = {**lineage, "worker": worker, **asdict(result), "seconds_this_attempt": time.perf_counter() - started}
-    partial = result_path.with_name("result.json.partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.rename(result_path)
+    if ranks.is_main:
+        partial = out / "result.json.partial"
+        partial.write_text(json.dumps(payload, indent=2))
+        partial.rename(out / "result.json")
     return payload
