@@ -1,406 +1,224 @@
-"""Gate quality: does the release gate's pick keep the gold reward of the best checkpoint (issue 7, point 5)?
+"""Release-gate evidence (issue 16): do paper 2's indicators signal over-optimisation, and does a gate fitted on
+them out of sample beat the plain pick?
 
-Run: `python -m bench.gate --quick` (CPU, a few minutes) or `python -m bench.gate` (more seeds/steps).
+Run: `python -m bench.gate --quick` (CPU, < 15 min) or `python -m bench.gate` (more seeds and steps).
 
-A generated task with a gold reward we can compute for any text: "What is a plus b?" answered
-" It is <a+b>." A tiny Llama is first SFT-ed on a noisy corpus (right and wrong sums, rambling and
-off-topic replies) so it has a real next-token distribution; preference pairs rank two replies by
-the gold reward. DPO with a small β and hinge are then trained long enough to over-optimise, with
-checkpoints every N steps through the workers' own loop (`run_lm_training`). Every checkpoint is
-scored on a fixed held-out prompt set: paper 2's indicators (`policies.lm.indicators`), the
-held-out pairwise accuracy of the implicit reward, and the gold reward of sampled and greedy
-generations. `policies.promotion.decide` then sees everything but the gold reward. The last line
-printed is JSON with `pick_vs_best`, `last_vs_best` and `blocked_in_time`.
+Regime (`bench/gate_parts.py`): the tiny Llama the project pretrains on CPU (`bench.lm_proxy_parts.build_base`),
+trained with DPO / IPO / hinge at small β and high learning rates for several epochs of the chat world's labelled
+pairs (`ingest.synthetic_judges`, gold reward known) through the worker's own `run_lm_training`, 10 checkpoints per
+run. Per checkpoint: gold of 2 sampled answers per held-out prompt (two independent sets A and B), both indicator
+views (generated: greedy continuations; teacher-forced: a gold-preferred reply) on the same prompts, held-out
+implicit-reward accuracy on 30 expert pairs.
+
+Analysis: a run *falls* when gold after its peak drops below the peak by more than the difference's standard error.
+An indicator rule, run online (seeing checkpoints up to t), *detects* a falling run when it signals at or before the
+peak. Rules and thresholds (and the gate's accuracy floor) are fitted on the tuning seeds (first half) and reported
+on the others; `*_vs_best` is the gold (set B) of a pick over the gold (set B) of the oracle chosen on set A among
+the checkpoints and the base model (a block keeps the base), with paired bootstrap intervals over runs.
+The last line printed is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import random
-import re
-import statistics
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from ground.schemas import CheckpointEvaluation, GateDecision, LMTrainingRequest  # noqa: E402
-from policies.lm.indicators import completion_indicators  # noqa: E402
-from policies.promotion import GateRules, decide  # noqa: E402
-from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
-from workers.lm.training.data import TokenizedChat, collate_chats, tokenize_pairs  # noqa: E402
-from workers.lm.training.dpo import reference_logps  # noqa: E402
-from workers.lm.training.dpo_config import DPOConfig  # noqa: E402
-from workers.lm.training.run import run_lm_training  # noqa: E402
-from workers.lm.training.sft import sft_batch_loss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-MAX_OPERAND = 14  # operands 0..14: 225 sums, enough to hold some out
-ALLOWED_WORDS = {"it", "is"}  # plus the number: the clean answer is exactly " It is <n>."
-MAX_ANSWER_WORDS = 3
-FALL = 0.05  # "fell": gold reward more than 5% below its best so far
-CPU_NOTE = "2-core CPU, no GPU"
+from bench.gate_parts import (  # noqa: E402
+    HELDOUT_PAIRS,
+    VIEWS,
+    Rule,
+    Run,
+    RunSpec,
+    bootstrap_ci,
+    candidate_rules,
+    detection,
+    fit_detector,
+    fit_gate,
+    gate_pick,
+    heldout_pick,
+    lagged_changes,
+    make_regime,
+    oracle,
+    ratio_to_oracle,
+    score,
+    spearman,
+    train_and_score,
+    training_pairs,
+)
 
-
-# --- the task and its gold reward -------------------------------------------------------------------
-
-def prompt_text(a: int, b: int) -> str:
-    return f"What is {a} plus {b}?"
-
-
-def gold_reward(a: int, b: int, completion: str, terminated: bool) -> float:
-    """Half for the right sum as the first number; half for a clean reply: ended, ≤ 3 allowed words + the number.
-
-    Computable for any text, so it scores sampled generations as well as the data.
-    """
-    numbers = re.findall(r"-?\d+", completion)
-    correct = bool(numbers) and int(numbers[0]) == a + b
-    words = re.findall(r"[A-Za-z]+", completion.lower())
-    clean = (terminated and len(numbers) == 1 and len(words) <= MAX_ANSWER_WORDS - 1
-             and all(w in ALLOWED_WORDS for w in words) and completion.strip().endswith("."))
-    return 0.5 * correct + 0.5 * clean
-
-
-def sample_reply(a: int, b: int, rng: random.Random) -> str:
-    """One reply from the noisy 'pre-training' distribution the SFT model imitates."""
-    s = a + b
-    wrong = max(0, s + rng.choice([-2, -1, 1, 2]))
-    kind = rng.random()
-    if kind < 0.35:
-        return f" It is {s}."
-    if kind < 0.60:
-        return f" It is {wrong}."
-    if kind < 0.85:
-        n = s if rng.random() < 0.5 else wrong
-        tail = rng.choice(["I think", "or so it seems", "but check it again", "unless I am wrong"])
-        return f" It is {n}, {tail}."
-    return " " + rng.choice(["The expert prefers the longer reply.", "A proxy judge ranks both drafts.",
-                             "Our policy rewrites the question.", "The annotator labels it."])
+FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "gate_runs.png"
+DEVICE_NOTE = "2-core CPU VM, shared"
+# (loss, β) pairs: small β for each loss (IPO's β is τ); paper 2 saw over-optimisation in this range.
+LOSSES = [("sigmoid", 0.02), ("sigmoid", 0.1), ("ipo", 0.02), ("ipo", 0.1), ("hinge", 0.05), ("hinge", 0.2)]
+LEARNING_RATES = [3e-3, 1e-2, 2e-2]  # high for a tiny model: most runs pass their gold peak within 40 steps
+LABEL_TEMPERATURE = 0.1  # the 'tempered' judge's labels: the expert's criterion, a few percent of pairs flipped
 
 
-@dataclass(frozen=True)
-class Task:
-    sft_rows: list[tuple[str, str]]  # (prompt, reply)
-    train_pairs: list[dict[str, str]]
-    heldout_pairs: list[dict[str, str]]
-    eval_prompts: list[tuple[int, int]]
+def specs(seeds: int) -> list[RunSpec]:
+    return [RunSpec(loss, beta, lr, seed) for seed in range(seeds) for loss, beta in LOSSES for lr in LEARNING_RATES]
 
 
-def make_task(seed: int, n_train_pairs: int, n_eval: int, sft_per_sum: int) -> Task:
-    rng = random.Random(seed)
-    combos = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
-    rng.shuffle(combos)
-    heldout, train = combos[:n_eval], combos[n_eval:]
-    # SFT sees every sum (its 'pre-training'); preference pairs only the training prompts.
-    sft_rows = [(prompt_text(a, b), sample_reply(a, b, rng)) for a, b in combos for _ in range(sft_per_sum)]
+def plot_runs(runs: list[Run], out: Path) -> Path:
+    import matplotlib
 
-    def pairs(source: Sequence[tuple[int, int]], n: int) -> list[dict[str, str]]:
-        rows: list[dict[str, str]] = []
-        while len(rows) < n:
-            a, b = rng.choice(source)
-            x, y = sample_reply(a, b, rng), sample_reply(a, b, rng)
-            gx, gy = gold_reward(a, b, x, True), gold_reward(a, b, y, True)
-            if gx != gy:
-                chosen, rejected = (x, y) if gx > gy else (y, x)
-                rows.append({"prompt": prompt_text(a, b), "chosen": chosen, "rejected": rejected})
-        return rows
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    return Task(sft_rows, pairs(train, n_train_pairs), pairs(heldout, 2 * n_eval), heldout)
-
-
-# --- models -----------------------------------------------------------------------------------------
-
-def sft_model(task: Task, work: Path, seed: int, steps: int) -> Path:
-    """A tiny Llama trained on the noisy corpus (reply tokens scored), saved as the DPO base/reference."""
-    corpus = [p + r for p, r in task.sft_rows]
-    path = build_tiny(work / "base", n_layer=2, n_embd=128, n_head=4, vocab_size=512, max_positions=64, seed=seed,
-                      corpus=corpus)
-    tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path)
-    eos = tokenizer.eos_token_id
-    chats = []
-    for prompt, reply in task.sft_rows:
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        r = tokenizer(prompt + reply, add_special_tokens=False).input_ids[len(p):] + [eos]
-        chats.append(TokenizedChat(p + r, [0] * len(p) + [1] * len(r)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(chats), (64,), generator=generator).tolist()
-        loss, _ = sft_batch_loss(model, collate_chats([chats[i] for i in idx], tokenizer.pad_token_id, 64))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    out = work / "sft"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    fig, axes = plt.subplots(3, len(runs), figsize=(3.2 * len(runs), 7), sharex=True, squeeze=False)
+    for col, run in enumerate(runs):
+        scores = [run.base, *run.checkpoints]
+        steps = [s.step for s in scores]
+        gold, se = np.array([s.gold for s in scores]), np.array([s.gold_se for s in scores])
+        ax = axes[0][col]
+        ax.plot(steps, gold, marker="o", color="black")
+        ax.fill_between(steps, gold - se, gold + se, alpha=0.2, color="black")
+        ax.axvline(run.checkpoints[run.peak].step, color="tab:green", linestyle=":")
+        ax.set_title(f"{run.spec.name}\n{'falls' if run.fall is not None else 'does not fall'}", fontsize=8)
+        for row, name in ((1, "entropy"), (2, "mass")):
+            for view, style in zip(VIEWS, ("-", "--"), strict=True):
+                axes[row][col].plot(steps, [s.indicators[f"{view}/{name}_mean"] for s in scores], style, label=view)
+        axes[2][col].set_xlabel("step")
+    axes[0][0].set_ylabel("gold reward (±SE)")
+    axes[1][0].set_ylabel("top-k entropy (bits)")
+    axes[2][0].set_ylabel("top-k mass")
+    axes[1][0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
     return out
 
 
-# --- evaluation of one checkpoint -------------------------------------------------------------------
-
-@dataclass
-class CheckpointScore:
-    step: int
-    path: str
-    gold_sampled: float
-    gold_greedy: float
-    heldout_accuracy: float
-    indicators: dict[str, float]
+def interval(values: list[float]) -> list[float] | None:
+    return bootstrap_ci(values) if values else None
 
 
-@dataclass
-class Generations:
-    gold_sampled: float
-    gold_greedy: float
-    greedy_texts: list[str]  # greedy continuations up to and including EOS, as `generated_indicators` decodes them
-
-
-@torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: Sequence[tuple[int, int]], samples: int, seed: int) -> Generations:
-    """All prompts in one left-padded batch: `samples` sampled replies (T = 1, full vocabulary) and a greedy one.
-
-    One `generate` call per mode instead of one per prompt: on this CPU per-call overhead dominates.
-    """
-    eos = tokenizer.eos_token_id
-    tokenizer.padding_side = "left"
-    batch = tokenizer([prompt_text(a, b) for a, b in prompts], add_special_tokens=False, padding=True,
-                      return_tensors="pt")
-    width = batch.input_ids.shape[1]
-    torch.manual_seed(seed)  # the same sampling noise for every checkpoint
-    sampled = model.generate(**batch, max_new_tokens=16, do_sample=True, num_return_sequences=samples, top_k=0,
-                             top_p=1.0, temperature=1.0, pad_token_id=eos, eos_token_id=eos)[:, width:]
-    greedy = model.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=eos,
-                            eos_token_id=eos)[:, width:]
-
-    def score(rows: torch.Tensor, per_prompt: int) -> tuple[list[float], list[str]]:
-        scores, texts = [], []
-        for i, row in enumerate(rows.tolist()):
-            a, b = prompts[i // per_prompt]
-            terminated = eos in row
-            kept = row[: row.index(eos) + 1] if terminated else row
-            scores.append(gold_reward(a, b, tokenizer.decode(kept, skip_special_tokens=True), terminated))
-            texts.append(tokenizer.decode(kept, skip_special_tokens=False) or " ")
-        return scores, texts
-
-    sampled_scores, _ = score(sampled, samples)
-    greedy_scores, greedy_texts = score(greedy, 1)
-    return Generations(statistics.fmean(sampled_scores), statistics.fmean(greedy_scores), greedy_texts)
-
-
-def implicit_reward_accuracy(model: Any, pairs: list[Any], reference: tuple[torch.Tensor, torch.Tensor],
-                             config: DPOConfig, pad: int) -> float:
-    """Held-out pairwise accuracy of the implicit reward log π/π_ref (ties count half)."""
-    chosen, rejected = reference_logps(model, pairs, config, pad, torch.device("cpu"), contextlib.nullcontext())
-    margin = (chosen - reference[0]) - (rejected - reference[1])
-    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
-
-
-def score_checkpoint(path: str, step: int, tokenizer: Any, task: Task, heldout: list[Any],
-                     reference: tuple[torch.Tensor, torch.Tensor], config: DPOConfig, samples: int,
-                     seed: int) -> CheckpointScore:
-    model = load_causal_lm(path)
-    model.eval()
-    eos = tokenizer.eos_token or ""
-    prompts = [prompt_text(a, b) for a, b in task.eval_prompts]
-    references = [f" It is {a + b}.{eos}" for a, b in task.eval_prompts]  # teacher-forced: the gold answer
-    generations = generate(model, tokenizer, task.eval_prompts, samples, seed)
-    # `checkpoint_indicators` minus its per-prompt greedy loop: the same two views through
-    # `completion_indicators`, the generated one over our batched greedy continuations (same tokens).
-    indicators = {**{f"teacher_forced/{k}": v for k, v in
-                     completion_indicators(model, tokenizer, prompts, references).items()},
-                  **{f"generated/{k}": v for k, v in
-                     completion_indicators(model, tokenizer, prompts, generations.greedy_texts).items()}}
-    accuracy = implicit_reward_accuracy(model, heldout, reference, config, tokenizer.pad_token_id)
-    return CheckpointScore(step, path, generations.gold_sampled, generations.gold_greedy, accuracy, indicators)
-
-
-# --- one run -------------------------------------------------------------------------------------------
-
-@dataclass
-class RunResult:
-    loss_type: str
-    beta: float
-    seed: int
-    base: CheckpointScore
-    checkpoints: list[CheckpointScore]
-    decision: GateDecision
-    decision_no_indicators: GateDecision
-    decision_teacher_forced: GateDecision
-    seconds: float
-
-    def gold(self, step: int | None) -> float:
-        if step is None:
-            return self.base.gold_sampled
-        return next(c.gold_sampled for c in self.checkpoints if c.step == step)
-
-    def picked(self, decision: GateDecision) -> int | None:
-        """Step the gate releases; None when it blocks (the base/SFT model stays in service)."""
-        if decision.decision == "block" or decision.checkpoint is None:
-            return None
-        return decision.checkpoint.step
-
-    @property
-    def best(self) -> CheckpointScore:
-        return max(self.checkpoints, key=lambda c: c.gold_sampled)
-
-    @property
-    def fall_step(self) -> int | None:
-        """First checkpoint after the best one whose gold reward is > 5% below the best (None: it never fell).
-
-        Measured from the run's best, not a running best: a transient dip early in training (the
-        policy leaving the reference) is not the over-optimisation the gate must catch.
-        """
-        best = self.best
-        for c in self.checkpoints:
-            if c.step > best.step and c.gold_sampled < (1 - FALL) * best.gold_sampled:
-                return c.step
-        return None
-
-    def in_time(self, decision: GateDecision) -> bool:
-        """Blocked, or released a checkpoint from before gold reward fell more than 5% below its best."""
-        step = self.picked(decision)
-        fall = self.fall_step
-        return step is None or fall is None or step < fall
-
-
-def evaluations(scores: Sequence[CheckpointScore], view: str) -> list[CheckpointEvaluation]:
-    """What the gate sees: held-out accuracy and the indicators of one view, never the gold reward."""
-    return [CheckpointEvaluation(step=c.step, path=c.path, heldout_accuracy=c.heldout_accuracy,
-                                 topk_entropy=c.indicators[f"{view}/entropy_mean"],
-                                 topk_mass=c.indicators[f"{view}/mass_mean"]) for c in scores]
-
-
-def train_run(sft: Path, task: Task, work: Path, loss_type: str, beta: float, seed: int, steps: int, every: int,
-              samples: int, base: CheckpointScore | None) -> RunResult:
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(sft)
-    dataset = work / "pairs.jsonl"
-    dataset.write_text("".join(json.dumps(r) + "\n" for r in task.train_pairs))
-    values = {"loss_type": loss_type, "beta": beta, "learning_rate": 5e-4, "batch_size": 16, "max_steps": steps,
-              "checkpoint_every": every, "log_every": steps, "seed": seed, "device": "cpu", "max_length": 64}
-    out = work / f"{loss_type}-{seed}"
-    run_lm_training(LMTrainingRequest(run_id=out.name, method="dpo", base_model=str(sft), dataset=str(dataset),
-                                      output_dir=str(out), config=values), progress=lambda _: None)
-    config = DPOConfig.from_dict(values)
-    heldout = tokenize_pairs(task.heldout_pairs, tokenizer)
-    reference_model = load_causal_lm(sft)
-    reference = reference_logps(reference_model, heldout, config, tokenizer.pad_token_id, torch.device("cpu"),
-                                contextlib.nullcontext())
-    if base is None:
-        base = score_checkpoint(str(sft), 0, tokenizer, task, heldout, reference, config, samples, seed)
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    scores = [score_checkpoint(str(p), int(p.name.split("-")[1]), tokenizer, task, heldout, reference, config,
-                               samples, seed) for p in checkpoints]
-    # Baseline: the SFT model in service; its implicit reward is 0 everywhere, i.e. chance (0.5).
-    baseline = base.heldout_accuracy
-    return RunResult(loss_type, beta, seed, base, scores,
-                     decide(evaluations(scores, "generated"), baseline, GateRules(indicators="decide")),
-                     decide(evaluations(scores, "generated"), baseline, GateRules(indicators="advisory")),
-                     decide(evaluations(scores, "teacher_forced"), baseline, GateRules(indicators="decide")),
-                     time.perf_counter() - started)
-
-
-# --- report ----------------------------------------------------------------------------------------------
-
-def trajectory_table(run: RunResult) -> str:
-    lines = [f"  {'step':>5} {'gold(s)':>7} {'gold(g)':>7} {'acc':>5} {'H gen':>6} {'M gen':>6} {'H tf':>6} "
-             f"{'M tf':>6}"]
-    for c in [run.base, *run.checkpoints]:
-        i = c.indicators
-        lines.append(f"  {c.step:>5} {c.gold_sampled:>7.3f} {c.gold_greedy:>7.3f} {c.heldout_accuracy:>5.2f} "
-                     f"{i['generated/entropy_mean']:>6.3f} {i['generated/mass_mean']:>6.3f} "
-                     f"{i['teacher_forced/entropy_mean']:>6.3f} {i['teacher_forced/mass_mean']:>6.3f}")
-    return "\n".join(lines)
-
-
-def ratio(value: float, best: float) -> float:
-    return value / best if best > 0 else 1.0
+def detection_report(rule: Rule, runs: list[Run]) -> dict[str, Any]:
+    d = detection(rule, runs)
+    return {"rule": rule.name, "detection": d.detection, "false_alarm": d.false_alarm, "lead": d.lead,
+            "falling": d.falling, "steady": d.steady}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="3 seeds x 2 losses, shorter runs (CPU: ~10 min)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per loss type (default 3 quick, 5 full)")
-    parser.add_argument("--steps", type=int, default=0, help="DPO steps per run (default 240 quick, 480 full)")
-    parser.add_argument("--every", type=int, default=0, help="checkpoint every N steps (default 20 quick, 30 full)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--verbose", action="store_true", help="print every run's checkpoint trajectory")
+    parser.add_argument("--quick", action="store_true", help="4 seeds x 18 configs, 40 steps (CPU: ~5 min)")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds (default 4 quick, 8 full); first half tunes")
+    parser.add_argument("--steps", type=int, default=0, help="steps per run (default 40 quick, 80 full); 10 ckpts")
+    parser.add_argument("--pairs", type=int, default=256, help="training pairs (2.5 epochs quick, 5 full)")
+    parser.add_argument("--warmup", type=int, default=-1,
+                        help="linear learning-rate warm-up steps (default steps/5: without it the first steps at these "
+                        "rates knock gold below the base and the base is the best choice in half the runs)")
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (gold and indicators)")
+    parser.add_argument("--work-dir", default="", help="reuse finished runs from here (default: a new temp dir)")
+    parser.add_argument("--figure", default=str(FIGURE), help="PNG of a few runs; empty: none")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared 2-core VM 2 threads ran scoring 6x slower")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    seeds = args.seeds or (3 if args.quick else 5)
-    steps = args.steps or (240 if args.quick else 480)
-    every = args.every or (20 if args.quick else 30)
-    samples = 4 if args.quick else 8
-    losses = [("sigmoid", 0.01), ("hinge", 0.1)] if args.quick else [("sigmoid", 0.01), ("ipo", 0.01), ("hinge", 0.1)]
-    work = Path(tempfile.mkdtemp(prefix="proxyloop-bench-gate-"))
-    started = time.perf_counter()
-    runs: list[RunResult] = []
-    for seed in range(seeds):
-        task = make_task(seed, n_train_pairs=768, n_eval=32, sft_per_sum=6)
-        sft = sft_model(task, work / f"seed-{seed}", seed, steps=300 if args.quick else 500)
-        base: CheckpointScore | None = None
-        for loss_type, beta in losses:
-            run = train_run(sft, task, work / f"seed-{seed}", loss_type, beta, seed, steps, every, samples, base)
-            base = run.base
-            runs.append(run)
-            print(f"{loss_type} β={beta} seed {seed}: {run.decision.decision} "
-                  f"(step {run.picked(run.decision)}), {run.seconds:.0f}s", flush=True)
-            if args.verbose:
-                print(trajectory_table(run), flush=True)
-                print("  gate: " + " | ".join(run.decision.reasons), flush=True)
+    seeds = args.seeds or (4 if args.quick else 8)
+    steps = args.steps or (40 if args.quick else 80)
+    args.warmup = steps // 5 if args.warmup < 0 else args.warmup
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="proxyloop-bench-gate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PROXYLOOP_REFERENCE_CACHE_DIR", str(work / "reference-cache"))
+    import transformers
 
-    header = (f"{'loss':<8} {'β':>5} {'seed':>4} {'base':>6} {'best@step':>12} {'last':>6} {'fell@':>6} "
-              f"{'gate':>16} {'pick':>6} {'in time':>7} {'no-ind pick':>11} {'tf pick':>7}")
-    print(header)
-    print("-" * len(header))
-    pick_ratio, last_ratio, in_time, fell = [], [], [], []
-    no_ind_ratio, tf_ratio, no_ind_in_time, tf_in_time = [], [], [], []
-    for run in runs:
-        best = run.best
-        pick_step = run.picked(run.decision)
-        pick_gold = run.gold(pick_step)
-        last_gold = run.checkpoints[-1].gold_sampled
-        no_ind_gold = run.gold(run.picked(run.decision_no_indicators))
-        tf_gold = run.gold(run.picked(run.decision_teacher_forced))
-        pick_ratio.append(ratio(pick_gold, best.gold_sampled))
-        last_ratio.append(ratio(last_gold, best.gold_sampled))
-        no_ind_ratio.append(ratio(no_ind_gold, best.gold_sampled))
-        tf_ratio.append(ratio(tf_gold, best.gold_sampled))
-        in_time.append(run.in_time(run.decision))
-        no_ind_in_time.append(run.in_time(run.decision_no_indicators))
-        tf_in_time.append(run.in_time(run.decision_teacher_forced))
-        fell.append(run.fall_step is not None)
-        gate = f"{run.decision.decision}@{pick_step if pick_step is not None else '-'}"
-        print(f"{run.loss_type:<8} {run.beta:>5} {run.seed:>4} {run.base.gold_sampled:>6.3f} "
-              f"{best.gold_sampled:>6.3f}@{best.step:<5} {last_gold:>6.3f} {str(run.fall_step or '-'):>6} "
-              f"{gate:>16} {pick_gold:>6.3f} {str(in_time[-1]):>7} {no_ind_gold:>11.3f} {tf_gold:>7.3f}")
-    report = {
-        "pick_vs_best": round(statistics.fmean(pick_ratio), 4),
-        "last_vs_best": round(statistics.fmean(last_ratio), 4),
-        "blocked_in_time": round(statistics.fmean(in_time), 4),
-        "runs": len(runs), "runs_where_gold_fell": sum(fell),
-        "no_indicators_pick_vs_best": round(statistics.fmean(no_ind_ratio), 4),
-        "no_indicators_in_time": round(statistics.fmean(no_ind_in_time), 4),
-        "teacher_forced_pick_vs_best": round(statistics.fmean(tf_ratio), 4),
-        "teacher_forced_in_time": round(statistics.fmean(tf_in_time), 4),
-        "decisions": {d: sum(r.decision.decision == d for r in runs) for d in ("release", "pick_checkpoint", "block")},
-        "losses": [f"{lt}(beta={b})" for lt, b in losses], "seeds": seeds, "steps": steps, "checkpoint_every": every,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - started, 1),
+    transformers.utils.logging.disable_progress_bar()
+    from bench.lm_proxy_parts import build_base
+    from ingest.synthetic_judges import make_world
+
+    started = time.perf_counter()
+    world = make_world(0, "tempered", tempered_temperature=LABEL_TEMPERATURE)
+    base = build_base("tiny", work, world)
+    regime = make_regime(world, base, args.prompts, max_new_tokens=8)
+    base_scores = {seed: score(base, 0, regime, seed) for seed in range(seeds)}
+    runs: list[Run] = []
+    for spec in specs(seeds):
+        tag = f"{spec.name}-{steps}-{args.pairs}-w{args.warmup}"
+        cached = work / "scores" / f"{tag}.json"
+        if cached.exists():
+            runs.append(Run.from_json(json.loads(cached.read_text())))
+            continue
+        t0 = time.perf_counter()
+        dataset = training_pairs(world, args.pairs, spec.seed, work / "data" / f"pairs-{spec.seed}-{args.pairs}.jsonl")
+        run = train_and_score(regime, spec, dataset, work / "runs" / tag, steps,
+                              max(1, steps // 10), base_scores[spec.seed], args.warmup)
+        run.seconds = time.perf_counter() - t0
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(run.to_json()))
+        runs.append(run)
+        print(f"{spec.name}: gold {run.base.gold:.3f} → peak {max(run.gold):.3f}@{run.checkpoints[run.peak].step} "
+              f"→ last {run.gold[-1]:.3f} ({'falls' if run.fall is not None else 'steady'}), {run.seconds:.0f}s",
+              flush=True)
+
+    tuning = [r for r in runs if r.spec.seed < seeds / 2]
+    held = [r for r in runs if r.spec.seed >= seeds / 2]
+    # The relation: which rule detects on the tuning runs, reported on the held-out ones; the default rules beside.
+    detector = fit_detector(candidate_rules(), tuning)  # any reading of the indicators, diagnostics included
+    found = detection(detector, held)
+    gate_detector = fit_detector(candidate_rules(gate_only=True), tuning)  # the rules the gate can apply
+    defaults = [Rule("generated", "entropy", 0.02, 2), Rule("teacher_forced", "entropy", 0.02, 2),
+                Rule("generated", "mass", 0.2), Rule("teacher_forced", "mass", 0.2)]
+    keys = [f"{v}/{n}_mean" for v in VIEWS for n in ("entropy", "mass")]
+    correlation = {k: spearman(*lagged_changes(runs, k)) for k in keys}
+    # Calibration out of sample: the gate's rule and floor fitted on the tuning runs.
+    rule, floor = fit_gate(tuning, floors=(0.0, 0.55))
+    gate = [ratio_to_oracle(r, gate_pick(r, rule, floor)) for r in held]
+    plain = [ratio_to_oracle(r, heldout_pick(r)) for r in held]
+    last = [ratio_to_oracle(r, len(r.checkpoints) - 1) for r in held]
+    advisory = [ratio_to_oracle(r, gate_pick(r, None, 0.55)) for r in held]  # production's default gate
+    # What scoring the oracle on its own samples would add: the bias the two-set denominator removes.
+    oracle_bias = [float(np.mean(oracle(r).gold_a)) / max(1e-9, float(np.mean(oracle(r).gold_b))) for r in held]
+    difference = bootstrap_ci([g - p for g, p in zip(gate, plain, strict=True)])
+    over_advisory = bootstrap_ci([g - a for g, a in zip(gate, advisory, strict=True)])
+    report: dict[str, Any] = {
+        "indicator_detection": found.detection, "indicator_detection_ci": interval(found.detected),
+        "indicator_false_alarm": found.false_alarm, "indicator_false_alarm_ci": interval(found.alarms),
+        "indicator_lead_checkpoints": found.lead, "indicator_lead_checkpoints_ci": interval(found.leads),
+        "indicator_rule": detector.name,
+        "indicator_rule_in_gate": detector.in_gate, "gate_rules_detector": detection_report(gate_detector, held),
+        "falling_runs": found.falling, "steady_runs": found.steady,
+        "gate_vs_best": round(float(np.mean(gate)), 4), "gate_vs_best_ci": bootstrap_ci(gate),
+        "heldout_pick_vs_best": round(float(np.mean(plain)), 4), "heldout_pick_vs_best_ci": bootstrap_ci(plain),
+        "last_vs_best": round(float(np.mean(last)), 4), "last_vs_best_ci": bootstrap_ci(last),
+        "oracle_vs_best": 1.0, "oracle_selection_bias": round(float(np.mean(oracle_bias)), 4),
+        "gate_minus_heldout_pick_ci": difference,
+        "advisory_gate_vs_best": round(float(np.mean(advisory)), 4), "advisory_gate_vs_best_ci": bootstrap_ci(advisory),
+        "gate_minus_advisory_gate_ci": over_advisory,
+        "gate_blocks": sum(gate_pick(r, rule, floor) is None for r in held),
+        "oracle_is_base": sum(oracle(r) is r.base for r in held),
+        "gate_rule": rule.name if rule else "advisory (no indicator rule)", "gate_floor": floor,
+        "spearman_indicator_change_vs_next_gold_change": {k: None if v is None else round(v, 3)
+                                                          for k, v in correlation.items()},
+        "default_rules_on_heldout_runs": [detection_report(r, held) for r in defaults],
+        "targets_met": {"detection": bool((found.detection or 0) >= 0.8 and (found.false_alarm or 0) <= 0.1),
+                        "gate": bool(np.mean(gate) >= 0.95 and difference[0] > 0),
+                        "gate_interval_above_heldout_pick_interval": bool(
+                            bootstrap_ci(gate)[0] > bootstrap_ci(plain)[1])},
+        "runs": len(runs), "tuning_runs": len(tuning), "reported_runs": len(held), "seeds": seeds, "steps": steps,
+        "checkpoints_per_run": min(len(r.checkpoints) for r in runs), "prompts": args.prompts,
+        "heldout_pairs": HELDOUT_PAIRS, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - started, 1),
     }
-    print(f"gate pick / best gold {report['pick_vs_best']}, last / best {report['last_vs_best']}, "
-          f"in time {report['blocked_in_time']} ({report['runs_where_gold_fell']}/{len(runs)} runs fell by > 5%)")
+    if args.figure:
+        falling = [r for r in held if r.fall is not None][:3]
+        steady = [r for r in held if r.fall is None][:1]
+        report["figure"] = str(plot_runs(falling + steady or held[:4], Path(args.figure)))
+    print(f"detector {detector.name} on held-out runs: detection {found.detection}, false alarms "
+          f"{found.false_alarm}, lead {found.lead} ({found.falling} falling, {found.steady} steady)")
+    print(f"gate ({report['gate_rule']}, floor {floor}) {report['gate_vs_best']} {report['gate_vs_best_ci']}, "
+          f"held-out pick {report['heldout_pick_vs_best']}, last {report['last_vs_best']}")
     print(json.dumps(report))
 
 

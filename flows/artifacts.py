@@ -10,19 +10,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: workers and flow runners have no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
+from prefect.artifacts import (
     create_image_artifact,
     create_markdown_artifact,
     create_table_artifact,
 )
 
-from ground.schemas import CheckpointEvaluation, ConditionReport, GateDecision, ReleaseRecord  # noqa: E402
-from ground.settings import Settings  # noqa: E402
+from ground.schemas import CheckpointEvaluation, ConditionReport, GateDecision, ReleaseRecord
+from ground.settings import Settings
+
+
+def _headless() -> None:
+    """matplotlib on the headless backend (workers and flow runners have no display). Imported at the first plot,
+    not with this module: ~0.5 s that every flow run's start would pay (tests/flows/test_import_cost.py)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+_VIEWS = ("generated", "teacher_forced")  # the two indicator views of a language-model checkpoint
 
 
 def _key(text: str) -> str:
@@ -35,6 +41,9 @@ def _link(settings: Settings, run_id: str, path: Path) -> str:
 
 
 def conditions_plot(report: ConditionReport, out: Path) -> Path:
+    _headless()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3))
     names = [c.name for c in report.checks]
     ratios = [c.statistic / c.threshold if c.threshold else c.statistic for c in report.checks]
@@ -48,20 +57,37 @@ def conditions_plot(report: ConditionReport, out: Path) -> Path:
     return out
 
 
-def training_plot(curve: list[dict[str, Any]], evals: list[CheckpointEvaluation], out: Path) -> Path:
+def training_plot(curve: list[dict[str, Any]], evals: list[CheckpointEvaluation], out: Path,
+                  flags: dict[int, list[str]] | None = None) -> Path:
+    """Loss curves; per checkpoint held-out accuracy and the indicators of both views (the gate's view when the
+    evaluation has no per-view values), a red line at each checkpoint an indicator rule flagged."""
+    _headless()
+    import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
     for stage in sorted({c["stage"] for c in curve}):
         points = [c for c in curve if c["stage"] == stage]
         left.plot([p["step"] for p in points], [p["loss"] for p in points], label=stage)
     left.set_xlabel("step")
     left.set_ylabel("loss")
-    left.legend()
+    if curve:
+        left.legend()
     left.set_title("training loss")
     steps = [e.step for e in evals]
     right.plot(steps, [e.heldout_accuracy for e in evals], marker="o", label="held-out accuracy")
-    right.plot(steps, [e.topk_entropy for e in evals], marker="s", label="top-k entropy (bits)")
-    if all(e.topk_mass is not None for e in evals):
-        right.plot(steps, [e.topk_mass for e in evals], marker="^", label="top-k mass")
+    views = [v for v in _VIEWS if evals and all(f"{v}/entropy_mean" in e.indicators for e in evals)]
+    for view, style in zip(views, ("-", "--"), strict=False):
+        right.plot(steps, [e.indicators[f"{view}/entropy_mean"] for e in evals], style, marker="s",
+                   label=f"top-k entropy, {view} (bits)")
+        right.plot(steps, [e.indicators[f"{view}/mass_mean"] for e in evals], style, marker="^",
+                   label=f"top-k mass, {view}")
+    if not views:
+        right.plot(steps, [e.topk_entropy for e in evals], marker="s", label="top-k entropy (bits)")
+        if all(e.topk_mass is not None for e in evals):
+            right.plot(steps, [e.topk_mass for e in evals], marker="^", label="top-k mass")
+    for step, fired in (flags or {}).items():
+        if fired:
+            right.axvline(step, color="tab:red", linewidth=0.8, linestyle=":")
     right.set_xlabel("checkpoint step")
     right.legend(fontsize=7)
     right.set_title("checkpoints")
@@ -92,24 +118,68 @@ def publish_condition_report(settings: Settings, run_id: str, report: ConditionR
     create_image_artifact(image_url=_link(settings, run_id, plot), key="condition-plot")
 
 
+def checkpoint_rows(settings: Settings, decision: GateDecision, evals: list[CheckpointEvaluation],
+                    base_mass: float | None = None) -> tuple[list[dict[str, Any]], dict[int, list[str]]]:
+    """Per checkpoint: held-out accuracy (the gate's gold proxy), both indicator views, the rule that fired there
+    (applied or advisory, as the settings' rules judge it) and whether the gate picked it; and the flags by step."""
+    from policies.lm.gate import fired_rules  # here: the gate pulls the registry and bus clients
+    from policies.promotion import GateRules
+
+    language_model = bool(evals) and all(f"{_VIEWS[0]}/entropy_mean" in e.indicators for e in evals)
+    rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
+                      indicators=settings.gate_indicators if language_model else "not_applicable")
+    flags = fired_rules(evals, rules, base_mass)
+    picked = decision.checkpoint.step if decision.checkpoint is not None and decision.decision != "block" else None
+    rows: list[dict[str, Any]] = []
+    for e in evals:
+        row: dict[str, Any] = {"step": e.step, "heldout_accuracy": round(e.heldout_accuracy, 4)}
+        if language_model:
+            for view in _VIEWS:
+                row[f"entropy_{view}"] = round(e.indicators.get(f"{view}/entropy_mean", float("nan")), 4)
+                row[f"mass_{view}"] = round(e.indicators.get(f"{view}/mass_mean", float("nan")), 4)
+        else:
+            row["topk_entropy_bits"] = round(e.topk_entropy, 4)
+            row["topk_mass"] = "n/a" if e.topk_mass is None else round(e.topk_mass, 4)
+        row["rule_fired"] = "; ".join(flags.get(e.step, [])) if language_model else "n/a (not a language model)"
+        if language_model and flags.get(e.step):
+            row["rule_fired"] += f" [{rules.indicators}]"
+        row["picked"] = "yes" if e.step == picked else ""
+        rows.append(row)
+    return rows, flags
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_no checkpoints_"
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) or "–" for h in header) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def publish_gate_decision(
-    settings: Settings, run_id: str, decision: GateDecision, evals: list[CheckpointEvaluation]
+    settings: Settings, run_id: str, decision: GateDecision, evals: list[CheckpointEvaluation],
+    base_mass: float | None = None,
 ) -> None:
+    """The gate's decision, a per-checkpoint table (held-out accuracy, both indicator views, the rule that fired)
+    and the plot. `base_mass`: the base model's top-k mass (`Evaluation.base_topk_mass`), the mass rule's reference."""
     run_dir = settings.runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
     curve_path = run_dir / "curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
-    plot = training_plot(curve, evals, run_dir / "training.png")
+    rows, flags = checkpoint_rows(settings, decision, evals, base_mass)
+    plot = training_plot(curve, evals, run_dir / "training.png", flags)
     create_table_artifact(
         key="checkpoint-evaluations",
-        table=[{"step": e.step, "heldout_accuracy": round(e.heldout_accuracy, 4),
-                "topk_entropy_bits": round(e.topk_entropy, 4),
-                "topk_mass": "n/a" if e.topk_mass is None else round(e.topk_mass, 4)} for e in evals],
-        description="Held-out expert accuracy and over-optimisation indicators per checkpoint",
+        table=rows,
+        description="Held-out expert accuracy, over-optimisation indicators (both views) and the rule that fired, "
+        "per checkpoint",
     )
     create_markdown_artifact(
         key="gate-decision",
         markdown=f"# Gate: **{decision.decision}**\n\n" + "\n".join(f"- {r}" for r in decision.reasons)
         + f"\n\nBaseline (expert-only) accuracy: {decision.baseline_accuracy:.3f}\n\n"
+        + "## Checkpoints\n\n" + markdown_table(rows) + "\n\n"
         f"![training]({_link(settings, run_id, plot)})\n",
     )
     create_image_artifact(image_url=_link(settings, run_id, plot), key="training-plot")

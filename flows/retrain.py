@@ -139,7 +139,8 @@ def evaluate_and_gate_flow(run_id: str) -> RetrainRunRecord:
     else:
         run.evaluation = evaluate(settings, run.snapshot.snapshot_id, run.training)
     run.gate = gate(settings, run.evaluation)
-    publish_gate_decision(settings, run_id, run.gate, run.evaluation.evaluations)
+    publish_gate_decision(settings, run_id, run.gate, run.evaluation.evaluations,
+                          base_mass=run.evaluation.base_topk_mass)
     return run
 
 

@@ -39,6 +39,31 @@ def indicator_reasons(evals: Sequence[CheckpointEvaluation], rules: GateRules, b
     ]
 
 
+def fired_rules(evals: Sequence[CheckpointEvaluation], rules: GateRules,
+                base_mass: float | None = None) -> dict[int, list[str]]:
+    """Per checkpoint step, the indicator rules that flag it, as `decide` judges them (applied or advisory):
+    the entropy peak and the new lows after it, and each checkpoint whose top-k mass fell below the base's limit."""
+    flags: dict[int, list[str]] = {e.step: [] for e in evals}
+    if rules.indicators == "not_applicable" or not evals:
+        return flags
+    peak = entropy_declined_after_peak(evals, rules.entropy_decline_evals, rules.min_entropy_drop)
+    if peak is not None:
+        flags[evals[peak].step].append("entropy peak")
+        lowest = evals[peak].topk_entropy
+        for e in evals[peak + 1:]:
+            if e.topk_entropy < lowest:
+                lowest = e.topk_entropy
+                flags[e.step].append("entropy new low after the peak")
+    reference = base_mass if base_mass is not None else evals[0].topk_mass
+    if reference:
+        limit = reference * (1 - rules.max_mass_drop)
+        for e in evals:
+            if e.topk_mass is not None and e.topk_mass < limit:
+                flags[e.step].append(f"mass {e.topk_mass:.3f} < {limit:.3f} ({rules.max_mass_drop:.0%} below "
+                                     f"{'base' if base_mass is not None else 'first checkpoint'})")
+    return flags
+
+
 def decide_language_model(
     evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules, base_mass: float | None = None,
 ) -> GateDecision:

@@ -33,3 +33,14 @@ def test_a_mass_collapse_is_named_with_its_size():
     assert "44.4% exceeds the 20% limit" in decision.reasons[1]
     based = decide_language_model(_evals([1.0, 1.1, 1.2], [0.9, 0.6, 0.5], [0.7, 0.8, 0.9]), 0.5, DECIDE, 1.0)
     assert "from the base model's 1.000 50.0% exceeds" in based.reasons[1]
+
+
+def test_fired_rules_name_the_peak_the_new_lows_and_each_collapsed_checkpoint():
+    from policies.lm.gate import fired_rules
+
+    evals = _evals([1.0, 0.9, 0.91, 0.8, 0.7], [0.9, 0.9, 0.6, 0.9, 0.5], [0.6] * 5)
+    flags = fired_rules(evals, DECIDE, base_mass=0.9)
+    assert flags[10] == ["entropy peak"]
+    assert flags[20] == ["entropy new low after the peak"] and flags[40] == ["entropy new low after the peak"]
+    assert flags[30][0].startswith("mass 0.600 < 0.720 (20% below base)")
+    assert fired_rules(evals, GateRules(indicators="not_applicable")) == {e.step: [] for e in evals}
