@@ -128,6 +128,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="Overrides of the language-model recipe (workers.lm.plans.LMRecipe: "
         "simplex_dim, beta, learning rates, epochs ...), as JSON; its defaults are what bench/lm_proxy.py reports. "
         "SmolLM2 wants learning rates near 1e-5.")
+    serve_merge_lora: bool = Field(
+        True, description="Serve a LoRA release with its adapter merged into the base (base speed); false keeps "
+        "the adapter separate (the base's weights untouched in memory). policies/lm/lora.py.")
     reference_cache_dir: str = Field(
         "", description="Where DPO reference log-probs are kept across runs (workers/lm/training/reference_cache.py: "
         "a retrain scores only pairs it has not seen); empty means home/reference-cache. A local disk: SQLite.")

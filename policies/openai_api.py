@@ -90,9 +90,12 @@ _cache: dict[tuple[str, int], ChatPolicy] = {}
 def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
     try:
         refresh(settings, ref)
-        return cached_by_version(settings.registry_dir, ref, _cache, load_chat_policy)
+        return cached_by_version(settings.registry_dir, ref, _cache,
+                                 lambda root, exact: load_chat_policy(root, exact, settings.serve_merge_lora))
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc
+    except FileNotFoundError as exc:  # a LoRA release whose base is not on this host: the server's to fix
+        raise HTTPException(503, str(exc)) from exc
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
 

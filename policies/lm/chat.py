@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ground.schemas import PolicyVersion
+from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from policies.registry import register, resolve
 
@@ -89,7 +90,9 @@ class ChatPolicy:
         return {end} if isinstance(end, int) and end != self.tokenizer.unk_token_id else set()
 
 
-def load_chat_policy(root: Path, ref: str) -> ChatPolicy:
+def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolicy:
+    """A released version ready to generate: full weights (with a simplex bottleneck when it is a two-stage
+    policy), or a LoRA adapter on its recorded base, merged unless `merge_lora` is False."""
     from transformers import AutoTokenizer
 
     version = resolve(root, ref)
@@ -98,5 +101,5 @@ def load_chat_policy(root: Path, ref: str) -> ChatPolicy:
                          "use /v1/policies/{name}/predict for feature-vector policies")
     path = Path(version.path) / MODEL_SUBDIR
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = load_causal_lm_dir(path).eval()  # with its simplex bottleneck when it is a two-stage policy
+    model = (load_lora_dir(path, merge=merge_lora) if is_lora_dir(path) else load_causal_lm_dir(path)).eval()
     return ChatPolicy(version=version, model=model, tokenizer=tokenizer)

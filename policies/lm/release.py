@@ -1,6 +1,6 @@
 """Releasing a language-model checkpoint: the model files (not the optimiser state) as a registry
 version of family `causal_lm`, the alias moved and logged in the promotion history, and `policy.released`
-on Kafka.
+on Kafka. A LoRA checkpoint is released as its adapter plus a checked reference to its base (policies/lm/lora.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from ground.schemas import PolicyVersion
 from ground.settings import Settings
 from policies.lm.chat import register_causal_lm
+from policies.lm.lora import is_lora_dir, write_base_reference
 from policies.promotion import announce
 from policies.registry import ReleaseEvidence, record_release
 
@@ -29,6 +30,8 @@ def release_causal_lm(
     with tempfile.TemporaryDirectory(prefix="release-") as staging:
         model_dir = Path(staging) / "model"
         shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
+        if is_lora_dir(checkpoint_dir):  # the adapter is released with a checked reference to its base
+            write_base_reference(checkpoint_dir, model_dir)
         version = register_causal_lm(settings.registry_dir, settings.chat_policy_name, model_dir, lineage, alias=None)
     record_release(settings.registry_dir, version, alias, evidence or ReleaseEvidence())
     announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")

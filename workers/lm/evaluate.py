@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.lm.indicators import checkpoint_indicators
+from policies.lm.lora import is_lora_dir, load_lora_dir
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
 from workers.lm.training.dpo import reference_logps
@@ -56,10 +56,7 @@ def evaluate_lm_checkpoints(
     completions = [r["chosen"] for r in rows[:n_indicator_prompts]]
     evaluations = []
     for ref in checkpoints:
-        if (Path(ref.path) / "adapter_config.json").exists():
-            raise ValueError(f"{ref.path} is a LoRA adapter; chat evaluation and release take full-weight "
-                             "checkpoints (train with lora_r=0)")
-        model = load_causal_lm(ref.path).eval()
+        model = (load_lora_dir(ref.path) if is_lora_dir(ref.path) else load_causal_lm(ref.path)).eval()
         chosen, rejected = pair_logps(model, pairs, pad)
         margins = (chosen - ref_chosen) - (rejected - ref_rejected)  # implicit reward margins / β
         indicators = checkpoint_indicators(model, tokenizer, prompts, completions)
