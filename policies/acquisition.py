@@ -14,6 +14,9 @@ without its label, through p = P(a preferred over b) = σ(margin), margin = log 
   relabelling of its outputs) plus the current policy: the proxy–adapter disagreement, over every
   adapter the first labels can still pick. Pairs where the proxy is confident and a relabelling
   would answer otherwise are the ones that settle the centre; coin-flip pairs settle nothing.
+- `ensemble` for text pairs scored by a logistic adapter on stage-1 features: BALD over draws from
+  that adapter's Laplace posterior (`logistic_posterior_margins`); a bootstrap would leave directions
+  no label has touched at the prior's centre in every member, so their pairs would never be asked.
 - `proxy_disagreement` (text pairs, cheap fallback: one policy and its proxy): H(mean(p_proxy,
   p_policy)), high where the proxy and the current policy disagree or the policy is unsure.
 - `margin` (cheapest: one policy only): H(p_policy), the policy's margin uncertainty, largest at
@@ -144,6 +147,40 @@ def text_scores(
         proxy = preference_probs(_vector("proxy_margin", proxy_margin, n))
         return AcquisitionScores(mixture_entropy(np.stack([proxy, prob_a])), prob_a, "proxy_disagreement", n_labels)
     return AcquisitionScores(binary_entropy(prob_a), prob_a, "margin", n_labels)
+
+
+def logistic_posterior_margins(
+    z_labelled: ArrayLike, z_open: ArrayLike, precision: float, size: int, seed: int, scale: float = 1.0,
+) -> tuple[FloatArray, FloatArray]:
+    """A Bradley–Terry logistic adapter on text-pair features and `size` draws from its posterior.
+
+    z_labelled [n, p]: feature differences of the labelled pairs, oriented chosen − rejected; z_open
+    [N, p]: those of the open pairs, a − b. The adapter is the MAP fit under the prior N(0, I/precision)
+    (`policies.lm.conditions.fit_bradley_terry`, the text condition tests' learner); members are drawn
+    from its Laplace posterior N(w, (Zᵀ diag(σ(1−σ)) Z + precision·I)⁻¹), their deviations from w
+    times `scale` (1: the posterior itself; the bench tunes it on its tuning seeds). Returns (the MAP's margins on
+    the open pairs [N], the members' [size, N]) for `text_scores`. Unlike a bootstrap, the posterior
+    stays wide along directions no label has touched (the prior's width), so pairs there score high
+    rather than as agreed coin flips."""
+    from policies.lm.conditions import fit_bradley_terry
+
+    z_open_ = np.asarray(z_open, dtype=np.float64)
+    if z_open_.ndim != 2:
+        raise AcquisitionError(f"z_open must have shape [tasks, features], got {z_open_.shape}")
+    p = z_open_.shape[1]
+    z = np.asarray(z_labelled, dtype=np.float64).reshape(-1, p)
+    if precision <= 0 or size < 2 or scale <= 0:
+        raise AcquisitionError(f"need precision > 0, size >= 2 and scale > 0, got {precision}, {size}, {scale}")
+    if not (np.isfinite(z).all() and np.isfinite(z_open_).all()):
+        raise AcquisitionError("features have NaN or infinite values")
+    w = fit_bradley_terry(z, np.zeros(p), precision) if z.shape[0] else np.zeros(p)
+    q = preference_probs(z @ w)
+    hessian = (z * (q * (1 - q))[:, None]).T @ z + precision * np.eye(p)
+    draws = np.random.default_rng(seed).standard_normal((size, p))
+    members = w + scale * np.linalg.solve(np.linalg.cholesky(hessian).T, draws.T).T  # covariance = hessian⁻¹
+    policy: FloatArray = z_open_ @ w
+    member_margins: FloatArray = members @ z_open_.T
+    return policy, member_margins
 
 
 # Feature triples: the stage-2 model and its bootstrap ensemble.

@@ -5,8 +5,18 @@ For tests and benches (as `prefect.testing` is for Prefect's users); the product
 
 from __future__ import annotations
 
+import os
+import secrets
+import signal
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from ground.settings import Settings
 from proxyloop.components import OBJECT_STORE_PORT_OFFSETS, StackError
@@ -51,3 +61,49 @@ def isolated_settings(home: Path, **overrides: object) -> Settings:
         **overrides,
     }
     return Settings(**values)  # type: ignore[arg-type]
+
+
+LABELSTUDIO_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "labelstudio.sh"
+
+
+@dataclass(frozen=True)
+class LabelStudioServer:
+    url: str
+    token: str = field(default_factory=lambda: secrets.token_hex(20))
+    username: str = "admin@example.com"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+
+
+@contextmanager
+def labelstudio_server(data_dir: Path, port: int, deadline_s: float = 300) -> Iterator[LabelStudioServer]:
+    """Label Studio from its own cached venv (scripts/labelstudio.sh), headless on a loopback port, with an
+    admin and API token preset; yields once /health answers, stops its whole process group after."""
+    subprocess.run(["bash", str(LABELSTUDIO_SCRIPT), "install"], check=True, capture_output=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = LabelStudioServer(url=f"http://127.0.0.1:{port}")
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": server.username, "LABEL_STUDIO_PASSWORD": server.password,
+           "LABEL_STUDIO_USER_TOKEN": server.token}
+    with (data_dir / "server.log").open("wb") as log:
+        process = subprocess.Popen(["bash", str(LABELSTUDIO_SCRIPT), "start", str(port), str(data_dir)], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"Label Studio exited with {process.returncode}; see {data_dir / 'server.log'}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Label Studio not healthy after {deadline_s:.0f} s; see {data_dir / 'server.log'}")
+            time.sleep(1)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -6,66 +6,21 @@ import glob
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from proxyloop.testing import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "labelstudio.sh"
-
-
-@dataclass(frozen=True)
-class LabelStudioServer:
-    url: str
-    token: str
-    username: str
-    password: str
+from proxyloop.testing import LabelStudioServer, free_port, labelstudio_server
 
 
 @pytest.fixture(scope="session")
 def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
     """Label Studio from its own cached venv, headless on a free loopback port, admin + token preset."""
-    subprocess.run(["bash", str(SCRIPT), "install"], check=True)
-    data_dir = tmp_path_factory.mktemp("labelstudio")
-    port = free_port()
-    server = LabelStudioServer(url=f"http://127.0.0.1:{port}", token=secrets.token_hex(20),
-                               username="admin@example.com", password=secrets.token_urlsafe(12))
-    env = {**os.environ, "LABEL_STUDIO_USERNAME": server.username, "LABEL_STUDIO_PASSWORD": server.password,
-           "LABEL_STUDIO_USER_TOKEN": server.token}
-    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(["bash", str(SCRIPT), "start", str(port), str(data_dir)], stdout=log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"Label Studio exited with {process.returncode}; see {data_dir / 'server.log'}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Label Studio not healthy after 240 s; see {data_dir / 'server.log'}")
-            time.sleep(1)
+    with labelstudio_server(tmp_path_factory.mktemp("labelstudio"), free_port(), deadline_s=240) as server:
         yield server
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 def _pg_bin(name: str) -> str:
