@@ -88,7 +88,7 @@ def test_oversized_and_invalid_requests_get_clear_4xx(served):
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=10_000)
 
 
-def test_the_user_field_puts_the_profile_at_the_start_and_says_so_in_a_header(served):
+def test_the_user_field_puts_the_profile_after_the_question_by_default_and_says_so_in_a_header(served):
     settings, http = served
     for text in ["the annotator prefers the first response.", "What is 2 plus 2? It is 4."]:
         http.post("/v1/users/u1/responses", json={"response": text}, headers={"Authorization": "Bearer plain-key"})
@@ -98,7 +98,7 @@ def test_the_user_field_puts_the_profile_at_the_start_and_says_so_in_a_header(se
     raw = client.chat.completions.with_raw_response.create(model="chat", messages=ask, max_tokens=2,
                                                            temperature=0, user="u1")
     header = raw.headers["x-proxyloop-profile"]
-    assert header.startswith("items=2;") and "position=start" in header
+    assert header.startswith("items=2;") and "position=end" in header  # the setting's default (bench/profile.py)
     assert raw.parse().usage.prompt_tokens > plain.usage.prompt_tokens
     tokens = int(header.split("tokens=")[1].split(";")[0])
     assert 0 < tokens <= settings.profile_budget_tokens
