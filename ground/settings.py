@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRETS = {"dev-webhook-secret", "dev-api-key"}
 
 
+ML_BACKEND_PATH = "/labelstudio/ml"  # where the HTTP app mounts Label Studio's ML-backend protocol
+
+
 class Settings(BaseSettings):
     """Resolved once per process; child processes inherit it through the environment."""
 
@@ -114,6 +117,9 @@ class Settings(BaseSettings):
     labelstudio_webhook_url: str = Field(
         "", description="Where Label Studio reaches proxyloop's receiver; empty means http_url + /webhooks/labelstudio."
     )
+    labelstudio_ml_backend_url: str = Field(
+        "", description="Where Label Studio reaches proxyloop's ML backend (pre-annotations, acquisition scores); "
+        "empty means http_url + /labelstudio/ml. `proxyloop labelstudio setup` connects it.")
 
     retrain_min_expert: int = Field(40, ge=1, description="New expert labels that trigger a retrain.")
     retrain_min_proxy: int = Field(5000, ge=1, description="New proxy preferences that trigger a retrain.")
@@ -217,6 +223,10 @@ class Settings(BaseSettings):
     @property
     def resolved_labelstudio_webhook_url(self) -> str:
         return self.labelstudio_webhook_url or f"{self.http_url}/webhooks/labelstudio"
+
+    @property
+    def resolved_labelstudio_ml_backend_url(self) -> str:
+        return self.labelstudio_ml_backend_url or f"{self.http_url}{ML_BACKEND_PATH}"
 
 
 @lru_cache(maxsize=1)

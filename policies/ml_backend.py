@@ -31,12 +31,12 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from ground.schemas import ACQUISITION_REQUESTED_EVENT, utcnow
-from ground.settings import Settings
+from ground.settings import ML_BACKEND_PATH, Settings
 from ingest.labelstudio.webhook import SECRET_HEADER, secret_matches
 from ingest.web import SettingsDep
 from policies.acquisition import MAX_SCORE, AcquisitionScores
 
-ML_BACKEND_PREFIX = "/labelstudio/ml"
+ML_BACKEND_PREFIX = ML_BACKEND_PATH
 MODEL_CLASS = "proxyloop.acquisition"
 PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "a,b"  # ingest/labelstudio/provision.PAIRWISE_CONFIG
 

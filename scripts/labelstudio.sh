@@ -38,6 +38,8 @@ case "${1:-}" in
         export LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true
         # Webhooks go to proxyloop on loopback, which SSRF protection refuses.
         export SSRF_PROTECTION_ENABLED=false
+        # ... and so does the ML-backend connection unless this is set (proxyloop's backend is on loopback too).
+        export ML_BLOCK_LOCAL_IP=false
         exec "$VENV/bin/label-studio" start --no-browser --host 127.0.0.1 --port "$port"
         ;;
     *) echo "usage: $0 install | bin | start PORT DIR" >&2; exit 2 ;;

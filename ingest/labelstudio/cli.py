@@ -34,6 +34,12 @@ def setup(
     console.print(f"project {result.project_id} ({verb}) at {settings.labelstudio_url}; "
                   f"{result.tasks_imported} tasks imported; webhook {result.webhook_id} → "
                   f"{settings.resolved_labelstudio_webhook_url}")
+    if result.ml_backend_id is None:
+        console.print(f"[yellow]ML backend not connected:[/yellow] {result.ml_backend_problem}. Start the HTTP app "
+                      "(`proxyloop up`); a Label Studio reaching a private address needs ML_BLOCK_LOCAL_IP=false. "
+                      "Then run setup again; until then tasks carry no pre-annotations or acquisition scores.")
+    else:
+        console.print(f"ML backend {result.ml_backend_id} → {settings.resolved_labelstudio_ml_backend_url}")
 
 
 @app.command()

@@ -46,6 +46,8 @@ class LabelStudioSetupError(RuntimeError):
 class ProvisionedProject:
     project_id: int
     webhook_id: int
+    ml_backend_id: int | None  # None when Label Studio refused it; `ml_backend_problem` says why
+    ml_backend_problem: str
     tasks_imported: int
     created: bool
 
@@ -101,7 +103,9 @@ def setup_project(
         client.projects.import_tasks(id=project_id, request=tasks)  # type: ignore[arg-type]
         imported = len(tasks)
     webhook_id = ensure_webhook(settings, client, project_id)
-    return ProvisionedProject(project_id=project_id, webhook_id=webhook_id, tasks_imported=imported, created=created)
+    ml_backend_id, problem = ensure_ml_backend(settings, client, project_id)
+    return ProvisionedProject(project_id=project_id, webhook_id=webhook_id, ml_backend_id=ml_backend_id,
+                              ml_backend_problem=problem, tasks_imported=imported, created=created)
 
 
 def ensure_webhook(settings: Settings, client: LabelStudio, project_id: int, active: bool = True) -> int:
@@ -119,3 +123,46 @@ def ensure_webhook(settings: Settings, client: LabelStudio, project_id: int, act
     if hook.id is None:
         raise LabelStudioSetupError(f"Label Studio at {settings.labelstudio_url} returned a webhook without an id")
     return int(hook.id)
+
+
+ML_BACKEND_TITLE = "proxyloop"
+
+
+def ensure_ml_backend(settings: Settings, client: LabelStudio, project_id: int) -> tuple[int | None, str]:
+    """Connect the project to proxyloop's ML backend (pre-annotations and acquisition scores), authenticated
+    with the webhook's secret as the Basic-auth password; created or brought up to date, found by URL.
+    Returns (its id, "") or (None, why Label Studio refused it).
+
+    Label Studio checks the backend's health before it accepts one, so the HTTP app must be running where
+    `resolved_labelstudio_ml_backend_url` points, and a Label Studio that should reach a private or loopback
+    address needs `ML_BLOCK_LOCAL_IP=false` (scripts/labelstudio.sh sets it for the embedded one). Without the
+    backend the project still collects labels; tasks just carry no predictions until setup runs again."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    url = settings.resolved_labelstudio_ml_backend_url
+    options: dict[str, Any] = {"project": project_id, "url": url, "title": ML_BACKEND_TITLE, "is_interactive": False,
+                               "auth_method": "BASIC_AUTH", "basic_auth_user": "labelstudio",
+                               "basic_auth_pass": settings.webhook_secret}
+    try:
+        found = next((int(b.id) for b in client.ml.list(project=project_id) if b.url == url and b.id is not None), None)
+        if found is not None:
+            client.ml.update(found, **options)
+        else:
+            found = client.ml.create(**options).id
+    except ApiError as exc:
+        if exc.status_code in (400, 403):  # health check failed, or a refused (e.g. loopback) address
+            return None, f"Label Studio refused {url} ({exc.status_code}): {exc.body}"
+        raise
+    if found is None:
+        raise LabelStudioSetupError(f"Label Studio at {settings.labelstudio_url} returned an ML backend without an id")
+    _secure_training_webhook(settings, client, project_id, f"{url}/webhook")
+    return int(found), ""
+
+
+def _secure_training_webhook(settings: Settings, client: LabelStudio, project_id: int, url: str) -> None:
+    """Connecting a backend makes Label Studio add a webhook to its /webhook, with no headers; ours refuses
+    requests without the secret, so the hook gets the secret header (it is how new labels re-rank tasks)."""
+    wanted = {SECRET_HEADER: settings.webhook_secret}
+    for hook in client.webhooks.list(project=str(project_id)):
+        if hook.url == url and hook.id is not None and hook.headers != wanted:
+            client.webhooks.update(hook.id, url=url, headers=wanted)

@@ -103,17 +103,22 @@ def project(pipeline: Settings, tmp_path_factory: pytest.TempPathFactory) -> int
     return int(project_id)
 
 
-def test_setup_provisions_pairwise_project_with_secret_webhook(pipeline: Settings, project: int) -> None:
+def test_setup_provisions_pairwise_project_with_secret_webhook_and_ml_backend(pipeline: Settings, project: int) -> None:
     client = _client(pipeline)
     config = client.projects.get(id=project).label_config or ""
     assert all(tag in config for tag in ("<Pairwise", "$prompt", "$answer_a", "$answer_b", "<TextArea"))
     assert len(_project_tasks(client, project)) == len(TASKS)
-    hooks = list(client.webhooks.list(project=str(project)))
-    assert [(h.url, h.headers, h.is_active) for h in hooks] == [
-        (pipeline.resolved_labelstudio_webhook_url, {"X-Proxyloop-Secret": "ls-test-secret"}, True)]
-    _cli(pipeline, "labelstudio", "setup")  # again: reuses the project and the webhook
+    ml_url = pipeline.resolved_labelstudio_ml_backend_url
+    secret = {"X-Proxyloop-Secret": "ls-test-secret"}
+    hooks = {h.url: (h.headers, h.is_active) for h in client.webhooks.list(project=str(project))}
+    # ours for the labels, and the one Label Studio adds for the ML backend's re-ranking, both with the secret
+    assert hooks == {pipeline.resolved_labelstudio_webhook_url: (secret, True), f"{ml_url}/webhook": (secret, True)}
+    backends = list(client.ml.list(project=project))  # connected: Label Studio checked its health with the secret
+    assert [(b.url, b.auth_method) for b in backends] == [(ml_url, "BASIC_AUTH")]
+    _cli(pipeline, "labelstudio", "setup")  # again: reuses the project, the webhooks and the ML backend
     assert len(list(client.projects.list(title=pipeline.labelstudio_project_title))) == 1
-    assert len(list(client.webhooks.list(project=str(project)))) == 1
+    assert len(list(client.webhooks.list(project=str(project)))) == 2
+    assert len(list(client.ml.list(project=project))) == 1
 
 
 def test_annotations_updates_and_deletions_reach_the_store_via_the_webhook(pipeline: Settings, project: int) -> None:
