@@ -98,6 +98,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
     queues = ", ".join(f"{q} {n}" for q, n in view.queue_depths.items()) if view.queue_depths is not None else unknown
     console.print(f"celery queued: {queues}; active: {view.active_tasks if view.active_tasks is not None else unknown}")
     console.print("production: " + (", ".join(f"{n} v{v}" for n, v in view.production.items()) or "nothing released"))
+    queue = view.acquisition
+    if queue is None:
+        console.print("acquisition queue: no refresh yet (flows.acquisition)")
+    else:
+        spread = queue["scores"]
+        scores = f"scores {spread['min']:.3f} / {spread['median']:.3f} / {spread['max']:.3f} (min/median/max)" \
+            if spread else "no scores"
+        console.print(f"acquisition queue: {queue['open_tasks']} open tasks, {scores}, {queue['method']}; "
+                      f"refreshed {queue['refreshed_at']}, {queue['labels_since_refresh']} expert labels since")
     _print_runs(view.runs)
     if not view.healthy:
         raise typer.Exit(1)

@@ -6,8 +6,9 @@ Each probe answers None when its service is unreachable, so status works on a ha
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -18,6 +19,9 @@ from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_la
 from ingest.store import RetrainRun, count_labels, latest_runs, make_engine, run_record
 from policies.registry import aliases, list_policies
 from proxyloop import stack
+
+if TYPE_CHECKING:
+    from policies.ml_backend import ScoreCache
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Overview:
     labels: dict[str, int] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     production: dict[str, int] = field(default_factory=dict)
+    acquisition: dict[str, Any] | None = None  # the open-task queue; None before the first refresh
 
     @property
     def lag_total(self) -> int | None:
@@ -58,6 +63,7 @@ class Overview:
             "queues": {"depths": self.queue_depths, "active_tasks": self.active_tasks},
             "runs": self.runs,
             "production": self.production,
+            "acquisition": self.acquisition,
         }
 
 
@@ -132,4 +138,19 @@ def overview(settings: Settings) -> Overview:
                                           False, None, False, None) for lag in lags]
     view.production = {name: aliases(settings.registry_dir, name).get("production", 0)
                        for name in list_policies(settings.registry_dir)}
+    from policies.ml_backend import read_cache  # imports the scorer (torch): only when status is asked
+
+    view.acquisition = acquisition_queue(read_cache(settings), view.labels.get("expert", 0))
     return view
+
+
+def acquisition_queue(cache: ScoreCache | None, expert_labels: int) -> dict[str, Any] | None:
+    """The open-task queue as the last acquisition refresh left it: how many tasks, how their scores spread,
+    and how many expert labels the store holds beyond those the scores were computed from."""
+    if cache is None:
+        return None
+    scores = sorted(t.score for t in cache.tasks.values())
+    spread = {"min": scores[0], "median": statistics.median(scores), "max": scores[-1]} if scores else None
+    return {"open_tasks": len(scores), "scores": spread, "method": cache.method, "model_version": cache.model_version,
+            "refreshed_at": cache.refreshed_at.isoformat(),
+            "labels_since_refresh": max(0, expert_labels - cache.n_labels)}

@@ -135,3 +135,18 @@ def test_status_with_the_broker_down_reports_lag_unknown_and_why(settings: Setti
     assert (view.partitions, view.lag_total, view.consumer_stalled) == (None, None, False)
     assert view.lag_error is not None and view.lag_error.startswith(f"Kafka at {gone.kafka_bootstrap} unreachable")
     assert view.as_json()["partitions"] is None
+
+
+def test_status_shows_the_acquisition_queue_as_the_last_refresh_left_it(settings: Settings) -> None:
+    from policies.ml_backend import ScoreCache, TaskScore, cache_path, write_cache
+
+    assert status_json(settings)[1]["acquisition"] is None  # before the first refresh
+    scores = {7: 0.1, 8: 0.5, 9: 0.69}
+    write_cache(settings, ScoreCache(method="ensemble", n_labels=0, model_version="appendix-d@3", tasks={
+        task: TaskScore(score=score, preferred="a", prob_a=0.6) for task, score in scores.items()}))
+    try:
+        queue = status_json(settings)[1]["acquisition"]
+    finally:
+        cache_path(settings).unlink()
+    assert (queue["open_tasks"], queue["scores"], queue["method"], queue["labels_since_refresh"]) == (
+        3, {"min": 0.1, "median": 0.5, "max": 0.69}, "ensemble", 0)
