@@ -1,8 +1,15 @@
-"""Instruction Modelling vs instruction tuning (paper 4) on a generated long-instruction, short-output task.
+"""Instruction Modelling vs instruction tuning (paper 4): a sweep over length ratio × data size × seeds.
 
-Run: `python -m bench.im_vs_it --quick`. Trains the same tiny model twice with the same seed and data,
-once scoring instruction + output tokens (IM), once the output only (IT), and compares the held-out
-loss on the outputs; prints what the automatic rule picks for this dataset. Last line: JSON.
+Run: `python -m bench.im_vs_it --quick`. For every task (instruction/output length ratio, see
+`bench/im_vs_it_parts.py`), training-set size and seed, trains the same tiny model on the same data
+twice through the worker's SFT path (`run_lm_training`, method "sft", `loss_mode` forced to "im" or
+"it"), keeps the checkpoint with the lowest output loss on a validation split (early stopping), and
+scores it on a test split: output loss, token accuracy, exact match, and the train-vs-test gap.
+
+A cell (ratio × size) goes to IM when IT's test output loss minus IM's is above 0 beyond its 95%
+bootstrap interval over seeds, to IT when below, else it is a tie. The rule "IM iff ratio ≥ R and
+n ≤ N" is fitted on the tuning seeds; `rule_agreement` is the worker's rule (`choose_loss_mode`
+with `SFTConfig()` defaults) scored on the reporting seeds. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -12,76 +19,156 @@ import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ground.schemas import LMTrainingRequest
-from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer  # noqa: E402
-from workers.lm.training.data import collate_chats  # noqa: E402
+from bench.im_vs_it_parts import TASKS, agrees, bootstrap_ci, cell_verdict, fit_rule, make_chat, output_metrics  # noqa: E402
+from ground.schemas import LMTrainingRequest  # noqa: E402
+from workers.lm.models import build_tiny, load_tokenizer  # noqa: E402
 from workers.lm.training.run import run_lm_training  # noqa: E402
-from workers.lm.training.sft import choose_loss_mode, render_chat, sft_batch_loss  # noqa: E402
+from workers.lm.training.sft import AUTO_IM_MAX_EXAMPLES, AUTO_IM_MIN_LENGTH_RATIO, auto_choice, choose_loss_mode  # noqa: E402
 from workers.lm.training.sft_config import SFTConfig  # noqa: E402
 
-NAMES = ["ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal", "ivy", "jo", "kit", "lu"]
-COLOURS = ["red", "blue", "green", "black", "white", "gold"]
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
-def make_chat(rng: random.Random) -> list[dict[str, str]]:
-    """A long instruction (a roster of people and colours) and a one-word answer copied from it."""
-    people = rng.sample(NAMES, 8)
-    roster = " ".join(f"{p} likes {rng.choice(COLOURS)} and is {rng.randint(10, 99)} years old." for p in people)
-    asked = rng.choice(people)
-    answer = roster.split(f"{asked} likes ")[1].split(" ")[0]
-    return [{"role": "system", "content": "Answer with one word from the roster."},
-            {"role": "user", "content": f"Roster: {roster} Question: which colour does {asked} like?"},
-            {"role": "assistant", "content": answer}]
+def run_cell(work: Path, base: Path, tokenizer: Any, task: str, n: int, seed: int,
+             args: argparse.Namespace) -> dict[str, Any]:
+    """Train IM and IT on one (task, size, seed) dataset; metrics of each mode's early-stopped checkpoint."""
+    rng = random.Random(f"{task}-{n}-{seed}")
+    train = [make_chat(task, rng) for _ in range(n)]
+    val = [make_chat(task, rng) for _ in range(args.val)]
+    test = [make_chat(task, rng) for _ in range(args.test)]
+    cell = work / f"{task}-{n}-{seed}"
+    cell.mkdir(parents=True, exist_ok=True)
+    data = cell / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": c}) for c in train))
+    choice = choose_loss_mode(train, tokenizer, SFTConfig())
+    row: dict[str, Any] = {"task": task, "n": n, "seed": seed, "ratio": choice.length_ratio, "auto_pick": choice.mode}
+    for mode in ("im", "it"):
+        config = {"loss_mode": mode, "learning_rate": args.lr, "batch_size": 8, "max_steps": args.steps,
+                  "checkpoint_every": args.every, "max_length": 1024, "seed": seed, "log_every": args.steps}
+        run = run_lm_training(LMTrainingRequest(run_id=f"{cell.name}-{mode}", method="sft", base_model=str(base),
+                                                dataset=str(data), output_dir=str(cell / mode), config=config),
+                              lambda _: None)
+        scored = [(output_metrics(c, tokenizer, val)["loss"], c) for c in run["checkpoints"]]
+        val_loss, best = min(scored)
+        tested, trained = output_metrics(best, tokenizer, test), output_metrics(best, tokenizer, train[:64])
+        row[mode] = {"best_step": int(Path(best).name.split("-")[-1]), "val_loss": val_loss,
+                     **{f"test_{k}": v for k, v in tested.items()}, "train_loss": trained["loss"],
+                     "gap": tested["loss"] - trained["loss"]}
+    return row
 
 
-@torch.no_grad()
-def output_loss(path: str, tokenizer, chats) -> float:  # type: ignore[no-untyped-def]
-    """Mean NLL of the assistant tokens (the IT mask) of `chats` under the model at `path`."""
-    model = load_causal_lm(path)
-    model.eval()
-    batch = collate_chats([render_chat(c, tokenizer, "it") for c in chats], tokenizer.pad_token_id, 1024)
-    return float(sft_batch_loss(model, batch)[0])
+def summarise(rows: list[dict[str, Any]], seeds: list[int], config: SFTConfig) -> list[dict[str, Any]]:
+    """One record per (task, size) over `seeds`: IM/IT metrics with intervals, verdict, the worker rule's pick."""
+    cells = []
+    for task in TASKS:
+        for n in sorted({r["n"] for r in rows}):
+            group = [r for r in rows if r["task"] == task and r["n"] == n and r["seed"] in seeds]
+            if not group:
+                continue
+            verdict, diff = cell_verdict([r["it"]["test_loss"] - r["im"]["test_loss"] for r in group])
+            ratio = sum(r["ratio"] for r in group) / len(group)
+            pick = auto_choice(ratio, n, config).mode  # the worker's rule at this cell's size and mean ratio
+            record: dict[str, Any] = {"task": task, "n": n, "ratio": round(ratio, 2), "seeds": len(group),
+                                      "verdict": verdict, "it_minus_im_loss": [round(x, 4) for x in diff],
+                                      "auto_pick": pick, "agrees": agrees(pick, verdict)}
+            for mode in ("im", "it"):
+                for key in ("test_loss", "test_token_acc", "test_exact", "gap", "best_step"):
+                    m, lo, hi = bootstrap_ci([float(r[mode][key]) for r in group])
+                    record[f"{mode}_{key}"] = [round(m, 4), round(lo, 4), round(hi, 4)]
+            cells.append(record)
+    return cells
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--train", type=int, default=32, help="training examples (few, as in paper 4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="64 steps per run, sizes 16,64,256, 3+3 seeds")
+    parser.add_argument("--sizes", type=_ints, default=None, help="training-set sizes, comma-separated")
+    parser.add_argument("--tune-seeds", type=_ints, default=None, help="seeds the rule is fitted on")
+    parser.add_argument("--report-seeds", type=_ints, default=None, help="seeds the rule is scored on")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per run (batch 8)")
+    parser.add_argument("--every", type=int, default=None, help="checkpoint (early-stopping candidate) interval")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--val", type=int, default=32, help="validation chats (early stopping)")
+    parser.add_argument("--test", type=int, default=64, help="test chats (reported)")
+    parser.add_argument("--rows", type=Path, default=None, help="jsonl of finished runs: appended to, and reused")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    train = [make_chat(rng) for _ in range(args.train)]
-    heldout = [make_chat(rng) for _ in range(64)]
+    args.sizes = args.sizes or [16, 64, 256]
+    args.tune_seeds = args.tune_seeds or ([0, 1, 2] if args.quick else [0, 1, 2, 3, 4])
+    args.report_seeds = args.report_seeds or ([100, 101, 102] if args.quick else [100, 101, 102, 103, 104])
+    args.steps = args.steps or (64 if args.quick else 200)
+    args.every = args.every or (16 if args.quick else 25)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="proxyloop-imit-"))
-    corpus = [m["content"] for c in train for m in c]
-    base = build_tiny(work / "base", n_layer=2, n_embd=128, vocab_size=1024, corpus=corpus, seed=args.seed)
-    tokenizer = load_tokenizer(base)
-    data = work / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": c}) for c in train))
-    steps = 60 if args.quick else 200
-    results = {}
-    for mode in ("im", "it"):
-        config = {"loss_mode": mode, "learning_rate": 1e-3, "batch_size": 8, "max_steps": steps,
-                  "checkpoint_every": steps, "max_length": 1024, "seed": args.seed, "log_every": steps}
-        run = run_lm_training(LMTrainingRequest(run_id=mode, method="sft", base_model=str(base), dataset=str(data),
-                                                output_dir=str(work / mode), config=config), lambda _: None)
-        final = run["checkpoints"][-1]
-        results[mode] = {"train_output_loss": output_loss(final, tokenizer, train),
-                         "heldout_output_loss": output_loss(final, tokenizer, heldout)}
-    choice = choose_loss_mode(train, tokenizer, SFTConfig())
-    winner = min(results, key=lambda m: results[m]["heldout_output_loss"])
-    report = {"train_examples": args.train, "steps": steps, "length_ratio": round(choice.length_ratio, 2),
-              **{f"{m}_{k}": round(v, 4) for m, r in results.items() for k, v in r.items()},
-              "heldout_winner": winner, "auto_pick": choice.mode, "auto_reason": choice.reason}
-    print(f"held-out output loss: IM {results['im']['heldout_output_loss']:.4f}, "
-          f"IT {results['it']['heldout_output_loss']:.4f}; auto picks {choice.mode.upper()}")
-    print(json.dumps(report))
+    rows_path = args.rows or work / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    done = {(r["task"], r["n"], r["seed"]) for r in rows}
+    corpus_rng = random.Random(12345)
+    corpus = [m["content"] for t in TASKS for _ in range(200) for m in make_chat(t, corpus_rng)]
+    for seed in args.tune_seeds + args.report_seeds:
+        if all((t, n, seed) in done for t in TASKS for n in args.sizes):
+            continue
+        base = build_tiny(work / f"base-{seed}", n_layer=2, n_embd=64, vocab_size=512, corpus=corpus, seed=seed)
+        tokenizer = load_tokenizer(base)
+        for task in TASKS:
+            for n in args.sizes:
+                if (task, n, seed) in done:
+                    continue
+                row = run_cell(work, base, tokenizer, task, n, seed, args)
+                rows.append(row)
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"[{time.perf_counter() - started:6.0f}s] {task:8s} n={n:4d} seed={seed:3d} "
+                      f"ratio={row['ratio']:6.2f} test loss IM {row['im']['test_loss']:.3f} "
+                      f"IT {row['it']['test_loss']:.3f}", flush=True)
+    config = SFTConfig()
+    rows = [r for r in rows if r["n"] in args.sizes]
+    tune = summarise(rows, args.tune_seeds, config)
+    report = summarise(rows, args.report_seeds, config)
+    fitted = fit_rule(tune)
+    for c in report:
+        fitted_pick = "im" if c["ratio"] >= fitted["min_ratio"] and c["n"] <= fitted["max_examples"] else "it"
+        c["fitted_agrees"] = agrees(fitted_pick, c["verdict"])
+    print(f"{'task':8s} {'n':>4s} {'ratio':>6s} {'IT-IM loss [95% CI]':>26s} verdict pick  IM exact / IT exact"
+          f"   IM gap / IT gap")
+    for c in report:
+        d = c["it_minus_im_loss"]
+        print(f"{c['task']:8s} {c['n']:4d} {c['ratio']:6.2f} {d[0]:+8.4f} [{d[1]:+.4f}, {d[2]:+.4f}]   "
+              f"{c['verdict']:4s}  {c['auto_pick']:3s}  {c['im_test_exact'][0]:.2f} / {c['it_test_exact'][0]:.2f}"
+              f"   {c['im_gap'][0]:+.3f} / {c['it_gap'][0]:+.3f}")
+
+    def share(flags: list[bool]) -> list[float]:
+        m, lo, hi = bootstrap_ci([float(f) for f in flags])
+        return [round(m, 3), round(lo, 3), round(hi, 3)]
+
+    summary = {
+        "device": "cpu", "steps": args.steps, "checkpoint_every": args.every, "sizes": args.sizes,
+        "tune_seeds": args.tune_seeds, "report_seeds": args.report_seeds, "cells": len(report),
+        "rule": {"min_ratio": AUTO_IM_MIN_LENGTH_RATIO, "max_examples": AUTO_IM_MAX_EXAMPLES},
+        "fitted_rule_on_tune_seeds": {k: None if v == float("inf") else round(v, 3) for k, v in fitted.items()},
+        "im_wins_share": share([c["verdict"] == "im" for c in report]),
+        "it_wins_share": share([c["verdict"] == "it" for c in report]),
+        "rule_agreement": share([c["agrees"] for c in report]),
+        "rule_agreement_tune": share([c["agrees"] for c in tune]),
+        "fitted_rule_agreement": share([c["fitted_agrees"] for c in report]),
+        "target_rule_agreement": 0.9,
+        "met": sum(c["agrees"] for c in report) / max(len(report), 1) >= 0.9,
+        "wall_s": round(time.perf_counter() - started, 1), "rows": str(rows_path),
+        "report_cells": [{k: c[k] for k in ("task", "n", "ratio", "verdict", "it_minus_im_loss", "auto_pick",
+                                            "im_test_loss", "it_test_loss", "im_test_exact", "it_test_exact",
+                                            "im_gap", "it_gap")} for c in report],
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -67,17 +67,18 @@ LONG_OUTPUT = [{"role": "user", "content": "What?"},
                {"role": "assistant", "content": "the annotator prefers the first response. " * 6}]
 
 
-def test_auto_picks_im_for_few_examples_with_long_instructions(tokenizer):
-    choice = choose_loss_mode([LONG_INSTRUCTION] * 20, tokenizer, SFTConfig())
+def test_auto_picks_im_inside_an_im_region_set_in_the_config(tokenizer):
+    config = SFTConfig(im_min_length_ratio=1.0, im_max_examples=5000)
+    choice = choose_loss_mode([LONG_INSTRUCTION] * 20, tokenizer, config)
     assert choice.mode == "im"
     assert choice.length_ratio > 1
     assert choice.reason.startswith("IM: ratio") and "20 examples <= 5000" in choice.reason
 
 
 def test_auto_picks_it_for_long_outputs_or_many_examples(tokenizer):
-    short_instructions = choose_loss_mode([LONG_OUTPUT] * 20, tokenizer, SFTConfig())
+    short_instructions = choose_loss_mode([LONG_OUTPUT] * 20, tokenizer, SFTConfig(im_min_length_ratio=1.0))
     assert short_instructions.mode == "it" and "< 1.0" in short_instructions.reason
-    many = choose_loss_mode([LONG_INSTRUCTION] * 30, tokenizer, SFTConfig(im_max_examples=10))
+    many = choose_loss_mode([LONG_INSTRUCTION] * 30, tokenizer, SFTConfig(im_min_length_ratio=1.0, im_max_examples=10))
     assert many.mode == "it" and "30 examples > 10" in many.reason
 
 

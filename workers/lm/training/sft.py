@@ -5,10 +5,12 @@ each token's role is known. IT scores the assistant's content and its closing `<
 model must learn to stop). IM (paper 4, arXiv 2405.14394) also scores system and user content;
 role markers (`<|im_start|>role\\n`, the other turns' `<|im_end|>`, newlines) are never scored.
 
-Automatic choice (paper 4 gives no threshold; the rule is ours): IM when the instruction side is
-long relative to the output (Σ instruction tokens / Σ output tokens ≥ `im_min_length_ratio`) AND
-the dataset is small (≤ `im_max_examples`), the two conditions under which paper 4 reports IM's
-gains; otherwise IT. The reason is returned for the run's lineage; `loss_mode` overrides.
+Automatic choice (paper 4 gives no threshold; the rule is ours, measured by `bench/im_vs_it.py`):
+IM when the instruction side is long relative to the output (Σ instruction tokens / Σ output
+tokens ≥ the minimum ratio) AND the dataset is small (≤ the maximum examples); otherwise IT. The
+measured defaults (`AUTO_IM_MIN_LENGTH_RATIO`, `AUTO_IM_MAX_EXAMPLES`) found no region where IM
+wins, so by default auto picks IT; `SFTConfig.im_min_length_ratio` / `im_max_examples` set a region
+explicitly. The reason is returned for the run's lineage; `loss_mode` overrides.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from workers.lm.training.sft_config import SFTConfig
 
 LossMode = Literal["im", "it"]
 ROLES = ("system", "user", "assistant")
+
+# The automatic rule's constants, fitted by `python -m bench.im_vs_it --quick` (2026-11-29, 2-core CPU;
+# docs/benchmarks.md, "Instruction Modelling vs instruction tuning"): over instruction/output ratios
+# 0.53, 3.1, 28.5, 90 × 16, 64, 256 examples, IT's test output loss was lower than IM's beyond the 95%
+# interval over seeds in 7 of 12 cells (tuning seeds 0-2) and 7 of 12 (reporting seeds 100-102); IM
+# won one cell on both (ratio 28.5, 64 examples: IT − IM +0.31 [+0.25, +0.36]), flanked by IT wins at
+# 16 examples and at ratio 90, so no "ratio ≥ R and n ≤ N" boundary separates it. The best such rule
+# on the tuning seeds is "never IM" (11/12 cells agree; 11/12 on the reporting seeds). None = no
+# ratio (or no size cap) at which auto picks IM.
+AUTO_IM_MIN_LENGTH_RATIO: float | None = None
+AUTO_IM_MAX_EXAMPLES: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,16 +103,26 @@ def choose_loss_mode(chats: Sequence[Sequence[dict[str, str]]], tokenizer: Any, 
     if config.loss_mode in ("im", "it"):
         mode: LossMode = "im" if config.loss_mode == "im" else "it"
         return LossModeChoice(mode, f"{mode.upper()} set by loss_mode override ({facts})", instruction, output, n)
-    long_instructions = ratio >= config.im_min_length_ratio
-    few_examples = n <= config.im_max_examples
+    return auto_choice(ratio, n, config, instruction, output)
+
+
+def auto_choice(ratio: float, n: int, config: SFTConfig, instruction: int = 0, output: int = 0) -> LossModeChoice:
+    """The automatic rule on a dataset of `n` chats with instruction/output token ratio `ratio` (no override)."""
+    min_ratio = config.im_min_length_ratio if config.im_min_length_ratio is not None else AUTO_IM_MIN_LENGTH_RATIO
+    max_n = config.im_max_examples if config.im_max_examples is not None else AUTO_IM_MAX_EXAMPLES
+    if min_ratio is None:
+        return LossModeChoice("it", f"IT: ratio {ratio:.2f}, {n} examples; no IM region (bench/im_vs_it: IM beat IT "
+                                    f"beyond the interval in 1 of 12 ratio x size cells, no ratio/size boundary)",
+                              instruction, output, n)
+    long_instructions = ratio >= min_ratio
+    few_examples = max_n is None or n <= max_n
+    cap = "no size cap" if max_n is None else f"{n} examples <= {max_n}"
     if long_instructions and few_examples:
-        reason = (f"IM: ratio {ratio:.2f} >= {config.im_min_length_ratio} and {n} examples <= "
-                  f"{config.im_max_examples} (paper 4: IM helps with long instructions and few examples)")
+        reason = f"IM: ratio {ratio:.2f} >= {min_ratio} and {cap} (IM region set in SFTConfig)"
         return LossModeChoice("im", reason, instruction, output, n)
-    why = [f"ratio {ratio:.2f} < {config.im_min_length_ratio}"] if not long_instructions else []
-    why += [f"{n} examples > {config.im_max_examples}"] if not few_examples else []
-    return LossModeChoice("it", f"IT: {' and '.join(why)} (IM's gains need both long instructions and few "
-                                f"examples)", instruction, output, n)
+    why = [f"ratio {ratio:.2f} < {min_ratio}"] if not long_instructions else []
+    why += [f"{n} examples > {max_n}"] if not few_examples else []
+    return LossModeChoice("it", f"IT: {' and '.join(why)} (outside the IM region)", instruction, output, n)
 
 
 def sft_batch_loss(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:

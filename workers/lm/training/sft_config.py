@@ -16,16 +16,20 @@ class SFTConfig(LoopConfig):
         "per dataset with the rule in `sft.choose_loss_mode` and records why.",
         "auto",
     )
-    im_min_length_ratio: float = _help(
-        "auto: IM only when instruction tokens / output tokens over the dataset is at least this.", 1.0
+    im_min_length_ratio: float | None = _help(
+        "auto: IM only when instruction tokens / output tokens over the dataset is at least this. None takes the "
+        "measured default `sft.AUTO_IM_MIN_LENGTH_RATIO` (today none: auto never picks IM, see docs/benchmarks.md).",
+        None,
     )
-    im_max_examples: int = _help("auto: IM only when the dataset has at most this many examples.", 5000)
+    im_max_examples: int | None = _help(
+        "auto: IM only when the dataset has at most this many examples. None takes `sft.AUTO_IM_MAX_EXAMPLES` "
+        "(today no cap).", None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"Unknown loss mode {self.loss_mode!r}; should be one of {list(LOSS_MODES)}")
-        if self.im_min_length_ratio < 0:
+        if self.im_min_length_ratio is not None and self.im_min_length_ratio < 0:
             raise ValueError(f"im_min_length_ratio must be >= 0, got {self.im_min_length_ratio}")
-        if self.im_max_examples < 1:
+        if self.im_max_examples is not None and self.im_max_examples < 1:
             raise ValueError(f"im_max_examples must be >= 1, got {self.im_max_examples}")
