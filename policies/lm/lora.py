@@ -11,13 +11,13 @@ merged model generates at the base's speed; unmerged keeps the base's weights un
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from policies.lm.model_digest import model_digest
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,24 +28,12 @@ def is_lora_dir(path: Path | str) -> bool:
     return (Path(path) / ADAPTER_CONFIG).exists()
 
 
-def weights_digest(model_dir: Path | str) -> str:
-    """sha256 over a model directory's config.json and weight files (names and contents)."""
-    root = Path(model_dir)
-    files = sorted([root / "config.json", *root.glob("*.safetensors")])
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()
-
-
 def base_reference(adapter_dir: Path | str) -> dict[str, str]:
     """The base the adapter was trained on: its directory (from PEFT's config) and its digest now."""
     base = str(json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
     if not (Path(base) / "config.json").exists():
         raise FileNotFoundError(f"the LoRA adapter in {adapter_dir} was trained on {base}, which holds no model")
-    return {"path": base, "sha256": weights_digest(base)}
+    return {"path": base, "sha256": model_digest(base)}
 
 
 def write_base_reference(adapter_dir: Path, out_dir: Path) -> None:
@@ -62,7 +50,7 @@ def load_lora_dir(path: Path | str, device: torch.device | str = "cpu", merge: b
         if not (Path(reference["path"]) / "config.json").exists():
             raise FileNotFoundError(f"{path} is a LoRA adapter on the base {reference['path']}, which is not there: "
                                     "make the base available at that path on this host")
-        if weights_digest(reference["path"]) != reference["sha256"]:
+        if model_digest(reference["path"]) != reference["sha256"]:
             raise ValueError(f"the base at {reference['path']} is not the one the adapter in {path} was trained on "
                              "(its weights' digest differs)")
         base_dir = reference["path"]

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from policies.lm.model_digest import file_sha256, model_digest
 from workers.lm.training.data import TokenizedPair
 from workers.lm.training.dpo import reference_logps
 from workers.lm.training.dpo_config import DPOConfig
@@ -53,8 +54,6 @@ log = logging.getLogger("proxyloop.workers.lm.reference_cache")
 
 DB_NAME = "reference_logps.sqlite3"
 FORMAT = 1  # bump when the meaning of a stored value changes: every old entry then misses
-WEIGHT_PATTERNS = ("config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                   "pytorch_model.bin.index.json")
 _LOOKUP_CHUNK = 500  # SQLite bounds the number of parameters of one statement
 
 
@@ -109,27 +108,22 @@ class ReferenceCache:
                              (str(path), stat.st_size, stat.st_mtime_ns)).fetchone()
         if row:
             return str(row[0])
-        with path.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = file_sha256(path)
         with closing(self._connect()) as db, db:
             db.execute("INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?)",
                        (str(path), stat.st_size, stat.st_mtime_ns, digest))
         return digest
 
     def model_digest(self, model_dir: Path) -> str:
-        """Digest of a model directory's config and weights (not its tokenizer, optimiser state or logs)."""
-        files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
-        if not any(p.name != "config.json" for p in files):
-            raise ValueError(f"{model_dir} holds no weight files matching {list(WEIGHT_PATTERNS)}")
-        parts = {p.name: self.file_digest(p) for p in files}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        """The model's digest (`policies.lm.model_digest`), each file read once per version."""
+        return model_digest(model_dir, self.file_digest)
 
 
 def reference_context(model: Any, config: DPOConfig, device: torch.device,
-                      autocast: AbstractContextManager[Any], model_digest: str) -> bytes:
+                      autocast: AbstractContextManager[Any], reference_digest: str) -> bytes:
     """Digest of everything besides the pair that decides a reference log-prob (see the module docstring)."""
     dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else None
-    context = {"format": FORMAT, "model": model_digest, "max_length": config.max_length,
+    context = {"format": FORMAT, "model": reference_digest, "max_length": config.max_length,
                "reduction": config.reduction, "device": device.type, "autocast": str(dtype),
                "attention": getattr(model.config, "_attn_implementation", None),
                "lora_disabled": bool(config.lora_r), "simplex_dim": config.simplex_dim}
