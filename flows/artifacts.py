@@ -123,11 +123,10 @@ def checkpoint_rows(settings: Settings, decision: GateDecision, evals: list[Chec
     """Per checkpoint: held-out accuracy (the gate's gold proxy), both indicator views, the rule that fired there
     (applied or advisory, as the settings' rules judge it) and whether the gate picked it; and the flags by step."""
     from policies.lm.gate import fired_rules  # here: the gate pulls the registry and bus clients
-    from policies.promotion import GateRules
+    from policies.promotion import gate_rules
 
     language_model = bool(evals) and all(f"{_VIEWS[0]}/entropy_mean" in e.indicators for e in evals)
-    rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
-                      indicators=settings.gate_indicators if language_model else "not_applicable")
+    rules = gate_rules(settings, language_model)
     flags = fired_rules(evals, rules, base_mass)
     picked = decision.checkpoint.step if decision.checkpoint is not None and decision.decision != "block" else None
     rows: list[dict[str, Any]] = []

@@ -39,7 +39,7 @@ from ingest.store import freeze_snapshot, load_snapshot_triples, make_engine, re
 from ingest.text_snapshot import snapshot_item_kind
 from policies.lm.gate import decide_language_model
 from policies.plan_choice import no_proxy_report
-from policies.promotion import GateRules, decide
+from policies.promotion import decide, gate_rules
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
 from workers.lm.plans import LMRecipe
@@ -232,8 +232,7 @@ def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) ->
 
 @task(name="gate")
 def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
-    rules = GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
-                      indicators=settings.gate_indicators if evaluation.language_model else "not_applicable")
+    rules = gate_rules(settings, evaluation.language_model)
     if evaluation.language_model:
         decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules,
                                          evaluation.base_topk_mass)

@@ -42,6 +42,23 @@ class GateRules:
     indicators: IndicatorMode = "advisory"
 
 
+def gate_rules(settings: Settings, language_model: bool) -> GateRules:
+    """The gate's rules as the settings give them; the indicators apply to language models only."""
+    return GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
+                     indicators=settings.gate_indicators if language_model else "not_applicable")
+
+
+def mass_reference(evals: Sequence[CheckpointEvaluation], base_mass: float | None) -> float | None:
+    """What the mass rule measures a fall from: the base model's top-k mass, or without it the first checkpoint's."""
+    return base_mass if base_mass is not None else (evals[0].topk_mass if evals else None)
+
+
+def mass_limit(evals: Sequence[CheckpointEvaluation], rules: GateRules, base_mass: float | None) -> float | None:
+    """Top-k mass below which a checkpoint has collapsed (`max_mass_drop` under the reference); None without one."""
+    reference = mass_reference(evals, base_mass)
+    return reference * (1 - rules.max_mass_drop) if reference else None
+
+
 def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_length: int,
                                 min_drop: float = 0.0) -> int | None:
     """Index of the entropy peak if, after it, entropy reached `run_length` new lows and ended more than
@@ -71,9 +88,8 @@ def _apply_indicators(
             "considering checkpoints up to the peak"
         )
         candidates = candidates[: peak + 1]
-    reference = base_mass if base_mass is not None else evals[0].topk_mass
-    collapsed = [e for e in candidates if reference and e.topk_mass is not None
-                 and e.topk_mass < reference * (1 - rules.max_mass_drop)]
+    reference, limit = mass_reference(evals, base_mass), mass_limit(evals, rules, base_mass)
+    collapsed = [e for e in candidates if limit is not None and e.topk_mass is not None and e.topk_mass < limit]
     if collapsed:
         against = "the base model's" if base_mass is not None else "the first checkpoint's"
         reasons.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ground.schemas import CheckpointEvaluation, GateDecision
-from policies.promotion import GateRules, decide, entropy_declined_after_peak
+from policies.promotion import GateRules, decide, entropy_declined_after_peak, mass_limit, mass_reference
 
 
 def _trend(values: Sequence[float]) -> str:
@@ -25,7 +25,7 @@ def indicator_reasons(evals: Sequence[CheckpointEvaluation], rules: GateRules, b
     entropy = [e.topk_entropy for e in evals]
     mass = [e.topk_mass or 0.0 for e in evals]
     peaked = entropy_declined_after_peak(evals, rules.entropy_decline_evals, rules.min_entropy_drop) is not None
-    reference = base_mass if base_mass is not None else mass[0]
+    reference = mass_reference(evals, base_mass) or 0.0
     mass_drop = 1 - min(mass) / reference if reference > 0 else 0.0
     against = f"the base model's {base_mass:.3f}" if base_mass is not None else "the first checkpoint's"
     return [
@@ -54,9 +54,8 @@ def fired_rules(evals: Sequence[CheckpointEvaluation], rules: GateRules,
             if e.topk_entropy < lowest:
                 lowest = e.topk_entropy
                 flags[e.step].append("entropy new low after the peak")
-    reference = base_mass if base_mass is not None else evals[0].topk_mass
-    if reference:
-        limit = reference * (1 - rules.max_mass_drop)
+    limit = mass_limit(evals, rules, base_mass)
+    if limit is not None:
         for e in evals:
             if e.topk_mass is not None and e.topk_mass < limit:
                 flags[e.step].append(f"mass {e.topk_mass:.3f} < {limit:.3f} ({rules.max_mass_drop:.0%} below "
