@@ -7,8 +7,9 @@ route, so the Prefect UI shows them without Prefect storing binaries.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.artifacts import (
     create_image_artifact,
@@ -18,6 +19,9 @@ from prefect.artifacts import (
 
 from ground.schemas import CheckpointEvaluation, ConditionReport, GateDecision, ReleaseRecord
 from ground.settings import Settings
+
+if TYPE_CHECKING:  # the module itself pulls the scorer (torch), which flow modules do not import (test_import_cost)
+    from policies.ml_backend import ScoreCache
 
 
 def _headless() -> None:
@@ -147,9 +151,9 @@ def checkpoint_rows(settings: Settings, decision: GateDecision, evals: list[Chec
     return rows, flags
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], empty: str = "no checkpoints") -> str:
     if not rows:
-        return "_no checkpoints_"
+        return f"_{empty}_"
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(r[h]) or "–" for h in header) + " |" for r in rows]
@@ -199,3 +203,47 @@ def publish_release(settings: Settings, release: ReleaseRecord) -> None:
         + _serve_line(settings, release)
         + (f"- **operator override**: {release.override}\n" if release.override else ""),
     )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default), on a sorted list."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def acquisition_queue_rows(cache: ScoreCache, bins: int = 5, top: int = 5) -> dict[str, list[dict[str, Any]]]:
+    """The open-task queue as tables: score quantiles, a histogram over [0, log 2] nats (the scores' range), and
+    the `top` tasks by score (ties by task id, as Label Studio is served them)."""
+    ordered = sorted(t.score for t in cache.tasks.values())
+    spread = [{"statistic": name, "score": round(_quantile(ordered, q), 4)} for name, q in
+              (("min", 0.0), ("q25", 0.25), ("median", 0.5), ("q75", 0.75), ("max", 1.0))] if ordered else []
+    width = math.log(2.0) / bins
+    counts = [0] * bins
+    for score in ordered:
+        counts[min(int(score / width), bins - 1)] += 1
+    histogram = [{"scores": f"{i * width:.3f}–{(i + 1) * width:.3f}", "tasks": n,
+                  "share": "█" * round(20 * n / max(counts))} for i, n in enumerate(counts)] if ordered else []
+    best = sorted(cache.tasks.items(), key=lambda item: (-round(item[1].score, 12), item[0]))[:top]
+    top_rows = [{"rank": rank, "task": task_id, "score": round(t.score, 4), "policy prefers": t.preferred,
+                 "P(a)": round(t.prob_a, 3)} for rank, (task_id, t) in enumerate(best, start=1)]
+    return {"spread": spread, "histogram": histogram, "top": top_rows}
+
+
+def publish_acquisition_queue(cache: ScoreCache, previous: ScoreCache | None) -> str:
+    """The refresh's run page: how many open tasks, how their scores spread, the expert labels that arrived since
+    the previous refresh, and the tasks an expert should label first. Returns the Markdown."""
+    since = cache.n_labels - previous.n_labels if previous is not None else cache.n_labels
+    when = f"since the last refresh ({previous.refreshed_at:%Y-%m-%d %H:%M:%S} UTC)" if previous is not None \
+        else "(first refresh)"
+    rows = acquisition_queue_rows(cache)
+    markdown = (f"# Open-task queue: {len(cache.tasks)} tasks\n\n"
+                f"- scored by `{cache.model_version}`, method `{cache.method}`, from {cache.n_labels} expert labels\n"
+                f"- expert labels {when}: **{max(since, 0)}**\n\n"
+                "## Score distribution (nats; at most log 2 = 0.693)\n\n" + markdown_table(rows["spread"], "no scores")
+                + "\n\n" + markdown_table(rows["histogram"], "no scores")
+                + "\n\n## Label next\n\n" + markdown_table(rows["top"], "no open tasks") + "\n")
+    create_markdown_artifact(key="acquisition-queue", markdown=markdown,
+                             description=f"{len(cache.tasks)} open tasks, {max(since, 0)} labels since last refresh")
+    return markdown

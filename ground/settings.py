@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     embedded_kafka: bool = True
     embedded_redis: bool = True
     embedded_prefect: bool = True
+    embedded_labelstudio: bool = Field(
+        False, description="`proxyloop up` also starts Label Studio at labelstudio_url (its own venv, ~95 s to "
+        "install once, 1-2 min to start) and provisions it: project, webhook, ML backend. Its admin and token "
+        "are generated on the first start into home/labelstudio/credentials.json. Off: no Label Studio runs.")
 
     webhook_secret: str = Field("dev-webhook-secret", description="Shared secret Label Studio sends.")
     api_keys: str = Field("dev-api-key", description="Comma-separated API keys for serving.")
@@ -109,9 +113,16 @@ class Settings(BaseSettings):
     runner_poll_s: float = Field(
         0.5, gt=0, description="How often the flows runner asks Prefect for flow runs to start (Prefect's default: "
         "1 s): up to this much of every event → flow start. Each poll is one API call and one database write.")
+    flow_start: Literal["forkserver", "spawn"] = Field(
+        "forkserver", description="How the flows runner starts a flow run: forked from a server process that has "
+        "imported the flow modules (~10 ms), or `spawn`, Prefect's own `python -m prefect.engine` per run, which "
+        "imports Prefect and the flow's module first (~1.5 s on an idle machine).")
 
     labelstudio_url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
     labelstudio_token: str = Field("", description="Label Studio API token (legacy token of the provisioning user).")
+    labelstudio_admin: str = Field(
+        "admin@proxyloop.local", description="Login (e-mail) of the embedded Label Studio's admin, created on its "
+        "first start; its password is generated into home/labelstudio/credentials.json.")
     labelstudio_reconcile_interval_s: int = Field(600, ge=10, description="Schedule of the reconciliation flow.")
     labelstudio_project_title: str = Field("proxyloop pairwise", description="Project that setup creates or reuses.")
     labelstudio_webhook_url: str = Field(

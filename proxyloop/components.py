@@ -2,8 +2,11 @@
 
 Embedded services (SeaweedFS object store, Tansu Kafka broker, Redis, Prefect server) are started
 only when their `PROXYLOOP_EMBEDDED_*` switch is on; otherwise the URL in Settings points at the
-real one. Tansu keeps topics and group offsets in the object store (`broker_storage = "s3"`), so a
-broker restart loses nothing; Tansu's own storage is memory only. Process control: proxyloop.stack.
+real one. Label Studio is optional: off by default (`PROXYLOOP_EMBEDDED_LABELSTUDIO`), and when off it
+is no part of the stack (not started, not checked); when on, `up` starts it last and provisions it.
+
+Tansu keeps topics and group offsets in the object store (`broker_storage = "s3"`), so a broker restart
+loses nothing; Tansu's own storage is memory only. Process control: proxyloop.stack.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from urllib.parse import urlparse
 import httpx
 
 from ground.settings import Settings
+from ingest.labelstudio import embedded as labelstudio
 
 
 class StackError(RuntimeError):
@@ -75,6 +79,9 @@ def _no_env(s: Settings) -> dict[str, str]:
     return {}
 
 
+Say = Callable[[str], None]
+
+
 @dataclass(frozen=True)
 class Component:
     name: str
@@ -86,6 +93,8 @@ class Component:
     env: Callable[[Settings], dict[str, str]] = _no_env  # on top of child_env, for this component only
     stop_signal: signal.Signals = signal.SIGTERM
     stop_grace_s: float = 8  # then SIGKILL
+    optional: bool = False  # disabled: no part of the stack (not an external service to check)
+    after_start: Callable[[Settings, Say], None] | None = None  # once healthy after a start; idempotent
 
 
 # SeaweedFS listens on ten ports; all but S3's are fixed offsets from it, so one URL pins them all.
@@ -145,6 +154,36 @@ def _prefect_command(s: Settings) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
+def _labelstudio_command(s: Settings) -> list[str]:
+    try:
+        labelstudio.install()  # before the start timeout runs: ~95 s the first time
+    except labelstudio.LabelStudioInstallError as exc:
+        raise StackError(str(exc)) from exc
+    return labelstudio.start_command(labelstudio.port_of(s.labelstudio_url), labelstudio.data_dir(s))
+
+
+def _labelstudio_env(s: Settings) -> dict[str, str]:
+    return labelstudio.ensure_credentials(s).server_env()
+
+
+def _provision_labelstudio(s: Settings, say: Say) -> None:
+    """The pairwise project, the secret webhook and the ML backend (`proxyloop labelstudio setup`); idempotent.
+    The HTTP app is up by now: Label Studio checks the ML backend's health before it accepts it."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    from ingest.labelstudio.provision import LabelStudioSetupError, setup_project
+
+    try:
+        done = setup_project(labelstudio.with_credentials(s))
+    except (LabelStudioSetupError, ApiError, httpx.HTTPError) as exc:
+        raise StackError(f"labelstudio: provisioning failed: {exc}") from exc
+    backend = f"ML backend {done.ml_backend_id}" if done.ml_backend_id is not None else \
+        f"ML backend NOT connected ({done.ml_backend_problem})"
+    say(f"labelstudio: project {done.project_id} ({'created' if done.created else 'reused'}), webhook "
+        f"{done.webhook_id}, {backend}; log in at {s.labelstudio_url} as {labelstudio.ensure_credentials(s).username}"
+        f" (password in {labelstudio.credentials_path(s)})")
+
+
 PY = sys.executable
 COMPONENTS: list[Component] = [
     Component("objectstore", _object_store_command, _object_store_healthy,
@@ -166,6 +205,10 @@ COMPONENTS: list[Component] = [
     Component("consumer", lambda s: [PY, "-m", "ingest.consumer"], lambda s: True),
     Component("flows", lambda s: [PY, "-m", "flows.deployments"],
               lambda s: _http_ok(f"{s.prefect_api_url}/deployments/name/retrain/retrain"), start_timeout_s=90),
+    # Last: provisioning connects the ML backend, which needs the HTTP app up.
+    Component("labelstudio", _labelstudio_command, lambda s: labelstudio.healthy(s.labelstudio_url),
+              lambda s: s.embedded_labelstudio, start_timeout_s=300, listens_on=lambda s: s.labelstudio_url,
+              env=_labelstudio_env, stop_grace_s=20, optional=True, after_start=_provision_labelstudio),
 ]
 
 

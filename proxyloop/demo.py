@@ -1,11 +1,12 @@
 """`proxyloop demo [--task features|chat]`: one full cycle on a generated task, through the real stack.
 
-Proxy preferences go to Kafka, expert labels go to the webhook receiver in Label Studio's
-format, the consumer stores them, the threshold event triggers the Prefect `retrain` flow, a
-Celery worker trains on the `gpu` queue, the gate decides, the registry releases, and the
-serving endpoint answers. `features` is paper 1's Appendix D task served by the predict route;
-`chat` is a generated chat preference task (ingest.synthetic_chat) trained with DPO, gated on
-paper 2's indicators and served by `/v1/chat/completions`.
+Proxy preferences go to Kafka; expert labels are submitted through Label Studio's API when the stack runs
+it (PROXYLOOP_EMBEDDED_LABELSTUDIO) and reach the receiver by its webhook, else are posted to the receiver
+in Label Studio's format (the report's `labels_via` says which). The consumer stores them, the threshold
+event triggers the Prefect `retrain` flow, a Celery worker trains on the `gpu` queue, the gate decides,
+the registry releases, and the serving endpoint answers. `features` is paper 1's Appendix D task served
+by the predict route; `chat` is a generated chat preference task (ingest.synthetic_chat) trained with DPO,
+gated on paper 2's indicators and served by `/v1/chat/completions`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_result,
-    stop_after_attempt,
     stop_after_delay,
     wait_fixed,
-    wait_incrementing,
 )
 
 from ground.schemas import Evaluation, Item, ProxyPreference, ReleaseRecord
 from ground.settings import Settings
 from ingest.bus import make_producer, publish, read_topic
-from ingest.labelstudio import SECRET_HEADER, webhook_payload
+from ingest.labelstudio.annotate import WebhookRefused, annotate_tasks, post_webhook, post_webhook_payloads
+from ingest.labelstudio.provision import LabelStudioSetupError
 from ingest.store import LabelRow, RetrainRun, make_engine, run_record
 from ingest.synthetic import appendix_d
 from ingest.synthetic_chat import chat_preferences
@@ -214,16 +214,36 @@ def _indicators(evaluation: Evaluation | None) -> list[dict[str, Any]]:
              "topk_mass": e.topk_mass, **e.indicators} for e in (evaluation.evaluations if evaluation else [])]
 
 
-def _post_webhook(client: httpx.Client, settings: Settings, payload: dict[str, Any],
-                  attempts: int = 3) -> httpx.Response:
-    """POST one annotation; a 5xx (the receiver could not get Kafka's ack) is retried, as the event id makes it
-    idempotent."""
-    post = Retrying(retry=retry_if_result(lambda response: response.status_code >= 500),
-                    stop=stop_after_attempt(attempts), wait=wait_incrementing(start=1, increment=1),
-                    retry_error_callback=_last_result)
-    response: httpx.Response = post(client.post, "/webhooks/labelstudio", json=payload,
-                                    headers={SECRET_HEADER: settings.webhook_secret})
-    return response
+_post_webhook = post_webhook  # tests/faults/ingest_cases.py imports it from here
+
+
+def _post_payloads(settings: Settings, say: Say, task: DemoTask) -> list[str]:
+    say(f"posting {len(task.expert_tasks)} expert labels to the webhook receiver as Label Studio would …")
+    try:
+        return post_webhook_payloads(settings, task.expert_tasks)
+    except WebhookRefused as exc:
+        raise DemoFailed(str(exc)) from exc
+
+
+def _label_in_labelstudio(settings: Settings, say: Say, task: DemoTask,
+                          timeout_s: float = 180) -> tuple[list[str], dict[str, Any]]:
+    """The expert labels submitted through Label Studio's API; returned once its webhook has them all stored."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    say(f"importing {len(task.expert_tasks)} tasks into Label Studio at {settings.labelstudio_url} and "
+        "submitting the expert's labels through its API …")
+    try:
+        done = annotate_tasks(settings, task.expert_tasks)
+    except (LabelStudioSetupError, ApiError) as exc:
+        raise DemoFailed(f"Label Studio at {settings.labelstudio_url}: {exc}") from exc
+    stored = _wait_stored(settings, done.event_ids, timeout_s)
+    if stored < len(done.event_ids):
+        raise DemoFailed(f"{stored} of {len(done.event_ids)} Label Studio annotations reached the store within "
+                         f"{timeout_s:.0f} s: is its webhook delivering? See {settings.home_dir}/logs/labelstudio.log"
+                         " and http.log; `proxyloop labelstudio reconcile` publishes what a webhook missed")
+    say(f"{stored} annotations reached the store through Label Studio's webhook")
+    return done.event_ids, {"url": settings.labelstudio_url, "project_id": done.project_id,
+                            "task_ids": done.task_ids, "annotation_ids": done.annotation_ids}
 
 
 def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, float],
@@ -249,17 +269,12 @@ def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, floa
         dead = _count_matching(settings, settings.topic_dead_letter, _dead_letter_matches(demo_id), 3, 30)
         say(f"dead-lettered {dead} malformed events")
 
-    expert_ids: list[str] = []
-    annotation_base = uuid.uuid4().int % 10**9
-    with _timed(timings, "post_expert"), httpx.Client(base_url=settings.http_url, timeout=30) as client:
-        say(f"posting {len(task.expert_tasks)} expert labels to the webhook receiver as Label Studio would …")
-        for i, (data, selected) in enumerate(task.expert_tasks):
-            payload = webhook_payload(task_id=annotation_base + i, annotation_id=annotation_base + i, data=data,
-                                      selected=selected, annotator=7)
-            response = _post_webhook(client, settings, payload)
-            if response.status_code != 200:
-                raise DemoFailed(f"webhook answered {response.status_code}: {response.text}")
-            expert_ids.append(response.json()["event_id"])
+    labelstudio: dict[str, Any] | None = None
+    with _timed(timings, "post_expert"):
+        if settings.embedded_labelstudio and stack.component("labelstudio").healthy(settings):
+            expert_ids, labelstudio = _label_in_labelstudio(settings, say, task)
+        else:
+            expert_ids = _post_payloads(settings, say, task)
 
     published = proxy_ids + expert_ids
     with _timed(timings, "ingest"):
@@ -289,6 +304,8 @@ def _drive(settings: Settings, say: Say, task: DemoTask, timings: dict[str, floa
     released = summary["release"] or {}
     return {
         "demo_id": demo_id,
+        "labels_via": "webhook_payloads" if labelstudio is None else "labelstudio",
+        "labelstudio": labelstudio,
         "events": {"proxy_published": len(proxy_ids), "expert_published": len(expert_ids),
                    "malformed_published": 3, "stored": stored, "dead_lettered": dead},
         "snapshot": summary["snapshot"],

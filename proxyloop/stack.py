@@ -88,6 +88,8 @@ def start_component(settings: Settings, component: Component, say: Callable[[str
             raise StackError(f"{component.name} exited with {process.returncode}; log {log_path}:\n{tail}")
         if component.healthy(settings):
             say(f"{component.name}: up (pid {process.pid})")
+            if component.after_start is not None:
+                component.after_start(settings, say)
             return
         time.sleep(0.3)
     raise StackError(f"{component.name} not healthy after {component.start_timeout_s:.0f} s; see {log_path}")
@@ -95,10 +97,12 @@ def start_component(settings: Settings, component: Component, say: Callable[[str
 
 def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
     from ingest.bus import ensure_topics
+    from ingest.labelstudio.embedded import with_credentials
 
+    settings = with_credentials(settings)  # every child gets the embedded Label Studio's token, if it runs
     for part in COMPONENTS:
         if not part.enabled(settings):
-            say(f"{part.name}: external ({'URL in settings'})")
+            say(f"{part.name}: {'off' if part.optional else 'external (URL in settings)'}")
             continue
         if part.name == "worker":
             ensure_topics(settings)  # everything after this point produces or consumes
@@ -142,6 +146,8 @@ def down(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Non
 def health(settings: Settings) -> dict[str, str]:
     states: dict[str, str] = {}
     for part in COMPONENTS:
+        if part.optional and not part.enabled(settings):
+            continue  # no part of this stack
         running = pid_of(settings, part.name) is not None
         if not part.enabled(settings):
             states[part.name] = "healthy (external)" if part.healthy(settings) else "unreachable (external)"

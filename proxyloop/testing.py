@@ -6,19 +6,17 @@ For tests and benches (as `prefect.testing` is for Prefect's users); the product
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from ground.settings import Settings
+from ingest.labelstudio import embedded as labelstudio
 from proxyloop.components import OBJECT_STORE_PORT_OFFSETS, StackError
 
 
@@ -63,39 +61,33 @@ def isolated_settings(home: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-LABELSTUDIO_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "labelstudio.sh"
-
-
 @dataclass(frozen=True)
 class LabelStudioServer:
     url: str
-    token: str = field(default_factory=lambda: secrets.token_hex(20))
-    username: str = "admin@example.com"
-    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    token: str
+    username: str
+    password: str
 
 
 @contextmanager
 def labelstudio_server(data_dir: Path, port: int, deadline_s: float = 300) -> Iterator[LabelStudioServer]:
     """Label Studio from its own cached venv (scripts/labelstudio.sh), headless on a loopback port, with an
-    admin and API token preset; yields once /health answers, stops its whole process group after."""
-    subprocess.run(["bash", str(LABELSTUDIO_SCRIPT), "install"], check=True, capture_output=True)
+    admin and API token preset; yields once /health answers, stops its whole process group after.
+    Launched as the stack's `labelstudio` component launches it (ingest.labelstudio.embedded)."""
+    labelstudio.install()
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = LabelStudioServer(url=f"http://127.0.0.1:{port}")
-    env = {**os.environ, "LABEL_STUDIO_USERNAME": server.username, "LABEL_STUDIO_PASSWORD": server.password,
-           "LABEL_STUDIO_USER_TOKEN": server.token}
+    credentials = labelstudio.new_credentials()
+    server = LabelStudioServer(url=f"http://127.0.0.1:{port}", token=credentials.token,
+                               username=credentials.username, password=credentials.password)
+    env = {**os.environ, **credentials.server_env()}
     with (data_dir / "server.log").open("wb") as log:
-        process = subprocess.Popen(["bash", str(LABELSTUDIO_SCRIPT), "start", str(port), str(data_dir)], stdout=log,
+        process = subprocess.Popen(labelstudio.start_command(port, data_dir), stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + deadline_s
-        while True:
+        while not labelstudio.healthy(server.url):
             if process.poll() is not None:
                 raise RuntimeError(f"Label Studio exited with {process.returncode}; see {data_dir / 'server.log'}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Label Studio not healthy after {deadline_s:.0f} s; see {data_dir / 'server.log'}")
             time.sleep(1)

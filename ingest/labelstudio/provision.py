@@ -14,6 +14,7 @@ from typing import Any
 from label_studio_sdk.client import LabelStudio
 
 from ground.settings import Settings
+from ingest.labelstudio.embedded import embedded_token
 from ingest.labelstudio.webhook import SECRET_HEADER
 
 # The task's `prompt`, `answer_a` and `answer_b` are shown; the annotator picks one side and may say why.
@@ -53,11 +54,14 @@ class ProvisionedProject:
 
 
 def client_for(settings: Settings) -> LabelStudio:
-    if not settings.labelstudio_token:
+    """A client with the settings' token, or the embedded Label Studio's (ingest.labelstudio.embedded)."""
+    token = embedded_token(settings)
+    if not token:
         raise LabelStudioSetupError(
             "no Label Studio API token: set PROXYLOOP_LABELSTUDIO_TOKEN (Account & Settings → Legacy Token)"
+            + (", or start the embedded one (`proxyloop up`)" if settings.embedded_labelstudio else "")
         )
-    return LabelStudio(base_url=settings.labelstudio_url, api_key=settings.labelstudio_token)
+    return LabelStudio(base_url=settings.labelstudio_url, api_key=token)
 
 
 def read_tasks(path: Path) -> list[dict[str, Any]]:
