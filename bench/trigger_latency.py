@@ -9,7 +9,8 @@ The last line is JSON: `event_to_task_s` (median), `event_to_flow_s`, `prefect_f
 `celery_floor_s`, and `event_to_flow_parts_s` / `prefect_floor_parts_s`: where event → flow goes
 (`emit`: event → received by the Prefect server; `trigger`: → flow run created by the automation;
 `poll`: → Pending, the runner's poll; `process`: → Running, the flow subprocess's start and its
-module's imports).
+module's imports), and `flow_start`: how the runner started flow runs (`PROXYLOOP_FLOW_START`:
+`forkserver`, the default, or `spawn`, Prefect's own; flows/warm_start.py).
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ def main() -> None:
         "event_to_flow_parts_s": _median_parts(parts),
         "prefect_floor_parts_s": _median_parts(floor_parts),
         "rounds": rounds,
+        "flow_start": settings.flow_start,
     }
     print(json.dumps(result))
 

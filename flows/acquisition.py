@@ -1,8 +1,10 @@
 """The `refresh-acquisition` flow: re-score Label Studio's open tasks as expert labels arrive (issue 17).
 
 Triggered by `proxyloop.acquisition.requested` (Label Studio's ML-backend webhook, policies/ml_backend.py)
-and runnable by hand: `python -m flows.acquisition`. Orchestration only: the scores are
-`policies.acquisition.feature_scores`, the cache /predict reads is `policies.ml_backend`.
+and runnable by hand: `python -m flows.acquisition`. Each refresh leaves the open-task queue on its run
+page (artifact `acquisition-queue`: count, score distribution, labels since the last refresh, the top
+tasks; flows.artifacts). Orchestration only: the scores are `policies.acquisition.feature_scores`, the
+cache /predict reads is `policies.ml_backend`.
 
 Rate limit, two layers of Prefect's and one row of ours: the deployment has concurrency_limit=1 with
 the ENQUEUE strategy (a burst queues, it never runs refreshes side by side), and a run that finds the
@@ -18,11 +20,11 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flows.artifacts import publish_acquisition_queue
 from ground.schemas import ACQUISITION_REQUESTED_EVENT, FeatureTriple, utcnow
 from ground.settings import Settings, get_settings
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
@@ -31,6 +33,7 @@ from policies.acquisition import EnsembleConfig, feature_scores
 from policies.features.model import TwoStagePolicy
 from policies.loader import load
 from policies.ml_backend import ScoreCache, read_cache, write_cache
+from policies.registry import aliases
 
 REFRESH_DEPLOYMENT = "refresh-acquisition/refresh-acquisition"
 MIN_INTERVAL_S = 20.0  # a burst within this many seconds of a refresh is one refresh
@@ -61,6 +64,12 @@ def expert_triples(settings: Settings) -> list[FeatureTriple]:
     return [FeatureTriple.model_validate(i) for i in items if isinstance(i, dict) and i.get("type") == "features"]
 
 
+def production_released(settings: Settings) -> bool:
+    """Whether the policy the scores come from has a production version (as `policies.loader.load` resolves it).
+    Before it has, every annotation's refresh would fail, one queued run after another."""
+    return "production" in aliases(settings.registry_dir, settings.policy_name)
+
+
 @task(name="score-open-tasks")
 def score_open_tasks(project_id: int | None, seed: int) -> ScoreCache:
     settings = get_settings()
@@ -85,8 +94,13 @@ def refresh_acquisition_flow(min_interval_s: float = MIN_INTERVAL_S, project_id:
     if last is not None and utcnow() - last.refreshed_at < timedelta(seconds=min_interval_s):
         logger.info("skipped: scores refreshed at %s, less than %.0f s ago", last.refreshed_at, min_interval_s)
         return {"status": "skipped", "refreshed_at": last.refreshed_at.isoformat()}
+    if not production_released(settings):  # before the first release: nothing to score with, quickly
+        logger.info("skipped: no %s@production released yet; open tasks are scored after the first release",
+                    settings.policy_name)
+        return {"status": "no-policy"}
     cache = score_open_tasks(project_id, seed=last.n_labels if last else 0)
     write_cache(settings, cache)
+    publish_acquisition_queue(cache, last)  # the run page: the queue, its scores, labels since the last refresh
     values = np.array([t.score for t in cache.tasks.values()]) if cache.tasks else np.zeros(0)
     quantiles = np.quantile(values, [0.1, 0.5, 0.9]).round(4).tolist() if values.size else []
     logger.info("%d open tasks scored by %s (%s, %d expert labels); score quantiles 10/50/90%%: %s",
@@ -95,17 +109,13 @@ def refresh_acquisition_flow(min_interval_s: float = MIN_INTERVAL_S, project_id:
             "n_labels": cache.n_labels, "score_quantiles": quantiles, "model_version": cache.model_version}
 
 
-def acquisition_trigger() -> DeploymentEventTrigger:
-    return DeploymentEventTrigger(expect={ACQUISITION_REQUESTED_EVENT})
+def acquisition_deployment_options() -> dict[str, Any]:
+    """`refresh-acquisition`: started by the ML backend's webhook event; one run at a time, a burst queued.
 
-
-def acquisition_deployments() -> list[RunnerDeployment]:
-    """`refresh-acquisition`, started by the ML backend's webhook event; one run at a time, a burst queued."""
-    deployment = refresh_acquisition_flow.to_deployment(
-        name="refresh-acquisition", triggers=[acquisition_trigger()],
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-    )
-    return [deployment] if isinstance(deployment, RunnerDeployment) else []
+    The keywords of `Runner.add_flow` / `Flow.to_deployment` (flows.deployments serves it).
+    """
+    return {"name": "refresh-acquisition", "triggers": [DeploymentEventTrigger(expect={ACQUISITION_REQUESTED_EVENT})],
+            "concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ PROXYLOOP_HEALTH_INTERVAL_S seconds. Orchestration only: measuring and judging l
 Attach a Prefect automation (a notification, say) to the two events; docs/operators.md shows how.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the runner pickles this flow by value (flows.deployments)
+# and validates its `now` parameter there, where a string annotation could not be resolved.
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
