@@ -20,7 +20,10 @@ pairs (ours: `reference_logps`, as a run with a cold reference cache does; TRL: 
 non-padding tokens of the chosen + rejected rows actually trained on. Each side runs twice, in the
 order ours, TRL best, TRL defaults and then reversed, and reports its faster round: on a shared
 machine a slow spell then does not land on one side only. Three sides:
-- `ours`: `dpo_batch_loss` + AdamW, reference log-probs from the pass above;
+- `ours`: `dpo_batch_loss` + AdamW, reference log-probs from the pass above, both with the project's
+  defaults: log-probs by the chunked path (workers/lm/training/chunked_logps.py: the LM head over scored
+  positions only, `logps_chunk_tokens` at a time, its logits recomputed in backward rather than kept),
+  which `--logps-chunk-tokens 0` turns off to measure the plain forward;
 - `trl_best`: TRL at its best settings for the same work: `precompute_ref_log_probs=True` (no reference
   model in memory, no reference forward per step). `padding_free` is not among them: TRL 1.16's
   DPOTrainer warns and falls back to padding (it needs FlashAttention and is disabled since its DPO
@@ -30,6 +33,8 @@ machine a slow spell then does not land on one side only. Three sides:
 Keys: `ratio` = ours ÷ trl_best tokens/s (the fair race), `ratio_vs_defaults` = ours ÷ trl_defaults,
 `ddp_scaling` = 2 ranks ÷ 1 rank of the workers' own training (bench/ddp_scaling.py; CPU: gloo, no target;
 null where one CUDA device is visible),
+`logps_chunk_tokens` = our side's LM-head chunk (0: the plain forward ran, asked for or the model not one
+the chunked path recognises),
 `memory_ratio` = our peak GPU memory ÷ trl_best's (allocated by the side, over its reference pass and
 training; null on CPU), `mfu` = 6·params·tokens/s ÷ the device's peak dense bf16 FLOP/s (ours, reference
 pass in the time; null on CPU or an unknown GPU; with `--lora` 6·params overstates the work, frozen
@@ -57,6 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.ddp_scaling import measure_ddp_scaling  # noqa: E402
 from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer, prepare_smollm2  # noqa: E402
+from workers.lm.training.chunked_logps import body_and_head  # noqa: E402
 from workers.lm.training.data import collate_pairs, tokenize_pairs  # noqa: E402
 from workers.lm.training.dpo import completion_token_logps, dpo_batch_loss, reference_logps  # noqa: E402
 from workers.lm.training.dpo_config import DPOConfig  # noqa: E402
@@ -147,6 +153,7 @@ def time_ours(path: Path, tokenizer: Any, rows: list[dict[str, str]], config: DP
             step_s.append(time.perf_counter() - t0)
             tokens.append(int(cpu_batch["attention_mask"].sum()))
     result = side_result(step_s, tokens, reference_s, steps_per_epoch, _peak_gb(device, baseline))
+    result["logps_chunk_tokens"] = config.logps_chunk_tokens if body_and_head(model) is not None else 0
     del model, optimizer, ref_c, ref_r
     return result
 
@@ -269,6 +276,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--words", type=int, default=40, help="prompt words (responses are half)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (the epoch adds 2 warm-up steps)")
+    parser.add_argument("--logps-chunk-tokens", type=int, default=DPOConfig.logps_chunk_tokens,
+                        help="our side's LM-head chunk (DPOConfig.logps_chunk_tokens); 0: the plain forward")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = args.steps or (6 if args.quick else 20)
@@ -276,7 +285,7 @@ def main() -> None:
     path = model_path(args.model, work)
     tokenizer = load_tokenizer(path)
     config = DPOConfig(loss_type="sigmoid", beta=0.1, learning_rate=1e-6, batch_size=args.batch_size, max_length=512,
-                       logp_reduction="sum", lora_r=args.lora)
+                       logp_reduction="sum", lora_r=args.lora, logps_chunk_tokens=args.logps_chunk_tokens)
     rows = make_pairs(args.batch_size * (WARMUP + steps), args.words)  # one epoch: warm-up + timed steps
     base = load_causal_lm(path, "cpu")
     n_params = sum(p.numel() for p in base.parameters())
@@ -296,7 +305,8 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if device.type == "cuda" else None
     report = {
         "device": name, "threads": torch.get_num_threads(), "model": args.model, "params": n_params,
-        "lora_r": args.lora, "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
+        "lora_r": args.lora, "logps_chunk_tokens": ours["logps_chunk_tokens"],
+        "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
         "attn_implementation": attention, "batch_pairs": args.batch_size, "steps": steps, "warmup_steps": WARMUP,
         "rounds": len(runs["ours"]),
         "tokens_per_step": round(ours["tokens_per_step"], 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.lm.training.chunked_logps import DEFAULT_CHUNK_TOKENS
 from workers.lm.training.loop_config import LoopConfig, _help
 from workers.lm.training.objectives import LOSS_TYPES, PAPER_REDUCTION, Reduction, check_loss_type
 
@@ -18,6 +19,11 @@ class DPOConfig(LoopConfig):
         "auto",
     )
     nll_weight: float = _help("Weight of the NLL on chosen tokens added to the loss; 0 disables it.", 0.0)
+    logps_chunk_tokens: int = _help(
+        "Scored positions per LM-head chunk when computing log-probs (workers/lm/training/chunked_logps.py): "
+        "full-vocabulary logits are then never kept for backward, only one chunk's at a time. 0 runs the plain "
+        "forward; models the chunked path does not recognise (and DDP/FSDP ranks) run it anyway.",
+        DEFAULT_CHUNK_TOKENS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -28,6 +34,8 @@ class DPOConfig(LoopConfig):
             raise ValueError(f"logp_reduction must be 'auto', 'sum' or 'mean', got {self.logp_reduction!r}")
         if self.nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
+        if self.logps_chunk_tokens < 0:
+            raise ValueError(f"logps_chunk_tokens must be >= 0 (0: no chunking), got {self.logps_chunk_tokens}")
 
     @property
     def reduction(self) -> Reduction:

@@ -25,15 +25,20 @@ def check_loss_type(loss_type: str) -> None:
         raise ValueError(f"Unknown loss type {loss_type!r}; should be one of {list(LOSS_TYPES)}")
 
 
-def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """Log-probability of each next token: logits [B, T, V], ids [B, T] -> [B, T-1] (position t scores id t+1).
+def target_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """Log-probability of `targets` [...] under `logits` [..., V] -> [...].
 
     Computed as gather − logsumexp in float32 at least (bf16 logits are upcast), which avoids
-    materialising a second [B, T, V] log-softmax tensor.
+    materialising a second [..., V] log-softmax tensor. The one formula of every log-prob path
+    (`token_logps` and the chunked path of `chunked_logps.py`), so they cannot drift apart.
     """
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Log-probability of each next token: logits [B, T, V], ids [B, T] -> [B, T-1] (position t scores id t+1)."""
+    return target_logps(logits[:, :-1], input_ids[:, 1:])
 
 
 def sequence_logps(per_token: Tensor, mask: Tensor, reduction: Reduction) -> Tensor:
