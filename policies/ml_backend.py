@@ -10,7 +10,9 @@ Label Studio shows as a suggestion the annotator accepts or overrides) and carri
 acquisition score (policies/acquisition.py) as `score`, so the task list sorts by it. Scores are
 computed by the `refresh-acquisition` flow (flows/acquisition.py) and kept in a small JSON file
 (`ScoreCache`); /predict only reads it, so no model runs in a request. A task the last refresh did
-not score gets the highest score, log 2: it is unknown, so it is asked about early.
+not score gets the highest score, log 2: it is unknown, so it is asked about early. A task Label Studio
+sends with an annotation is no longer open (the refresh leaves it out): it gets score 0 and no
+pre-annotation, so it sorts below every open task rather than above them as an unknown one would.
 
 Auth: the webhook's shared secret, either in the X-Proxyloop-Secret header or as the password of
 HTTP Basic auth (what Label Studio's ML-backend connection can send; the user name is ignored).
@@ -38,7 +40,10 @@ from policies.acquisition import MAX_SCORE, AcquisitionScores
 
 ML_BACKEND_PREFIX = ML_BACKEND_PATH
 MODEL_CLASS = "proxyloop.acquisition"
-PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "a,b"  # ingest/labelstudio/provision.PAIRWISE_CONFIG
+# ingest/labelstudio/provision.PAIRWISE_CONFIG. Label Studio's editor writes a <Pairwise> result with
+# to_name equal to the tag's own name ("pw"), not its toName ("a,b"), and only renders a prediction
+# written that way: with "a,b" the suggestion was stored but neither response showed as selected.
+PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "pw"
 
 
 class TaskScore(BaseModel):
@@ -89,9 +94,12 @@ def write_cache(settings: Settings, cache: ScoreCache) -> Path:
     return path
 
 
-def prediction(task_id: int | None, cache: ScoreCache | None) -> dict[str, Any]:
-    """One Label Studio prediction: the preferred side as a pairwise pre-annotation, the score."""
+def prediction(task_id: int | None, cache: ScoreCache | None, labelled: bool = False) -> dict[str, Any]:
+    """One Label Studio prediction: the preferred side as a pairwise pre-annotation, the score. A task
+    already `labelled` has nothing left to ask: score 0, no pre-annotation."""
     version = cache.model_version if cache else "proxy"
+    if labelled:
+        return {"result": [], "score": 0.0, "model_version": version}
     entry = cache.tasks.get(task_id) if cache and task_id is not None else None
     if entry is None:
         return {"result": [], "score": MAX_SCORE, "model_version": version}
@@ -160,7 +168,10 @@ def predict(body: PredictRequest, settings: SettingsDep) -> dict[str, Any]:
     results = []
     for task in body.tasks:
         task_id = task.get("id")
-        results.append(prediction(task_id if isinstance(task_id, int) else None, cache))
+        # Label Studio sends each task with its annotations (TaskSimpleSerializer); any one closes it, as
+        # flows.acquisition.open_feature_tasks counts it.
+        results.append(prediction(task_id if isinstance(task_id, int) else None, cache,
+                                  labelled=bool(task.get("annotations"))))
     return {"results": results, "model_version": cache.model_version if cache else "proxy"}
 
 

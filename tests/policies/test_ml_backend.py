@@ -57,7 +57,7 @@ def test_predict_returns_one_prediction_per_task_in_order(client: TestClient, se
     assert [set(r) for r in results] == [{"result", "score", "model_version"}] * 3
     assert body["model_version"] == "chat@3"
     # Task 12: the policy prefers b, the proxy a: a disagreement, scored above task 11 (both agree on a).
-    assert results[0]["result"] == [{"from_name": "pw", "to_name": "a,b", "type": "pairwise", "origin": "prediction",
+    assert results[0]["result"] == [{"from_name": "pw", "to_name": "pw", "type": "pairwise", "origin": "prediction",
                                      "value": {"selected": "right"}}]
     assert results[1]["result"][0]["value"] == {"selected": "left"}
     assert results[0]["score"] > results[1]["score"]
