@@ -30,8 +30,9 @@ accuracy the averaged random curve reaches at 100 labels; each order's labels fr
 (over seeds and worlds), linearly interpolated between batches. When the ranked curve never gets there
 the ranked count is the budget, a lower bound (flag `*_ranked_reached` false; the ratio an upper bound).
 Per family and `overall` (geometric mean of the families), with 95% bootstrap intervals over seeds (`_ci`).
-`refresh_s`: label event → new scores served by the ML backend through the embedded stack with a real
-Label Studio (`acquisition_parts.stack_refresh`); `refresh_compute_s`: the compute-and-serve part alone,
+`refresh_s`: label event → every open task's new score served by Label Studio's own API (the refresh
+flow pushes its predictions there), through the embedded stack with a real Label Studio
+(`acquisition_parts.stack_refresh`); `refresh_compute_s`: the compute-and-serve part alone,
 in process (`measure_refresh`). What each covers is printed beside it (`refresh_covers`).
 
 Seeds 0–2 are for tuning (the score's hyper-parameters below were chosen there); report on 100 and up.

@@ -9,7 +9,9 @@ Each prediction pre-annotates the pairwise choice the current policy prefers (a 
 Label Studio shows as a suggestion the annotator accepts or overrides) and carries the task's
 acquisition score (policies/acquisition.py) as `score`, so the task list sorts by it. Scores are
 computed by the `refresh-acquisition` flow (flows/acquisition.py) and kept in a small JSON file
-(`ScoreCache`); /predict only reads it, so no model runs in a request. A task the last refresh did
+(`ScoreCache`); /predict only reads it, so no model runs in a request. Label Studio asks /predict only
+about a task with no prediction, so the flow also writes each task's `prediction` into Label Studio
+through its API (ingest.labelstudio.predictions): one function builds both. A task the last refresh did
 not score gets the highest score, log 2: it is unknown, so it is asked about early. A task Label Studio
 sends with an annotation is no longer open (the refresh leaves it out): it gets score 0 and no
 pre-annotation, so it sorts below every open task rather than above them as an unknown one would.
@@ -34,16 +36,13 @@ from pydantic import BaseModel, Field
 
 from ground.schemas import ACQUISITION_REQUESTED_EVENT, utcnow
 from ground.settings import ML_BACKEND_PATH, Settings
-from ingest.labelstudio.webhook import SECRET_HEADER, secret_matches
+from ingest.labelstudio.webhook import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME, SECRET_HEADER, secret_matches
 from ingest.web import SettingsDep
 from policies.acquisition import MAX_SCORE, AcquisitionScores
 
 ML_BACKEND_PREFIX = ML_BACKEND_PATH
 MODEL_CLASS = "proxyloop.acquisition"
-# ingest/labelstudio/provision.PAIRWISE_CONFIG. Label Studio's editor writes a <Pairwise> result with
-# to_name equal to the tag's own name ("pw"), not its toName ("a,b"), and only renders a prediction
-# written that way: with "a,b" the suggestion was stored but neither response showed as selected.
-PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "pw"
+UNSCORED_VERSION = "proxy"  # the predictions' model version before the first refresh
 
 
 class TaskScore(BaseModel):
@@ -56,7 +55,8 @@ class ScoreCache(BaseModel):
     """The last refresh: one score per open task, keyed by Label Studio task id."""
 
     refreshed_at: datetime = Field(default_factory=utcnow)
-    model_version: str = "proxy"  # the registry version the scores came from (or "proxy")
+    model_version: str = UNSCORED_VERSION  # the registry version the scores came from
+    started_at: datetime | None = None  # when the refresh began reading labels and tasks (flows.acquisition)
     method: str = "none"
     n_labels: int = 0  # expert labels the scores were computed from
     tasks: dict[int, TaskScore] = Field(default_factory=dict)
@@ -94,10 +94,16 @@ def write_cache(settings: Settings, cache: ScoreCache) -> Path:
     return path
 
 
+def is_our_version(model_version: str | None, policy_name: str) -> bool:
+    """Whether a Label Studio prediction's model version is one `prediction` writes (the policy's, any release)."""
+    return model_version == UNSCORED_VERSION or (model_version or "").startswith(f"{policy_name}@")
+
+
 def prediction(task_id: int | None, cache: ScoreCache | None, labelled: bool = False) -> dict[str, Any]:
     """One Label Studio prediction: the preferred side as a pairwise pre-annotation, the score. A task
-    already `labelled` has nothing left to ask: score 0, no pre-annotation."""
-    version = cache.model_version if cache else "proxy"
+    already `labelled` has nothing left to ask: score 0, no pre-annotation. /predict answers with it, and
+    the refresh flow writes it into Label Studio (flows.acquisition)."""
+    version = cache.model_version if cache else UNSCORED_VERSION
     if labelled:
         return {"result": [], "score": 0.0, "model_version": version}
     entry = cache.tasks.get(task_id) if cache and task_id is not None else None
@@ -153,13 +159,13 @@ class SetupRequest(BaseModel):
 def health(settings: SettingsDep) -> dict[str, Any]:
     cache = read_cache(settings)
     return {"status": "UP", "model_class": MODEL_CLASS,
-            "model_version": cache.model_version if cache else "proxy"}
+            "model_version": cache.model_version if cache else UNSCORED_VERSION}
 
 
 @router.post("/setup")
 def setup(body: SetupRequest, settings: SettingsDep) -> dict[str, str]:
     cache = read_cache(settings)
-    return {"model_version": cache.model_version if cache else "proxy"}
+    return {"model_version": cache.model_version if cache else UNSCORED_VERSION}
 
 
 @router.post("/predict")
@@ -172,7 +178,7 @@ def predict(body: PredictRequest, settings: SettingsDep) -> dict[str, Any]:
         # flows.acquisition.open_feature_tasks counts it.
         results.append(prediction(task_id if isinstance(task_id, int) else None, cache,
                                   labelled=bool(task.get("annotations"))))
-    return {"results": results, "model_version": cache.model_version if cache else "proxy"}
+    return {"results": results, "model_version": cache.model_version if cache else UNSCORED_VERSION}
 
 
 def request_refresh(reason: str, project: object = None) -> None:

@@ -21,7 +21,13 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attem
 
 from ground.settings import Settings
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project, setup_project
-from ingest.labelstudio.webhook import SECRET_HEADER, event_id_for, webhook_payload
+from ingest.labelstudio.webhook import (
+    PAIRWISE_FROM_NAME,
+    PAIRWISE_TO_NAME,
+    SECRET_HEADER,
+    event_id_for,
+    webhook_payload,
+)
 
 Selected = Literal["left", "right"]
 
@@ -40,7 +46,8 @@ class Annotated:
 
 def pairwise_result(selected: Selected) -> list[dict[str, Any]]:
     """An annotation's result in the project's labelling config (provision.PAIRWISE_CONFIG)."""
-    return [{"from_name": "pw", "to_name": "a,b", "type": "pairwise", "value": {"selected": selected}}]
+    return [{"from_name": PAIRWISE_FROM_NAME, "to_name": PAIRWISE_TO_NAME, "type": "pairwise",
+             "value": {"selected": selected}}]
 
 
 def import_tasks(client: LabelStudio, project_id: int, tasks: Sequence[dict[str, Any]]) -> list[int]:

@@ -34,6 +34,11 @@ DELETED_ACTION = "ANNOTATIONS_DELETED"
 HANDLED_ACTIONS = (*_ACTIONS, DELETED_ACTION)
 EVENT_ID_PREFIX = "labelstudio-annotation-"
 SECRET_HEADER = "X-Proxyloop-Secret"
+# A pairwise result in provision.PAIRWISE_CONFIG. Label Studio's editor writes a <Pairwise> result with
+# to_name equal to the tag's own name ("pw"), not its toName ("a,b"), and only renders a prediction
+# written that way: with "a,b" the suggestion was stored but neither response showed as selected.
+# The conversion below reads only the result's type and value, so either name converts alike.
+PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "pw"
 
 router = APIRouter(tags=["labelstudio"])
 
@@ -182,7 +187,8 @@ def webhook_payload(
         "action": action,
         "annotation": {
             "id": annotation_id,
-            "result": [{"from_name": "pw", "to_name": "a,b", "type": "pairwise", "origin": "manual",
+            "result": [{"from_name": PAIRWISE_FROM_NAME, "to_name": PAIRWISE_TO_NAME, "type": "pairwise",
+                        "origin": "manual",
                         "value": {"selected": selected}}],
             "completed_by": annotator, "created_at": now, "updated_at": now, "task": task_id,
             "project": project_id, "was_cancelled": False, "ground_truth": False, "lead_time": 3.2,

@@ -7,27 +7,18 @@ Label Studio. The production policy is a two-stage stack on an Appendix D world;
 world's open feature tasks (`labelstudio setup --tasks`), and the expert labels before the test arrive on
 Kafka, as the ingest webhook would publish them.
 
-What Label Studio 1.23 (community) needs from someone managing the project before an annotator sees the
-queue, done here as they would be (see docs/annotators.md, "The queue in the browser"):
-
-- Predictions are fetched from the ML backend only for a task with none: when it is opened, or by the
-  data manager's "Retrieve Predictions" action. The task list therefore starts without scores, and a
-  task that has a prediction keeps it through every later refresh (Label Studio skips tasks that
-  already hold one of the model version /setup reports, and a refresh does not change that version).
-  So the test retrieves them in the browser (select all, Actions, "Retrieve Predictions"), and after
-  the refresh deletes and retrieves them again ("Delete Predictions" first).
-- The task list's "Prediction score" column averages the predictions whose model version equals the
-  project's `model_version`; connecting the backend sets that to the backend's title ("proxyloop"),
-  while the predictions carry the policy version ("appendix-d@1"), so the column stays empty. The test
-  selects the policy's prediction set for the project (Settings, Annotation, "Select which predictions
-  or which model you want to use"; through the API here), after which the column fills and sorts.
+Label Studio 1.23 (community) asks an ML backend only about tasks with no prediction, and its task list's
+"Prediction score" column averages only predictions of the project's `model_version`. Each refresh therefore
+writes every task's prediction into Label Studio through its API and selects the policy version for the
+project (flows.acquisition, ingest.labelstudio.predictions): nobody retrieves, deletes or selects
+predictions by hand (see docs/annotators.md, "The queue in the browser"). The annotator only loads the
+task list, and after a label reloads it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -158,6 +149,9 @@ def queue(service_settings: Settings, kafka: str, labelstudio: LabelStudioServer
         assert answer.status_code == 201 and answer.json()["refresh"] == "requested", answer.text
         first = _cache_after(settings, requested, DEADLINE_S)
         assert sorted(first.tasks) == sorted(pool_of) and first.n_labels == N_BEFORE
+        # The refresh wrote the predictions into Label Studio and selected their version for the project.
+        _poll(lambda: client.projects.get(project).model_version == first.model_version, 60,
+              f"project {project}'s model version to become {first.model_version}")
         yield Queue(settings, project, pool_of, world, first)
     finally:
         for name in reversed(started):
@@ -214,19 +208,6 @@ def _close_menu(page: Any) -> None:
     page.locator(".lsf-menu-dm__item").filter(visible=True).first.wait_for(state="hidden", timeout=10_000)
 
 
-def _run_action(page: Any, title: str) -> None:
-    """Select every task, then Actions → `title` → confirm; wait for the action's answer."""
-    page.locator("[data-testid=table-row]").first.wait_for()
-    page.locator("input[type=checkbox]").first.check()  # the header's: every task
-    page.get_by_text(re.compile(r"^\d+ Tasks?$")).first.click()  # "Actions", once tasks are selected
-    _menu_item(page, title).click()
-    with page.expect_response(lambda r: "/api/dm/actions" in r.url and r.request.method == "POST",
-                              timeout=120_000) as answer:
-        page.locator("[data-testid=dialog-ok-button]").click()
-    assert answer.value.ok, answer.value.text()
-    page.wait_for_load_state("networkidle")
-
-
 def _shown(page: Any) -> list[tuple[int, str]]:
     """(task id, the score cell's text) per row of the task list, top to bottom."""
     rows = []
@@ -245,17 +226,19 @@ def _score_column(page: Any) -> int:
 
 
 def _queue_when_scored(
-    page: Any, url: str, project: int, tasks: set[int], timeout: float = 60,
+    page: Any, url: str, project: int, scores: dict[int, float], timeout: float = 60,
 ) -> list[tuple[int, float]]:
-    """Reload the task list until each of `tasks` shows a score; (task id, the score shown) top to bottom."""
+    """Reload the task list until each task of `scores` shows its score there (Label Studio rounds to 3
+    decimals); (task id, the score shown) top to bottom."""
     def scored() -> list[tuple[int, float]] | None:
         _open_task_list(page, url, project)
         shown = _shown(page)
-        if {task for task, text in shown if text} != tasks:
+        if {task for task, text in shown if text} != set(scores):
             return None
-        return [(task, float(text)) for task, text in shown]
+        numbers = [(task, float(text)) for task, text in shown]
+        return numbers if all(abs(number - scores[task]) <= 6e-4 for task, number in numbers) else None
 
-    result: list[tuple[int, float]] = _poll(scored, timeout, f"a prediction score on tasks {sorted(tasks)}")
+    result: list[tuple[int, float]] = _poll(scored, timeout, f"the scores {scores} in the task list")
     return result
 
 
@@ -280,13 +263,14 @@ def _check_queue(shown: list[tuple[int, float]], scores: dict[int, float]) -> No
 def test_the_annotator_works_down_the_queue_in_score_order_and_sees_it_reordered_after_a_label(
     queue: Queue, labelstudio: LabelStudioServer, tmp_path: Path,
 ) -> None:
-    """Retrieve the predictions, sort by score: the order is proxyloop's. Open the top task: the policy's
-    choice is pre-selected. Submit the expert's choice (the suggestion accepted, or the other side clicked)
-    at least MIN_INTERVAL_S after the last refresh, so the flow's rate limit does not fold it into that one:
-    Label Studio's webhooks carry it to the store and, as the ML backend's ANNOTATION_CREATED, to the Prefect
-    event that triggers `refresh-acquisition`. Once that run wrote the new scores (with the new label, the
-    task no longer open), delete and retrieve the predictions in the browser, reload: the open tasks are in
-    the new scores' order, within DEADLINE_S of the submission (the issue's target: REFRESH_TARGET_S)."""
+    """Load the task list and sort by score: the order is proxyloop's (the first refresh wrote the predictions
+    into Label Studio). Open the top task: the policy's choice is pre-selected. Submit the expert's choice (the
+    suggestion accepted, or the other side clicked) at least MIN_INTERVAL_S after the last refresh, so the
+    refresh measured is the label's own and not a rate-limit wait: Label Studio's webhooks carry it to the
+    store and, as the ML backend's ANNOTATION_CREATED, to the Prefect event that triggers
+    `refresh-acquisition`. That run writes the new scores (with the new label, the task no longer open) to
+    the cache and into Label Studio; reloading the list shows the open tasks in the new scores' order,
+    within DEADLINE_S of the submission (the issue's target: REFRESH_TARGET_S)."""
     from playwright.sync_api import sync_playwright
 
     from flows.acquisition import MIN_INTERVAL_S
@@ -301,14 +285,8 @@ def test_the_annotator_works_down_the_queue_in_score_order_and_sees_it_reordered
         try:
             _log_in(page, labelstudio)
             _open_task_list(page, url, project)
-            _run_action(page, "Retrieve Predictions")
-            # Settings → Annotation → "Select which predictions or which model you want to use": the policy's.
-            response = httpx.patch(f"{url}/api/projects/{project}", json={"model_version": first.model_version},
-                                   headers={"Authorization": f"Token {labelstudio.token}"}, timeout=30)
-            assert response.status_code == 200, response.text
-            _open_task_list(page, url, project)
             _arrange_columns(page)
-            shown = _queue_when_scored(page, url, project, set(first.tasks))
+            shown = _queue_when_scored(page, url, project, {t: s.score for t, s in first.tasks.items()})
             _check_queue(shown, {t: s.score for t, s in first.tasks.items()})
             assert len({round(s, 3) for _, s in shown}) > 2, f"tasks scored nearly alike, no order to see: {shown}"
             rows = page.locator("[data-testid=table-row]").count()
@@ -351,10 +329,10 @@ def test_the_annotator_works_down_the_queue_in_score_order_and_sees_it_reordered
             assert top not in second.tasks and sorted(second.tasks) == sorted(set(first.tasks) - {top})
             assert second.n_labels == N_BEFORE + 1, "the refresh ran before the annotator's label was stored"
 
-            _open_task_list(page, url, project)
-            _run_action(page, "Delete Predictions")
-            _run_action(page, "Retrieve Predictions")
-            reordered = _queue_when_scored(page, url, project, set(task_data))
+            # The refresh wrote the new predictions into Label Studio: reloading the list is all it takes.
+            expected = {**{t: s.score for t, s in second.tasks.items()}, top: 0.0}
+            reordered = _queue_when_scored(page, url, project, expected,
+                                           timeout=max(10.0, DEADLINE_S - (time.time() - submitted)))
             visible_s = time.time() - submitted
             page.screenshot(path=str(tmp_path / "queue-after.png"), clip=clip)
         except BaseException:
@@ -364,7 +342,7 @@ def test_the_annotator_works_down_the_queue_in_score_order_and_sees_it_reordered
             browser.close()
     (tmp_path / "timings.json").write_text(json.dumps({"refresh_s": refresh_s, "visible_s": visible_s}))
     # The refreshed scores, and the labelled task at the bottom: no longer open, nothing left to ask (score 0).
-    _check_queue(reordered, {**{t: s.score for t, s in second.tasks.items()}, top: 0.0})
+    _check_queue(reordered, expected)
     assert visible_s <= DEADLINE_S, (
         f"refreshed order visible {visible_s:.0f} s after the label (refresh {refresh_s:.0f} s; target "
         f"{REFRESH_TARGET_S:.0f} s, deadline {DEADLINE_S:.0f} s)")

@@ -66,6 +66,23 @@ def test_predict_returns_one_prediction_per_task_in_order(client: TestClient, se
     assert client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": []}).json()["results"] == []
 
 
+def test_a_task_with_annotations_gets_score_0_and_no_suggestion(client: TestClient, settings: Settings) -> None:
+    """Labelled: nothing left to ask, below every open task; scored or not, with or without a cache."""
+    tasks = [{"id": 12, "data": {}, "annotations": [{"id": 5, "result": []}]}, {"id": 99, "annotations": [{"id": 6}]},
+             {"id": 11, "data": {}, "annotations": []}]
+    cold = client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": tasks[:1]}).json()
+    assert cold["results"] == [{"result": [], "score": 0.0, "model_version": "proxy"}]
+    _cache(settings)
+    results = client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": tasks}).json()["results"]
+    assert results[:2] == [{"result": [], "score": 0.0, "model_version": "chat@3"}] * 2
+    assert results[2]["result"] and results[2]["score"] > 0  # the open one keeps its suggestion and score
+
+
+def test_our_model_versions_are_the_policys_and_the_unscored_one() -> None:
+    assert ml_backend.is_our_version("proxy", "chat") and ml_backend.is_our_version("chat@3", "chat")
+    assert not any(ml_backend.is_our_version(v, "chat") for v in ("chatty@1", "proxyloop", "", None))
+
+
 def test_every_route_needs_the_secret_in_the_header_or_basic_auth(client: TestClient) -> None:
     for method, path in (("get", "/health"), ("post", "/setup"), ("post", "/predict"), ("post", "/webhook")):
         response = client.request(method, f"{ML_BACKEND_PREFIX}{path}", json={})
