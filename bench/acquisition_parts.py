@@ -354,7 +354,7 @@ def stack_refresh(world: FeatureWorld, n_before: int, n_open: int, rounds: int,
     from ground.settings import get_settings
     from ingest.bus import make_producer, publish
     from ingest.labelstudio.provision import client_for, setup_project
-    from policies.ml_backend import ML_BACKEND_PREFIX, read_cache
+    from policies.ml_backend import ML_BACKEND_PREFIX
     from policies.registry import register
     from proxyloop import stack, testing
 
@@ -387,13 +387,10 @@ def stack_refresh(world: FeatureWorld, n_before: int, n_open: int, rounds: int,
                 event_id=f"bench-{i}-{uuid.uuid4().hex[:6]}", annotator_id="bench", item=world.labels[i]))
 
         def refreshed_after(t: float, timeout_s: float) -> Any:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                cache = read_cache(settings)
-                if cache is not None and cache.refreshed_at.timestamp() > t:
-                    return cache
-                time.sleep(0.1)
-            raise TimeoutError(f"no refresh within {timeout_s} s of the label event")
+            cache = testing.score_cache_after(settings, t, timeout_s, poll_s=0.1)
+            if cache is None:
+                raise TimeoutError(f"no refresh within {timeout_s} s of the label event")
+            return cache
 
         def served_by_labelstudio(cache: Any, timeout_s: float) -> None:
             """Until Label Studio's API holds each open task's refreshed score, its version selected."""

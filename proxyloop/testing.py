@@ -14,10 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ground.settings import Settings
 from ingest.labelstudio import embedded as labelstudio
 from proxyloop.components import OBJECT_STORE_PORT_OFFSETS, StackError
+
+if TYPE_CHECKING:
+    from policies.ml_backend import ScoreCache
 
 
 def free_port() -> int:
@@ -99,3 +103,17 @@ def labelstudio_server(data_dir: Path, port: int, deadline_s: float = 300) -> It
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def score_cache_after(settings: Settings, after: float, timeout_s: float, poll_s: float = 0.5) -> ScoreCache | None:
+    """The acquisition score cache once a refresh newer than `after` (epoch seconds) wrote it; None
+    when none did within `timeout_s`."""
+    from policies.ml_backend import read_cache  # torch: only for callers that wait on a refresh
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cache = read_cache(settings)
+        if cache is not None and cache.refreshed_at.timestamp() > after:
+            return cache
+        time.sleep(poll_s)
+    return None

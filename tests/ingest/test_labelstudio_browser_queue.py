@@ -36,7 +36,7 @@ from ground.settings import Settings
 from ingest.store import LabelRow, make_engine
 from policies.ml_backend import ScoreCache
 from proxyloop import stack
-from proxyloop.testing import LabelStudioServer, free_port
+from proxyloop.testing import LabelStudioServer, free_port, score_cache_after
 from tests.conftest import launch_chromium, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -63,14 +63,9 @@ class Queue:
 
 def _cache_after(settings: Settings, t: float, timeout: float) -> ScoreCache:
     """The score cache once a refresh newer than `t` (epoch seconds) wrote it."""
-    from policies.ml_backend import read_cache
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        cache = read_cache(settings)
-        if cache is not None and cache.refreshed_at.timestamp() > t:
-            return cache
-        time.sleep(0.5)
+    cache = score_cache_after(settings, t, timeout)
+    if cache is not None:
+        return cache
     flows_log = settings.home_dir / "logs" / "flows.log"
     tail = flows_log.read_text(errors="replace")[-3000:] if flows_log.exists() else ""
     raise AssertionError(f"no refresh-acquisition run wrote scores within {timeout:.0f} s; flows log:\n{tail}")
