@@ -246,12 +246,14 @@ def _selected_sides(page: Any, task: dict[str, Any]) -> list[str]:
 
 def _check_queue(shown: list[tuple[int, float]], scores: dict[int, float]) -> None:
     """The list holds exactly the scored tasks, each showing its score (Label Studio rounds to 3 decimals),
-    highest first; equal scores in any order (Label Studio breaks ties its own way)."""
+    highest first; equal scores in any order (Label Studio breaks ties its own way). Scores within 1e-6
+    count as equal: both show 0.000, and Label Studio's ordering did not separate 6e-11 from 2e-9 (CI,
+    after the ensemble's scores collapsed towards 0)."""
     assert sorted(t for t, _ in shown) == sorted(scores), (shown, scores)
     wrong = [(t, text, scores[t]) for t, text in shown if abs(text - scores[t]) > 6e-4]
     assert not wrong, f"task list shows other scores than proxyloop's (task, shown, proxyloop's): {wrong}"
     order = [scores[t] for t, _ in shown]
-    assert all(a >= b - 1e-12 for a, b in zip(order, order[1:], strict=False)), \
+    assert all(a >= b - 1e-6 for a, b in zip(order, order[1:], strict=False)), \
         f"task list not in score order: {[(t, scores[t]) for t, _ in shown]}"
 
 
