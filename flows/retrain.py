@@ -1,13 +1,19 @@
-"""The stage flows and `retrain`, which chains them: snapshot → conditions → training on `gpu`
-→ evaluation → gate → release.
+"""The retrain flow, the stage flows it chains, and the Prefect tasks of each stage: snapshot →
+conditions → training on `gpu` → evaluation → gate → release.
 
 The snapshot's item kind picks the branch: feature triples train the two-stage feature policy;
 pairwise text (chat) first trains stage 1 (DPO with a D-simplex bottleneck on the proxy pairs), runs
 paper 1's condition tests on it, then trains what the plan says (workers.lm.plans), evaluates each
 checkpoint's held-out accuracy and paper 2's indicators on `cpu`, and releases a `causal_lm` policy.
+The chat family's own tasks are in flows/chat.py; sending and waiting on Celery in flows/celery_tasks.py.
 
 Each stage is also its own deployment (see flows.deployments), so an operator can re-run one stage of
 a run by its id, e.g. `proxyloop override RUN --reason ...` runs `release` on a blocked run.
+
+Transient failures (broker or database hiccups) are retried with backoff; a training task that failed
+on the worker is not: it fails the flow run with the worker's error. What needs torch (the feature
+family's condition tests, the causal-LM release) is imported where it is used, so that a flow run's
+subprocess starts without torch (tests/flows/test_import_cost.py; docs/benchmarks.md, trigger latency).
 """
 
 from __future__ import annotations
@@ -17,40 +23,97 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from sqlalchemy.orm import Session
 
 from flows.artifacts import publish_condition_report, publish_gate_decision, publish_release
-from flows.tasks import (
+from flows.celery_tasks import RETRY_DELAYS_S, train_on_gpu_queue, transient, wait_for_task
+from flows.chat import (
     chat_base_model,
     chat_recipe,
-    check_conditions,
     dispatch_lm_training,
-    dispatch_training,
-    evaluate,
     evaluate_lm,
-    freeze,
-    gate,
-    record,
     text_conditions,
     write_chat_data,
 )
 from ground.schemas import (
+    ConditionReport,
+    Evaluation,
+    EvaluationRequest,
+    GateDecision,
     LMTrainingRequest,
     ReleaseRecord,
     RetrainRunRecord,
+    SnapshotInfo,
     TrainingRecord,
     TrainingRequest,
     TrainingResult,
     utcnow,
 )
-from ground.settings import get_settings
-from ingest.store import RetrainRun, make_engine, run_record
-from policies.promotion import release_checkpoint
+from ground.settings import Settings, get_settings
+from ingest.store import RetrainRun, freeze_snapshot, load_snapshot_triples, make_engine, record_run, run_record
+from ingest.text_snapshot import snapshot_item_kind
+from policies.lm.gate import decide_language_model
+from policies.promotion import decide, gate_rules, release_checkpoint
 from policies.registry import ReleaseEvidence, current_user
-from workers.app import GPU_QUEUE
+from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
+from workers.app import app as celery_app
 from workers.lm.plans import plan_request, recipe_request
+
+
+@task(name="freeze-snapshot", retries=3, retry_delay_seconds=RETRY_DELAYS_S)
+def freeze(settings: Settings) -> SnapshotInfo:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        snapshot = freeze_snapshot(session)
+        session.commit()
+        frozen = SnapshotInfo(snapshot_id=snapshot.snapshot_id, n_expert=snapshot.n_expert, n_proxy=snapshot.n_proxy,
+                              item_kind=snapshot_item_kind(session, snapshot.snapshot_id))
+    get_run_logger().info("snapshot %s: %d expert, %d proxy, %s items", frozen.snapshot_id, frozen.n_expert,
+                          frozen.n_proxy, frozen.item_kind)
+    return frozen
+
+
+@task(name="check-conditions")
+def check_conditions(settings: Settings, snapshot_id: str) -> ConditionReport:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        triples = load_snapshot_triples(session, snapshot_id)
+    from policies.features.conditions import run_condition_tests  # torch: see the module docstring
+
+    report = run_condition_tests(triples["expert"], triples["proxy"], snapshot_id, seed=settings.training_seed)
+    get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
+    return report
+
+
+@task(name="train-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient)
+def dispatch_training(request: TrainingRequest) -> TrainingResult:
+    return train_on_gpu_queue(TRAIN_TASK, request, "training task")
+
+
+@task(name="evaluate-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient)
+def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> Evaluation:
+    request = EvaluationRequest(checkpoints=training.checkpoints, store_url=settings.resolved_store_url,
+                                snapshot_id=snapshot_id, seed=settings.training_seed)
+    sent = celery_app.send_task(EVALUATE_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
+    return Evaluation.model_validate(wait_for_task(sent.id))
+
+
+@task(name="gate")
+def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
+    rules = gate_rules(settings, evaluation.language_model)
+    if evaluation.language_model:
+        decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules,
+                                         evaluation.base_topk_mass)
+    else:
+        decision = decide(evaluation.evaluations, evaluation.baseline_accuracy, rules)
+    get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
+    return decision
+
+
+def record(settings: Settings, run: RetrainRunRecord, status: str) -> None:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        record_run(session, run, status)
+        session.commit()
 
 
 class RunNotFound(LookupError):

@@ -54,6 +54,17 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _flows_serving(s: Settings) -> bool:
+    """Up once the runner has polled for `retrain`'s runs: it registers every deployment (and its
+    triggers) before its first poll, so a trigger that fires earlier races those writes on Prefect's
+    SQLite and loses seconds to its "database is locked" retry."""
+    try:
+        response = httpx.get(f"{s.prefect_api_url}/deployments/name/retrain/retrain", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and response.json().get("status") == "READY"
+
+
 def _package_binary(package: str, relative: str) -> str:
     import importlib.util
 
@@ -203,8 +214,7 @@ COMPONENTS: list[Component] = [
                                  str(s.http_port)], lambda s: _http_ok(f"{s.http_url}/health"),
               listens_on=lambda s: s.http_url),
     Component("consumer", lambda s: [PY, "-m", "ingest.consumer"], lambda s: True),
-    Component("flows", lambda s: [PY, "-m", "flows.deployments"],
-              lambda s: _http_ok(f"{s.prefect_api_url}/deployments/name/retrain/retrain"), start_timeout_s=90),
+    Component("flows", lambda s: [PY, "-m", "flows.deployments"], _flows_serving, start_timeout_s=90),
     # Last: provisioning connects the ML backend, which needs the HTTP app up.
     Component("labelstudio", _labelstudio_command, lambda s: labelstudio.healthy(s.labelstudio_url),
               lambda s: s.embedded_labelstudio, start_timeout_s=300, listens_on=lambda s: s.labelstudio_url,

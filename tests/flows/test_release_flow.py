@@ -6,7 +6,6 @@ version's lineage and in the promotion history.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from proxyloop import stack
 from tests.policies.test_release import _checkpoint
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture

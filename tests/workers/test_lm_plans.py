@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.tasks import chat_recipe
+from flows.chat import chat_recipe
 from ground.settings import Settings
 from workers.lm.plans import LMRecipe, plan_request, recipe_request
 from workers.lm.training.dpo_config import DPOConfig

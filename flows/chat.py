@@ -1,0 +1,91 @@
+"""The chat family's Prefect tasks: snapshot pairs → JSONL, the base model, paper 1's tests on the stage-1
+model, language-model training and evaluation, each sent to the workers.
+
+What needs torch (the chat base model, the language-model workers' task names) is imported in the task
+that uses it, so that a flow run's subprocess starts without torch (tests/flows/test_import_cost.py).
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from flows.celery_tasks import RETRY_DELAYS_S, train_on_gpu_queue, transient, wait_for_task
+from ground.schemas import (
+    ChatData,
+    ConditionReport,
+    Evaluation,
+    EvaluationRequest,
+    LMTrainingRequest,
+    RetrainRunRecord,
+    TextConditionRequest,
+    TrainingResult,
+)
+from ground.settings import Settings
+from policies.plan_choice import no_proxy_report
+from workers.app import CPU_QUEUE, GPU_QUEUE
+from workers.app import app as celery_app
+from workers.lm.plans import LMRecipe
+from workers.lm.snapshot_data import write_snapshot_datasets
+
+
+@task(name="write-preference-data", retries=2, retry_delay_seconds=RETRY_DELAYS_S)
+def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> ChatData:
+    data = write_snapshot_datasets(settings.resolved_store_url, snapshot_id, settings.runs_dir / run_id / "data")
+    get_run_logger().info("run %s: snapshot %s → %d expert + %d proxy training pairs, %d held out", run_id,
+                          snapshot_id, data.n_expert_train, data.n_proxy, data.n_heldout)
+    return data
+
+
+@task(name="chat-base-model", retries=1, retry_delay_seconds=RETRY_DELAYS_S)
+def chat_base_model(settings: Settings) -> str:
+    from workers.lm.base_model import ensure_chat_base_model  # torch: see the module docstring
+
+    path = ensure_chat_base_model(settings.chat_base_model, settings.models_dir, seed=settings.training_seed)
+    get_run_logger().info("chat base model %s: %s", settings.chat_base_model, path)
+    return str(path)
+
+
+def chat_recipe(settings: Settings) -> LMRecipe:
+    """The bench's recipe (LMRecipe's defaults), with `PROXYLOOP_CHAT_RECIPE`'s overrides and the run seed."""
+    overrides = {"seed": settings.training_seed, **settings.chat_recipe}
+    unknown = sorted(set(overrides) - set(LMRecipe().to_dict()))
+    if unknown:
+        raise ValueError(f"PROXYLOOP_CHAT_RECIPE has unknown keys {unknown}; known: {sorted(LMRecipe().to_dict())}")
+    return LMRecipe(**overrides)
+
+
+@task(name="text-conditions", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient)
+def text_conditions(settings: Settings, run: RetrainRunRecord, base_model: str) -> ConditionReport:
+    """Paper 1's tests on the stage-1 model (task `proxyloop.text_conditions` on `gpu`: it runs the models);
+    without proxy pairs there is nothing to test and the plan is expert_only."""
+    assert run.snapshot is not None and run.chat_data is not None
+    data, snapshot_id = run.chat_data, run.snapshot.snapshot_id
+    from workers.lm.tasks import TEXT_CONDITIONS_TASK  # torch: see the module docstring
+
+    if run.stage1 is None or run.stage1_request is None:  # both are set together, by stage 1
+        report = no_proxy_report(snapshot_id, data.n_expert_train + data.n_heldout)
+    else:
+        request = TextConditionRequest(
+            snapshot_id=snapshot_id, base_model=base_model, stage1_checkpoint=run.stage1.checkpoints[-1].path,
+            expert_pairs=data.expert, proxy_pairs=data.proxy, n_expert=data.n_expert_train + data.n_heldout,
+            n_proxy=data.n_proxy, beta=float(run.stage1_request.config["beta"]), seed=settings.training_seed)
+        sent = celery_app.send_task(TEXT_CONDITIONS_TASK, queue=GPU_QUEUE, args=[request.model_dump(mode="json")])
+        report = ConditionReport.model_validate(wait_for_task(sent.id))
+    get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
+    return report
+
+
+@task(name="train-lm-on-gpu-queue", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient)
+def dispatch_lm_training(request: LMTrainingRequest) -> TrainingResult:
+    from workers.lm.tasks import TRAIN_LM_TASK  # torch: see the module docstring
+
+    return train_on_gpu_queue(TRAIN_LM_TASK, request, f"{request.method} training of {request.base_model}")
+
+
+@task(name="evaluate-lm-checkpoints", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient)
+def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) -> Evaluation:
+    from workers.lm.tasks import EVALUATE_LM_TASK  # torch: see the module docstring
+
+    request = EvaluationRequest(checkpoints=training.checkpoints, base_model=base_model, heldout_path=heldout_path)
+    sent = celery_app.send_task(EVALUATE_LM_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
+    return Evaluation.model_validate(wait_for_task(sent.id))
