@@ -27,7 +27,9 @@ from workers.lm.training.dpo_config import DPOConfig
 
 # Sequence log-probs are sums over response tokens, as DPO's sigmoid loss uses them (paper 2).
 _SCORING = DPOConfig(batch_size=16, logp_reduction="sum")
-INDICATOR_PROMPTS = 8  # held-out prompts the indicators are computed on (a fixed set: the first ones)
+# Held-out prompts the indicators are computed on (a fixed set: the first ones): bench/gate.py's count, so the
+# advisory values the gate records are the ones that bench measured (docs/benchmarks.md, issue 16).
+INDICATOR_PROMPTS = 64
 
 
 def _pairwise_accuracy(margins: Tensor) -> float:
