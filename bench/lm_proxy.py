@@ -37,20 +37,20 @@ Intervals (`*_ci`) are 95% bootstrap intervals over seeds.
 
 Seeds: the recipe (workers.lm.plans.LMRecipe defaults: β, learning rates, epochs) and the base's warm-up
 were chosen in short sweeps on tuning seeds 0 and 1; figures are reported on seeds 100 and up (`--seeds`).
-`--recipe-json` overrides recipe fields for sweeps (e.g. '{"stage1_parts": "bottleneck"}').
+`--recipe-json` overrides recipe fields for sweeps (e.g. '{"stage1_parts": "bottleneck"}'). `--reading mixture`
+scores proxy_as_is and two_stage with the sequence-level mode mixture (policies/lm/mode_mixture.py, trained in
+process over the frozen base) and runs the condition tests on it; fine_tune still starts from the bottleneck's stage 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -61,15 +61,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.lm_proxy_parts import BASE_SEED, WARMUP_STEPS, Planner, Scorer, Trainer, build_base, pair_rows  # noqa: E402
+from bench.lm_proxy_parts import (  # noqa: E402
+    BASE_SEED,
+    PROXY_SAMPLE,
+    WARMUP_STEPS,
+    Context,
+    JudgeRun,
+    MixtureRunner,
+    Planner,
+    Scorer,
+    Trainer,
+    bootstrap,
+    build_base,
+    crossing,
+    device_name,
+    pair_rows,
+    say,
+)
 from ingest.synthetic_judges import GOLD_MAX, GOLD_MIN, SATISFYING, VIOLATING, make_world  # noqa: E402
 from policies.plan_choice import PAPER_CONDITIONS  # noqa: E402
 from workers.device import select_device  # noqa: E402
+from workers.lm.mode_mixture_training import MixtureRecipe  # noqa: E402
 from workers.lm.plans import LMRecipe, Recipe  # noqa: E402
 
 BUDGETS = (20, 50, 100, 300)
 REFERENCE_BUDGET = 50  # lm_expert_multiple: expert-only against two-stage at this many expert pairs
-CANDIDATES = ("proxy_as_is", "two_stage", "fine_tune", "expert_only")  # the plans regret is measured against
+READINGS = ("bottleneck", "mixture")  # policies/lm/simplex_bottleneck.py, policies/lm/mode_mixture.py
 TARGETS = {"lm_expert_multiple": (">=", 4.0), "lm_plan_regret": ("<=", 0.02), "lm_violation_detected": (">=", 0.8)}
 
 
@@ -87,36 +104,7 @@ FULL = Preset(("relabelled", "tempered", "blind", "outside_image"), (100, 101, 1
               "smollm2")
 # SmolLM2 needs far smaller steps than the tiny model (workers/lm/plans.py); not tuned on this task.
 SMOLLM2_RECIPE = {"proxy_learning_rate": 1e-5, "expert_learning_rate": 1e-5}
-PROXY_SAMPLE = 1000  # proxy pairs the condition tests read (the flow's sample size)
-RESAMPLES = 2000
 TUNING_SEEDS = [0, 1]  # the recipe sweeps (workers.lm.plans.LMRecipe defaults, WARMUP_STEPS)
-
-
-@dataclass
-class JudgeRun:
-    """One (judge, seed): gold scores per policy and budget, the plans the tests chose, the checks that failed."""
-
-    judge: str
-    seed: int
-    stage1: dict[str, float]
-    scores: dict[str, dict[int, float]] = field(default_factory=dict)  # policy -> budget -> gold
-    plans: dict[int, str] = field(default_factory=dict)
-    failed: dict[int, list[str]] = field(default_factory=dict)  # decided paper-condition checks that failed
-
-    def plan_score(self, budget: int, plan: str, base: float) -> float:
-        if plan == "refuse":
-            return base  # nothing is released: users keep the base model
-        if plan == "proxy_as_is":
-            return self.stage1["gold"]
-        return self.scores[plan][budget]
-
-    def candidates(self, budget: int, base: float) -> dict[str, float]:
-        """Score of every plan the tests could choose at `budget` (refuse: the base model)."""
-        return {c: self.plan_score(budget, c, base) for c in (*CANDIDATES, "refuse")}
-
-
-def say(message: str, started: float) -> None:
-    print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
 
 def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]) -> JudgeRun:
@@ -130,9 +118,20 @@ def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]
     run = JudgeRun(judge, seed, ctx.scorer.score(stage1, world, seed))
     say(f"{judge} seed {seed}: stage 1 ({seconds:.0f} s) gold {run.stage1['gold']:.3f} "
         f"proxy {run.stage1['proxy']:.3f}", ctx.started)
-    planner = Planner.from_models(stage1, trainer.base, pair_rows(expert, "expert"),
-                                  pair_rows(proxy[:PROXY_SAMPLE], "proxy"), ctx.n_proxy, trainer.recipe.beta,
-                                  ctx.device)
+    mixture = ctx.mixture
+    if mixture is not None:  # proxy_as_is and two_stage are the mixture's; the bottleneck's stage 1 stays for the rest
+        started = time.perf_counter()
+        expert_encoded = mixture.encode(pair_rows(expert, "expert"))
+        proxy_encoded = mixture.encode(pair_rows(proxy, "proxy"))
+        mixture_stage1 = mixture.stage1(proxy_encoded, seed)
+        run.stage1 = mixture.score(mixture_stage1, world, seed)
+        say(f"{judge} seed {seed}: mixture stage 1 ({time.perf_counter() - started:.0f} s) gold "
+            f"{run.stage1['gold']:.3f} proxy {run.stage1['proxy']:.3f}", ctx.started)
+    planner = (Planner.from_mixture(mixture, mixture_stage1, expert_encoded, proxy_encoded, ctx.n_proxy,
+                                    mixture.recipe.beta) if mixture is not None else
+               Planner.from_models(stage1, trainer.base, pair_rows(expert, "expert"),
+                                   pair_rows(proxy[:PROXY_SAMPLE], "proxy"), ctx.n_proxy, trainer.recipe.beta,
+                                   ctx.device))
     run.scores["expert_only"] = {n: expert_only[n] for n in ctx.budgets}
     for n in ctx.budgets:
         expert_data = trainer.dataset(f"expert-{seed}-{n}", pair_rows(expert[:n], "expert"))
@@ -141,6 +140,11 @@ def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]
         line = []
         steps: tuple[tuple[Recipe, Path | None, Path], ...] = (
             ("two_stage", stage1, expert_data), ("fine_tune", stage1, expert_data), ("pooled", None, pooled_data))
+        if mixture is not None:
+            run.scores.setdefault("two_stage", {})[n] = mixture.score(
+                mixture.two_stage(mixture_stage1, expert_encoded, n, seed), world, seed)["gold"]
+            line.append(f"two_stage (mixture) {run.scores['two_stage'][n]:.3f}")
+            steps = steps[1:]
         for name, start, data in steps:
             path, seconds = trainer.train(name, f"{judge}-{seed}-{name}-{n}", data, start, seed=seed)
             run.scores.setdefault(name, {})[n] = ctx.scorer.score(path, world, seed)["gold"]
@@ -154,30 +158,7 @@ def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]
     return run
 
 
-@dataclass
-class Context:
-    trainer: Trainer
-    scorer: Scorer
-    budgets: tuple[int, ...]
-    n_proxy: int
-    device: str
-    started: float
-
-
 # ---------------------------------------------------------------------------------------------- figures
-
-
-def crossing(curve: dict[int, float], target: float) -> tuple[float, str]:
-    """Smallest n where the (budget → score) curve reaches `target`, linear in log n between budgets:
-    (n, 'exact' | 'at_most' (reached at the smallest budget) | 'at_least' (never reached))."""
-    ns = sorted(curve)
-    if curve[ns[0]] >= target:
-        return float(ns[0]), "at_most"
-    for low, high in zip(ns, ns[1:], strict=False):
-        if curve[high] >= target:
-            t = (target - curve[low]) / (curve[high] - curve[low])
-            return float(math.exp(math.log(low) + t * (math.log(high) - math.log(low)))), "exact"
-    return float(ns[-1]), "at_least"
 
 
 def expert_multiple(runs: list[JudgeRun], expert_curves: dict[int, dict[int, float]]) -> tuple[float, str]:
@@ -195,15 +176,6 @@ def regret(run: JudgeRun, base: float) -> list[float]:
 
 def detected(run: JudgeRun) -> list[bool]:
     return [bool(run.failed[n]) or run.plans[n] in ("expert_only", "refuse") for n in run.plans]
-
-
-def bootstrap(statistic: Any, seeds: list[int], rng: np.random.Generator) -> list[float] | None:
-    """95% interval of statistic(seeds) over seeds resampled with replacement (None with one seed)."""
-    if len(seeds) < 2:
-        return None
-    values = [statistic(list(rng.choice(seeds, size=len(seeds)))) for _ in range(RESAMPLES)]
-    low, high = np.quantile(values, [0.025, 0.975])
-    return [round(float(low), 4), round(float(high), 4)]
 
 
 def figures(runs: list[JudgeRun], expert_curves: dict[int, dict[int, float]], base: float) -> dict[str, Any]:
@@ -277,12 +249,6 @@ def judge_table(runs: list[JudgeRun], base: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU, 3 judges, 2 seeds, 2000 proxy pairs")
@@ -295,6 +261,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts scored per policy")
     parser.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
     parser.add_argument("--base-warmup-steps", type=int, default=WARMUP_STEPS, help="SFT steps of the tiny base")
+    parser.add_argument("--reading", choices=READINGS, default="bottleneck",
+                        help="the two-stage reading: per-token bottleneck, or the sequence-level mode mixture")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--work-dir", type=Path, help="keep (and reuse) runs here instead of a temporary directory")
     args = parser.parse_args()
@@ -324,7 +292,8 @@ def main() -> None:
     base = build_base(model, work, world0, args.base_warmup_steps)
     trainer = Trainer(work, base, recipe)
     scorer = Scorer.for_base(base, world0, args.prompts, args.samples, str(device))
-    ctx = Context(trainer, scorer, budgets, n_proxy, str(device), started)
+    mixture = MixtureRunner.for_base(base, scorer, MixtureRecipe()) if args.reading == "mixture" else None
+    ctx = Context(trainer, scorer, budgets, n_proxy, str(device), started, mixture)
     base_score = float(np.mean([scorer.score(base, world0, seed)["gold"] for seed in seeds]))
     say(f"base model ready: gold {base_score:.3f}", started)
 
@@ -359,7 +328,9 @@ def main() -> None:
         "tuning_seeds": TUNING_SEEDS, "budgets": list(budgets), "n_proxy": n_proxy,
         "scoring": {"heldout_prompts": args.prompts, "samples_per_prompt": args.samples, "temperature": 1.0,
                     "max_new_tokens": scorer.max_new_tokens},
-        "recipe": asdict(recipe), "date": date.today().isoformat(), "seconds": round(seconds, 1),
+        "recipe": asdict(recipe), "reading": args.reading,
+        "mixture_recipe": asdict(mixture.recipe) if mixture else None, "date": date.today().isoformat(),
+        "seconds": round(seconds, 1),
         "train_seconds": round(sum(r["seconds"] for r in trainer.log), 1), "training_runs": len(trainer.log),
     }))
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import platform
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,8 +26,18 @@ import torch
 from ground.schemas import ConditionReport, PairwiseText
 from ingest.synthetic_judges import ChatWorld
 from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
+from policies.lm.mode_mixture import ModeMixture
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from workers.lm.base_model import _pretrain_tiny
+from workers.lm.mode_mixture_training import (
+    EncodedPairs,
+    MixtureRecipe,
+    encode_pairs,
+    mixture_pair_features,
+    sample,
+    train_adapter,
+    train_proxy,
+)
 from workers.lm.models import load_tokenizer, prepare_smollm2
 from workers.lm.pair_features import pair_features
 from workers.lm.plans import LMRecipe, Recipe, recipe_request
@@ -38,6 +51,9 @@ BASE_SEED = 0  # the tiny base's initialisation, warm-up and corpus world (one b
 # 400-step base kept its answers cleaner under DPO but learned the proxy about half as fast (stage-1 proxy reward
 # 0.3-0.4 against 0.6-0.7 for 60 steps) and expert-only did no better.
 WARMUP_STEPS = 60
+CANDIDATES = ("proxy_as_is", "two_stage", "fine_tune", "expert_only")  # the plans regret is measured against
+PROXY_SAMPLE = 1000  # proxy pairs the condition tests read (the flow's sample size)
+RESAMPLES = 2000  # bootstrap resamples of the figures' intervals
 
 
 def build_base(model: str, work: Path, world: ChatWorld, warmup_steps: int = WARMUP_STEPS) -> Path:
@@ -126,10 +142,43 @@ class Scorer:
 
     def score(self, path: Path, world: ChatWorld, seed: int) -> dict[str, float]:
         """{'gold': mean gold reward, 'proxy': mean proxy reward} of the answers (the proxy's is a diagnostic)."""
-        texts = self.generate(path, seed)
+        return self.rewards(self.generate(path, seed), world)
+
+    def rewards(self, texts: list[str], world: ChatWorld) -> dict[str, float]:
         prompts = [p for p in self.prompts for _ in range(self.samples)]
         return {"gold": float(np.mean([world.gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)])),
                 "proxy": float(np.mean([world.proxy_reward(p, t) for p, t in zip(prompts, texts, strict=True)]))}
+
+
+@dataclass
+class MixtureRunner:
+    """The mode-mixture reading (`--reading mixture`): stage 1 and two-stage trained in process over the frozen
+    base (workers/lm/mode_mixture_training.py), scored like every other policy."""
+
+    model: Any
+    tokenizer: Any
+    head: torch.Tensor
+    recipe: MixtureRecipe
+    scorer: Scorer
+
+    @classmethod
+    def for_base(cls, base: Path, scorer: Scorer, recipe: MixtureRecipe) -> MixtureRunner:
+        model = load_causal_lm_dir(base, "cpu").eval()  # the mixture's tensors live on the CPU (its base is frozen)
+        return cls(model, load_tokenizer(base), model.get_output_embeddings().weight.detach().float(), recipe, scorer)
+
+    def encode(self, rows: list[dict[str, str]]) -> EncodedPairs:
+        return encode_pairs(self.model, self.tokenizer, rows)
+
+    def stage1(self, proxy: EncodedPairs, seed: int) -> ModeMixture:
+        return train_proxy(proxy, self.head, replace(self.recipe, seed=seed))[0]
+
+    def two_stage(self, stage1: ModeMixture, expert: EncodedPairs, n: int, seed: int) -> ModeMixture:
+        return train_adapter(stage1, expert.take(slice(0, n)), self.head, replace(self.recipe, seed=seed))[0]
+
+    def score(self, mixture: ModeMixture, world: ChatWorld, seed: int) -> dict[str, float]:
+        rows = [chat_prompt(p) for p in self.scorer.prompts for _ in range(self.scorer.samples)]
+        return self.scorer.rewards(sample(self.model, self.tokenizer, mixture, rows, seed,
+                                          self.scorer.max_new_tokens, END_OF_TURN), world)
 
 
 def _rows(features: TextPairFeatures, n: int) -> TextPairFeatures:
@@ -159,6 +208,79 @@ class Planner:
         return cls(features(tokenize_pairs(expert_rows, tokenizer)), features(tokenize_pairs(proxy_rows, tokenizer)),
                    n_proxy)
 
+    @classmethod
+    def from_mixture(cls, runner: MixtureRunner, stage1: ModeMixture, expert: EncodedPairs, proxy: EncodedPairs,
+                     n_proxy: int, beta: float) -> Planner:
+        """The same tests on the mode mixture's stage 1 (`--reading mixture`): simplex = a response's mode posterior."""
+        return cls(mixture_pair_features(stage1, expert, runner.head, beta),
+                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.head, beta), n_proxy)
+
     def report(self, n_expert: int, snapshot_id: str, seed: int) -> ConditionReport:
         return run_text_condition_tests(_rows(self.expert, n_expert), self.proxy, snapshot_id, n_expert=n_expert,
                                         n_proxy=self.n_proxy, seed=seed)
+
+
+def say(message: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}"
+
+
+def crossing(curve: dict[int, float], target: float) -> tuple[float, str]:
+    """Smallest n where the (budget → score) curve reaches `target`, linear in log n between budgets:
+    (n, 'exact' | 'at_most' (reached at the smallest budget) | 'at_least' (never reached))."""
+    ns = sorted(curve)
+    if curve[ns[0]] >= target:
+        return float(ns[0]), "at_most"
+    for low, high in zip(ns, ns[1:], strict=False):
+        if curve[high] >= target:
+            t = (target - curve[low]) / (curve[high] - curve[low])
+            return float(math.exp(math.log(low) + t * (math.log(high) - math.log(low)))), "exact"
+    return float(ns[-1]), "at_least"
+
+
+def bootstrap(statistic: Any, seeds: list[int], rng: np.random.Generator) -> list[float] | None:
+    """95% interval of statistic(seeds) over seeds resampled with replacement (None with one seed)."""
+    if len(seeds) < 2:
+        return None
+    values = [statistic(list(rng.choice(seeds, size=len(seeds)))) for _ in range(RESAMPLES)]
+    low, high = np.quantile(values, [0.025, 0.975])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+@dataclass
+class Context:
+    trainer: Trainer
+    scorer: Scorer
+    budgets: tuple[int, ...]
+    n_proxy: int
+    device: str
+    started: float
+    mixture: MixtureRunner | None = None  # `--reading mixture`
+
+
+@dataclass
+class JudgeRun:
+    """One (judge, seed): gold scores per policy and budget, the plans the tests chose, the checks that failed."""
+
+    judge: str
+    seed: int
+    stage1: dict[str, float]
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)  # policy -> budget -> gold
+    plans: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, list[str]] = field(default_factory=dict)  # decided paper-condition checks that failed
+
+    def plan_score(self, budget: int, plan: str, base: float) -> float:
+        if plan == "refuse":
+            return base  # nothing is released: users keep the base model
+        if plan == "proxy_as_is":
+            return self.stage1["gold"]
+        return self.scores[plan][budget]
+
+    def candidates(self, budget: int, base: float) -> dict[str, float]:
+        """Score of every plan the tests could choose at `budget` (refuse: the base model)."""
+        return {c: self.plan_score(budget, c, base) for c in (*CANDIDATES, "refuse")}

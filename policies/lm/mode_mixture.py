@@ -1,0 +1,156 @@
+"""A sequence-level reading of paper 1's stack on a causal LM: a mixture of D response modes (issue 14).
+
+    π†(y|x) = Σ_k w_k(x) · π_k(y|x),   w(x) = π̄†(τ̃(x)) ∈ D-simplex
+
+τ̃(x) = softmax(A · pool(x) + c) reads the PROMPT: pool(x) is the max over the prompt's tokens of the
+base model's input embeddings, centred and scaled by statistics of the proxy prompts (the tiny base's
+later layers do not carry the prompt's theme across phrasings: a linear probe on the mean last-layer
+state reads 8 themes at chance on an unseen phrasing, on the max-pooled embeddings at 7 of 8). π̄† is
+the feature family's D×D `SimplexAdapter`. Θ̃'s columns are D mode vectors added to the (frozen)
+base's final hidden state at every response token before φ̃, the model's own head, so mode k is the
+base with the vocabulary bias W θ_k (W the unembedding). log π† = logsumexp_k(log w_k + log π_k).
+
+Stage 1 (proxy pairs, DPO against the base): τ̃ (A, c) and Θ̃; the adapter stays the identity, the
+base frozen. Θ̃ starts from k-means of the proxy-chosen responses' mean unembedding rows (centre −
+mean), which breaks the symmetry between modes; τ̃ starts at zero (w uniform), and DPO's gradient
+reaches it to first order, ∂ log π†/∂ log w_k = posterior of mode k given y, which differs between
+chosen and rejected once the modes differ. Stage 2 (expert pairs): only the adapter. Its centre is
+the permutation of modes that best explains the expert pairs (`assignment_centre`, paper 1's
+re-mapping of the simplex's vertices), then a few DPO epochs pulled toward that centre.
+
+Generation from the mixture: sample k from w(x), then decode with mode k (its bias on every
+response token). The prototype and its figures: docs/benchmarks.md, "LM proxy bench"; this module
+is the reading's core, not yet wired into `workers/lm` training, release or serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from policies.features.simplex_adapter import SimplexAdapter
+
+STAGES = ("proxy", "expert")
+MAX_EXHAUSTIVE_MODES = 8  # permutations searched exhaustively up to 8! = 40 320; greedy above
+
+
+class ModeMixture(nn.Module):
+    """τ̃ (prompt → D-simplex), π̄† (adapter) and Θ̃ (D mode vectors) over a frozen base model."""
+
+    centre: Tensor
+    scale: Tensor
+
+    def __init__(self, hidden_size: int, simplex_dim: int) -> None:
+        super().__init__()
+        if simplex_dim < 2:
+            raise ValueError(f"simplex_dim must be >= 2, got {simplex_dim}")
+        self.tau = nn.Linear(hidden_size, simplex_dim)
+        nn.init.zeros_(self.tau.weight)
+        nn.init.zeros_(self.tau.bias)  # w uniform: the mixture starts as the average of its modes
+        self.adapter = SimplexAdapter(simplex_dim)
+        self.theta = nn.Parameter(torch.zeros(simplex_dim, hidden_size))  # Θ̃ e_k = theta[k]
+        self.register_buffer("centre", torch.zeros(hidden_size))
+        self.register_buffer("scale", torch.ones(()))
+
+    @property
+    def simplex_dim(self) -> int:
+        return self.tau.out_features
+
+    @staticmethod
+    def pool(embeds: Tensor, mask: Tensor) -> Tensor:
+        """Max over the prompt's tokens [B, T, H] (mask [B, T], 1 = token) → [B, H]."""
+        return embeds.masked_fill(mask[..., None] == 0, float("-inf")).amax(dim=1)
+
+    @torch.no_grad()
+    def fit_normaliser(self, embeds: Tensor, mask: Tensor) -> None:
+        """Centre and one global scale from the proxy prompts' pooled embeddings."""
+        pooled = self.pool(embeds, mask)
+        self.centre.copy_(pooled.mean(0))
+        self.scale.copy_((pooled - self.centre).pow(2).mean().sqrt().clamp_min(1e-6))
+
+    def log_weights(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """log w(x) = log π̄†(τ̃(x)), [B, D]."""
+        z = (self.pool(embeds, mask) - self.centre) / self.scale
+        return self.adapter(F.log_softmax(self.tau(z), dim=-1))
+
+    def mode_biases(self, head_weight: Tensor) -> Tensor:
+        """Each mode's vocabulary bias W θ_k, [D, V] (the head is linear, so head(h + θ_k) = head(h) + W θ_k)."""
+        return self.theta @ head_weight.T
+
+    def mode_logps(self, hidden: Tensor, targets: Tensor, mask: Tensor, head_weight: Tensor) -> Tensor:
+        """Sequence log-probs under every mode, [B, D]: hidden [B, R, H] is the base's final (normed) state at
+        the positions predicting the response tokens `targets` [B, R], mask [B, R]."""
+        logits = (hidden @ head_weight.T).unsqueeze(1) + self.mode_biases(head_weight)[None, :, None, :]
+        token = F.log_softmax(logits, dim=-1).gather(
+            -1, targets[:, None, :, None].expand(-1, logits.shape[1], -1, 1)).squeeze(-1)
+        return (token * mask[:, None, :]).sum(-1)
+
+    def log_prob(self, embeds: Tensor, prompt_mask: Tensor, hidden: Tensor, targets: Tensor, mask: Tensor,
+                 head_weight: Tensor) -> Tensor:
+        """log π†(y|x) = logsumexp_k(log w_k(x) + log π_k(y|x)), [B]."""
+        return torch.logsumexp(self.log_weights(embeds, prompt_mask)
+                               + self.mode_logps(hidden, targets, mask, head_weight), dim=-1)
+
+
+def select_trainable(mixture: ModeMixture, stage: str) -> list[str]:
+    """'proxy' (stage 1): τ̃ and Θ̃, the adapter at the identity; 'expert' (stage 2): the adapter alone.
+    The base model is never a parameter of the mixture. Returns the names left trainable."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+    trainable = []
+    for name, parameter in mixture.named_parameters():
+        wanted = name.startswith("adapter.") == (stage == "expert")
+        parameter.requires_grad_(wanted)
+        if wanted:
+            trainable.append(name)
+    return trainable
+
+
+@torch.no_grad()
+def kmeans_modes(token_ids: Tensor, mask: Tensor, head_weight: Tensor, simplex_dim: int, seed: int = 0,
+                 norm: float = 3.0, iterations: int = 30) -> Tensor:
+    """Θ̃'s start: k-means (simplex_dim clusters) of responses' mean unembedding rows [N, H] (`token_ids`
+    [N, R], mask [N, R]: the proxy-chosen responses); mode k = centre_k − overall mean, rescaled to mean norm
+    `norm`. Breaks the symmetry between modes with directions the proxy's choices actually take."""
+    rows = (head_weight[token_ids] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    generator = torch.Generator().manual_seed(seed)
+    centres = rows[torch.randperm(len(rows), generator=generator)[:simplex_dim]].clone()
+    for _ in range(iterations):
+        nearest = torch.cdist(rows, centres).argmin(1)
+        for k in range(simplex_dim):
+            if (nearest == k).any():
+                centres[k] = rows[nearest == k].mean(0)
+    directions = centres - rows.mean(0)
+    return norm * directions / directions.norm(dim=1, keepdim=True).mean().clamp_min(1e-6)
+
+
+def assignment_score(weights: Tensor, chosen_logps: Tensor, rejected_logps: Tensor, reference_margin: Tensor,
+                     beta: float) -> Tensor:
+    """S[k, j] = Σ_i w_k(x_i) · log σ(β(Δ_j(i) − Δ_ref(i))): how well sending mode k's prompts to mode j fits
+    the expert pairs (weights [N, D] at the identity adapter, log-probs [N, D] per mode, reference margin [N])."""
+    fit = F.logsigmoid(beta * ((chosen_logps - rejected_logps) - reference_margin[:, None]))
+    return weights.T @ fit
+
+
+def assignment_centre(score: Tensor) -> Tensor:
+    """The permutation matrix P (P[j, k] = 1: vertex k goes to j) maximising Σ_k S[k, P(k)]: exhaustive up to
+    MAX_EXHAUSTIVE_MODES modes, greedy above. As an adapter weight (bias 0) it relabels the simplex's vertices."""
+    dim = score.shape[0]
+    if dim <= MAX_EXHAUSTIVE_MODES:
+        perms = torch.tensor(list(itertools.permutations(range(dim))))
+        best = tuple(perms[int(score[torch.arange(dim)[None, :], perms].sum(1).argmax())].tolist())
+    else:
+        taken: set[int] = set()
+        order = sorted(range(dim), key=lambda k: -float(score[k].max()))
+        chosen = {}
+        for k in order:
+            j = max((j for j in range(dim) if j not in taken), key=lambda j: float(score[k, j]))
+            chosen[k] = j
+            taken.add(j)
+        best = tuple(chosen[k] for k in range(dim))
+    matrix = torch.zeros(dim, dim, dtype=score.dtype)
+    matrix[list(best), list(range(dim))] = 1.0
+    return matrix
