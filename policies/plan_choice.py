@@ -4,8 +4,9 @@ Rule (`choose_plan`): with too few expert triples to cross-validate, serve the p
 agrees with the experts there are, else refuse. Otherwise every candidate plan is scored by its
 held-out Bradley–Terry log-likelihood on the expert triples; "two_stage" is eligible only when the
 paper's four conditions and the end-to-end check pass. The plan is the best one, or a simpler one
-(proxy as is, then two-stage) that is not significantly worse, and "refuse" when even that does not rank held-out expert
-pairs better than a coin.
+(proxy as is, then two-stage) that is not significantly worse; when neither ranks held-out expert pairs
+significantly better than a coin, the best plan all the same if its held-out accuracy is above a
+coin's (refusing serves nothing, which scores a coin's), and "refuse" only when it is not.
 """
 
 from __future__ import annotations
@@ -122,8 +123,16 @@ def choose_plan(checks: Sequence[ConditionCheck], evidence: PlanEvidence) -> tup
             return plan, reasons
         reasons.append(f"{plan} does not rank held-out expert pairs significantly better than a coin "
                        f"(accuracy minus 0.5: {above_chance.text()})")
-    reasons.append("refuse: no eligible plan beats a coin on held-out expert pairs; the proxy data do not help "
-                   "and the expert data are too few to learn from alone")
+    # Refusing serves nothing, which scores a coin's accuracy: it is worth its cost only when the best
+    # plan is not expected to beat a coin either (issue 15: a refusal weighs what is lost by not training).
+    accuracy = float(evidence.heldout_correct[best].mean())
+    if accuracy > CHANCE_ACCURACY:
+        reasons.append(f"{best} all the same: its held-out accuracy {accuracy:.3f} is above a coin's "
+                       f"{CHANCE_ACCURACY} though not significantly, and refusing would serve nothing (a coin's "
+                       f"accuracy); the expected loss of refusing outweighs the doubt")
+        return best, reasons
+    reasons.append("refuse: no eligible plan ranks held-out expert pairs better than a coin, even on average; the "
+                   "proxy data do not help and the expert data are too few to learn from alone")
     return "refuse", reasons
 
 

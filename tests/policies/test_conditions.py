@@ -9,7 +9,7 @@ import torch
 from ground.schemas import ConditionCheck, ConditionReport
 from ingest.synthetic import appendix_d
 from policies.features.condition_config import THRESHOLDS
-from policies.features.conditions import CHECK_NAMES, choose_plan, run_condition_tests
+from policies.features.conditions import CHECK_NAMES, _image_containment, choose_plan, run_condition_tests
 from policies.plan_choice import CANDIDATES, PlanEvidence
 
 
@@ -45,7 +45,6 @@ def test_merged_level_sets_fail_and_block_two_stage() -> None:
 @pytest.mark.parametrize(
     ("variant", "broken"),
     [
-        ("missing_image", "image_containment"),
         ("high_dim", "low_dimensional_encoding"),
         ("large_L", "similarity_preserved"),
     ],
@@ -55,6 +54,24 @@ def test_each_broken_condition_is_caught_by_its_own_check(variant: str, broken: 
     assert not _check(report, broken).passed
     assert report.plan in ("fine_tune", "expert_only")  # chosen between by held-out likelihood
     assert any("two_stage is not eligible" in r and broken in r for r in report.reasons)
+
+
+def test_image_containment_is_judged_after_the_adapters_map() -> None:
+    """The missing_image proxy never prefers output 2 (its logit is offset by -8), but that is a
+    re-weighting the two-stage adapter undoes: after its map output 2 is in the image (issue 15)."""
+    check = _check(_report("missing_image", seed=1), "image_containment")
+    assert check.passed, check.detail
+    assert "as is [0, 1] " in check.detail  # not preferred by the proxy as is ...
+    after_map = check.detail.split("after the two-stage adapter's map ")[1]
+    assert "2]" in after_map[: after_map.index("]") + 1]  # ... but after the map
+
+
+def test_image_containment_fails_when_no_map_reaches_an_expert_output() -> None:
+    expert = np.log(np.tile([0.1, 0.1, 0.8], (100, 1)))  # the expert prefers output 2 everywhere
+    proxy = np.log(np.tile([0.6, 0.3, 0.1], (100, 1)))
+    mapped_there = np.log(np.tile([0.2, 0.1, 0.7], (100, 1)))
+    assert not _image_containment(proxy, proxy, expert, THRESHOLDS).passed
+    assert _image_containment(proxy, mapped_there, expert, THRESHOLDS).passed
 
 
 def test_expert_triples_drawn_from_the_proxy_itself_plan_proxy_as_is() -> None:
@@ -167,6 +184,16 @@ def test_refuse_when_no_plan_beats_a_coin_on_held_out_pairs() -> None:
     plan, reasons = choose_plan(_checks(frozenset({"shared_level_sets"})), _evidence(means, accuracy=0.5))
     assert plan == "refuse" and "refuse" in reasons[-1]
     assert choose_plan(_checks(frozenset({"shared_level_sets"})), _evidence(means, accuracy=0.75))[0] == "expert_only"
+
+
+def test_a_refusal_weighs_what_is_lost_by_not_training() -> None:
+    """55% held-out accuracy on 60 triples is not significantly better than a coin, but refusing
+    serves nothing (a coin's 50%): the best plan is served all the same (issue 15)."""
+    means = {"proxy_as_is": -2.0, "two_stage": -0.7, "fine_tune": -0.9, "expert_only": -0.68}
+    plan, reasons = choose_plan(_checks(frozenset({"shared_level_sets"})), _evidence(means, accuracy=0.55))
+    assert plan == "expert_only"
+    assert any("does not rank held-out expert pairs significantly better than a coin" in r for r in reasons)
+    assert "refusing would serve nothing" in reasons[-1]
 
 
 def test_plan_rule_with_too_few_expert_triples() -> None:
