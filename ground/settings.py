@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         "redelivered. Must exceed the longest training run, or a running task is delivered twice.")
     celery_unacked_restore_interval_s: int = Field(
         10, ge=1, description="Redis broker: seconds between the workers' sweeps for such tasks.")
+    worker_torch_threads: int = Field(
+        0, ge=0, description="torch CPU threads in each worker process; 0 keeps torch's default (one per core). "
+        "Where the worker shares a small machine with the rest of the stack, 1 is faster: on a loaded 2-core VM "
+        "scoring a checkpoint took 6.1 s with 2 threads and 1.0 s with 1 (docs/benchmarks.md, gate bench).")
     gpus_per_worker: int = Field(
         0, ge=0, description="CUDA devices one gpu-queue training task runs on, one torchrun rank each (DDP or "
         "FSDP, NCCL); 0 means every device the worker sees (CUDA_VISIBLE_DEVICES). Run one worker per host.")

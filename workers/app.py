@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from kombu import Queue
 
 from ground.settings import get_settings
@@ -57,6 +58,17 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+@worker_process_init.connect
+def limit_torch_threads(**_: Any) -> None:
+    """Each worker process (prefork: where the tasks run) sets torch's CPU threads once, before any task;
+    `PROXYLOOP_WORKER_TORCH_THREADS` = 0 leaves torch's default. torch is imported only when a limit is set."""
+    threads = get_settings().worker_torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def report_progress(task: Task, meta: dict[str, Any]) -> None:
