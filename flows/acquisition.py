@@ -140,6 +140,7 @@ def refresh_acquisition_flow(min_interval_s: float = MIN_INTERVAL_S, project_id:
             logger.info("rate limit: the last refresh ended at %s; refreshing in %.1f s", last.refreshed_at, wait_s)
             sleep(wait_s)
     started = utcnow()
+    project_id = project_id_for(settings, project_id)  # looked up once: scoring and the push use this project
     cache = score_open_tasks(project_id, seed=last.n_labels if last else 0)
     cache = cache.model_copy(update={"started_at": started, "refreshed_at": utcnow()})
     write_cache(settings, cache)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
@@ -53,6 +53,8 @@ class Runs:
     scored: list[int]  # the seed of each scoring
     pushed: list[ScoreCache]
     requested: list[datetime]  # the next run's request time (requested_at)
+    projects: list[int | None] = field(default_factory=list)  # the project each task was given
+    lookups: int = 0  # Label Studio project lookups
 
     def run(self, requested: datetime, min_interval_s: float = 60) -> dict[str, Any]:
         self.requested.append(requested)
@@ -73,15 +75,22 @@ def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Runs:
     monkeypatch.setattr(acquisition, "production_released", lambda s: True)
     monkeypatch.setattr(acquisition, "publish_acquisition_queue", lambda cache, last: None)
 
+    def fake_lookup(settings: Settings, project_id: int | None) -> int:
+        state.lookups += 1
+        return 7
+
     def fake_score(project_id: int | None, seed: int) -> ScoreCache:
+        state.projects.append(project_id)
         state.scored.append(seed)
         clock.now += timedelta(seconds=5)
         return ScoreCache.from_scores([1, 2], text_scores([0.0, 2.0], n_labels=len(state.scored)), "appendix-d@1")
 
     def fake_push(project_id: int | None, cache: ScoreCache) -> PushSummary:
+        state.projects.append(project_id)
         state.pushed.append(cache)
         return PushSummary(created=len(cache.tasks), updated=0, deleted=0, unchanged=0, seconds=0.1)
 
+    monkeypatch.setattr(acquisition, "project_id_for", fake_lookup)
     monkeypatch.setattr(acquisition, "score_open_tasks", fake_score)
     monkeypatch.setattr(acquisition, "push_to_labelstudio", fake_push)
     return state
@@ -95,6 +104,7 @@ def test_a_refresh_writes_the_cache_and_pushes_it_to_label_studio(runs: Runs) ->
     cache = read_cache(runs.settings)
     assert cache is not None and cache.started_at == t0 and cache.refreshed_at == t0 + timedelta(seconds=5)
     assert runs.pushed == [cache]
+    assert runs.lookups == 1 and runs.projects == [7, 7]  # one project lookup per refresh, for both tasks
 
 
 def test_a_run_requested_before_the_last_refresh_started_is_skipped(runs: Runs) -> None:
@@ -222,6 +232,7 @@ def test_a_refresh_publishes_the_open_task_queue_on_its_run_page(
     margins = {11: 0.0, 12: 1.0, 13: -1.0, 14: 2.0, 15: 4.0}
     queues = [ScoreCache.from_scores(list(margins)[:2], text_scores([0.0, 1.0], n_labels=3), "appendix-d@1"),
               ScoreCache.from_scores(list(margins), text_scores(list(margins.values()), n_labels=10), "appendix-d@2")]
+    monkeypatch.setattr(acquisition, "project_id_for", lambda s, project_id: 7)
     monkeypatch.setattr(acquisition, "score_open_tasks", lambda project_id, seed: queues.pop(0))
     monkeypatch.setattr(acquisition, "production_released", lambda s: True)
     monkeypatch.setattr(acquisition, "push_to_labelstudio",
