@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.nn import functional as F
 
 from policies.lm.conditions import TextPairFeatures
 from policies.lm.mode_mixture import (
@@ -35,6 +34,7 @@ from policies.lm.mode_mixture import (
     select_trainable,
 )
 from workers.lm.training.data import tokenize_pairs
+from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
 
 WEIGHTS_FILE = "mode_mixture.safetensors"
 SPEC_FILE = "mode_mixture.json"
@@ -118,8 +118,8 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], chunk: 
     n = len(pairs)
     hidden, mask, target_ids = hidden.view(n, 2, width, -1), mask.view(n, 2, width), target_ids.view(n, 2, width)
     embeds, prompt_mask = prompt_embeddings(model, [p.prompt_ids for p in pairs])
-    token = F.log_softmax(hidden @ head.T, -1).gather(-1, target_ids[..., None]).squeeze(-1)
-    return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, (token * mask).sum(-1))
+    base_logps = sequence_logps(target_logps(hidden @ head.T, target_ids), mask, "sum")
+    return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, base_logps)
 
 
 def pair_logps(mixture: ModeMixture, data: EncodedPairs, head: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ def dpo(mixture: ModeMixture, data: EncodedPairs, reference: Tensor, head: Tenso
         for start in range(0, len(data), recipe.batch_size):
             index = order[start:start + recipe.batch_size]
             ratio = pair_logps(mixture, data.take(index), head) - reference[index]
-            loss = -F.logsigmoid(recipe.beta * (ratio[:, 0] - ratio[:, 1])).mean()
+            loss = dpo_sigmoid_loss(ratio[:, 0], ratio[:, 1], recipe.beta).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
