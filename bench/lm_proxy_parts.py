@@ -29,11 +29,11 @@ from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
 from policies.lm.mode_mixture import ModeMixture
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from workers.lm.base_model import _pretrain_tiny
+from workers.lm.mixture_features import mixture_pair_features
 from workers.lm.mode_mixture_training import (
     EncodedPairs,
     MixtureRecipe,
     encode_pairs,
-    mixture_pair_features,
     sample,
     train_adapter,
     train_proxy,

@@ -7,6 +7,7 @@ from policies.lm.mode_mixture import ModeMixture
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
 from workers.lm import mode_mixture_training as mm
+from workers.lm.mixture_features import mixture_pair_features
 from workers.lm.models import load_tokenizer
 
 RECIPE = mm.MixtureRecipe(simplex_dim=3, proxy_epochs=2, adapter_epochs=2, batch_size=4)
@@ -57,7 +58,7 @@ def test_condition_test_features_are_mode_posteriors_and_the_dpo_margin():
     model, tokenizer, head, rows = _setup()
     data = mm.encode_pairs(model, tokenizer, rows)
     stage1, _ = mm.train_proxy(data, head, RECIPE)
-    features = mm.mixture_pair_features(stage1, data, head, beta=0.5)
+    features = mixture_pair_features(stage1, data, head, beta=0.5)
     assert features.simplex_chosen.shape == (len(rows), 3) and features.direct_chosen.shape == (len(rows), 64)
     torch.testing.assert_close(torch.from_numpy(features.simplex_chosen).exp().sum(1),
                                torch.ones(len(rows), dtype=torch.float64), rtol=1e-4, atol=1e-4)

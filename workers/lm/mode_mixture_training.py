@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from policies.lm.conditions import TextPairFeatures
 from policies.lm.mode_mixture import (
     ModeMixture,
     assignment_centre,
@@ -38,7 +37,6 @@ from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, tar
 
 WEIGHTS_FILE = "mode_mixture.safetensors"
 SPEC_FILE = "mode_mixture.json"
-POSTERIOR_FLOOR = -30.0  # log-posteriors of modes below this are cut there: the tests' learners see bounded features
 
 
 @dataclass(frozen=True)
@@ -211,26 +209,6 @@ def sample(model: Any, tokenizer: Any, mixture: ModeMixture, prompts: list[str],
                          logits_processor=LogitsProcessorList([AddModeBias()]))
     texts: list[str] = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts
-
-
-@torch.no_grad()
-def mixture_pair_features(mixture: ModeMixture, data: EncodedPairs, head: Tensor, beta: float) -> TextPairFeatures:
-    """What the text condition tests read, for this reading: each response's point on the D-simplex is its
-    mode posterior log p(k | x, y) = log w_k + log π_k(y|x) − log π†(y|x), floored at POSTERIOR_FLOOR; the
-    direct path is the base's mean final state over the response (at the positions predicting its tokens);
-    the margin is DPO's implicit one against the base."""
-    weights = mixture.log_weights(data.embeds, data.prompt_mask)
-    parts: dict[str, Tensor] = {}
-    logps = []
-    for side, name in ((0, "chosen"), (1, "rejected")):
-        joint = weights + mixture.mode_logps(data.hidden[:, side], data.targets[:, side], data.mask[:, side], head)
-        logps.append(torch.logsumexp(joint, -1))
-        parts[f"simplex_{name}"] = (joint - logps[-1][:, None]).clamp_min(POSTERIOR_FLOOR)
-        mask = data.mask[:, side, :, None]
-        parts[f"direct_{name}"] = (data.hidden[:, side] * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    ratio = torch.stack(logps, 1) - data.base_logps
-    parts["proxy_margin"] = beta * (ratio[:, 0] - ratio[:, 1])
-    return TextPairFeatures(**{k: v.double().numpy() for k, v in parts.items()})
 
 
 def save(mixture: ModeMixture, out: Path, base_model: str, recipe: MixtureRecipe) -> Path:
