@@ -10,14 +10,16 @@ Task (ingest/synthetic_judges.py): prompts ask about a theme, answers are 4–6 
 reward of an answer is its share of words on the theme's topic (range [0, 1]). Proxy judges:
 `relabelled` and `tempered` satisfy paper 1's conditions (a permuted criterion; the right criterion
 with noisy labels), `blind` and `outside_image` violate them. For each reporting seed and judge the
-bench trains, with the retrain flow's own requests (workers/lm/plans.py) and the worker's own
-training function, stage 1 (DPO with a D-simplex bottleneck on the proxy pairs: also the
-proxy-only policy) and, for each expert-pair budget, expert-only DPO, pooled DPO (proxy + expert
-pairs at equal weight: proxyloop's behaviour before the text condition tests), fine-tune and
-two-stage; the text condition tests run on the stage-1 model at each budget and choose a plan,
-whose score is the score of the policy that plan trains (stage 1 for proxy_as_is; `refuse` releases
-nothing and is scored as the base model). Every policy is scored by the mean gold reward of sampled
-answers (temperature 1) to held-out prompts whose phrasing no training pair uses.
+bench trains, as the retrain flow does (workers/lm/plans.py, workers/lm/mode_mixture_training.py), stage 1
+(the proxy-only policy) and, for each expert-pair budget, two-stage and fine-tune from it, expert-only DPO of
+the base, and pooled DPO (proxy + expert pairs at equal weight: proxyloop's behaviour before the text
+condition tests); the condition tests run on the stage-1 model at each budget and choose a plan, whose score
+is the score of the policy that plan trains (stage 1 for proxy_as_is; `refuse` releases nothing and is scored
+as the base model). Every policy is scored by the mean gold reward of sampled answers (temperature 1) to
+held-out prompts whose phrasing no training pair uses. `--reading` (default `mixture`, the worker's default)
+picks paper 1's reading: the sequence-level mode mixture over the frozen base (stage 1, two-stage and
+fine-tune are the mixture's, trained in process with the worker's functions), or the per-token simplex
+bottleneck (every policy trained through the worker's `run_lm_training`).
 
 Headline figures (last line, one JSON object):
   lm_expert_multiple     expert pairs expert-only DPO needs to reach two-stage's score at 50 expert
@@ -37,9 +39,9 @@ Intervals (`*_ci`) are 95% bootstrap intervals over seeds.
 
 Seeds: the recipe (workers.lm.plans.LMRecipe defaults: β, learning rates, epochs) and the base's warm-up
 were chosen in short sweeps on tuning seeds 0 and 1; figures are reported on seeds 100 and up (`--seeds`).
-`--recipe-json` overrides recipe fields for sweeps (e.g. '{"stage1_parts": "bottleneck"}'). `--reading mixture`
-scores proxy_as_is and two_stage with the sequence-level mode mixture (policies/lm/mode_mixture.py, trained in
-process over the frozen base) and runs the condition tests on it; fine_tune still starts from the bottleneck's stage 1.
+`--recipe-json` overrides LMRecipe fields for sweeps (e.g. '{"stage1_parts": "bottleneck"}'); the mixture's
+recipe is workers.lm.mode_mixture_training.MixtureRecipe's defaults (tuning seeds 0-1), and the condition
+tests' mixture settings were chosen on tuning seeds 0-5 (docs/design.md).
 """
 
 from __future__ import annotations
@@ -112,39 +114,39 @@ def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]
     world = make_world(seed, judge)
     proxy = world.pairs(ctx.n_proxy, "proxy", seed)
     expert = world.pairs(max(ctx.budgets), "expert", seed)  # budgets are prefixes: nested samples
-    trainer = ctx.trainer
+    trainer, mixture = ctx.trainer, ctx.mixture
     proxy_data = trainer.dataset(f"proxy-{judge}-{seed}-{ctx.n_proxy}", pair_rows(proxy, "proxy"))
-    stage1, seconds = trainer.train("stage1", f"{judge}-{seed}-stage1", proxy_data, seed=seed)
-    run = JudgeRun(judge, seed, ctx.scorer.score(stage1, world, seed))
-    say(f"{judge} seed {seed}: stage 1 ({seconds:.0f} s) gold {run.stage1['gold']:.3f} "
-        f"proxy {run.stage1['proxy']:.3f}", ctx.started)
-    mixture = ctx.mixture
-    if mixture is not None:  # proxy_as_is and two_stage are the mixture's; the bottleneck's stage 1 stays for the rest
+    if mixture is not None:  # every proxy-side plan is the mixture's, trained in process over the frozen base
         started = time.perf_counter()
         expert_encoded = mixture.encode(pair_rows(expert, "expert"))
         proxy_encoded = mixture.encode(pair_rows(proxy, "proxy"))
         mixture_stage1 = mixture.stage1(proxy_encoded, seed)
-        run.stage1 = mixture.score(mixture_stage1, world, seed)
-        say(f"{judge} seed {seed}: mixture stage 1 ({time.perf_counter() - started:.0f} s) gold "
-            f"{run.stage1['gold']:.3f} proxy {run.stage1['proxy']:.3f}", ctx.started)
-    planner = (Planner.from_mixture(mixture, mixture_stage1, expert_encoded, proxy_encoded, ctx.n_proxy,
-                                    mixture.recipe.beta) if mixture is not None else
-               Planner.from_models(stage1, trainer.base, pair_rows(expert, "expert"),
-                                   pair_rows(proxy[:PROXY_SAMPLE], "proxy"), ctx.n_proxy, trainer.recipe.beta,
-                                   ctx.device))
+        run = JudgeRun(judge, seed, mixture.score(mixture_stage1, world, seed))
+        planner = Planner.from_mixture(mixture, mixture_stage1, expert_encoded, proxy_encoded, ctx.n_proxy,
+                                       mixture.recipe.beta)
+        seconds = time.perf_counter() - started
+    else:
+        stage1, seconds = trainer.train("stage1", f"{judge}-{seed}-stage1", proxy_data, seed=seed)
+        run = JudgeRun(judge, seed, ctx.scorer.score(stage1, world, seed))
+        planner = Planner.from_models(stage1, trainer.base, pair_rows(expert, "expert"),
+                                      pair_rows(proxy[:PROXY_SAMPLE], "proxy"), ctx.n_proxy, trainer.recipe.beta,
+                                      ctx.device)
+    say(f"{judge} seed {seed}: stage 1 ({seconds:.0f} s) gold {run.stage1['gold']:.3f} "
+        f"proxy {run.stage1['proxy']:.3f}", ctx.started)
     run.scores["expert_only"] = {n: expert_only[n] for n in ctx.budgets}
     for n in ctx.budgets:
         expert_data = trainer.dataset(f"expert-{seed}-{n}", pair_rows(expert[:n], "expert"))
         pooled_data = trainer.dataset(f"pooled-{judge}-{seed}-{ctx.n_proxy}-{n}",
                                       pair_rows(expert[:n], "expert") + pair_rows(proxy, "proxy"))
         line = []
-        steps: tuple[tuple[Recipe, Path | None, Path], ...] = (
-            ("two_stage", stage1, expert_data), ("fine_tune", stage1, expert_data), ("pooled", None, pooled_data))
+        steps: tuple[tuple[Recipe, Path | None, Path], ...] = (("pooled", None, pooled_data),)
         if mixture is not None:
-            run.scores.setdefault("two_stage", {})[n] = mixture.score(
-                mixture.two_stage(mixture_stage1, expert_encoded, n, seed), world, seed)["gold"]
-            line.append(f"two_stage (mixture) {run.scores['two_stage'][n]:.3f}")
-            steps = steps[1:]
+            for name, train in (("two_stage", mixture.two_stage), ("fine_tune", mixture.fine_tune)):
+                run.scores.setdefault(name, {})[n] = mixture.score(
+                    train(mixture_stage1, expert_encoded, n, seed), world, seed)["gold"]
+                line.append(f"{name} (mixture) {run.scores[name][n]:.3f}")
+        else:
+            steps = (("two_stage", stage1, expert_data), ("fine_tune", stage1, expert_data), *steps)
         for name, start, data in steps:
             path, seconds = trainer.train(name, f"{judge}-{seed}-{name}-{n}", data, start, seed=seed)
             run.scores.setdefault(name, {})[n] = ctx.scorer.score(path, world, seed)["gold"]
@@ -261,7 +263,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts scored per policy")
     parser.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
     parser.add_argument("--base-warmup-steps", type=int, default=WARMUP_STEPS, help="SFT steps of the tiny base")
-    parser.add_argument("--reading", choices=READINGS, default="bottleneck",
+    parser.add_argument("--reading", choices=READINGS, default="mixture",
                         help="the two-stage reading: per-token bottleneck, or the sequence-level mode mixture")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--work-dir", type=Path, help="keep (and reuse) runs here instead of a temporary directory")

@@ -25,17 +25,19 @@ import torch
 
 from ground.schemas import ConditionReport, PairwiseText
 from ingest.synthetic_judges import ChatWorld
+from policies.lm.condition_config import TEXT_THRESHOLDS
 from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
 from policies.lm.mode_mixture import ModeMixture
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from workers.lm.base_model import _pretrain_tiny
-from workers.lm.mixture_features import mixture_pair_features
+from workers.lm.mixture_features import heldout_plan_margins, mixture_pair_features
 from workers.lm.mode_mixture_training import (
     EncodedPairs,
     MixtureRecipe,
     encode_pairs,
     sample,
     train_adapter,
+    train_fine_tune,
     train_proxy,
 )
 from workers.lm.models import load_tokenizer, prepare_smollm2
@@ -152,8 +154,9 @@ class Scorer:
 
 @dataclass
 class MixtureRunner:
-    """The mode-mixture reading (`--reading mixture`): stage 1 and two-stage trained in process over the frozen
-    base (workers/lm/mode_mixture_training.py), scored like every other policy."""
+    """The mode-mixture reading (`--reading mixture`, the worker's default): stage 1, two-stage and fine-tune trained
+    in process over the frozen base with the worker's functions (workers/lm/mode_mixture_training.py), scored like
+    every other policy."""
 
     model: Any
     tokenizer: Any
@@ -175,6 +178,9 @@ class MixtureRunner:
     def two_stage(self, stage1: ModeMixture, expert: EncodedPairs, n: int, seed: int) -> ModeMixture:
         return train_adapter(stage1, expert.take(slice(0, n)), self.head, replace(self.recipe, seed=seed))[0]
 
+    def fine_tune(self, stage1: ModeMixture, expert: EncodedPairs, n: int, seed: int) -> ModeMixture:
+        return train_fine_tune(stage1, expert.take(slice(0, n)), self.head, replace(self.recipe, seed=seed))[0]
+
     def score(self, mixture: ModeMixture, world: ChatWorld, seed: int) -> dict[str, float]:
         rows = [chat_prompt(p) for p in self.scorer.prompts for _ in range(self.scorer.samples)]
         return self.scorer.rewards(sample(self.model, self.tokenizer, mixture, rows, seed,
@@ -184,7 +190,8 @@ class MixtureRunner:
 def _rows(features: TextPairFeatures, n: int) -> TextPairFeatures:
     return TextPairFeatures(simplex_chosen=features.simplex_chosen[:n], simplex_rejected=features.simplex_rejected[:n],
                             direct_chosen=features.direct_chosen[:n], direct_rejected=features.direct_rejected[:n],
-                            proxy_margin=features.proxy_margin[:n])
+                            proxy_margin=features.proxy_margin[:n],
+                            mixture=features.mixture.take(slice(0, n)) if features.mixture is not None else None)
 
 
 @dataclass
@@ -194,6 +201,8 @@ class Planner:
     expert: TextPairFeatures  # features of the largest budget's expert pairs (budgets are prefixes)
     proxy: TextPairFeatures
     n_proxy: int
+    # A mixture stage 1: its two_stage and fine_tune are trained on the tests' folds at each budget (as the worker)
+    train_folds: Any = None
 
     @classmethod
     def from_models(cls, stage1: Path, base: Path, expert_rows: list[dict[str, str]],
@@ -212,12 +221,20 @@ class Planner:
     def from_mixture(cls, runner: MixtureRunner, stage1: ModeMixture, expert: EncodedPairs, proxy: EncodedPairs,
                      n_proxy: int, beta: float) -> Planner:
         """The same tests on the mode mixture's stage 1 (`--reading mixture`): simplex = a response's mode posterior."""
+        def train_folds(n: int, seed: int) -> dict[str, np.ndarray] | None:
+            if n < TEXT_THRESHOLDS.min_adapter_pairs:
+                return None
+            return heldout_plan_margins(stage1, expert.take(slice(0, n)), runner.head,
+                                        replace(runner.recipe, seed=seed), seed)
+
         return cls(mixture_pair_features(stage1, expert, runner.head, beta),
-                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.head, beta), n_proxy)
+                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.head, beta), n_proxy,
+                   train_folds)
 
     def report(self, n_expert: int, snapshot_id: str, seed: int) -> ConditionReport:
+        trained = self.train_folds(n_expert, seed) if self.train_folds is not None else None
         return run_text_condition_tests(_rows(self.expert, n_expert), self.proxy, snapshot_id, n_expert=n_expert,
-                                        n_proxy=self.n_proxy, seed=seed)
+                                        n_proxy=self.n_proxy, seed=seed, heldout_margins=trained)
 
 
 def say(message: str, started: float) -> None:

@@ -24,7 +24,7 @@ from ground.settings import Settings
 from policies.plan_choice import no_proxy_report
 from workers.app import CPU_QUEUE, GPU_QUEUE
 from workers.app import app as celery_app
-from workers.lm.plans import LMRecipe
+from workers.lm.plans import LMRecipe, MixtureRecipe, reading_recipe
 from workers.lm.snapshot_data import write_snapshot_datasets
 
 
@@ -45,13 +45,14 @@ def chat_base_model(settings: Settings) -> str:
     return str(path)
 
 
-def chat_recipe(settings: Settings) -> LMRecipe:
-    """The bench's recipe (LMRecipe's defaults), with `PROXYLOOP_CHAT_RECIPE`'s overrides and the run seed."""
-    overrides = {"seed": settings.training_seed, **settings.chat_recipe}
-    unknown = sorted(set(overrides) - set(LMRecipe().to_dict()))
-    if unknown:
-        raise ValueError(f"PROXYLOOP_CHAT_RECIPE has unknown keys {unknown}; known: {sorted(LMRecipe().to_dict())}")
-    return LMRecipe(**overrides)
+def chat_recipe(settings: Settings) -> LMRecipe | MixtureRecipe:
+    """The bench's recipe of the chat reading (`PROXYLOOP_CHAT_READING`: MixtureRecipe's or LMRecipe's defaults),
+    with `PROXYLOOP_CHAT_RECIPE`'s overrides and the run seed. Stage 1, the condition tests and the plan's training
+    follow the recipe's reading."""
+    try:
+        return reading_recipe(settings.chat_reading, {"seed": settings.training_seed, **settings.chat_recipe})
+    except ValueError as error:
+        raise ValueError(f"PROXYLOOP_CHAT_RECIPE: {error}") from None
 
 
 @task(name="text-conditions", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient)

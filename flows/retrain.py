@@ -2,9 +2,10 @@
 conditions → training on `gpu` → evaluation → gate → release.
 
 The snapshot's item kind picks the branch: feature triples train the two-stage feature policy;
-pairwise text (chat) first trains stage 1 (DPO with a D-simplex bottleneck on the proxy pairs), runs
-paper 1's condition tests on it, then trains what the plan says (workers.lm.plans), evaluates each
-checkpoint's held-out accuracy and paper 2's indicators on `cpu`, and releases a `causal_lm` policy.
+pairwise text (chat) first trains stage 1 (DPO on the proxy pairs, in the reading `PROXYLOOP_CHAT_READING`
+selects: a mode mixture over the frozen base by default, or a D-simplex bottleneck), runs paper 1's condition
+tests on it, then trains what the plan says (workers.lm.plans), evaluates each checkpoint's held-out accuracy
+and paper 2's indicators on `cpu`, and releases a `causal_lm` policy.
 The chat family's own tasks are in flows/chat.py; sending and waiting on Celery in flows/celery_tasks.py.
 
 Each stage is also its own deployment (see flows.deployments), so an operator can re-run one stage of
@@ -139,7 +140,7 @@ def _needs(run: RetrainRunRecord, *fields: str) -> None:
 
 
 def _chat_stage1(settings: Any, run: RetrainRunRecord) -> None:
-    """Snapshot pairs → JSONL → stage 1 (DPO with a simplex bottleneck on the proxy pairs) → the condition tests;
+    """Snapshot pairs → JSONL → stage 1 (DPO on the proxy pairs, in the chat reading) → the condition tests;
     fills the run's chat data, stage 1 and condition report."""
     assert run.snapshot is not None
     run.chat_data = write_chat_data(settings, run.run_id, run.snapshot.snapshot_id)

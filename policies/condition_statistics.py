@@ -7,6 +7,7 @@ policies/features/conditions.py, so each statistic can be checked on hand-built 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +108,9 @@ def relaxation_interval(ratios: np.ndarray, quantile: float, rng: np.random.Gene
     resampled = ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))]
     low, high = np.quantile(np.quantile(resampled, quantile, axis=1), [0.025, 0.975])
     return relaxation_constant(ratios, quantile), float(low), float(high)
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                                 + j * math.log(p) + (n - j) * math.log1p(-p)) for j in range(k, n + 1)))

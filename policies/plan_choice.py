@@ -1,8 +1,9 @@
 """The training plan chosen from the condition checks and held-out (cross-validated) expert evidence.
 
-Rule (`choose_plan`): with too few expert triples to cross-validate, serve the proxy only if it
-agrees with the experts there are, else refuse. Otherwise every candidate plan is scored by its
-held-out Bradley–Terry log-likelihood on the expert triples; "two_stage" is eligible only when the
+Rule (`choose_plan`): with too few expert triples to test the conditions, the adapter (two_stage) when the
+evidence carries its cross-validated scores and it is significantly better than the proxy as is; otherwise
+serve the proxy only if it agrees with the experts there are, else refuse. Otherwise every candidate plan
+is scored by its held-out Bradley–Terry log-likelihood on the expert triples; "two_stage" is eligible only when the
 paper's four conditions and the end-to-end check pass. The plan is the best one, or a simpler one
 (proxy as is, then two-stage) that is not significantly worse; when neither ranks held-out expert pairs
 significantly better than a coin, the best plan all the same if its held-out accuracy is above a
@@ -24,6 +25,9 @@ from policies.condition_statistics import bootstrap_mean
 # the best: fewer weights fitted to a few dozen triples is the point of the proxy.
 CANDIDATES: tuple[Plan, ...] = ("proxy_as_is", "two_stage", "fine_tune", "expert_only")
 SIMPLER: tuple[Plan, ...] = ("proxy_as_is", "two_stage")  # preferred unless significantly worse
+# Weighed below the minimum expert sample when the evidence carries their held-out scores: the proxy as is, and
+# its adapter (the fewest weights fitted to expert data), chosen only when significantly better than the proxy.
+SMALL_SAMPLE: tuple[Plan, ...] = ("proxy_as_is", "two_stage")
 PAPER_CONDITIONS = ("shared_level_sets", "image_containment", "low_dimensional_encoding", "similarity_preserved")
 ALPHA = 0.05  # one-sided level of "significantly worse than the best" and "better than a coin"
 # With too few expert triples to test anything, a proxy that gets fewer than half of them right
@@ -72,6 +76,16 @@ def _too_few(
         said = "no expert triples to check the proxy against (it is unvalidated)"
     else:
         said = f"the proxy agrees with {agreement:.0%} of the expert triples there are"
+    if usable and all(c in evidence.heldout_ll for c in SMALL_SAMPLE):
+        ll, correct = evidence.heldout_ll, evidence.heldout_correct
+        worse, p = significantly_worse(ll["proxy_as_is"], ll["two_stage"], np.random.default_rng(evidence.seed))
+        accuracy = float(correct["two_stage"].mean())
+        if worse and accuracy > CHANCE_ACCURACY:
+            reasons.append(f"too few expert triples to test the conditions, but the adapter alone, cross-validated on "
+                           f"the {len(correct['two_stage'])} there are, beats the proxy as is (held-out log-likelihood "
+                           f"{ll['two_stage'].mean():+.3f} vs {ll['proxy_as_is'].mean():+.3f}, paired bootstrap "
+                           f"p={p:.3f}; accuracy {accuracy:.3f}): two_stage, untested conditions and all")
+            return "two_stage", reasons
     if usable and (agreement is None or agreement >= MIN_PROXY_AGREEMENT):
         reasons.append(f"too few expert triples to fit an adapter; {said}: serve the proxy as is")
         return "proxy_as_is", reasons

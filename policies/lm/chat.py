@@ -1,7 +1,9 @@
 """Causal language-model policies: loading a released version and generating from chat messages.
 
 A version of family `causal_lm` keeps a Hugging Face directory (safetensors weights, tokenizer
-with its chat template) under `model/`; it is loaded from that path only, never from a hub.
+with its chat template) under `model/`; it is loaded from that path only, never from a hub. A mode-mixture
+policy (policies/lm/mode_mixture.py) is its base's directory plus the mixture's two files: each request
+draws its mode k from w(x) and decodes the base with mode k's vocabulary bias at every token.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ground.schemas import PolicyVersion
 from policies.lm.lora import is_lora_dir, load_lora_dir
+from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from policies.registry import register, resolve
 
@@ -41,6 +45,22 @@ class ChatPolicy:
     version: PolicyVersion
     model: Any
     tokenizer: Any
+    mixture: ModeMixture | None = None
+    mode_biases: Tensor | None = None  # [D, V]: W θ_k of each of the mixture's modes
+
+    @torch.no_grad()
+    def mode_bias(self, messages: list[dict[str, str]], temperature: float,
+                  generator: torch.Generator | None) -> Tensor | None:
+        """The vocabulary bias of this request's mode: k drawn from w(x) with the request's generator (greedy
+        requests take the most likely mode), None for a policy without a mixture. w(x) pools the rendered
+        prompt's ids without special tokens, exactly as training tokenised its prompts (training/data.py)."""
+        if self.mixture is None or self.mode_biases is None:
+            return None
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        weights = prompt_log_weights(self.mixture, self.model, ids).exp()
+        mode = int(weights.argmax()) if temperature <= 0 else int(torch.multinomial(weights, 1, generator=generator))
+        return self.mode_biases[mode]
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -59,6 +79,7 @@ class ChatPolicy:
         reproducible under concurrency.
         """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        bias = self.mode_bias(messages, temperature, generator)
         input_ids = self.prompt_ids(messages)
         config = self.model.config
         limit = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
@@ -68,6 +89,8 @@ class ChatPolicy:
             out = self.model(input_ids=next_input, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[0, -1].float()
+            if bias is not None:
+                logits = logits + bias
             if temperature <= 0:
                 token = int(logits.argmax())
             else:
@@ -92,7 +115,8 @@ class ChatPolicy:
 
 def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolicy:
     """A released version ready to generate: full weights (with a simplex bottleneck when it is a two-stage
-    policy), or a LoRA adapter on its recorded base, merged unless `merge_lora` is False."""
+    policy), its base with a mode mixture, or a LoRA adapter on its recorded base, merged unless `merge_lora` is
+    False."""
     from transformers import AutoTokenizer
 
     version = resolve(root, ref)
@@ -102,4 +126,9 @@ def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolic
     path = Path(version.path) / MODEL_SUBDIR
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = (load_lora_dir(path, merge=merge_lora) if is_lora_dir(path) else load_causal_lm_dir(path)).eval()
-    return ChatPolicy(version=version, model=model, tokenizer=tokenizer)
+    if not is_mixture_dir(path):
+        return ChatPolicy(version=version, model=model, tokenizer=tokenizer)
+    mixture, _ = load_mixture_dir(path)
+    with torch.no_grad():
+        biases = mixture.mode_biases(model.get_output_embeddings().weight.float())
+    return ChatPolicy(version=version, model=model, tokenizer=tokenizer, mixture=mixture, mode_biases=biases)

@@ -18,6 +18,10 @@ class TextConditionThresholds:
     # The feature family's minimum: below it a 6-fold cross-validation holds out < 5 pairs per fold and
     # the bootstrap intervals are too wide to tell any condition apart.
     min_expert_pairs: int = FEATURE_THRESHOLDS.min_expert_triples
+    # Between this and min_expert_pairs the conditions stay undecided, but the adapter alone (the fewest
+    # weights fitted to expert data) is still cross-validated against the proxy as is: at 6 folds of 12+
+    # pairs each held-out fold has 2+ pairs.
+    min_adapter_pairs: int = 12
     # Fewer proxy pairs than this cannot estimate the proxy's cloud (its 95th percentile of
     # nearest-neighbour distances) or the principal components of the direct features.
     min_proxy_pairs: int = 200
@@ -28,6 +32,11 @@ class TextConditionThresholds:
     # read: a hidden state of hundreds of dimensions cannot be fitted on 30-300 expert pairs, and 8
     # keeps expert_only's weight count (8) near the adapter's (1 + D) so neither wins by capacity.
     direct_components: int = 8
+    # With a mode-mixture stage 1, principal components of the prompts' pooled codes (τ̃'s input) that the
+    # direct path crosses with each mode's margin: the prompt information τ̃ may have merged.
+    prompt_components: int = 4
+    # ... and the training pairs with the nearest prompts that the mixture's direct path (fine_tune) fits a mode on.
+    neighbour_pairs: int = 10
     # Precision of the Gaussian prior of every Bradley–Terry learner, on features scaled to unit RMS
     # over the proxy pairs: worth about 2 pairs per weight, enough to keep 30 pairs from over-fitting
     # 1 + D + 8 weights, negligible against 100+.

@@ -6,6 +6,9 @@ prompt + continuation). Values are averaged over a sequence's positions, then ov
 (with the standard deviation across sequences). Entropy is reported renormalised over the top-k
 (the default the gate uses: it isolates the shape of the head of the distribution) and raw; mass
 is always the raw top-k probability.
+
+`biases` ([prompts, V], optional) is added to the model's logits for each prompt's sequence: how a mode
+mixture (policies/lm/mode_mixture.py) is read here, as its base with one mode's vocabulary bias per prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from policies.indicators import topk_indicators
 
@@ -34,12 +38,15 @@ def _padded(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def completion_indicators(
-    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K
+    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K,
+    biases: Tensor | None = None,
 ) -> dict[str, float]:
     """Indicators at the completion positions of prompt+completion, computed in one batch."""
     prompt_lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     ids, mask = _padded(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
+    if biases is not None:
+        logits = logits + biases[:, None, :]
     positions = torch.arange(ids.shape[1] - 1).unsqueeze(0)
     scored = (positions >= torch.tensor(prompt_lengths).unsqueeze(1) - 1) & (mask[:, 1:] == 1)  # [B, T-1]
     entropy, mass = topk_indicators(logits, k=k, renormalise=True)
@@ -52,24 +59,39 @@ def completion_indicators(
 
 @torch.no_grad()
 def generated_indicators(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 16, k: int = TOP_K
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 16, k: int = TOP_K,
+    biases: Tensor | None = None,
 ) -> dict[str, float]:
     """Greedy continuations of each prompt, then the indicators over the generated positions."""
+    from transformers import LogitsProcessorList
+
     continuations = []
-    for prompt in prompts:
+    for row, prompt in enumerate(prompts):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+        processors = LogitsProcessorList([_AddBias(biases[row])] if biases is not None else [])
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         continuations.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False) or " ")
-    return completion_indicators(model, tokenizer, prompts, continuations, k)
+    return completion_indicators(model, tokenizer, prompts, continuations, k, biases)
+
+
+class _AddBias:
+    """A logits processor adding one vocabulary bias at every generated token."""
+
+    def __init__(self, bias: Tensor) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return scores + self.bias.to(scores.dtype)
 
 
 def checkpoint_indicators(
-    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K
+    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K,
+    biases: Tensor | None = None,
 ) -> dict[str, float]:
     """Both views, keyed `teacher_forced/...` and `generated/...` as the metrics convention asks."""
     model.eval()
-    forced = completion_indicators(model, tokenizer, prompts, completions, k)
-    generated = generated_indicators(model, tokenizer, prompts, k=k)
+    forced = completion_indicators(model, tokenizer, prompts, completions, k, biases)
+    generated = generated_indicators(model, tokenizer, prompts, k=k, biases=biases)
     return {**{f"teacher_forced/{key}": v for key, v in forced.items()},
             **{f"generated/{key}": v for key, v in generated.items()}}

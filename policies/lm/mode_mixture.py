@@ -19,21 +19,30 @@ the permutation of modes that best explains the expert pairs (`assignment_centre
 re-mapping of the simplex's vertices), then a few DPO epochs pulled toward that centre.
 
 Generation from the mixture: sample k from w(x), then decode with mode k (its bias on every
-response token). The prototype and its figures: docs/benchmarks.md, "LM proxy bench"; this module
-is the reading's core, not yet wired into `workers/lm` training, release or serving.
+response token). The prototype and its figures: docs/benchmarks.md, "LM proxy bench".
+
+On disk a mixture is `mode_mixture.safetensors` (its state) beside `mode_mixture.json` (its base, sizes and
+recipe), in a directory that also holds the base's Hugging Face files: the worker's checkpoints and a
+released version are such directories, so serving (`policies/lm/chat.py`) loads one without `workers`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.features.simplex_adapter import SimplexAdapter
 
-STAGES = ("proxy", "expert")
+STAGES = ("proxy", "expert", "all")
+WEIGHTS_FILE = "mode_mixture.safetensors"
+SPEC_FILE = "mode_mixture.json"
 MAX_EXHAUSTIVE_MODES = 8  # permutations searched exhaustively up to 8! = 40 320; greedy above
 
 
@@ -96,13 +105,14 @@ class ModeMixture(nn.Module):
 
 
 def select_trainable(mixture: ModeMixture, stage: str) -> list[str]:
-    """'proxy' (stage 1): τ̃ and Θ̃, the adapter at the identity; 'expert' (stage 2): the adapter alone.
-    The base model is never a parameter of the mixture. Returns the names left trainable."""
+    """'proxy' (stage 1): τ̃ and Θ̃, the adapter at the identity; 'expert' (stage 2): the adapter alone; 'all'
+    (fine_tune): τ̃, Θ̃ and the adapter. The base model is never a parameter of the mixture. Returns the names
+    left trainable."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
     trainable = []
     for name, parameter in mixture.named_parameters():
-        wanted = name.startswith("adapter.") == (stage == "expert")
+        wanted = stage == "all" or name.startswith("adapter.") == (stage == "expert")
         parameter.requires_grad_(wanted)
         if wanted:
             trainable.append(name)
@@ -154,3 +164,32 @@ def assignment_centre(score: Tensor) -> Tensor:
     matrix = torch.zeros(dim, dim, dtype=score.dtype)
     matrix[list(best), list(range(dim))] = 1.0
     return matrix
+
+
+def is_mixture_dir(path: Path | str) -> bool:
+    return (Path(path) / SPEC_FILE).exists()
+
+
+def save_mixture_dir(mixture: ModeMixture, out: Path, base_model: str, recipe: dict[str, Any]) -> Path:
+    """Write the mixture's state and spec into `out` (created if needed); the base's files are the caller's."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in mixture.state_dict().items()}, str(out / WEIGHTS_FILE))
+    (out / SPEC_FILE).write_text(json.dumps({"base_model": base_model, "hidden_size": mixture.theta.shape[1],
+                                             "recipe": recipe}, indent=2))
+    return out
+
+
+def load_mixture_dir(path: Path | str) -> tuple[ModeMixture, dict[str, Any]]:
+    """The mixture saved in `path` and its spec (base_model: the base it was first trained on; recipe)."""
+    spec = json.loads((Path(path) / SPEC_FILE).read_text())
+    mixture = ModeMixture(int(spec["hidden_size"]), int(spec["recipe"]["simplex_dim"]))
+    mixture.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
+    return mixture.eval(), spec
+
+
+@torch.no_grad()
+def prompt_log_weights(mixture: ModeMixture, model: Any, prompt_ids: list[int]) -> Tensor:
+    """log w(x) [D] of one prompt's token ids, pooled over the base's input embeddings as in training."""
+    table = model.get_input_embeddings()
+    embeds = table(torch.tensor([prompt_ids], device=table.weight.device)).float().cpu()
+    return mixture.log_weights(embeds, torch.ones(embeds.shape[:2]))[0]

@@ -1,6 +1,8 @@
 """Releasing a language-model checkpoint: the model files (not the optimiser state) as a registry
 version of family `causal_lm`, the alias moved and logged in the promotion history, and `policy.released`
-on Kafka. A LoRA checkpoint is released as its adapter plus a checked reference to its base (policies/lm/lora.py).
+on Kafka. A LoRA checkpoint is released as its adapter plus a checked reference to its base (policies/lm/lora.py);
+a mode-mixture checkpoint as its base's files and the mixture's two (policies/lm/mode_mixture.py), without the
+mixture's optimiser state, which its worker keeps under the same names as every other run's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from policies.lm.lora import is_lora_dir, write_base_reference
 from policies.promotion import announce
 from policies.registry import ReleaseEvidence, record_release
 
-# Training state that a served model does not need (see workers.lm.training.checkpoint).
+# Training state that a served model does not need (see workers.lm.training.checkpoint and workers.lm.mixture_run).
 TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
 
 

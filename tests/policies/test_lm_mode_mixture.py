@@ -84,7 +84,7 @@ def test_stage_one_keeps_the_adapter_at_the_identity_and_trains_tau_and_modes() 
     dpo_steps(model)
     assert torch.equal(model.adapter.weight, torch.eye(D)) and torch.equal(model.adapter.bias, torch.zeros(D))
     with pytest.raises(ValueError):
-        select_trainable(model, "all")
+        select_trainable(model, "everything")
 
 
 def test_gradient_reaches_tau_from_a_uniform_start() -> None:

@@ -40,7 +40,8 @@ def test_stage_1_adds_the_bottleneck_and_trains_on_the_proxy_pairs():
 
 
 def test_the_flow_uses_the_bench_recipe_unless_settings_override_it():
-    assert chat_recipe(Settings(training_seed=3)) == LMRecipe(seed=3)
-    assert chat_recipe(Settings(chat_recipe={"proxy_learning_rate": 1e-5})).proxy_learning_rate == 1e-5
+    bottleneck = {"chat_reading": "bottleneck"}
+    assert chat_recipe(Settings(training_seed=3, **bottleneck)) == LMRecipe(seed=3)
+    assert chat_recipe(Settings(chat_recipe={"proxy_learning_rate": 1e-5}, **bottleneck)).proxy_learning_rate == 1e-5
     with pytest.raises(ValueError, match="unknown keys"):
-        chat_recipe(Settings(chat_recipe={"learning_rat": 1e-5}))
+        chat_recipe(Settings(chat_recipe={"learning_rat": 1e-5}, **bottleneck))

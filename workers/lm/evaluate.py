@@ -6,6 +6,14 @@ not change the ranking). The baseline is the reference's own implicit reward, ze
 response: every pair a tie, accuracy 0.5. The base model's ranking by its raw log-probs,
 log π_ref(chosen) > log π_ref(rejected), is reported beside it: a different quantity (it rewards
 whatever the base model finds likely, e.g. short answers), so the gate does not compare with it.
+
+A mode-mixture checkpoint (policies/lm/mode_mixture.py) is scored by its own log π†(y|x) = logsumexp_k(log w_k +
+log π_k), against the base it sits on (its reference in stage 1, and the one model every plan's policy can be
+compared with), both from one pass of the base over the pairs (`encode_pairs`). Its indicators are those of
+the base with the vocabulary bias of each prompt's most likely mode, argmax_k w_k(x): serving commits to one
+mode per answer, so the distribution an answer is drawn from is one mode's, and w(x) near a vertex (what stage 1
+learns) makes the most likely mode the one drawn; the per-token marginal would instead average the modes'
+distributions, a distribution no served answer is drawn from.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from torch import Tensor
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
+from policies.lm.mode_mixture import is_mixture_dir, load_mixture_dir, prompt_log_weights
+from workers.lm import mode_mixture_training
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
 from workers.lm.training.dpo import reference_logps
@@ -42,11 +52,27 @@ def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Te
     return reference_logps(model, pairs, _SCORING, pad, torch.device("cpu"), nullcontext())
 
 
+@torch.no_grad()
+def mixture_scores(path: str, tokenizer: Any, rows: list[dict[str, Any]],
+                   prompts: Sequence[str]) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """A mixture checkpoint's base model, its log π† of each pair [N, 2], the base's [N, 2], and the vocabulary bias
+    of each indicator prompt's most likely mode [len(prompts), V]."""
+    model = load_causal_lm(path).eval()
+    mixture, _ = load_mixture_dir(path)
+    head = model.get_output_embeddings().weight.float()
+    encoded = mode_mixture_training.encode_pairs(model, tokenizer, rows)
+    logps = mode_mixture_training.pair_logps(mixture, encoded, head)
+    modes = [int(prompt_log_weights(mixture, model, tokenizer(p, add_special_tokens=False)["input_ids"]).argmax())
+             for p in prompts]
+    return model, logps, encoded.base_logps, mixture.mode_biases(head)[modes]
+
+
 def evaluate_lm_checkpoints(
     base_model: str, heldout_path: str, checkpoints: Sequence[CheckpointRef],
     n_indicator_prompts: int = INDICATOR_PROMPTS,
 ) -> Evaluation:
-    """Evaluate full-weight checkpoints on the held-out pairs; returns what the gate stage reads."""
+    """Evaluate checkpoints (full weights, LoRA or mode mixture) on the held-out pairs; returns what the gate
+    stage reads."""
     tokenizer = load_tokenizer(base_model)
     rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
     pairs = tokenize_pairs(rows, tokenizer)
@@ -58,10 +84,16 @@ def evaluate_lm_checkpoints(
     completions = [r["chosen"] for r in rows[:n_indicator_prompts]]
     evaluations = []
     for ref in checkpoints:
-        model = (load_lora_dir(ref.path) if is_lora_dir(ref.path) else load_causal_lm(ref.path)).eval()
-        chosen, rejected = pair_logps(model, pairs, pad)
-        margins = (chosen - ref_chosen) - (rejected - ref_rejected)  # implicit reward margins / β
-        indicators = checkpoint_indicators(model, tokenizer, prompts, completions)
+        biases: Tensor | None = None
+        if is_mixture_dir(ref.path):
+            model, logps, base_logps, biases = mixture_scores(ref.path, tokenizer, rows, prompts)
+            ratio = logps - base_logps
+            margins = ratio[:, 0] - ratio[:, 1]
+        else:
+            model = (load_lora_dir(ref.path) if is_lora_dir(ref.path) else load_causal_lm(ref.path)).eval()
+            chosen, rejected = pair_logps(model, pairs, pad)
+            margins = (chosen - ref_chosen) - (rejected - ref_rejected)  # implicit reward margins / β
+        indicators = checkpoint_indicators(model, tokenizer, prompts, completions, biases=biases)
         indicators["rewards/margins_mean"] = float(margins.mean())
         evaluations.append(CheckpointEvaluation(
             step=ref.step, path=ref.path, heldout_accuracy=_pairwise_accuracy(margins),

@@ -1,14 +1,17 @@
 """What the text condition tests read from a mode-mixture stage 1 (`policies/lm/mode_mixture.py`): per pair, each
-response's point on the D-simplex, a direct path around it, and the stage-1 margin (`TextPairFeatures`)."""
+response's point on the D-simplex, a direct path around it, and the stage-1 margin (`TextPairFeatures`), and the
+held-out margins of its plans trained on the tests' folds (`heldout_plan_margins`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from policies.lm.conditions import TextPairFeatures
+from policies.lm.conditions import MixtureTerms, TextPairFeatures, cross_validation_folds
 from policies.lm.mode_mixture import ModeMixture
-from workers.lm.mode_mixture_training import EncodedPairs
+from workers.lm.mode_mixture_training import EncodedPairs, pair_logps, train_adapter, train_fine_tune
+from workers.lm.plans import MixtureRecipe
 
 POSTERIOR_FLOOR = -30.0  # log-posteriors of modes below this are cut there: the tests' learners see bounded features
 
@@ -18,16 +21,44 @@ def mixture_pair_features(mixture: ModeMixture, data: EncodedPairs, head: Tensor
     """What the text condition tests read, for this reading: each response's point on the D-simplex is its
     mode posterior log p(k | x, y) = log w_k + log π_k(y|x) − log π†(y|x), floored at POSTERIOR_FLOOR; the
     direct path is the base's mean final state over the response (at the positions predicting its tokens);
-    the margin is DPO's implicit one against the base."""
+    the margin is DPO's implicit one against the base. The mixture's own terms (`MixtureTerms`: w(x), each
+    mode's log-probs, the prompt's pooled code) let the tests fit its two_stage exactly."""
     weights = mixture.log_weights(data.embeds, data.prompt_mask)
     parts: dict[str, Tensor] = {}
-    logps = []
+    logps, modes = [], []
     for side, name in ((0, "chosen"), (1, "rejected")):
-        joint = weights + mixture.mode_logps(data.hidden[:, side], data.targets[:, side], data.mask[:, side], head)
+        modes.append(mixture.mode_logps(data.hidden[:, side], data.targets[:, side], data.mask[:, side], head))
+        joint = weights + modes[-1]
         logps.append(torch.logsumexp(joint, -1))
         parts[f"simplex_{name}"] = (joint - logps[-1][:, None]).clamp_min(POSTERIOR_FLOOR)
         mask = data.mask[:, side, :, None]
         parts[f"direct_{name}"] = (data.hidden[:, side] * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     ratio = torch.stack(logps, 1) - data.base_logps
     parts["proxy_margin"] = beta * (ratio[:, 0] - ratio[:, 1])
-    return TextPairFeatures(**{k: v.double().numpy() for k, v in parts.items()})
+    code = (mixture.pool(data.embeds, data.prompt_mask) - mixture.centre) / mixture.scale
+    terms = MixtureTerms(log_weights=weights.double().numpy(), mode_chosen=modes[0].double().numpy(),
+                         mode_rejected=modes[1].double().numpy(),
+                         base_chosen=data.base_logps[:, 0].double().numpy(),
+                         base_rejected=data.base_logps[:, 1].double().numpy(),
+                         prompt_code=code.double().numpy(), beta=beta)
+    return TextPairFeatures(**{k: v.double().numpy() for k, v in parts.items()}, mixture=terms)
+
+
+def heldout_plan_margins(stage1: ModeMixture, expert: EncodedPairs, head: Tensor, recipe: MixtureRecipe,
+                         seed: int) -> dict[str, np.ndarray]:
+    """The end-to-end cross-validation of a mixture's plans: two_stage and fine_tune trained with the worker's own
+    functions on each fold's other pairs (`cross_validation_folds`, as the tests split them), and each expert
+    pair's implicit-reward margin against the base under the model it was held out of. Cheap: the base is
+    encoded once and stage 2 trains a few thousand weights."""
+    n = len(expert)
+    out = {"two_stage": np.zeros(n), "fine_tune": np.zeros(n)}
+    base = expert.base_logps[:, 0] - expert.base_logps[:, 1]
+    for test in cross_validation_folds(n, seed):
+        train = torch.as_tensor(np.setdiff1d(np.arange(n), test))
+        held = torch.as_tensor(test)
+        for name, fit in (("two_stage", train_adapter), ("fine_tune", train_fine_tune)):
+            model, _ = fit(stage1, expert.take(train), head, recipe)
+            with torch.no_grad():
+                logps = pair_logps(model, expert.take(held), head)
+            out[name][test] = (recipe.beta * ((logps[:, 0] - logps[:, 1]) - base[held])).double().numpy()
+    return out

@@ -1,28 +1,28 @@
 """Training, sampling and storage of the mode-mixture reading (`policies/lm/mode_mixture.py`) over a frozen base.
 
 The base model never changes, so each pair is run through it once (`encode_pairs`): the prompt's input
-embeddings and the final states at the positions predicting the response. Both stages are then DPO on
-those tensors alone, with the base as stage 1's reference and the stage-1 mixture as stage 2's.
+embeddings and the final states at the positions predicting the response. Every stage is then DPO on
+those tensors alone, with the base as stage 1's reference and the stage-1 mixture as the later stages'.
 
 Stage 1 (`train_proxy`, proxy pairs): τ̃ and Θ̃, Θ̃ from k-means of the proxy-chosen responses. Stage 2
 (`train_adapter`, expert pairs): the adapter's centre is the permutation of modes the expert pairs
-favour (`assignment_centre`), then a few DPO epochs of the adapter alone from that centre.
+favour (`assignment_centre`), then a few DPO epochs of the adapter alone from that centre. fine_tune
+(`train_fine_tune`, expert pairs): τ̃, Θ̃ and the adapter together, from the stage-1 mixture.
 Generation (`sample`): for each row, k is drawn from w(x) and the answer is decoded with mode k's bias.
 
-A mixture is saved as one safetensors file beside a JSON naming its base (`save` / `load`). Not yet a
-recipe of `workers/lm/plans.py`: the worker's training loop, release and serving still run the
-bottleneck reading; `bench/lm_proxy.py --reading mixture` trains this one in process.
+A worker run (`workers/lm/mixture_run.py`) passes `DPOHooks` to resume from its newest checkpoint and to
+checkpoint and report after each step; the bench calls the same functions without them. A mixture is
+saved as one safetensors file beside a JSON naming its base (`save` / `load`, kept in
+policies/lm/mode_mixture.py so that serving loads it too).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from policies.lm.mode_mixture import (
@@ -30,28 +30,23 @@ from policies.lm.mode_mixture import (
     assignment_centre,
     assignment_score,
     kmeans_modes,
+    load_mixture_dir,
+    save_mixture_dir,
     select_trainable,
 )
+from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
 from workers.lm.training.data import tokenize_pairs
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
 
-WEIGHTS_FILE = "mode_mixture.safetensors"
-SPEC_FILE = "mode_mixture.json"
 
+class DPOHooks(Protocol):
+    """A worker run's hold on `dpo`: `restore` loads the newest checkpoint into the mixture and the optimiser and
+    returns (its step, the losses so far), (0, []) without one; `after_step` sees every optimiser step."""
 
-@dataclass(frozen=True)
-class MixtureRecipe:
-    """Chosen on tuning seeds 0-1 of bench/lm_proxy.py (docs/benchmarks.md, 2026-11-30)."""
+    def restore(self, mixture: ModeMixture, optimiser: torch.optim.Optimizer) -> tuple[int, list[float]]: ...
 
-    simplex_dim: int = 8
-    mode_norm: float = 3.0  # Θ̃'s k-means start: mean norm of the mode vectors
-    beta: float = 0.5
-    batch_size: int = 16
-    proxy_learning_rate: float = 1e-2
-    proxy_epochs: int = 20  # tuning seeds 0-1, relabelled: 10 epochs gave two-stage@50 0.49 / 0.38, 20 gave 0.53 / 0.46
-    adapter_learning_rate: float = 1e-2
-    adapter_epochs: int = 10
-    seed: int = 0
+    def after_step(self, mixture: ModeMixture, optimiser: torch.optim.Optimizer, step: int, total: int,
+                   losses: list[float], tokens: int) -> None: ...
 
 
 @dataclass
@@ -87,15 +82,18 @@ def _pad(rows: list[Tensor], width: int) -> tuple[Tensor, Tensor]:
 def prompt_embeddings(model: Any, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
     """Input embeddings of each prompt, padded: [N, T, H] and mask [N, T]."""
     table = model.get_input_embeddings()
-    return _pad([table(torch.tensor(row)).float() for row in ids], max(len(r) for r in ids))
+    device = table.weight.device
+    return _pad([table(torch.tensor(row, device=device)).float().cpu() for row in ids], max(len(r) for r in ids))
 
 
 @torch.no_grad()
 def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], chunk: int = 64) -> EncodedPairs:
-    """Run the frozen base once over each pair's prompt + chosen and prompt + rejected."""
+    """Run the frozen base once over each pair's prompt + chosen and prompt + rejected (on the model's device;
+    the tensors come back on the CPU, where the mixture trains)."""
     model.eval()
     pairs = tokenize_pairs(rows, tokenizer)
-    head = model.get_output_embeddings().weight.float()
+    device = model.get_input_embeddings().weight.device
+    head = model.get_output_embeddings().weight.float().cpu()
     states: list[Tensor] = []
     targets: list[Tensor] = []
     for start in range(0, len(pairs), chunk):
@@ -104,7 +102,8 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], chunk: 
         width = max(map(len, seqs))
         ids = torch.tensor([s + [int(tokenizer.pad_token_id)] * (width - len(s)) for s in seqs])
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        final = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1].float()
+        final = model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                      output_hidden_states=True).hidden_states[-1].float().cpu()
         for i, pair in enumerate(part):
             start_at = len(pair.prompt_ids) - 1  # this position predicts the first response token
             for row, response in ((i, pair.chosen_ids), (i + len(part), pair.rejected_ids)):
@@ -131,25 +130,39 @@ def pair_logps(mixture: ModeMixture, data: EncodedPairs, head: Tensor) -> Tensor
 
 
 def dpo(mixture: ModeMixture, data: EncodedPairs, reference: Tensor, head: Tensor, learning_rate: float,
-        epochs: int, recipe: MixtureRecipe) -> list[float]:
-    """DPO (sigmoid, sum of log-probs) of the mixture's trainable parameters; returns the step losses."""
+        epochs: int, recipe: MixtureRecipe, hooks: DPOHooks | None = None) -> list[float]:
+    """DPO (sigmoid, sum of log-probs) of the mixture's trainable parameters; returns the step losses.
+
+    Epoch e's order is the e-th permutation of one generator seeded with `recipe.seed`, so a run resumed at
+    step s (`hooks.restore`) replays the permutations before it and takes exactly the steps an uninterrupted
+    run takes; there is no other randomness (the base is encoded, the mixture has no dropout)."""
     optimiser = torch.optim.Adam([p for p in mixture.parameters() if p.requires_grad], lr=learning_rate)
+    done, losses = hooks.restore(mixture, optimiser) if hooks is not None else (0, [])
     generator = torch.Generator().manual_seed(recipe.seed)
-    losses = []
+    total = epochs * -(-len(data) // recipe.batch_size)
+    step = 0
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
         for start in range(0, len(data), recipe.batch_size):
+            step += 1
+            if step <= done:
+                continue
             index = order[start:start + recipe.batch_size]
-            ratio = pair_logps(mixture, data.take(index), head) - reference[index]
+            batch = data.take(index)
+            ratio = pair_logps(mixture, batch, head) - reference[index]
             loss = dpo_sigmoid_loss(ratio[:, 0], ratio[:, 1], recipe.beta).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
+            if hooks is not None:
+                tokens = 2 * int(batch.prompt_mask.sum()) + int(batch.mask.sum())
+                hooks.after_step(mixture, optimiser, step, total, losses, tokens)
     return losses
 
 
-def train_proxy(proxy: EncodedPairs, head: Tensor, recipe: MixtureRecipe) -> tuple[ModeMixture, list[float]]:
+def train_proxy(proxy: EncodedPairs, head: Tensor, recipe: MixtureRecipe,
+                hooks: DPOHooks | None = None) -> tuple[ModeMixture, list[float]]:
     """Stage 1 on the proxy pairs: τ̃ and Θ̃ against the base; the adapter stays the identity."""
     torch.manual_seed(recipe.seed)
     mixture = ModeMixture(head.shape[1], recipe.simplex_dim)
@@ -158,12 +171,13 @@ def train_proxy(proxy: EncodedPairs, head: Tensor, recipe: MixtureRecipe) -> tup
         mixture.theta.copy_(kmeans_modes(proxy.targets[:, 0], proxy.mask[:, 0], head, recipe.simplex_dim,
                                          recipe.seed, recipe.mode_norm))
     select_trainable(mixture, "proxy")
-    losses = dpo(mixture, proxy, proxy.base_logps, head, recipe.proxy_learning_rate, recipe.proxy_epochs, recipe)
+    losses = dpo(mixture, proxy, proxy.base_logps, head, recipe.proxy_learning_rate, recipe.proxy_epochs, recipe,
+                 hooks)
     return mixture, losses
 
 
-def train_adapter(stage1: ModeMixture, expert: EncodedPairs, head: Tensor,
-                  recipe: MixtureRecipe) -> tuple[ModeMixture, list[float]]:
+def train_adapter(stage1: ModeMixture, expert: EncodedPairs, head: Tensor, recipe: MixtureRecipe,
+                  hooks: DPOHooks | None = None) -> tuple[ModeMixture, list[float]]:
     """Stage 2 on the expert pairs: a copy of `stage1` whose adapter alone moves (centre: the assignment)."""
     mixture = ModeMixture(head.shape[1], recipe.simplex_dim)
     mixture.load_state_dict(stage1.state_dict())
@@ -178,7 +192,23 @@ def train_adapter(stage1: ModeMixture, expert: EncodedPairs, head: Tensor,
         centre = assignment_centre(assignment_score(weights, modes[0], modes[1], margin, recipe.beta))
     mixture.adapter.set_centre(centre, torch.zeros(recipe.simplex_dim))
     mixture.adapter.reset()
-    losses = dpo(mixture, expert, reference, head, recipe.adapter_learning_rate, recipe.adapter_epochs, recipe)
+    losses = dpo(mixture, expert, reference, head, recipe.adapter_learning_rate, recipe.adapter_epochs, recipe,
+                 hooks)
+    return mixture, losses
+
+
+def train_fine_tune(stage1: ModeMixture, expert: EncodedPairs, head: Tensor, recipe: MixtureRecipe,
+                    hooks: DPOHooks | None = None) -> tuple[ModeMixture, list[float]]:
+    """fine_tune on the expert pairs: a copy of `stage1` whose τ̃, Θ̃ and adapter all move, against the stage-1
+    mixture as reference (the base still never moves). No assignment centre: this plan lets the expert pairs
+    move everything, from where stage 1 left it."""
+    mixture = ModeMixture(head.shape[1], stage1.simplex_dim)
+    mixture.load_state_dict(stage1.state_dict())
+    select_trainable(mixture, "all")
+    with torch.no_grad():
+        reference = pair_logps(mixture, expert, head)
+    losses = dpo(mixture, expert, reference, head, recipe.fine_tune_learning_rate, recipe.fine_tune_epochs, recipe,
+                 hooks)
     return mixture, losses
 
 
@@ -212,15 +242,8 @@ def sample(model: Any, tokenizer: Any, mixture: ModeMixture, prompts: list[str],
 
 
 def save(mixture: ModeMixture, out: Path, base_model: str, recipe: MixtureRecipe) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in mixture.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / SPEC_FILE).write_text(json.dumps({"base_model": base_model, "hidden_size": mixture.theta.shape[1],
-                                             "recipe": asdict(recipe)}, indent=2))
-    return out
+    return save_mixture_dir(mixture, out, base_model, recipe.to_dict())
 
 
 def load(path: Path) -> tuple[ModeMixture, dict[str, Any]]:
-    spec = json.loads((path / SPEC_FILE).read_text())
-    mixture = ModeMixture(int(spec["hidden_size"]), int(spec["recipe"]["simplex_dim"]))
-    mixture.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-    return mixture, spec
+    return load_mixture_dir(path)

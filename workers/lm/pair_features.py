@@ -58,4 +58,6 @@ def pair_features(
             parts[f"{name}_rejected"].append(rejected)
         chosen, rejected = (logps1 - logps0).chunk(2)
         parts["proxy_margin"].append((beta * (chosen - rejected)).cpu())
-    return TextPairFeatures(**{name: torch.cat(blocks).double().numpy() for name, blocks in parts.items()})
+    arrays = {name: torch.cat(blocks).double().numpy() for name, blocks in parts.items()}
+    return TextPairFeatures(arrays["simplex_chosen"], arrays["simplex_rejected"], arrays["direct_chosen"],
+                            arrays["direct_rejected"], arrays["proxy_margin"])

@@ -1,16 +1,22 @@
-"""The language-model recipe and what each plan trains: one source for the retrain flow and `bench/lm_proxy.py`.
+"""The language-model recipes and what each plan trains: one source for the retrain flow and `bench/lm_proxy.py`.
 
-Stage 1 is DPO of the base model, with a D-simplex bottleneck, on the proxy pairs; the condition
-tests then read the stage-1 model, and the plan they choose decides what comes next:
+Two readings of paper 1's stack (docs/design.md, "Paper 1 on language models"), one recipe type each:
+`LMRecipe` for the D-simplex bottleneck, `MixtureRecipe` for the mode mixture over the frozen base (the
+chat flow's default). Stage 1 trains on the proxy pairs; the condition tests then read the stage-1 model,
+and the plan they choose decides what comes next:
 
   proxy_as_is  nothing: the stage-1 model is the policy
-  two_stage    DPO on the expert pairs of the bottleneck's D×D adapter alone (paper 1's stage 2)
-  fine_tune    DPO on the expert pairs of every weight, from the stage-1 model
-  expert_only  DPO on the expert pairs of the base model (no proxy data at all)
+  two_stage    DPO on the expert pairs of the D×D adapter alone (paper 1's stage 2)
+  fine_tune    DPO on the expert pairs from the stage-1 model: every weight (bottleneck), or τ̃, Θ̃ and
+               the adapter (mixture: the base never moves)
+  expert_only  DPO on the expert pairs of the base model (no proxy data at all), in both readings
   refuse       nothing is trained or released
 
 `pooled` (DPO of the base model on proxy and expert pairs together, at equal weight: what proxyloop
-did before the condition tests ran on text) is kept as the bench's baseline, not as a plan.
+did before the condition tests ran on text) is kept as the bench's baseline, not as a plan; like
+expert_only it is full-model DPO, whichever reading the recipe is.
+
+This module imports no torch: the flow builds its requests from it (tests/flows/test_import_cost.py).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from typing import Any, Literal
 from ground.schemas import LMTrainingRequest, Plan
 
 Recipe = Literal["stage1", "two_stage", "fine_tune", "expert_only", "pooled"]
+Reading = Literal["mixture", "bottleneck"]
+MixtureStage = Literal["proxy", "adapter", "all"]
+MIXTURE_STAGES: dict[Recipe, MixtureStage] = {"stage1": "proxy", "two_stage": "adapter", "fine_tune": "all"}
+CHECKPOINTS_PER_RUN = 8  # a mixture run's checkpoints when its recipe leaves checkpoint_every at 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,59 @@ class LMRecipe:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MixtureRecipe:
+    """The mode mixture's recipe. Chosen on tuning seeds 0-1 of bench/lm_proxy.py (docs/benchmarks.md, 2026-11-30),
+    except fine_tune's (not tuned yet: stage 2's settings) and the full-model DPO of expert_only and pooled, which
+    are LMRecipe's (`lm_recipe`)."""
+
+    simplex_dim: int = 8
+    mode_norm: float = 3.0  # Θ̃'s k-means start: mean norm of the mode vectors
+    beta: float = 0.5
+    batch_size: int = 16
+    proxy_learning_rate: float = 1e-2
+    proxy_epochs: int = 20  # tuning seeds 0-1, relabelled: 10 epochs gave two-stage@50 0.49 / 0.38, 20 gave 0.53 / 0.46
+    adapter_learning_rate: float = 1e-2
+    adapter_epochs: int = 10
+    fine_tune_learning_rate: float = 1e-2
+    fine_tune_epochs: int = 10
+    expert_learning_rate: float = LMRecipe.expert_learning_rate  # expert_only: full-model DPO as in LMRecipe
+    expert_epochs: int = LMRecipe.expert_epochs
+    # Optimiser steps between a worker run's checkpoints; 0: the run's steps / CHECKPOINTS_PER_RUN, rounded up. The
+    # steps are cheap (a few small tensors) and every checkpoint is evaluated, so a run keeps a few whatever its size.
+    checkpoint_every: int = 0
+    max_length: int = LMRecipe.max_length  # expert_only and pooled only: the mixture scores whole pairs
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lm_recipe(self) -> LMRecipe:
+        """The full-model DPO settings of expert_only and pooled (the reading does not change them)."""
+        return LMRecipe(beta=self.beta, batch_size=self.batch_size, expert_learning_rate=self.expert_learning_rate,
+                        expert_epochs=self.expert_epochs,
+                        checkpoint_every=self.checkpoint_every or LMRecipe.checkpoint_every,
+                        max_length=self.max_length, seed=self.seed)
+
+
+RECIPES: dict[Reading, type[LMRecipe] | type[MixtureRecipe]] = {"mixture": MixtureRecipe, "bottleneck": LMRecipe}
+
+
+def reading_recipe(reading: Reading, overrides: dict[str, Any]) -> LMRecipe | MixtureRecipe:
+    """The reading's recipe with `overrides`; a key the reading's recipe does not have is an error."""
+    kind = RECIPES[reading]
+    known = sorted(kind().to_dict())
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} for the {reading} reading's {kind.__name__}; known: {known}")
+    return kind(**overrides)
+
+
+def _mixture_config(recipe: MixtureRecipe, stage: MixtureStage) -> dict[str, Any]:
+    """`proxyloop.train_lm`'s config of a mixture stage: the reading, the stage and the whole recipe."""
+    return {"reading": "mixture", "mixture_stage": stage, **recipe.to_dict()}
+
+
 def _config(recipe: LMRecipe, learning_rate: float, epochs: int, max_steps: int = 0, **extra: Any) -> dict[str, Any]:
     return {"loss_type": "sigmoid", "beta": recipe.beta, "learning_rate": learning_rate,
             "batch_size": recipe.batch_size, "epochs": epochs, "max_steps": max_steps,
@@ -55,12 +118,17 @@ def _config(recipe: LMRecipe, learning_rate: float, epochs: int, max_steps: int 
 
 
 def recipe_request(
-    recipe_name: Recipe, recipe: LMRecipe, *, run_id: str, base_model: str, dataset: str, output_dir: Path | str,
+    recipe_name: Recipe, recipe: LMRecipe | MixtureRecipe, *, run_id: str, base_model: str, dataset: str,
+    output_dir: Path | str,
 ) -> LMTrainingRequest:
-    """The `proxyloop.train_lm` request of one recipe. `base_model` is the stage-1 checkpoint for two_stage and
-    fine_tune, the base model otherwise; `dataset` the proxy pairs for stage1, the expert pairs (pooled: both)
-    otherwise."""
-    if recipe_name == "stage1":
+    """The `proxyloop.train_lm` request of one recipe, in the recipe's reading. `base_model` is the stage-1
+    checkpoint for two_stage and fine_tune, the base model otherwise; `dataset` the proxy pairs for stage1, the
+    expert pairs (pooled: both) otherwise."""
+    if isinstance(recipe, MixtureRecipe) and recipe_name not in MIXTURE_STAGES:  # full-model DPO: no mixture
+        recipe = recipe.lm_recipe()
+    if isinstance(recipe, MixtureRecipe):
+        config = _mixture_config(recipe, MIXTURE_STAGES[recipe_name])
+    elif recipe_name == "stage1":
         config = _config(recipe, recipe.proxy_learning_rate, recipe.proxy_epochs, recipe.proxy_max_steps,
                          simplex_dim=recipe.simplex_dim, train_parts=recipe.stage1_parts)
     elif recipe_name == "pooled":
@@ -76,10 +144,11 @@ def recipe_request(
 
 
 def plan_request(
-    plan: Plan, recipe: LMRecipe, *, run_id: str, base_model: str, stage1_checkpoint: str, expert_pairs: str,
-    output_dir: Path | str,
+    plan: Plan, recipe: LMRecipe | MixtureRecipe, *, run_id: str, base_model: str, stage1_checkpoint: str,
+    expert_pairs: str, output_dir: Path | str,
 ) -> LMTrainingRequest | None:
-    """What `plan` trains after stage 1: None when the stage-1 model is the policy (proxy_as_is)."""
+    """What `plan` trains after stage 1, in the recipe's reading: None when the stage-1 model is the policy
+    (proxy_as_is)."""
     if plan == "refuse":
         raise ValueError("plan 'refuse' trains nothing; the run stops before training")
     if plan == "proxy_as_is":

@@ -1,4 +1,5 @@
-"""Celery tasks of language-model policies: `proxyloop.train_lm` (DPO/IPO/hinge or SFT, queue `gpu`),
+"""Celery tasks of language-model policies: `proxyloop.train_lm` (DPO/IPO/hinge or SFT, or a stage of the mode
+mixture with config `reading="mixture"` (`mixture_run.py`), queue `gpu`),
 `proxyloop.evaluate_lm` (held-out pairwise accuracy and indicators per checkpoint, queue `cpu`) and
 `proxyloop.text_conditions` (paper 1's condition tests on a stage-1 model, queue `gpu`: it runs the models).
 

@@ -38,7 +38,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -51,7 +51,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = json.loads((path / "optimizer.json").read_text())
     state: dict[int, dict[str, Any]] = {}
@@ -72,7 +72,7 @@ def save_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    tensors, meta = _optimizer_tensors(optimizer)
+    tensors, meta = optimizer_tensors(optimizer)
     save_file(tensors, str(partial / "optimizer.safetensors"))
     (partial / "optimizer.json").write_text(json.dumps(meta))
     rng = {"torch": torch.get_rng_state()}
@@ -89,7 +89,7 @@ def save_checkpoint(
 
 def restore_training_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load optimiser and RNG state from checkpoint `path` (the model is loaded by the caller); returns state.json."""
-    _restore_optimizer(optimizer, path)
+    restore_optimizer(optimizer, path)
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

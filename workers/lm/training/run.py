@@ -3,7 +3,9 @@
 Idempotent by run id: a finished run returns its stored `result.json`; an interrupted one resumes
 from its newest checkpoint (weights, optimiser, RNG, losses so far). Reference log-probs are
 computed once per run, before the first step, and cached as `reference_logps.safetensors`; pairs an earlier
-run scored with the same reference come from the shared cache (`reference_cache.py`) instead.
+run scored with the same reference come from the shared cache (`reference_cache.py`) instead. A request for
+the mode-mixture reading (config `reading="mixture"`) is trained by `workers/lm/mixture_run.py`, with the same
+idempotence, resume and result.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ground.schemas import LMTrainingRequest
 from ground.settings import get_settings
 from policies.lm.simplex_bottleneck import attach_bottleneck, bottleneck_of, select_trainable
 from workers.device import select_device
+from workers.lm.mixture_run import is_mixture_request, train_mixture
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.checkpoint import latest_checkpoint
 from workers.lm.training.data import load_jsonl, tokenize_pairs
@@ -96,11 +99,14 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
     """Train (or resume, or return the finished result of) `request.run_id` on `ranks` processes.
 
     One rank trains in this process; more are started by torchrun (`distributed.launch`), each on its
-    own device (or sharing the CPU, with gloo), rank 0 reporting progress and writing the result.
+    own device (or sharing the CPU, with gloo), rank 0 reporting progress and writing the result. A mixture run
+    trains in this process whatever `ranks` says: its steps are on a few small tensors.
     """
     result_path = Path(request.output_dir) / "result.json"
     if result_path.exists():
         return dict(json.loads(result_path.read_text()))
+    if is_mixture_request(request):
+        return train_mixture(request, progress, worker)
     if ranks == 1:
         return train_in_process(request, progress, worker, Ranks.single())
     config = parse_config(request.method, request.config)  # a bad config fails here, before any rank starts
