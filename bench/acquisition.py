@@ -16,14 +16,14 @@ Families:
             cross-validation of that prior, `--cv-prior` restores it); score: `feature_scores`
             (BALD over a bootstrap ensemble of adapters; the relabellings below 5 labels).
             Accuracy: agreement with the expert's more likely output on all 3 pairs of held-out inputs.
-  chat      The generated chat task (ingest/synthetic_judges.py), judges that satisfy the conditions.
-            Stage 1: the tiny LM trained once per world with DPO and its simplex bottleneck on the judge's
-            proxy pairs (the worker's training function); its features of every pool and held-out pair
-            computed once (workers/lm/pair_features.py). Refit per batch: a Bradley–Terry logistic adapter
-            (MAP, prior N(0, I/precision)) on the stage-1 DPO margin and simplex differences, each crossed
-            with the prompt's theme. The LM is not retrained per batch. Score: `text_scores` BALD over
-            draws from the logistic adapter's Laplace posterior (`logistic_posterior_margins`).
-            Accuracy: agreement with the sign of the gold-reward difference on held-out pairs (ties: ½).
+  chat      The generated chat task (ingest/synthetic_judges.py), judges that satisfy the conditions, on the
+            mode-mixture reading (the project's default; policies/lm/mode_mixture.py). Stage 1 once per world:
+            `train_proxy` on the judge's proxy pairs over the frozen tiny base (the worker's function, seconds
+            on CPU); the mixture's terms of every pool and held-out pair read once (`mixture_pair_features`).
+            Refit per batch: stage 2's relabelling of the D modes, `fit_relabelling` on the labels so far (none:
+            the identity, stage 1 as is). Score: `relabelling_scores`, greedy BatchBALD over relabellings drawn
+            from their posterior given the labels so far. Accuracy: the relabelled mixture's margin
+            (`relabelled_margin`) against the sign of the gold-reward difference on held-out pairs (ties: ½).
 
 Headline (last line, JSON): `labels_ratio` = random ÷ ranked expert labels to reach the target, the
 accuracy the averaged random curve reaches at 100 labels; each order's labels from its averaged curve
@@ -63,14 +63,14 @@ from bench.acquisition_parts import (  # noqa: E402
     ChatWorldLoop,
     FamilyResult,
     FeatureWorld,
-    TextAdapterConfig,
+    MixtureBase,
     bootstrap_ratios,
     labels_ratio,
     mean_curve,
     run_loop,
     stack_refresh,
 )
-from policies.acquisition import EnsembleConfig  # noqa: E402
+from policies.acquisition import EnsembleConfig, RelabellingConfig  # noqa: E402
 
 REFERENCE = 100  # target = random order's averaged accuracy at this many labels
 TUNING_SEEDS = [0, 1, 2]
@@ -78,21 +78,39 @@ BOOTSTRAP = 1000
 TARGETS = {"labels_ratio": (">=", 2.0), "refresh_s": ("<=", 60.0)}
 # Score hyper-parameters, chosen on the tuning seeds 0–2 (docs/benchmarks.md, "Expert-label acquisition").
 FEATURE_ENSEMBLE = EnsembleConfig()  # 5 bootstrap adapters at the stage prior; relabellings below 5 labels
-TEXT_ADAPTER = TextAdapterConfig(scale=4.0)  # precision 2 (the text tests'), 16 Laplace draws spread x4
+CHAT_SCORE = RelabellingConfig(batch=BATCH)  # 128 posterior draws at temperature 3; BatchBALD batches of one refit
 QUICK: dict[str, Any] = {
-    "kinds": ("permuted", "tempered"), "feature_seeds": (100, 101, 102), "n_proxy": 3000, "pool": 300, "test": 1000,
-    "judges": ("relabelled", "tempered"), "chat_seeds": (100, 101, 102), "chat_proxy": 1000, "chat_pool": 600,
-    "chat_test": 600}
+    "kinds": ("permuted", "tempered"),
+    "feature_seeds": (100, 101, 102),
+    "n_proxy": 3000,
+    "pool": 300,
+    "test": 1000,
+    "judges": ("relabelled", "tempered"),
+    "chat_seeds": (100, 101, 102),
+    "chat_proxy": 2000,
+    "chat_pool": 600,
+    "chat_test": 600,
+}
 FULL: dict[str, Any] = {
-    "kinds": ("permuted", "tempered", "invertible", "more_outputs"), "feature_seeds": tuple(range(100, 110)),
-    "n_proxy": 8000, "pool": 400, "test": 2000, "judges": ("relabelled", "tempered"),
-    "chat_seeds": tuple(range(100, 105)), "chat_proxy": 2000, "chat_pool": 600, "chat_test": 600}
+    "kinds": ("permuted", "tempered", "invertible", "more_outputs"),
+    "feature_seeds": tuple(range(100, 110)),
+    "n_proxy": 8000,
+    "pool": 400,
+    "test": 2000,
+    "judges": ("relabelled", "tempered"),
+    "chat_seeds": tuple(range(100, 105)),
+    "chat_proxy": 4000,
+    "chat_pool": 600,
+    "chat_test": 600,
+}
 
 
-STACK_COVERS = ("embedded stack: Label Studio server (task listing) + Kafka (expert label) + consumer + store + "
-                "ML-backend /webhook -> Prefect event -> refresh-acquisition deployment run -> feature_scores -> "
-                "score cache -> HTTP app /predict; not Label Studio's own webhook delivery (the bench posts the "
-                "label to Kafka and the ML webhook itself) nor Label Studio fetching the new predictions")
+STACK_COVERS = (
+    "embedded stack: Label Studio server (task listing) + Kafka (expert label) + consumer + store + "
+    "ML-backend /webhook -> Prefect event -> refresh-acquisition deployment run -> feature_scores -> "
+    "score cache -> HTTP app /predict; not Label Studio's own webhook delivery (the bench posts the "
+    "label to Kafka and the ML webhook itself) nor Label Studio fetching the new predictions"
+)
 
 
 def say(message: str, started: float) -> None:
@@ -103,13 +121,15 @@ def _line(curve: dict[int, float]) -> str:
     return " ".join(f"{n}:{curve[n]:.3f}" for n in (5, 10, 20, 40, 70, 100) if n in curve)
 
 
-def run_features(preset: dict[str, Any], seeds: list[int], budget: int, cv_prior: bool,
-                 started: float) -> tuple[FamilyResult, FeatureWorld]:
+def run_features(
+    preset: dict[str, Any], seeds: list[int], budget: int, cv_prior: bool, started: float
+) -> tuple[FamilyResult, FeatureWorld]:
     result, world = FamilyResult(), None
     for seed in seeds:
         for kind in preset["kinds"]:
-            world = FeatureWorld.build(seed, kind, preset["n_proxy"], preset["pool"], preset["test"],
-                                       FEATURE_ENSEMBLE, cv_prior)
+            world = FeatureWorld.build(
+                seed, kind, preset["n_proxy"], preset["pool"], preset["test"], FEATURE_ENSEMBLE, cv_prior
+            )
             random, ranked = run_loop(world, "random", budget, seed), run_loop(world, "ranked", budget, seed)
             result.add(seed, random, ranked)
             say(f"features {kind} seed {seed}: random {_line(random)} | ranked {_line(ranked)}", started)
@@ -120,29 +140,29 @@ def run_features(preset: dict[str, Any], seeds: list[int], budget: int, cv_prior
 def run_chat(preset: dict[str, Any], seeds: list[int], budget: int, started: float) -> tuple[FamilyResult, list[float]]:
     from transformers.utils import logging as hf_logging
 
-    from bench.lm_proxy_parts import Trainer, build_base
+    from bench.lm_proxy_parts import build_base
     from ingest.synthetic_judges import make_world
-    from policies.lm.simplex_bottleneck import load_causal_lm_dir
-    from workers.lm.models import load_tokenizer
-    from workers.lm.plans import LMRecipe
+    from workers.lm.mode_mixture_training import MixtureRecipe
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="acquisition-chat-"))
     try:
-        base = build_base("tiny", work, make_world(0, "tempered"))
-        trainer = Trainer(work, base, LMRecipe())
-        tokenizer, base_model = load_tokenizer(base), load_causal_lm_dir(base, "cpu")
+        base = MixtureBase.load(build_base("tiny", work, make_world(0, "tempered")), MixtureRecipe())
         result, proxy_accuracy = FamilyResult(), []
         for seed in seeds:
             for judge in preset["judges"]:
-                world = ChatWorldLoop.build(seed, judge, preset["chat_proxy"], preset["chat_pool"], preset["chat_test"],
-                                            TEXT_ADAPTER, trainer, base, tokenizer, base_model)
+                world = ChatWorldLoop.build(
+                    seed, judge, preset["chat_proxy"], preset["chat_pool"], preset["chat_test"], CHAT_SCORE, base
+                )
                 random, ranked = run_loop(world, "random", budget, seed), run_loop(world, "ranked", budget, seed)
                 result.add(seed, random, ranked)
                 proxy_accuracy.append(world.proxy_accuracy)
-                say(f"chat {judge} seed {seed}: stage-1 margin agrees with gold on {world.proxy_accuracy:.3f}; "
-                    f"random {_line(random)} | ranked {_line(ranked)}", started)
+                say(
+                    f"chat {judge} seed {seed}: stage 1 agrees with gold on {world.proxy_accuracy:.3f}; "
+                    f"random {_line(random)} | ranked {_line(ranked)}",
+                    started,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result, proxy_accuracy
@@ -173,14 +193,19 @@ def measure_refresh(world: FeatureWorld, n_labels: int, repeats: int) -> tuple[f
             start = time.perf_counter()
             scores = world.scores(world.refit(chosen), chosen, open_tasks, r)
             write_cache(settings, ScoreCache.from_scores(open_tasks, scores, f"bench@{len(chosen)}"))
-            answer = client.post(f"{ML_BACKEND_PREFIX}/predict", headers={"X-Proxyloop-Secret": "bench"},
-                                 json={"tasks": [{"id": t} for t in open_tasks]}).json()
+            answer = client.post(
+                f"{ML_BACKEND_PREFIX}/predict",
+                headers={"X-Proxyloop-Secret": "bench"},
+                json={"tasks": [{"id": t} for t in open_tasks]},
+            ).json()
             times.append(time.perf_counter() - start)
             assert answer["model_version"] == f"bench@{len(chosen)}", answer["model_version"]
-    covers = (f"in-process: refit + feature_scores over {len(open_tasks)} open tasks ({FEATURE_ENSEMBLE.size} "
-              "bootstrap adapters) + ScoreCache write + ML-backend /predict answered with the new scores; NOT the "
-              "Kafka/Prefect trigger and flow-run start (bench/trigger_latency.py: event_to_flow_s), the flow's "
-              "Label Studio task listing, nor Label Studio fetching the prediction")
+    covers = (
+        f"in-process: refit + feature_scores over {len(open_tasks)} open tasks ({FEATURE_ENSEMBLE.size} "
+        "bootstrap adapters) + ScoreCache write + ML-backend /predict answered with the new scores; NOT the "
+        "Kafka/Prefect trigger and flow-run start (bench/trigger_latency.py: event_to_flow_s), the flow's "
+        "Label Studio task listing, nor Label Studio fetching the prediction"
+    )
     return float(np.median(times)), covers
 
 
@@ -188,12 +213,17 @@ def family_figures(result: FamilyResult, rng: np.random.Generator) -> dict[str, 
     random, ranked = result.flat()
     figure = labels_ratio(random, ranked, REFERENCE)
     boot = bootstrap_ratios(result.random, result.ranked, REFERENCE, BOOTSTRAP, rng)
-    return {"ratio": round(figure.ratio, 3), "ci": [round(float(np.percentile(boot, q)), 3) for q in (2.5, 97.5)],
-            "boot": boot, "random_labels": round(figure.random_labels, 1),
-            "ranked_labels": round(figure.ranked_labels, 1), "ranked_reached": figure.ranked_reached,
-            "target_accuracy": round(figure.target, 4),
-            "random_curve": {str(n): round(v, 4) for n, v in mean_curve(random).items()},
-            "ranked_curve": {str(n): round(v, 4) for n, v in mean_curve(ranked).items()}}
+    return {
+        "ratio": round(figure.ratio, 3),
+        "ci": [round(float(np.percentile(boot, q)), 3) for q in (2.5, 97.5)],
+        "boot": boot,
+        "random_labels": round(figure.random_labels, 1),
+        "ranked_labels": round(figure.ranked_labels, 1),
+        "ranked_reached": figure.ranked_reached,
+        "target_accuracy": round(figure.target, 4),
+        "random_curve": {str(n): round(v, 4) for n, v in mean_curve(random).items()},
+        "ranked_curve": {str(n): round(v, 4) for n, v in mean_curve(ranked).items()},
+    }
 
 
 def main() -> None:
@@ -257,20 +287,38 @@ def main() -> None:
     met["refresh_s"] = refresh_s is not None and refresh_s <= TARGETS["refresh_s"][1]
     seconds = time.perf_counter() - started
     print(f"\ntargets met: {json.dumps(met)}; {seconds:.0f} s")
-    print(json.dumps({
-        "labels_ratio": labels_ratio_out, "labels_ratio_ci": labels_ratio_ci,
-        "refresh_s": None if refresh_s is None else round(refresh_s, 3), "refresh_covers": covers,
-        "targets": TARGETS, "targets_met": met, "families": families, **extra,
-        "reference_labels": REFERENCE, "batch": BATCH, "budget": args.budget, "seeds": seeds_used,
-        "tuning_seeds": TUNING_SEEDS, "quick": args.quick, "cv_prior": args.cv_prior,
-        "hyperparameters": {
-            "feature_ensemble": {"size": FEATURE_ENSEMBLE.size, "min_labels": FEATURE_ENSEMBLE.min_labels,
-                                 "recipe": asdict(FEATURE_ENSEMBLE.recipe)},
-            "text_adapter": asdict(TEXT_ADAPTER)},
-        "preset": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()},
-        "device": f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}",
-        "seconds": round(seconds, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "labels_ratio": labels_ratio_out,
+                "labels_ratio_ci": labels_ratio_ci,
+                "refresh_s": None if refresh_s is None else round(refresh_s, 3),
+                "refresh_covers": covers,
+                "targets": TARGETS,
+                "targets_met": met,
+                "families": families,
+                **extra,
+                "reference_labels": REFERENCE,
+                "batch": BATCH,
+                "budget": args.budget,
+                "seeds": seeds_used,
+                "tuning_seeds": TUNING_SEEDS,
+                "quick": args.quick,
+                "cv_prior": args.cv_prior,
+                "hyperparameters": {
+                    "feature_ensemble": {
+                        "size": FEATURE_ENSEMBLE.size,
+                        "min_labels": FEATURE_ENSEMBLE.min_labels,
+                        "recipe": asdict(FEATURE_ENSEMBLE.recipe),
+                    },
+                    "chat_score": asdict(CHAT_SCORE),
+                },
+                "preset": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()},
+                "device": f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.machine()}",
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -23,15 +23,16 @@ from ingest.synthetic_families import appendix_d_family, draw_triples
 from policies.acquisition import (
     AcquisitionScores,
     EnsembleConfig,
+    RelabellingConfig,
     feature_scores,
-    logistic_posterior_margins,
     rank,
-    text_scores,
+    relabelling_scores,
 )
 from policies.features.fitting import ADAPTER_STAGE, fit_adapter, fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE
-from policies.lm.conditions import fit_bradley_terry
+from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin
+from workers.lm.mode_mixture_training import EncodedPairs, MixtureRecipe, encode_pairs, train_proxy
 
 BATCH = 5  # expert labels per batch; the adapter is refitted after each
 Order = Literal["random", "ranked"]
@@ -73,8 +74,7 @@ class RatioFigure:
     target: float
 
 
-def labels_ratio(random: Sequence[dict[int, float]], ranked: Sequence[dict[int, float]],
-                 reference: int) -> RatioFigure:
+def labels_ratio(random: Sequence[dict[int, float]], ranked: Sequence[dict[int, float]], reference: int) -> RatioFigure:
     """Target = the averaged random curve's accuracy at `reference` labels; labels each averaged curve
     needs to reach it (`labels_to_target`); their ratio, random ÷ ranked."""
     random_mean, ranked_mean = mean_curve(random), mean_curve(ranked)
@@ -84,8 +84,13 @@ def labels_ratio(random: Sequence[dict[int, float]], ranked: Sequence[dict[int, 
     return RatioFigure(random_labels / ranked_labels, random_labels, ranked_labels, reached, target)
 
 
-def bootstrap_ratios(random: dict[int, list[dict[int, float]]], ranked: dict[int, list[dict[int, float]]],
-                     reference: int, resamples: int, rng: np.random.Generator) -> list[float]:
+def bootstrap_ratios(
+    random: dict[int, list[dict[int, float]]],
+    ranked: dict[int, list[dict[int, float]]],
+    reference: int,
+    resamples: int,
+    rng: np.random.Generator,
+) -> list[float]:
     """The ratio over `resamples` resamples of the seeds (keys; each seed's worlds travel together)."""
     seeds = sorted(random)
     out = []
@@ -110,8 +115,9 @@ class World(Protocol):
     def scores(self, model: Any, chosen: Sequence[int], open_tasks: Sequence[int], seed: int) -> AcquisitionScores: ...
 
 
-def run_loop(world: World, order: Order, budget: int, seed: int,
-             on_batch: Callable[[int, float], None] | None = None) -> dict[int, float]:
+def run_loop(
+    world: World, order: Order, budget: int, seed: int, on_batch: Callable[[int, float], None] | None = None
+) -> dict[int, float]:
     """Held-out accuracy after each batch of BATCH labels, up to `budget`: in random order (a fixed
     permutation of the pool from `seed`) or ranked (the open task with the highest acquisition score
     under the adapter refitted on every label so far, BATCH at a time)."""
@@ -121,7 +127,7 @@ def run_loop(world: World, order: Order, budget: int, seed: int,
     curve: dict[int, float] = {}
     while len(chosen) < budget:
         if order == "random":
-            batch = permutation[len(chosen):len(chosen) + BATCH]
+            batch = permutation[len(chosen) : len(chosen) + BATCH]
         else:
             taken = set(chosen)
             open_tasks = [i for i in permutation if i not in taken]  # pool order breaks exact ties at random
@@ -162,8 +168,16 @@ class FeatureWorld:
     n_pool: int = 0
 
     @classmethod
-    def build(cls, seed: int, kind: str, n_proxy: int, n_pool: int, n_test: int, ensemble: EnsembleConfig,
-              cv_prior: bool = False) -> FeatureWorld:
+    def build(
+        cls,
+        seed: int,
+        kind: str,
+        n_proxy: int,
+        n_pool: int,
+        n_test: int,
+        ensemble: EnsembleConfig,
+        cv_prior: bool = False,
+    ) -> FeatureWorld:
         world = appendix_d_family(seed, kind)
         rng = np.random.default_rng([seed, 1700])
         with torch.random.fork_rng(devices=[]):  # torch seeds itself at random per process: fix the init
@@ -177,11 +191,25 @@ class FeatureWorld:
         probs = world.expert_probs(x)
         rows = np.arange(n_pool)
         a_wins = rng.random(n_pool) < probs[rows, y_a] / (probs[rows, y_a] + probs[rows, y_b])
-        labels = [FeatureTriple(x=x[i].tolist(), y_w=int(y_a[i] if a_wins[i] else y_b[i]),
-                                y_l=int(y_b[i] if a_wins[i] else y_a[i])) for i in range(n_pool)]
+        labels = [
+            FeatureTriple(
+                x=x[i].tolist(), y_w=int(y_a[i] if a_wins[i] else y_b[i]), y_l=int(y_b[i] if a_wins[i] else y_a[i])
+            )
+            for i in range(n_pool)
+        ]
         test_x = rng.standard_normal((n_test, world.input_dim))
-        return cls(stack.eval(), labels, x, y_a, y_b, torch.tensor(test_x, dtype=torch.float32),
-                   world.expert_log_probs(test_x), ensemble, cv_prior, n_pool)
+        return cls(
+            stack.eval(),
+            labels,
+            x,
+            y_a,
+            y_b,
+            torch.tensor(test_x, dtype=torch.float32),
+            world.expert_log_probs(test_x),
+            ensemble,
+            cv_prior,
+            n_pool,
+        )
 
     def refit(self, chosen: Sequence[int]) -> TwoStagePolicy:
         model = copy.deepcopy(self.stack)
@@ -203,110 +231,128 @@ class FeatureWorld:
         agree = [np.sign(lp[:, a] - lp[:, b]) == np.sign(gold[:, a] - gold[:, b]) for a, b in ((0, 1), (0, 2), (1, 2))]
         return float(np.mean(agree))
 
-    def scores(self, model: TwoStagePolicy, chosen: Sequence[int], open_tasks: Sequence[int],
-               seed: int) -> AcquisitionScores:
+    def scores(
+        self, model: TwoStagePolicy, chosen: Sequence[int], open_tasks: Sequence[int], seed: int
+    ) -> AcquisitionScores:
         rows = np.asarray(open_tasks)
-        config = EnsembleConfig(size=self.ensemble.size, min_labels=self.ensemble.min_labels, seed=seed,
-                                recipe=self.ensemble.recipe)
-        return feature_scores(model, [self.labels[i] for i in chosen], self.x[rows], self.y_a[rows], self.y_b[rows],
-                              config)
+        config = EnsembleConfig(
+            size=self.ensemble.size, min_labels=self.ensemble.min_labels, seed=seed, recipe=self.ensemble.recipe
+        )
+        return feature_scores(
+            model, [self.labels[i] for i in chosen], self.x[rows], self.y_a[rows], self.y_b[rows], config
+        )
 
 
 # ------------------------------------------------------------------------------- the generated chat task
 
 
-@dataclass(frozen=True)
-class TextAdapterConfig:
-    """The chat task's adapter and its bootstrap ensemble."""
+@dataclass
+class MixtureBase:
+    """The frozen tiny base every chat world's mode mixture reads (workers/lm/mode_mixture_training.py)."""
 
-    precision: float = 2.0  # Gaussian prior N(0, I/precision) on the adapter's weights (the text tests' value)
-    ensemble: int = 16  # draws from the adapter's Laplace posterior whose disagreement (BALD) is the score
-    scale: float = 1.0  # the draws' spread around the MAP, in units of the posterior's (a score hyper-parameter)
+    model: Any
+    tokenizer: Any
+    head: torch.Tensor  # the base's unembedding, [vocab, hidden]
+    recipe: MixtureRecipe
+
+    @classmethod
+    def load(cls, base: Path, recipe: MixtureRecipe) -> MixtureBase:
+        from policies.lm.simplex_bottleneck import load_causal_lm_dir
+        from workers.lm.models import load_tokenizer
+
+        model = load_causal_lm_dir(base, "cpu").eval()
+        return cls(model, load_tokenizer(base), model.get_output_embeddings().weight.detach().float(), recipe)
+
+    def encode(self, pairs: Sequence[PairwiseText], source: str) -> EncodedPairs:
+        from bench.lm_proxy_parts import pair_rows
+
+        return encode_pairs(self.model, self.tokenizer, pair_rows(pairs, source))
 
 
-def chat_design(features: Any, prompts: Sequence[str]) -> np.ndarray:
-    """The chat adapter's inputs per pair (a vs b): the stage-1 model's DPO margin and its simplex
-    coordinates' difference (mean log s of a's tokens − b's), each crossed with the prompt's theme
-    (one-hot), scaled to unit RMS: the stage-1 proxy's outputs, re-weighted per theme."""
-    from ingest.synthetic_judges import THEMES, theme_of
-
-    themes = np.eye(len(THEMES))[[list(THEMES).index(theme_of(p)) for p in prompts]]
-    simplex = features.simplex_chosen - features.simplex_rejected
-    simplex = simplex / np.sqrt((simplex**2).mean(axis=0)).clip(min=1e-12)
-    margin = features.proxy_margin / max(float(np.sqrt((features.proxy_margin**2).mean())), 1e-12)
-    crossed = (simplex[:, :, None] * themes[:, None, :]).reshape(len(prompts), -1)
-    result: np.ndarray = np.hstack([margin[:, None] * themes, crossed])
-    return result
+def oriented(terms: MixtureTerms, sign: np.ndarray) -> MixtureTerms:
+    """`terms` of pairs read a vs b, turned chosen first by the expert's labels (`sign` +1: a chosen, −1: b)."""
+    flip = sign < 0
+    column = flip[:, None]
+    return MixtureTerms(
+        terms.log_weights,
+        np.where(column, terms.mode_rejected, terms.mode_chosen),
+        np.where(column, terms.mode_chosen, terms.mode_rejected),
+        np.where(flip, terms.base_rejected, terms.base_chosen),
+        np.where(flip, terms.base_chosen, terms.base_rejected),
+        terms.prompt_code,
+        terms.beta,
+    )
 
 
 @dataclass
 class ChatWorldLoop:
-    """One chat world (seed, judge): a stage-1 LM trained on the judge's proxy pairs (the worker's
-    training function, bench/lm_proxy_parts.Trainer), its features of every pool and held-out pair
-    computed once (workers/lm/pair_features.py), and a logistic adapter on them refitted per batch:
-    MAP Bradley–Terry (policies.lm.conditions.fit_bradley_terry, the text condition tests' learner)
-    on `chat_design`. The LM itself is not retrained per batch (a DPO run per batch is minutes on CPU)."""
+    """One chat world (seed, judge) on the mode-mixture reading: stage 1 = `train_proxy` on the judge's proxy pairs
+    over the frozen base (the worker's function, seconds on CPU), its terms of every pool and held-out pair read once
+    (`mixture_pair_features`, pairs read a vs b so the label stays hidden). Refit per batch: stage 2's relabelling of
+    the D modes fitted on the labels so far (`fit_relabelling`; no label: the identity, stage 1 as is); accuracy:
+    the relabelled mixture's margin (`relabelled_margin`) against the sign of the gold-reward difference. Score:
+    `relabelling_scores`, BALD over relabellings drawn from their posterior given the labels so far."""
 
-    design: np.ndarray  # [n_pool + n_test, p]
+    pool: MixtureTerms  # [n_pool] a vs b
+    test: MixtureTerms  # [n_test] a vs b
     sign: np.ndarray  # [n_pool] +1 where the expert chose a, −1 where b
     gold: np.ndarray  # [n_test] gold reward of a − b (nonzero)
-    config: TextAdapterConfig
+    config: RelabellingConfig
     n_pool: int = 0
-    proxy_accuracy: float = 0.0  # the stage-1 margin's agreement with gold on the held-out pairs
+    proxy_accuracy: float = 0.0  # stage 1 (the identity relabelling) against gold on the held-out pairs
 
     @classmethod
-    def build(cls, seed: int, judge: str, n_proxy: int, n_pool: int, n_test: int, config: TextAdapterConfig,
-              trainer: Any, base: Path, tokenizer: Any, base_model: Any) -> ChatWorldLoop:
-        from bench.lm_proxy_parts import pair_rows
+    def build(
+        cls, seed: int, judge: str, n_proxy: int, n_pool: int, n_test: int, config: RelabellingConfig, base: MixtureBase
+    ) -> ChatWorldLoop:
         from ingest.synthetic_judges import make_world
-        from policies.lm.simplex_bottleneck import load_causal_lm_dir
-        from workers.lm.pair_features import pair_features
-        from workers.lm.training.data import tokenize_pairs
+        from workers.lm.mixture_features import mixture_pair_features
 
         world = make_world(seed, judge)
-        proxy = world.pairs(n_proxy, "proxy", seed)
-        data = trainer.dataset(f"proxy-{judge}-{seed}-{n_proxy}", pair_rows(proxy, "proxy"))
-        stage1, _ = trainer.train("stage1", f"{judge}-{seed}-stage1", data, seed=seed)
+        stage1, _ = train_proxy(
+            base.encode(world.pairs(n_proxy, "proxy", seed), "proxy"), base.head, replace(base.recipe, seed=seed)
+        )
         pairs = world.pairs(n_pool + 4 * n_test, "expert", seed)
         pool = pairs[:n_pool]
-        test = [p for p in pairs[n_pool:] if world.gold_reward(p.prompt, p.response_a)
-                != world.gold_reward(p.prompt, p.response_b)][:n_test]
-        oriented = [PairwiseText(prompt=p.prompt, response_a=p.response_a, response_b=p.response_b, choice="a")
-                    for p in pool + test]  # features of a vs b: the label stays hidden
-        model = load_causal_lm_dir(stage1, "cpu")
-        features = pair_features(model, base_model, tokenize_pairs([_row(p) for p in oriented], tokenizer),
-                                 int(tokenizer.pad_token_id), trainer.recipe.beta)
-        design = chat_design(features, [p.prompt for p in oriented])
-        gold = np.array([world.gold_reward(p.prompt, p.response_a) - world.gold_reward(p.prompt, p.response_b)
-                         for p in test])
+        test = [
+            p
+            for p in pairs[n_pool:]
+            if world.gold_reward(p.prompt, p.response_a) != world.gold_reward(p.prompt, p.response_b)
+        ][:n_test]
+        shown = [
+            PairwiseText(prompt=p.prompt, response_a=p.response_a, response_b=p.response_b, choice="a")
+            for p in pool + test
+        ]  # read a vs b: the label stays hidden
+        terms = mixture_pair_features(stage1, base.encode(shown, "expert"), base.head, base.recipe.beta).mixture
+        assert terms is not None
+        gold = np.array(
+            [world.gold_reward(p.prompt, p.response_a) - world.gold_reward(p.prompt, p.response_b) for p in test]
+        )
         sign = np.array([1.0 if p.choice == "a" else -1.0 for p in pool])
-        proxy_accuracy = float(np.mean(np.sign(features.proxy_margin[n_pool:]) == np.sign(gold)))
-        return cls(design, sign, gold, config, n_pool, proxy_accuracy)
-
-    def _fit(self, rows: np.ndarray) -> np.ndarray:
-        z = self.design[rows] * self.sign[rows, None]
-        return fit_bradley_terry(z, np.zeros(z.shape[1]), self.config.precision)
+        loop = cls(terms.take(slice(0, n_pool)), terms.take(slice(n_pool, None)), sign, gold, config, n_pool)
+        loop.proxy_accuracy = loop.accuracy(loop.refit([]))
+        return loop
 
     def refit(self, chosen: Sequence[int]) -> np.ndarray:
-        return self._fit(np.asarray(chosen, dtype=int)) if chosen else np.zeros(self.design.shape[1])
+        if not chosen:
+            return np.arange(self.pool.log_weights.shape[1])  # no expert label: stage 1 as is
+        rows = np.asarray(chosen, dtype=int)
+        return fit_relabelling(oriented(self.pool.take(rows), self.sign[rows]))
 
     def accuracy(self, model: np.ndarray) -> float:
-        margin = self.design[self.n_pool:] @ model  # an exact tie is a coin flip: half right
+        margin = relabelled_margin(self.test, model)  # an exact tie is a coin flip: half right
         return float(np.mean(np.where(margin == 0, 0.5, np.sign(margin) == np.sign(self.gold))))
 
-    def scores(self, model: np.ndarray, chosen: Sequence[int], open_tasks: Sequence[int],
-               seed: int) -> AcquisitionScores:
+    def scores(
+        self, model: np.ndarray, chosen: Sequence[int], open_tasks: Sequence[int], seed: int
+    ) -> AcquisitionScores:
         rows = np.asarray(chosen, dtype=int)
-        policy, members = logistic_posterior_margins(self.design[rows] * self.sign[rows, None],
-                                                     self.design[np.asarray(open_tasks)], self.config.precision,
-                                                     self.config.ensemble, seed, self.config.scale)
-        return text_scores(policy, ensemble_margins=members, n_labels=len(chosen))
-
-
-def _row(pair: PairwiseText) -> dict[str, str]:
-    from workers.lm.snapshot_data import preference_row
-
-    return preference_row(pair, "expert")
+        return relabelling_scores(
+            oriented(self.pool.take(rows), self.sign[rows]),
+            self.pool.take(np.asarray(open_tasks, dtype=int)),
+            model,
+            replace(self.config, seed=seed),
+        )
 
 
 @dataclass
@@ -321,15 +367,18 @@ class FamilyResult:
         self.ranked.setdefault(seed, []).append(ranked)
 
     def flat(self) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
-        return ([c for s in sorted(self.random) for c in self.random[s]],
-                [c for s in sorted(self.ranked) for c in self.ranked[s]])
+        return (
+            [c for s in sorted(self.random) for c in self.random[s]],
+            [c for s in sorted(self.ranked) for c in self.ranked[s]],
+        )
 
 
 # ------------------------------------------------------------------ refresh through the embedded stack
 
 
-def stack_refresh(world: FeatureWorld, n_before: int, n_open: int, rounds: int,
-                  say: Callable[[str], None]) -> dict[str, Any]:
+def stack_refresh(
+    world: FeatureWorld, n_before: int, n_open: int, rounds: int, say: Callable[[str], None]
+) -> dict[str, Any]:
     """Label event → new scores served to Label Studio, through the embedded stack.
 
     Starts Label Studio and an isolated `proxyloop up` stack (Kafka, Prefect server serving the
@@ -364,27 +413,49 @@ def stack_refresh(world: FeatureWorld, n_before: int, n_open: int, rounds: int,
     ls = labelstudio.enter_context(testing.labelstudio_server(home / "labelstudio", testing.free_port()))
     say(f"stack refresh: Label Studio up ({time.perf_counter() - started:.0f} s)")
     settings = testing.isolated_settings(
-        home / "proxyloop", labelstudio_url=ls.url, labelstudio_token=ls.token, webhook_secret="bench-secret",
-        labelstudio_project_title="acquisition bench", retrain_min_expert=10**6, retrain_min_proxy=10**6)
+        home / "proxyloop",
+        labelstudio_url=ls.url,
+        labelstudio_token=ls.token,
+        webhook_secret="bench-secret",
+        labelstudio_project_title="acquisition bench",
+        retrain_min_expert=10**6,
+        retrain_min_proxy=10**6,
+    )
     saved_env = dict(os.environ)
     os.environ.update({k: v for k, v in stack.child_env(settings).items() if k.startswith(("PROXYLOOP_", "PREFECT_"))})
     get_settings.cache_clear()
     headers = {"X-Proxyloop-Secret": "bench-secret"}
     base = f"http://127.0.0.1:{settings.http_port}{ML_BACKEND_PREFIX}"
     try:
-        register(settings.registry_dir, settings.policy_name, world.stack.state_dict(),
-                 {"family": "two_stage", "model": world.stack.config.to_dict()}, {"source": "bench.acquisition"})
+        register(
+            settings.registry_dir,
+            settings.policy_name,
+            world.stack.state_dict(),
+            {"family": "two_stage", "model": world.stack.config.to_dict()},
+            {"source": "bench.acquisition"},
+        )
         stack.up(settings, lambda m: None)
         say(f"stack refresh: proxyloop stack up ({time.perf_counter() - started:.0f} s)")
-        tasks = [{"prompt": f"features task {i}", "answer_a": f"output {world.y_a[i]}",
-                  "answer_b": f"output {world.y_b[i]}", "x": world.x[i].tolist(), "y_a": int(world.y_a[i]),
-                  "y_b": int(world.y_b[i])} for i in range(n_before, n_before + n_open)]
+        tasks = [
+            {
+                "prompt": f"features task {i}",
+                "answer_a": f"output {world.y_a[i]}",
+                "answer_b": f"output {world.y_b[i]}",
+                "x": world.x[i].tolist(),
+                "y_a": int(world.y_a[i]),
+                "y_b": int(world.y_b[i]),
+            }
+            for i in range(n_before, n_before + n_open)
+        ]
         project = setup_project(settings, tasks)
         producer = make_producer(settings)
 
         def label(i: int) -> None:
-            publish(producer, settings.topic_expert, ExpertLabel(
-                event_id=f"bench-{i}-{uuid.uuid4().hex[:6]}", annotator_id="bench", item=world.labels[i]))
+            publish(
+                producer,
+                settings.topic_expert,
+                ExpertLabel(event_id=f"bench-{i}-{uuid.uuid4().hex[:6]}", annotator_id="bench", item=world.labels[i]),
+            )
 
         def refreshed_after(t: float, timeout_s: float) -> Any:
             cache = testing.score_cache_after(settings, t, timeout_s, poll_s=0.1)
@@ -396,17 +467,26 @@ def stack_refresh(world: FeatureWorld, n_before: int, n_open: int, rounds: int,
             """Until Label Studio's API holds each open task's refreshed score, its version selected."""
             deadline, ls_client = time.monotonic() + timeout_s, client_for(settings)
             while time.monotonic() < deadline:
-                held = {p.task: p.score for p in ls_client.predictions.list(project=project.project_id)
-                        if p.model_version == cache.model_version}
-                if all(held.get(t) is not None and abs(held[t] - s.score) <= 1e-9 for t, s in cache.tasks.items()) \
-                        and ls_client.projects.get(project.project_id).model_version == cache.model_version:
+                held = {
+                    p.task: p.score
+                    for p in ls_client.predictions.list(project=project.project_id)
+                    if p.model_version == cache.model_version
+                }
+                if (
+                    all(held.get(t) is not None and abs(held[t] - s.score) <= 1e-9 for t, s in cache.tasks.items())
+                    and ls_client.projects.get(project.project_id).model_version == cache.model_version
+                ):
                     return
                 time.sleep(0.1)
             raise TimeoutError(f"Label Studio did not serve the refreshed scores within {timeout_s} s")
 
         def webhook() -> None:
-            httpx.post(f"{base}/webhook", headers=headers, timeout=30,
-                       json={"action": "ANNOTATION_CREATED", "project": {"id": project.project_id}}).raise_for_status()
+            httpx.post(
+                f"{base}/webhook",
+                headers=headers,
+                timeout=30,
+                json={"action": "ANNOTATION_CREATED", "project": {"id": project.project_id}},
+            ).raise_for_status()
 
         for i in range(n_before):
             label(i)
@@ -424,12 +504,19 @@ def stack_refresh(world: FeatureWorld, n_before: int, n_open: int, rounds: int,
             cache = refreshed_after(t0, 300)
             served_by_labelstudio(cache, 300)
             times.append(time.time() - t0)
-            say(f"stack refresh: round {r + 1}: label event → new scores in Label Studio in {times[-1]:.2f} s "
-                f"({cache.n_labels} labels seen of {n_before + r + 1} sent)")
+            say(
+                f"stack refresh: round {r + 1}: label event → new scores in Label Studio in {times[-1]:.2f} s "
+                f"({cache.n_labels} labels seen of {n_before + r + 1} sent)"
+            )
         producer.close()
-        return {"refresh_s": float(np.median(times)), "rounds_s": [round(t, 3) for t in times],
-                "labels_seen": cache.n_labels, "labels_sent": n_before + rounds, "method": cache.method,
-                "open_tasks": len(cache.tasks)}
+        return {
+            "refresh_s": float(np.median(times)),
+            "rounds_s": [round(t, 3) for t in times],
+            "labels_seen": cache.n_labels,
+            "labels_sent": n_before + rounds,
+            "method": cache.method,
+            "open_tasks": len(cache.tasks),
+        }
     finally:
         try:
             stack.down(settings)

@@ -14,15 +14,17 @@ without its label, through p = P(a preferred over b) = σ(margin), margin = log 
   relabelling of its outputs) plus the current policy: the proxy–adapter disagreement, over every
   adapter the first labels can still pick. Pairs where the proxy is confident and a relabelling
   would answer otherwise are the ones that settle the centre; coin-flip pairs settle nothing.
-- `ensemble` for text pairs scored by a logistic adapter on stage-1 features: BALD over draws from
-  that adapter's Laplace posterior (`logistic_posterior_margins`); a bootstrap would leave directions
-  no label has touched at the prior's centre in every member, so their pairs would never be asked.
+- `relabelling_posterior` (text pairs, a mode-mixture stage 1): stage 2 is a relabelling of the D modes,
+  so the adapters the labels still allow are the relabellings of high posterior (the labels' likelihood,
+  the one stage 2 maximises); greedy BatchBALD over draws from it (`relabelling_scores`). With no label every
+  relabelling is open, and the score picks the pairs the modes disagree on most confidently; once a
+  prompt's modes are pinned down, its pairs drop, and a batch spreads over the modes still free.
 - `proxy_disagreement` (text pairs, cheap fallback: one policy and its proxy): H(mean(p_proxy,
   p_policy)), high where the proxy and the current policy disagree or the policy is unsure.
 - `margin` (cheapest: one policy only): H(p_policy), the policy's margin uncertainty, largest at
   p = ½ (equivalently, smallest |σ(margin) − ½|).
 
-The text family gets margins from the caller (the models run in workers; nothing here runs one).
+The text family gets margins, or a mixture's terms, from the caller (models run in workers, none here).
 Scores are in nats, in [0, log 2]; `rank` orders tasks by them, ties broken by task id.
 """
 
@@ -42,9 +44,11 @@ from ground.schemas import FeatureTriple
 from policies.features.fitting import ADAPTER_STAGE, FitRecipe, fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.simplex_adapter import relabelled_centres
+from policies.lm.bradley_terry import log_sigmoid
+from policies.lm.mixture_learners import MixtureTerms, best_relabelling, relabelled_margin
 
 FloatArray = NDArray[np.float64]
-Method = Literal["ensemble", "relabellings", "proxy_disagreement", "margin"]
+Method = Literal["ensemble", "relabellings", "relabelling_posterior", "proxy_disagreement", "margin"]
 MAX_SCORE = math.log(2.0)  # the largest score any method gives (nats)
 
 
@@ -110,6 +114,34 @@ def bald(probs: ArrayLike) -> FloatArray:
     return result
 
 
+def batch_bald(probs: ArrayLike, batch: int) -> FloatArray:
+    """Greedy BatchBALD (Kirsch et al., 2019) over members' P(a) [K, N]: the mutual information between the
+    member and a whole batch's answers, grown one task at a time. A task scores its gain when it joined the
+    batch (the first: plain BALD); the rest score their gain given the whole batch, below every task in it
+    (the information is submodular), so `rank` lists the batch first. Unlike top-`batch` BALD, a batch does not
+    repeat one question: a task whose answer the batch already predicts (the same open mode) gains little."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] < 2 or not 1 <= batch <= 10:
+        raise AcquisitionError(f"batch_bald needs [members >= 2, tasks] and 1 <= batch <= 10, got {p.shape}, {batch}")
+    own = binary_entropy(p).mean(axis=0)  # E_m H(y_i | m)
+
+    def gains(joint: FloatArray) -> FloatArray:  # joint [K, patterns]: P(the batch's answers | member)
+        with_task = np.vstack([joint.T @ p, joint.T @ (1 - p)]) / p.shape[0]  # [2 × patterns, N]
+        batch_entropy = -(joint.mean(axis=0) * np.log(np.clip(joint.mean(axis=0), 1e-300, None))).sum()
+        result: FloatArray = -(with_task * np.log(np.clip(with_task, 1e-300, None))).sum(axis=0) - batch_entropy - own
+        return result
+
+    joint: FloatArray = np.ones((p.shape[0], 1))
+    scores, taken = np.zeros(p.shape[1]), np.zeros(p.shape[1], dtype=bool)
+    for _ in range(min(batch, p.shape[1])):
+        gain = gains(joint)
+        best = int(np.argmax(np.where(taken, -np.inf, gain)))
+        scores[best], taken[best] = max(float(gain[best]), 0.0), True
+        joint = np.hstack([joint * p[:, best, None], joint * (1 - p[:, best, None])])
+    scores[~taken] = np.maximum(gains(joint)[~taken], 0.0)
+    return scores
+
+
 def rank(scores: ArrayLike, task_ids: Sequence[int | str] | None = None) -> list[int | str]:
     """Task ids from the highest score down; equal scores in ascending id order, so the order is
     reproducible. Without ids, positions 0..N−1 stand for them."""
@@ -125,7 +157,9 @@ def rank(scores: ArrayLike, task_ids: Sequence[int | str] | None = None) -> list
 
 
 def text_scores(
-    policy_margin: ArrayLike, proxy_margin: ArrayLike | None = None, ensemble_margins: ArrayLike | None = None,
+    policy_margin: ArrayLike,
+    proxy_margin: ArrayLike | None = None,
+    ensemble_margins: ArrayLike | None = None,
     n_labels: int = 0,
 ) -> AcquisitionScores:
     """Scores for text pairs from margins a worker computed: log π(a) − log π(b) of the current
@@ -149,38 +183,49 @@ def text_scores(
     return AcquisitionScores(binary_entropy(prob_a), prob_a, "margin", n_labels)
 
 
-def logistic_posterior_margins(
-    z_labelled: ArrayLike, z_open: ArrayLike, precision: float, size: int, seed: int, scale: float = 1.0,
-) -> tuple[FloatArray, FloatArray]:
-    """A Bradley–Terry logistic adapter on text-pair features and `size` draws from its posterior.
+@dataclass(frozen=True)
+class RelabellingConfig:
+    """How `relabelling_scores` samples relabellings from their posterior (defaults: bench/acquisition.py's tuning)."""
 
-    z_labelled [n, p]: feature differences of the labelled pairs, oriented chosen − rejected; z_open
-    [N, p]: those of the open pairs, a − b. The adapter is the MAP fit under the prior N(0, I/precision)
-    (`policies.lm.conditions.fit_bradley_terry`, the text condition tests' learner); members are drawn
-    from its Laplace posterior N(w, (Zᵀ diag(σ(1−σ)) Z + precision·I)⁻¹), their deviations from w
-    times `scale` (1: the posterior itself; the bench tunes it on its tuning seeds). Returns (the MAP's margins on
-    the open pairs [N], the members' [size, N]) for `text_scores`. Unlike a bootstrap, the posterior
-    stays wide along directions no label has touched (the prior's width), so pairs there score high
-    rather than as agreed coin flips."""
-    from policies.lm.conditions import fit_bradley_terry
+    members: int = 128  # relabellings drawn; their disagreement (BatchBALD) is the score
+    batch: int = 5  # labels expected before the next refresh: the top `batch` tasks are a BatchBALD batch
+    temperature: float = 3.0  # λ in P(perm | labels) ∝ exp(λ · log-likelihood): > 1, the expert is surer than the modes
+    seed: int = 0
 
-    z_open_ = np.asarray(z_open, dtype=np.float64)
-    if z_open_.ndim != 2:
-        raise AcquisitionError(f"z_open must have shape [tasks, features], got {z_open_.shape}")
-    p = z_open_.shape[1]
-    z = np.asarray(z_labelled, dtype=np.float64).reshape(-1, p)
-    if precision <= 0 or size < 2 or scale <= 0:
-        raise AcquisitionError(f"need precision > 0, size >= 2 and scale > 0, got {precision}, {size}, {scale}")
-    if not (np.isfinite(z).all() and np.isfinite(z_open_).all()):
-        raise AcquisitionError("features have NaN or infinite values")
-    w = fit_bradley_terry(z, np.zeros(p), precision) if z.shape[0] else np.zeros(p)
-    q = preference_probs(z @ w)
-    hessian = (z * (q * (1 - q))[:, None]).T @ z + precision * np.eye(p)
-    draws = np.random.default_rng(seed).standard_normal((size, p))
-    members = w + scale * np.linalg.solve(np.linalg.cholesky(hessian).T, draws.T).T  # covariance = hessian⁻¹
-    policy: FloatArray = z_open_ @ w
-    member_margins: FloatArray = members @ z_open_.T
-    return policy, member_margins
+    def __post_init__(self) -> None:
+        if self.members < 2 or self.temperature <= 0 or not 1 <= self.batch <= 10:
+            raise AcquisitionError(f"need members >= 2, temperature > 0, 1 <= batch <= 10, got {self!r}")
+
+
+def relabelling_samples(labelled: MixtureTerms, config: RelabellingConfig = RelabellingConfig()) -> NDArray[np.int64]:
+    """[members, D] relabellings drawn from their posterior given the expert pairs `labelled` (chosen first). The
+    log-likelihood of perm is fit_relabelling's, Σ_k score[k, perm[k]] (score[k, j] = Σ_i w_k(x_i) log σ(mode j's
+    margin)), so the posterior's mode is stage 2's fit. Perturb-and-MAP draws: `best_relabelling` of λ·score plus
+    Gumbel noise per entry (no enumeration of D! relabellings). Without labels: uniformly random relabellings."""
+    score = np.exp(labelled.log_weights).T @ log_sigmoid(labelled.mode_margins())
+    rng = np.random.default_rng(config.seed)
+    draws = [best_relabelling(config.temperature * score + rng.gumbel(size=score.shape)) for _ in range(config.members)]
+    return np.stack(draws).astype(np.int64)
+
+
+def relabelling_scores(
+    labelled: MixtureTerms, open_pairs: MixtureTerms, perm: ArrayLike, config: RelabellingConfig = RelabellingConfig()
+) -> AcquisitionScores:
+    """Scores for open text pairs (a as chosen) under a mode-mixture stage 1, whose stage 2 is a relabelling
+    `perm` of its D modes (policies/lm/mixture_learners.py): greedy BatchBALD (`batch_bald`) over relabellings drawn
+    from their posterior given the expert pairs so far (`relabelling_samples`), each pair's margins those of the
+    mixture relabelled (`relabelled_margin`). A pair scores high where relabellings the labels still allow send
+    its prompt's modes to modes that answer it differently, confidently: before any label, the pairs the modes
+    disagree on most; later, pairs whose prompt's modes no label has pinned down. `prob_a`: the mixture at `perm`."""
+    if labelled.log_weights.shape[1] != open_pairs.log_weights.shape[1]:
+        raise AcquisitionError("labelled and open pairs come from mixtures with different numbers of modes")
+    members = relabelling_samples(labelled, config)
+    margins = np.stack([relabelled_margin(open_pairs, m) for m in members])
+    prob_a = preference_probs(relabelled_margin(open_pairs, np.asarray(perm, dtype=int)))
+    n_labels = len(labelled.base_chosen)
+    return AcquisitionScores(
+        batch_bald(preference_probs(margins), config.batch), prob_a, "relabelling_posterior", n_labels
+    )
 
 
 # Feature triples: the stage-2 model and its bootstrap ensemble.
@@ -220,8 +265,11 @@ def _pairs(x: ArrayLike, y_a: ArrayLike, y_b: ArrayLike, config: TwoStagePolicy)
     if (ya == yb).any():
         same = np.flatnonzero(ya == yb)[:5].tolist()
         raise AcquisitionError(f"y_a equals y_b at positions {same}: nothing to compare")
-    return (torch.tensor(xs, dtype=torch.float32), torch.tensor(ya, dtype=torch.long),
-            torch.tensor(yb, dtype=torch.long))
+    return (
+        torch.tensor(xs, dtype=torch.float32),
+        torch.tensor(ya, dtype=torch.long),
+        torch.tensor(yb, dtype=torch.long),
+    )
 
 
 def _margins(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:
@@ -246,7 +294,9 @@ def relabelling_probs(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Ten
 
 
 def adapter_ensemble(
-    stack: TwoStagePolicy, expert: Sequence[FeatureTriple], config: EnsembleConfig = EnsembleConfig(),
+    stack: TwoStagePolicy,
+    expert: Sequence[FeatureTriple],
+    config: EnsembleConfig = EnsembleConfig(),
 ) -> list[TwoStagePolicy]:
     """`config.size` copies of the stack, each adapter refitted (stage 2) on a bootstrap resample of
     the expert triples; the stack itself is left as it was."""
@@ -264,7 +314,11 @@ def adapter_ensemble(
 
 
 def feature_scores(
-    stack: TwoStagePolicy, expert: Sequence[FeatureTriple], x: ArrayLike, y_a: ArrayLike, y_b: ArrayLike,
+    stack: TwoStagePolicy,
+    expert: Sequence[FeatureTriple],
+    x: ArrayLike,
+    y_a: ArrayLike,
+    y_b: ArrayLike,
     config: EnsembleConfig = EnsembleConfig(),
 ) -> AcquisitionScores:
     """Scores for open feature tasks (x [N, d], output ids y_a, y_b [N]) under the current two-stage
@@ -280,8 +334,9 @@ def feature_scores(
     n_labels = len(expert)
     if xs.shape[0] == 0:
         empty = np.zeros(0)
-        return AcquisitionScores(empty, empty, "ensemble" if n_labels >= config.min_labels else "relabellings",
-                                 n_labels)
+        return AcquisitionScores(
+            empty, empty, "ensemble" if n_labels >= config.min_labels else "relabellings", n_labels
+        )
     stack.eval()
     with torch.no_grad():
         log_s = stack.log_embed(xs)  # τ̃ is shared by every member: embed once
@@ -292,5 +347,3 @@ def feature_scores(
     members = adapter_ensemble(stack, expert, config)
     probs = np.stack([preference_probs(_margins(m, log_s, ya, yb)) for m in members])
     return AcquisitionScores(bald(probs), prob_a, "ensemble", n_labels)
-
-

@@ -1,77 +1,144 @@
-"""The text family's posterior ensemble (policies.acquisition.logistic_posterior_margins): pairs along a
-direction no label has touched outrank pairs the labels already settle, and ranked order beats random."""
+"""The text family's score on a mode-mixture stage 1 (policies.acquisition.relabelling_scores, batch_bald): pairs
+whose prompt's mode no label has pinned down outrank pairs already settled, batches do not repeat one question, and
+ranked order reaches the right relabelling with fewer labels than random order (and than a constant score)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from policies.acquisition import AcquisitionError, logistic_posterior_margins, rank, text_scores
-from policies.lm.conditions import fit_bradley_terry
+from policies.acquisition import (
+    AcquisitionError,
+    RelabellingConfig,
+    bald,
+    batch_bald,
+    rank,
+    relabelling_samples,
+    relabelling_scores,
+)
+from policies.lm.mixture_learners import MixtureTerms, fit_relabelling
+
+LIFT = 3.0  # how much mode j raises the log-prob of a response on topic j
 
 
-def test_untouched_directions_score_above_settled_ones() -> None:
-    rng = np.random.default_rng(0)
-    labelled = np.zeros((40, 2))
-    labelled[:, 0] = np.abs(rng.normal(1.0, 0.3, 40))  # every label along feature 0, all saying "a"
-    open_pairs = np.array([[1.0, 0.0], [0.0, 1.0]])
-    policy, members = logistic_posterior_margins(labelled, open_pairs, precision=2.0, size=64, seed=0)
-    assert members.shape == (64, 2) and policy.shape == (2,)
-    assert policy[0] > 1.0 and policy[1] == pytest.approx(0.0, abs=1e-9)
-    scores = text_scores(policy, ensemble_margins=members, n_labels=40)
-    assert rank(scores.scores) == [1, 0]  # the unlabelled direction first
-    # Without labels the posterior is the prior: every direction is open.
-    prior_policy, prior_members = logistic_posterior_margins(np.zeros((0, 2)), open_pairs, 2.0, 8, 0)
-    assert prior_policy.tolist() == [0.0, 0.0] and prior_members.std() > 0.1
+def terms(modes: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, dim: int) -> MixtureTerms:
+    """Pairs whose prompt sits on mode `modes[i]` (w = 0.97 there), chosen and rejected responses on topics
+    `chosen[i]`, `rejected[i]`; mode j lifts responses on topic j by LIFT nats over the base."""
+    n = len(modes)
+    weights = np.full((n, dim), 0.03 / (dim - 1))
+    weights[np.arange(n), modes] = 0.97
+    lifts = LIFT * np.eye(dim)
+    return MixtureTerms(
+        np.log(weights), lifts[chosen], lifts[rejected], np.zeros(n), np.zeros(n), np.eye(dim)[modes], beta=0.5
+    )
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"precision": 0.0}, "precision > 0"), ({"size": 1}, "size >= 2"),
-])
-def test_posterior_margins_refuse_bad_settings(kwargs: dict[str, float], message: str) -> None:
-    args = {"z_labelled": np.ones((2, 2)), "z_open": np.ones((3, 2)), "precision": 1.0, "size": 4, "seed": 0}
-    with pytest.raises(AcquisitionError, match=message):
-        logistic_posterior_margins(**{**args, **kwargs})  # type: ignore[arg-type]
-    with pytest.raises(AcquisitionError, match="NaN"):
-        logistic_posterior_margins(np.full((2, 2), np.nan), np.ones((3, 2)), 1.0, 4, 0)
+def expert_pairs(modes: np.ndarray, perm: np.ndarray, dim: int, rng: np.random.Generator) -> MixtureTerms:
+    """Expert-labelled pairs, chosen first: the expert wants topic perm[k] on mode k's prompts."""
+    other = (perm[modes] + rng.integers(1, dim, len(modes))) % dim
+    return terms(modes, perm[modes], other, dim)
 
 
-def test_ranked_order_reaches_the_target_with_fewer_labels_than_random() -> None:
-    """Eight themes, each with its own preference direction; the pool is dominated by one theme, so
-    random order spends most labels where the adapter is already sure. Target: the accuracy random
-    order reaches with 60 labels (mean of 3 orders); batches of 5, refitted after each."""
-    rng = np.random.default_rng(1)
-    themes, dim = 8, 3
-    truth = rng.normal(0.0, 3.0, (themes, dim))
+def test_unpinned_modes_score_above_pinned_ones() -> None:
+    rng, dim = np.random.default_rng(0), 4
+    truth = np.array([2, 0, 3, 1])
+    labelled = expert_pairs(np.repeat([0, 1], 10), truth, dim, rng)  # modes 0 and 1 pinned, 2 and 3 still open
+    modes = np.repeat([0, 1, 2, 3], 6)
+    first = rng.integers(0, dim, len(modes))
+    open_pairs = terms(modes, first, (first + rng.integers(1, dim, len(modes))) % dim, dim)
+    result = relabelling_scores(labelled, open_pairs, fit_relabelling(labelled), RelabellingConfig(seed=1, batch=1))
+    assert result.method == "relabelling_posterior" and result.n_labels == 20
+    scores = result.scores
+    pinned, free = scores[modes < 2], scores[modes >= 2]
+    assert free.mean() > 5 * pinned.mean() and pinned.max() < 0.05  # a constant score fails here
+    assert set(modes[[int(i) for i in rank(scores)[:6]]]) <= {2, 3}
 
-    def draw(n: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        theme = rng.choice(themes, n, p=weights)
-        diff = rng.normal(0.0, 1.0, (n, dim))
-        z = np.zeros((n, themes * dim))
-        for i, t in enumerate(theme):
-            z[i, t * dim:(t + 1) * dim] = diff[i]
-        return z, np.einsum("nd,nd->n", diff, truth[theme])
 
-    skew = np.array([0.65] + [0.05] * 7)
-    pool, pool_gold = draw(600, skew)
-    labels = np.where(rng.random(600) < 1 / (1 + np.exp(-pool_gold)), 1.0, -1.0)
-    test, test_gold = draw(2000, np.full(themes, 1 / themes))
+def test_cold_start_picks_the_pairs_the_modes_disagree_on() -> None:
+    dim = 4
+    modes = np.array([0, 0, 1, 1])
+    topics = np.array([[0, 1], [2, 2], [3, 0], [1, 1]])  # pairs 1 and 3: both responses on one topic
+    open_pairs = terms(modes, topics[:, 0], topics[:, 1], dim)
+    empty = open_pairs.take(np.arange(0))
+    samples = relabelling_samples(empty, RelabellingConfig(members=64))
+    assert samples.shape == (64, dim) and all(sorted(s) == list(range(dim)) for s in samples.tolist())
+    assert len({tuple(s) for s in samples.tolist()}) > 20  # no label: relabellings spread over many
+    scores = relabelling_scores(empty, open_pairs, np.arange(dim), RelabellingConfig(batch=1)).scores
+    assert min(scores[0], scores[2]) > 0.05 and max(scores[1], scores[3]) < 1e-6
 
-    def accuracy(chosen: list[int]) -> float:
-        w = fit_bradley_terry(pool[chosen] * labels[chosen, None], np.zeros(pool.shape[1]), 2.0)
-        return float(np.mean(np.sign(test @ w) == np.sign(test_gold)))
 
-    sizes = range(5, 65, 5)
-    curves = [{n: accuracy(np.random.default_rng(r).permutation(600)[:n].tolist()) for n in sizes} for r in range(3)]
-    target = float(np.mean([c[60] for c in curves]))
-    chosen: list[int] = []
-    while len(chosen) < 60:
-        taken = set(chosen)
-        open_tasks = [i for i in range(600) if i not in taken]
-        policy, members = logistic_posterior_margins(pool[chosen] * labels[chosen, None], pool[open_tasks], 2.0, 16,
-                                                     len(chosen))
-        scores = text_scores(policy, ensemble_margins=members)
-        chosen += [open_tasks[int(i)] for i in rank(scores.scores)[:5]]
-        if accuracy(chosen) >= target:
-            break
-    assert len(chosen) <= 30, (len(chosen), target, curves)
+def test_batch_bald_does_not_repeat_a_question() -> None:
+    probs = np.array([[0.99, 0.99, 0.9], [0.99, 0.99, 0.1], [0.01, 0.01, 0.9], [0.01, 0.01, 0.1]])
+    assert rank(bald(probs))[:2] == [0, 1]  # top-2 BALD asks the same question twice
+    scores = batch_bald(probs, 2)
+    assert rank(scores)[:2] == [0, 2]
+    assert scores[0] == pytest.approx(bald(probs)[0]) and scores[1] < 0.05 < 0.3 < scores[2]
+    entropy = -(0.99 * math.log(0.99) + 0.01 * math.log(0.01))
+    assert scores[0] == pytest.approx(math.log(2) - entropy)  # the first of a batch scores its plain BALD
+
+
+def loop_labels(order: str, seed: int) -> int:
+    """Labels (batches of 5, refitted after each) until the fitted relabelling is the expert's. The pool is
+    dominated by mode 0 and lists its pairs first, so a constant score (pool order) is a bad order."""
+    rng, dim, n = np.random.default_rng(seed), 6, 300
+    truth = rng.permutation(dim)
+    modes = np.sort(rng.choice(dim, n, p=[0.75] + [0.05] * 5))
+    first = rng.integers(0, dim, n)
+    second = (first + rng.integers(1, dim, n)) % dim
+    pool = terms(modes, first, second, dim)
+    coin = np.where(rng.random(n) < 0.5, 1.0, -1.0)  # neither response on the wanted topic: a coin flip
+    sign = np.where(truth[modes] == first, 1.0, np.where(truth[modes] == second, -1.0, coin))
+    permutation = rng.permutation(n).tolist()
+    labelled: list[int] = []
+    while len(labelled) < n:
+        rows = np.asarray(labelled, dtype=int)
+        seen = _oriented(pool.take(rows), sign[rows])
+        if labelled and np.array_equal(fit_relabelling(seen), truth):
+            return len(labelled)
+        taken = set(labelled)
+        open_tasks = [i for i in range(n) if i not in taken]
+        if order == "random":
+            labelled += [i for i in permutation if i not in taken][:5]
+            continue
+        scores: np.ndarray = np.zeros(len(open_tasks))  # "constant": every pair ties, pool order decides
+        if order == "ranked":
+            perm = fit_relabelling(seen) if labelled else np.arange(dim)
+            config = RelabellingConfig(members=64, temperature=3.0, seed=len(labelled))
+            scores = relabelling_scores(seen, pool.take(np.asarray(open_tasks)), perm, config).scores
+        labelled += [open_tasks[int(i)] for i in rank(scores)[:5]]
+    return n
+
+
+def _oriented(pairs: MixtureTerms, sign: np.ndarray) -> MixtureTerms:
+    flip = sign < 0
+    return MixtureTerms(
+        pairs.log_weights,
+        np.where(flip[:, None], pairs.mode_rejected, pairs.mode_chosen),
+        np.where(flip[:, None], pairs.mode_chosen, pairs.mode_rejected),
+        pairs.base_chosen,
+        pairs.base_rejected,
+        pairs.prompt_code,
+        pairs.beta,
+    )
+
+
+def test_ranked_order_pins_the_relabelling_with_fewer_labels_than_random_or_a_constant_score() -> None:
+    ranked = [loop_labels("ranked", s) for s in range(3)]
+    random = [loop_labels("random", s) for s in range(3)]
+    constant = [loop_labels("constant", s) for s in range(3)]
+    assert np.mean(ranked) * 2 <= np.mean(random), (ranked, random)
+    assert np.mean(ranked) * 2 <= np.mean(constant), (ranked, constant)
+
+
+def test_bad_settings_and_inputs_are_refused() -> None:
+    for kwargs in ({"members": 1}, {"temperature": 0.0}, {"batch": 0}, {"batch": 11}):
+        with pytest.raises(AcquisitionError, match="members >= 2"):
+            RelabellingConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(AcquisitionError, match="batch_bald needs"):
+        batch_bald(np.ones((1, 3)) * 0.5, 2)
+    three = terms(np.array([0]), np.array([0]), np.array([1]), 3)
+    four = terms(np.array([0]), np.array([0]), np.array([1]), 4)
+    with pytest.raises(AcquisitionError, match="different numbers of modes"):
+        relabelling_scores(three, four, np.arange(4))
