@@ -114,17 +114,3 @@ def test_responses_no_mode_produces_fail_image_containment_and_a_relabelled_worl
     assert "image_containment" in _failed(_report("outside_image", 100, seed))
     assert "image_containment" not in _failed(_report("relabelled", 100, seed))
 
-
-def test_plans_the_caller_trained_on_the_folds_replace_their_stand_ins() -> None:
-    """A caller that trained fine_tune on the tests' folds and found it ranks every held-out pair right (margin
-    +5) gets fine_tune: its held-out evidence outweighs the relabelling's; the wrong shape is refused."""
-    rng = np.random.default_rng(0)
-    proxy = _pairs(rng, 1000, PROXY_TOPIC["relabelled"], PROXY_TOPIC["relabelled"])
-    expert = _pairs(rng, 100, EXPERT_TOPIC, PROXY_TOPIC["relabelled"])
-    trained = {"fine_tune": np.full(100, 5.0)}
-    report = run_text_condition_tests(expert, proxy, "s", n_expert=100, n_proxy=1000, heldout_margins=trained)
-    assert report.plan == "fine_tune"
-    assert report.heldout_log_likelihood["fine_tune"] > -0.01
-    with pytest.raises(ValueError, match="one margin per expert pair"):
-        run_text_condition_tests(expert, proxy, "s", n_expert=100, n_proxy=1000,
-                                 heldout_margins={"fine_tune": np.zeros(99)})

@@ -1,17 +1,14 @@
 """What the text condition tests read from a mode-mixture stage 1 (`policies/lm/mode_mixture.py`): per pair, each
-response's point on the D-simplex, a direct path around it, and the stage-1 margin (`TextPairFeatures`), and the
-held-out margins of its plans trained on the tests' folds (`heldout_plan_margins`)."""
+response's point on the D-simplex, a direct path around it, and the stage-1 margin (`TextPairFeatures`)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from policies.lm.conditions import MixtureTerms, TextPairFeatures, cross_validation_folds
+from policies.lm.conditions import MixtureTerms, TextPairFeatures
 from policies.lm.mode_mixture import ModeMixture
-from workers.lm.mode_mixture_training import EncodedPairs, pair_logps, train_adapter, train_fine_tune
-from workers.lm.plans import MixtureRecipe
+from workers.lm.mode_mixture_training import EncodedPairs
 
 POSTERIOR_FLOOR = -30.0  # log-posteriors of modes below this are cut there: the tests' learners see bounded features
 
@@ -43,22 +40,3 @@ def mixture_pair_features(mixture: ModeMixture, data: EncodedPairs, head: Tensor
                          prompt_code=code.double().numpy(), beta=beta)
     return TextPairFeatures(**{k: v.double().numpy() for k, v in parts.items()}, mixture=terms)
 
-
-def heldout_plan_margins(stage1: ModeMixture, expert: EncodedPairs, head: Tensor, recipe: MixtureRecipe,
-                         seed: int) -> dict[str, np.ndarray]:
-    """The end-to-end cross-validation of a mixture's plans: two_stage and fine_tune trained with the worker's own
-    functions on each fold's other pairs (`cross_validation_folds`, as the tests split them), and each expert
-    pair's implicit-reward margin against the base under the model it was held out of. Cheap: the base is
-    encoded once and stage 2 trains a few thousand weights."""
-    n = len(expert)
-    out = {"two_stage": np.zeros(n), "fine_tune": np.zeros(n)}
-    base = expert.base_logps[:, 0] - expert.base_logps[:, 1]
-    for test in cross_validation_folds(n, seed):
-        train = torch.as_tensor(np.setdiff1d(np.arange(n), test))
-        held = torch.as_tensor(test)
-        for name, fit in (("two_stage", train_adapter), ("fine_tune", train_fine_tune)):
-            model, _ = fit(stage1, expert.take(train), head, recipe)
-            with torch.no_grad():
-                logps = pair_logps(model, expert.take(held), head)
-            out[name][test] = (recipe.beta * ((logps[:, 0] - logps[:, 1]) - base[held])).double().numpy()
-    return out
