@@ -25,11 +25,12 @@ import torch
 
 from ground.schemas import ConditionReport, PairwiseText
 from ingest.synthetic_judges import ChatWorld
+from policies.lm.condition_config import TEXT_THRESHOLDS
 from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
 from policies.lm.mode_mixture import ModeMixture
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from workers.lm.base_model import _pretrain_tiny
-from workers.lm.mixture_features import mixture_pair_features
+from workers.lm.mixture_features import mixture_pair_features, trained_fine_tune_margins
 from workers.lm.mode_mixture_training import (
     EncodedPairs,
     MixtureRecipe,
@@ -200,6 +201,8 @@ class Planner:
     expert: TextPairFeatures  # features of the largest budget's expert pairs (budgets are prefixes)
     proxy: TextPairFeatures
     n_proxy: int
+    # A mixture stage 1: its fine_tune is trained on the tests' folds at each budget (as the worker does)
+    train_folds: Any = None
 
     @classmethod
     def from_models(cls, stage1: Path, base: Path, expert_rows: list[dict[str, str]],
@@ -218,12 +221,20 @@ class Planner:
     def from_mixture(cls, runner: MixtureRunner, stage1: ModeMixture, expert: EncodedPairs, proxy: EncodedPairs,
                      n_proxy: int, beta: float) -> Planner:
         """The same tests on the mode mixture's stage 1 (`--reading mixture`): simplex = a response's mode posterior."""
+        def train_folds(n: int, seed: int) -> dict[str, np.ndarray] | None:
+            if n < TEXT_THRESHOLDS.min_expert_pairs:
+                return None
+            return trained_fine_tune_margins(stage1, expert.take(slice(0, n)), runner.head,
+                                             replace(runner.recipe, seed=seed), seed)
+
         return cls(mixture_pair_features(stage1, expert, runner.head, beta),
-                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.head, beta), n_proxy)
+                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.head, beta), n_proxy,
+                   train_folds)
 
     def report(self, n_expert: int, snapshot_id: str, seed: int) -> ConditionReport:
+        trained = self.train_folds(n_expert, seed) if self.train_folds is not None else None
         return run_text_condition_tests(_rows(self.expert, n_expert), self.proxy, snapshot_id, n_expert=n_expert,
-                                        n_proxy=self.n_proxy, seed=seed)
+                                        n_proxy=self.n_proxy, seed=seed, trained_margins=trained)
 
 
 def say(message: str, started: float) -> None:

@@ -32,3 +32,15 @@ def fit_bradley_terry(z: np.ndarray, centre: np.ndarray, precision: float) -> np
         if np.abs(step).max(initial=0.0) < 1e-9:
             break
     return w
+
+
+# Scales a trained plan's held-out margins may be multiplied by (log-spaced): a DPO-trained policy's implicit reward
+# ranks pairs but its scale is β's, not the expert's; tuning seeds 0-5 of bench/lm_proxy.py never chose an end.
+SCALES = np.exp(np.linspace(np.log(0.02), np.log(3.0), 60))
+
+
+def calibrated_log_likelihood(margins: np.ndarray) -> np.ndarray:
+    """Per-pair log σ(a·m) of held-out margins m at the scale a that fits them best, less 1/n nats per pair: one
+    parameter fitted on the pairs it scores (AIC's penalty), so a calibrated plan is not favoured by the fit."""
+    fits = log_sigmoid(SCALES[:, None] * np.asarray(margins, dtype=np.float64)[None, :])
+    return np.asarray(fits[int(fits.sum(axis=1).argmax())] - 1.0 / len(margins))

@@ -18,6 +18,7 @@ over the proxy pairs' differences, so one prior fits all. The plan is `plan_choi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -31,7 +32,7 @@ from policies.condition_statistics import (
     relaxation_interval,
 )
 from policies.features.condition_config import CHECK_NAMES
-from policies.lm.bradley_terry import fit_bradley_terry, log_sigmoid
+from policies.lm.bradley_terry import calibrated_log_likelihood, fit_bradley_terry, log_sigmoid
 from policies.lm.condition_config import TEXT_THRESHOLDS, TextConditionThresholds
 from policies.lm.mixture_learners import Design, MixtureTerms, mixture_designs, mixture_image_containment
 from policies.plan_choice import CANDIDATES, SMALL_SAMPLE, PlanEvidence, choose_plan, two_stage_vs_rival
@@ -130,13 +131,20 @@ def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextCondition
     }, len(components))
 
 
-def _cross_validate(expert: TextPairFeatures, proxy: TextPairFeatures, seed: int,
-                    t: TextConditionThresholds) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def cross_validation_folds(n: int, seed: int, thresholds: TextConditionThresholds | None = None) -> list[np.ndarray]:
+    """The held-out folds of the tests' cross-validation over n expert pairs: a caller that trains plans on
+    the folds itself (`run_text_condition_tests`'s `trained_margins`) must use these."""
+    folds = (thresholds or TEXT_THRESHOLDS).cv_folds
+    return list(np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n)))
+
+
+def _cross_validate(expert: TextPairFeatures, proxy: TextPairFeatures, seed: int, t: TextConditionThresholds,
+                    trained: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-pair held-out log-likelihood and correctness of every candidate and of the direct path (k-fold over
-    expert pairs)."""
+    expert pairs); `trained` holds held-out margins of plans the caller trained on the same folds."""
     n, margin = expert.n, expert.proxy_margin
     held = {"proxy_as_is": margin.copy()}  # fits nothing: every pair is held out for it
-    for test in np.array_split(np.random.default_rng(seed).permutation(n), min(t.cv_folds, n)):
+    for test in cross_validation_folds(n, seed, t):
         train = np.setdiff1d(np.arange(n), test)
         designs = _designs(expert, proxy, t, train)
         fold = {name: s[test] for name, s in designs.margins.items()}
@@ -145,8 +153,10 @@ def _cross_validate(expert: TextPairFeatures, proxy: TextPairFeatures, seed: int
         for name, s in fold.items():
             held.setdefault(name, np.zeros(n))[test] = s
     held.setdefault("fine_tune", held["direct"])  # a mixture's direct path stands in for its fine_tune
-    return ({name: log_sigmoid(s) for name, s in held.items()},
-            {name: (s > 0).astype(np.float64) for name, s in held.items()})
+    ll = {name: log_sigmoid(s) for name, s in held.items()}
+    for name, s in trained.items():
+        held[name], ll[name] = s, calibrated_log_likelihood(s)
+    return ll, {name: (s > 0).astype(np.float64) for name, s in held.items()}
 
 
 def _check(name: str, passed: bool, statistic: float, threshold: float, detail: str) -> ConditionCheck:
@@ -169,11 +179,15 @@ def _nearest(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def run_text_condition_tests(
     expert: TextPairFeatures, proxy: TextPairFeatures, snapshot_id: str, n_expert: int, n_proxy: int,
     seed: int = 0, thresholds: TextConditionThresholds | None = None,
+    trained_margins: Mapping[str, np.ndarray] | None = None,
 ) -> ConditionReport:
     """Test paper 1's four conditions on a text snapshot and choose the training plan.
 
     `expert` holds the expert pairs tested, `proxy` a sample of the proxy pairs; `n_expert` and
-    `n_proxy` are the snapshot's counts (the report's), at least the rows given. Deterministic for a
+    `n_proxy` are the snapshot's counts (the report's), at least the rows given. `trained_margins`: per
+    plan, each expert pair's implicit-reward margin under that plan trained on the other folds of
+    `cross_validation_folds(expert.n, seed)` (a mixture's fine_tune, which no stand-in fits); they replace
+    the plan's stand-in, scored after one fitted scale (`calibrated_log_likelihood`). Deterministic for a
     seed; numpy only, well under a second for 300 expert and 2000 proxy pairs.
     """
     t = thresholds or TEXT_THRESHOLDS
@@ -183,7 +197,11 @@ def run_text_condition_tests(
     if n_expert < expert.n or n_proxy < proxy.n:
         raise ValueError(f"n_expert={n_expert} and n_proxy={n_proxy} are the snapshot's counts and cannot be below "
                          f"the pairs given ({expert.n} expert, {proxy.n} proxy)")
-    checks, evidence, pcs = _run_checks(expert, proxy, seed, t)
+    trained = dict(trained_margins or {})
+    if any(np.shape(m) != (expert.n,) for m in trained.values()) or not set(trained) <= set(CANDIDATES[1:]):
+        raise ValueError(f"trained_margins needs one margin per expert pair ({expert.n}) for plans among "
+                         f"{list(CANDIDATES[1:])}, got {[(k, np.shape(m)) for k, m in trained.items()]}")
+    checks, evidence, pcs = _run_checks(expert, proxy, seed, t, trained)
     plan, reasons = choose_plan(checks, evidence)
     first = (f"these tests ran on the stage-1 model's D={proxy.simplex_dim} simplex representation of (prompt, "
              f"response) pairs ({expert.n} expert, {proxy.n} proxy pairs; a direct path through {pcs} principal "
@@ -195,7 +213,8 @@ def run_text_condition_tests(
 
 
 def _run_checks(
-    expert: TextPairFeatures, proxy: TextPairFeatures, seed: int, t: TextConditionThresholds
+    expert: TextPairFeatures, proxy: TextPairFeatures, seed: int, t: TextConditionThresholds,
+    trained: Mapping[str, np.ndarray],
 ) -> tuple[list[ConditionCheck], PlanEvidence, int]:
     """All checks in CHECK_NAMES order, the evidence the plan rule weighs, and the direct PCs used."""
     n = expert.n
@@ -212,12 +231,12 @@ def _run_checks(
         rest = [low_dim if c == low_dim.name else _check(c, False, 0.0, 0.0, detail) for c in CHECK_NAMES[1:]]
         if n < t.min_adapter_pairs:
             return [size, *rest], PlanEvidence(agreement), 0
-        ll, correct = _cross_validate(expert, proxy, seed, t)  # only the proxy and its adapter are weighed
+        ll, correct = _cross_validate(expert, proxy, seed, t, trained)  # only the proxy and its adapter are weighed
         return [size, *rest], PlanEvidence(agreement, {c: ll[c] for c in SMALL_SAMPLE},
                                            {c: correct[c] for c in SMALL_SAMPLE}, seed), 0
     rng = np.random.default_rng(seed)
     designs = _designs(expert, proxy, t, np.arange(n))
-    ll, correct = _cross_validate(expert, proxy, seed, t)
+    ll, correct = _cross_validate(expert, proxy, seed, t, trained)
     checks = [size, _shared_level_sets(ll, n, rng, t), _image_containment(expert, proxy, rng, t), low_dim,
               _similarity_preserved(designs, expert, proxy, rng, t), _end_to_end(ll, correct, n, rng, t)]
     evidence = PlanEvidence(agreement, {c: ll[c] for c in CANDIDATES}, {c: correct[c] for c in CANDIDATES}, seed)

@@ -114,3 +114,28 @@ def test_responses_no_mode_produces_fail_image_containment_and_a_relabelled_worl
     assert "image_containment" in _failed(_report("outside_image", 100, seed))
     assert "image_containment" not in _failed(_report("relabelled", 100, seed))
 
+
+
+def test_a_plan_the_caller_trained_on_the_folds_replaces_its_stand_in() -> None:
+    """A caller that trained fine_tune on the tests' folds and found it ranks every held-out pair right gets
+    fine_tune: its calibrated held-out evidence outweighs the relabelling's; the wrong shape is refused."""
+    rng = np.random.default_rng(0)
+    proxy = _pairs(rng, 1000, PROXY_TOPIC["relabelled"], PROXY_TOPIC["relabelled"])
+    expert = _pairs(rng, 100, EXPERT_TOPIC, PROXY_TOPIC["relabelled"])
+    assert run_text_condition_tests(expert, proxy, "s", n_expert=100, n_proxy=1000).plan == "two_stage"
+    trained = {"fine_tune": np.full(100, 5.0)}
+    report = run_text_condition_tests(expert, proxy, "s", n_expert=100, n_proxy=1000, trained_margins=trained)
+    assert report.plan == "fine_tune"
+    assert report.heldout_log_likelihood["fine_tune"] > -0.02
+    with pytest.raises(ValueError, match="one margin per expert pair"):
+        run_text_condition_tests(expert, proxy, "s", n_expert=100, n_proxy=1000,
+                                 trained_margins={"fine_tune": np.zeros(99)})
+
+
+def test_calibration_rescales_over_confident_margins_and_charges_for_the_fitted_scale() -> None:
+    from policies.lm.bradley_terry import calibrated_log_likelihood, log_sigmoid
+
+    margins = np.where(np.random.default_rng(0).random(200) < 0.8, 20.0, -20.0)  # right 80% of the time, sure
+    calibrated = calibrated_log_likelihood(margins)
+    assert calibrated.mean() > log_sigmoid(margins).mean() + 2.0  # the raw margins are punished for confidence
+    assert calibrated.mean() < float(0.8 * np.log(0.8) + 0.2 * np.log(0.2))  # no better than the true rate

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
 
 from ground.schemas import ConditionReport, TextConditionRequest
+from policies.lm.condition_config import TEXT_THRESHOLDS
 from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
 from policies.lm.mode_mixture import is_mixture_dir, load_mixture_dir
 from workers.device import select_device
-from workers.lm.mixture_features import mixture_pair_features
+from workers.lm.mixture_features import mixture_pair_features, trained_fine_tune_margins
 from workers.lm.mode_mixture_training import encode_pairs
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.pair_features import pair_features
+from workers.lm.plans import MixtureRecipe
 from workers.lm.training.data import load_jsonl, tokenize_pairs
 
 PAIR_FIELDS = ["prompt", "chosen", "rejected"]
@@ -43,16 +46,20 @@ def text_condition_report(request: TextConditionRequest) -> ConditionReport:
 
 def _mixture_report(request: TextConditionRequest, tokenizer: Any, device: torch.device,
                     expert_rows: list[dict[str, Any]], proxy_rows: list[dict[str, Any]]) -> ConditionReport:
-    """A mixture stage 1: its base (the checkpoint's own model files) encodes the rows once."""
-    mixture, _ = load_mixture_dir(request.stage1_checkpoint)
+    """A mixture stage 1: its base (the checkpoint's own model files) encodes the rows once, and its fine_tune is
+    trained on the tests' folds (`trained_fine_tune_margins`) with the run's recipe."""
+    mixture, spec = load_mixture_dir(request.stage1_checkpoint)
     base = load_causal_lm(request.stage1_checkpoint, device)
     head = base.get_output_embeddings().weight.detach().float().cpu()
-
-    def features(rows: list[dict[str, Any]]) -> TextPairFeatures:
-        return mixture_pair_features(mixture, encode_pairs(base, tokenizer, rows), head, request.beta)
-
-    return run_text_condition_tests(features(expert_rows), features(proxy_rows), request.snapshot_id,
-                                    request.n_expert, request.n_proxy, seed=request.seed)
+    expert = encode_pairs(base, tokenizer, expert_rows)
+    known = {f.name for f in fields(MixtureRecipe)}
+    recipe = replace(MixtureRecipe(**{k: v for k, v in spec["recipe"].items() if k in known}), seed=request.seed)
+    enough = len(expert) >= TEXT_THRESHOLDS.min_expert_pairs  # below it the tests do not weigh fine_tune
+    trained = trained_fine_tune_margins(mixture, expert, head, recipe, request.seed) if enough else None
+    return run_text_condition_tests(
+        mixture_pair_features(mixture, expert, head, request.beta),
+        mixture_pair_features(mixture, encode_pairs(base, tokenizer, proxy_rows), head, request.beta),
+        request.snapshot_id, request.n_expert, request.n_proxy, seed=request.seed, trained_margins=trained)
 
 
 def _model_features(request: TextConditionRequest, tokenizer: Any, device: torch.device) -> PairReader:
