@@ -28,7 +28,6 @@ released version are such directories, so serving (`policies/lm/chat.py`) loads 
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.features.simplex_adapter import SimplexAdapter
+from policies.lm.mixture_learners import best_relabelling
 
 STAGES = ("proxy", "expert", "all")
 WEIGHTS_FILE = "mode_mixture.safetensors"
 SPEC_FILE = "mode_mixture.json"
-MAX_EXHAUSTIVE_MODES = 8  # permutations searched exhaustively up to 8! = 40 320; greedy above
 
 
 class ModeMixture(nn.Module):
@@ -147,22 +146,12 @@ def assignment_score(weights: Tensor, chosen_logps: Tensor, rejected_logps: Tens
 
 def assignment_centre(score: Tensor) -> Tensor:
     """The permutation matrix P (P[j, k] = 1: vertex k goes to j) maximising Σ_k S[k, P(k)]: exhaustive up to
-    MAX_EXHAUSTIVE_MODES modes, greedy above. As an adapter weight (bias 0) it relabels the simplex's vertices."""
+    MAX_EXHAUSTIVE_MODES modes, greedy above (`mixture_learners.best_relabelling`, the condition tests' search too).
+    As an adapter weight (bias 0) it relabels the simplex's vertices."""
     dim = score.shape[0]
-    if dim <= MAX_EXHAUSTIVE_MODES:
-        perms = torch.tensor(list(itertools.permutations(range(dim))))
-        best = tuple(perms[int(score[torch.arange(dim)[None, :], perms].sum(1).argmax())].tolist())
-    else:
-        taken: set[int] = set()
-        order = sorted(range(dim), key=lambda k: -float(score[k].max()))
-        chosen = {}
-        for k in order:
-            j = max((j for j in range(dim) if j not in taken), key=lambda j: float(score[k, j]))
-            chosen[k] = j
-            taken.add(j)
-        best = tuple(chosen[k] for k in range(dim))
+    best = best_relabelling(score.detach().cpu().double().numpy())
     matrix = torch.zeros(dim, dim, dtype=score.dtype)
-    matrix[list(best), list(range(dim))] = 1.0
+    matrix[best.tolist(), list(range(dim))] = 1.0
     return matrix
 
 
