@@ -18,8 +18,9 @@ over the proxy pairs' differences, so one prior fits all. The plan is `plan_choi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 
@@ -34,7 +35,16 @@ from policies.condition_statistics import (
 from policies.features.condition_config import CHECK_NAMES
 from policies.lm.bradley_terry import calibrated_log_likelihood, fit_bradley_terry, log_sigmoid
 from policies.lm.condition_config import TEXT_THRESHOLDS, TextConditionThresholds
-from policies.lm.mixture_learners import Design, MixtureTerms, mixture_designs, mixture_image_containment
+from policies.lm.mixture_learners import (
+    Design,
+    MixtureTerms,
+    expert_only_design,
+    fold_margins,
+    mixture_image_containment,
+    principal_components,
+    swapped_margins,
+    unit_rms,
+)
 from policies.plan_choice import CANDIDATES, SMALL_SAMPLE, PlanEvidence, choose_plan, two_stage_vs_rival
 
 __all__ = ["CHECK_NAMES", "MixtureTerms", "TextConditionThresholds", "TextPairFeatures", "fit_bradley_terry",
@@ -55,7 +65,7 @@ class TextPairFeatures:
     mixture: MixtureTerms | None = None  # a mode-mixture stage 1: its two_stage is fitted exactly (mixture_learners)
 
     def __post_init__(self) -> None:
-        for f in fields(self)[:-1]:
+        for f in [f for f in fields(self) if f.name != "mixture"]:  # the arrays; MixtureTerms checks its own
             try:
                 array = np.asarray(getattr(self, f.name), dtype=np.float64)
             except (TypeError, ValueError) as error:
@@ -97,31 +107,25 @@ class TextPairFeatures:
 @dataclass
 class _Designs:
     """Per-pair learner inputs: Bradley–Terry learners by name -> (feature differences [n, p], prior centre [p]);
-    learners with nothing left to fit -> their margins [n] (a mixture's two_stage, fitted on the fold)."""
+    for a mixture, the margins of the learners fitted otherwise (two_stage, the direct path) given the expert
+    pairs fitted on (`mixture_learners.fold_margins`)."""
 
     by_name: dict[str, Design]
     n_components: int
-    margins: dict[str, np.ndarray] = field(default_factory=dict)
+    fold_margins: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
 
 
-def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextConditionThresholds,
-             train: np.ndarray) -> _Designs:
-    """The learners fitted on the expert pairs `train` (only a mixture's two_stage depends on which they are)."""
+def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextConditionThresholds) -> _Designs:
     stacked = np.concatenate([proxy.direct_chosen, proxy.direct_rejected])
-    _, singular, vt = np.linalg.svd(stacked - stacked.mean(axis=0), full_matrices=False)
-    components = vt[: min(t.direct_components, int((singular > 1e-9 * singular.max(initial=1.0)).sum()))]
-
-    def scaled(diff_expert: np.ndarray, diff_proxy: np.ndarray) -> np.ndarray:
-        rms = np.sqrt((diff_proxy**2).mean(axis=0))
-        return diff_expert / np.where(rms > 1e-12, rms, 1.0)
-
+    _, components = principal_components(stacked, t.direct_components)
     direct_proxy = (proxy.direct_chosen - proxy.direct_rejected) @ components.T
-    direct = scaled((expert.direct_chosen - expert.direct_rejected) @ components.T, direct_proxy)
+    direct = unit_rms((expert.direct_chosen - expert.direct_rejected) @ components.T, direct_proxy)
     if expert.mixture is not None and proxy.mixture is not None:
-        by_name, margins = mixture_designs(expert.mixture, proxy.mixture, direct, scaled(direct_proxy, direct_proxy),
-                                           t.prompt_components, t.neighbour_pairs, train)
-        return _Designs(by_name, len(components), margins)
-    simplex = scaled(expert.simplex_chosen - expert.simplex_rejected, proxy.simplex_chosen - proxy.simplex_rejected)
+        design = expert_only_design(expert.mixture, proxy.mixture, direct, unit_rms(direct_proxy, direct_proxy),
+                                    t.prompt_components)
+        margins = partial(fold_margins, expert.mixture, swapped_margins(expert.mixture), t.neighbour_pairs)
+        return _Designs({"expert_only": design}, len(components), margins)
+    simplex = unit_rms(expert.simplex_chosen - expert.simplex_rejected, proxy.simplex_chosen - proxy.simplex_rejected)
     with_proxy = [expert.proxy_margin[:, None], simplex]
     two_stage, fine_tune = np.hstack(with_proxy), np.hstack([*with_proxy, direct])
     return _Designs({  # the proxy-side priors: weight 1 on the proxy margin, 0 elsewhere; fine_tune is the direct path
@@ -138,7 +142,7 @@ def cross_validation_folds(n: int, seed: int, thresholds: TextConditionThreshold
     return list(np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n)))
 
 
-def _cross_validate(expert: TextPairFeatures, proxy: TextPairFeatures, seed: int, t: TextConditionThresholds,
+def _cross_validate(designs: _Designs, expert: TextPairFeatures, seed: int, t: TextConditionThresholds,
                     trained: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-pair held-out log-likelihood and correctness of every candidate and of the direct path (k-fold over
     expert pairs); `trained` holds held-out margins of plans the caller trained on the same folds."""
@@ -146,8 +150,8 @@ def _cross_validate(expert: TextPairFeatures, proxy: TextPairFeatures, seed: int
     held = {"proxy_as_is": margin.copy()}  # fits nothing: every pair is held out for it
     for test in cross_validation_folds(n, seed, t):
         train = np.setdiff1d(np.arange(n), test)
-        designs = _designs(expert, proxy, t, train)
-        fold = {name: s[test] for name, s in designs.margins.items()}
+        fitted = designs.fold_margins(train) if designs.fold_margins is not None else {}
+        fold = {name: s[test] for name, s in fitted.items()}
         for name, (z, centre) in designs.by_name.items():
             fold[name] = z[test] @ fit_bradley_terry(z[train], centre, t.prior_precision)
         for name, s in fold.items():
@@ -231,12 +235,13 @@ def _run_checks(
         rest = [low_dim if c == low_dim.name else _check(c, False, 0.0, 0.0, detail) for c in CHECK_NAMES[1:]]
         if n < t.min_adapter_pairs:
             return [size, *rest], PlanEvidence(agreement), 0
-        ll, correct = _cross_validate(expert, proxy, seed, t, trained)  # only the proxy and its adapter are weighed
+        # only the proxy and its adapter are weighed
+        ll, correct = _cross_validate(_designs(expert, proxy, t), expert, seed, t, trained)
         return [size, *rest], PlanEvidence(agreement, {c: ll[c] for c in SMALL_SAMPLE},
                                            {c: correct[c] for c in SMALL_SAMPLE}, seed), 0
     rng = np.random.default_rng(seed)
-    designs = _designs(expert, proxy, t, np.arange(n))
-    ll, correct = _cross_validate(expert, proxy, seed, t, trained)
+    designs = _designs(expert, proxy, t)
+    ll, correct = _cross_validate(designs, expert, seed, t, trained)
     checks = [size, _shared_level_sets(ll, n, rng, t), _image_containment(expert, proxy, rng, t), low_dim,
               _similarity_preserved(designs, expert, proxy, rng, t), _end_to_end(ll, correct, n, rng, t)]
     evidence = PlanEvidence(agreement, {c: ll[c] for c in CANDIDATES}, {c: correct[c] for c in CANDIDATES}, seed)
@@ -312,8 +317,8 @@ def _similarity_preserved(designs: _Designs, expert: TextPairFeatures, proxy: Te
     proxy pairs of |proxy_margin| / distance (puts both in logit units). L is a high quantile over pairs
     the simplex separates: a re-mapped simplex keeps it moderate; preferences the simplex cannot see, or
     an over-smoothed proxy, make it large."""
-    if "direct" in designs.margins:  # a mixture's direct path, fitted on every expert pair
-        strength = np.abs(designs.margins["direct"])
+    if designs.fold_margins is not None:  # a mixture's direct path, fitted on every expert pair
+        strength = np.abs(designs.fold_margins(np.arange(expert.n))["direct"])
     else:
         z, centre = designs.by_name["direct"]
         strength = np.abs(z @ fit_bradley_terry(z, centre, t.prior_precision))

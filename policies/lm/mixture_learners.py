@@ -8,13 +8,13 @@ scored on held-out pairs with the mixture's own implicit reward
     s = β · [(log Σ_j (Pw)_j π_j(chosen) − log Σ_j (Pw)_j π_j(rejected)) − (log π_0(chosen) − log π_0(rejected))].
 
 Paper 1's shared-level-set condition says the expert's preference is a function of the proxy's simplex
-point. The direct path that tests it reads the prompt *around* τ̃: a Bradley–Terry learner on the
-two_stage score (prior weight 1) plus every product of a principal component of the prompt's pooled
-embedding (what τ̃ reads, before τ̃ squashes it onto the simplex) with a mode's implicit-reward margin
-(prior 0). When the expert separates prompts the proxy merges (two themes on one mode), those products
-fit what no relabelling can, and the held-out gain is the violation. The same learner stands for
-fine_tune (every mixture weight refitted on expert pairs can re-learn what τ̃ merged); expert_only
-reads the prompt components times the base model's response features, with no proxy term.
+point. The direct path that tests it reads the prompt *around* τ̃: for each pair, the relabelling (the
+prompt's top mode swapped with another, or two_stage's) that best fits the training pairs whose prompts'
+pooled codes (what τ̃ reads, before τ̃ squashes it onto the simplex) are nearest. When the expert separates
+prompts the proxy merges (two themes on one mode), it fits what no single relabelling can, and the held-out
+gain is the violation. It also stands for fine_tune unless the caller trains that plan on the folds;
+expert_only reads products of the prompt's principal components with the base model's response features,
+with no proxy term.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class MixtureTerms:
     beta: float  # stage 1's DPO β: the implicit reward's scale
 
     def __post_init__(self) -> None:
-        for f in fields(self)[:-1]:
+        for f in [f for f in fields(self) if f.name != "beta"]:
             array = np.asarray(getattr(self, f.name), dtype=np.float64)
             if not np.isfinite(array).all():
                 raise ValueError(f"MixtureTerms.{f.name} has non-finite values")
@@ -99,11 +99,6 @@ def best_relabelling(score: np.ndarray) -> np.ndarray:
     return perm
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    top = x.max(axis=1, keepdims=True)
-    return np.asarray((top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0])
-
-
 def fit_relabelling(terms: MixtureTerms) -> np.ndarray:
     """The relabelling the expert pairs favour: score[k, j] = Σ_i w_k(x_i) log σ(mode j's margin on pair i)."""
     return best_relabelling(np.exp(terms.log_weights).T @ log_sigmoid(terms.mode_margins()))
@@ -113,17 +108,27 @@ def relabelled_margin(terms: MixtureTerms, perm: np.ndarray) -> np.ndarray:
     """The two-stage mixture's implicit-reward margin with the adapter at relabelling `perm`."""
     log_w = np.full_like(terms.log_weights, -np.inf)
     log_w[:, perm] = terms.log_weights
-    chosen = _logsumexp(log_w + terms.mode_chosen)
-    rejected = _logsumexp(log_w + terms.mode_rejected)
+    return _mixture_margin(terms, log_w)
+
+
+def _mixture_margin(terms: MixtureTerms, log_w: np.ndarray) -> np.ndarray:
+    """The implicit-reward margin against the base of the mixture with mode weights log_w [n, D]."""
+    chosen = np.logaddexp.reduce(log_w + terms.mode_chosen, axis=1)
+    rejected = np.logaddexp.reduce(log_w + terms.mode_rejected, axis=1)
     return np.asarray(terms.beta * ((chosen - rejected) - terms.base_margin))
 
 
-def _prompt_features(expert: np.ndarray, proxy: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top `count` principal components of the proxy prompts' codes, for expert and proxy rows."""
-    mean = proxy.mean(axis=0)
-    _, singular, vt = np.linalg.svd(proxy - mean, full_matrices=False)
-    components = vt[: min(count, int((singular > 1e-9 * singular.max(initial=1.0)).sum()))]
-    return (expert - mean) @ components.T, (proxy - mean) @ components.T
+def principal_components(rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of `rows` and its top `count` principal directions [≤ count, p] (fewer when the rows span fewer)."""
+    mean = rows.mean(axis=0)
+    _, singular, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    return mean, vt[: min(count, int((singular > 1e-9 * singular.max(initial=1.0)).sum()))]
+
+
+def unit_rms(expert: np.ndarray, proxy: np.ndarray) -> np.ndarray:
+    """`expert`'s columns scaled by the RMS of `proxy`'s (the proxy pairs set the scale: one prior fits all)."""
+    rms = np.sqrt((proxy**2).mean(axis=0))
+    return np.asarray(expert / np.where(rms > 1e-12, rms, 1.0))
 
 
 def _crossed(prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
@@ -131,15 +136,10 @@ def _crossed(prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
     return np.asarray((prompt[:, :, None] * response[:, None, :]).reshape(len(prompt), -1))
 
 
-def _unit_rms(expert: np.ndarray, proxy: np.ndarray) -> np.ndarray:
-    rms = np.sqrt((proxy**2).mean(axis=0))
-    return np.asarray(expert / np.where(rms > 1e-12, rms, 1.0))
-
-
 Design = tuple[np.ndarray, np.ndarray]  # a Bradley–Terry learner's feature differences [n, p] and prior centre [p]
 
 
-def _swapped_margins(terms: MixtureTerms) -> np.ndarray:
+def swapped_margins(terms: MixtureTerms) -> np.ndarray:
     """Option j per pair: the mixture with the prompt's top mode and mode j swapped in w(x), [n, D] (the
     relabelling a prompt-by-prompt adapter would make: comparable with two_stage's, unlike a pure mode)."""
     n, dim = terms.log_weights.shape
@@ -148,16 +148,16 @@ def _swapped_margins(terms: MixtureTerms) -> np.ndarray:
     for j in range(dim):
         log_w = terms.log_weights.copy()
         log_w[rows, j], log_w[rows, top] = terms.log_weights[rows, top], terms.log_weights[rows, j]
-        out[:, j] = terms.beta * ((_logsumexp(log_w + terms.mode_chosen) - _logsumexp(log_w + terms.mode_rejected))
-                                  - terms.base_margin)
+        out[:, j] = _mixture_margin(terms, log_w)
     return out
 
 
-def neighbour_modes(terms: MixtureTerms, two_stage: np.ndarray, train: np.ndarray, neighbours: int) -> np.ndarray:
-    """The direct path: for each pair, the swapped mixture (or two_stage's) that best fits the `neighbours` training
-    pairs whose prompts are nearest to its own (Euclidean, prompt codes), and that option's margin. Unlike a
-    relabelling it can send two prompts with one simplex point to different modes."""
-    options = np.hstack([_swapped_margins(terms), two_stage[:, None]])  # [n, D + 1]
+def neighbour_modes(terms: MixtureTerms, swapped: np.ndarray, two_stage: np.ndarray, train: np.ndarray,
+                    neighbours: int) -> np.ndarray:
+    """The direct path: for each pair, the swapped mixture (`swapped_margins`) or two_stage's that best fits the
+    `neighbours` training pairs whose prompts are nearest to its own (Euclidean, prompt codes), and that option's
+    margin. Unlike a relabelling it can send two prompts with one simplex point to different modes."""
+    options = np.hstack([swapped, two_stage[:, None]])  # [n, D + 1]
     fit = log_sigmoid(options[train])
     codes = terms.prompt_code
     distance = ((codes[:, None, :] - codes[None, train, :]) ** 2).sum(-1)  # [n, |train|]
@@ -166,18 +166,21 @@ def neighbour_modes(terms: MixtureTerms, two_stage: np.ndarray, train: np.ndarra
     return np.asarray(options[np.arange(len(options)), best])
 
 
-def mixture_designs(
-    expert: MixtureTerms, proxy: MixtureTerms, direct_expert: np.ndarray, direct_proxy: np.ndarray, prompt_count: int,
-    neighbours: int, train: np.ndarray,
-) -> tuple[dict[str, Design], dict[str, np.ndarray]]:
-    """The learners of one cross-validation fold (`train`: the expert pairs fitted on): a Bradley–Terry design for
-    expert_only, and the margins of two_stage (its relabelling fitted on `train`) and of the direct path (the
-    neighbour-mode learner, also fine_tune's stand-in). `direct_*`: the base's response-feature differences."""
-    two_stage = relabelled_margin(expert, fit_relabelling(expert.take(train)))
-    prompt_expert, prompt_proxy = _prompt_features(expert.prompt_code, proxy.prompt_code, prompt_count)
-    direct = _unit_rms(_crossed(prompt_expert, direct_expert), _crossed(prompt_proxy, direct_proxy))
-    return ({"expert_only": (direct, np.zeros(direct.shape[1]))},
-            {"two_stage": two_stage, "direct": neighbour_modes(expert, two_stage, train, neighbours)})
+def expert_only_design(expert: MixtureTerms, proxy: MixtureTerms, direct_expert: np.ndarray,
+                       direct_proxy: np.ndarray, prompt_count: int) -> Design:
+    """expert_only's Bradley–Terry design: products of the prompt's principal components with the base's
+    response-feature differences (`direct_*`), centred on 0 (no proxy term)."""
+    mean, components = principal_components(proxy.prompt_code, prompt_count)
+    prompt_expert, prompt_proxy = (expert.prompt_code - mean) @ components.T, (proxy.prompt_code - mean) @ components.T
+    direct = unit_rms(_crossed(prompt_expert, direct_expert), _crossed(prompt_proxy, direct_proxy))
+    return direct, np.zeros(direct.shape[1])
+
+
+def fold_margins(terms: MixtureTerms, swapped: np.ndarray, neighbours: int, train: np.ndarray) -> dict[str, np.ndarray]:
+    """Every pair's margin under two_stage (its relabelling fitted on the expert pairs `train`) and under the direct
+    path (`neighbour_modes` over `train`); `swapped` is `swapped_margins(terms)`, which no fold changes."""
+    two_stage = relabelled_margin(terms, fit_relabelling(terms.take(train)))
+    return {"two_stage": two_stage, "direct": neighbour_modes(terms, swapped, two_stage, train, neighbours)}
 
 
 def mixture_image_containment(expert: MixtureTerms, proxy: MixtureTerms, t: TextConditionThresholds) -> ConditionCheck:
