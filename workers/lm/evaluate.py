@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
-from policies.lm.mode_mixture import is_mixture_dir, load_mixture_dir, prompt_log_weights
+from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
 from workers.lm import mode_mixture_training
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
@@ -52,19 +53,31 @@ def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Te
     return reference_logps(model, pairs, _SCORING, pad, torch.device("cpu"), nullcontext())
 
 
+@dataclass
+class MixtureBase:
+    """The base a run's mixture checkpoints share (hard links of one model), with the held-out pairs encoded by it
+    once: every checkpoint is then scored on those tensors."""
+
+    model: Any
+    head: Tensor
+    encoded: mode_mixture_training.EncodedPairs
+
+    @classmethod
+    def load(cls, path: str, tokenizer: Any, rows: list[dict[str, Any]]) -> MixtureBase:
+        model = load_causal_lm(path).eval()
+        head = model.get_output_embeddings().weight.detach().float()
+        return cls(model, head, mode_mixture_training.encode_pairs(model, tokenizer, rows))
+
+
 @torch.no_grad()
-def mixture_scores(path: str, tokenizer: Any, rows: list[dict[str, Any]],
-                   prompts: Sequence[str]) -> tuple[Any, Tensor, Tensor, Tensor]:
-    """A mixture checkpoint's base model, its log π† of each pair [N, 2], the base's [N, 2], and the vocabulary bias
-    of each indicator prompt's most likely mode [len(prompts), V]."""
-    model = load_causal_lm(path).eval()
-    mixture, _ = load_mixture_dir(path)
-    head = model.get_output_embeddings().weight.float()
-    encoded = mode_mixture_training.encode_pairs(model, tokenizer, rows)
-    logps = mode_mixture_training.pair_logps(mixture, encoded, head)
-    modes = [int(prompt_log_weights(mixture, model, tokenizer(p, add_special_tokens=False)["input_ids"]).argmax())
+def mixture_scores(mixture: ModeMixture, base: MixtureBase, tokenizer: Any,
+                   prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """A mixture checkpoint's log π† of each pair minus the base's [N, 2], and the vocabulary bias of each indicator
+    prompt's most likely mode [len(prompts), V]."""
+    logps = mode_mixture_training.pair_logps(mixture, base.encoded, base.head)
+    modes = [int(prompt_log_weights(mixture, base.model, tokenizer(p, add_special_tokens=False)["input_ids"]).argmax())
              for p in prompts]
-    return model, logps, encoded.base_logps, mixture.mode_biases(head)[modes]
+    return logps - base.encoded.base_logps, mixture.mode_biases(base.head)[modes]
 
 
 def evaluate_lm_checkpoints(
@@ -83,11 +96,16 @@ def evaluate_lm_checkpoints(
     prompts = [r["prompt"] for r in rows[:n_indicator_prompts]]
     completions = [r["chosen"] for r in rows[:n_indicator_prompts]]
     evaluations = []
+    mixture_bases: dict[str, MixtureBase] = {}  # by the base a checkpoint's mixture sits on: encoded once
     for ref in checkpoints:
         biases: Tensor | None = None
         if is_mixture_dir(ref.path):
-            model, logps, base_logps, biases = mixture_scores(ref.path, tokenizer, rows, prompts)
-            ratio = logps - base_logps
+            mixture, spec = load_mixture_dir(ref.path)
+            if spec["base_model"] not in mixture_bases:
+                mixture_bases[spec["base_model"]] = MixtureBase.load(ref.path, tokenizer, rows)
+            base = mixture_bases[spec["base_model"]]
+            model = base.model
+            ratio, biases = mixture_scores(mixture, base, tokenizer, prompts)
             margins = ratio[:, 0] - ratio[:, 1]
         else:
             model = (load_lora_dir(ref.path) if is_lora_dir(ref.path) else load_causal_lm(ref.path)).eval()
