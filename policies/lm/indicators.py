@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from policies.indicators import topk_indicators
+from policies.lm.mode_mixture import BiasLogits
 
 TOP_K = 10
 
@@ -68,21 +69,11 @@ def generated_indicators(
     continuations = []
     for row, prompt in enumerate(prompts):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        processors = LogitsProcessorList([_AddBias(biases[row])] if biases is not None else [])
+        processors = LogitsProcessorList([BiasLogits(biases[row])] if biases is not None else [])
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         continuations.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False) or " ")
     return completion_indicators(model, tokenizer, prompts, continuations, k, biases)
-
-
-class _AddBias:
-    """A logits processor adding one vocabulary bias at every generated token."""
-
-    def __init__(self, bias: Tensor) -> None:
-        self.bias = bias
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        return scores + self.bias.to(scores.dtype)
 
 
 def checkpoint_indicators(

@@ -176,6 +176,17 @@ def load_mixture_dir(path: Path | str) -> tuple[ModeMixture, dict[str, Any]]:
     return mixture.eval(), spec
 
 
+class BiasLogits:
+    """A logits processor (transformers' `LogitsProcessor` protocol) adding a mode's vocabulary bias at every
+    generated token: one bias [V], or one per sequence [B, V]."""
+
+    def __init__(self, bias: Tensor) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return scores + self.bias.to(scores.dtype)
+
+
 @torch.no_grad()
 def prompt_log_weights(mixture: ModeMixture, model: Any, prompt_ids: list[int]) -> Tensor:
     """log w(x) [D] of one prompt's token ids, pooled over the base's input embeddings as in training."""

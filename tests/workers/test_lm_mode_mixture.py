@@ -3,7 +3,7 @@ save and load."""
 
 import torch
 
-from policies.lm.mode_mixture import ModeMixture
+from policies.lm.mode_mixture import ModeMixture, load_mixture_dir, save_mixture_dir
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
 from workers.lm import mode_mixture_training as mm
@@ -46,8 +46,8 @@ def test_stage_two_moves_only_the_adapter_and_the_base_stays_frozen(tmp_path):
     assert moved <= {"adapter.weight", "adapter.bias", "adapter.centre_weight", "adapter.centre_bias"}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base_before.items())
 
-    saved = mm.save(stage2, tmp_path / "mixture", str(tiny_model_dir()), RECIPE)
-    loaded, spec = mm.load(saved)
+    saved = save_mixture_dir(stage2, tmp_path / "mixture", str(tiny_model_dir()), RECIPE.to_dict())
+    loaded, spec = load_mixture_dir(saved)
     assert spec["base_model"] == str(tiny_model_dir())
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in stage2.state_dict().items())
     texts = mm.sample(model, tokenizer, loaded, [r["prompt"] for r in rows[:3]], seed=0, max_new_tokens=4)

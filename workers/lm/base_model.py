@@ -15,12 +15,11 @@ from typing import Any
 
 from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
+from policies.lm.release import TRAINING_ONLY  # training state a base model does not need, as a release
 from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, prepare_smollm2
 from workers.lm.training.run import run_lm_training
 
 TINY_CHAT_DIR = "tiny-chat"
-# Training state a base model does not need (see workers.lm.training.checkpoint).
-TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
 WARMUP = {"loss_mode": "it", "learning_rate": 4e-3, "batch_size": 16, "max_steps": 60, "checkpoint_every": 60,
           "log_every": 20}
 

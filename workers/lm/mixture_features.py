@@ -44,7 +44,6 @@ def mixture_pair_features(mixture: ModeMixture, data: EncodedPairs, head: Tensor
     return TextPairFeatures(**{k: v.double().numpy() for k, v in parts.items()}, mixture=terms)
 
 
-
 def trained_fine_tune_margins(stage1: ModeMixture, expert: EncodedPairs, head: Tensor, recipe: MixtureRecipe,
                               seed: int) -> dict[str, np.ndarray]:
     """The end-to-end cross-validation of a mixture's fine_tune, which no stand-in fits (it refits τ̃ and Θ̃ too):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ground.schemas import LMTrainingRequest
 from policies.lm.mode_mixture import (
@@ -41,7 +41,7 @@ from workers.device import select_device
 from workers.lm.mode_mixture_training import encode_pairs, train_adapter, train_fine_tune, train_proxy
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import CHECKPOINTS_PER_RUN, MixtureRecipe, MixtureStage, reading_recipe
-from workers.lm.training.checkpoint import checkpoint_dir, latest_checkpoint, optimizer_tensors, restore_optimizer
+from workers.lm.training.checkpoint import checkpoint_dir, latest_checkpoint, restore_optimizer, save_optimizer
 from workers.lm.training.data import load_jsonl
 from workers.lm.training.loop import Progress
 
@@ -131,9 +131,7 @@ class MixtureCheckpoints:
         shutil.rmtree(partial, ignore_errors=True)
         link_model_files(self.model_source, partial)
         save_mixture_dir(mixture, partial, self.base_model, self.recipe.to_dict())
-        tensors, meta = optimizer_tensors(optimiser)
-        save_file(tensors, str(partial / "optimizer.safetensors"))
-        (partial / "optimizer.json").write_text(json.dumps(meta))
+        save_optimizer(optimiser, partial)
         self.checkpoints = [*self.checkpoints, str(final)]
         (partial / STATE_FILE).write_text(json.dumps({**self.record, "step": step, "losses": losses,
                                                       "checkpoints": self.checkpoints}, indent=1))

@@ -12,26 +12,24 @@ Generation (`sample`): for each row, k is drawn from w(x) and the answer is deco
 
 A worker run (`workers/lm/mixture_run.py`) passes `DPOHooks` to resume from its newest checkpoint and to
 checkpoint and report after each step; the bench calls the same functions without them. A mixture is
-saved as one safetensors file beside a JSON naming its base (`save` / `load`, kept in
-policies/lm/mode_mixture.py so that serving loads it too).
+saved as one safetensors file beside a JSON naming its base (`save_mixture_dir` / `load_mixture_dir` in
+policies/lm/mode_mixture.py, so that serving loads it too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from policies.lm.mode_mixture import (
+    BiasLogits,
     ModeMixture,
     assignment_centre,
     assignment_score,
     kmeans_modes,
-    load_mixture_dir,
-    save_mixture_dir,
     select_trainable,
 )
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
@@ -216,7 +214,7 @@ def train_fine_tune(stage1: ModeMixture, expert: EncodedPairs, head: Tensor, rec
 def sample(model: Any, tokenizer: Any, mixture: ModeMixture, prompts: list[str], seed: int,
            max_new_tokens: int = 8, end_token: str = "<|im_end|>") -> list[str]:
     """One answer per prompt (rendered prompts): k ~ w(x), then temperature-1 decoding with mode k's bias."""
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     head = model.get_output_embeddings().weight.float()
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -226,24 +224,12 @@ def sample(model: Any, tokenizer: Any, mixture: ModeMixture, prompts: list[str],
     modes = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     bias = mixture.mode_biases(head)[modes]
 
-    class AddModeBias(LogitsProcessor):
-        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-            return scores + bias.to(scores.dtype)
-
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
     out = model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.convert_tokens_to_ids(end_token),
-                         logits_processor=LogitsProcessorList([AddModeBias()]))
+                         logits_processor=LogitsProcessorList([BiasLogits(bias)]))
     texts: list[str] = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts
-
-
-def save(mixture: ModeMixture, out: Path, base_model: str, recipe: MixtureRecipe) -> Path:
-    return save_mixture_dir(mixture, out, base_model, recipe.to_dict())
-
-
-def load(path: Path) -> tuple[ModeMixture, dict[str, Any]]:
-    return load_mixture_dir(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -52,8 +51,7 @@ def _mixture_report(request: TextConditionRequest, tokenizer: Any, device: torch
     base = load_causal_lm(request.stage1_checkpoint, device)
     head = base.get_output_embeddings().weight.detach().float().cpu()
     expert = encode_pairs(base, tokenizer, expert_rows)
-    known = {f.name for f in fields(MixtureRecipe)}
-    recipe = replace(MixtureRecipe(**{k: v for k, v in spec["recipe"].items() if k in known}), seed=request.seed)
+    recipe = MixtureRecipe(**{**spec["recipe"], "seed": request.seed})  # the run's recipe, as stage 1 saved it
     enough = len(expert) >= TEXT_THRESHOLDS.min_expert_pairs  # below it the tests do not weigh fine_tune
     trained = trained_fine_tune_margins(mixture, expert, head, recipe, request.seed) if enough else None
     return run_text_condition_tests(

@@ -38,7 +38,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -49,6 +49,13 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The optimiser's state into checkpoint directory `path`: its tensors as safetensors, the rest as JSON."""
+    tensors, meta = _optimizer_tensors(optimizer)
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    (path / "optimizer.json").write_text(json.dumps(meta))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -72,9 +79,7 @@ def save_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    tensors, meta = optimizer_tensors(optimizer)
-    save_file(tensors, str(partial / "optimizer.safetensors"))
-    (partial / "optimizer.json").write_text(json.dumps(meta))
+    save_optimizer(optimizer, partial)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
