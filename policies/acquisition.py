@@ -44,8 +44,7 @@ from ground.schemas import FeatureTriple
 from policies.features.fitting import ADAPTER_STAGE, FitRecipe, fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.simplex_adapter import relabelled_centres
-from policies.lm.bradley_terry import log_sigmoid
-from policies.lm.mixture_learners import MixtureTerms, best_relabelling, relabelled_margin
+from policies.lm.mixture_learners import MixtureTerms, best_relabelling, relabelled_margin, relabelling_score
 
 FloatArray = NDArray[np.float64]
 Method = Literal["ensemble", "relabellings", "relabelling_posterior", "proxy_disagreement", "margin"]
@@ -202,7 +201,7 @@ def relabelling_samples(labelled: MixtureTerms, config: RelabellingConfig = Rela
     log-likelihood of perm is fit_relabelling's, Σ_k score[k, perm[k]] (score[k, j] = Σ_i w_k(x_i) log σ(mode j's
     margin)), so the posterior's mode is stage 2's fit. Perturb-and-MAP draws: `best_relabelling` of λ·score plus
     Gumbel noise per entry (no enumeration of D! relabellings). Without labels: uniformly random relabellings."""
-    score = np.exp(labelled.log_weights).T @ log_sigmoid(labelled.mode_margins())
+    score = relabelling_score(labelled)
     rng = np.random.default_rng(config.seed)
     draws = [best_relabelling(config.temperature * score + rng.gumbel(size=score.shape)) for _ in range(config.members)]
     return np.stack(draws).astype(np.int64)

@@ -99,9 +99,15 @@ def best_relabelling(score: np.ndarray) -> np.ndarray:
     return perm
 
 
+def relabelling_score(terms: MixtureTerms) -> np.ndarray:
+    """score[k, j] = Σ_i w_k(x_i) log σ(mode j's margin on pair i) [D, D]: how well sending mode k's prompts to
+    mode j fits the expert pairs; a relabelling's log-likelihood is Σ_k score[k, perm[k]]."""
+    return np.asarray(np.exp(terms.log_weights).T @ log_sigmoid(terms.mode_margins()))
+
+
 def fit_relabelling(terms: MixtureTerms) -> np.ndarray:
-    """The relabelling the expert pairs favour: score[k, j] = Σ_i w_k(x_i) log σ(mode j's margin on pair i)."""
-    return best_relabelling(np.exp(terms.log_weights).T @ log_sigmoid(terms.mode_margins()))
+    """The relabelling the expert pairs favour (`relabelling_score`'s best)."""
+    return best_relabelling(relabelling_score(terms))
 
 
 def relabelled_margin(terms: MixtureTerms, perm: np.ndarray) -> np.ndarray:
