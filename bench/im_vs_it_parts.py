@@ -1,4 +1,4 @@
-"""Parts of the IM-vs-IT sweep (`bench/im_vs_it.py`): the generated task, the output metrics, the statistics.
+"""Parts of the IM-vs-IT sweep (`bench/im_vs_it.py`): the generated task, its base model, the statistics.
 
 The task family: a roster of people (name, colour, age) and a question about it, at four
 instruction/output length ratios — `expand` (a compact roster in, full sentences out: the output is
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from workers.lm.models import load_causal_lm
-from workers.lm.training.data import collate_chats
-from workers.lm.training.sft import render_chat
+from workers.lm.models import build_tiny
 
 NAMES = ["ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal", "ivy", "jo", "kit", "lu"]
 COLOURS = ["red", "blue", "green", "black", "white", "gold"]
@@ -60,31 +57,24 @@ def make_chat(task: str, rng: random.Random) -> Chat:
             {"role": "assistant", "content": answer}]
 
 
-@torch.no_grad()
-def output_metrics(path: str, tokenizer: Any, chats: Sequence[Chat], batch_size: int = 64) -> dict[str, float]:
-    """Output (IT-mask) loss, token accuracy and exact match of `chats` under the model at `path`.
+def cell_chats(task: str, n: int, seed: int, val: int, test: int) -> tuple[list[Chat], list[Chat], list[Chat]]:
+    """(training, validation, test) chats of one sweep cell: disjoint draws from one seeded stream."""
+    rng = random.Random(f"{task}-{n}-{seed}")
+    return ([make_chat(task, rng) for _ in range(n)], [make_chat(task, rng) for _ in range(val)],
+            [make_chat(task, rng) for _ in range(test)])
 
-    Accuracy is teacher-forced argmax; an example is an exact match when every output token
-    (and its closing `<|im_end|>`) is the argmax, which is what greedy decoding would produce.
-    """
-    model = load_causal_lm(path)
-    model.eval()
-    nll = tokens = correct = exact = 0.0
-    for start in range(0, len(chats), batch_size):
-        rendered = [render_chat(c, tokenizer, "it") for c in chats[start:start + batch_size]]
-        batch = collate_chats(rendered, tokenizer.pad_token_id, 1024)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits = logits[:, :-1].float()
-        targets = batch["input_ids"][:, 1:]
-        mask = batch["loss_mask"][:, 1:].float()
-        logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        hit = (logits.argmax(-1) == targets).float() * mask
-        nll += float(-(logp * mask).sum())
-        tokens += float(mask.sum())
-        correct += float(hit.sum())
-        exact += float((hit.sum(1) == mask.sum(1)).sum())
-    return {"loss": nll / max(tokens, 1.0), "token_acc": correct / max(tokens, 1.0),
-            "exact": exact / max(len(chats), 1)}
+
+def build_base(out: Path, seed: int) -> Path:
+    """The sweep's base: a random 2 × 64 Llama with a 512-token tokenizer trained on the four tasks' text."""
+    corpus_rng = random.Random(12345)
+    corpus = [m["content"] for t in TASKS for _ in range(200) for m in make_chat(t, corpus_rng)]
+    return build_tiny(out, n_layer=2, n_embd=64, vocab_size=512, corpus=corpus, seed=seed)
+
+
+def sft_config(steps: int, every: int, learning_rate: float, seed: int, validation: str) -> dict[str, Any]:
+    """The worker config of a sweep run: auto, compared on the `validation` chats (a JSONL path)."""
+    return {"loss_mode": "auto", "validation_dataset": validation, "learning_rate": learning_rate, "batch_size": 8,
+            "max_steps": steps, "checkpoint_every": every, "max_length": 1024, "seed": seed, "log_every": steps}
 
 
 def bootstrap_ci(values: Sequence[float], stat: Callable[[Sequence[float]], float] | None = None,

@@ -1,8 +1,9 @@
-"""The automatic IM/IT rule chooses as the sweep in `bench/im_vs_it.py` measured (docs/benchmarks.md).
+"""The static IM/IT rule, what `loss_mode="auto"` falls back to on a dataset too small to hold chats out.
 
-The sweep (ratios 0.53-90 × 16-256 examples, 3 tuning + 3 reporting seeds) found IT ahead or tied in
-11 of 12 cells and no ratio/size boundary beyond which IM wins, so the default rule never picks IM:
-both sides of the old boundary (ratio 1, 5000 examples) and the sweep's corners choose IT.
+The sweep (`bench/im_vs_it.py`: ratios 0.53-90 × 16-256 examples) found no ratio/size boundary beyond
+which IM wins, so the static rule never picks IM: both sides of the old boundary (ratio 1, 5000
+examples) and the sweep's corners choose IT. Where chats can be held out, auto compares the two masks
+on them instead (tests/workers/test_sft_auto.py).
 """
 
 import random

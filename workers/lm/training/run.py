@@ -36,6 +36,7 @@ from workers.lm.training.loop import Progress, train_loop
 from workers.lm.training.loop_config import LoopConfig
 from workers.lm.training.reference_cache import ReferenceCache, cached_reference_logps
 from workers.lm.training.sft import choose_loss_mode, render_chat
+from workers.lm.training.sft_auto import train_auto_sft, wants_validation
 from workers.lm.training.sft_config import SFTConfig
 from workers.lm.training.sharded import ChatObjective, PairObjective
 
@@ -107,6 +108,8 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
         return dict(json.loads(result_path.read_text()))
     if is_mixture_request(request):
         return train_mixture(request, progress, worker)
+    if wants_validation(request):  # IM and IT both trained, through this function, and compared on held-out chats
+        return train_auto_sft(request, progress, worker, ranks, run_lm_training)
     if ranks == 1:
         return train_in_process(request, progress, worker, Ranks.single())
     config = parse_config(request.method, request.config)  # a bad config fails here, before any rank starts

@@ -5,12 +5,14 @@ each token's role is known. IT scores the assistant's content and its closing `<
 model must learn to stop). IM (paper 4, arXiv 2405.14394) also scores system and user content;
 role markers (`<|im_start|>role\\n`, the other turns' `<|im_end|>`, newlines) are never scored.
 
-Automatic choice (paper 4 gives no threshold; the rule is ours, measured by `bench/im_vs_it.py`):
-IM when the instruction side is long relative to the output (Σ instruction tokens / Σ output
-tokens ≥ the minimum ratio) AND the dataset is small (≤ the maximum examples); otherwise IT. The
-measured defaults (`AUTO_IM_MIN_LENGTH_RATIO`, `AUTO_IM_MAX_EXAMPLES`) found no region where IM
-wins, so by default auto picks IT; `SFTConfig.im_min_length_ratio` / `im_max_examples` set a region
-explicitly. The reason is returned for the run's lineage; `loss_mode` overrides.
+Automatic choice: `loss_mode="auto"` trains both masks and compares them on held-out chats
+(`sft_auto.py`), because `bench/im_vs_it.py` found no static boundary. The static rule here decides
+only datasets too small to hold chats out: IM when the instruction side is long relative to the
+output (Σ instruction tokens / Σ output tokens ≥ the minimum ratio) AND the dataset is small (≤ the
+maximum examples); otherwise IT. The measured defaults (`AUTO_IM_MIN_LENGTH_RATIO`,
+`AUTO_IM_MAX_EXAMPLES`) found no region where IM wins, so by default it picks IT;
+`SFTConfig.im_min_length_ratio` / `im_max_examples` set a region explicitly. The reason is returned
+for the run's lineage; `loss_mode` "im" / "it" overrides.
 """
 
 from __future__ import annotations
