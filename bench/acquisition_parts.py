@@ -269,21 +269,6 @@ class MixtureBase:
         return encode_pairs(self.model, self.tokenizer, pair_rows(pairs, source))
 
 
-def oriented(terms: MixtureTerms, sign: np.ndarray) -> MixtureTerms:
-    """`terms` of pairs read a vs b, turned chosen first by the expert's labels (`sign` +1: a chosen, −1: b)."""
-    flip = sign < 0
-    column = flip[:, None]
-    return MixtureTerms(
-        terms.log_weights,
-        np.where(column, terms.mode_rejected, terms.mode_chosen),
-        np.where(column, terms.mode_chosen, terms.mode_rejected),
-        np.where(flip, terms.base_rejected, terms.base_chosen),
-        np.where(flip, terms.base_chosen, terms.base_rejected),
-        terms.prompt_code,
-        terms.beta,
-    )
-
-
 @dataclass
 class ChatWorldLoop:
     """One chat world (seed, judge) on the mode-mixture reading: stage 1 = `train_proxy` on the judge's proxy pairs
@@ -337,7 +322,7 @@ class ChatWorldLoop:
         if not chosen:
             return np.arange(self.pool.log_weights.shape[1])  # no expert label: stage 1 as is
         rows = np.asarray(chosen, dtype=int)
-        return fit_relabelling(oriented(self.pool.take(rows), self.sign[rows]))
+        return fit_relabelling(self.pool.take(rows).oriented(self.sign[rows]))
 
     def accuracy(self, model: np.ndarray) -> float:
         margin = relabelled_margin(self.test, model)  # an exact tie is a coin flip: half right
@@ -348,7 +333,7 @@ class ChatWorldLoop:
     ) -> AcquisitionScores:
         rows = np.asarray(chosen, dtype=int)
         return relabelling_scores(
-            oriented(self.pool.take(rows), self.sign[rows]),
+            self.pool.take(rows).oriented(self.sign[rows]),
             self.pool.take(np.asarray(open_tasks, dtype=int)),
             model,
             replace(self.config, seed=seed),

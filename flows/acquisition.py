@@ -3,8 +3,10 @@
 Triggered by `proxyloop.acquisition.requested` (Label Studio's ML-backend webhook, policies/ml_backend.py)
 and runnable by hand: `python -m flows.acquisition`. Each refresh leaves the open-task queue on its run
 page (artifact `acquisition-queue`: count, score distribution, labels since the last refresh, the top
-tasks; flows.artifacts). Orchestration only: the scores are `policies.acquisition.feature_scores`, the
-cache /predict reads is `policies.ml_backend`.
+tasks; flows.artifacts). Orchestration only: feature tasks are scored by `policies.acquisition.feature_scores`
+under the production policy, chat tasks (text pairs) by `mixture_scores` under the chat release's stage-1 mixture
+(flows.acquisition_chat); one project may hold both, and both go into the one cache /predict reads
+(`policies.ml_backend`). A family with nothing released yet is skipped with the reason in the log.
 
 After writing the cache the flow writes each task's prediction into Label Studio through its API
 (`ingest.labelstudio.predictions`; the body is `policies.ml_backend.prediction`, as /predict's) and
@@ -20,6 +22,7 @@ thus costs at most two refreshes, and the last label of it is always in one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from time import sleep
 from typing import Any
@@ -28,15 +31,15 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flows.acquisition_chat import NoChatStage1, find_chat_stage1, open_text_pair, score_chat_tasks
 from flows.artifacts import publish_acquisition_queue
-from ground.schemas import ACQUISITION_REQUESTED_EVENT, FeatureTriple, utcnow
+from ground.schemas import ACQUISITION_REQUESTED_EVENT, FeatureTriple, PairwiseText, utcnow
 from ground.settings import Settings, get_settings
 from ingest.labelstudio.predictions import PushSummary, push_predictions, task_states
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
-from ingest.store import LabelRow, make_engine
+from ingest.store import live_expert_items, make_engine
 from policies.acquisition import EnsembleConfig, feature_scores
 from policies.features.model import TwoStagePolicy
 from policies.loader import load
@@ -56,26 +59,40 @@ def project_id_for(settings: Settings, project_id: int | None = None) -> int:
     return pid
 
 
-def open_feature_tasks(settings: Settings, project_id: int | None = None) -> tuple[list[int], list[dict[str, Any]]]:
-    """Ids and data of the project's tasks with no annotation yet that carry feature data (x, y_a, y_b)."""
-    ids, data = [], []
+@dataclass
+class OpenTasks:
+    """A project's tasks with no annotation yet, by kind (ids and data in Label Studio's order)."""
+
+    feature_ids: list[int] = field(default_factory=list)
+    feature_data: list[dict[str, Any]] = field(default_factory=list)  # x, y_a, y_b
+    text_ids: list[int] = field(default_factory=list)
+    text_pairs: list[PairwiseText] = field(default_factory=list)  # prompt, answer_a, answer_b; read a vs b
+    other: int = 0  # open tasks of neither kind: never scored
+
+
+def open_tasks(settings: Settings, project_id: int | None = None) -> OpenTasks:
+    """The project's open tasks: feature tasks carry x (and y_a, y_b), text pairs a prompt and two answers."""
+    tasks = OpenTasks()
     item: Any
     for item in client_for(settings).tasks.list(project=project_id_for(settings, project_id), fields="all",
                                                 page_size=200):
-        if item.annotations or not isinstance(item.data, dict) or "x" not in item.data:
+        if item.annotations:
             continue
-        ids.append(int(item.id))
-        data.append(item.data)
-    return ids, data
+        if isinstance(item.data, dict) and "x" in item.data:
+            tasks.feature_ids.append(int(item.id))
+            tasks.feature_data.append(item.data)
+        elif (pair := open_text_pair(item.data)) is not None:
+            tasks.text_ids.append(int(item.id))
+            tasks.text_pairs.append(pair)
+        else:
+            tasks.other += 1
+    return tasks
 
 
 def expert_triples(settings: Settings) -> list[FeatureTriple]:
     """The live expert feature triples in the store, in event-id order."""
     with Session(make_engine(settings.resolved_store_url)) as session:
-        rows = session.scalars(select(LabelRow).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False))
-                               .order_by(LabelRow.event_id))
-        items = [row.item for row in rows]
-    return [FeatureTriple.model_validate(i) for i in items if isinstance(i, dict) and i.get("type") == "features"]
+        return [item for item in live_expert_items(session) if isinstance(item, FeatureTriple)]
 
 
 def production_released(settings: Settings) -> bool:
@@ -84,10 +101,19 @@ def production_released(settings: Settings) -> bool:
     return "production" in aliases(settings.registry_dir, settings.policy_name)
 
 
-@task(name="score-open-tasks")
-def score_open_tasks(project_id: int | None, seed: int) -> ScoreCache:
-    settings = get_settings()
-    ids, data = open_feature_tasks(settings, project_id)
+def nothing_to_score_with(settings: Settings) -> str | None:
+    """Why no open task can be scored yet (no feature policy released and no chat stage 1), or None."""
+    if production_released(settings):
+        return None
+    try:
+        find_chat_stage1(settings)
+    except NoChatStage1 as reason:
+        return f"no {settings.policy_name}@production released yet, and {reason}"
+    return None
+
+
+def score_feature_tasks(settings: Settings, ids: list[int], data: list[dict[str, Any]], seed: int) -> ScoreCache:
+    """Open feature tasks scored under the production policy and the store's expert triples."""
     policy = load(f"{settings.policy_name}@production")
     if not isinstance(policy.model, TwoStagePolicy):
         raise TypeError(f"{policy.version} is not a two-stage policy; acquisition scores need its adapter")
@@ -98,6 +124,36 @@ def score_open_tasks(project_id: int | None, seed: int) -> ScoreCache:
     return ScoreCache.from_scores(ids, scores, f"{policy.version.policy}@{policy.version.version}")
 
 
+@task(name="score-open-tasks")
+def score_open_tasks(project_id: int | None, seed: int) -> ScoreCache:
+    """Every open task scored by its kind's scorer, into one cache: feature tasks under the production policy, text
+    pairs under the chat release's stage-1 mixture (flows.acquisition_chat). A kind with nothing to score it yet is
+    left out with the reason logged; /predict answers its tasks as unscored. The cache names the versions of the
+    kinds whose tasks it scored (the project selects one version string for all its predictions)."""
+    settings, logger = get_settings(), get_run_logger()
+    tasks = open_tasks(settings, project_id)
+    parts: list[ScoreCache] = []
+    if production_released(settings):
+        parts.append(score_feature_tasks(settings, tasks.feature_ids, tasks.feature_data, seed))
+    elif tasks.feature_ids:
+        logger.info("%d open feature tasks not scored: no %s@production released yet", len(tasks.feature_ids),
+                    settings.policy_name)
+    try:
+        stage1 = find_chat_stage1(settings)
+    except NoChatStage1 as reason:
+        if tasks.text_ids:
+            logger.info("%d open chat tasks not scored: %s", len(tasks.text_ids), reason)
+    else:
+        chat = score_chat_tasks(settings, stage1, tasks.text_ids, tasks.text_pairs, seed)
+        parts.append(chat)
+        logger.info("%d open chat tasks scored under the stage-1 mixture of run %s (%s, %d expert text pairs)",
+                    len(chat.tasks), stage1.run_id, stage1.model_version, chat.n_labels)
+    if tasks.other:
+        logger.info("%d open tasks are neither feature tasks (x, y_a, y_b) nor text pairs (prompt, answer_a, "
+                    "answer_b): not scored", tasks.other)
+    return ScoreCache.combined([part for part in parts if part.tasks] or parts[:1])
+
+
 @task(name="push-predictions")
 def push_to_labelstudio(project_id: int | None, cache: ScoreCache) -> PushSummary:
     """Each task's prediction as /predict would answer it, written into Label Studio (labelled tasks: score 0)."""
@@ -105,8 +161,9 @@ def push_to_labelstudio(project_id: int | None, cache: ScoreCache) -> PushSummar
     client = client_for(settings)
     pid = project_id_for(settings, project_id)
     bodies = {t: prediction(t, cache, labelled=labelled) for t, labelled in task_states(client, pid).items()}
-    return push_predictions(client, pid, bodies, lambda v: is_our_version(v, settings.policy_name),
-                            cache.model_version, timeout_s=PUSH_TIMEOUT_S)
+    names = (settings.policy_name, settings.chat_policy_name)
+    return push_predictions(client, pid, bodies, lambda v: is_our_version(v, *names), cache.model_version,
+                            timeout_s=PUSH_TIMEOUT_S)
 
 
 def requested_at() -> datetime:
@@ -130,9 +187,9 @@ def refresh_acquisition_flow(min_interval_s: float = MIN_INTERVAL_S, project_id:
         logger.info("skipped: the refresh that started at %s, after this run was requested (%s), covered it",
                     last.started_at, requested)
         return {"status": "skipped", "refreshed_at": last.refreshed_at.isoformat()}
-    if not production_released(settings):  # before the first release: nothing to score with, quickly
-        logger.info("skipped: no %s@production released yet; open tasks are scored after the first release",
-                    settings.policy_name)
+    missing = nothing_to_score_with(settings)
+    if missing:  # before the first release of either family: nothing to score with, quickly
+        logger.info("skipped: %s", missing)
         return {"status": "no-policy"}
     if last is not None:
         wait_s = (last.refreshed_at + timedelta(seconds=min_interval_s) - utcnow()).total_seconds()

@@ -245,6 +245,13 @@ def live_event_ids(session: Session, prefix: str) -> set[str]:
     return set(rows)
 
 
+def live_expert_items(session: Session) -> list[Item]:
+    """The items of the stored, not retracted expert labels, in event-id order (the acquisition's labelled set)."""
+    rows = session.scalars(select(LabelRow.item).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False))
+                           .order_by(LabelRow.event_id))
+    return [_item_adapter.validate_python(item) for item in rows if item]
+
+
 def count_labels(session: Session) -> dict[str, int]:
     rows = session.execute(
         select(LabelRow.kind, func.count()).where(LabelRow.deleted.is_(False)).group_by(LabelRow.kind)

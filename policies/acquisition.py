@@ -16,7 +16,8 @@ without its label, through p = P(a preferred over b) = σ(margin), margin = log 
   would answer otherwise are the ones that settle the centre; coin-flip pairs settle nothing.
 - `relabelling_posterior` (text pairs, a mode-mixture stage 1): stage 2 is a relabelling of the D modes,
   so the adapters the labels still allow are the relabellings of high posterior (the labels' likelihood,
-  the one stage 2 maximises); greedy BatchBALD over draws from it (`relabelling_scores`). With no label every
+  the one stage 2 maximises); greedy BatchBALD over draws from it (`relabelling_scores`; Label Studio's chat
+  tasks: `mixture_scores`, pre-annotated by stage 2's refit on the labels so far). With no label every
   relabelling is open, and the score picks the pairs the modes disagree on most confidently; once a
   prompt's modes are pinned down, its pairs drop, and a batch spreads over the modes still free.
 - `proxy_disagreement` (text pairs, cheap fallback: one policy and its proxy): H(mean(p_proxy,
@@ -44,7 +45,13 @@ from ground.schemas import FeatureTriple
 from policies.features.fitting import ADAPTER_STAGE, FitRecipe, fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.simplex_adapter import relabelled_centres
-from policies.lm.mixture_learners import MixtureTerms, best_relabelling, relabelled_margin, relabelling_score
+from policies.lm.mixture_learners import (
+    MixtureTerms,
+    best_relabelling,
+    fit_relabelling,
+    relabelled_margin,
+    relabelling_score,
+)
 
 FloatArray = NDArray[np.float64]
 Method = Literal["ensemble", "relabellings", "relabelling_posterior", "proxy_disagreement", "margin"]
@@ -225,6 +232,17 @@ def relabelling_scores(
     return AcquisitionScores(
         batch_bald(preference_probs(margins), config.batch), prob_a, "relabelling_posterior", n_labels
     )
+
+
+def mixture_scores(
+    labelled: MixtureTerms, open_pairs: MixtureTerms, config: RelabellingConfig = RelabellingConfig()
+) -> AcquisitionScores:
+    """The chat family's scores (flows/acquisition_chat.py): `relabelling_scores` at the relabelling stage 2 fits on
+    the expert pairs so far (`fit_relabelling`; with none, the identity: stage 1 as is). `prob_a`, the pre-annotation,
+    is that relabelled mixture's P(a over b): what a two_stage refit on these labels would answer."""
+    dim = open_pairs.log_weights.shape[1]
+    perm = fit_relabelling(labelled) if len(labelled.base_chosen) else np.arange(dim)
+    return relabelling_scores(labelled, open_pairs, perm, config)
 
 
 # Feature triples: the stage-2 model and its bootstrap ensemble.

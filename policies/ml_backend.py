@@ -7,7 +7,10 @@ Label Studio calls GET /health and POST /setup when the backend is connected (`P
 
 Each prediction pre-annotates the pairwise choice the current policy prefers (a prediction, which
 Label Studio shows as a suggestion the annotator accepts or overrides) and carries the task's
-acquisition score (policies/acquisition.py) as `score`, so the task list sorts by it. Scores are
+acquisition score (policies/acquisition.py) as `score`, so the task list sorts by it. Feature and chat
+tasks share the project's one labelling config (ingest.labelstudio.provision.PAIRWISE_CONFIG: the
+<Pairwise name="pw"> control over responses a and b), so one result body serves both; which scorer
+scored a task is the refresh's business, and the cache holds both kinds. Scores are
 computed by the `refresh-acquisition` flow (flows/acquisition.py) and kept in a small JSON file
 (`ScoreCache`); /predict only reads it, so no model runs in a request. Label Studio asks /predict only
 about a task with no prediction, so the flow also writes each task's `prediction` into Label Studio
@@ -26,6 +29,7 @@ import base64
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +73,22 @@ class ScoreCache(BaseModel):
                  zip(task_ids, scores.scores, scores.preferred(), scores.prob_a, strict=True)}
         return cls(model_version=model_version, method=scores.method, n_labels=scores.n_labels, tasks=tasks)
 
+    @classmethod
+    def combined(cls, parts: Sequence[ScoreCache]) -> ScoreCache:
+        """One cache from each task kind's scorer (a project may hold feature and chat tasks): every part's tasks;
+        versions and methods joined by '+' ("appendix-d@3+chat@2"), so every prediction carries the one version
+        the project selects; expert labels summed. A task scored by two parts is an error."""
+        if len(parts) < 2:
+            return parts[0] if parts else cls()
+        tasks: dict[int, TaskScore] = {}
+        for part in parts:
+            twice = sorted(tasks.keys() & part.tasks.keys())
+            if twice:
+                raise ValueError(f"tasks {twice[:5]} scored by both {part.model_version} and another scorer")
+            tasks.update(part.tasks)
+        return cls(model_version="+".join(p.model_version for p in parts), method="+".join(p.method for p in parts),
+                   n_labels=sum(p.n_labels for p in parts), tasks=tasks)
+
 
 def cache_path(settings: Settings) -> Path:
     return settings.home_dir / "acquisition" / "scores.json"
@@ -94,9 +114,10 @@ def write_cache(settings: Settings, cache: ScoreCache) -> Path:
     return path
 
 
-def is_our_version(model_version: str | None, policy_name: str) -> bool:
-    """Whether a Label Studio prediction's model version is one `prediction` writes (the policy's, any release)."""
-    return model_version == UNSCORED_VERSION or (model_version or "").startswith(f"{policy_name}@")
+def is_our_version(model_version: str | None, *policy_names: str) -> bool:
+    """Whether a Label Studio prediction's model version is one `prediction` writes (one of the policies', any release,
+    alone or first of a combined cache's)."""
+    return model_version == UNSCORED_VERSION or any((model_version or "").startswith(f"{n}@") for n in policy_names)
 
 
 def prediction(task_id: int | None, cache: ScoreCache | None, labelled: bool = False) -> dict[str, Any]:
@@ -175,7 +196,7 @@ def predict(body: PredictRequest, settings: SettingsDep) -> dict[str, Any]:
     for task in body.tasks:
         task_id = task.get("id")
         # Label Studio sends each task with its annotations (TaskSimpleSerializer); any one closes it, as
-        # flows.acquisition.open_feature_tasks counts it.
+        # flows.acquisition.open_tasks counts it.
         results.append(prediction(task_id if isinstance(task_id, int) else None, cache,
                                   labelled=bool(task.get("annotations"))))
     return {"results": results, "model_version": cache.model_version if cache else UNSCORED_VERSION}

@@ -15,7 +15,7 @@ import pytest
 
 from ground.settings import Settings
 from proxyloop import stack
-from proxyloop.testing import isolated_settings
+from proxyloop.testing import LabelStudioServer, free_port, isolated_settings, labelstudio_server
 
 
 def export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +51,13 @@ def redis(service_settings: Settings) -> Iterator[str]:
     stack.start_component(service_settings, stack.component("redis"), lambda _: None)
     yield service_settings.celery_broker
     stack.stop_component(service_settings, "redis")
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """Label Studio from its own cached venv, headless on a free loopback port, admin + token preset (~35 s cold)."""
+    with labelstudio_server(tmp_path_factory.mktemp("labelstudio"), free_port(), deadline_s=240) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

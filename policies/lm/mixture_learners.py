@@ -65,6 +65,15 @@ class MixtureTerms:
         return MixtureTerms(self.log_weights[index], self.mode_chosen[index], self.mode_rejected[index],
                             self.base_chosen[index], self.base_rejected[index], self.prompt_code[index], self.beta)
 
+    def oriented(self, sign: np.ndarray) -> MixtureTerms:
+        """These pairs, read a vs b, turned chosen first by labels `sign` [n] (+1: a was chosen, −1: b was)."""
+        flip = np.asarray(sign) < 0
+        column = flip[:, None]
+        return MixtureTerms(self.log_weights, np.where(column, self.mode_rejected, self.mode_chosen),
+                            np.where(column, self.mode_chosen, self.mode_rejected),
+                            np.where(flip, self.base_rejected, self.base_chosen),
+                            np.where(flip, self.base_chosen, self.base_rejected), self.prompt_code, self.beta)
+
     @property
     def base_margin(self) -> np.ndarray:
         return np.asarray(self.base_chosen - self.base_rejected)

@@ -1,4 +1,5 @@
-"""Fixtures for ingest tests: a real Label Studio server (one per session, ~35 s cold start)."""
+"""Fixtures for ingest tests: a real PostgreSQL server, and a fresh store on each backend. (The real Label Studio
+server, `labelstudio`, is in tests/conftest.py: the acquisition flow's tests use it too.)"""
 
 from __future__ import annotations
 
@@ -13,14 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxyloop.testing import LabelStudioServer, free_port, labelstudio_server
-
-
-@pytest.fixture(scope="session")
-def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    """Label Studio from its own cached venv, headless on a free loopback port, admin + token preset."""
-    with labelstudio_server(tmp_path_factory.mktemp("labelstudio"), free_port(), deadline_s=240) as server:
-        yield server
+from proxyloop.testing import free_port
 
 
 def _pg_bin(name: str) -> str:

@@ -1,6 +1,7 @@
 """The text family's score on a mode-mixture stage 1 (policies.acquisition.relabelling_scores, batch_bald): pairs
 whose prompt's mode no label has pinned down outrank pairs already settled, batches do not repeat one question, and
-ranked order reaches the right relabelling with fewer labels than random order (and than a constant score)."""
+ranked order reaches the right relabelling with fewer labels than random order (and than a constant score). The chat
+tasks' score (mixture_scores) pre-annotates the side stage 2's refit on the labels so far prefers."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from policies.acquisition import (
     RelabellingConfig,
     bald,
     batch_bald,
+    mixture_scores,
+    preference_probs,
     rank,
     relabelling_samples,
     relabelling_scores,
 )
-from policies.lm.mixture_learners import MixtureTerms, fit_relabelling
+from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin
 
 LIFT = 3.0  # how much mode j raises the log-prob of a response on topic j
 
@@ -79,6 +82,35 @@ def test_batch_bald_does_not_repeat_a_question() -> None:
     assert scores[0] == pytest.approx(math.log(2) - entropy)  # the first of a batch scores its plain BALD
 
 
+def test_chat_tasks_the_labels_leave_open_outrank_those_the_refit_explains_and_show_its_choice() -> None:
+    """mixture_scores, as the refresh scores Label Studio's chat tasks: the expert has pinned modes 0 and 1; open
+    pairs on them are settled, and the pre-annotation is the side the refitted relabelling prefers (the expert's
+    topic, as a or as b); pairs on modes 2 and 3, whose relabelling the labels leave open, are asked first."""
+    rng, dim = np.random.default_rng(3), 4
+    truth = np.array([2, 0, 3, 1])  # the expert wants topic truth[k] on mode k's prompts
+    labelled = expert_pairs(np.repeat([0, 1], 8), truth, dim, rng)
+    pinned = np.array([0, 1, 0, 1])
+    wanted, other = truth[pinned], (truth[pinned] + np.array([1, 2, 3, 1])) % dim
+    # Tasks 0-3: the expert's topic as a; 4-7: as b; 8-9: modes 2 and 3 between the topics left for them (1 and 3).
+    modes = np.concatenate([pinned, pinned, [2, 3]])
+    open_pairs = terms(modes, np.concatenate([wanted, other, [1, 3]]), np.concatenate([other, wanted, [3, 1]]), dim)
+    result = mixture_scores(labelled, open_pairs, RelabellingConfig(seed=2))
+    assert result.method == "relabelling_posterior" and result.n_labels == 16
+    assert result.scores[8:].min() > 5 * result.scores[:8].max()
+    assert set(rank(result.scores)[:2]) == {8, 9}
+    assert result.preferred()[:8] == ["a"] * 4 + ["b"] * 4
+    refit = relabelled_margin(open_pairs, fit_relabelling(labelled))
+    np.testing.assert_allclose(result.prob_a, preference_probs(refit))
+
+
+def test_before_any_expert_label_chat_tasks_show_stage_one_as_is() -> None:
+    """No label: the relabelling is the identity, so each pair's pre-annotation is what its prompt's mode lifts."""
+    open_pairs = terms(np.array([0, 1, 2]), np.array([0, 0, 1]), np.array([3, 1, 2]), 4)
+    result = mixture_scores(open_pairs.take(np.arange(0)), open_pairs)
+    assert result.preferred() == ["a", "b", "b"] and result.n_labels == 0
+    np.testing.assert_allclose(result.prob_a, preference_probs(relabelled_margin(open_pairs, np.arange(4))))
+
+
 def loop_labels(order: str, seed: int) -> int:
     """Labels (batches of 5, refitted after each) until the fitted relabelling is the expert's. The pool is
     dominated by mode 0 and lists its pairs first, so a constant score (pool order) is a bad order."""
@@ -94,7 +126,7 @@ def loop_labels(order: str, seed: int) -> int:
     labelled: list[int] = []
     while len(labelled) < n:
         rows = np.asarray(labelled, dtype=int)
-        seen = _oriented(pool.take(rows), sign[rows])
+        seen = pool.take(rows).oriented(sign[rows])
         if labelled and np.array_equal(fit_relabelling(seen), truth):
             return len(labelled)
         taken = set(labelled)
@@ -109,19 +141,6 @@ def loop_labels(order: str, seed: int) -> int:
             scores = relabelling_scores(seen, pool.take(np.asarray(open_tasks)), perm, config).scores
         labelled += [open_tasks[int(i)] for i in rank(scores)[:5]]
     return n
-
-
-def _oriented(pairs: MixtureTerms, sign: np.ndarray) -> MixtureTerms:
-    flip = sign < 0
-    return MixtureTerms(
-        pairs.log_weights,
-        np.where(flip[:, None], pairs.mode_rejected, pairs.mode_chosen),
-        np.where(flip[:, None], pairs.mode_chosen, pairs.mode_rejected),
-        pairs.base_chosen,
-        pairs.base_rejected,
-        pairs.prompt_code,
-        pairs.beta,
-    )
 
 
 def test_ranked_order_pins_the_relabelling_with_fewer_labels_than_random_or_a_constant_score() -> None:

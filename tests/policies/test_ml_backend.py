@@ -81,6 +81,27 @@ def test_a_task_with_annotations_gets_score_0_and_no_suggestion(client: TestClie
 def test_our_model_versions_are_the_policys_and_the_unscored_one() -> None:
     assert ml_backend.is_our_version("proxy", "chat") and ml_backend.is_our_version("chat@3", "chat")
     assert not any(ml_backend.is_our_version(v, "chat") for v in ("chatty@1", "proxyloop", "", None))
+    both = ("appendix-d", "chat")  # a project with both kinds: either policy's versions, alone or combined
+    assert all(ml_backend.is_our_version(v, *both) for v in ("chat@3", "appendix-d@2", "appendix-d@2+chat@3"))
+    assert not ml_backend.is_our_version("chatty@1", *both)
+
+
+def test_predict_serves_feature_and_chat_tasks_from_one_combined_cache(client: TestClient, settings: Settings) -> None:
+    """Each kind scored by its own scorer, one cache: /predict answers both, under the one combined version."""
+    feature = ScoreCache.from_scores([21], text_scores([2.0], n_labels=5), "appendix-d@2")
+    chat = ScoreCache.from_scores([31, 32], text_scores([-1.0, 0.5], n_labels=3), "chat@3")
+    combined = ScoreCache.combined([feature, chat])
+    assert (combined.model_version, combined.method, combined.n_labels) == ("appendix-d@2+chat@3", "margin+margin", 8)
+    assert ScoreCache.combined([chat]) == chat and ScoreCache.combined([]).model_version == "proxy"
+    with pytest.raises(ValueError, match=r"tasks \[31\] scored by both chat@3"):
+        ScoreCache.combined([chat, chat.model_copy(update={"tasks": {31: chat.tasks[31]}})])
+    write_cache(settings, combined)
+    tasks = [{"id": 21, "data": {"x": [0.1], "y_a": 0, "y_b": 1}},
+             {"id": 31, "data": {"prompt": "p", "answer_a": "a", "answer_b": "b"}}, {"id": 32, "data": {}}]
+    body = client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": tasks}).json()
+    assert body["model_version"] == "appendix-d@2+chat@3"
+    assert [r["result"][0]["value"]["selected"] for r in body["results"]] == ["left", "right", "left"]
+    assert [r["score"] for r in body["results"]] == pytest.approx([combined.tasks[t].score for t in (21, 31, 32)])
 
 
 def test_every_route_needs_the_secret_in_the_header_or_basic_auth(client: TestClient) -> None:

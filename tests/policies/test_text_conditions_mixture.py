@@ -139,3 +139,18 @@ def test_calibration_rescales_over_confident_margins_and_charges_for_the_fitted_
     calibrated = calibrated_log_likelihood(margins)
     assert calibrated.mean() > log_sigmoid(margins).mean() + 2.0  # the raw margins are punished for confidence
     assert calibrated.mean() < float(0.8 * np.log(0.8) + 0.2 * np.log(0.2))  # no better than the true rate
+
+
+def test_oriented_turns_each_pair_chosen_first_and_negates_every_margin_of_a_flipped_pair() -> None:
+    rng = np.random.default_rng(0)
+    n, dim = 6, 3
+    terms = MixtureTerms(np.log(rng.dirichlet(np.ones(dim), n)), -rng.random((n, dim)) * 5, -rng.random((n, dim)) * 5,
+                         -rng.random(n) * 5, -rng.random(n) * 5, rng.standard_normal((n, 2)), 0.5)
+    sign = np.array([1, -1, 1, -1, -1, 1])
+    turned = terms.oriented(sign)
+    assert np.allclose(turned.mode_margins(), sign[:, None] * terms.mode_margins())
+    assert np.allclose(turned.base_margin, sign * terms.base_margin)
+    perm = np.arange(dim)
+    assert np.allclose(relabelled_margin(turned, perm), sign * relabelled_margin(terms, perm))
+    assert np.array_equal(turned.log_weights, terms.log_weights)
+    assert np.array_equal(turned.prompt_code, terms.prompt_code)

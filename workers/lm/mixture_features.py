@@ -1,16 +1,21 @@
 """What the text condition tests read from a mode-mixture stage 1 (`policies/lm/mode_mixture.py`): per pair, each
 response's point on the D-simplex, a direct path around it, and the stage-1 margin (`TextPairFeatures`), and
-fine_tune's held-out margins trained on the tests' folds (`trained_fine_tune_margins`)."""
+fine_tune's held-out margins trained on the tests' folds (`trained_fine_tune_margins`); the mixture's terms of rows
+under a saved checkpoint, for the chat tasks' acquisition scores (`checkpoint_terms`)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from policies.lm.conditions import MixtureTerms, TextPairFeatures, cross_validation_folds
-from policies.lm.mode_mixture import ModeMixture
-from workers.lm.mode_mixture_training import EncodedPairs, pair_logps, train_fine_tune
+from policies.lm.mode_mixture import ModeMixture, load_mixture_dir
+from workers.lm.mode_mixture_training import EncodedPairs, encode_pairs, pair_logps, train_fine_tune
+from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe
 
 POSTERIOR_FLOOR = -30.0  # log-posteriors of modes below this are cut there: the tests' learners see bounded features
@@ -61,3 +66,26 @@ def trained_fine_tune_margins(stage1: ModeMixture, expert: EncodedPairs, head: T
             logps = pair_logps(model, expert.take(held), head)
         margins[test] = (recipe.beta * ((logps[:, 0] - logps[:, 1]) - base[held])).double().numpy()
     return {"fine_tune": margins}
+
+
+@torch.no_grad()
+def checkpoint_terms(checkpoint: Path | str, row_sets: Sequence[list[dict[str, str]]]) -> list[MixtureTerms]:
+    """Each set of prompt/chosen/rejected rows as the `MixtureTerms` of the mixture saved in `checkpoint` (a worker's
+    mixture checkpoint: the mixture's two files beside its base's, so the base is the checkpoint's own model files),
+    at the recipe's β. The base runs once per set, on the CPU (the acquisition refresh runs in the flow's process);
+    an empty set gives empty terms."""
+    mixture, spec = load_mixture_dir(checkpoint)
+    base = load_causal_lm(checkpoint, "cpu")
+    tokenizer = load_tokenizer(checkpoint)
+    head = base.get_output_embeddings().weight.detach().float().cpu()
+    beta = float(spec["recipe"]["beta"])
+    out = []
+    for rows in row_sets:
+        if not rows:
+            modes, none = np.zeros((0, mixture.simplex_dim)), np.zeros(0)
+            out.append(MixtureTerms(modes, modes, modes, none, none, np.zeros((0, head.shape[1])), beta))
+            continue
+        terms = mixture_pair_features(mixture, encode_pairs(base, tokenizer, rows), head, beta).mixture
+        assert terms is not None  # mixture_pair_features always sets them
+        out.append(terms)
+    return out
