@@ -34,16 +34,25 @@ def _pretrain_tiny(out: Path, seed: int, corpus: list[str] | None = None,
     shutil.rmtree(work, ignore_errors=True)
     corpus = corpus if corpus is not None else default_corpus() + chat_corpus()
     init = build_tiny(work / "init", seed=seed, corpus=corpus)
-    data = work / "warmup.jsonl"
     chats = chats if chats is not None else warmup_chats(seed=seed + 1)
+    return warm_up(init, out, chats, warmup, seed, {"built": "tiny"})
+
+
+def warm_up(init: Path, out: Path, chats: list[list[dict[str, str]]], warmup: dict[str, Any], seed: int,
+            source: dict[str, Any]) -> Path:
+    """`init` after SFT (`warmup`, a config for `run_lm_training`) on `chats`, its weights and tokenizer written to
+    `out` atomically, `source` and the warm-up recorded beside them."""
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "warmup.jsonl"
     data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
-    result = run_lm_training(LMTrainingRequest(run_id="tiny-chat-warmup", method="sft", base_model=str(init),
+    result = run_lm_training(LMTrainingRequest(run_id=f"{out.name}-warmup", method="sft", base_model=str(init),
                                                dataset=str(data), output_dir=str(work / "sft"),
                                                config={**warmup, "seed": seed}), progress=lambda _: None)
     staged = work / "model"
     shutil.copytree(result["checkpoints"][-1], staged,
                     ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
-    (staged / "proxyloop-source.json").write_text(json.dumps({"built": "tiny", "warmup": warmup,
+    (staged / "proxyloop-source.json").write_text(json.dumps({**source, "warmup": warmup,
                                                               "final_loss": result["final_loss"]}))
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)  # a directory with config.json is always complete
