@@ -4,7 +4,8 @@
 found no boundary of the kind paper 4 states: IM wins at ratio 28.5 with 64 and 256 examples but loses at 90 and
 at 16, so the best "IM iff ratio ≥ R and n ≤ N" rule on the tuning seeds is "never IM" and agrees with 10 of 12
 reporting cells. Which mask wins is a property of the dataset the ratio does not capture, and it shows on held-out
-chats: the mask with the lower early-stopped validation output loss won on test in every cell the sweep decided.
+chats: the mask with the lower early-stopped validation output loss agreed with the test verdict in 12 of 12
+reporting cells and 59 of 60 datasets (docs/benchmarks.md, full run of 2026-11-30).
 So auto trains both masks on the same chats (the same seed, order and steps), scores every checkpoint's output
 loss on validation chats, and keeps the best checkpoint of the better mask. Validation chats are the config's
 `validation_dataset` or else a `validation_share` of the dataset, held out by seed. It costs twice a forced
