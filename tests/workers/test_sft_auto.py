@@ -12,6 +12,7 @@ import pytest
 from bench.im_vs_it_parts import build_base, cell_chats, sft_config
 from ground.schemas import LMTrainingRequest
 from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.training.data import DatasetError
 from workers.lm.training.run import run_lm_training
 from workers.lm.training.sft_auto import MIN_VALIDATION_CHATS, output_metrics, validation_split
 from workers.lm.training.sft_config import SFTConfig
@@ -70,6 +71,16 @@ def test_a_dataset_too_small_to_hold_out_is_decided_by_the_static_rule_and_says_
                                                output_dir=str(tmp_path / "run"), config=config), lambda _: None)
     assert result["loss_mode"]["mode"] == "it" and "too few chats to validate" in result["loss_mode"]["reason"]
     assert not (tmp_path / "run" / "im").exists()
+
+
+def test_an_empty_or_missing_validation_dataset_is_refused_before_training(tmp_path):
+    chats = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(30)]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="has no rows"):
+        validation_split(chats, SFTConfig(validation_dataset=str(empty)))
+    with pytest.raises(DatasetError, match="does not exist"):
+        validation_split(chats, SFTConfig(validation_dataset=str(tmp_path / "missing.jsonl")))
 
 
 def test_validation_share_outside_the_unit_interval_is_refused():

@@ -46,8 +46,7 @@ def wants_validation(request: LMTrainingRequest) -> bool:
 def validation_split(chats: list[Chat], config: SFTConfig) -> tuple[list[Chat], list[Chat]] | None:
     """(training chats, validation chats), or None when the dataset is too small to hold any out."""
     if config.validation_dataset:
-        held = [row["messages"] for row in load_jsonl(config.validation_dataset, ["messages"])]
-        return (chats, held) if held else None
+        return chats, [row["messages"] for row in load_jsonl(config.validation_dataset, ["messages"])]
     count = max(MIN_VALIDATION_CHATS, math.ceil(config.validation_share * len(chats)))
     if len(chats) - count < MIN_TRAINING_CHATS:
         return None
