@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -18,10 +20,17 @@ PAIRS = [
 ]
 
 
+def process_temp_dir(prefix: str) -> Path:
+    """A temporary directory removed when this process exits (a cached model outlives any one test's tmp_path)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 @cache
 def tiny_model_dir() -> Path:
     """A 2-layer, 64-wide Llama with a locally trained tokenizer, built once per test process."""
-    return build_tiny(Path(tempfile.mkdtemp(prefix="proxyloop-tiny-")) / "tiny", seed=0)
+    return build_tiny(process_temp_dir("proxyloop-tiny-") / "tiny", seed=0)
 
 
 def write_pairs(path: Path, n: int) -> Path:

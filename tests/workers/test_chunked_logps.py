@@ -7,7 +7,6 @@ cannot reproduce exactly must take the plain forward.
 """
 
 import contextlib
-import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from policies.lm.simplex_bottleneck import attach_bottleneck
-from tests.workers.lm_helpers import PAIRS, tiny_model_dir
+from tests.workers.lm_helpers import PAIRS, process_temp_dir, tiny_model_dir
 from workers.lm.models import build_tiny, load_causal_lm, load_tokenizer
 from workers.lm.training.chunked_logps import body_and_head
 from workers.lm.training.data import collate_pairs, tokenize_pairs
@@ -29,7 +28,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 @cache
 def gpt2_dir() -> Path:
-    return build_tiny(Path(tempfile.mkdtemp(prefix="proxyloop-tiny-gpt2-")) / "tiny", family="gpt2", seed=0)
+    return build_tiny(process_temp_dir("proxyloop-tiny-gpt2-") / "tiny", family="gpt2", seed=0)
 
 
 def _perturb(params, seed: int, scale: float = 0.05) -> None:
