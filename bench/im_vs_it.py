@@ -43,6 +43,7 @@ from bench.im_vs_it_parts import (  # noqa: E402
 )
 from ground.schemas import LMTrainingRequest  # noqa: E402
 from workers.lm.models import load_causal_lm, load_tokenizer  # noqa: E402
+from workers.lm.training.data import write_jsonl  # noqa: E402
 from workers.lm.training.run import run_lm_training  # noqa: E402
 from workers.lm.training.sft import auto_choice  # noqa: E402
 from workers.lm.training.sft_auto import output_metrics  # noqa: E402
@@ -60,9 +61,8 @@ def run_cell(work: Path, base: Path, tokenizer: Any, task: str, n: int, seed: in
     train, val, test = cell_chats(task, n, seed, args.val, args.test)
     cell = work / f"{task}-{n}-{seed}"
     cell.mkdir(parents=True, exist_ok=True)
-    data, held = cell / "train.jsonl", cell / "validation.jsonl"
-    for path, chats in ((data, train), (held, val)):
-        path.write_text("\n".join(json.dumps({"messages": c}) for c in chats))
+    data = write_jsonl([{"messages": c} for c in train], cell / "train.jsonl")
+    held = write_jsonl([{"messages": c} for c in val], cell / "validation.jsonl")
     config = sft_config(args.steps, args.every, args.lr, seed, str(held))
     run = run_lm_training(LMTrainingRequest(run_id=cell.name, method="sft", base_model=str(base), dataset=str(data),
                                             output_dir=str(cell / "auto"), config=config), lambda _: None)

@@ -5,14 +5,13 @@ The sweep found IM ahead at ratio 28.5 with 64 examples (`lookup2`) and IT ahead
 through the worker and check that each side chooses as the sweep measured.
 """
 
-import json
 
 import pytest
 
 from bench.im_vs_it_parts import build_base, cell_chats, sft_config
 from ground.schemas import LMTrainingRequest
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.training.data import DatasetError
+from workers.lm.training.data import DatasetError, write_jsonl
 from workers.lm.training.run import run_lm_training
 from workers.lm.training.sft_auto import MIN_VALIDATION_CHATS, output_metrics, validation_split
 from workers.lm.training.sft_config import SFTConfig
@@ -25,9 +24,8 @@ def base(tmp_path_factory):
 
 def _auto(base, tmp_path, task, n, **extra):
     train, val, _ = cell_chats(task, n, 0, 32, 0)
-    data, held = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    for path, chats in ((data, train), (held, val)):
-        path.write_text("\n".join(json.dumps({"messages": c}) for c in chats))
+    data = write_jsonl([{"messages": c} for c in train], tmp_path / "train.jsonl")
+    held = write_jsonl([{"messages": c} for c in val], tmp_path / "val.jsonl")
     config = {**sft_config(64, 16, 2e-3, 0, str(held)), **extra}
     request = LMTrainingRequest(run_id=f"{task}-{n}", method="sft", base_model=str(base), dataset=str(data),
                                 output_dir=str(tmp_path / "run"), config=config)
@@ -64,8 +62,7 @@ def test_held_out_share_is_disjoint_deterministic_and_refused_when_too_small():
 
 def test_a_dataset_too_small_to_hold_out_is_decided_by_the_static_rule_and_says_so(base, tmp_path):
     train, _, _ = cell_chats("lookup2", 10, 0, 0, 0)
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": c}) for c in train))
+    data = write_jsonl([{"messages": c} for c in train], tmp_path / "train.jsonl")
     config = {"loss_mode": "auto", "max_steps": 2, "checkpoint_every": 2, "batch_size": 4}
     result = run_lm_training(LMTrainingRequest(run_id="small", method="sft", base_model=str(base), dataset=str(data),
                                                output_dir=str(tmp_path / "run"), config=config), lambda _: None)

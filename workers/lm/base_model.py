@@ -17,6 +17,7 @@ from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
 from policies.lm.release import TRAINING_ONLY  # training state a base model does not need, as a release
 from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, prepare_smollm2
+from workers.lm.training.data import write_jsonl
 from workers.lm.training.run import run_lm_training
 
 TINY_CHAT_DIR = "tiny-chat"
@@ -44,8 +45,7 @@ def warm_up(init: Path, out: Path, chats: list[list[dict[str, str]]], warmup: di
     `out` atomically, `source` and the warm-up recorded beside them."""
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "warmup.jsonl"
-    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+    data = write_jsonl([{"messages": chat} for chat in chats], work / "warmup.jsonl")
     result = run_lm_training(LMTrainingRequest(run_id=f"{out.name}-warmup", method="sft", base_model=str(init),
                                                dataset=str(data), output_dir=str(work / "sft"),
                                                config={**warmup, "seed": seed}), progress=lambda _: None)

@@ -41,7 +41,13 @@ from workers.device import select_device
 from workers.lm.mode_mixture_training import encode_pairs, train_adapter, train_fine_tune, train_proxy
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import CHECKPOINTS_PER_RUN, MixtureRecipe, MixtureStage, reading_recipe
-from workers.lm.training.checkpoint import checkpoint_dir, latest_checkpoint, restore_optimizer, save_optimizer
+from workers.lm.training.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    restore_optimizer,
+    save_optimizer,
+    write_result,
+)
 from workers.lm.training.data import load_jsonl
 from workers.lm.training.loop import Progress
 
@@ -187,7 +193,4 @@ def train_mixture(request: LMTrainingRequest, progress: Progress, worker: str) -
     payload = {**lineage, "worker": worker, "steps": steps, "final_loss": losses[-1], "losses": losses,
                "checkpoints": hooks.checkpoints, "resumed_from_step": hooks.resumed_from_step,
                "tokens_per_s": hooks.tokens_per_s, "seconds": seconds, "metrics": {}, "seconds_this_attempt": seconds}
-    partial = out / "result.json.partial"
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.rename(out / "result.json")
-    return payload
+    return write_result(out, payload)

@@ -7,7 +7,6 @@ with `<|im_end|>`, where the serving loop stops.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import ChatData, PairwiseText
 from ingest.store import make_engine
 from ingest.text_snapshot import load_snapshot_pairs, split_heldout
+from workers.lm.training.data import write_jsonl
 
 PROXY_FILE = "proxy.jsonl"
 EXPERT_FILE = "expert.jsonl"
@@ -37,14 +37,6 @@ def preference_row(pair: PairwiseText, source: str) -> dict[str, str]:
                         else (pair.response_b, pair.response_a))
     return {"prompt": chat_prompt(pair.prompt), "chosen": chosen + END_OF_TURN, "rejected": rejected + END_OF_TURN,
             "source": source}
-
-
-def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    partial.rename(path)  # a reader never sees half a dataset
-    return path
 
 
 def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> ChatData:

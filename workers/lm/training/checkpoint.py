@@ -18,6 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "checkpoint-"
+RESULT_FILE = "result.json"  # a finished run's result: its presence makes a run idempotent
+
+
+def write_result(out_dir: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` as the run's RESULT_FILE, written under a `.partial` name and renamed (a reader never sees half)."""
+    partial = out_dir / (RESULT_FILE + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.rename(out_dir / RESULT_FILE)
+    return payload
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:

@@ -28,7 +28,7 @@ from policies.lm.simplex_bottleneck import attach_bottleneck, bottleneck_of, sel
 from workers.device import select_device
 from workers.lm.mixture_run import is_mixture_request, train_mixture
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.training.checkpoint import latest_checkpoint
+from workers.lm.training.checkpoint import RESULT_FILE, latest_checkpoint, write_result
 from workers.lm.training.data import load_jsonl, tokenize_pairs
 from workers.lm.training.distributed import Ranks, launch
 from workers.lm.training.dpo_config import DPOConfig
@@ -103,7 +103,7 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
     own device (or sharing the CPU, with gloo), rank 0 reporting progress and writing the result. A mixture run
     trains in this process whatever `ranks` says: its steps are on a few small tensors.
     """
-    result_path = Path(request.output_dir) / "result.json"
+    result_path = Path(request.output_dir) / RESULT_FILE
     if result_path.exists():
         return dict(json.loads(result_path.read_text()))
     if is_mixture_request(request):
@@ -150,8 +150,4 @@ def train_in_process(request: LMTrainingRequest, progress: Progress, worker: str
         (out / "run.json").write_text(json.dumps({**lineage, "config": config.to_dict()}, indent=2))
     result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress, ranks)
     payload = {**lineage, "worker": worker, **asdict(result), "seconds_this_attempt": time.perf_counter() - started}
-    if ranks.is_main:
-        partial = out / "result.json.partial"
-        partial.write_text(json.dumps(payload, indent=2))
-        partial.rename(out / "result.json")
-    return payload
+    return write_result(out, payload) if ranks.is_main else payload

@@ -14,7 +14,6 @@ mode's training; a dataset too small to hold chats out is decided by the static 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -26,8 +25,8 @@ import torch
 
 from ground.schemas import LMTrainingRequest
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.training.checkpoint import PREFIX
-from workers.lm.training.data import collate_chats, load_jsonl
+from workers.lm.training.checkpoint import PREFIX, write_result
+from workers.lm.training.data import collate_chats, load_jsonl, write_jsonl
 from workers.lm.training.loop import Progress
 from workers.lm.training.sft import LossMode, choose_loss_mode, render_chat
 from workers.lm.training.sft_config import SFTConfig
@@ -92,12 +91,6 @@ def _tagged(progress: Progress, mode: LossMode) -> Progress:
     return lambda meta: progress({**meta, "loss_mode": mode})
 
 
-def _write(path: Path, chats: list[Chat]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps({"messages": list(c)}) for c in chats))
-    return path
-
-
 def train_auto_sft(request: LMTrainingRequest, progress: Progress, worker: str, ranks: int, run: Run) -> dict[str, Any]:
     """Train IM and IT (each through `run`, so each resumes and is idempotent on its own) and return the result of
     the better one, its checkpoints cut at the best by validation output loss; the lineage says why."""
@@ -118,7 +111,8 @@ def train_auto_sft(request: LMTrainingRequest, progress: Progress, worker: str, 
         chosen = {**asdict(static), "reason": reason, "length_ratio": static.length_ratio}
         return _finish(out, request, {**result, "run_id": request.run_id, "loss_mode": chosen})
     train, held = split
-    data = _write(out / "data" / "train.jsonl", train) if not config.validation_dataset else Path(request.dataset)
+    data = (write_jsonl([{"messages": list(c)} for c in train], out / "data" / "train.jsonl")
+            if not config.validation_dataset else Path(request.dataset))
     results: dict[LossMode, dict[str, Any]] = {}
     scores: dict[LossMode, list[float]] = {}
     for mode in MODES:
@@ -145,8 +139,4 @@ def train_auto_sft(request: LMTrainingRequest, progress: Progress, worker: str, 
 
 
 def _finish(out: Path, request: LMTrainingRequest, payload: dict[str, Any]) -> dict[str, Any]:
-    payload = {**payload, "method": request.method, "dataset": request.dataset}
-    partial = out / "result.json.partial"
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.rename(out / "result.json")
-    return payload
+    return write_result(out, {**payload, "method": request.method, "dataset": request.dataset})
