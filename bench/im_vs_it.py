@@ -43,7 +43,7 @@ from bench.im_vs_it_parts import (  # noqa: E402
 )
 from ground.schemas import LMTrainingRequest  # noqa: E402
 from workers.lm.models import load_causal_lm, load_tokenizer  # noqa: E402
-from workers.lm.training.data import write_jsonl  # noqa: E402
+from workers.lm.snapshot_data import write_jsonl  # noqa: E402
 from workers.lm.training.run import run_lm_training  # noqa: E402
 from workers.lm.training.sft import auto_choice  # noqa: E402
 from workers.lm.training.sft_auto import output_metrics  # noqa: E402

@@ -43,9 +43,9 @@ from workers.lm.mode_mixture_training import (
 from workers.lm.models import load_tokenizer, prepare_smollm2
 from workers.lm.pair_features import pair_features
 from workers.lm.plans import LMRecipe, Recipe, recipe_request
-from workers.lm.snapshot_data import END_OF_TURN, chat_prompt, preference_row
+from workers.lm.snapshot_data import END_OF_TURN, chat_prompt, preference_row, write_jsonl
 from workers.lm.training.checkpoint import list_checkpoints
-from workers.lm.training.data import TokenizedPair, tokenize_pairs, write_jsonl
+from workers.lm.training.data import TokenizedPair, tokenize_pairs
 from workers.lm.training.run import run_lm_training
 
 BASE_SEED = 0  # the tiny base's initialisation, warm-up and corpus world (one base for every reporting seed)

@@ -331,8 +331,7 @@ def chat_stage1(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     from tests.workers.lm_helpers import tiny_model_dir
     from workers.lm.mixture_run import train_mixture
     from workers.lm.plans import MixtureRecipe, recipe_request
-    from workers.lm.snapshot_data import preference_row
-    from workers.lm.training.data import write_jsonl
+    from workers.lm.snapshot_data import preference_row, write_jsonl
 
     root = tmp_path_factory.mktemp("chat-stage1")
     data = write_jsonl([preference_row(p, "proxy") for p in CHAT_PROXY], root / "proxy.jsonl")

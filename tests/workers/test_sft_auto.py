@@ -11,7 +11,8 @@ import pytest
 from bench.im_vs_it_parts import build_base, cell_chats, sft_config
 from ground.schemas import LMTrainingRequest
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.training.data import DatasetError, write_jsonl
+from workers.lm.snapshot_data import write_jsonl
+from workers.lm.training.data import DatasetError
 from workers.lm.training.run import run_lm_training
 from workers.lm.training.sft_auto import MIN_VALIDATION_CHATS, output_metrics, validation_split
 from workers.lm.training.sft_config import SFTConfig

@@ -17,7 +17,7 @@ from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
 from policies.lm.release import TRAINING_ONLY  # training state a base model does not need, as a release
 from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, prepare_smollm2
-from workers.lm.training.data import write_jsonl
+from workers.lm.snapshot_data import write_jsonl
 from workers.lm.training.run import run_lm_training
 
 TINY_CHAT_DIR = "tiny-chat"

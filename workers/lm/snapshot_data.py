@@ -7,14 +7,16 @@ with `<|im_end|>`, where the serving loop stops.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from ground.schemas import ChatData, PairwiseText
 from ingest.store import make_engine
 from ingest.text_snapshot import load_snapshot_pairs, split_heldout
-from workers.lm.training.data import write_jsonl
 
 PROXY_FILE = "proxy.jsonl"
 EXPERT_FILE = "expert.jsonl"
@@ -37,6 +39,16 @@ def preference_row(pair: PairwiseText, source: str) -> dict[str, str]:
                         else (pair.response_b, pair.response_a))
     return {"prompt": chat_prompt(pair.prompt), "chosen": chosen + END_OF_TURN, "rejected": rejected + END_OF_TURN,
             "source": source}
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """`rows` as a JSONL file, written under a `.partial` name and renamed (a reader never sees half a dataset).
+    Here, not beside `training.data.load_jsonl`, because flows import this module and must not import torch."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    partial.rename(path)
+    return path
 
 
 def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> ChatData:

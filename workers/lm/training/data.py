@@ -42,15 +42,6 @@ class TokenizedChat:
         return len(self.input_ids)
 
 
-def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """`rows` as a JSONL file, written under a `.partial` name and renamed (a reader never sees half a dataset)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    partial.rename(path)
-    return path
-
-
 def load_jsonl(path: Path | str, required: Sequence[str]) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each checked to carry the `required` keys."""
     source = Path(path)

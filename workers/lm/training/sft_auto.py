@@ -25,8 +25,9 @@ import torch
 
 from ground.schemas import LMTrainingRequest
 from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.snapshot_data import write_jsonl
 from workers.lm.training.checkpoint import PREFIX, write_result
-from workers.lm.training.data import collate_chats, load_jsonl, write_jsonl
+from workers.lm.training.data import collate_chats, load_jsonl
 from workers.lm.training.loop import Progress
 from workers.lm.training.sft import LossMode, choose_loss_mode, render_chat
 from workers.lm.training.sft_config import SFTConfig
