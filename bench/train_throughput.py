@@ -17,13 +17,16 @@ device, in one process, each side loading its own copy of the model. A side's ti
 with `reference_pass_s` the wall time of that side's reference log-prob pass over the whole epoch's
 pairs (ours: `reference_logps`, as a run with a cold reference cache does; TRL: its
 `precompute_ref_log_probs` pass, both with the training batch size). Tokens per step are the
-non-padding tokens of the chosen + rejected rows actually trained on. Each side runs twice, in the
-order ours, TRL best, TRL defaults and then reversed, and reports its faster round: on a shared
-machine a slow spell then does not land on one side only. Three sides:
+non-padding tokens of the chosen + rejected rows (prompt counted in both, as the data holds it), the
+same figure for every side. Each side runs twice, in the order below and then reversed, and reports
+its faster round: on a shared machine a slow spell then does not land on one side only. Four sides:
 - `ours`: `dpo_batch_loss` + AdamW, reference log-probs from the pass above, both with the project's
-  defaults: log-probs by the chunked path (workers/lm/training/chunked_logps.py: the LM head over scored
-  positions only, `logps_chunk_tokens` at a time, its logits recomputed in backward rather than kept),
-  which `--logps-chunk-tokens 0` turns off to measure the plain forward;
+  defaults: each pair's prompt run once for both responses (workers/lm/training/shared_prefix.py, the
+  same log-probs and gradients), and log-probs by the chunked path (workers/lm/training/chunked_logps.py:
+  the LM head over scored positions only, `logps_chunk_tokens` at a time, its logits recomputed in
+  backward rather than kept), which `--logps-chunk-tokens 0` turns off to measure the plain forward;
+- `ours_unshared`: the same with `share_prompts=False` ([chosen; rejected] rows, the prompt run twice),
+  so the run shows what prompt sharing is worth on its own;
 - `trl_best`: TRL at its best settings for the same work: `precompute_ref_log_probs=True` (no reference
   model in memory, no reference forward per step). `padding_free` is not among them: TRL 1.16's
   DPOTrainer warns and falls back to padding (it needs FlashAttention and is disabled since its DPO
@@ -31,6 +34,7 @@ machine a slow spell then does not land on one side only. Three sides:
 - `trl_defaults`: TRL's defaults, a reference forward every step (no reference pass to amortise).
 
 Keys: `ratio` = ours ÷ trl_best tokens/s (the fair race), `ratio_vs_defaults` = ours ÷ trl_defaults,
+`ratio_unshared` = ours_unshared ÷ trl_best, `share_prompts` = whether our side's model took the shared path,
 `ddp_scaling` = 2 ranks ÷ 1 rank of the workers' own training (bench/ddp_scaling.py; CPU: gloo, no target;
 null where one CUDA device is visible),
 `logps_chunk_tokens` = our side's LM-head chunk (0: the plain forward ran, asked for or the model not one
@@ -48,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -68,13 +73,15 @@ from workers.lm.training.dpo import completion_token_logps, dpo_batch_loss, refe
 from workers.lm.training.dpo_config import DPOConfig  # noqa: E402
 from workers.lm.training.objectives import sequence_logps  # noqa: E402
 from workers.lm.training.run import autocast_for, load_policy  # noqa: E402
+from workers.lm.training.shared_prefix import shared_prefix_parts  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 WARMUP = 2
 
 
 def make_pairs(n: int, words: int) -> list[dict[str, str]]:
-    """Pairs of near-equal length, so every batch holds about the same number of tokens."""
+    """Pairs of near-equal length, so every batch holds about the same number of tokens; the prompt has
+    `words` words and each response half as many (prompts longer than answers, as in chat data)."""
     vocab = ["annotator", "prefers", "first", "response", "proxy", "judge", "ranks", "longer", "reply", "model"]
     rows = []
     for i in range(n):
@@ -154,6 +161,7 @@ def time_ours(path: Path, tokenizer: Any, rows: list[dict[str, str]], config: DP
             tokens.append(int(cpu_batch["attention_mask"].sum()))
     result = side_result(step_s, tokens, reference_s, steps_per_epoch, _peak_gb(device, baseline))
     result["logps_chunk_tokens"] = config.logps_chunk_tokens if body_and_head(model) is not None else 0
+    result["share_prompts"] = config.share_prompts and shared_prefix_parts(model) is not None
     del model, optimizer, ref_c, ref_r
     return result
 
@@ -278,7 +286,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (the epoch adds 2 warm-up steps)")
     parser.add_argument("--logps-chunk-tokens", type=int, default=DPOConfig.logps_chunk_tokens,
                         help="our side's LM-head chunk (DPOConfig.logps_chunk_tokens); 0: the plain forward")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 keeps a shared CPU host from oversubscribing")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = args.steps or (6 if args.quick else 20)
     work = Path(tempfile.mkdtemp(prefix="proxyloop-bench-"))
@@ -292,7 +304,9 @@ def main() -> None:
     ours_loss, trl_loss = loss_parity(base, tokenizer, rows, config, device, work / "parity")
     attention = base.config._attn_implementation
     del base
+    unshared = dataclasses.replace(config, share_prompts=False)
     sides = {"ours": lambda: time_ours(path, tokenizer, rows, config, device),
+             "unshared": lambda: time_ours(path, tokenizer, rows, unshared, device),
              "best": lambda: time_trl(path, tokenizer, rows, config, device, work / "trl-best", precompute=True),
              "defaults": lambda: time_trl(path, tokenizer, rows, config, device, work / "trl-defaults",
                                           precompute=False)}
@@ -300,24 +314,26 @@ def main() -> None:
     for order in (list(sides), list(sides)[::-1]):  # A B C, then C B A: a slow spell on a shared host hits all
         for name in order:
             runs[name].append(sides[name]())
-    ours, best, defaults = (max(runs[name], key=lambda r: r["tokens_per_s"]) for name in sides)
+    ours, ours_unshared, best, defaults = (max(runs[name], key=lambda r: r["tokens_per_s"]) for name in sides)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if device.type == "cuda" else None
     report = {
         "device": name, "threads": torch.get_num_threads(), "model": args.model, "params": n_params,
-        "lora_r": args.lora, "logps_chunk_tokens": ours["logps_chunk_tokens"],
+        "lora_r": args.lora, "logps_chunk_tokens": ours["logps_chunk_tokens"], "share_prompts": ours["share_prompts"],
         "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
         "attn_implementation": attention, "batch_pairs": args.batch_size, "steps": steps, "warmup_steps": WARMUP,
         "rounds": len(runs["ours"]),
         "tokens_per_step": round(ours["tokens_per_step"], 1),
         "tokens_per_s_ours": round(ours["tokens_per_s"], 1),
+        "tokens_per_s_ours_unshared": round(ours_unshared["tokens_per_s"], 1),
         "tokens_per_s_trl_best": round(best["tokens_per_s"], 1),
         "tokens_per_s_trl_defaults": round(defaults["tokens_per_s"], 1),
         "reference_pass_s_ours": round(ours["reference_pass_s"], 3),
         "reference_pass_s_trl_best": round(best["reference_pass_s"], 3),
         "step_s_ours": round(ours["step_s"], 4), "step_s_trl_best": round(best["step_s"], 4),
         "step_s_trl_defaults": round(defaults["step_s"], 4),
-        "peak_memory_gb_ours": ours["peak_memory_gb"], "peak_memory_gb_trl_best": best["peak_memory_gb"],
+        "peak_memory_gb_ours": ours["peak_memory_gb"], "peak_memory_gb_ours_unshared": ours_unshared["peak_memory_gb"],
+        "peak_memory_gb_trl_best": best["peak_memory_gb"],
         "peak_memory_gb_trl_defaults": defaults["peak_memory_gb"],
         "memory_ratio": (round(ours["peak_memory_gb"] / best["peak_memory_gb"], 3)
                          if ours["peak_memory_gb"] and best["peak_memory_gb"] else None),
@@ -325,9 +341,11 @@ def main() -> None:
         "loss_ours": ours_loss, "loss_trl": trl_loss, "loss_abs_diff": abs(ours_loss - trl_loss),
         "ratio": round(ours["tokens_per_s"] / best["tokens_per_s"], 3),
         "ratio_vs_defaults": round(ours["tokens_per_s"] / defaults["tokens_per_s"], 3),
+        "ratio_unshared": round(ours_unshared["tokens_per_s"] / best["tokens_per_s"], 3),
         **ddp_figure(path, rows, args.batch_size, steps, device),
     }
-    print(f"tokens/s: ours {ours['tokens_per_s']:.0f}, TRL best {best['tokens_per_s']:.0f}, TRL defaults "
+    print(f"tokens/s: ours {ours['tokens_per_s']:.0f} (prompts unshared {ours_unshared['tokens_per_s']:.0f}), "
+          f"TRL best {best['tokens_per_s']:.0f}, TRL defaults "
           f"{defaults['tokens_per_s']:.0f}; ratio {report['ratio']} (fair), "
           f"{report['ratio_vs_defaults']} (vs defaults)")
     print(json.dumps(report))

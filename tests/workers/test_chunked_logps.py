@@ -63,8 +63,8 @@ def batch_of(kind: str, pairs=PAIRS):
 def step(model, batch, chunk_tokens: int):
     """Per-token log-probs, loss and trainable gradients of one DPO step (sigmoid + NLL)."""
     config = DPOConfig(beta=0.1, nll_weight=0.5, logp_reduction="sum", max_length=10_000,
-                       logps_chunk_tokens=chunk_tokens)
-    per_token, mask = completion_token_logps(model, batch, chunk_tokens)
+                       logps_chunk_tokens=chunk_tokens, share_prompts=False)
+    per_token, mask = completion_token_logps(model, batch, chunk_tokens, share_prompts=False)
     reference = torch.linspace(-40.0, -10.0, batch["input_ids"].shape[0])
     loss, _ = dpo_batch_loss(model, batch, *reference.chunk(2), config)
     loss.backward()
@@ -99,7 +99,7 @@ def test_each_scored_log_prob_is_the_next_tokens_under_a_forward_of_its_row_alon
     """Independent of both paths' shared formula: a position off by one would score another token."""
     model, batch = build("llama").eval(), batch_of("llama")
     with torch.no_grad():
-        per_token, mask = completion_token_logps(model, batch, 3)
+        per_token, mask = completion_token_logps(model, batch, 3, share_prompts=False)
         ids, width = batch["input_ids"], batch["input_ids"].shape[1]
         offset = width - mask.shape[1]  # per_token[:, j] scores ids[:, offset + j]
         for row in range(ids.shape[0]):
@@ -114,7 +114,7 @@ def test_reference_log_probs_equal_the_plain_forward():
     model, pairs = build("lora"), tokenize_pairs(PAIRS, load_tokenizer(tiny_model_dir()))
     found = []
     for chunk_tokens in (5, 0):
-        config = DPOConfig(batch_size=3, max_length=10_000, logps_chunk_tokens=chunk_tokens)
+        config = DPOConfig(batch_size=3, max_length=10_000, logps_chunk_tokens=chunk_tokens, share_prompts=False)
         with model.disable_adapter():
             found.append(reference_logps(model, pairs, config, 0, torch.device("cpu"), contextlib.nullcontext()))
     for chunked, plain in zip(*found, strict=True):
@@ -134,7 +134,7 @@ def test_under_bf16_autocast_the_recomputed_chunks_match_and_the_loss_is_close()
 def test_chunk_size_zero_runs_the_plain_forward():
     model, batch = build("llama"), batch_of("llama")
     with torch.no_grad():
-        plain, mask = completion_token_logps(model, batch, 0)
+        plain, mask = completion_token_logps(model, batch, 0, share_prompts=False)
     assert torch.all(plain[~mask.bool()] != 0)  # the plain forward scores unmasked positions too
     with pytest.raises(ValueError, match="logps_chunk_tokens must be >= 0"):
         DPOConfig(logps_chunk_tokens=-1)
@@ -144,7 +144,7 @@ def test_chunk_size_zero_runs_the_plain_forward():
 def _falls_back(model, batch) -> None:
     assert body_and_head(model) is None
     with torch.no_grad():
-        per_token, mask = completion_token_logps(model, batch, 3)
+        per_token, mask = completion_token_logps(model, batch, 3, share_prompts=False)
     assert torch.all(per_token[~mask.bool()] != 0)  # the plain forward's values, not the chunked path's zeros
 
 
@@ -191,7 +191,7 @@ def _saved_logit_shapes(model, batch, chunk_tokens: int) -> list[tuple[int, ...]
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        completion_token_logps(model, batch, chunk_tokens)
+        completion_token_logps(model, batch, chunk_tokens, share_prompts=False)
     return shapes
 
 

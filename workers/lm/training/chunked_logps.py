@@ -85,6 +85,20 @@ def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     return target_logps(head(hidden), targets)
 
 
+def head_logps(head: nn.Module, rows: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """log p(`targets` [N]) from hidden `rows` [N, H], N > 0: the head over `chunk_tokens` rows at a time under
+    checkpointing while gradients are on (the reference pass has nothing to recompute for); 0 = all rows at once."""
+    step = chunk_tokens if chunk_tokens > 0 else rows.shape[0]
+    pieces = []
+    for start in range(0, rows.shape[0], step):
+        h, t = rows[start:start + step], targets[start:start + step]
+        if chunk_tokens > 0 and torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head, h, t))
+    return torch.cat(pieces)
+
+
 def chunked_token_logps(body: nn.Module, head: nn.Module, ids: Tensor, attention_mask: Tensor, scored: Tensor,
                         chunk_tokens: int) -> Tensor:
     """Log-prob of each next token [R, T-1] at the positions `scored` [R, T-1] marks (position t scores id t+1);
@@ -95,14 +109,7 @@ def chunked_token_logps(body: nn.Module, head: nn.Module, ids: Tensor, attention
     hidden = hidden[:, -width:-1]  # the kept positions but the last, each predicting the next id
     where = scored.bool()
     rows, targets = hidden[where], ids[:, ids.shape[1] - width + 1:][where]  # [N, H], [N]: a host sync for N
-    pieces = []
-    for start in range(0, rows.shape[0], chunk_tokens):
-        h, t = rows[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
-        else:  # nothing to recompute for: the reference pass
-            pieces.append(_chunk_logps(head, h, t))
-    if not pieces:  # nothing scored: a zero that still hangs off the graph, so backward runs as on the other path
+    if not rows.shape[0]:  # nothing scored: a zero that still hangs off the graph, so backward runs as elsewhere
         return hidden[..., 0].to(torch.promote_types(hidden.dtype, torch.float32)) * 0.0
-    logps = torch.cat(pieces)
+    logps = head_logps(head, rows, targets, chunk_tokens)
     return torch.zeros(scored.shape, dtype=logps.dtype, device=logps.device).masked_scatter(where, logps)

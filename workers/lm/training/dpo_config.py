@@ -24,6 +24,11 @@ class DPOConfig(LoopConfig):
         "full-vocabulary logits are then never kept for backward, only one chunk's at a time. 0 runs the plain "
         "forward; models the chunked path does not recognise (and DDP/FSDP ranks) run it anyway.",
         DEFAULT_CHUNK_TOKENS)
+    share_prompts: bool = _help(
+        "Run each pair's prompt once for both responses ([prompt | chosen | rejected] in one row, "
+        "workers/lm/training/shared_prefix.py): the same log-probs and gradients for fewer tokens. Models and "
+        "batches it cannot run exactly (and DDP/FSDP ranks) take the usual [chosen; rejected] rows anyway.",
+        True)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -45,7 +45,8 @@ class PairObjective:
 
     def loss(self, model: Any, batch: dict[str, Tensor], totals: tuple[float, ...]) -> tuple[Tensor, dict[str, float]]:
         """This shard's share of `dpo_batch_loss` over the global micro-batch (equal to it on one rank)."""
-        per_token, mask = completion_token_logps(model, batch, self.config.logps_chunk_tokens)
+        config = self.config
+        per_token, mask = completion_token_logps(model, batch, config.logps_chunk_tokens, config.share_prompts)
         chosen, rejected = sequence_logps(per_token, mask, self.config.reduction).chunk(2, dim=0)
         mean, metrics = preference_loss(self.config.loss_type, chosen, rejected, batch["reference_chosen"],
                                         batch["reference_rejected"], self.config.beta)

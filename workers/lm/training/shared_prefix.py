@@ -1,0 +1,121 @@
+"""DPO log-probs with each pair's prompt run once: one row [prompt | chosen | rejected] per pair.
+
+Why: a DPO batch is [chosen rows; rejected rows], and both rows of a pair start with the same prompt, so
+the usual forward runs every prompt token twice. Under causal attention a prompt token's hidden state
+does not depend on anything after it, so one copy serves both completions exactly: the row holds the
+prompt, then the chosen response, then the rejected one, with an attention mask that lets each
+response see the prompt and itself but not the other response, and position ids that restart the
+rejected response where the prompt ends. The same log-probs and gradients come out for
+2·(P + C) − (P + 2C) = P fewer tokens per pair through the decoder body: a third fewer when prompts are
+twice as long as responses (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix
+Sharing", arXiv 2410.20305, report 1.1–1.6× training throughput on real preference sets). TRL 1.16's
+DPOTrainer has no such mode.
+
+When it applies (`shared_prefix_parts`): the chunked path's model check (`chunked_logps.body_and_head`:
+the body and head are the whole forward, no DDP/FSDP wrapper), a class in `SHARED_PREFIX_CLASSES`
+whose decoder takes a custom 4D mask and position ids as given (checked by a parity test per class),
+and an attention implementation that honours an arbitrary mask (sdpa, eager). The batch must be what
+`collate_pairs` makes (right-padded, each response a contiguous run after the same prompt); anything
+else takes the unshared path, so no model or batch silently gets a different computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workers.lm.training.chunked_logps import body_and_head, head_logps
+
+# Decoders whose forward in transformers 5.x passes a 4D attention mask through unchanged and builds
+# rotary or learned positions from `position_ids`; each is covered by tests/workers/test_shared_prefix.py.
+SHARED_PREFIX_CLASSES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"})
+MASKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+@dataclass(frozen=True)
+class SharedPrefixBatch:
+    """One row per pair. `predictor`/`target` [N] index row positions: the hidden state at
+    `predictor` scores the id at `target`; `standard` [N] is where that log-prob sits in the unshared
+    per-token layout [2B, T-1] (flattened), so callers keep one layout."""
+
+    input_ids: Tensor  # [B, W]
+    position_ids: Tensor  # [B, W]
+    allowed: Tensor  # [B, 1, W, W] bool: query may attend to key
+    row: Tensor  # [N]
+    predictor: Tensor  # [N]
+    target: Tensor  # [N]
+    standard: Tensor  # [N]
+
+
+def shared_prefix_parts(model: Any) -> tuple[nn.Module, nn.Module, str] | None:
+    """(body, head, attention implementation) when `model` can run shared-prefix rows exactly, else None."""
+    parts = body_and_head(model)
+    if parts is None:
+        return None
+    causal: Any = model.get_base_model() if hasattr(model, "peft_config") else model
+    implementation = getattr(causal.config, "_attn_implementation", None)
+    if type(causal).__name__ not in SHARED_PREFIX_CLASSES or implementation not in MASKABLE_ATTENTION:
+        return None
+    return parts[0], parts[1], str(implementation)
+
+
+def shared_prefix_batch(batch: dict[str, Tensor]) -> SharedPrefixBatch | None:
+    """The shared-prefix rows of a `collate_pairs` batch, or None when its rows are not pairs of
+    right-padded [prompt | response] sequences over one prompt each."""
+    ids, attention, completion = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
+    pairs, width = ids.shape[0] // 2, ids.shape[1]
+    if ids.shape[0] != 2 * pairs or pairs == 0:
+        return None
+    lengths, answer = attention.sum(1), completion.sum(1)
+    column = torch.arange(width, device=ids.device)
+    prompt = lengths - answer
+    right_padded = torch.equal(attention, column < lengths[:, None])
+    contiguous = torch.equal(completion, (column >= prompt[:, None]) & (column < lengths[:, None]))
+    if not (right_padded and contiguous and torch.equal(prompt[:pairs], prompt[pairs:])):
+        return None
+    p, chosen_len, rejected_len = prompt[:pairs], answer[:pairs], answer[pairs:]
+    in_prompt = column < p[:, None]
+    if not torch.equal(torch.where(in_prompt, ids[:pairs], 0), torch.where(in_prompt, ids[pairs:], 0)):
+        return None  # different prompts in one pair
+    span = int((p + chosen_len + rejected_len).max())  # host sync, as the unshared path's keep
+    j = torch.arange(span, device=ids.device)[None, :]  # [1, W]
+    is_chosen = (j >= p[:, None]) & (j < (p + chosen_len)[:, None])
+    is_rejected = (j >= (p + chosen_len)[:, None]) & (j < (p + chosen_len + rejected_len)[:, None])
+    valid = (j < p[:, None]) | is_chosen | is_rejected
+    source_row = torch.where(is_rejected, torch.arange(pairs, 2 * pairs, device=ids.device)[:, None],
+                             torch.arange(pairs, device=ids.device)[:, None])
+    source_col = torch.where(is_rejected, j - chosen_len[:, None], j).clamp(max=width - 1) * valid
+    input_ids = ids[source_row, source_col] * valid
+    segment = is_chosen.long() + 2 * is_rejected.long()  # 0 prompt (and padding), 1 chosen, 2 rejected
+    positions = torch.arange(span, device=ids.device)
+    causal = positions[None, :] <= positions[:, None]  # [query, key]: the key is not after the query
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)
+    allowed = causal[None] & same & valid[:, None, :] & valid[:, :, None]
+    allowed |= torch.eye(span, dtype=torch.bool, device=ids.device)[None] & ~valid[:, :, None]  # no empty rows
+    # Scored targets: response tokens after position 0 of their own sequence (as `token_logps` scores them).
+    scored = (is_chosen | is_rejected) & (source_col >= 1)
+    first_rejected = is_rejected & (j == (p + chosen_len)[:, None])
+    predictor = torch.where(first_rejected, p[:, None] - 1, j - 1)
+    row, target = scored.nonzero(as_tuple=True)
+    standard = source_row[row, target] * (width - 1) + source_col[row, target] - 1
+    return SharedPrefixBatch(input_ids=input_ids, position_ids=source_col, allowed=allowed[:, None],
+                             row=row, predictor=predictor[row, target], target=target, standard=standard)
+
+
+def shared_prefix_token_logps(body: nn.Module, head: nn.Module, implementation: str, shared: SharedPrefixBatch,
+                              shape: tuple[int, int], chunk_tokens: int) -> Tensor:
+    """Per-token log-probs in the unshared layout `shape` = [2B, T-1] (0 where nothing is scored)."""
+    mask: Tensor = shared.allowed
+    if implementation == "eager":  # eager adds the mask to the scores: 0 where allowed, a large negative elsewhere
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    hidden = body(input_ids=shared.input_ids, attention_mask=mask, position_ids=shared.position_ids,
+                  use_cache=False).last_hidden_state
+    if not len(shared.row):  # nothing scored: a zero that still hangs off the graph, as on the other paths
+        return (hidden.sum() * 0.0).float().expand(shape)
+    logps = head_logps(head, hidden[shared.row, shared.predictor], shared.input_ids[shared.row, shared.target],
+                       chunk_tokens)
+    flat = torch.zeros(shape[0] * shape[1], dtype=logps.dtype, device=logps.device)
+    return flat.index_put((shared.standard,), logps).view(shape)
