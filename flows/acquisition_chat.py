@@ -7,7 +7,8 @@ as the worker wrote it under `<runs>/<run>/stage1/`). Stage 1 and not the releas
 relabelling of stage 1's modes and the score asks which relabelling the labels so far still allow. The labelled set
 is the store's live expert text pairs. The scores and the pre-annotation are `policies.acquisition.mixture_scores`;
 the language model runs in `workers.lm.mixture_features.checkpoint_terms`, on the CPU, imported only when a refresh
-has chat tasks to score (deployments load this module without transformers).
+has chat tasks to score (deployments load this module without transformers), and only over pairs no earlier refresh
+encoded under the same checkpoint (`workers/lm/terms_cache.py`, beside the reference cache).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def score_chat_tasks(settings: Settings, stage1: ChatStage1, task_ids: list[int]
     from workers.lm.mixture_features import checkpoint_terms  # transformers: only when there is something to score
 
     seen, open_terms = checkpoint_terms(stage1.checkpoint, [[preference_row(p, "expert") for p in labelled],
-                                                            [preference_row(p, "open") for p in pairs]])
+                                                            [preference_row(p, "open") for p in pairs]],
+                                        settings.resolved_reference_cache_dir)
     scores = mixture_scores(seen, open_terms, RelabellingConfig(seed=seed))
     return ScoreCache.from_scores(task_ids, scores, stage1.model_version)

@@ -17,6 +17,7 @@ from policies.lm.mode_mixture import ModeMixture, load_mixture_dir
 from workers.lm.mode_mixture_training import EncodedPairs, encode_pairs, pair_logps, train_fine_tune
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe
+from workers.lm.terms_cache import TermsCache, checkpoint_identity, row_key, rows_terms, terms_rows
 
 POSTERIOR_FLOOR = -30.0  # log-posteriors of modes below this are cut there: the tests' learners see bounded features
 
@@ -69,23 +70,31 @@ def trained_fine_tune_margins(stage1: ModeMixture, expert: EncodedPairs, head: T
 
 
 @torch.no_grad()
-def checkpoint_terms(checkpoint: Path | str, row_sets: Sequence[list[dict[str, str]]]) -> list[MixtureTerms]:
+def checkpoint_terms(checkpoint: Path | str, row_sets: Sequence[list[dict[str, str]]],
+                     cache_dir: Path | None = None) -> list[MixtureTerms]:
     """Each set of prompt/chosen/rejected rows as the `MixtureTerms` of the mixture saved in `checkpoint` (a worker's
     mixture checkpoint: the mixture's two files beside its base's, so the base is the checkpoint's own model files),
-    at the recipe's β. The base runs once per set, on the CPU (the acquisition refresh runs in the flow's process);
-    an empty set gives empty terms."""
+    at the recipe's β. The base runs on the CPU (the acquisition refresh runs in the flow's process) over the rows
+    `cache_dir`'s terms cache (`terms_cache.py`) does not hold yet, or every row without one; an empty set gives
+    empty terms."""
+    checkpoint = Path(checkpoint)
     mixture, spec = load_mixture_dir(checkpoint)
-    base = load_causal_lm(checkpoint, "cpu")
-    tokenizer = load_tokenizer(checkpoint)
-    head = base.get_output_embeddings().weight.detach().float().cpu()
-    beta = float(spec["recipe"]["beta"])
-    out = []
-    for rows in row_sets:
-        if not rows:
-            modes, none = np.zeros((0, mixture.simplex_dim)), np.zeros(0)
-            out.append(MixtureTerms(modes, modes, modes, none, none, np.zeros((0, head.shape[1])), beta))
-            continue
-        terms = mixture_pair_features(mixture, encode_pairs(base, tokenizer, rows), head, beta).mixture
+    beta, dim = float(spec["recipe"]["beta"]), mixture.simplex_dim
+    cache = TermsCache(cache_dir) if cache_dir is not None else None
+    identity = checkpoint_identity(checkpoint, cache.files) if cache is not None else ""
+    keys = [[row_key(identity, row) for row in rows] for rows in row_sets]
+    found = cache.lookup([k for ks in keys for k in ks]) if cache is not None else {}
+    missing = list({k: row for ks, rows in zip(keys, row_sets, strict=True)
+                    for k, row in zip(ks, rows, strict=True) if k not in found}.items())
+    if missing:
+        base = load_causal_lm(checkpoint, "cpu")
+        head = base.get_output_embeddings().weight.detach().float().cpu()
+        encoded = encode_pairs(base, load_tokenizer(checkpoint), [row for _, row in missing])
+        terms = mixture_pair_features(mixture, encoded, head, beta).mixture
         assert terms is not None  # mixture_pair_features always sets them
-        out.append(terms)
-    return out
+        computed = dict(zip([k for k, _ in missing], terms_rows(terms), strict=True))
+        if cache is not None:
+            cache.store(computed)
+        found = {**found, **computed}
+    width = 3 * dim + 2 + int(mixture.centre.shape[0])  # the prompt code has the hidden size
+    return [rows_terms(np.array([found[k] for k in ks]).reshape(len(ks), width), dim, beta) for ks in keys]
