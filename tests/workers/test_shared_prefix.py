@@ -135,3 +135,31 @@ def test_batches_and_models_it_cannot_run_exactly_take_the_usual_rows():
         usual, usual_mask = completion_token_logps(build("llama"), batch, 3, share_prompts=False)
     assert torch.equal(mask, usual_mask)
     torch.testing.assert_close(fallback[mask.bool()], usual[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("max_length", [4, 9, 13])
+def test_truncated_rows_score_what_the_usual_rows_score(max_length):
+    """Truncation keeps each row's start: some pairs lose part of a response, some all of it, some the prompt's end."""
+    tokenizer = load_tokenizer(tiny_model_dir())
+    batch = collate_pairs(tokenize_pairs(PAIRS, tokenizer), tokenizer.pad_token_id, max_length)
+    assert shared_prefix_batch(batch) is not None
+    per_token, mask, loss, grads = step(make("llama"), batch, 3, share=True)
+    usual_tokens, usual_mask, usual_loss, usual_grads = step(make("llama"), batch, 3, share=False)
+    width = batch["input_ids"].shape[1]
+    shared_scored, usual_scored = _scored(per_token, mask, width), _scored(usual_tokens, usual_mask, width)
+    assert shared_scored.keys() == usual_scored.keys()
+    for key, value in shared_scored.items():
+        torch.testing.assert_close(value, usual_scored[key], atol=1e-5, rtol=0, msg=str(key))
+    torch.testing.assert_close(loss, usual_loss, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, usual_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_under_bf16_autocast_the_loss_and_gradients_are_close():
+    batch = batch_of("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, loss, grads = step(make("llama"), batch, 7, share=True)
+        _, _, usual_loss, usual_grads = step(make("llama"), batch, 7, share=False)
+    torch.testing.assert_close(loss, usual_loss, atol=2e-2, rtol=2e-2)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, usual_grads[name], atol=5e-3, rtol=5e-2, msg=name)
