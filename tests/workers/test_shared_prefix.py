@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
-from tests.workers.test_chunked_logps import batch_of, build
+from tests.workers.test_chunked_logps import batch_of, build, gpt2_dir
 from workers.lm.models import load_tokenizer
 from workers.lm.training.data import collate_pairs, tokenize_pairs
 from workers.lm.training.dpo import completion_token_logps, dpo_batch_loss, reference_logps
@@ -20,6 +20,10 @@ from workers.lm.training.dpo_config import DPOConfig
 from workers.lm.training.shared_prefix import shared_prefix_batch, shared_prefix_parts
 
 KINDS = ["llama", "lora", "simplex", "gpt2", "qwen2", "qwen3", "llama-eager"]
+LONG = {"prompt": "a proxy judge ranks the longer reply and the expert labels the first response while the model "
+                  "says it is 7 or 9 and the question stays open",
+        "chosen": " It is 7, and the first response is the one the expert labels.",
+        "rejected": " both drafts, the question or the short answer, the model says."}
 
 
 def _qwen(kind: str):
@@ -84,23 +88,38 @@ def test_shared_prefix_log_probs_loss_and_gradients_equal_the_usual_rows(kind, c
         torch.testing.assert_close(grad, usual_grads[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_each_pair_is_one_row_holding_its_prompt_once():
+def _place(shared, tokens: list[int]) -> tuple[int, int]:
+    """The (row, offset) where a pair's tokens stand in the shared rows."""
+    for row in range(shared.input_ids.shape[0]):
+        ids = shared.input_ids[row].tolist()
+        for start in range(len(ids) - len(tokens) + 1):
+            if ids[start:start + len(tokens)] == tokens and shared.position_ids[row, start] == 0:
+                return row, start
+    raise AssertionError(f"{tokens} not in the shared rows")
+
+
+def test_each_pair_holds_its_prompt_once_and_sees_nothing_of_another():
     tokenizer = load_tokenizer(tiny_model_dir())
-    pairs = tokenize_pairs(PAIRS, tokenizer)
+    pairs = tokenize_pairs([*PAIRS, LONG], tokenizer)
     batch = collate_pairs(pairs, tokenizer.pad_token_id, 10_000)
     shared = shared_prefix_batch(batch)
-    assert shared is not None and shared.input_ids.shape[0] == len(pairs)
-    for row, pair in enumerate(pairs):
-        tokens = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
-        assert shared.input_ids[row, :len(tokens)].tolist() == tokens
-        positions = list(range(len(pair.prompt_ids) + len(pair.chosen_ids)))
-        positions += list(range(len(pair.prompt_ids), len(pair.prompt_ids) + len(pair.rejected_ids)))
-        assert shared.position_ids[row, :len(tokens)].tolist() == positions  # the rejected one restarts
-        start = len(pair.prompt_ids) + len(pair.chosen_ids)
-        allowed = shared.allowed[row, 0]
-        assert not allowed[start:len(tokens), len(pair.prompt_ids):start].any()  # it never sees the chosen one
-        assert allowed[start:len(tokens), :len(pair.prompt_ids)].all()  # but sees the whole prompt
+    assert shared is not None
     assert shared.input_ids.shape[1] == max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    placed = []
+    for pair in pairs:
+        tokens = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+        row, start = _place(shared, tokens)
+        placed.append((row, start, start + len(tokens)))
+        prompt_end = start + len(pair.prompt_ids)
+        chosen_end, end = prompt_end + len(pair.chosen_ids), start + len(tokens)
+        positions = list(range(chosen_end - start))
+        positions += list(range(len(pair.prompt_ids), len(pair.prompt_ids) + len(pair.rejected_ids)))
+        assert shared.position_ids[row, start:end].tolist() == positions  # the rejected one restarts
+        allowed = shared.allowed[row, 0]
+        assert not allowed[chosen_end:end, prompt_end:chosen_end].any()  # it never sees the chosen one
+        assert allowed[chosen_end:end, start:prompt_end].all()  # but sees the whole prompt
+        assert not allowed[start:end, :start].any() and not allowed[start:end, end:].any()  # nor another pair
+    assert len({row for row, _, _ in placed}) < len(pairs)  # the short pairs were packed beside each other
 
 
 def test_reference_log_probs_are_the_same_with_shared_prompts():
@@ -163,3 +182,23 @@ def test_under_bf16_autocast_the_loss_and_gradients_are_close():
     torch.testing.assert_close(loss, usual_loss, atol=2e-2, rtol=2e-2)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, usual_grads[name], atol=5e-3, rtol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_short_pairs_share_a_row_beside_each_other_and_score_as_alone(kind):
+    """With one long pair in the batch the short ones are packed side by side: each must see only itself."""
+    tokenizer = load_tokenizer(tiny_model_dir() if kind == "llama" else gpt2_dir())
+    pairs = tokenize_pairs([*PAIRS, LONG], tokenizer)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, 10_000)
+    shared = shared_prefix_batch(batch)
+    assert shared is not None and shared.input_ids.shape[0] < len(pairs)  # fewer rows than pairs: packed
+    per_token, mask, loss, grads = step(make(kind), batch, 0, share=True)
+    usual_tokens, usual_mask, usual_loss, usual_grads = step(make(kind), batch, 0, share=False)
+    width = batch["input_ids"].shape[1]
+    shared_scored, usual_scored = _scored(per_token, mask, width), _scored(usual_tokens, usual_mask, width)
+    assert shared_scored.keys() == usual_scored.keys()
+    for key, value in shared_scored.items():
+        torch.testing.assert_close(value, usual_scored[key], atol=1e-5, rtol=0, msg=str(key))
+    torch.testing.assert_close(loss, usual_loss, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, usual_grads[name], atol=1e-5, rtol=0, msg=name)
