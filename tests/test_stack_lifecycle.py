@@ -1,4 +1,4 @@
-"""Stopping a stack component: its whole process group goes, and none is left a zombie.
+"""Stopping a stack component: its whole process group goes, and none is left a zombie; test ports stay free.
 
 Tests and in-process stacks start components as children of the test process; an exited child stays a
 zombie until its parent waits for it, and a zombie still counts as a member of its process group, so the
@@ -48,3 +48,13 @@ def test_a_group_that_ignores_the_signal_is_killed_after_the_grace_period():
     while _in_group(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _in_group(process.pid) == []
+
+
+def test_test_ports_come_from_under_the_ephemeral_range_and_never_twice():
+    """The kernel hands out ephemeral ports by itself (bind to 0, outgoing connections): a stack component started
+    after a test picked its ports could otherwise take one of them first."""
+    from proxyloop.testing import _ephemeral_low, free_object_store_port, free_port
+
+    ports = [free_port() for _ in range(200)] + [free_object_store_port()]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < _ephemeral_low() for p in ports)
