@@ -67,18 +67,13 @@ def _scored(per_token, mask, width: int):
     return {(r, offset + j): per_token[r, j] for r, j in mask.nonzero().tolist()}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("chunk_tokens", [0, 7])
-def test_shared_prefix_log_probs_loss_and_gradients_equal_the_usual_rows(kind, chunk_tokens):
-    batch = batch_of("gpt2" if kind == "gpt2" else "llama")
-    shared_model = make(kind)
-    assert shared_prefix_parts(shared_model) is not None and shared_prefix_batch(batch) is not None
-    per_token, mask, loss, grads = step(shared_model, batch, chunk_tokens, share=True)
+def assert_parity(kind: str, batch, chunk_tokens: int) -> int:
+    """Shared rows and the usual rows give the same scored log-probs, loss and gradients; returns how many scored."""
+    per_token, mask, loss, grads = step(make(kind), batch, chunk_tokens, share=True)
     usual_tokens, usual_mask, usual_loss, usual_grads = step(make(kind), batch, chunk_tokens, share=False)
-
     width = batch["input_ids"].shape[1]
     shared_scored, usual_scored = _scored(per_token, mask, width), _scored(usual_tokens, usual_mask, width)
-    assert shared_scored.keys() == usual_scored.keys() and len(shared_scored) > 7
+    assert shared_scored.keys() == usual_scored.keys()
     for key, value in shared_scored.items():
         torch.testing.assert_close(value, usual_scored[key], atol=1e-5, rtol=0, msg=str(key))
     torch.testing.assert_close(loss, usual_loss, atol=1e-5, rtol=0)
@@ -86,6 +81,15 @@ def test_shared_prefix_log_probs_loss_and_gradients_equal_the_usual_rows(kind, c
     for name, grad in grads.items():
         assert grad is not None and usual_grads[name] is not None, name
         torch.testing.assert_close(grad, usual_grads[name], atol=1e-5, rtol=0, msg=name)
+    return len(shared_scored)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_tokens", [0, 7])
+def test_shared_prefix_log_probs_loss_and_gradients_equal_the_usual_rows(kind, chunk_tokens):
+    batch = batch_of("gpt2" if kind == "gpt2" else "llama")
+    assert shared_prefix_parts(make(kind)) is not None and shared_prefix_batch(batch) is not None
+    assert assert_parity(kind, batch, chunk_tokens) > 7
 
 
 def _place(shared, tokens: list[int]) -> tuple[int, int]:
@@ -162,16 +166,7 @@ def test_truncated_rows_score_what_the_usual_rows_score(max_length):
     tokenizer = load_tokenizer(tiny_model_dir())
     batch = collate_pairs(tokenize_pairs(PAIRS, tokenizer), tokenizer.pad_token_id, max_length)
     assert shared_prefix_batch(batch) is not None
-    per_token, mask, loss, grads = step(make("llama"), batch, 3, share=True)
-    usual_tokens, usual_mask, usual_loss, usual_grads = step(make("llama"), batch, 3, share=False)
-    width = batch["input_ids"].shape[1]
-    shared_scored, usual_scored = _scored(per_token, mask, width), _scored(usual_tokens, usual_mask, width)
-    assert shared_scored.keys() == usual_scored.keys()
-    for key, value in shared_scored.items():
-        torch.testing.assert_close(value, usual_scored[key], atol=1e-5, rtol=0, msg=str(key))
-    torch.testing.assert_close(loss, usual_loss, atol=1e-5, rtol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, usual_grads[name], atol=1e-5, rtol=0, msg=name)
+    assert_parity("llama", batch, 3)
 
 
 def test_under_bf16_autocast_the_loss_and_gradients_are_close():
@@ -192,13 +187,4 @@ def test_short_pairs_share_a_row_beside_each_other_and_score_as_alone(kind):
     batch = collate_pairs(pairs, tokenizer.pad_token_id, 10_000)
     shared = shared_prefix_batch(batch)
     assert shared is not None and shared.input_ids.shape[0] < len(pairs)  # fewer rows than pairs: packed
-    per_token, mask, loss, grads = step(make(kind), batch, 0, share=True)
-    usual_tokens, usual_mask, usual_loss, usual_grads = step(make(kind), batch, 0, share=False)
-    width = batch["input_ids"].shape[1]
-    shared_scored, usual_scored = _scored(per_token, mask, width), _scored(usual_tokens, usual_mask, width)
-    assert shared_scored.keys() == usual_scored.keys()
-    for key, value in shared_scored.items():
-        torch.testing.assert_close(value, usual_scored[key], atol=1e-5, rtol=0, msg=str(key))
-    torch.testing.assert_close(loss, usual_loss, atol=1e-5, rtol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, usual_grads[name], atol=1e-5, rtol=0, msg=name)
+    assert assert_parity(kind, batch, 0) > 7
