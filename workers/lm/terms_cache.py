@@ -12,15 +12,14 @@ them). The identity (`checkpoint_identity`) is the content digest of the base's 
 (`policies.lm.model_digest`), of the mixture's state and spec, and of the tokenizer's files, so a retrained stage
 1, another base or another tokenizer misses; file digests are memoised by the reference cache's table. Values are
 the terms' float64 row as computed in the batch it was first encoded in (another batch can differ in the last bits
-through padding, as it always could). Storage: `mixture_terms.sqlite3` beside the reference cache
-(`PROXYLOOP_REFERENCE_CACHE_DIR`), WAL mode, `INSERT OR IGNORE`; nothing is evicted.
+through padding, as it always could). Storage: a table of the reference cache's SQLite file
+(`PROXYLOOP_REFERENCE_CACHE_DIR`; WAL mode, its connection settings), `INSERT OR IGNORE`; nothing is evicted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
@@ -28,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from policies.lm.conditions import MixtureTerms
-from workers.lm.training.reference_cache import ReferenceCache, _chunks
+from workers.lm.training.reference_cache import LOOKUP_CHUNK, ReferenceCache, chunks
 
-DB_NAME = "mixture_terms.sqlite3"
 IDENTITY_FILES = ("mode_mixture.safetensors", "mode_mixture.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja")
 FIELDS = ("log_weights", "mode_chosen", "mode_rejected", "base_chosen", "base_rejected", "prompt_code")
@@ -50,27 +48,27 @@ def row_key(identity: str, row: dict[str, str]) -> bytes:
 
 
 class TermsCache:
-    """One SQLite file; a connection per call. Rows are stored as the float64 concatenation of FIELDS."""
+    """The `mixture_terms` table of a reference cache directory's SQLite file; a connection per call. Rows are
+    stored as the float64 concatenation of FIELDS."""
 
     def __init__(self, directory: Path) -> None:
         self.files = ReferenceCache(directory)
-        self.path = directory / DB_NAME
-        with closing(sqlite3.connect(self.path, timeout=60)) as db, db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS terms (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID")
+        with closing(self.files.connect()) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS mixture_terms (key BLOB PRIMARY KEY, value BLOB NOT NULL) "
+                       "WITHOUT ROWID")
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}
-        with closing(sqlite3.connect(self.path, timeout=60)) as db:
-            for chunk in _chunks(keys, 500):
+        with closing(self.files.connect()) as db:
+            for chunk in chunks(keys, LOOKUP_CHUNK):
                 marks = ",".join("?" * len(chunk))
-                rows = db.execute(f"SELECT key, value FROM terms WHERE key IN ({marks})", list(chunk))
+                rows = db.execute(f"SELECT key, value FROM mixture_terms WHERE key IN ({marks})", list(chunk))
                 found.update({bytes(k): np.frombuffer(v, dtype=np.float64) for k, v in rows})
         return found
 
     def store(self, values: dict[bytes, np.ndarray]) -> None:
-        with closing(sqlite3.connect(self.path, timeout=60)) as db, db:
-            db.executemany("INSERT OR IGNORE INTO terms (key, value) VALUES (?, ?)",
+        with closing(self.files.connect()) as db, db:
+            db.executemany("INSERT OR IGNORE INTO mixture_terms (key, value) VALUES (?, ?)",
                            [(k, np.ascontiguousarray(v, dtype=np.float64).tobytes()) for k, v in values.items()])
 
 

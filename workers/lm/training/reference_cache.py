@@ -54,7 +54,7 @@ log = logging.getLogger("proxyloop.workers.lm.reference_cache")
 
 DB_NAME = "reference_logps.sqlite3"
 FORMAT = 1  # bump when the meaning of a stored value changes: every old entry then misses
-_LOOKUP_CHUNK = 500  # SQLite bounds the number of parameters of one statement
+LOOKUP_CHUNK = 500  # SQLite bounds the number of parameters of one statement
 
 
 def pair_key(pair: TokenizedPair) -> bytes:
@@ -63,7 +63,7 @@ def pair_key(pair: TokenizedPair) -> bytes:
     return hashlib.sha256(ids.encode()).digest()
 
 
-def _chunks(items: Sequence[bytes], size: int) -> Iterator[Sequence[bytes]]:
+def chunks(items: Sequence[bytes], size: int) -> Iterator[Sequence[bytes]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -74,20 +74,21 @@ class ReferenceCache:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / DB_NAME
-        with closing(self._connect()) as db, db:
+        with closing(self.connect()) as db, db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS logps (key BLOB PRIMARY KEY, chosen REAL NOT NULL, "
                        "rejected REAL NOT NULL) WITHOUT ROWID")
             db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
                        "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL)")
 
-    def _connect(self) -> sqlite3.Connection:
+    def connect(self) -> sqlite3.Connection:
+        """A connection to the cache's SQLite file (also holds `workers/lm/terms_cache.py`'s table)."""
         return sqlite3.connect(self.path, timeout=60)  # waits out another worker's write transaction
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[float, float]]:
         found: dict[bytes, tuple[float, float]] = {}
-        with closing(self._connect()) as db:
-            for chunk in _chunks(keys, _LOOKUP_CHUNK):
+        with closing(self.connect()) as db:
+            for chunk in chunks(keys, LOOKUP_CHUNK):
                 marks = ",".join("?" * len(chunk))
                 rows = db.execute(f"SELECT key, chosen, rejected FROM logps WHERE key IN ({marks})", list(chunk))
                 found.update({bytes(k): (c, r) for k, c, r in rows})
@@ -95,7 +96,7 @@ class ReferenceCache:
 
     def store(self, values: dict[bytes, tuple[float, float]]) -> None:
         """Add entries in one transaction; a key another worker stored first keeps its value."""
-        with closing(self._connect()) as db, db:
+        with closing(self.connect()) as db, db:
             db.executemany("INSERT OR IGNORE INTO logps (key, chosen, rejected) VALUES (?, ?, ?)",
                            [(k, c, r) for k, (c, r) in values.items()])
 
@@ -103,13 +104,13 @@ class ReferenceCache:
         """sha256 of a file's content, read once per (path, size, mtime_ns)."""
         path = path.resolve()
         stat = path.stat()
-        with closing(self._connect()) as db:
+        with closing(self.connect()) as db:
             row = db.execute("SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
                              (str(path), stat.st_size, stat.st_mtime_ns)).fetchone()
         if row:
             return str(row[0])
         digest = file_sha256(path)
-        with closing(self._connect()) as db, db:
+        with closing(self.connect()) as db, db:
             db.execute("INSERT OR REPLACE INTO files (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?)",
                        (str(path), stat.st_size, stat.st_mtime_ns, digest))
         return digest
