@@ -47,18 +47,18 @@ class PairObjective:
         """This shard's share of `dpo_batch_loss` over the global micro-batch (equal to it on one rank)."""
         config = self.config
         per_token, mask = completion_token_logps(model, batch, config.logps_chunk_tokens, config.share_prompts)
-        chosen, rejected = sequence_logps(per_token, mask, self.config.reduction).chunk(2, dim=0)
-        mean, metrics = preference_loss(self.config.loss_type, chosen, rejected, batch["reference_chosen"],
-                                        batch["reference_rejected"], self.config.beta)
+        chosen, rejected = sequence_logps(per_token, mask, config.reduction).chunk(2, dim=0)
+        mean, metrics = preference_loss(config.loss_type, chosen, rejected, batch["reference_chosen"],
+                                        batch["reference_rejected"], config.beta)
         share = chosen.shape[0] / totals[0]
         loss = mean * share
         metrics = {key: value * share for key, value in metrics.items()}
-        if self.config.nll_weight:
+        if config.nll_weight:
             chosen_tokens, _ = per_token.chunk(2, dim=0)
             chosen_mask, _ = mask.chunk(2, dim=0)
             nll = -(chosen_tokens * chosen_mask.to(chosen_tokens.dtype)).sum() / max(totals[1], 1.0)
             metrics["nll/chosen"] = float(nll.detach())
-            loss = loss + self.config.nll_weight * nll
+            loss = loss + config.nll_weight * nll
         return loss, metrics
 
 

@@ -81,28 +81,28 @@ def shared_prefix_batch(batch: dict[str, Tensor]) -> SharedPrefixBatch | None:
     in_prompt = column < p[:, None]
     if not torch.equal(torch.where(in_prompt, ids[:pairs], 0), torch.where(in_prompt, ids[pairs:], 0)):
         return None  # different prompts in one pair
-    span = int((p + chosen_len + rejected_len).max())  # host sync, as the unshared path's keep
-    j = torch.arange(span, device=ids.device)[None, :]  # [1, W]
-    is_chosen = (j >= p[:, None]) & (j < (p + chosen_len)[:, None])
-    is_rejected = (j >= (p + chosen_len)[:, None]) & (j < (p + chosen_len + rejected_len)[:, None])
-    valid = (j < p[:, None]) | is_chosen | is_rejected
+    chosen_end, end = p + chosen_len, p + chosen_len + rejected_len
+    span = int(end.max())  # host sync, as the unshared path's keep
+    j = torch.arange(span, device=ids.device)[None, :]  # [1, W] in each pair's own layout; packing reads j < end only
+    is_chosen = (j >= p[:, None]) & (j < chosen_end[:, None])
+    is_rejected = (j >= chosen_end[:, None]) & (j < end[:, None])
     source_row = torch.where(is_rejected, torch.arange(pairs, 2 * pairs, device=ids.device)[:, None],
                              torch.arange(pairs, device=ids.device)[:, None])
-    source_col = torch.where(is_rejected, j - chosen_len[:, None], j).clamp(max=width - 1) * valid
-    input_ids = ids[source_row, source_col] * valid
-    segment = is_chosen.long() + 2 * is_rejected.long()  # 0 prompt (and padding), 1 chosen, 2 rejected
+    source_col = torch.where(is_rejected, j - chosen_len[:, None], j).clamp(max=width - 1)
+    input_ids = ids[source_row, source_col]
+    segment = is_chosen.long() + 2 * is_rejected.long()  # 0 prompt, 1 chosen, 2 rejected
     positions = torch.arange(span, device=ids.device)
     causal = positions[None, :] <= positions[:, None]  # [query, key]: the key is not after the query
     same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)
-    allowed = causal[None] & same & valid[:, None, :] & valid[:, :, None]
+    allowed = causal[None] & same
     # Scored targets: response tokens after position 0 of their own sequence (as `token_logps` scores them).
     scored = (is_chosen | is_rejected) & (source_col >= 1)
-    first_rejected = is_rejected & (j == (p + chosen_len)[:, None])
+    first_rejected = is_rejected & (j == chosen_end[:, None])
     predictor = torch.where(first_rejected, p[:, None] - 1, j - 1)
     pair, target = scored.nonzero(as_tuple=True)
     standard = source_row[pair, target] * (width - 1) + source_col[pair, target] - 1
     # Padding-free: pairs shorter than the longest share rows (first fit, longest first); a pair sees only itself.
-    row_of, offset, pair_at, local = _first_fit((p + chosen_len + rejected_len).tolist(), span, ids.device)
+    row_of, offset, pair_at, local = _first_fit(end.tolist(), span, ids.device)
     filled = pair_at >= 0
     at, lo = pair_at.clamp(min=0), local
     packed = (allowed[at[:, :, None], lo[:, :, None], lo[:, None, :]] & (pair_at[:, :, None] == pair_at[:, None, :])
