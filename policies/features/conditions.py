@@ -38,6 +38,7 @@ from policies.features.cross_validation import (
 )
 from policies.features.fitting import PROXY_STAGE, fit_adapter, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, PreferenceModel, TwoStageConfig, TwoStagePolicy, triples_to_tensors
+from policies.features.recipe import TWO_STAGE
 from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, two_stage_vs_rival
 
 __all__ = ["CHECK_NAMES", "ConditionThresholds", "choose_plan", "run_condition_tests"]
@@ -172,7 +173,7 @@ def _fit_proxy_side(proxy: Sequence[FeatureTriple], seed: int, n_out: int, t: Co
     simplex_dim = int(np.clip(dimension + 1, 2, n_out))
     torch.manual_seed(seed)
     stack = TwoStagePolicy(TwoStageConfig(input_dim=input_dim, n_outputs=n_out, simplex_dim=simplex_dim))
-    fit_stage1(stack, xp, wp, lp, seed)
+    fit_stage1(stack, xp, wp, lp, seed, TWO_STAGE.proxy_stage)  # the worker's stage 1
     stack.freeze_proxy()
     return _Fitted(xp, proxy_model, proxy_lp, stack, dimension, explained)
 
@@ -204,8 +205,10 @@ def _shared_level_sets(cv: CrossValidated, n_expert: int, rng: np.random.Generat
 
 
 def _mapped_proxy_log_probs(fitted: _Fitted, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> np.ndarray:
-    """The proxy after the two-stage learner's map: the frozen stack with its adapter (centre and fit
-    as the cross-validation's two-stage model) fitted on all the expert triples, at the proxy inputs."""
+    """The proxy after the two-stage learner's map: the frozen stack with its adapter (the same centre
+    search) fitted on all the expert triples, at the proxy inputs. At the stage's default prior (worth
+    one triple), not the strong one the worker may choose: the question is whether some map the adapter
+    can learn reaches each expert output, not whether 35 triples are enough to learn it."""
     mapped = copy.deepcopy(fitted.stack)
     fit_adapter(mapped, x, y_w, y_l, seed)
     return _model_log_probs(mapped, fitted.xp)

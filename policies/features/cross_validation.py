@@ -2,13 +2,16 @@
 
 Each candidate plan's learner (two-stage adapter, fine-tune, expert-only; the proxy as is needs no
 fit) plus the level-set test's augmented model, with the same fit recipes the training worker uses
-(policies.features.fitting): small full-batch fits, well under a second each on one core.
+(policies.features.fitting, policies.features.recipe): small full-batch fits, well under a second each
+on one core. The adapter's prior is the worker's: chosen once by `choose_adapter_prior` on all the
+expert triples, then used in every fold (so the held-out scores describe the adapter users get; nested
+cross-validation would cost 6× those 30 fits again for one hyperparameter picked from six).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,10 +19,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.features.fitting import (
-    ADAPTER_STAGE,
     EXPERT_ONLY,
     FINE_TUNE,
     FINE_TUNE_PRIOR,
+    FitRecipe,
+    choose_adapter_prior,
     choose_centre,
     fit_adapter,
     fit_preferences,
@@ -31,6 +35,7 @@ from policies.features.model import (
     TwoStagePolicy,
     preference_log_likelihoods,
 )
+from policies.features.recipe import TWO_STAGE, TwoStageRecipe
 from policies.plan_choice import CANDIDATES
 
 CV_FOLDS = 6  # cross-validation folds over expert triples: 60 triples -> 10 held out per fold
@@ -63,6 +68,7 @@ class CrossValidated:
 
     ll: dict[str, np.ndarray]  # CANDIDATES and "augmented" (adapter + direct path)
     correct: dict[str, np.ndarray]
+    adapter_prior: float  # the adapter prior every fold used (the worker's choice on all the triples)
 
 
 def _fresh_adapter(stack: TwoStagePolicy) -> TwoStagePolicy:
@@ -83,8 +89,9 @@ def fit_direct(config: TwoStageConfig, x: Tensor, y_w: Tensor, y_l: Tensor, seed
     return model
 
 
-def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> _AdapterPlusInputs:
-    """Adapter plus direct x path, with the adapter's own prior and a ridge on the x path."""
+def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int,
+                   stage: FitRecipe) -> _AdapterPlusInputs:
+    """Adapter plus direct x path, with the adapter's own prior (`stage`) and a ridge on the x path."""
     base = _fresh_adapter(stack)
     with torch.no_grad():
         choose_centre(base, base.log_embed(x), y_w, y_l)  # the null's centre, so the model nests it
@@ -93,10 +100,10 @@ def _fit_augmented(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
 
     def penalty() -> Tensor:
         ridge = sum((p**2).sum() for p in model.direct.parameters())
-        return ADAPTER_STAGE.adapter_penalty(adapter, n) + DIRECT_PATH_PRIOR * ridge / n
+        return stage.adapter_penalty(adapter, n) + DIRECT_PATH_PRIOR * ridge / n
 
     params = [*model.base.adapter_parameters(), *model.direct.parameters()]
-    fit_preferences(model, params, x, y_w, y_l, ADAPTER_STAGE.steps, ADAPTER_STAGE.lr, seed, penalty=penalty)
+    fit_preferences(model, params, x, y_w, y_l, stage.steps, stage.lr, seed, penalty=penalty)
     return model
 
 
@@ -116,8 +123,12 @@ def held_out(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> tup
     return ll.numpy().astype(np.float64), (ll > np.log(0.5)).numpy().astype(np.float64)
 
 
-def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int) -> CrossValidated:
+def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int,
+                   recipe: TwoStageRecipe = TWO_STAGE) -> CrossValidated:
     n = x.shape[0]
+    prior = choose_adapter_prior(stack, x, y_w, y_l, seed, recipe.prior_folds, recipe.adapter_priors,
+                                 recipe.adapter_stage)
+    stage = replace(recipe.adapter_stage, adapter_prior=prior)
     folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CV_FOLDS, n))
     names = (*CANDIDATES, "augmented")
     ll = {k: np.zeros(n) for k in names}
@@ -129,13 +140,13 @@ def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
         test = torch.from_numpy(test_idx)
         xt, wt, lt = x[train], y_w[train], y_l[train]
         adapter = _fresh_adapter(stack)
-        fit_adapter(adapter, xt, wt, lt, seed + fold)
+        fit_adapter(adapter, xt, wt, lt, seed + fold, stage)
         fitted: dict[str, PreferenceModel] = {
             "two_stage": adapter,
-            "augmented": _fit_augmented(stack, xt, wt, lt, seed + fold),
+            "augmented": _fit_augmented(stack, xt, wt, lt, seed + fold, stage),
             "fine_tune": _fit_fine_tune(stack, xt, wt, lt, seed + fold),
             "expert_only": fit_direct(stack.config, xt, wt, lt, seed + fold),
         }
         for name, model in fitted.items():
             ll[name][test_idx], correct[name][test_idx] = held_out(model, x[test], y_w[test], y_l[test])
-    return CrossValidated(ll, correct)
+    return CrossValidated(ll, correct, prior)

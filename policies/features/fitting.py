@@ -7,17 +7,17 @@ Kept apart from the model so serving and loading import the model without the tr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from policies.features.adapter_grid import best_centre, held_out_by_prior
 from policies.features.model import (
     PreferenceModel,
     TwoStagePolicy,
-    preference_log_likelihoods,
     preference_loss,
 )
 from policies.features.simplex_adapter import SimplexAdapter, relabelled_centres
@@ -149,11 +149,7 @@ def choose_centre(stack: TwoStagePolicy, log_s: Tensor, y_w: Tensor, y_l: Tensor
     """
     gain, offset = stack.head_affine()
     candidates = relabelled_centres(gain, offset)
-    with torch.no_grad():
-        logits = [(log_s @ m.T + b) @ gain.T + offset for m, b in candidates]
-        scores = [float(preference_log_likelihoods(F.log_softmax(z, dim=-1), y_w, y_l).sum()) for z in logits]
-    cost = float(np.log(max(len(candidates) - 1, 1)))
-    best = max(range(len(candidates)), key=lambda k: scores[k] - (cost if k else 0.0))
+    best = best_centre(candidates, gain, offset, log_s, y_w, y_l)
     stack.adapter.set_centre(*candidates[best])
     stack.adapter.reset()
     return best
@@ -182,7 +178,8 @@ def choose_adapter_prior(
     priors: Sequence[float] = ADAPTER_PRIORS, recipe: FitRecipe = ADAPTER_STAGE,
 ) -> float:
     """The adapter prior chosen by `folds`-fold cross-validated log-likelihood on these expert
-    triples alone (no other data is looked at); the stack is left as it was.
+    triples alone (no other data is looked at); the stack is left as it was. Every (prior, fold) fit
+    runs at once (`adapter_grid.held_out_by_prior`): the same fits as `fit_adapter` on each split.
 
     One-standard-error rule: the strongest prior whose held-out log-likelihood is within one
     standard error (of its paired difference per triple) of the best. On a few dozen triples the
@@ -192,16 +189,8 @@ def choose_adapter_prior(
     n = x.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     parts = [p for p in torch.tensor_split(order, min(folds, n)) if len(p)]
-    saved = {k: v.clone() for k, v in stack.adapter.state_dict().items()}
-    held_out = np.zeros((len(priors), n))
-    for i, prior in enumerate(priors):
-        for k, test in enumerate(parts):
-            train = torch.cat([p for j, p in enumerate(parts) if j != k])
-            fit_adapter(stack, x[train], y_w[train], y_l[train], seed + k, replace(recipe, adapter_prior=prior))
-            with torch.no_grad():
-                ll = preference_log_likelihoods(stack.log_probs(x[test]), y_w[test], y_l[test])
-            held_out[i, test.numpy()] = ll.cpu().numpy()
-    stack.adapter.load_state_dict(saved)
+    held_out = held_out_by_prior(stack, x, y_w, y_l, parts, priors, recipe.steps, recipe.lr, recipe.tempering_prior,
+                                 recipe.weight_decay)
     means = held_out.mean(axis=1)
     best = int(np.argmax(means))
     standard_errors = (held_out[best] - held_out).std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(priors))
