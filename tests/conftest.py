@@ -60,6 +60,23 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudi
         yield server
 
 
+@contextmanager
+def stack_env(**variables: str) -> Iterator[None]:
+    """Environment for the processes of a stack started in the body (children copy it): one intra-op thread for
+    every torch in it (the worker's fits, the flows runner's condition tests, acquisition refreshes and chat base
+    model), plus `variables`. With torch's default, one thread per core, those processes contend with the rest of
+    the stack on a small machine: on a loaded 2-core one the demo's retrain ran past its 300 s deadline, with one
+    thread it took 20-30 s (as test_demo_labelstudio.py found for its worker)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OMP_NUM_THREADS", "1")
+    for name, value in variables.items():
+        patch.setenv(name, value)
+    try:
+        yield
+    finally:
+        patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _no_hub_downloads() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -95,15 +112,25 @@ def celery_worker(settings: Settings, queues: str, name: str, log_path: Path) ->
         log.close()
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny fits: extra intra-op threads only contend with other processes on a shared machine."""
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny fits in this process: extra intra-op threads only contend with other processes on a shared machine
+    (on a loaded 2-core one, the browser queue's world took 132 s to build with two threads, 1.4 s with one)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """`one_torch_thread` for a test's body."""
+    with one_torch_thread():
+        yield
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:

@@ -13,9 +13,11 @@ from ingest.store import SnapshotRow, count_labels, load_snapshot_triples, make_
 from ingest.synthetic import appendix_d
 from policies.registry import resolve
 from proxyloop import stack
-from tests.conftest import isolated_settings, launch_chromium, run_cli, run_demo
+from tests.conftest import isolated_settings, launch_chromium, run_cli, run_demo, stack_env, wait_until
 
 pytestmark = pytest.mark.e2e
+
+_ENDED = ("COMPLETED", "FAILED", "CRASHED")
 
 
 def _bursts_during_a_run(settings, bursts=2):
@@ -28,14 +30,16 @@ def _bursts_during_a_run(settings, bursts=2):
             publish(producer, settings.topic_expert, ExpertLabel(event_id=f"burst-{b}-{i}", annotator_id="t",
                                                                  item=triple), wait=False)
         producer.flush()
-        time.sleep(6)  # the first burst's run is under way when the second lands
+        if b < bursts - 1:  # the next burst lands once this one's run is under way (polled: no fixed sleep)
+            wait_until(lambda: any(r["state_type"] in ("RUNNING", *_ENDED) for r in _retrain_runs(settings)
+                                   if r["id"] not in before), 120, "the first burst's retrain run to start")
     producer.close()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         runs = [r for r in _retrain_runs(settings) if r["id"] not in before]
-        if len(runs) == bursts and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs):
+        if len(runs) == bursts and all(r["state_type"] in _ENDED for r in runs):
             return runs
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"retrain runs after the bursts: {[(r['name'], r['state_type']) for r in runs]}")
 
 
@@ -68,8 +72,12 @@ def demo_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
     settings = isolated_settings(home)
     report_path = home / "report.json"
+    # The second burst's run waits on the retrain deployment's concurrency limit; Prefect's server tries it again
+    # this many seconds after each refusal. Its default, 30 s, mostly idles on after the first run has ended.
+    slot_wait = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
     try:
-        run_demo(settings, report_path)
+        with stack_env(**slot_wait):
+            run_demo(settings, report_path)
         with Session(make_engine(settings.resolved_store_url)) as session:
             counts = count_labels(session)
         status = run_cli(settings, "status", timeout=60)

@@ -9,7 +9,7 @@ from ingest.store import SnapshotRow, make_engine
 from ingest.text_snapshot import load_snapshot_pairs
 from policies.registry import resolve
 from proxyloop import stack
-from tests.conftest import isolated_settings, run_cli, run_demo
+from tests.conftest import isolated_settings, run_cli, run_demo, stack_env
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,8 @@ def chat_demo(tmp_path_factory):
     settings = isolated_settings(home)
     report_path = home / "report.json"
     try:
-        run_demo(settings, report_path, "--task", "chat")
+        with stack_env():
+            run_demo(settings, report_path, "--task", "chat")
     finally:
         down = run_cli(settings, "down", timeout=120)
     return {"settings": settings, "report": json.loads(report_path.read_text()), "down": down}

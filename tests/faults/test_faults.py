@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stack_env
 from tests.faults import harness, ingest_cases, run_cases
 from tests.faults.pg import PostgresServer, create_database, postgres_server
 
@@ -37,7 +38,8 @@ def test_postgresql_stopped_for_seconds_while_events_flow_loses_nothing(tmp_path
 
 
 def test_redis_down_at_training_dispatch_the_run_completes_once(tmp_path: Path) -> None:
-    figures = run_cases.redis_stopped(harness.case_settings(tmp_path), during="dispatch")
+    with stack_env():  # torch on one thread in the stack's processes: they share a small machine (see stack_env)
+        figures = run_cases.redis_stopped(harness.case_settings(tmp_path), during="dispatch")
     assert figures.detail["status"] == "released" and figures.detail["prefect_state"] == "COMPLETED"
     assert figures.detail["dispatch_attempts"] >= 2  # the first one met Redis down
     assert (figures.detail["trained"], figures.detail["released"]) == (1, 1)

@@ -37,7 +37,7 @@ from ingest.store import LabelRow, make_engine
 from policies.ml_backend import ScoreCache
 from proxyloop import stack
 from proxyloop.testing import LabelStudioServer, free_port, score_cache_after
-from tests.conftest import launch_chromium, run_cli
+from tests.conftest import launch_chromium, one_torch_thread, run_cli, stack_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.integration,
@@ -109,15 +109,17 @@ def queue(service_settings: Settings, kafka: str, labelstudio: LabelStudioServer
         "retrain_min_expert": 10**6, "retrain_min_proxy": 10**6,
     })
     # Stage 1 on 200 proxy triples: a proxy unsure enough that the tasks' scores differ visibly.
-    world = FeatureWorld.build(100, "permuted", 200, N_BEFORE + N_OPEN, 10, EnsembleConfig())
+    with one_torch_thread():
+        world = FeatureWorld.build(100, "permuted", 200, N_BEFORE + N_OPEN, 10, EnsembleConfig())
     register(settings.registry_dir, settings.policy_name, world.stack.state_dict(),
              {"family": "two_stage", "model": world.stack.config.to_dict()}, {"source": __name__})
     ensure_topics(settings)
     started: list[str] = []
     try:
-        for name in ("prefect", "http", "consumer", "flows"):
-            stack.start_component(settings, stack.component(name), lambda _: None)
-            started.append(name)
+        with stack_env():  # torch on one thread in the flows runner's refreshes and the ML backend (see stack_env)
+            for name in ("prefect", "http", "consumer", "flows"):
+                stack.start_component(settings, stack.component(name), lambda _: None)
+                started.append(name)
         prompts = {f"Input {i}: which output fits it better?": i for i in range(N_BEFORE, N_BEFORE + N_OPEN)}
         tasks = [{"prompt": p, "answer_a": f"output {world.y_a[i]}", "answer_b": f"output {world.y_b[i]}",
                   "x": world.x[i].tolist(), "y_a": int(world.y_a[i]), "y_b": int(world.y_b[i])}
