@@ -38,6 +38,7 @@ from policies.ml_backend import ScoreCache
 from proxyloop import stack
 from proxyloop.testing import LabelStudioServer, free_port, score_cache_after
 from tests.conftest import launch_chromium, one_torch_thread, run_cli, stack_env
+from tests.ingest.labelstudio_ui import arrange_columns, log_in, open_task_list
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.integration,
@@ -161,48 +162,8 @@ def _client(settings: Settings) -> Any:
     return LabelStudio(base_url=settings.labelstudio_url, api_key=settings.labelstudio_token)
 
 
-# The browser: what the annotator (and, where Label Studio needs it, the project's manager) clicks.
-
-
-def _log_in(page: Any, labelstudio: LabelStudioServer) -> None:
-    page.goto(f"{labelstudio.url}/user/login", wait_until="networkidle")
-    page.fill("input[name=email]", labelstudio.username)
-    page.fill("input[name=password]", labelstudio.password)
-    page.click("button[type=submit]")
-    page.wait_for_load_state("networkidle")
-
-
-def _open_task_list(page: Any, url: str, project: int) -> None:
-    page.goto(f"{url}/projects/{project}/data", wait_until="networkidle")
-    page.locator("[data-testid=table-row]").first.wait_for(timeout=60_000)
-
-
-def _menu_item(page: Any, text: str) -> Any:
-    """An entry of the data manager's open drop-down (Columns, Order by, Actions)."""
-    return page.locator(".lsf-menu-dm__item").filter(visible=True).get_by_text(text, exact=True)
-
-
-def _arrange_columns(page: Any) -> None:
-    """Show the prediction score, hide the feature vectors, sort by the score, highest first (the data
-    manager keeps these in the tab, on the server)."""
-    page.get_by_role("button", name="Columns").click()
-    for column in ("Prediction score", "x", "y_a", "y_b"):
-        _menu_item(page, column).click()
-        page.wait_for_load_state("networkidle")
-    _close_menu(page)
-    page.get_by_role("button", name="Order by").click()
-    _menu_item(page, "Prediction score").click()
-    page.wait_for_load_state("networkidle")
-    _close_menu(page)
-    page.get_by_role("button", name="Sort descending").click()  # named for what it does
-    page.get_by_role("button", name="Sort ascending").wait_for(timeout=30_000)
-    page.wait_for_load_state("networkidle")
-
-
-def _close_menu(page: Any) -> None:
-    """The data manager's drop-downs stay open after a choice; a click on the empty page below closes them."""
-    page.mouse.click(700, page.viewport_size["height"] - 20)
-    page.locator(".lsf-menu-dm__item").filter(visible=True).first.wait_for(state="hidden", timeout=10_000)
+# The browser: what the annotator (and, where Label Studio needs it, the project's manager) clicks, beyond
+# tests/ingest/labelstudio_ui.py.
 
 
 def _shown(page: Any) -> list[tuple[int, str]]:
@@ -228,7 +189,7 @@ def _queue_when_scored(
     """Reload the task list until each task of `scores` shows its score there (Label Studio rounds to 3
     decimals); (task id, the score shown) top to bottom."""
     def scored() -> list[tuple[int, float]] | None:
-        _open_task_list(page, url, project)
+        open_task_list(page, url, project)
         shown = _shown(page)
         if {task for task, text in shown if text} != set(scores):
             return None
@@ -282,9 +243,9 @@ def test_the_annotator_works_down_the_queue_in_score_order_and_sees_it_reordered
         browser = launch_chromium(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            _log_in(page, labelstudio)
-            _open_task_list(page, url, project)
-            _arrange_columns(page)
+            log_in(page, labelstudio)
+            open_task_list(page, url, project)
+            arrange_columns(page)
             shown = _queue_when_scored(page, url, project, {t: s.score for t, s in first.tasks.items()})
             _check_queue(shown, {t: s.score for t, s in first.tasks.items()})
             assert len({round(s, 3) for _, s in shown}) > 2, f"tasks scored nearly alike, no order to see: {shown}"
