@@ -108,8 +108,9 @@ FULL: dict[str, Any] = {
 STACK_COVERS = (
     "embedded stack: Label Studio server (task listing) + Kafka (expert label) + consumer + store + "
     "ML-backend /webhook -> Prefect event -> refresh-acquisition deployment run -> feature_scores -> "
-    "score cache -> HTTP app /predict; not Label Studio's own webhook delivery (the bench posts the "
-    "label to Kafka and the ML webhook itself) nor Label Studio fetching the new predictions"
+    "score cache + predictions written into Label Studio -> Label Studio's API serving every open task's "
+    "new score; not Label Studio's own webhook delivery (the bench posts the label to Kafka and the ML "
+    "webhook itself)"
 )
 
 
