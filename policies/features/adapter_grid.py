@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from policies.features.model import TwoStagePolicy, preference_log_likelihoods
-from policies.features.simplex_adapter import relabelled_centres
+from policies.features.simplex_adapter import deviation_terms, relabelled_centres
 
 
 def best_centre(candidates: Sequence[tuple[Tensor, Tensor]], gain: Tensor, offset: Tensor, log_s: Tensor,
@@ -58,7 +58,6 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
     mask = train_mask.repeat(len(priors), 1)
     n_train = mask.sum(dim=1)
     prior = torch.tensor(priors, dtype=mask.dtype).repeat_interleave(n_folds)
-    centre_norm = (m0**2).sum(dim=(1, 2))
     weight = m0.clone().requires_grad_(True)
     bias = b0.clone().requires_grad_(True)
 
@@ -71,9 +70,7 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
     for _ in range(steps):
         optimiser.zero_grad(set_to_none=True)
         loss = -(log_likelihoods() * mask).sum(dim=1) / n_train
-        alpha = (weight * m0).sum(dim=(1, 2)) / centre_norm
-        shape = ((weight - alpha[:, None, None] * m0) ** 2).sum(dim=(1, 2)) + ((bias - b0) ** 2).sum(dim=1)
-        tempering = centre_norm * (alpha - 1) ** 2
+        shape, tempering = deviation_terms(weight, bias, m0, b0)  # the prior of `FitRecipe.adapter_penalty`
         (loss + (prior * shape + tempering_prior * tempering) / n_train).sum().backward()
         optimiser.step()
     with torch.no_grad():

@@ -56,13 +56,8 @@ class SimplexAdapter(nn.Module):
             self.bias.copy_(self.centre_bias)
 
     def deviation_terms(self) -> tuple[Tensor, Tensor]:
-        """(‖M − αM₀‖² + ‖b − b₀‖², ‖M₀‖²(α − 1)²) with α = ⟨M, M₀⟩/‖M₀‖²: every change but a
-        re-tempering of the centre, and the re-tempering. Their sum is ‖M − M₀‖² + ‖b − b₀‖²."""
-        centre = self.centre_weight
-        norm = (centre**2).sum()
-        alpha = (self.weight * centre).sum() / norm
-        shape = ((self.weight - alpha * centre) ** 2).sum() + ((self.bias - self.centre_bias) ** 2).sum()
-        return shape, norm * (alpha - 1) ** 2
+        """`deviation_terms` of this adapter from its centre."""
+        return deviation_terms(self.weight, self.bias, self.centre_weight, self.centre_bias)
 
     def deviation(self, tempering_weight: float = 1.0) -> Tensor:
         """‖M − M₀‖² + ‖b − b₀‖², with the tempering direction (M = αM₀) weighted by `tempering_weight`.
@@ -77,6 +72,17 @@ class SimplexAdapter(nn.Module):
     def forward(self, log_s: Tensor) -> Tensor:
         # log_s: [B, D] log-coordinates of a simplex point -> [B, D] log-coordinates of the image.
         return F.log_softmax(log_s @ self.weight.T + self.bias, dim=-1)
+
+
+def deviation_terms(weight: Tensor, bias: Tensor, centre_weight: Tensor, centre_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(‖M − αM₀‖² + ‖b − b₀‖², ‖M₀‖²(α − 1)²) with α = ⟨M, M₀⟩/‖M₀‖²: every change but a re-tempering of the
+    centre, and the re-tempering. Their sum is ‖M − M₀‖² + ‖b − b₀‖². Leading dimensions are a batch of
+    adapters (M [..., D, D], b [..., D]), one pair of terms each (policies/features/adapter_grid.py)."""
+    norm = (centre_weight**2).sum(dim=(-2, -1))
+    alpha = (weight * centre_weight).sum(dim=(-2, -1)) / norm
+    shape = ((weight - alpha[..., None, None] * centre_weight) ** 2).sum(dim=(-2, -1))
+    shape = shape + ((bias - centre_bias) ** 2).sum(dim=-1)
+    return shape, norm * (alpha - 1) ** 2
 
 
 def relabelled_centres(gain: Tensor, offset: Tensor) -> list[tuple[Tensor, Tensor]]:
