@@ -4,6 +4,7 @@ the store by its webhook), `proxyloop down` stops it. Off by default: then it is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -22,7 +23,7 @@ from ingest.store import LabelRow, make_engine
 from proxyloop import stack
 from proxyloop.components import tcp_open
 from proxyloop.testing import free_port, isolated_settings
-from tests.conftest import run_cli, run_demo
+from tests.conftest import run_cli, run_demo, stack_env
 
 
 def test_label_studio_is_no_part_of_the_stack_when_off(tmp_path: Path) -> None:
@@ -65,10 +66,10 @@ def _provisioning(settings: Settings, client: LabelStudio) -> dict[str, Any]:
 def ls_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """`proxyloop up` with Label Studio on, the demo through it, then `proxyloop down`; what each left behind."""
     home = tmp_path_factory.mktemp("demo-labelstudio")
-    # One intra-op thread in the stack's processes (conftest's `one_thread`, for children): on a shared 2-core
-    # machine the worker's tiny fits with two threads ran ~15x slower, past the demo's retrain deadline.
-    threads = pytest.MonkeyPatch()
-    threads.setenv("OMP_NUM_THREADS", "1")
+    # One intra-op thread in the stack's processes (conftest's `stack_env`): on a shared 2-core machine the
+    # worker's tiny fits with two threads ran ~15x slower, past the demo's retrain deadline.
+    threads = contextlib.ExitStack()
+    threads.enter_context(stack_env())
     settings = isolated_settings(home, embedded_labelstudio=True, labelstudio_url=f"http://127.0.0.1:{free_port()}")
     report_path = home / "report.json"
     seen: dict[str, Any] = {"settings": settings}
@@ -93,7 +94,7 @@ def ls_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         seen["first_task"] = (client.tasks.get(id=task_id).data,
                               [a.result for a in client.annotations.list(id=task_id)])
     finally:
-        threads.undo()
+        threads.close()
         seen["down"] = run_cli(settings, "down", timeout=300).stdout
         seen["after_down"] = stack.health(settings).get("labelstudio"), tcp_open(settings.labelstudio_url)
     yield seen
