@@ -28,7 +28,8 @@ from policies.acquisition import (
     rank,
     relabelling_scores,
 )
-from policies.features.fitting import ADAPTER_STAGE, fit_adapter, fit_stage1
+from policies.features.fit_recipe import ADAPTER_STAGE
+from policies.features.fitting import fit_adapter, fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE
 from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin

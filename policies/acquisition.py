@@ -42,7 +42,8 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 from ground.schemas import FeatureTriple
-from policies.features.fitting import ADAPTER_STAGE, FitRecipe, fit_adapter
+from policies.features.fit_recipe import ADAPTER_STAGE, FitRecipe
+from policies.features.fitting import fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.simplex_adapter import relabelled_centres
 from policies.lm.mixture_learners import (

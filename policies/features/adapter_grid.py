@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from policies.features.fit_recipe import FitRecipe
 from policies.features.model import TwoStagePolicy, preference_log_likelihoods
 from policies.features.simplex_adapter import deviation_terms, relabelled_centres
 
@@ -34,11 +35,11 @@ def best_centre(candidates: Sequence[tuple[Tensor, Tensor]], gain: Tensor, offse
 
 
 def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, parts: Sequence[Tensor],
-                      priors: Sequence[float], steps: int, lr: float, tempering_prior: float,
-                      weight_decay: float = 0.0) -> np.ndarray:
+                      priors: Sequence[float], recipe: FitRecipe) -> np.ndarray:
     """Held-out log-likelihood [len(priors), n] of the adapter fitted on all parts but one, for each
-    prior, scored on the part left out: what `fit_adapter` (centre search, then Adam on the loss plus
-    the prior) on each training split gives, for every split and prior in one batched fit."""
+    prior (in place of `recipe.adapter_prior`), scored on the part left out: what `fit_adapter` (centre
+    search, then Adam on the loss plus the prior) on each training split gives, for every split and prior
+    in one batched fit."""
     n, n_folds = x.shape[0], len(parts)
     with torch.no_grad():
         log_s = stack.log_embed(x)
@@ -66,12 +67,12 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
         log_probs = F.log_softmax(u @ gain.T + offset, dim=-1)
         return F.logsigmoid(log_probs[:, torch.arange(n), y_w] - log_probs[:, torch.arange(n), y_l])
 
-    optimiser = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
+    optimiser = torch.optim.Adam([weight, bias], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    for _ in range(recipe.steps):
         optimiser.zero_grad(set_to_none=True)
         loss = -(log_likelihoods() * mask).sum(dim=1) / n_train
         shape, tempering = deviation_terms(weight, bias, m0, b0)  # the prior of `FitRecipe.adapter_penalty`
-        (loss + (prior * shape + tempering_prior * tempering) / n_train).sum().backward()
+        (loss + (prior * shape + recipe.tempering_prior * tempering) / n_train).sum().backward()
         optimiser.step()
     with torch.no_grad():
         ll = log_likelihoods().reshape(len(priors), n_folds, n)

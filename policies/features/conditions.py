@@ -36,7 +36,8 @@ from policies.features.cross_validation import (
     fit_direct,
     held_out,
 )
-from policies.features.fitting import PROXY_STAGE, fit_adapter, fit_preferences, fit_stage1
+from policies.features.fit_recipe import PROXY_STAGE
+from policies.features.fitting import fit_adapter, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, PreferenceModel, TwoStageConfig, TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE
 from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, two_stage_vs_rival

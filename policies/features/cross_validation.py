@@ -18,16 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from policies.features.fitting import (
-    EXPERT_ONLY,
-    FINE_TUNE,
-    FINE_TUNE_PRIOR,
-    FitRecipe,
-    choose_adapter_prior,
-    choose_centre,
-    fit_adapter,
-    fit_preferences,
-)
+from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, FitRecipe
+from policies.features.fitting import choose_adapter_prior, choose_centre, fit_adapter, fit_preferences
 from policies.features.model import (
     DirectPolicy,
     PreferenceModel,

@@ -7,7 +7,6 @@ Kept apart from the model so serving and loading import the model without the tr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,12 +14,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.features.adapter_grid import best_centre, held_out_by_prior
+from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE, PROXY_STAGE, FitRecipe
 from policies.features.model import (
     PreferenceModel,
     TwoStagePolicy,
     preference_loss,
 )
-from policies.features.simplex_adapter import SimplexAdapter, relabelled_centres
+from policies.features.simplex_adapter import relabelled_centres
 
 
 def fit_preferences(
@@ -82,38 +82,6 @@ def fit_preferences(
         model.eval()
         with torch.no_grad():
             return float(preference_loss(model.log_probs(x), y_w, y_l))
-
-
-@dataclass(frozen=True)
-class FitRecipe:
-    """Full-batch Adam settings of one fit (see `fit_preferences`)."""
-
-    steps: int
-    lr: float
-    weight_decay: float = 0.0  # Adam's L2 toward zero
-    # Stage 2 only: a prior on the adapter's deviation from its centre worth `adapter_prior`
-    # triples (weight adapter_prior·n⁻¹, so it fades as expert data grow; a fixed weight never
-    # would), except re-tempering the centre, which has a prior of its own worth `tempering_prior`
-    # triples: cheap, whatever the strength of the rest.
-    adapter_prior: float = 0.0
-    tempering_prior: float = 0.1
-
-    def adapter_penalty(self, adapter: SimplexAdapter, n: int) -> Tensor:
-        """The stage-2 prior's negative log-density per triple, for n expert triples."""
-        shape, tempering = adapter.deviation_terms()
-        return (self.adapter_prior * shape + self.tempering_prior * tempering) / n
-
-
-# The two-stage recipe (bench/appendix_d.py and docs/appendix_d.md give its figures).
-PROXY_STAGE = FitRecipe(steps=400, lr=0.02, weight_decay=1e-3)
-ADAPTER_STAGE = FitRecipe(steps=300, lr=0.05, adapter_prior=1.0)
-EXPERT_ONLY = FitRecipe(steps=300, lr=0.02, weight_decay=1e-2)
-# Full fine-tuning from the stage-1 weights, pulled back toward them with a prior worth
-# FINE_TUNE_PRIOR triples (fit_preferences' anchor = FINE_TUNE_PRIOR / n).
-FINE_TUNE = FitRecipe(steps=200, lr=0.02)
-FINE_TUNE_PRIOR = 1.0
-# Candidate prior weights for `choose_adapter_prior`, from "move freely" to "stay a tempered proxy".
-ADAPTER_PRIORS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 class _OnEmbedding(nn.Module):
@@ -189,8 +157,7 @@ def choose_adapter_prior(
     n = x.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     parts = [p for p in torch.tensor_split(order, min(folds, n)) if len(p)]
-    held_out = held_out_by_prior(stack, x, y_w, y_l, parts, priors, recipe.steps, recipe.lr, recipe.tempering_prior,
-                                 recipe.weight_decay)
+    held_out = held_out_by_prior(stack, x, y_w, y_l, parts, priors, recipe)
     means = held_out.mean(axis=1)
     best = int(np.argmax(means))
     standard_errors = (held_out[best] - held_out).std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(priors))

@@ -14,14 +14,8 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from ground.schemas import TrainingRequest
-from policies.features.fitting import (
-    ADAPTER_PRIORS,
-    ADAPTER_STAGE,
-    PROXY_STAGE,
-    FitRecipe,
-    choose_adapter_prior,
-    fit_adapter,
-)
+from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE, PROXY_STAGE, FitRecipe
+from policies.features.fitting import choose_adapter_prior, fit_adapter
 from policies.features.model import TwoStageConfig, TwoStagePolicy
 
 

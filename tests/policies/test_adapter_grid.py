@@ -13,7 +13,8 @@ from ground.schemas import FeatureTriple
 from ingest.synthetic import appendix_d
 from ingest.synthetic_families import appendix_d_family, draw_triples
 from policies.features.adapter_grid import held_out_by_prior
-from policies.features.fitting import ADAPTER_STAGE, choose_centre, fit_adapter, fit_stage1
+from policies.features.fit_recipe import ADAPTER_STAGE
+from policies.features.fitting import choose_centre, fit_adapter, fit_stage1
 from policies.features.model import TwoStageConfig, TwoStagePolicy, preference_log_likelihoods, triples_to_tensors
 
 
@@ -52,8 +53,7 @@ def test_batched_fits_match_separate_fits(kind: str) -> None:
     stack.freeze_proxy()
     parts = list(torch.tensor_split(torch.randperm(36, generator=torch.Generator().manual_seed(0)), 4))
     priors = (0.3, 3.0, 100.0)
-    batched = held_out_by_prior(stack, x, y_w, y_l, parts, priors, 120, ADAPTER_STAGE.lr,
-                                ADAPTER_STAGE.tempering_prior)
+    batched = held_out_by_prior(stack, x, y_w, y_l, parts, priors, replace(ADAPTER_STAGE, steps=120))
     separate = _one_at_a_time(stack, x, y_w, y_l, parts, priors, 120)
     np.testing.assert_allclose(batched, separate, atol=1e-4)
     if kind == "permuted":

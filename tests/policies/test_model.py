@@ -11,7 +11,8 @@ import torch
 
 from ground.schemas import FeatureTriple
 from ingest.synthetic import appendix_d
-from policies.features.fitting import ADAPTER_PRIORS, ADAPTER_STAGE, choose_adapter_prior, fit_adapter, fit_preferences
+from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE
+from policies.features.fitting import choose_adapter_prior, fit_adapter, fit_preferences
 from policies.features.model import (
     DirectPolicy,
     TwoStageConfig,

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
-from policies.features.fitting import EXPERT_ONLY, fit_preferences
+from policies.features.fit_recipe import EXPERT_ONLY
+from policies.features.fitting import fit_preferences
 from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
 from policies.indicators import DEFAULT_TOP_K, topk_indicators
 from policies.loader import load_policy_dir

@@ -38,7 +38,8 @@ from ground.schemas import (
     TrainingResult,
 )
 from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_expert
-from policies.features.fitting import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, fit_preferences, fit_stage1
+from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR
+from policies.features.fitting import fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TwoStageRecipe, fit_two_stage_adapter, resolve_recipe
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
