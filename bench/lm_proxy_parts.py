@@ -127,7 +127,7 @@ class Scorer:
 
     tokenizer: Any
     prompts: list[str]
-    samples: int = 4
+    samples: int = 40
     max_new_tokens: int = 8
     device: str = "cpu"
 
