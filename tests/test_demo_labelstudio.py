@@ -4,7 +4,6 @@ the store by its webhook), `proxyloop down` stops it. Off by default: then it is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
@@ -66,35 +65,33 @@ def _provisioning(settings: Settings, client: LabelStudio) -> dict[str, Any]:
 def ls_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """`proxyloop up` with Label Studio on, the demo through it, then `proxyloop down`; what each left behind."""
     home = tmp_path_factory.mktemp("demo-labelstudio")
-    # One intra-op thread in the stack's processes (conftest's `stack_env`): on a shared 2-core machine the
-    # worker's tiny fits with two threads ran ~15x slower, past the demo's retrain deadline.
-    threads = contextlib.ExitStack()
-    threads.enter_context(stack_env())
     settings = isolated_settings(home, embedded_labelstudio=True, labelstudio_url=f"http://127.0.0.1:{free_port()}")
     report_path = home / "report.json"
     seen: dict[str, Any] = {"settings": settings}
     try:  # everything is collected, and the stack stopped, before the tests look
-        up = run_cli(settings, "up", timeout=900)  # Label Studio: 1-2 min to start on a small machine
-        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
-        seen["up"] = up.stdout
-        seen["health"] = stack.health(settings)
-        seen["pid"] = stack.pid_of(settings, "labelstudio")
-        credentials = embedded.read_credentials(settings)
-        assert credentials is not None
-        seen["credentials"] = credentials
-        client = LabelStudio(base_url=settings.labelstudio_url, api_key=credentials.token)
-        seen["provisioned"] = _provisioning(settings, client)
-        run_demo(settings, report_path)
-        seen["report"] = json.loads(report_path.read_text())
-        ids = [f"labelstudio-annotation-{a}" for a in seen["report"]["labelstudio"]["annotation_ids"]]
-        with Session(make_engine(settings.resolved_store_url)) as session:
-            seen["rows"] = {r.event_id: (r.kind, r.item) for r in session.scalars(
-                select(LabelRow).where(LabelRow.event_id.in_(ids)))}
-        task_id = seen["report"]["labelstudio"]["task_ids"][0]
-        seen["first_task"] = (client.tasks.get(id=task_id).data,
-                              [a.result for a in client.annotations.list(id=task_id)])
+        # One intra-op thread in the stack's processes (conftest's `stack_env`): on a shared 2-core machine the
+        # worker's tiny fits with two threads ran ~15x slower, past the demo's retrain deadline.
+        with stack_env():
+            up = run_cli(settings, "up", timeout=900)  # Label Studio: 1-2 min to start on a small machine
+            assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+            seen["up"] = up.stdout
+            seen["health"] = stack.health(settings)
+            seen["pid"] = stack.pid_of(settings, "labelstudio")
+            credentials = embedded.read_credentials(settings)
+            assert credentials is not None
+            seen["credentials"] = credentials
+            client = LabelStudio(base_url=settings.labelstudio_url, api_key=credentials.token)
+            seen["provisioned"] = _provisioning(settings, client)
+            run_demo(settings, report_path)
+            seen["report"] = json.loads(report_path.read_text())
+            ids = [f"labelstudio-annotation-{a}" for a in seen["report"]["labelstudio"]["annotation_ids"]]
+            with Session(make_engine(settings.resolved_store_url)) as session:
+                seen["rows"] = {r.event_id: (r.kind, r.item) for r in session.scalars(
+                    select(LabelRow).where(LabelRow.event_id.in_(ids)))}
+            task_id = seen["report"]["labelstudio"]["task_ids"][0]
+            seen["first_task"] = (client.tasks.get(id=task_id).data,
+                                  [a.result for a in client.annotations.list(id=task_id)])
     finally:
-        threads.close()
         seen["down"] = run_cli(settings, "down", timeout=300).stdout
         seen["after_down"] = stack.health(settings).get("labelstudio"), tcp_open(settings.labelstudio_url)
     yield seen
