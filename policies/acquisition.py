@@ -50,6 +50,7 @@ from policies.lm.mixture_learners import (
     MixtureTerms,
     best_relabelling,
     fit_relabelling,
+    keep_bonus,
     relabelled_margin,
     relabelling_score,
 )
@@ -207,11 +208,14 @@ class RelabellingConfig:
 def relabelling_samples(labelled: MixtureTerms, config: RelabellingConfig = RelabellingConfig()) -> NDArray[np.int64]:
     """[members, D] relabellings drawn from their posterior given the expert pairs `labelled` (chosen first). The
     log-likelihood of perm is fit_relabelling's, Σ_k score[k, perm[k]] (score[k, j] = Σ_i w_k(x_i) log σ(mode j's
-    margin)), so the posterior's mode is stage 2's fit. Perturb-and-MAP draws: `best_relabelling` of λ·score plus
-    Gumbel noise per entry (no enumeration of D! relabellings). Without labels: uniformly random relabellings."""
+    margin)), and its prior fit_relabelling's keep prior (`keep_bonus`), so the posterior's mode is stage 2's fit.
+    Perturb-and-MAP draws: `best_relabelling` of λ·score + keep bonus plus Gumbel noise per entry (no enumeration
+    of D! relabellings). Without labels: draws from the keep prior alone (most modes kept, a few moved)."""
     score = relabelling_score(labelled)
+    prior = keep_bonus(score.shape[0])
     rng = np.random.default_rng(config.seed)
-    draws = [best_relabelling(config.temperature * score + rng.gumbel(size=score.shape)) for _ in range(config.members)]
+    draws = [best_relabelling(config.temperature * score + prior + rng.gumbel(size=score.shape))
+             for _ in range(config.members)]
     return np.stack(draws).astype(np.int64)
 
 

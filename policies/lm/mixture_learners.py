@@ -31,6 +31,11 @@ from policies.lm.bradley_terry import log_sigmoid
 from policies.lm.condition_config import TextConditionThresholds
 
 MAX_EXHAUSTIVE_MODES = 8  # 8! = 40 320 relabellings searched exhaustively; greedy above
+# Prior of stage 2's relabelling: each mode keeps its own vertex with this mass, the rest spread evenly over the
+# D - 1 others (the feature family's rule, fitting.choose_centre: half the mass on keeping the proxy's labels).
+# Without it a mode that few expert pairs reach is sent wherever their faint weights tip it, and on a proxy
+# whose modes are already right (a tempered judge) 5-20 expert pairs make the policy worse than stage 1.
+KEEP_MASS: float | None = 0.5
 
 
 @dataclass(frozen=True)
@@ -114,9 +119,18 @@ def relabelling_score(terms: MixtureTerms) -> np.ndarray:
     return np.asarray(np.exp(terms.log_weights).T @ log_sigmoid(terms.mode_margins()))
 
 
+def keep_bonus(dim: int) -> np.ndarray:
+    """[D, D] log prior odds (up to a constant) of sending mode k to vertex j: log((D − 1)·m / (1 − m)) on the
+    diagonal (m = KEEP_MASS), 0 elsewhere; added to a relabelling score, its best is the MAP relabelling."""
+    if KEEP_MASS is None or dim < 2:
+        return np.zeros((dim, dim))
+    return np.eye(dim) * float(np.log((dim - 1) * KEEP_MASS / (1 - KEEP_MASS)))
+
+
 def fit_relabelling(terms: MixtureTerms) -> np.ndarray:
-    """The relabelling the expert pairs favour (`relabelling_score`'s best)."""
-    return best_relabelling(relabelling_score(terms))
+    """The relabelling the expert pairs favour under the keep prior (`relabelling_score` + `keep_bonus`, best)."""
+    score = relabelling_score(terms)
+    return best_relabelling(score + keep_bonus(score.shape[0]))
 
 
 def relabelled_margin(terms: MixtureTerms, perm: np.ndarray) -> np.ndarray:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.features.simplex_adapter import SimplexAdapter
-from policies.lm.mixture_learners import best_relabelling
+from policies.lm.mixture_learners import best_relabelling, keep_bonus
 
 STAGES = ("proxy", "expert", "all")
 WEIGHTS_FILE = "mode_mixture.safetensors"
@@ -145,11 +145,12 @@ def assignment_score(weights: Tensor, chosen_logps: Tensor, rejected_logps: Tens
 
 
 def assignment_centre(score: Tensor) -> Tensor:
-    """The permutation matrix P (P[j, k] = 1: vertex k goes to j) maximising Σ_k S[k, P(k)]: exhaustive up to
+    """The permutation matrix P (P[j, k] = 1: vertex k goes to j) maximising Σ_k S[k, P(k)] plus the keep prior
+    (`mixture_learners.keep_bonus`, the same MAP as `fit_relabelling`): exhaustive up to
     MAX_EXHAUSTIVE_MODES modes, greedy above (`mixture_learners.best_relabelling`, the condition tests' search too).
     As an adapter weight (bias 0) it relabels the simplex's vertices."""
     dim = score.shape[0]
-    best = best_relabelling(score.detach().cpu().double().numpy())
+    best = best_relabelling(score.detach().cpu().double().numpy() + keep_bonus(dim))
     matrix = torch.zeros(dim, dim, dtype=score.dtype)
     matrix[best.tolist(), list(range(dim))] = 1.0
     return matrix

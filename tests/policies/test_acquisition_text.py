@@ -67,7 +67,9 @@ def test_cold_start_picks_the_pairs_the_modes_disagree_on() -> None:
     empty = open_pairs.take(np.arange(0))
     samples = relabelling_samples(empty, RelabellingConfig(members=64))
     assert samples.shape == (64, dim) and all(sorted(s) == list(range(dim)) for s in samples.tolist())
-    assert len({tuple(s) for s in samples.tolist()}) > 20  # no label: relabellings spread over many
+    # No label: the keep prior's draws, spread over many relabellings, each mode kept about half the time
+    assert len({tuple(s) for s in samples.tolist()}) > 10
+    assert 0.3 < float((samples == np.arange(dim)).mean()) < 0.7
     scores = relabelling_scores(empty, open_pairs, np.arange(dim), RelabellingConfig(batch=1)).scores
     assert min(scores[0], scores[2]) > 0.05 and max(scores[1], scores[3]) < 1e-6
 

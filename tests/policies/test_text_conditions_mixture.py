@@ -87,6 +87,29 @@ def test_the_fitted_relabelling_sends_each_proxy_mode_to_the_experts_topic() -> 
     assert (expert.proxy_margin > 0).mean() < 0.4  # the proxy as is ranks them no better than a coin
 
 
+def test_modes_the_expert_pairs_barely_reach_keep_their_vertex_and_a_mode_they_contradict_moves() -> None:
+    """The keep prior: the proxy is right (κ = k*), the expert pairs ask only about topics 0 and 1, always against
+    topic 2. Mode 2's faint weight (1%) on those pairs favours swapping it with mode 3 (0.6 nats), which without the
+    prior would happen; with the prior modes 2 and 3 stay, and modes the pairs do contradict still move."""
+    rng = np.random.default_rng(0)
+    theme = rng.integers(0, 4, 40)  # topics 0 and 1 only
+    wanted = EXPERT_TOPIC[theme]
+
+    def terms(proxy_topic: np.ndarray) -> MixtureTerms:
+        w = np.full((40, TOPICS), 1e-6)
+        w[:, 2] = 0.01  # mode 2 faintly on every pair, mode 3 not at all
+        w[np.arange(40), proxy_topic[theme]] = 1.0 - 0.01 - 2e-6
+        log_w = np.log(w)
+        sides = (("chosen", wanted), ("rejected", np.full(40, 2)))
+        modes = {name: -10.0 + 4.0 * np.eye(TOPICS)[side] for name, side in sides}
+        return MixtureTerms(log_w, modes["chosen"], modes["rejected"], np.full(40, -10.0), np.full(40, -10.0),
+                            np.eye(THEMES)[theme], BETA)
+
+    assert fit_relabelling(terms(EXPERT_TOPIC)).tolist() == [0, 1, 2, 3]
+    swapped = np.array([1, 0, 2, 3])[EXPERT_TOPIC]  # the proxy sends topic-0 themes to mode 1 and back
+    assert fit_relabelling(terms(swapped)).tolist() == [1, 0, 2, 3]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_relabelled_proxy_gets_two_stage_with_every_condition_passing(seed: int) -> None:
     report = _report("relabelled", 100, seed)
