@@ -2,7 +2,7 @@
 
     nice .venv/bin/python -m bench.acquisition --quick     # 2 worlds x 3 seeds per family, CPU, < 10 min
     nice .venv/bin/python -m bench.acquisition             # 4 feature kinds x 10 seeds, 2 judges x 5 seeds
-    nice .venv/bin/python -m bench.acquisition --seeds 0 1 2   # the tuning seeds
+    nice .venv/bin/python -m bench.acquisition --seeds 0 1 2 3 4 5   # the tuning seeds
 
 Loop (bench/acquisition_parts.run_loop): a pool of open tasks with hidden expert labels; labels are
 taken BATCH = 5 at a time, in a random permutation of the pool or the highest acquisition scores
@@ -12,9 +12,9 @@ Same pool, same held-out set and same seed for both orders.
 Families:
   features  Appendix D (ingest/synthetic_families.py), proxy kinds that satisfy paper 1's conditions.
             Stage 1 once per world (the worker's TWO_STAGE proxy stage); refit per batch:
-            `fit_adapter` at the stage prior (the worker's `fit_two_stage_adapter` minus its 30-fit
-            cross-validation of that prior, `--cv-prior` restores it); score: `feature_scores`
-            (BALD over a bootstrap ensemble of adapters; the relabellings below 5 labels).
+            the worker's `fit_two_stage_adapter` (its adapter prior cross-validated on the labels so far;
+            `--fixed-prior`: `fit_adapter` at the stage prior); score: `feature_scores` (BALD over a
+            bootstrap ensemble of adapters at that prior; the relabellings below 5 labels).
             Accuracy: agreement with the expert's more likely output on all 3 pairs of held-out inputs.
   chat      The generated chat task (ingest/synthetic_judges.py), judges that satisfy the conditions, on the
             mode-mixture reading (the project's default; policies/lm/mode_mixture.py). Stage 1 once per world:
@@ -35,7 +35,7 @@ flow pushes its predictions there), through the embedded stack with a real Label
 (`acquisition_parts.stack_refresh`); `refresh_compute_s`: the compute-and-serve part alone,
 in process (`measure_refresh`). What each covers is printed beside it (`refresh_covers`).
 
-Seeds 0–2 are for tuning (the score's hyper-parameters below were chosen there); report on 100 and up.
+Seeds 0–5 are for tuning (the score's hyper-parameters below were chosen there); report on 100 and up.
 """
 
 from __future__ import annotations
@@ -70,14 +70,16 @@ from bench.acquisition_parts import (  # noqa: E402
     run_loop,
     stack_refresh,
 )
-from policies.acquisition import EnsembleConfig, RelabellingConfig  # noqa: E402
+from policies.features.acquisition import EnsembleConfig  # noqa: E402
+from policies.lm.acquisition import RelabellingConfig  # noqa: E402
 
 REFERENCE = 100  # target = random order's averaged accuracy at this many labels
-TUNING_SEEDS = [0, 1, 2]
+TUNING_SEEDS = [0, 1, 2, 3, 4, 5]
 BOOTSTRAP = 1000
 TARGETS = {"labels_ratio": (">=", 2.0), "refresh_s": ("<=", 60.0)}
-# Score hyper-parameters, chosen on the tuning seeds 0–2 (docs/benchmarks.md, "Expert-label acquisition").
-FEATURE_ENSEMBLE = EnsembleConfig()  # 5 bootstrap adapters at the stage prior; relabellings below 5 labels
+# Score hyper-parameters, chosen on the tuning seeds 0–5 (docs/benchmarks.md, "Expert-label acquisition").
+FEATURE_ENSEMBLE = EnsembleConfig()  # 5 bootstrap adapters at the worker's CV prior; relabellings below 5 labels
+FIXED_PRIOR_ENSEMBLE = EnsembleConfig(prior_folds=None)  # --fixed-prior: the stage prior, as before 2026-12-01
 CHAT_SCORE = RelabellingConfig(batch=BATCH)  # 128 posterior draws at temperature 3; BatchBALD batches of one refit
 QUICK: dict[str, Any] = {
     "kinds": ("permuted", "tempered"),
@@ -126,10 +128,11 @@ def run_features(
     preset: dict[str, Any], seeds: list[int], budget: int, cv_prior: bool, started: float
 ) -> tuple[FamilyResult, FeatureWorld]:
     result, world = FamilyResult(), None
+    ensemble = FEATURE_ENSEMBLE if cv_prior else FIXED_PRIOR_ENSEMBLE
     for seed in seeds:
         for kind in preset["kinds"]:
             world = FeatureWorld.build(
-                seed, kind, preset["n_proxy"], preset["pool"], preset["test"], FEATURE_ENSEMBLE, cv_prior
+                seed, kind, preset["n_proxy"], preset["pool"], preset["test"], ensemble, cv_prior
             )
             random, ranked = run_loop(world, "random", budget, seed), run_loop(world, "ranked", budget, seed)
             result.add(seed, random, ranked)
@@ -232,7 +235,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 worlds x 3 seeds per family, smaller stage 1")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds for both families (tuning: 0 1 2)")
     parser.add_argument("--budget", type=int, default=REFERENCE, help="expert labels per loop (>= 100)")
-    parser.add_argument("--cv-prior", action="store_true", help="refit with the worker's cross-validated prior (slow)")
+    parser.add_argument(
+        "--fixed-prior", action="store_true",
+        help="refit and ensemble members at the stage's fixed prior (default: the worker's cross-validated prior)",
+    )
     parser.add_argument("--families", nargs="+", default=["features", "chat"], choices=["features", "chat"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-stack", action="store_true", help="refresh_s in process only (no Label Studio/stack)")
@@ -249,7 +255,7 @@ def main() -> None:
     world = None
     if "features" in args.families:
         seeds_used["features"] = list(args.seeds or preset["feature_seeds"])
-        result, world = run_features(preset, seeds_used["features"], args.budget, args.cv_prior, started)
+        result, world = run_features(preset, seeds_used["features"], args.budget, not args.fixed_prior, started)
         families["features"] = family_figures(result, rng)
     if "chat" in args.families:
         seeds_used["chat"] = list(args.seeds or preset["chat_seeds"])
@@ -305,7 +311,7 @@ def main() -> None:
                 "seeds": seeds_used,
                 "tuning_seeds": TUNING_SEEDS,
                 "quick": args.quick,
-                "cv_prior": args.cv_prior,
+                "cv_prior": not args.fixed_prior,
                 "hyperparameters": {
                     "feature_ensemble": {
                         "size": FEATURE_ENSEMBLE.size,

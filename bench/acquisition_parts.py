@@ -20,18 +20,13 @@ import torch
 
 from ground.schemas import FeatureTriple, PairwiseText
 from ingest.synthetic_families import appendix_d_family, draw_triples
-from policies.acquisition import (
-    AcquisitionScores,
-    EnsembleConfig,
-    RelabellingConfig,
-    feature_scores,
-    rank,
-    relabelling_scores,
-)
+from policies.acquisition import AcquisitionScores, rank
+from policies.features.acquisition import EnsembleConfig, feature_scores
 from policies.features.fit_recipe import ADAPTER_STAGE
 from policies.features.fitting import fit_adapter, fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
-from policies.features.recipe import TWO_STAGE
+from policies.features.recipe import TWO_STAGE, fit_two_stage_adapter
+from policies.lm.acquisition import RelabellingConfig, relabelling_scores
 from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin
 from workers.lm.mode_mixture_training import EncodedPairs, MixtureRecipe, encode_pairs, train_proxy
 
@@ -152,10 +147,9 @@ class FeatureWorld:
     proxy stage), a pool of open tasks (x, y_a, y_b) with Bradley–Terry expert labels, held-out
     inputs scored on all three pairs of the expert's outputs (bench/appendix_d.py's accuracy).
 
-    Refit after each batch: `policies.features.fitting.fit_adapter` (the stage-2 fit the worker's
-    `fit_two_stage_adapter` ends with), from the stage-1 stack, at the recipe's stage prior
-    (ADAPTER_STAGE.adapter_prior); the worker first picks that prior by 5-fold cross-validation over
-    6 values (30 more fits, ~9 s per refit here), which this loop skips unless `cv_prior`."""
+    Refit after each batch, from the stage-1 stack: the worker's `fit_two_stage_adapter` (the adapter prior
+    picked by 5-fold cross-validation over 6 values, batched, then `fit_adapter` at it); without `cv_prior`,
+    `fit_adapter` at the recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
 
     stack: TwoStagePolicy
     labels: list[FeatureTriple]  # the pool's hidden expert labels
@@ -165,7 +159,7 @@ class FeatureWorld:
     test_x: torch.Tensor
     test_log_probs: np.ndarray
     ensemble: EnsembleConfig
-    cv_prior: bool = False
+    cv_prior: bool = True
     n_pool: int = 0
 
     @classmethod
@@ -177,7 +171,7 @@ class FeatureWorld:
         n_pool: int,
         n_test: int,
         ensemble: EnsembleConfig,
-        cv_prior: bool = False,
+        cv_prior: bool = True,
     ) -> FeatureWorld:
         world = appendix_d_family(seed, kind)
         rng = np.random.default_rng([seed, 1700])
@@ -218,8 +212,6 @@ class FeatureWorld:
             return model  # no expert label yet: the proxy as is (the adapter at the identity)
         data = triples_to_tensors([self.labels[i] for i in chosen])
         if self.cv_prior:
-            from policies.features.recipe import fit_two_stage_adapter
-
             fit_two_stage_adapter(model, *data, seed=0)
         else:
             fit_adapter(model, *data, seed=0, recipe=ADAPTER_STAGE)

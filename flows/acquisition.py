@@ -3,7 +3,7 @@
 Triggered by `proxyloop.acquisition.requested` (Label Studio's ML-backend webhook, policies/ml_backend.py)
 and runnable by hand: `python -m flows.acquisition`. Each refresh leaves the open-task queue on its run
 page (artifact `acquisition-queue`: count, score distribution, labels since the last refresh, the top
-tasks; flows.artifacts). Orchestration only: feature tasks are scored by `policies.acquisition.feature_scores`
+tasks; flows.artifacts). Orchestration only: feature tasks are scored by `policies.features.acquisition.feature_scores`
 under the production policy, chat tasks (text pairs) by `mixture_scores` under the chat release's stage-1 mixture
 (flows.acquisition_chat); one project may hold both, and both go into the one cache /predict reads
 (`policies.ml_backend`). A family with nothing released yet is skipped with the reason in the log.
@@ -40,7 +40,7 @@ from ground.settings import Settings, get_settings
 from ingest.labelstudio.predictions import PushSummary, push_predictions, task_states
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
 from ingest.store import live_expert_items, make_engine
-from policies.acquisition import EnsembleConfig, feature_scores
+from policies.features.acquisition import EnsembleConfig, feature_scores
 from policies.features.model import TwoStagePolicy
 from policies.loader import load
 from policies.ml_backend import ScoreCache, is_our_version, prediction, read_cache, write_cache

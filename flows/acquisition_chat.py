@@ -5,7 +5,7 @@ Which stage 1: the one trained by the retrain run behind the chat policy's produ
 lineage names the run, the store's run record its stage-1 checkpoint: a mixture directory beside its base's files,
 as the worker wrote it under `<runs>/<run>/stage1/`). Stage 1 and not the released model, because stage 2 is a
 relabelling of stage 1's modes and the score asks which relabelling the labels so far still allow. The labelled set
-is the store's live expert text pairs. The scores and the pre-annotation are `policies.acquisition.mixture_scores`;
+is the store's live expert text pairs. The scores and the pre-annotation are `policies.lm.acquisition.mixture_scores`;
 the language model runs in `workers.lm.mixture_features.checkpoint_terms`, on the CPU, imported only when a refresh
 has chat tasks to score (deployments load this module without transformers), and only over pairs no earlier refresh
 encoded under the same checkpoint (`workers/lm/terms_cache.py`, beside the reference cache).
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import PairwiseText
 from ground.settings import Settings
 from ingest.store import RetrainRun, live_expert_items, make_engine, run_record
-from policies.acquisition import RelabellingConfig, mixture_scores
+from policies.lm.acquisition import RelabellingConfig, mixture_scores
 from policies.lm.mode_mixture import is_mixture_dir
 from policies.ml_backend import ScoreCache
 from policies.registry import aliases, resolve

@@ -96,7 +96,7 @@ def queue(service_settings: Settings, kafka: str, labelstudio: LabelStudioServer
     from bench.acquisition_parts import FeatureWorld
     from ground.schemas import ExpertLabel
     from ingest.bus import ensure_topics, make_producer, publish
-    from policies.acquisition import EnsembleConfig
+    from policies.features.acquisition import EnsembleConfig
     from policies.ml_backend import ML_BACKEND_PREFIX
     from policies.registry import register
 

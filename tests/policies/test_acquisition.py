@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,16 +13,9 @@ import torch
 
 from ground.schemas import FeatureTriple
 from ingest.synthetic_families import appendix_d_family, draw_triples
-from policies.acquisition import (
-    AcquisitionError,
-    EnsembleConfig,
-    bald,
-    binary_entropy,
-    feature_scores,
-    preference_probs,
-    rank,
-    text_scores,
-)
+from policies.acquisition import AcquisitionError, bald, binary_entropy, preference_probs, rank, text_scores
+from policies.features.acquisition import EnsembleConfig, adapter_ensemble, feature_scores
+from policies.features.fit_recipe import ADAPTER_STAGE
 from policies.features.fitting import fit_adapter, fit_stage1
 from policies.features.model import TwoStageConfig, TwoStagePolicy, triples_to_tensors
 
@@ -165,3 +159,35 @@ def test_ranked_order_reaches_the_target_with_fewer_labels_than_random(
             break
     assert ranked_needs is not None, f"ranked order never reached {target:.3f} in 40 labels"
     assert ranked_needs < random_needs, (ranked_needs, random_needs, curves)
+
+
+def test_ensemble_members_are_fitted_at_the_prior_the_refit_cross_validates(
+    permuted: tuple[TwoStagePolicy, object, np.random.Generator],
+) -> None:
+    """The members spread as far as the worker's refit may move: each is `fit_adapter` on its bootstrap resample at
+    the prior `choose_adapter_prior` picks on all the labels (a one-value grid forces the pick here), not at the
+    stage's fixed prior; a weak prior lets them disagree more than a strong one."""
+    stack, world, rng = permuted
+    expert = draw_triples(world, 20, True, np.random.default_rng(7))  # type: ignore[arg-type]
+    x, y_w, y_l = triples_to_tensors(expert)
+    config = EnsembleConfig(size=2, seed=3, adapter_priors=(30.0,))
+    members = adapter_ensemble(stack, expert, config)
+    resample = np.random.default_rng(3)
+    for k, member in enumerate(members):
+        rows = torch.as_tensor(resample.integers(0, 20, size=20))
+        manual = copy.deepcopy(stack)
+        fit_adapter(manual, x[rows], y_w[rows], y_l[rows], 3 + k, replace(ADAPTER_STAGE, adapter_prior=30.0))
+        for ours, theirs in zip(member.adapter.parameters(), manual.adapter.parameters(), strict=True):
+            assert torch.equal(ours, theirs)
+    fixed = adapter_ensemble(stack, expert, replace(config, prior_folds=None))
+    assert not torch.equal(fixed[0].adapter.weight, members[0].adapter.weight)
+
+    px = rng.standard_normal((300, 5))
+    pa = rng.integers(0, 3, 300)
+    pb = (pa + rng.integers(1, 3, 300)) % 3
+
+    def spread(prior: float) -> float:
+        scores = feature_scores(stack, expert, px, pa, pb, EnsembleConfig(adapter_priors=(prior,)))
+        return float(scores.scores.mean())
+
+    assert spread(0.3) > spread(100.0)

@@ -1,4 +1,4 @@
-"""The text family's score on a mode-mixture stage 1 (policies.acquisition.relabelling_scores, batch_bald): pairs
+"""The text family's score on a mode-mixture stage 1 (policies.lm.acquisition.relabelling_scores, batch_bald): pairs
 whose prompt's mode no label has pinned down outrank pairs already settled, batches do not repeat one question, and
 ranked order reaches the right relabelling with fewer labels than random order (and than a constant score). The chat
 tasks' score (mixture_scores) pre-annotates the side stage 2's refit on the labels so far prefers."""
@@ -10,17 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from policies.acquisition import (
-    AcquisitionError,
-    RelabellingConfig,
-    bald,
-    batch_bald,
-    mixture_scores,
-    preference_probs,
-    rank,
-    relabelling_samples,
-    relabelling_scores,
-)
+from policies.acquisition import AcquisitionError, bald, batch_bald, preference_probs, rank
+from policies.lm.acquisition import RelabellingConfig, mixture_scores, relabelling_samples, relabelling_scores
 from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin
 
 LIFT = 3.0  # how much mode j raises the log-prob of a response on topic j

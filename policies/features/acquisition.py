@@ -1,0 +1,144 @@
+"""Acquisition scores for feature triples (`ensemble` and `relabellings`, policies/acquisition.py): the stage-2
+model, its bootstrap ensemble of adapters, and before enough labels the centres stage 2 can still start from."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+
+from ground.schemas import FeatureTriple
+from policies.acquisition import AcquisitionError, AcquisitionScores, FloatArray, bald, preference_probs
+from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE, FitRecipe
+from policies.features.fitting import choose_adapter_prior, fit_adapter
+from policies.features.model import TwoStagePolicy, triples_to_tensors
+from policies.features.simplex_adapter import relabelled_centres
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """How `feature_scores` builds its bootstrap ensemble of adapters."""
+
+    size: int = 5  # adapters, each fitted on a bootstrap resample of the expert triples
+    min_labels: int = 5  # with fewer expert triples: disagreement over the proxy's relabellings instead
+    seed: int = 0
+    recipe: FitRecipe = ADAPTER_STAGE
+    # Members fitted at the prior the worker's stage 2 picks on all the labels (`choose_adapter_prior`, once, not
+    # per member), so they spread as much as the policy the expert gets can still move; None: `recipe`'s fixed
+    # prior. bench/acquisition.py, tuning seeds 0-5: labels_ratio 1.36 at the fixed prior, 2.87 at the chosen one.
+    prior_folds: int | None = 5
+    adapter_priors: tuple[float, ...] = ADAPTER_PRIORS
+
+    def __post_init__(self) -> None:
+        if self.size < 2:
+            raise AcquisitionError(f"EnsembleConfig.size must be >= 2 (disagreement needs 2 members), got {self.size}")
+        if self.min_labels < 2:
+            raise AcquisitionError(f"EnsembleConfig.min_labels must be >= 2, got {self.min_labels}")
+
+
+def _pairs(x: ArrayLike, y_a: ArrayLike, y_b: ArrayLike, config: TwoStagePolicy) -> tuple[torch.Tensor, ...]:
+    xs = np.asarray(x, dtype=np.float64)
+    dim, n_outputs = config.config.input_dim, config.config.n_outputs
+    if xs.ndim != 2 or xs.shape[1] != dim:
+        raise AcquisitionError(f"x must have shape [tasks, {dim}] for this policy, got {xs.shape}")
+    if not np.isfinite(xs).all():
+        raise AcquisitionError("x has NaN or infinite values")
+    ya, yb = np.asarray(y_a), np.asarray(y_b)
+    for name, y in (("y_a", ya), ("y_b", yb)):
+        if y.shape != (xs.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+            raise AcquisitionError(f"{name} must be {xs.shape[0]} integer output ids, got {y.dtype} of shape {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= n_outputs):
+            raise AcquisitionError(f"{name} has output ids outside 0..{n_outputs - 1}")
+    if (ya == yb).any():
+        same = np.flatnonzero(ya == yb)[:5].tolist()
+        raise AcquisitionError(f"y_a equals y_b at positions {same}: nothing to compare")
+    return (
+        torch.tensor(xs, dtype=torch.float32),
+        torch.tensor(ya, dtype=torch.long),
+        torch.tensor(yb, dtype=torch.long),
+    )
+
+
+def _margins(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:
+    with torch.no_grad():
+        log_p = torch.log_softmax(stack.head(stack.adapter(log_s)), dim=-1)
+        margin = log_p.gather(1, y_a.view(-1, 1)) - log_p.gather(1, y_b.view(-1, 1))
+    result: FloatArray = margin.squeeze(1).double().cpu().numpy()
+    return result
+
+
+def relabelling_probs(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:
+    """P(a over b) [K, N] under each centre stage 2 can start from (the proxy first, then every
+    relabelling of the frozen head's outputs), as `fitting.choose_centre` scores them."""
+    gain, offset = stack.head_affine()
+    rows = []
+    with torch.no_grad():
+        for weight, bias in relabelled_centres(gain, offset):
+            log_p = torch.log_softmax((log_s @ weight.T + bias) @ gain.T + offset, dim=-1)
+            margin = (log_p.gather(1, y_a.view(-1, 1)) - log_p.gather(1, y_b.view(-1, 1))).squeeze(1)
+            rows.append(preference_probs(margin.double().cpu().numpy()))
+    return np.stack(rows)
+
+
+def adapter_ensemble(
+    stack: TwoStagePolicy,
+    expert: Sequence[FeatureTriple],
+    config: EnsembleConfig = EnsembleConfig(),
+) -> list[TwoStagePolicy]:
+    """`config.size` copies of the stack, each adapter refitted (stage 2) on a bootstrap resample of
+    the expert triples, at the cross-validated prior (`EnsembleConfig.prior_folds`); the stack is left as it was."""
+    if len(expert) < 2:
+        raise AcquisitionError(f"a bootstrap ensemble needs at least 2 expert triples, got {len(expert)}")
+    x, y_w, y_l = triples_to_tensors(expert)
+    recipe = config.recipe
+    if config.prior_folds is not None:  # the split of the worker's refit (fit_two_stage_adapter at seed 0)
+        prior = choose_adapter_prior(stack, x, y_w, y_l, 0, config.prior_folds, config.adapter_priors, recipe)
+        recipe = replace(recipe, adapter_prior=prior)
+    rng = np.random.default_rng(config.seed)
+    members = []
+    for k in range(config.size):
+        rows = torch.as_tensor(rng.integers(0, len(expert), size=len(expert)))
+        member = copy.deepcopy(stack)
+        fit_adapter(member, x[rows], y_w[rows], y_l[rows], config.seed + k, recipe)
+        members.append(member.eval())
+    return members
+
+
+def feature_scores(
+    stack: TwoStagePolicy,
+    expert: Sequence[FeatureTriple],
+    x: ArrayLike,
+    y_a: ArrayLike,
+    y_b: ArrayLike,
+    config: EnsembleConfig = EnsembleConfig(),
+) -> AcquisitionScores:
+    """Scores for open feature tasks (x [N, d], output ids y_a, y_b [N]) under the current two-stage
+    policy `stack` and the expert triples labelled so far.
+
+    With at least `config.min_labels` expert triples: BALD over a bootstrap ensemble of adapters
+    (`adapter_ensemble`). With fewer: BALD over the proxy, its relabellings and the current policy
+    (`relabelling_probs`), the proxy–adapter disagreement no label can yet rule out. `prob_a` is
+    always the stack's own preference, as served."""
+    if not isinstance(stack, TwoStagePolicy):
+        raise AcquisitionError(f"feature_scores needs a TwoStagePolicy, got {type(stack).__name__}")
+    xs, ya, yb = _pairs(x, y_a, y_b, stack)
+    n_labels = len(expert)
+    if xs.shape[0] == 0:
+        empty = np.zeros(0)
+        return AcquisitionScores(
+            empty, empty, "ensemble" if n_labels >= config.min_labels else "relabellings", n_labels
+        )
+    stack.eval()
+    with torch.no_grad():
+        log_s = stack.log_embed(xs)  # τ̃ is shared by every member: embed once
+    prob_a = preference_probs(_margins(stack, log_s, ya, yb))
+    if n_labels < config.min_labels:
+        probs = np.vstack([relabelling_probs(stack, log_s, ya, yb), prob_a[None, :]])
+        return AcquisitionScores(bald(probs), prob_a, "relabellings", n_labels)
+    members = adapter_ensemble(stack, expert, config)
+    probs = np.stack([preference_probs(_margins(m, log_s, ya, yb)) for m in members])
+    return AcquisitionScores(bald(probs), prob_a, "ensemble", n_labels)
