@@ -233,7 +233,7 @@ def family_figures(result: FamilyResult, rng: np.random.Generator) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 worlds x 3 seeds per family, smaller stage 1")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds for both families (tuning: 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds for both families (tuning: 0-5)")
     parser.add_argument("--budget", type=int, default=REFERENCE, help="expert labels per loop (>= 100)")
     parser.add_argument(
         "--fixed-prior", action="store_true",

@@ -35,7 +35,7 @@ MAX_EXHAUSTIVE_MODES = 8  # 8! = 40 320 relabellings searched exhaustively; gree
 # D - 1 others (the feature family's rule, fitting.choose_centre: half the mass on keeping the proxy's labels).
 # Without it a mode that few expert pairs reach is sent wherever their faint weights tip it, and on a proxy
 # whose modes are already right (a tempered judge) 5-20 expert pairs make the policy worse than stage 1.
-KEEP_MASS: float | None = 0.5
+KEEP_MASS = 0.5
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def relabelling_score(terms: MixtureTerms) -> np.ndarray:
 def keep_bonus(dim: int) -> np.ndarray:
     """[D, D] log prior odds (up to a constant) of sending mode k to vertex j: log((D − 1)·m / (1 − m)) on the
     diagonal (m = KEEP_MASS), 0 elsewhere; added to a relabelling score, its best is the MAP relabelling."""
-    if KEEP_MASS is None or dim < 2:
+    if dim < 2:  # one mode: nothing to relabel
         return np.zeros((dim, dim))
     return np.eye(dim) * float(np.log((dim - 1) * KEEP_MASS / (1 - KEEP_MASS)))
 
