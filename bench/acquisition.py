@@ -79,7 +79,7 @@ BOOTSTRAP = 1000
 TARGETS = {"labels_ratio": (">=", 2.0), "refresh_s": ("<=", 60.0)}
 # Score hyper-parameters, chosen on the tuning seeds 0–5 (docs/benchmarks.md, "Expert-label acquisition").
 FEATURE_ENSEMBLE = EnsembleConfig()  # 5 bootstrap adapters at the worker's CV prior; relabellings below 5 labels
-FIXED_PRIOR_ENSEMBLE = EnsembleConfig(prior_folds=None)  # --fixed-prior: the stage prior, as before 2026-12-01
+FIXED_PRIOR_ENSEMBLE = EnsembleConfig(cv_prior=False)  # --fixed-prior: the stage prior, as before 2026-12-01
 CHAT_SCORE = RelabellingConfig(batch=BATCH)  # 128 posterior draws at temperature 3; BatchBALD batches of one refit
 QUICK: dict[str, Any] = {
     "kinds": ("permuted", "tempered"),
@@ -125,14 +125,13 @@ def _line(curve: dict[int, float]) -> str:
 
 
 def run_features(
-    preset: dict[str, Any], seeds: list[int], budget: int, cv_prior: bool, started: float
+    preset: dict[str, Any], seeds: list[int], budget: int, ensemble: EnsembleConfig, started: float
 ) -> tuple[FamilyResult, FeatureWorld]:
     result, world = FamilyResult(), None
-    ensemble = FEATURE_ENSEMBLE if cv_prior else FIXED_PRIOR_ENSEMBLE
     for seed in seeds:
         for kind in preset["kinds"]:
             world = FeatureWorld.build(
-                seed, kind, preset["n_proxy"], preset["pool"], preset["test"], ensemble, cv_prior
+                seed, kind, preset["n_proxy"], preset["pool"], preset["test"], ensemble
             )
             random, ranked = run_loop(world, "random", budget, seed), run_loop(world, "ranked", budget, seed)
             result.add(seed, random, ranked)
@@ -255,7 +254,8 @@ def main() -> None:
     world = None
     if "features" in args.families:
         seeds_used["features"] = list(args.seeds or preset["feature_seeds"])
-        result, world = run_features(preset, seeds_used["features"], args.budget, not args.fixed_prior, started)
+        result, world = run_features(preset, seeds_used["features"], args.budget,
+                                     FIXED_PRIOR_ENSEMBLE if args.fixed_prior else FEATURE_ENSEMBLE, started)
         families["features"] = family_figures(result, rng)
     if "chat" in args.families:
         seeds_used["chat"] = list(args.seeds or preset["chat_seeds"])
@@ -316,7 +316,7 @@ def main() -> None:
                     "feature_ensemble": {
                         "size": FEATURE_ENSEMBLE.size,
                         "min_labels": FEATURE_ENSEMBLE.min_labels,
-                        "recipe": asdict(FEATURE_ENSEMBLE.recipe),
+                        "recipe": asdict(FEATURE_ENSEMBLE.recipe.adapter_stage),
                     },
                     "chat_score": asdict(CHAT_SCORE),
                 },

@@ -147,9 +147,9 @@ class FeatureWorld:
     proxy stage), a pool of open tasks (x, y_a, y_b) with Bradley–Terry expert labels, held-out
     inputs scored on all three pairs of the expert's outputs (bench/appendix_d.py's accuracy).
 
-    Refit after each batch, from the stage-1 stack: the worker's `fit_two_stage_adapter` (the adapter prior
-    picked by 5-fold cross-validation over 6 values, batched, then `fit_adapter` at it); without `cv_prior`,
-    `fit_adapter` at the recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
+    Refit after each batch, from the stage-1 stack, at the ensemble's prior (`EnsembleConfig.cv_prior`): the
+    worker's `fit_two_stage_adapter` (the adapter prior picked by 5-fold cross-validation over 6 values, batched,
+    then `fit_adapter` at it), or `fit_adapter` at the recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
 
     stack: TwoStagePolicy
     labels: list[FeatureTriple]  # the pool's hidden expert labels
@@ -159,7 +159,6 @@ class FeatureWorld:
     test_x: torch.Tensor
     test_log_probs: np.ndarray
     ensemble: EnsembleConfig
-    cv_prior: bool = True
     n_pool: int = 0
 
     @classmethod
@@ -171,7 +170,6 @@ class FeatureWorld:
         n_pool: int,
         n_test: int,
         ensemble: EnsembleConfig,
-        cv_prior: bool = True,
     ) -> FeatureWorld:
         world = appendix_d_family(seed, kind)
         rng = np.random.default_rng([seed, 1700])
@@ -202,7 +200,6 @@ class FeatureWorld:
             torch.tensor(test_x, dtype=torch.float32),
             world.expert_log_probs(test_x),
             ensemble,
-            cv_prior,
             n_pool,
         )
 
@@ -211,7 +208,7 @@ class FeatureWorld:
         if not chosen:
             return model  # no expert label yet: the proxy as is (the adapter at the identity)
         data = triples_to_tensors([self.labels[i] for i in chosen])
-        if self.cv_prior:
+        if self.ensemble.cv_prior:
             fit_two_stage_adapter(model, *data, seed=0)
         else:
             fit_adapter(model, *data, seed=0, recipe=ADAPTER_STAGE)
@@ -228,11 +225,9 @@ class FeatureWorld:
         self, model: TwoStagePolicy, chosen: Sequence[int], open_tasks: Sequence[int], seed: int
     ) -> AcquisitionScores:
         rows = np.asarray(open_tasks)
-        config = EnsembleConfig(
-            size=self.ensemble.size, min_labels=self.ensemble.min_labels, seed=seed, recipe=self.ensemble.recipe
-        )
         return feature_scores(
-            model, [self.labels[i] for i in chosen], self.x[rows], self.y_a[rows], self.y_b[rows], config
+            model, [self.labels[i] for i in chosen], self.x[rows], self.y_a[rows], self.y_b[rows],
+            replace(self.ensemble, seed=seed),
         )
 
 

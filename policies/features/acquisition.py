@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,9 +13,9 @@ from numpy.typing import ArrayLike
 
 from ground.schemas import FeatureTriple
 from policies.acquisition import AcquisitionError, AcquisitionScores, FloatArray, bald, preference_probs
-from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE, FitRecipe
-from policies.features.fitting import choose_adapter_prior, fit_adapter
+from policies.features.fitting import fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
+from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_adapter_stage
 from policies.features.simplex_adapter import relabelled_centres
 
 
@@ -26,12 +26,12 @@ class EnsembleConfig:
     size: int = 5  # adapters, each fitted on a bootstrap resample of the expert triples
     min_labels: int = 5  # with fewer expert triples: disagreement over the proxy's relabellings instead
     seed: int = 0
-    recipe: FitRecipe = ADAPTER_STAGE
-    # Members fitted at the prior the worker's stage 2 picks on all the labels (`choose_adapter_prior`, once, not
-    # per member), so they spread as much as the policy the expert gets can still move; None: `recipe`'s fixed
-    # prior. bench/acquisition.py, tuning seeds 0-5: labels_ratio 1.36 at the fixed prior, 2.87 at the chosen one.
-    prior_folds: int | None = 5
-    adapter_priors: tuple[float, ...] = ADAPTER_PRIORS
+    recipe: TwoStageRecipe = TWO_STAGE  # the members' stage 2: its adapter stage, and the grid its prior is picked from
+    # Members fitted at the prior the worker's stage 2 picks on all the labels (`cross_validated_adapter_stage`, once,
+    # not per member), so they spread as much as the policy the expert gets can still move; False: the adapter
+    # stage's fixed prior. bench/acquisition.py, tuning seeds 0-5: labels_ratio 1.36 at the fixed prior, 2.87 at the
+    # chosen one.
+    cv_prior: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 2:
@@ -90,14 +90,13 @@ def adapter_ensemble(
     config: EnsembleConfig = EnsembleConfig(),
 ) -> list[TwoStagePolicy]:
     """`config.size` copies of the stack, each adapter refitted (stage 2) on a bootstrap resample of
-    the expert triples, at the cross-validated prior (`EnsembleConfig.prior_folds`); the stack is left as it was."""
+    the expert triples, at the cross-validated prior (`EnsembleConfig.cv_prior`); the stack is left as it was."""
     if len(expert) < 2:
         raise AcquisitionError(f"a bootstrap ensemble needs at least 2 expert triples, got {len(expert)}")
     x, y_w, y_l = triples_to_tensors(expert)
-    recipe = config.recipe
-    if config.prior_folds is not None:  # the split of the worker's refit (fit_two_stage_adapter at seed 0)
-        prior = choose_adapter_prior(stack, x, y_w, y_l, 0, config.prior_folds, config.adapter_priors, recipe)
-        recipe = replace(recipe, adapter_prior=prior)
+    recipe = config.recipe.adapter_stage
+    if config.cv_prior:  # the split of the worker's refit (fit_two_stage_adapter at seed 0)
+        recipe = cross_validated_adapter_stage(stack, x, y_w, y_l, 0, config.recipe)
     rng = np.random.default_rng(config.seed)
     members = []
     for k in range(config.size):

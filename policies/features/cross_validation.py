@@ -11,7 +11,7 @@ cross-validation would cost 6× those 30 fits again for one hyperparameter picke
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, FitRecipe
-from policies.features.fitting import choose_adapter_prior, choose_centre, fit_adapter, fit_preferences
+from policies.features.fitting import choose_centre, fit_adapter, fit_preferences
 from policies.features.model import (
     DirectPolicy,
     PreferenceModel,
@@ -27,7 +27,7 @@ from policies.features.model import (
     TwoStagePolicy,
     preference_log_likelihoods,
 )
-from policies.features.recipe import TWO_STAGE, TwoStageRecipe
+from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_adapter_stage
 from policies.plan_choice import CANDIDATES
 
 CV_FOLDS = 6  # cross-validation folds over expert triples: 60 triples -> 10 held out per fold
@@ -118,9 +118,7 @@ def held_out(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> tup
 def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int,
                    recipe: TwoStageRecipe = TWO_STAGE) -> CrossValidated:
     n = x.shape[0]
-    prior = choose_adapter_prior(stack, x, y_w, y_l, seed, recipe.prior_folds, recipe.adapter_priors,
-                                 recipe.adapter_stage)
-    stage = replace(recipe.adapter_stage, adapter_prior=prior)
+    stage = cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe)
     folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CV_FOLDS, n))
     names = (*CANDIDATES, "augmented")
     ll = {k: np.zeros(n) for k in names}
@@ -141,4 +139,4 @@ def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
         }
         for name, model in fitted.items():
             ll[name][test_idx], correct[name][test_idx] = held_out(model, x[test], y_w[test], y_l[test])
-    return CrossValidated(ll, correct, prior)
+    return CrossValidated(ll, correct, stage.adapter_prior)

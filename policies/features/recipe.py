@@ -59,12 +59,19 @@ def fit_two_stage_adapter(
     stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, recipe: TwoStageRecipe = TWO_STAGE,
     on_step: Callable[[int, float], None] | None = None, after_step: Callable[[int], None] | None = None,
 ) -> float:
-    """Stage 2 in place: the adapter prior chosen by cross-validation on these expert triples, then the
-    adapter fitted with it (with a single triple there is nothing to cross-validate: the stage's own
-    prior). Returns the final loss."""
-    prior = recipe.adapter_stage.adapter_prior
-    if x.shape[0] >= 2:
-        prior = choose_adapter_prior(stack, x, y_w, y_l, seed, recipe.prior_folds, recipe.adapter_priors,
-                                     recipe.adapter_stage)
-    return fit_adapter(stack, x, y_w, y_l, seed, replace(recipe.adapter_stage, adapter_prior=prior), on_step,
-                       after_step)
+    """Stage 2 in place: the adapter fitted at the prior `cross_validated_adapter_stage` picks. Returns the final
+    loss."""
+    return fit_adapter(stack, x, y_w, y_l, seed, cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe),
+                       on_step, after_step)
+
+
+def cross_validated_adapter_stage(
+    stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, recipe: TwoStageRecipe = TWO_STAGE,
+) -> FitRecipe:
+    """Stage 2's fit with its adapter prior chosen by cross-validation on these expert triples (with a single
+    triple there is nothing to cross-validate: the stage's own prior); the stack is left as it was."""
+    if x.shape[0] < 2:
+        return recipe.adapter_stage
+    prior = choose_adapter_prior(stack, x, y_w, y_l, seed, recipe.prior_folds, recipe.adapter_priors,
+                                 recipe.adapter_stage)
+    return replace(recipe.adapter_stage, adapter_prior=prior)

@@ -18,6 +18,7 @@ from policies.features.acquisition import EnsembleConfig, adapter_ensemble, feat
 from policies.features.fit_recipe import ADAPTER_STAGE
 from policies.features.fitting import fit_adapter, fit_stage1
 from policies.features.model import TwoStageConfig, TwoStagePolicy, triples_to_tensors
+from policies.features.recipe import TWO_STAGE
 
 
 def test_entropy_and_bald_basics() -> None:
@@ -170,7 +171,7 @@ def test_ensemble_members_are_fitted_at_the_prior_the_refit_cross_validates(
     stack, world, rng = permuted
     expert = draw_triples(world, 20, True, np.random.default_rng(7))  # type: ignore[arg-type]
     x, y_w, y_l = triples_to_tensors(expert)
-    config = EnsembleConfig(size=2, seed=3, adapter_priors=(30.0,))
+    config = EnsembleConfig(size=2, seed=3, recipe=replace(TWO_STAGE, adapter_priors=(30.0,)))
     members = adapter_ensemble(stack, expert, config)
     resample = np.random.default_rng(3)
     for k, member in enumerate(members):
@@ -179,7 +180,7 @@ def test_ensemble_members_are_fitted_at_the_prior_the_refit_cross_validates(
         fit_adapter(manual, x[rows], y_w[rows], y_l[rows], 3 + k, replace(ADAPTER_STAGE, adapter_prior=30.0))
         for ours, theirs in zip(member.adapter.parameters(), manual.adapter.parameters(), strict=True):
             assert torch.equal(ours, theirs)
-    fixed = adapter_ensemble(stack, expert, replace(config, prior_folds=None))
+    fixed = adapter_ensemble(stack, expert, replace(config, cv_prior=False))
     assert not torch.equal(fixed[0].adapter.weight, members[0].adapter.weight)
 
     px = rng.standard_normal((300, 5))
@@ -187,7 +188,8 @@ def test_ensemble_members_are_fitted_at_the_prior_the_refit_cross_validates(
     pb = (pa + rng.integers(1, 3, 300)) % 3
 
     def spread(prior: float) -> float:
-        scores = feature_scores(stack, expert, px, pa, pb, EnsembleConfig(adapter_priors=(prior,)))
+        config = EnsembleConfig(recipe=replace(TWO_STAGE, adapter_priors=(prior,)))
+        scores = feature_scores(stack, expert, px, pa, pb, config)
         return float(scores.scores.mean())
 
     assert spread(0.3) > spread(100.0)
