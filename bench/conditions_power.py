@@ -1,7 +1,11 @@
 """Power and false alarms of the condition tests, and what the chosen plan costs when it is wrong.
 
     nice .venv/bin/python -m bench.conditions_power [--quick] [--seeds 20] [--seed-start 100]
-        [--families ...] [--n-expert 35 100] [--no-regret]
+        [--families ...] [--n-expert 35 100] [--no-regret] [--results runs.jsonl]
+    nice .venv/bin/python -m bench.conditions_power --aggregate a.jsonl b.jsonl [--families ...]
+
+A long run can be split over processes or machines (by generator or by seed range, each with
+`--results`) and tabulated at once with `--aggregate`; every generator pooled must share its seeds.
 
 Satisfying generators: the demo's "ok" world and the Appendix D family's permuted, tempered,
 invertible and more_outputs proxies. Violating generators break one condition each (ingest/synthetic.py;
@@ -30,6 +34,8 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +126,56 @@ def _hit(generator: str, report: ConditionReport) -> bool:
     return any(not _passed(report, c) for c in PAPER_CONDITIONS)
 
 
+Runs = tuple[dict[str, list[ConditionReport]], dict[str, list[dict[str, float]]], list[int], list[int]]
+
+
+def run(generators: Sequence[str], seeds: list[int], sizes: list[int], regret: bool, results: Path | None,
+        started: float) -> Runs:
+    """(reports, plan accuracies, seeds, sizes) of every generator at every seed; with `results`, each run is
+    also appended to that JSON-lines file as it finishes (`load` reads it back)."""
+    reports: dict[str, list[ConditionReport]] = {}
+    accuracies: dict[str, list[dict[str, float]]] = {}
+    for generator in generators:
+        reports[generator], accuracies[generator] = [], []
+        for seed, n_expert in zip(seeds, sizes, strict=True):
+            expert, proxy, n_outputs, gold = snapshot(generator, seed, n_expert)
+            reports[generator].append(run_condition_tests(expert, proxy, f"{generator}-{seed}", seed, n_outputs))
+            if regret:
+                accuracies[generator].append(plan_accuracies(expert, proxy, gold, seed))
+            if results is not None:
+                record = {"generator": generator, "seed": seed, "n_expert": n_expert,
+                          "report": reports[generator][-1].model_dump(mode="json"),
+                          "accuracies": accuracies[generator][-1] if regret else None}
+                with results.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        print(f"{generator}: {len(seeds)} runs ({time.perf_counter() - started:.0f} s)", flush=True)
+    return reports, accuracies, seeds, sizes
+
+
+def load(paths: Sequence[Path], generators: Sequence[str]) -> Runs:
+    """`run`'s output from the JSON-lines files of earlier `--results` runs (split over processes or machines),
+    for the generators asked for; every generator must have been run at the same seeds."""
+    records: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["generator"] in generators:
+                records.setdefault(record["generator"], {})[int(record["seed"])] = record
+    if not records:
+        raise SystemExit(f"no runs of {', '.join(generators)} in {', '.join(map(str, paths))}")
+    seed_sets = {g: sorted(by_seed) for g, by_seed in records.items()}
+    seeds = next(iter(seed_sets.values()))
+    if any(s != seeds for s in seed_sets.values()):
+        raise SystemExit(f"generators were run at different seeds, cannot pool them: {seed_sets}")
+    ordered = [g for g in GENERATORS if g in records]
+    reports = {g: [ConditionReport.model_validate(records[g][s]["report"]) for s in seeds] for g in ordered}
+    # A generator's regret needs every seed's plan accuracies (runs with --no-regret have none).
+    accuracies = {g: [records[g][s]["accuracies"] for s in seeds]
+                  if all(records[g][s]["accuracies"] is not None for s in seeds) else [] for g in ordered}
+    sizes = [int(records[ordered[0]][s]["n_expert"]) for s in seeds]
+    return reports, accuracies, seeds, sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SEEDS} seeds per generator instead of {SEEDS}")
@@ -130,25 +186,26 @@ def main() -> None:
                         help="generators to run (default: all)")
     parser.add_argument("--n-expert", type=int, nargs="+", default=[35, 100])
     parser.add_argument("--no-regret", action="store_true", help="skip training every plan (condition tests only)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="append each run (generator, seed) to this JSON-lines file as it finishes")
+    parser.add_argument("--aggregate", type=Path, nargs="+", default=None,
+                        help="no runs: tabulate the runs already in these JSON-lines files (of --families)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    n_seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
-    seeds = list(range(args.seed_start, args.seed_start + n_seeds))
-    sizes = [args.n_expert[i % len(args.n_expert)] for i in range(n_seeds)]
     started = time.perf_counter()
-    reports: dict[str, list[ConditionReport]] = {}
-    accuracies: dict[str, list[dict[str, float]]] = {}
-    for generator in args.families:
-        reports[generator], accuracies[generator] = [], []
-        for seed, n_expert in zip(seeds, sizes, strict=True):
-            expert, proxy, n_outputs, gold = snapshot(generator, seed, n_expert)
-            reports[generator].append(run_condition_tests(expert, proxy, f"{generator}-{seed}", seed, n_outputs))
-            if not args.no_regret:
-                accuracies[generator].append(plan_accuracies(expert, proxy, gold, seed))
-        print(f"{generator}: {n_seeds} runs ({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.aggregate is not None:
+        reports, accuracies, seeds, sizes = load(args.aggregate, args.families)
+        n_expert = list(dict.fromkeys(sizes))
+    else:
+        n_seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
+        seeds = list(range(args.seed_start, args.seed_start + n_seeds))
+        sizes = [args.n_expert[i % len(args.n_expert)] for i in range(n_seeds)]
+        reports, accuracies, seeds, sizes = run(args.families, seeds, sizes, not args.no_regret, args.results, started)
+        n_expert = args.n_expert
+    n_seeds = len(seeds)
 
     print(f"\nfailure rate of each check over seeds {seeds[0]}-{seeds[-1]} per generator ({N_PROXY} proxy, "
-          f"{'/'.join(map(str, args.n_expert))} expert triples), the plans chosen, and their regret")
+          f"{'/'.join(map(str, n_expert))} expert triples), the plans chosen, and their regret")
     print(f"{'generator':>22} " + " ".join(f"{c[:14]:>14}" for c in CHECK_NAMES[1:])
           + "  flagged  regret  avoided  plans")
     hits = {g: np.array([_hit(g, r) for r in runs], dtype=np.float64) for g, runs in reports.items()}
@@ -175,8 +232,8 @@ def main() -> None:
         shown = f"{row.get('regret', float('nan')):>6.3f}  {row.get('avoidance_rate', float('nan')):>7.2f}"
         print(f"{generator:>22} " + " ".join(f"{failed[c]:>14.2f}" for c in CHECK_NAMES[1:])
               + f"  {hits[generator].mean():>7.2f}  {shown}  {plans}")
-    print(json.dumps({**_rates(hits, regret, avoided, reports, sizes, args.n_expert), "seeds_per_generator": n_seeds,
-                      "seed_range": [seeds[0], seeds[-1]], "n_proxy": N_PROXY, "n_expert": args.n_expert,
+    print(json.dumps({**_rates(hits, regret, avoided, reports, sizes, n_expert), "seeds_per_generator": n_seeds,
+                      "seed_range": [seeds[0], seeds[-1]], "n_proxy": N_PROXY, "n_expert": n_expert,
                       "seconds": round(time.perf_counter() - started, 1), "families": families}))
 
 
