@@ -92,7 +92,7 @@ def open_tasks(settings: Settings, project_id: int | None = None) -> OpenTasks:
 def expert_triples(settings: Settings) -> list[FeatureTriple]:
     """The live expert feature triples in the store, in event-id order."""
     with Session(make_engine(settings.resolved_store_url)) as session:
-        return [item for item in live_expert_items(session) if isinstance(item, FeatureTriple)]
+        return live_expert_items(session, FeatureTriple)
 
 
 def production_released(settings: Settings) -> bool:

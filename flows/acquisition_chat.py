@@ -79,7 +79,7 @@ def open_text_pair(data: Any) -> PairwiseText | None:
 def expert_text_pairs(settings: Settings) -> list[PairwiseText]:
     """The live expert text pairs in the store, in event-id order."""
     with Session(make_engine(settings.resolved_store_url)) as session:
-        return [item for item in live_expert_items(session) if isinstance(item, PairwiseText)]
+        return live_expert_items(session, PairwiseText)
 
 
 def score_chat_tasks(settings: Settings, stage1: ChatStage1, task_ids: list[int], pairs: list[PairwiseText],

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import TypeAdapter
 from sqlalchemy import JSON, Boolean, DateTime, Integer, String, case, create_engine, func, insert, select
@@ -21,10 +21,20 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-from ground.schemas import ExpertLabel, FeatureTriple, Item, ProxyPreference, RetrainRunRecord, as_utc, utcnow
+from ground.schemas import (
+    ExpertLabel,
+    FeatureTriple,
+    Item,
+    PairwiseText,
+    ProxyPreference,
+    RetrainRunRecord,
+    as_utc,
+    utcnow,
+)
 
 LabelKind = Literal["expert", "proxy"]
 _item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
+ItemT = TypeVar("ItemT", FeatureTriple, PairwiseText)  # the kinds of item an expert label carries
 
 
 class Base(DeclarativeBase):
@@ -245,11 +255,13 @@ def live_event_ids(session: Session, prefix: str) -> set[str]:
     return set(rows)
 
 
-def live_expert_items(session: Session) -> list[Item]:
-    """The items of the stored, not retracted expert labels, in event-id order (the acquisition's labelled set)."""
+def live_expert_items(session: Session, kind: type[ItemT]) -> list[ItemT]:
+    """The items of one kind (feature triples or text pairs) of the stored, not retracted expert labels, in
+    event-id order: the acquisition's labelled set."""
     rows = session.scalars(select(LabelRow.item).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False))
                            .order_by(LabelRow.event_id))
-    return [_item_adapter.validate_python(item) for item in rows if item]
+    items = [_item_adapter.validate_python(item) for item in rows if item]
+    return [item for item in items if isinstance(item, kind)]
 
 
 def count_labels(session: Session) -> dict[str, int]:

@@ -2,8 +2,16 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, FeatureTriple, ProxyPreference, utcnow
-from ingest.store import count_labels, freeze_snapshot, load_snapshot_triples, make_engine, split_expert, upsert_events
+from ground.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference, utcnow
+from ingest.store import (
+    count_labels,
+    freeze_snapshot,
+    live_expert_items,
+    load_snapshot_triples,
+    make_engine,
+    split_expert,
+    upsert_events,
+)
 
 
 def _proxy(i: int) -> ProxyPreference:
@@ -169,3 +177,14 @@ def test_new_labels_are_counted_once_and_a_retraction_that_arrives_first_is_not_
         assert (count_new_labels(session).expert_new, count_new_labels(session).proxy_new) == (1, 2)  # once
         upsert_events(session, [_proxy(3)])
         assert count_new_labels(session).proxy_new == 3
+
+
+def test_live_expert_items_are_the_kind_asked_for_in_event_order_without_retractions(store_url):
+    text = PairwiseText(prompt="p", response_a="a", response_b="b", choice="a")
+    events = [_expert(3), ExpertLabel(event_id="t1", annotator_id="ann", item=text), _expert(1), _expert(2), _proxy(1)]
+    with Session(make_engine(store_url)) as session:
+        upsert_events(session, events)
+        later = utcnow() + timedelta(seconds=5)
+        upsert_events(session, [ExpertLabel(event_id="e2", annotator_id="ann", action="deleted", occurred_at=later)])
+        assert [t.x for t in live_expert_items(session, FeatureTriple)] == [[1.0], [3.0]]
+        assert live_expert_items(session, PairwiseText) == [text]
