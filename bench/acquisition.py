@@ -63,7 +63,6 @@ from bench.acquisition_parts import (  # noqa: E402
     ChatWorldLoop,
     FamilyResult,
     FeatureWorld,
-    MixtureBase,
     bootstrap_ratios,
     labels_ratio,
     mean_curve,
@@ -145,19 +144,18 @@ def run_chat(preset: dict[str, Any], seeds: list[int], budget: int, started: flo
 
     from bench.lm_proxy_parts import build_base
     from ingest.synthetic_judges import make_world
-    from workers.lm.mode_mixture_training import MixtureRecipe
+    from workers.lm.mode_mixture_training import FrozenBase, MixtureRecipe
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="acquisition-chat-"))
     try:
-        base = MixtureBase.load(build_base("tiny", work, make_world(0, "tempered")), MixtureRecipe())
+        base, recipe = FrozenBase.load(build_base("tiny", work, make_world(0, "tempered"))), MixtureRecipe()
         result, proxy_accuracy = FamilyResult(), []
         for seed in seeds:
             for judge in preset["judges"]:
-                world = ChatWorldLoop.build(
-                    seed, judge, preset["chat_proxy"], preset["chat_pool"], preset["chat_test"], CHAT_SCORE, base
-                )
+                world = ChatWorldLoop.build(seed, judge, preset["chat_proxy"], preset["chat_pool"], preset["chat_test"],
+                                            CHAT_SCORE, base, recipe)
                 random, ranked = run_loop(world, "random", budget, seed), run_loop(world, "ranked", budget, seed)
                 result.add(seed, random, ranked)
                 proxy_accuracy.append(world.proxy_accuracy)

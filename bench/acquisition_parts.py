@@ -28,7 +28,7 @@ from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE, fit_two_stage_adapter
 from policies.lm.acquisition import RelabellingConfig, relabelling_scores
 from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin
-from workers.lm.mode_mixture_training import EncodedPairs, MixtureRecipe, encode_pairs, train_proxy
+from workers.lm.mode_mixture_training import FrozenBase, MixtureRecipe, train_proxy
 
 BATCH = 5  # expert labels per batch; the adapter is refitted after each
 Order = Literal["random", "ranked"]
@@ -235,29 +235,6 @@ class FeatureWorld:
 
 
 @dataclass
-class MixtureBase:
-    """The frozen tiny base every chat world's mode mixture reads (workers/lm/mode_mixture_training.py)."""
-
-    model: Any
-    tokenizer: Any
-    head: torch.Tensor  # the base's unembedding, [vocab, hidden]
-    recipe: MixtureRecipe
-
-    @classmethod
-    def load(cls, base: Path, recipe: MixtureRecipe) -> MixtureBase:
-        from policies.lm.simplex_bottleneck import load_causal_lm_dir
-        from workers.lm.models import load_tokenizer
-
-        model = load_causal_lm_dir(base, "cpu").eval()
-        return cls(model, load_tokenizer(base), model.get_output_embeddings().weight.detach().float(), recipe)
-
-    def encode(self, pairs: Sequence[PairwiseText], source: str) -> EncodedPairs:
-        from bench.lm_proxy_parts import pair_rows
-
-        return encode_pairs(self.model, self.tokenizer, pair_rows(pairs, source))
-
-
-@dataclass
 class ChatWorldLoop:
     """One chat world (seed, judge) on the mode-mixture reading: stage 1 = `train_proxy` on the judge's proxy pairs
     over the frozen base (the worker's function, seconds on CPU), its terms of every pool and held-out pair read once
@@ -276,14 +253,16 @@ class ChatWorldLoop:
 
     @classmethod
     def build(
-        cls, seed: int, judge: str, n_proxy: int, n_pool: int, n_test: int, config: RelabellingConfig, base: MixtureBase
+        cls, seed: int, judge: str, n_proxy: int, n_pool: int, n_test: int, config: RelabellingConfig, base: FrozenBase,
+        recipe: MixtureRecipe,
     ) -> ChatWorldLoop:
+        from bench.lm_proxy_parts import pair_rows
         from ingest.synthetic_judges import make_world
         from workers.lm.mixture_features import mixture_pair_features
 
         world = make_world(seed, judge)
         stage1, _ = train_proxy(
-            base.encode(world.pairs(n_proxy, "proxy", seed), "proxy"), base.head, replace(base.recipe, seed=seed)
+            base.encode(pair_rows(world.pairs(n_proxy, "proxy", seed), "proxy")), base.head, replace(recipe, seed=seed)
         )
         pairs = world.pairs(n_pool + 4 * n_test, "expert", seed)
         pool = pairs[:n_pool]
@@ -296,7 +275,7 @@ class ChatWorldLoop:
             PairwiseText(prompt=p.prompt, response_a=p.response_a, response_b=p.response_b, choice="a")
             for p in pool + test
         ]  # read a vs b: the label stays hidden
-        terms = mixture_pair_features(stage1, base.encode(shown, "expert"), base.head, base.recipe.beta).mixture
+        terms = mixture_pair_features(stage1, base.encode(pair_rows(shown, "expert")), base.head, recipe.beta).mixture
         assert terms is not None
         gold = np.array(
             [world.gold_reward(p.prompt, p.response_a) - world.gold_reward(p.prompt, p.response_b) for p in test]

@@ -83,7 +83,7 @@ from bench.lm_proxy_parts import (  # noqa: E402
 from ingest.synthetic_judges import GOLD_MAX, GOLD_MIN, SATISFYING, VIOLATING, make_world  # noqa: E402
 from policies.plan_choice import PAPER_CONDITIONS  # noqa: E402
 from workers.device import select_device  # noqa: E402
-from workers.lm.mode_mixture_training import MixtureRecipe  # noqa: E402
+from workers.lm.mode_mixture_training import FrozenBase, MixtureRecipe  # noqa: E402
 from workers.lm.plans import LMRecipe, Recipe  # noqa: E402
 
 BUDGETS = (20, 50, 100, 300)
@@ -120,8 +120,8 @@ def run_judge(judge: str, seed: int, ctx: Context, expert_only: dict[int, float]
     proxy_data = trainer.dataset(f"proxy-{judge}-{seed}-{ctx.n_proxy}", pair_rows(proxy, "proxy"))
     if mixture is not None:  # every proxy-side plan is the mixture's, trained in process over the frozen base
         started = time.perf_counter()
-        expert_encoded = mixture.encode(pair_rows(expert, "expert"))
-        proxy_encoded = mixture.encode(pair_rows(proxy, "proxy"))
+        expert_encoded = mixture.base.encode(pair_rows(expert, "expert"))
+        proxy_encoded = mixture.base.encode(pair_rows(proxy, "proxy"))
         mixture_stage1 = mixture.stage1(proxy_encoded, seed)
         run = JudgeRun(judge, seed, mixture.score(mixture_stage1, world, seed))
         planner = Planner.from_mixture(mixture, mixture_stage1, expert_encoded, proxy_encoded, ctx.n_proxy,
@@ -296,7 +296,7 @@ def main() -> None:
     base = build_base(model, work, world0, args.base_warmup_steps)
     trainer = Trainer(work, base, recipe)
     scorer = Scorer.for_base(base, world0, args.prompts, args.samples, str(device))
-    mixture = MixtureRunner.for_base(base, scorer, MixtureRecipe()) if args.reading == "mixture" else None
+    mixture = MixtureRunner(FrozenBase.load(base), MixtureRecipe(), scorer) if args.reading == "mixture" else None
     ctx = Context(trainer, scorer, budgets, n_proxy, str(device), started, mixture)
     base_score = float(np.mean([scorer.score(base, world0, seed)["gold"] for seed in seeds]))
     # The scorer's own noise: one policy (the base) scored under different sampling seeds. Regret takes a max

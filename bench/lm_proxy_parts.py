@@ -33,8 +33,8 @@ from workers.lm.base_model import _pretrain_tiny, warm_up
 from workers.lm.mixture_features import mixture_pair_features, trained_fine_tune_margins
 from workers.lm.mode_mixture_training import (
     EncodedPairs,
+    FrozenBase,
     MixtureRecipe,
-    encode_pairs,
     sample,
     train_adapter,
     train_fine_tune,
@@ -168,32 +168,22 @@ class MixtureRunner:
     in process over the frozen base with the worker's functions (workers/lm/mode_mixture_training.py), scored like
     every other policy."""
 
-    model: Any
-    tokenizer: Any
-    head: torch.Tensor
+    base: FrozenBase
     recipe: MixtureRecipe
     scorer: Scorer
 
-    @classmethod
-    def for_base(cls, base: Path, scorer: Scorer, recipe: MixtureRecipe) -> MixtureRunner:
-        model = load_causal_lm_dir(base, "cpu").eval()  # the mixture's tensors live on the CPU (its base is frozen)
-        return cls(model, load_tokenizer(base), model.get_output_embeddings().weight.detach().float(), recipe, scorer)
-
-    def encode(self, rows: list[dict[str, str]]) -> EncodedPairs:
-        return encode_pairs(self.model, self.tokenizer, rows)
-
     def stage1(self, proxy: EncodedPairs, seed: int) -> ModeMixture:
-        return train_proxy(proxy, self.head, replace(self.recipe, seed=seed))[0]
+        return train_proxy(proxy, self.base.head, replace(self.recipe, seed=seed))[0]
 
     def two_stage(self, stage1: ModeMixture, expert: EncodedPairs, n: int, seed: int) -> ModeMixture:
-        return train_adapter(stage1, expert.take(slice(0, n)), self.head, replace(self.recipe, seed=seed))[0]
+        return train_adapter(stage1, expert.take(slice(0, n)), self.base.head, replace(self.recipe, seed=seed))[0]
 
     def fine_tune(self, stage1: ModeMixture, expert: EncodedPairs, n: int, seed: int) -> ModeMixture:
-        return train_fine_tune(stage1, expert.take(slice(0, n)), self.head, replace(self.recipe, seed=seed))[0]
+        return train_fine_tune(stage1, expert.take(slice(0, n)), self.base.head, replace(self.recipe, seed=seed))[0]
 
     def score(self, mixture: ModeMixture, world: ChatWorld, seed: int) -> dict[str, float]:
         rows = [chat_prompt(p) for p in self.scorer.prompts for _ in range(self.scorer.samples)]
-        return self.scorer.rewards(sample(self.model, self.tokenizer, mixture, rows, seed,
+        return self.scorer.rewards(sample(self.base.model, self.base.tokenizer, mixture, rows, seed,
                                           self.scorer.max_new_tokens, END_OF_TURN), world)
 
 
@@ -234,11 +224,11 @@ class Planner:
         def train_folds(n: int, seed: int) -> dict[str, np.ndarray] | None:
             if n < TEXT_THRESHOLDS.min_expert_pairs:
                 return None
-            return trained_fine_tune_margins(stage1, expert.take(slice(0, n)), runner.head,
+            return trained_fine_tune_margins(stage1, expert.take(slice(0, n)), runner.base.head,
                                              replace(runner.recipe, seed=seed), seed)
 
-        return cls(mixture_pair_features(stage1, expert, runner.head, beta),
-                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.head, beta), n_proxy,
+        return cls(mixture_pair_features(stage1, expert, runner.base.head, beta),
+                   mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.base.head, beta), n_proxy,
                    train_folds)
 
     def report(self, n_expert: int, snapshot_id: str, seed: int) -> ConditionReport:

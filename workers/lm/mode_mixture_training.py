@@ -19,6 +19,7 @@ policies/lm/mode_mixture.py, so that serving loads it too).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +33,8 @@ from policies.lm.mode_mixture import (
     kmeans_modes,
     select_trainable,
 )
+from policies.lm.simplex_bottleneck import load_causal_lm_dir
+from workers.lm.models import load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
 from workers.lm.training.data import tokenize_pairs
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
@@ -82,6 +85,24 @@ def prompt_embeddings(model: Any, ids: list[list[int]]) -> tuple[Tensor, Tensor]
     table = model.get_input_embeddings()
     device = table.weight.device
     return _pad([table(torch.tensor(row, device=device)).float().cpu() for row in ids], max(len(r) for r in ids))
+
+
+@dataclass(frozen=True)
+class FrozenBase:
+    """The frozen base a mode mixture reads, loaded once on the CPU: the causal LM, its tokenizer and its
+    unembedding (the head every stage reads the modes' biases through)."""
+
+    model: Any
+    tokenizer: Any
+    head: Tensor  # [vocab, hidden]
+
+    @classmethod
+    def load(cls, path: Path | str) -> FrozenBase:
+        model = load_causal_lm_dir(path, "cpu").eval()
+        return cls(model, load_tokenizer(path), model.get_output_embeddings().weight.detach().float())
+
+    def encode(self, rows: list[dict[str, str]]) -> EncodedPairs:
+        return encode_pairs(self.model, self.tokenizer, rows)
 
 
 @torch.no_grad()
