@@ -22,10 +22,9 @@ from ground.schemas import FeatureTriple, PairwiseText
 from ingest.synthetic_families import appendix_d_family, draw_triples
 from policies.acquisition import AcquisitionScores, rank
 from policies.features.acquisition import EnsembleConfig, feature_scores
-from policies.features.fit_recipe import ADAPTER_STAGE
 from policies.features.fitting import fit_adapter, fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
-from policies.features.recipe import TWO_STAGE, fit_two_stage_adapter
+from policies.features.recipe import TWO_STAGE
 from policies.lm.acquisition import RelabellingConfig, relabelling_scores
 from policies.lm.mixture_learners import MixtureTerms, fit_relabelling, relabelled_margin
 from workers.lm.mode_mixture_training import FrozenBase, MixtureRecipe, train_proxy
@@ -147,9 +146,10 @@ class FeatureWorld:
     proxy stage), a pool of open tasks (x, y_a, y_b) with Bradley–Terry expert labels, held-out
     inputs scored on all three pairs of the expert's outputs (bench/appendix_d.py's accuracy).
 
-    Refit after each batch, from the stage-1 stack, at the ensemble's prior (`EnsembleConfig.cv_prior`): the
-    worker's `fit_two_stage_adapter` (the adapter prior picked by 5-fold cross-validation over 6 values, batched,
-    then `fit_adapter` at it), or `fit_adapter` at the recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
+    Refit after each batch, from the stage-1 stack, at the prior its ensemble's members get
+    (`EnsembleConfig.adapter_stage`): by default what the worker's `fit_two_stage_adapter` fits (the adapter prior
+    picked by 5-fold cross-validation over 6 values, batched, then `fit_adapter` at it), or with `--fixed-prior` the
+    recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
 
     stack: TwoStagePolicy
     labels: list[FeatureTriple]  # the pool's hidden expert labels
@@ -208,10 +208,7 @@ class FeatureWorld:
         if not chosen:
             return model  # no expert label yet: the proxy as is (the adapter at the identity)
         data = triples_to_tensors([self.labels[i] for i in chosen])
-        if self.ensemble.cv_prior:
-            fit_two_stage_adapter(model, *data, seed=0)
-        else:
-            fit_adapter(model, *data, seed=0, recipe=ADAPTER_STAGE)
+        fit_adapter(model, *data, seed=0, recipe=self.ensemble.adapter_stage(model, *data))
         return model.eval()
 
     def accuracy(self, model: TwoStagePolicy) -> float:

@@ -35,7 +35,7 @@ import json
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +131,19 @@ def _hit(generator: str, report: ConditionReport) -> bool:
 Runs = tuple[dict[str, list[ConditionReport]], dict[str, list[dict[str, float]]], list[int], list[int]]
 
 
+def recorded_runs(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """The runs `run` wrote to these `--results` JSON-lines files, one record each, in file order."""
+    for path in paths:
+        for line in path.read_text().splitlines():
+            yield json.loads(line)
+
+
 def trained_accuracies(paths: Sequence[Path]) -> dict[tuple[str, int, int], dict[str, float]]:
     """Plan accuracies of earlier `--results` runs by (generator, seed, expert triples). Training every plan does not
     depend on the condition tests (only the choice among the plans does), so a change to the tests can be scored
     on the same seeds without retraining."""
-    out: dict[tuple[str, int, int], dict[str, float]] = {}
-    for path in paths:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record["accuracies"] is not None:
-                out[(record["generator"], int(record["seed"]), int(record["n_expert"]))] = record["accuracies"]
-    return out
+    return {(r["generator"], int(r["seed"]), int(r["n_expert"])): r["accuracies"] for r in recorded_runs(paths)
+            if r["accuracies"] is not None}
 
 
 def run(generators: Sequence[str], seeds: list[int], sizes: list[int], regret: bool, results: Path | None,
@@ -174,11 +176,9 @@ def load(paths: Sequence[Path], generators: Sequence[str]) -> Runs:
     """`run`'s output from the JSON-lines files of earlier `--results` runs (split over processes or machines),
     for the generators asked for; every generator must have been run at the same seeds."""
     records: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in paths:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record["generator"] in generators:
-                records.setdefault(record["generator"], {})[int(record["seed"])] = record
+    for record in recorded_runs(paths):
+        if record["generator"] in generators:
+            records.setdefault(record["generator"], {})[int(record["seed"])] = record
     if not records:
         raise SystemExit(f"no runs of {', '.join(generators)} in {', '.join(map(str, paths))}")
     seed_sets = {g: sorted(by_seed) for g, by_seed in records.items()}

@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike
 
 from ground.schemas import FeatureTriple
 from policies.acquisition import AcquisitionError, AcquisitionScores, FloatArray, bald, preference_probs
+from policies.features.fit_recipe import FitRecipe
 from policies.features.fitting import fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_adapter_stage
@@ -38,6 +39,13 @@ class EnsembleConfig:
             raise AcquisitionError(f"EnsembleConfig.size must be >= 2 (disagreement needs 2 members), got {self.size}")
         if self.min_labels < 2:
             raise AcquisitionError(f"EnsembleConfig.min_labels must be >= 2, got {self.min_labels}")
+
+    def adapter_stage(self, stack: TwoStagePolicy, x: torch.Tensor, y_w: torch.Tensor, y_l: torch.Tensor) -> FitRecipe:
+        """The stage-2 fit on these expert triples: at the prior the worker's refit (`fit_two_stage_adapter` at seed
+        0) cross-validates, or without `cv_prior` at the adapter stage's fixed prior; the stack is left as it was."""
+        if not self.cv_prior:
+            return self.recipe.adapter_stage
+        return cross_validated_adapter_stage(stack, x, y_w, y_l, 0, self.recipe)
 
 
 def _pairs(x: ArrayLike, y_a: ArrayLike, y_b: ArrayLike, config: TwoStagePolicy) -> tuple[torch.Tensor, ...]:
@@ -94,9 +102,7 @@ def adapter_ensemble(
     if len(expert) < 2:
         raise AcquisitionError(f"a bootstrap ensemble needs at least 2 expert triples, got {len(expert)}")
     x, y_w, y_l = triples_to_tensors(expert)
-    recipe = config.recipe.adapter_stage
-    if config.cv_prior:  # the split of the worker's refit (fit_two_stage_adapter at seed 0)
-        recipe = cross_validated_adapter_stage(stack, x, y_w, y_l, 0, config.recipe)
+    recipe = config.adapter_stage(stack, x, y_w, y_l)
     rng = np.random.default_rng(config.seed)
     members = []
     for k in range(config.size):
