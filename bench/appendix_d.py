@@ -302,7 +302,7 @@ def main() -> None:
                         help="proxy kinds to run (default: all)")
     parser.add_argument("--plot", type=Path, default=Path("docs/appendix_d.png"))
     parser.add_argument("--results", type=Path, default=None,
-                        help="append each seed's scores to this JSON-lines file as it finishes")
+                        help="append each seed and its scores to this JSON-lines file as it finishes")
     parser.add_argument("--aggregate", type=Path, default=None,
                         help="no runs: tabulate the seeds already in this JSON-lines file")
     args = parser.parse_args()
@@ -312,16 +312,17 @@ def main() -> None:
     results: list[Scores] = []
     seeds = list(range(args.seed_start, args.seed_start + (args.seeds or (QUICK_SEEDS if args.quick else SEEDS))))
     if args.aggregate is not None:
-        for line in args.aggregate.read_text().splitlines():
-            raw = json.loads(line)
+        records = [json.loads(line) for line in args.aggregate.read_text().splitlines()]
+        seeds = sorted(int(record["seed"]) for record in records)
+        for record in records:
             results.append({k: {m: {int(n): (v[0], v[1]) for n, v in d.items()} for m, d in per.items()}
-                            for k, per in raw.items() if k in args.families})
+                            for k, per in record["scores"].items() if k in args.families})
     else:
         for seed in seeds:
             results.append(run_seed(seed, ns, args.families))
             if args.results is not None:
                 with args.results.open("a") as f:
-                    f.write(json.dumps(results[-1]) + "\n")
+                    f.write(json.dumps({"seed": seed, "scores": results[-1]}) + "\n")
             print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
     n_seeds = len(results)
     kinds = list(results[0])
@@ -334,7 +335,7 @@ def main() -> None:
     figures = headline(curves, ns)
     intervals = bootstrap_intervals(results, ns)
     summary = {**{k: round(v, 2) for k, v in figures.items()}, **intervals, "seeds": n_seeds,
-               "seed_range": [seeds[0], seeds[-1]] if args.aggregate is None else None, "ns": ns,
+               "seed_range": [seeds[0], seeds[-1]], "ns": ns,
                "n_proxy": N_PROXY, "n_test": N_TEST, "seconds": round(time.perf_counter() - started, 1),
                "plot": str(args.plot),
                "two_stage_at_35": {k: [round(float(v), 4) for v in curves[k]["two_stage"][ns.index(HEADLINE_N)]]
