@@ -71,8 +71,8 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
     for _ in range(recipe.steps):
         optimiser.zero_grad(set_to_none=True)
         loss = -(log_likelihoods() * mask).sum(dim=1) / n_train
-        shape, tempering = deviation_terms(weight, bias, m0, b0)  # the prior of `FitRecipe.adapter_penalty`
-        (loss + (prior * shape + recipe.tempering_prior * tempering) / n_train).sum().backward()
+        shape, tempering = deviation_terms(weight, bias, m0, b0)
+        (loss + recipe.prior_per_triple(shape, tempering, n_train, prior)).sum().backward()
         optimiser.step()
     with torch.no_grad():
         ll = log_likelihoods().reshape(len(priors), n_folds, n)

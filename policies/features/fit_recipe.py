@@ -26,8 +26,14 @@ class FitRecipe:
 
     def adapter_penalty(self, adapter: SimplexAdapter, n: int) -> Tensor:
         """The stage-2 prior's negative log-density per triple, for n expert triples."""
-        shape, tempering = adapter.deviation_terms()
-        return (self.adapter_prior * shape + self.tempering_prior * tempering) / n
+        return self.prior_per_triple(*adapter.deviation_terms(), n)
+
+    def prior_per_triple(self, shape: Tensor, tempering: Tensor, n: int | Tensor,
+                         adapter_prior: float | Tensor | None = None) -> Tensor:
+        """The same from the deviation terms, with another `adapter_prior` (a tensor: one per adapter of a
+        batched fit, `adapter_grid.held_out_by_prior`) in place of this recipe's when given."""
+        strength = self.adapter_prior if adapter_prior is None else adapter_prior
+        return (strength * shape + self.tempering_prior * tempering) / n
 
 
 # The two-stage recipe (bench/appendix_d.py and docs/appendix_d.md give its figures).
