@@ -7,7 +7,8 @@ is scored by its held-out Bradley–Terry log-likelihood on the expert triples; 
 paper's four conditions and the end-to-end check pass. The plan is the best one, or the proxy side (the
 better of the proxy as is and its eligible adapter) when that is not significantly worse; when neither
 ranks held-out expert pairs significantly better than a coin, the best plan all the same if its held-out
-accuracy is above a coin's (refusing serves nothing, which scores a coin's), and "refuse" only when it is not.
+accuracy is above a coin's (refusing serves nothing, which scores a coin's), else the eligible plan with the
+highest held-out accuracy if that is above a coin's, and "refuse" only when none is.
 """
 
 from __future__ import annotations
@@ -137,14 +138,19 @@ def choose_plan(checks: Sequence[ConditionCheck], evidence: PlanEvidence) -> tup
             return plan, reasons
         reasons.append(f"{plan} does not rank held-out expert pairs significantly better than a coin "
                        f"(accuracy minus 0.5: {above_chance.text()})")
-    # Refusing serves nothing, which scores a coin's accuracy: it is worth its cost only when the best
-    # plan is not expected to beat a coin either (issue 15: a refusal weighs what is lost by not training).
-    accuracy = float(evidence.heldout_correct[best].mean())
-    if accuracy > CHANCE_ACCURACY:
-        reasons.append(f"{best} all the same: its held-out accuracy {accuracy:.3f} is above a coin's "
-                       f"{CHANCE_ACCURACY} though not significantly, and refusing would serve nothing (a coin's "
-                       f"accuracy); the expected loss of refusing outweighs the doubt")
-        return best, reasons
+    # Refusing serves nothing, which scores a coin's accuracy: it is worth its cost only when no eligible
+    # plan is expected to beat a coin either (issue 15: a refusal weighs what is lost by not training). The
+    # best by log-likelihood first; else the most accurate, since a few confident held-out mistakes can sink
+    # a plan's log-likelihood while it still ranks most pairs right.
+    accuracy = {c: float(evidence.heldout_correct[c].mean()) for c in eligible}
+    fallback = max(eligible, key=lambda c: (accuracy[c], means[c]))
+    for plan, why in ((best, "the highest held-out log-likelihood"), (fallback, "the highest held-out accuracy")):
+        if accuracy[plan] > CHANCE_ACCURACY:
+            reasons.append(f"{plan} all the same ({why} of the eligible plans): its held-out accuracy "
+                           f"{accuracy[plan]:.3f} is above a coin's {CHANCE_ACCURACY} though not significantly, "
+                           f"and refusing would serve nothing (a coin's accuracy); the expected loss of refusing "
+                           f"outweighs the doubt")
+            return plan, reasons
     reasons.append("refuse: no eligible plan ranks held-out expert pairs better than a coin, even on average; the "
                    "proxy data do not help and the expert data are too few to learn from alone")
     return "refuse", reasons

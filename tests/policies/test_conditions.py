@@ -218,6 +218,23 @@ def test_a_refusal_weighs_what_is_lost_by_not_training() -> None:
     assert "refusing would serve nothing" in reasons[-1]
 
 
+def test_before_refusing_the_most_accurate_eligible_plan_is_served() -> None:
+    """Issue 15, reporting seeds at 35 triples: the plan with the best held-out log-likelihood ranked at most
+    half the pairs right, so the rule refused, while expert-only (gold 0.61-0.84) ranked more than half right.
+    Refusing scores a coin's 0.5; the most accurate eligible plan is served instead, and "refuse" stays for
+    when none beats a coin even on average."""
+    means = {"proxy_as_is": -2.0, "two_stage": -0.68, "fine_tune": -0.9, "expert_only": -0.7}
+    evidence = _evidence(means, accuracy=0.45)
+    more_than_half = _evidence(means, accuracy=0.6).heldout_correct["expert_only"]
+    evidence.heldout_correct = {**evidence.heldout_correct, "expert_only": more_than_half}
+    plan, reasons = choose_plan(_checks(), evidence)
+    assert plan == "expert_only" and "the highest held-out accuracy" in reasons[-1]
+    blocked = choose_plan(_checks(frozenset({"shared_level_sets"})), evidence)
+    assert blocked[0] == "expert_only"
+    evidence.heldout_correct = {**evidence.heldout_correct, "expert_only": evidence.heldout_correct["fine_tune"]}
+    assert choose_plan(_checks(), evidence)[0] == "refuse"
+
+
 def test_plan_rule_with_too_few_expert_triples() -> None:
     assert choose_plan(_checks(n_expert=5), PlanEvidence(0.8))[0] == "proxy_as_is"
     assert choose_plan(_checks(n_expert=5), PlanEvidence(None))[0] == "proxy_as_is"
