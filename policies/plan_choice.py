@@ -1,8 +1,9 @@
 """The training plan chosen from the condition checks and held-out (cross-validated) expert evidence.
 
 Rule (`choose_plan`): with too few expert triples to test the conditions, the adapter (two_stage) when the
-evidence carries its cross-validated scores and it is significantly better than the proxy as is; otherwise
-serve the proxy only if it agrees with the experts there are, else refuse. Otherwise every candidate plan
+evidence carries its cross-validated scores, its held-out log-likelihood is above the proxy's as is and it ranks
+more than half the held-out pairs right; otherwise serve the proxy only if it agrees with the experts there are,
+else refuse. Otherwise every candidate plan
 is scored by its held-out Bradley–Terry log-likelihood on the expert triples; "two_stage" is eligible only when the
 paper's four conditions and the end-to-end check pass. The plan is the best one, or the proxy side (the
 better of the proxy as is and its eligible adapter) when that is not significantly worse; when neither
@@ -27,7 +28,8 @@ from policies.condition_statistics import bootstrap_mean
 CANDIDATES: tuple[Plan, ...] = ("proxy_as_is", "two_stage", "fine_tune", "expert_only")
 SIMPLER: tuple[Plan, ...] = ("proxy_as_is", "two_stage")  # the proxy side: kept unless significantly worse
 # Weighed below the minimum expert sample when the evidence carries their held-out scores: the proxy as is, and
-# its adapter (the fewest weights fitted to expert data), chosen only when significantly better than the proxy.
+# its adapter (the fewest weights fitted to expert data), chosen when its held-out score is the higher: as above
+# the minimum, the adapter nests the proxy and its cross-validated score has paid for its fit.
 SMALL_SAMPLE: tuple[Plan, ...] = ("proxy_as_is", "two_stage")
 PAPER_CONDITIONS = ("shared_level_sets", "image_containment", "low_dimensional_encoding", "similarity_preserved")
 ALPHA = 0.05  # one-sided level of "significantly worse than the best" and "better than a coin"
@@ -78,14 +80,17 @@ def _too_few(
     else:
         said = f"the proxy agrees with {agreement:.0%} of the expert triples there are"
     if usable and all(c in evidence.heldout_ll for c in SMALL_SAMPLE):
+        # Not "significantly better": at 12-30 triples that test kept a relabelled proxy (worse than a coin) where
+        # its adapter doubled the gold reward (bench/lm_proxy.py tuning seeds 0-11 at 15/20/25 pairs: worst-judge
+        # plan regret 0.065 with it, 0.034 without; docs/benchmarks.md).
         ll, correct = evidence.heldout_ll, evidence.heldout_correct
-        worse, p = significantly_worse(ll["proxy_as_is"], ll["two_stage"], np.random.default_rng(evidence.seed))
+        adapter, proxy = float(ll["two_stage"].mean()), float(ll["proxy_as_is"].mean())
         accuracy = float(correct["two_stage"].mean())
-        if worse and accuracy > CHANCE_ACCURACY:
+        if adapter > proxy and accuracy > CHANCE_ACCURACY:
             reasons.append(f"too few expert triples to test the conditions, but the adapter alone, cross-validated on "
-                           f"the {len(correct['two_stage'])} there are, beats the proxy as is (held-out log-likelihood "
-                           f"{ll['two_stage'].mean():+.3f} vs {ll['proxy_as_is'].mean():+.3f}, paired bootstrap "
-                           f"p={p:.3f}; accuracy {accuracy:.3f}): two_stage, untested conditions and all")
+                           f"the {len(correct['two_stage'])} there are, scores above the proxy as is (held-out "
+                           f"log-likelihood {adapter:+.3f} vs {proxy:+.3f}; accuracy {accuracy:.3f}, above a coin's "
+                           f"{CHANCE_ACCURACY}) and nests it: two_stage, untested conditions and all")
             return "two_stage", reasons
     if usable and (agreement is None or agreement >= MIN_PROXY_AGREEMENT):
         reasons.append(f"too few expert triples to fit an adapter; {said}: serve the proxy as is")

@@ -11,13 +11,14 @@ import torch
 
 from ground.schemas import ConditionCheck, ConditionReport
 from ingest.synthetic import appendix_d
+from policies.condition_statistics import bootstrap_mean
 from policies.features import cross_validation
 from policies.features.condition_config import THRESHOLDS
 from policies.features.conditions import CHECK_NAMES, _image_containment, choose_plan, run_condition_tests
 from policies.features.fitting import choose_adapter_prior, fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE
-from policies.plan_choice import CANDIDATES, PlanEvidence
+from policies.plan_choice import ALPHA, CANDIDATES, SMALL_SAMPLE, PlanEvidence
 
 
 def _report(variant: str, seed: int, n_expert: int = 48) -> ConditionReport:
@@ -240,6 +241,26 @@ def test_plan_rule_with_too_few_expert_triples() -> None:
     assert choose_plan(_checks(n_expert=5), PlanEvidence(None))[0] == "proxy_as_is"
     assert choose_plan(_checks(n_expert=5), PlanEvidence(0.2))[0] == "refuse"
     assert choose_plan(_checks(frozenset({"low_dimensional_encoding"}), n_expert=5), PlanEvidence(0.8))[0] == "refuse"
+
+
+def test_below_the_minimum_the_adapter_is_served_when_it_scores_above_the_proxy() -> None:
+    """Below the minimum expert sample the adapter (which nests the proxy) is served when its held-out score is
+    above the proxy's, significant or not, and it ranks more than half the pairs right: a relabelled proxy that
+    agrees with half the experts but scores below a coin must not be served over it (LM tuning seeds, issue 14)."""
+    few = _checks(n_expert=20)
+    evidence = _evidence({c: -0.75 for c in CANDIDATES}, accuracy=0.65, n=20)
+    evidence.heldout_ll = {"proxy_as_is": evidence.heldout_ll["proxy_as_is"],
+                           "two_stage": evidence.heldout_ll["proxy_as_is"] + np.linspace(-0.5, 0.6, 20)}
+    evidence.heldout_correct = {c: evidence.heldout_correct[c] for c in SMALL_SAMPLE}
+    gain = evidence.heldout_ll["two_stage"] - evidence.heldout_ll["proxy_as_is"]
+    assert 0 < gain.mean() and bootstrap_mean(gain, np.random.default_rng(0)).p_not_positive > ALPHA  # not significant
+    plan, reasons = choose_plan(few, evidence)
+    assert plan == "two_stage" and "scores above the proxy as is" in reasons[-1]
+    evidence.heldout_correct = {**evidence.heldout_correct, "two_stage": np.zeros(20) + (np.arange(20) < 10)}
+    assert choose_plan(few, evidence)[0] == "proxy_as_is"  # half right is a coin's: the proxy, which agrees
+    evidence.heldout_ll = {**evidence.heldout_ll, "two_stage": evidence.heldout_ll["proxy_as_is"] - gain}
+    evidence.heldout_correct = {c: np.ones(20) for c in SMALL_SAMPLE}
+    assert choose_plan(few, evidence)[0] == "proxy_as_is"  # below the proxy: the proxy as is
 
 
 def test_plan_rule_refuses_evidence_without_every_candidate() -> None:
