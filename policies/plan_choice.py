@@ -29,7 +29,7 @@ CANDIDATES: tuple[Plan, ...] = ("proxy_as_is", "two_stage", "fine_tune", "expert
 SIMPLER: tuple[Plan, ...] = ("proxy_as_is", "two_stage")  # the proxy side: kept unless significantly worse
 # Weighed below the minimum expert sample when the evidence carries their held-out scores: the proxy as is, and
 # its adapter (the fewest weights fitted to expert data), chosen when its held-out score is the higher: as above
-# the minimum, the adapter nests the proxy and its cross-validated score has paid for its fit.
+# the minimum, the adapter nests the proxy and its cross-validated score has paid for its fit (a tie keeps the proxy).
 SMALL_SAMPLE: tuple[Plan, ...] = ("proxy_as_is", "two_stage")
 PAPER_CONDITIONS = ("shared_level_sets", "image_containment", "low_dimensional_encoding", "similarity_preserved")
 ALPHA = 0.05  # one-sided level of "significantly worse than the best" and "better than a coin"
@@ -38,6 +38,10 @@ ALPHA = 0.05  # one-sided level of "significantly worse than the best" and "bett
 MIN_PROXY_AGREEMENT = 0.5
 CHANCE_LOG_LIKELIHOOD = float(np.log(0.5))  # a predictor that always says 50/50
 CHANCE_ACCURACY = 0.5  # a coin ranks half the pairs right
+# Held-out gains per triple below this are ties, kept by the plan that fits less. When the adapter's best fit is
+# the proxy's own map its score equals the proxy's to float error (|gain| < 3e-7 in 71 of 216 small-sample LM
+# runs, tuning and reporting seeds); the smallest real gain seen there was 0.012.
+TIE_NATS = 1e-3
 
 
 @dataclass
@@ -86,7 +90,7 @@ def _too_few(
         ll, correct = evidence.heldout_ll, evidence.heldout_correct
         adapter, proxy = float(ll["two_stage"].mean()), float(ll["proxy_as_is"].mean())
         accuracy = float(correct["two_stage"].mean())
-        if adapter > proxy and accuracy > CHANCE_ACCURACY:
+        if adapter > proxy + TIE_NATS and accuracy > CHANCE_ACCURACY:
             reasons.append(f"too few expert triples to test the conditions, but the adapter alone, cross-validated on "
                            f"the {len(correct['two_stage'])} there are, scores above the proxy as is (held-out "
                            f"log-likelihood {adapter:+.3f} vs {proxy:+.3f}; accuracy {accuracy:.3f}, above a coin's "

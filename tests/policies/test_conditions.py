@@ -256,6 +256,8 @@ def test_below_the_minimum_the_adapter_is_served_when_it_scores_above_the_proxy(
     assert 0 < gain.mean() and bootstrap_mean(gain, np.random.default_rng(0)).p_not_positive > ALPHA  # not significant
     plan, reasons = choose_plan(few, evidence)
     assert plan == "two_stage" and "scores above the proxy as is" in reasons[-1]
+    tie = {**evidence.heldout_ll, "two_stage": evidence.heldout_ll["proxy_as_is"] + 1e-7}
+    assert choose_plan(few, replace(evidence, heldout_ll=tie))[0] == "proxy_as_is"  # the adapter fitted the proxy's map
     evidence.heldout_correct = {**evidence.heldout_correct, "two_stage": np.zeros(20) + (np.arange(20) < 10)}
     assert choose_plan(few, evidence)[0] == "proxy_as_is"  # half right is a coin's: the proxy, which agrees
     evidence.heldout_ll = {**evidence.heldout_ll, "two_stage": evidence.heldout_ll["proxy_as_is"] - gain}
