@@ -187,7 +187,8 @@ class MixtureRunner:
                                           self.scorer.max_new_tokens, END_OF_TURN), world)
 
 
-def _rows(features: TextPairFeatures, n: int) -> TextPairFeatures:
+def first_rows(features: TextPairFeatures, n: int) -> TextPairFeatures:
+    """The first n pairs of `features` (budgets are prefixes of one expert sample)."""
     return TextPairFeatures(simplex_chosen=features.simplex_chosen[:n], simplex_rejected=features.simplex_rejected[:n],
                             direct_chosen=features.direct_chosen[:n], direct_rejected=features.direct_rejected[:n],
                             proxy_margin=features.proxy_margin[:n],
@@ -233,7 +234,7 @@ class Planner:
 
     def report(self, n_expert: int, snapshot_id: str, seed: int) -> ConditionReport:
         trained = self.train_folds(n_expert, seed) if self.train_folds is not None else None
-        return run_text_condition_tests(_rows(self.expert, n_expert), self.proxy, snapshot_id, n_expert=n_expert,
+        return run_text_condition_tests(first_rows(self.expert, n_expert), self.proxy, snapshot_id, n_expert=n_expert,
                                         n_proxy=self.n_proxy, seed=seed, trained_margins=trained)
 
 

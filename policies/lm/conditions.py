@@ -205,7 +205,7 @@ def run_text_condition_tests(
     if any(np.shape(m) != (expert.n,) for m in trained.values()) or not set(trained) <= set(CANDIDATES[1:]):
         raise ValueError(f"trained_margins needs one margin per expert pair ({expert.n}) for plans among "
                          f"{list(CANDIDATES[1:])}, got {[(k, np.shape(m)) for k, m in trained.items()]}")
-    checks, evidence, pcs = _run_checks(expert, proxy, seed, t, trained)
+    checks, evidence, pcs = checks_and_evidence(expert, proxy, seed, t, trained)
     plan, reasons = choose_plan(checks, evidence)
     first = (f"these tests ran on the stage-1 model's D={proxy.simplex_dim} simplex representation of (prompt, "
              f"response) pairs ({expert.n} expert, {proxy.n} proxy pairs; a direct path through {pcs} principal "
@@ -216,7 +216,7 @@ def run_text_condition_tests(
     )
 
 
-def _run_checks(
+def checks_and_evidence(
     expert: TextPairFeatures, proxy: TextPairFeatures, seed: int, t: TextConditionThresholds,
     trained: Mapping[str, np.ndarray],
 ) -> tuple[list[ConditionCheck], PlanEvidence, int]:
