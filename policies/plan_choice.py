@@ -1,12 +1,12 @@
 """The training plan chosen from the condition checks and held-out (cross-validated) expert evidence.
 
 Rule (`choose_plan`): with too few expert triples to test the conditions, the adapter (two_stage) when the
-evidence carries its cross-validated scores, its held-out log-likelihood is above the proxy's as is and it ranks
-more than half the held-out pairs right; otherwise serve the proxy only if it agrees with the experts there are,
-else refuse. Otherwise every candidate plan
-is scored by its held-out Bradley–Terry log-likelihood on the expert triples; "two_stage" is eligible only when the
-paper's four conditions and the end-to-end check pass. The plan is the best one, or the proxy side (the
-better of the proxy as is and its eligible adapter) when that is not significantly worse; when neither
+evidence carries its cross-validated scores, its held-out log-likelihood is above the proxy's as is (by more than
+a tie) and it ranks more than half the held-out pairs right; otherwise serve the proxy only if it agrees with the
+experts there are, else refuse. Otherwise every candidate plan is scored by its held-out Bradley–Terry
+log-likelihood on the expert triples; "two_stage" is eligible only when the paper's four conditions and the
+end-to-end check pass. The plan is the best one, or the proxy side (the better of the proxy as is and its
+eligible adapter) when that is not significantly worse; when neither
 ranks held-out expert pairs significantly better than a coin, the best plan all the same if its held-out
 accuracy is above a coin's (refusing serves nothing, which scores a coin's), else the eligible plan with the
 highest held-out accuracy if that is above a coin's, and "refuse" only when none is.
@@ -85,8 +85,8 @@ def _too_few(
         said = f"the proxy agrees with {agreement:.0%} of the expert triples there are"
     if usable and all(c in evidence.heldout_ll for c in SMALL_SAMPLE):
         # Not "significantly better": at 12-30 triples that test kept a relabelled proxy (worse than a coin) where
-        # its adapter doubled the gold reward (bench/lm_proxy.py tuning seeds 0-11 at 15/20/25 pairs: worst-judge
-        # plan regret 0.065 with it, 0.034 without; docs/benchmarks.md).
+        # its adapter doubled the gold reward (bench/lm_small_sample.py, tuning seeds 0-11 at 15/20/25 pairs:
+        # worst-judge plan regret 0.066 with it, 0.034 without; no better on reporting seeds, docs/benchmarks.md).
         ll, correct = evidence.heldout_ll, evidence.heldout_correct
         adapter, proxy = float(ll["two_stage"].mean()), float(ll["proxy_as_is"].mean())
         accuracy = float(correct["two_stage"].mean())
