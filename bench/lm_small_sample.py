@@ -101,9 +101,6 @@ def capture(seed: int, judge: str, budgets: tuple[int, ...], runner: MixtureRunn
     proxy_features = mixture_pair_features(stage1, proxy.take(slice(0, PROXY_SAMPLE)), runner.base.head, beta)
     records = []
     for n in budgets:
-        if n >= TEXT_THRESHOLDS.min_expert_pairs or n < TEXT_THRESHOLDS.min_adapter_pairs:
-            raise SystemExit(f"budget {n}: this bench is about {TEXT_THRESHOLDS.min_adapter_pairs} <= n < "
-                             f"{TEXT_THRESHOLDS.min_expert_pairs} expert pairs")
         gold = {"proxy_as_is": stage1_gold, "refuse": base_gold, "expert_only": expert_only[n],
                 "two_stage": runner.score(runner.two_stage(stage1, expert, n, seed), world, seed)["gold"],
                 "fine_tune": runner.score(runner.fine_tune(stage1, expert, n, seed), world, seed)["gold"]}
@@ -200,6 +197,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     seeds = list(args.seeds or (QUICK_SEEDS if args.quick else SEEDS))
     budgets = tuple(sorted(args.budgets))
+    low, high = TEXT_THRESHOLDS.min_adapter_pairs, TEXT_THRESHOLDS.min_expert_pairs
+    if not all(low <= n < high for n in budgets):
+        parser.error(f"--budgets {list(budgets)}: this bench is about {low} <= n < {high} expert pairs")
     device = select_device(None)
     work = Path(tempfile.mkdtemp(prefix="lm-small-sample-"))
     world0 = make_world(BASE_SEED, "tempered")  # the base's corpus and chats; gold is the same in every world
