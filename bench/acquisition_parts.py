@@ -22,6 +22,7 @@ from ground.schemas import FeatureTriple, PairwiseText
 from ingest.synthetic_families import appendix_d_family, draw_triples
 from policies.acquisition import AcquisitionScores, rank
 from policies.features.acquisition import EnsembleConfig, feature_scores
+from policies.features.fit_recipe import FitRecipe
 from policies.features.fitting import fit_adapter, fit_stage1
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE
@@ -160,6 +161,9 @@ class FeatureWorld:
     test_log_probs: np.ndarray
     ensemble: EnsembleConfig
     n_pool: int = 0
+    # The last refit's labels and stage-2 fit: the ensemble's members are fitted at the same prior, and its
+    # cross-validation reads only the frozen τ̃ and head, so the batch's scores reuse it instead of refitting 30 folds.
+    refitted: tuple[tuple[int, ...], FitRecipe] | None = None
 
     @classmethod
     def build(
@@ -208,7 +212,9 @@ class FeatureWorld:
         if not chosen:
             return model  # no expert label yet: the proxy as is (the adapter at the identity)
         data = triples_to_tensors([self.labels[i] for i in chosen])
-        fit_adapter(model, *data, seed=0, recipe=self.ensemble.adapter_stage(model, *data))
+        stage = self.ensemble.adapter_stage(model, *data)
+        self.refitted = (tuple(chosen), stage)
+        fit_adapter(model, *data, seed=0, recipe=stage)
         return model.eval()
 
     def accuracy(self, model: TwoStagePolicy) -> float:
@@ -222,9 +228,11 @@ class FeatureWorld:
         self, model: TwoStagePolicy, chosen: Sequence[int], open_tasks: Sequence[int], seed: int
     ) -> AcquisitionScores:
         rows = np.asarray(open_tasks)
+        config = replace(self.ensemble, seed=seed)
+        if self.refitted is not None and self.refitted[0] == tuple(chosen):  # the stage-2 fit just chosen for them
+            config = replace(config, cv_prior=False, recipe=replace(config.recipe, adapter_stage=self.refitted[1]))
         return feature_scores(
-            model, [self.labels[i] for i in chosen], self.x[rows], self.y_a[rows], self.y_b[rows],
-            replace(self.ensemble, seed=seed),
+            model, [self.labels[i] for i in chosen], self.x[rows], self.y_a[rows], self.y_b[rows], config,
         )
 
 
