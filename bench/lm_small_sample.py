@@ -1,6 +1,6 @@
 """The plan rule below the minimum expert sample, on the chat task: what choosing the adapter costs or saves.
 
-    nice .venv/bin/python -m bench.lm_small_sample --quick        # seeds 100-103, about 8 minutes on 2 CPU cores
+    nice .venv/bin/python -m bench.lm_small_sample --quick        # seeds 100-103, about 5 minutes on 2 CPU cores
     nice .venv/bin/python -m bench.lm_small_sample --seeds 0 1 2 3 4 5 6 7 8 9 10 11   # the tuning seeds
 
 Needs `make setup` (the tiny base is built here; nothing is downloaded).
@@ -16,9 +16,9 @@ the condition tests' cross-validation once, and compares two rules on the same e
             proxy's (by more than a tie) and it ranks more than half the held-out pairs right.
   baseline  the rule before 2026-12-01: the adapter only when the proxy is significantly worse (paired
             bootstrap, p < 0.05) and it ranks more than half right.
-Either rule otherwise serves the proxy if it agrees with at least half the expert pairs, else refuses (scored as
-the base model). Regret = gold of the best of proxy_as_is / two_stage / fine_tune / expert_only / refuse minus
-the chosen plan's.
+Either rule otherwise serves the proxy if its simplex is usable and it agrees with at least half the expert pairs,
+else refuses (scored as the base model). Regret = gold of the best of proxy_as_is / two_stage / fine_tune /
+expert_only / refuse minus the chosen plan's.
 
 Last line, one JSON object:
   small_sample_regret        worst judge's mean regret under the shipped rule (gold units, range [0, 1]);
