@@ -24,7 +24,7 @@ Last line, one JSON object:
   small_sample_regret        worst judge's mean regret under the shipped rule (gold units, range [0, 1]);
   baseline_regret            the same under the baseline rule;
   regret_difference          shipped − baseline (negative: the shipped rule loses less);
-  *_ci                       95% bootstrap intervals over seeds (the difference paired);
+  *_ci                       95% bootstrap intervals over seeds (the difference paired; none with one seed);
   by_judge, plans            per rule: mean regret per judge, and how often each plan was chosen.
 `--jsonl PATH` appends every (judge, seed, budget) record (gold per plan, held-out evidence); `--replay PATH ...`
 recomputes the figures from such records without training.
@@ -56,6 +56,7 @@ from bench.lm_proxy_parts import (  # noqa: E402
     MixtureRunner,
     Scorer,
     Trainer,
+    bootstrap,
     build_base,
     device_name,
     first_rows,
@@ -84,7 +85,6 @@ BUDGETS = (15, 20, 25)
 QUICK_SEEDS = (100, 101, 102, 103)
 SEEDS = tuple(range(100, 112))
 N_PROXY = 2000
-RESAMPLES = 2000
 Record = dict[str, Any]
 
 
@@ -138,11 +138,6 @@ def baseline_rule(record: Record) -> Plan:
     return "proxy_as_is" if agreement is None or agreement >= MIN_PROXY_AGREEMENT else "refuse"
 
 
-def _interval(values: list[float]) -> list[float]:
-    low, high = np.quantile(values, [0.025, 0.975])
-    return [round(float(low), 4), round(float(high), 4)]
-
-
 def figures(records: list[Record]) -> dict[str, Any]:
     rules: dict[str, Callable[[Record], Plan]] = {"shipped": shipped_rule, "baseline": baseline_rule}
     regret: dict[str, dict[tuple[str, int], list[float]]] = {name: {} for name in rules}
@@ -159,13 +154,13 @@ def figures(records: list[Record]) -> dict[str, Any]:
         return max(float(np.mean([x for s in chosen for x in regret[name][(j, s)]])) for j in judges)
 
     rng = np.random.default_rng(0)
-    draws = [rng.choice(seeds, len(seeds)) for _ in range(RESAMPLES)]
     out: dict[str, Any] = {}
     for key, name in (("small_sample_regret", "shipped"), ("baseline_regret", "baseline")):
         out[key] = round(worst(name, seeds), 4)
-        out[f"{key}_ci"] = _interval([worst(name, d) for d in draws])
+        out[f"{key}_ci"] = bootstrap(lambda chosen, name=name: worst(name, chosen), seeds, rng)
     out["regret_difference"] = round(out["small_sample_regret"] - out["baseline_regret"], 4)
-    out["regret_difference_ci"] = _interval([worst("shipped", d) - worst("baseline", d) for d in draws])
+    out["regret_difference_ci"] = bootstrap(lambda chosen: worst("shipped", chosen) - worst("baseline", chosen), seeds,
+                                            rng)  # paired: both rules on each resample
     out["by_judge"] = {name: {j: round(float(np.mean([x for s in seeds for x in regret[name][(j, s)]])), 4)
                               for j in judges} for name in rules}
     out["plans"] = plans
