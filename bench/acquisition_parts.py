@@ -148,9 +148,10 @@ class FeatureWorld:
     inputs scored on all three pairs of the expert's outputs (bench/appendix_d.py's accuracy).
 
     Refit after each batch, from the stage-1 stack, at the prior its ensemble's members get
-    (`EnsembleConfig.adapter_stage`): by default what the worker's `fit_two_stage_adapter` fits (the adapter prior
-    picked by 5-fold cross-validation over 6 values, batched, then `fit_adapter` at it), or with `--fixed-prior` the
-    recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
+    (`EnsembleConfig.adapter_stage`): by default the single adapter of the worker's `fit_two_stage_adapter` (the
+    adapter prior picked by 5-fold cross-validation over 6 values, batched, then `fit_adapter` at it; the worker then
+    replaces it by its distilled bootstrap bag, not run here, so every acquisition rule is compared on the same
+    single-adapter refit), or with `--fixed-prior` the recipe's stage prior (ADAPTER_STAGE.adapter_prior)."""
 
     stack: TwoStagePolicy
     labels: list[FeatureTriple]  # the pool's hidden expert labels

@@ -92,11 +92,12 @@ class TestSet:
         return float(np.mean(agree)), float(kl)
 
 
-def two_stage(stack: TwoStagePolicy, data: tuple[Tensor, ...], seed: int) -> TwoStagePolicy:
-    """Stage 2 on a copy of the stack: the adapter prior chosen by 5-fold CV on the n triples alone."""
+def two_stage(stack: TwoStagePolicy, data: tuple[Tensor, ...], seed: int, proxy_x: Tensor) -> TwoStagePolicy:
+    """Stage 2 on a copy of the stack, as the worker fits it: the adapter prior chosen by 5-fold CV on the n
+    triples alone, then the bootstrap bag distilled on the proxy triples' inputs."""
     model = copy.deepcopy(stack)
     x, y_w, y_l = data
-    fit_two_stage_adapter(model, x, y_w, y_l, seed, RECIPE)
+    fit_two_stage_adapter(model, x, y_w, y_l, seed, RECIPE, unlabelled=proxy_x)
     return model
 
 
@@ -128,12 +129,13 @@ def _tuned(make: Callable[[], nn.Module], decays: Sequence[float], data: tuple[T
     return best[1]
 
 
-def _proxy_stack(world: FamilyWorld, rng: np.random.Generator, seed: int) -> TwoStagePolicy:
+def _proxy_stack(world: FamilyWorld, rng: np.random.Generator, seed: int) -> tuple[TwoStagePolicy, Tensor]:
+    """Stage 1 on N_PROXY proxy triples: (the stack, the proxy triples' inputs)."""
     xp, wp, lp = triples_to_tensors(draw_triples(world, N_PROXY, expert=False, rng=rng))
     torch.manual_seed(seed)
     stack = TwoStagePolicy(RECIPE.config(world.input_dim, world.n_outputs))
     fit_stage1(stack, xp, wp, lp, seed, RECIPE.proxy_stage)
-    return stack
+    return stack, xp
 
 
 Scores = dict[str, dict[str, dict[int, tuple[float, float]]]]  # {proxy kind: {method: {n: (accuracy, KL)}}}
@@ -160,12 +162,12 @@ def run_seed(seed: int, ns: Sequence[int], kinds: Sequence[str] = FAMILY_PROXIES
     for kind in kinds:
         world = appendix_d_family(seed, kind)
         # Each kind's proxy triples from a stream of its own: adding or dropping kinds changes no other's.
-        stack = _proxy_stack(world, np.random.default_rng([10_000 + seed, FAMILY_PROXIES.index(kind)]), seed)
+        stack, proxy_x = _proxy_stack(world, np.random.default_rng([10_000 + seed, FAMILY_PROXIES.index(kind)]), seed)
         scores: dict[str, dict[int, tuple[float, float]]] = {"two_stage": {}, "fine_tune": {}, "proxy_as_is": {}}
         as_is = test.score(stack)
         for n in ns:
             data = tuple(t[:n] for t in pool)
-            adapter = two_stage(stack, data, seed)
+            adapter = two_stage(stack, data, seed, proxy_x)
             tuned = copy.deepcopy(stack)
             for p in tuned.parameters():
                 p.requires_grad_(True)

@@ -56,27 +56,41 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
     # Member (i, k): prior i, fold k, at index i * n_folds + k.
     m0 = torch.stack(centres_w).repeat(len(priors), 1, 1)
     b0 = torch.stack(centres_b).repeat(len(priors), 1)
-    mask = train_mask.repeat(len(priors), 1)
-    n_train = mask.sum(dim=1)
-    prior = torch.tensor(priors, dtype=mask.dtype).repeat_interleave(n_folds)
-    weight = m0.clone().requires_grad_(True)
-    bias = b0.clone().requires_grad_(True)
-
-    def log_likelihoods() -> Tensor:  # [members, n]
-        u = torch.einsum("nd,med->mne", log_s, weight) + bias[:, None, :]
-        log_probs = F.log_softmax(u @ gain.T + offset, dim=-1)
-        return F.logsigmoid(log_probs[:, torch.arange(n), y_w] - log_probs[:, torch.arange(n), y_l])
-
-    optimiser = torch.optim.Adam([weight, bias], lr=recipe.lr, weight_decay=recipe.weight_decay)
-    for _ in range(recipe.steps):
-        optimiser.zero_grad(set_to_none=True)
-        loss = -(log_likelihoods() * mask).sum(dim=1) / n_train
-        shape, tempering = deviation_terms(weight, bias, m0, b0)
-        (loss + recipe.prior_per_triple(shape, tempering, n_train, prior)).sum().backward()
-        optimiser.step()
+    prior = torch.tensor(priors, dtype=train_mask.dtype).repeat_interleave(n_folds)
+    weight, bias = fit_members(log_s, y_w, y_l, gain, offset, train_mask.repeat(len(priors), 1), m0, b0, prior, recipe)
     with torch.no_grad():
-        ll = log_likelihoods().reshape(len(priors), n_folds, n)
+        ll = member_log_likelihoods(log_s, y_w, y_l, gain, offset, weight, bias).reshape(len(priors), n_folds, n)
     held_out = np.zeros((len(priors), n))
     for k, test in enumerate(parts):
         held_out[:, test.numpy()] = ll[:, k, test].numpy()
     return held_out
+
+
+def member_log_likelihoods(log_s: Tensor, y_w: Tensor, y_l: Tensor, gain: Tensor, offset: Tensor, weight: Tensor,
+                           bias: Tensor) -> Tensor:
+    """Per-triple Bradley–Terry log-likelihood [members, n] of each adapter (M [members, D, D], b [members, D])
+    through the frozen head (logits = gain·u + offset)."""
+    n = log_s.shape[0]
+    u = torch.einsum("nd,med->mne", log_s, weight) + bias[:, None, :]
+    log_probs = F.log_softmax(u @ gain.T + offset, dim=-1)
+    rows = torch.arange(n, device=log_s.device)
+    return F.logsigmoid(log_probs[:, rows, y_w] - log_probs[:, rows, y_l])
+
+
+def fit_members(log_s: Tensor, y_w: Tensor, y_l: Tensor, gain: Tensor, offset: Tensor, row_weights: Tensor,
+                m0: Tensor, b0: Tensor, prior: Tensor, recipe: FitRecipe) -> tuple[Tensor, Tensor]:
+    """Adapters fitted at once, member m on the triples weighted by row_weights[m] (a 0/1 mask: a training split;
+    counts: a bootstrap resample), from and pulled toward its centre (m0[m], b0[m]) with prior[m]: what
+    `fit_adapter` gives on those triples with that centre and prior. Returns the fitted (M, b), detached."""
+    n_train = row_weights.sum(dim=1)
+    weight = m0.clone().requires_grad_(True)
+    bias = b0.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([weight, bias], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    for _ in range(recipe.steps):
+        optimiser.zero_grad(set_to_none=True)
+        ll = member_log_likelihoods(log_s, y_w, y_l, gain, offset, weight, bias)
+        loss = -(ll * row_weights).sum(dim=1) / n_train
+        shape, tempering = deviation_terms(weight, bias, m0, b0)
+        (loss + recipe.prior_per_triple(shape, tempering, n_train, prior)).sum().backward()
+        optimiser.step()
+    return weight.detach(), bias.detach()

@@ -1,11 +1,12 @@
 """The learners the condition tests compare, fitted on expert triples and cross-validated.
 
-Each candidate plan's learner (two-stage adapter, fine-tune, expert-only; the proxy as is needs no
-fit) plus the level-set test's augmented model, with the same fit recipes the training worker uses
-(policies.features.fitting, policies.features.recipe): small full-batch fits, well under a second each
-on one core. The adapter's prior is the worker's: chosen once by `choose_adapter_prior` on all the
-expert triples, then used in every fold (so the held-out scores describe the adapter users get; nested
-cross-validation would cost 6× those 30 fits again for one hyperparameter picked from six).
+Each candidate plan's learner (two-stage: the worker's bootstrap bag of adapters, scored as the bag rather
+than distilled; fine-tune, expert-only; the proxy as is needs no fit) plus the level-set test's augmented
+model, with the same fit recipes the training worker uses (policies.features.fitting,
+policies.features.recipe): small full-batch fits, well under a second each on one core. The adapter's prior
+is the worker's: chosen once by `choose_adapter_prior` on all the expert triples, then used in every fold (so
+the held-out scores describe the adapter users get; nested cross-validation would cost 6× those 30 fits again
+for one hyperparameter picked from six).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from policies.features.bagged_adapter import fit_bag_model
 from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, FitRecipe
 from policies.features.fitting import choose_centre, fit_adapter, fit_preferences
 from policies.features.model import (
@@ -129,8 +131,11 @@ def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
         train = torch.from_numpy(np.setdiff1d(np.arange(n), test_idx))
         test = torch.from_numpy(test_idx)
         xt, wt, lt = x[train], y_w[train], y_l[train]
-        adapter = _fresh_adapter(stack)
-        fit_adapter(adapter, xt, wt, lt, seed + fold, stage)
+        if recipe.bag_size >= 2 and len(train) >= 2:  # the worker's two_stage, before its bag is distilled
+            adapter: PreferenceModel = fit_bag_model(stack, xt, wt, lt, seed + fold, stage, recipe.bag_size)
+        else:
+            adapter = _fresh_adapter(stack)
+            fit_adapter(adapter, xt, wt, lt, seed + fold, stage)
         fitted: dict[str, PreferenceModel] = {
             "two_stage": adapter,
             "augmented": _fit_augmented(stack, xt, wt, lt, seed + fold, stage),

@@ -1,7 +1,8 @@
 """The feature two-stage recipe, once: what bench/appendix_d.py reports and the training worker trains.
 
 Stage 1 fits τ̃, Θ̃, φ̃ on proxy triples; stage 2 fits only the adapter on expert triples, its prior
-chosen by cross-validation on those triples alone (`choose_adapter_prior`, one-standard-error rule).
+chosen by cross-validation on those triples alone (`choose_adapter_prior`, one-standard-error rule), as a
+bootstrap bag of adapters distilled into one on the proxy triples' inputs (policies/features/bagged_adapter.py).
 Chosen on the tuning seeds 0–49 of the Appendix D family (docs/appendix_d.md); a training request
 that names no step counts or adapter size gets exactly this recipe (`resolve_recipe`).
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 from ground.schemas import TrainingRequest
+from policies.features.bagged_adapter import BAG_SIZE, bag_and_distil
 from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE, PROXY_STAGE, FitRecipe
 from policies.features.fitting import choose_adapter_prior, fit_adapter
-from policies.features.model import TwoStageConfig, TwoStagePolicy
+from policies.features.model import TwoStageConfig, TwoStagePolicy, preference_loss
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class TwoStageRecipe:
     prior_folds: int  # folds of that cross-validation
     simplex_dim: int  # D: the adapter is D×D + D
     hidden: int  # width of τ̃'s hidden layer
+    bag_size: int = BAG_SIZE  # bootstrap adapters distilled into the one served (policies/features/bagged_adapter.py)
 
     def config(self, input_dim: int, n_outputs: int) -> TwoStageConfig:
         return TwoStageConfig(input_dim=input_dim, n_outputs=n_outputs, simplex_dim=self.simplex_dim,
@@ -58,11 +62,22 @@ def resolve_recipe(request: TrainingRequest, recipe: TwoStageRecipe = TWO_STAGE)
 def fit_two_stage_adapter(
     stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, recipe: TwoStageRecipe = TWO_STAGE,
     on_step: Callable[[int, float], None] | None = None, after_step: Callable[[int], None] | None = None,
+    unlabelled: Tensor | None = None,
 ) -> float:
-    """Stage 2 in place: the adapter fitted at the prior `cross_validated_adapter_stage` picks. Returns the final
-    loss."""
-    return fit_adapter(stack, x, y_w, y_l, seed, cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe),
-                       on_step, after_step)
+    """Stage 2 in place: the adapter fitted at the prior `cross_validated_adapter_stage` picks. With `unlabelled`
+    inputs (the proxy triples' x) and a bag of at least 2, that fit is then replaced by the bootstrap bag of
+    adapters distilled on them (`bag_and_distil`); `after_step` sees the last step only once the adapter is final.
+    Returns the final loss on the expert triples."""
+    stage = cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe)
+    if unlabelled is None or recipe.bag_size < 2 or x.shape[0] < 2:
+        return fit_adapter(stack, x, y_w, y_l, seed, stage, on_step, after_step)
+    before_last = None if after_step is None else (lambda step: after_step(step) if step < stage.steps else None)
+    fit_adapter(stack, x, y_w, y_l, seed, stage, on_step, before_last)
+    bag_and_distil(stack, x, y_w, y_l, unlabelled, seed, stage, recipe.bag_size)
+    if after_step is not None:
+        after_step(stage.steps)
+    with torch.no_grad():
+        return float(preference_loss(stack.log_probs(x), y_w, y_l))
 
 
 def cross_validated_adapter_stage(

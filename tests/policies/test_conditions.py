@@ -282,8 +282,8 @@ def test_thresholds_are_one_object_the_caller_can_replace():
 
 
 def test_cross_validation_scores_the_adapter_at_the_workers_prior(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The held-out two_stage scores describe the adapter the worker trains: every fold fits it at the
-    prior `choose_adapter_prior` picks on all the expert triples (issue 15), not at a fixed one."""
+    """The held-out two_stage scores describe the adapter the worker trains: every fold fits its bootstrap bag at
+    the prior `choose_adapter_prior` picks on all the expert triples (issue 15), not at a fixed one."""
     task = appendix_d(n_proxy=1500, n_expert=40, seed=3, variant="ok")
     xp, wp, lp = triples_to_tensors(task.proxy)
     xe, we, le = triples_to_tensors(task.expert)
@@ -292,13 +292,13 @@ def test_cross_validation_scores_the_adapter_at_the_workers_prior(monkeypatch: p
     fit_stage1(stack, xp, wp, lp, 3, replace(TWO_STAGE.proxy_stage, steps=100))
     stack.freeze_proxy()
     used: list[float] = []
-    fit = cross_validation.fit_adapter
+    fit = cross_validation.fit_bag_model
 
-    def spy(model: TwoStagePolicy, *args: Any) -> float:
-        used.append(args[-1].adapter_prior)
+    def spy(model: TwoStagePolicy, *args: Any) -> Any:  # the worker's two_stage: its bag, at the stage's prior
+        used.append(args[-2].adapter_prior)
         return fit(model, *args)
 
-    monkeypatch.setattr(cross_validation, "fit_adapter", spy)
+    monkeypatch.setattr(cross_validation, "fit_bag_model", spy)
     for slow in ("_fit_augmented", "_fit_fine_tune"):  # other learners: not what this test is about
         monkeypatch.setattr(cross_validation, slow, lambda model, *_: model)
     monkeypatch.setattr(cross_validation, "fit_direct", lambda *_: stack)

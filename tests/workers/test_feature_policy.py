@@ -58,7 +58,8 @@ def test_same_seed_gives_the_same_weights(tmp_path):
 
 def test_two_stage_run_follows_the_recipe_the_condition_tests_score(tmp_path):
     """Worker weights equal a hand-run of the bench's recipe (policies.features.recipe): stage 1, then the
-    adapter with its prior chosen by cross-validation on the expert triples."""
+    adapter with its prior chosen by cross-validation on the expert triples, bagged and distilled on the proxy
+    triples' inputs."""
     task = appendix_d(n_proxy=300, n_expert=30, seed=4)
     result = train_feature_policy(_request(tmp_path, "two_stage"), task.proxy, task.expert, torch.device("cpu"),
                                   "w", lambda _: None)
@@ -66,8 +67,9 @@ def test_two_stage_run_follows_the_recipe_the_condition_tests_score(tmp_path):
     short = replace(TWO_STAGE, proxy_stage=replace(TWO_STAGE.proxy_stage, steps=60),
                     adapter_stage=replace(TWO_STAGE.adapter_stage, steps=40))
     model = TwoStagePolicy(short.config(5, 3))
-    fit_stage1(model, *triples_to_tensors(task.proxy), 0, short.proxy_stage)
-    fit_two_stage_adapter(model, *triples_to_tensors(task.expert), 0, short)
+    proxy = triples_to_tensors(task.proxy)
+    fit_stage1(model, *proxy, 0, short.proxy_stage)
+    fit_two_stage_adapter(model, *triples_to_tensors(task.expert), 0, short, unlabelled=proxy[0])
     final = load_file(f"{result.checkpoints[-1].path}/model.safetensors")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(final[name], value)

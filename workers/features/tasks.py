@@ -86,14 +86,16 @@ def expert_steps(plan: Plan, request: TrainingRequest, recipe: TwoStageRecipe) -
 def _fit_expert_stage(
     plan: Plan, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], steps: int, seed: int,
     recipe: TwoStageRecipe, on_step: Callable[[int, float], None], after_step: Callable[[int], None],
+    unlabelled: torch.Tensor | None = None,
 ) -> float:
     """Stage 2 by plan: the adapter alone with its prior chosen by cross-validation (two_stage, the
     recipe bench/appendix_d.py reports), every weight pulled toward stage 1 (fine_tune), or a direct
-    policy from scratch (expert_only)."""
+    policy from scratch (expert_only). `unlabelled` (the proxy triples' x) is where two_stage's bag of adapters is
+    distilled into the one it serves."""
     x, y_w, y_l = data
     if plan == "two_stage":
         assert isinstance(model, TwoStagePolicy)
-        return fit_two_stage_adapter(model, x, y_w, y_l, seed, recipe, on_step, after_step)
+        return fit_two_stage_adapter(model, x, y_w, y_l, seed, recipe, on_step, after_step, unlabelled)
     for p in model.parameters():
         p.requires_grad_(True)
     if plan == "fine_tune":
@@ -134,6 +136,7 @@ def train_feature_policy(
 
     checkpoints: list[CheckpointRef] = []
     loss = float("nan")
+    proxy_x: torch.Tensor | None = None
     def to_device(triples: Sequence[FeatureTriple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y_w, y_l = triples_to_tensors(triples)
         return x.to(device), y_w.to(device), y_l.to(device)
@@ -141,6 +144,7 @@ def train_feature_policy(
     if request.plan in ("two_stage", "proxy_as_is", "fine_tune"):
         assert isinstance(model, TwoStagePolicy)
         xp, wp, lp = to_device(proxy)
+        proxy_x = xp
         stage1 = recipe.proxy_stage
         loss = fit_stage1(model, xp, wp, lp, request.seed, stage1, report("proxy", stage1.steps))
         checkpoints.append(_save_checkpoint(model, out, 0, loss, meta))
@@ -153,7 +157,7 @@ def train_feature_policy(
                 checkpoints.append(_save_checkpoint(model, out, step, last, meta))
 
         loss = _fit_expert_stage(request.plan, model, to_device(expert_train), total, request.seed, recipe,
-                                 report("expert", total), after_expert_step)
+                                 report("expert", total), after_expert_step, proxy_x)
     (out / "curve.json").write_text(json.dumps(curve))
     return TrainingResult(
         run_id=request.run_id, device=str(device), worker=worker, checkpoints=checkpoints,

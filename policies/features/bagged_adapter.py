@@ -1,0 +1,130 @@
+"""Stage 2 as a bag: adapters fitted on bootstrap resamples of the expert triples, averaged, and the average
+distilled back into the one D×D adapter the released policy carries.
+
+On a few dozen triples the adapter's centre (the identity or a relabelling, `fitting.choose_centre`) is a
+discrete choice that a handful of triples can tip the wrong way. Refitting on bootstrap resamples lets each
+resample make that choice, and averaging their answers hedges it (bagging). The average of two centres can
+also express a map between them: a proxy whose outputs are a rotation of the expert's log-ratios, neither
+the identity nor a relabelling, is answered better by the bag than by either centre (docs/appendix_d.md,
+tuning seeds 0-17: +0.029 gold accuracy at 35 triples on `invertible`, within ±0.005 on the other kinds).
+
+The bag is then distilled into one adapter on unlabelled inputs (the proxy triples' x): the adapter family is
+affine in log τ̃(x), so it cannot always hold the mixture, but started from the member closest to it the
+distillation keeps most of the gain, and the released policy keeps paper 1's stack φ̃ ∘ Θ̃ ∘ π̄† ∘ τ̃ with a
+single π̄† (same format, same serving). Starting from every member and keeping the closest matters: from the
+single fit's centre alone the distillation can stay in the wrong basin (seed 7: 0.658 against the bag's 0.984).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from policies.features.adapter_grid import best_centre, fit_members
+from policies.features.fit_recipe import FitRecipe
+from policies.features.model import TwoStagePolicy
+from policies.features.simplex_adapter import relabelled_centres
+
+BAG_SIZE = 16  # bootstrap adapters; tuning seeds 0-17 of the Appendix D family (docs/appendix_d.md)
+DISTIL_STEPS = 300  # full-batch Adam steps of the distillation, from each member at once
+DISTIL_LR = 0.05  # the adapter stage's learning rate
+DISTIL_INPUTS = 1000  # unlabelled inputs the bag is distilled on (a random subset when there are more)
+
+
+def fit_bag(stack: TwoStagePolicy, log_s: Tensor, y_w: Tensor, y_l: Tensor, seed: int, stage: FitRecipe,
+            size: int = BAG_SIZE) -> tuple[Tensor, Tensor]:
+    """`size` adapters (M [size, D, D], b [size, D]), member k fitted by `fit_adapter`'s recipe (its own centre,
+    `stage`'s prior) on the k-th bootstrap resample of the triples (log_s = stack.log_embed(x)); in one batched fit."""
+    n = log_s.shape[0]
+    with torch.no_grad():
+        gain, offset = stack.head_affine()
+    candidates = relabelled_centres(gain, offset)
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(size, n, dtype=log_s.dtype)
+    centres_w, centres_b = [], []
+    for k in range(size):
+        rows = torch.randint(0, n, (n,), generator=generator)
+        counts[k] = torch.bincount(rows, minlength=n).to(log_s.dtype)
+        rows = rows.to(log_s.device)
+        m0, b0 = candidates[best_centre(candidates, gain, offset, log_s[rows], y_w[rows], y_l[rows])]
+        centres_w.append(m0)
+        centres_b.append(b0)
+    prior = torch.full((size,), stage.adapter_prior, dtype=log_s.dtype, device=log_s.device)
+    return fit_members(log_s, y_w, y_l, gain, offset, counts.to(log_s.device), torch.stack(centres_w),
+                       torch.stack(centres_b), prior, stage)
+
+
+def _log_probs(log_s: Tensor, gain: Tensor, offset: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """[members, N, outputs] log-probabilities of each adapter through the frozen head."""
+    u = torch.einsum("nd,med->mne", log_s, weight) + bias[:, None, :]
+    return F.log_softmax(u @ gain.T + offset, dim=-1)
+
+
+def distil_bag(stack: TwoStagePolicy, weight: Tensor, bias: Tensor, log_s: Tensor) -> float:
+    """Set the stack's adapter to the one closest (KL from the bag's average, over the inputs log_s) to the
+    bag (weight [K, D, D], bias [K, D]), fitted from every member at once; returns that KL in nats per input."""
+    with torch.no_grad():
+        gain, offset = stack.head_affine()
+        members = _log_probs(log_s, gain, offset, weight, bias)
+        target = torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(weight.shape[0])))
+        target_probs = target.exp()
+    start_w, start_b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([start_w, start_b], lr=DISTIL_LR)
+
+    def divergence() -> Tensor:  # [K]: KL(bag ‖ start k), mean over inputs
+        return (target_probs * (target - _log_probs(log_s, gain, offset, start_w, start_b))).sum(-1).mean(-1)
+
+    for _ in range(DISTIL_STEPS):
+        optimiser.zero_grad(set_to_none=True)
+        divergence().sum().backward()
+        optimiser.step()
+    with torch.no_grad():
+        final = divergence()
+        best = int(final.argmin())
+        stack.adapter.weight.copy_(start_w[best])
+        stack.adapter.bias.copy_(start_b[best])
+    return float(final[best])
+
+
+def unlabelled_embedding(stack: TwoStagePolicy, x: Tensor, seed: int) -> Tensor:
+    """log τ̃(x) of at most DISTIL_INPUTS of the inputs (a seeded random subset when there are more)."""
+    if x.shape[0] > DISTIL_INPUTS:
+        rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:DISTIL_INPUTS]
+        x = x[rows.to(x.device)]
+    with torch.no_grad():
+        return stack.log_embed(x)
+
+
+def bag_and_distil(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, unlabelled: Tensor, seed: int,
+                   stage: FitRecipe, size: int = BAG_SIZE) -> float:
+    """Stage 2's bag on the expert triples (x, y_w, y_l), distilled into the stack's adapter on `unlabelled`
+    inputs; only the adapter changes. Returns the distilled adapter's KL from the bag (nats per input)."""
+    with torch.no_grad():
+        log_s = stack.log_embed(x)
+    weight, bias = fit_bag(stack, log_s, y_w, y_l, seed, stage, size)
+    return distil_bag(stack, weight, bias, unlabelled_embedding(stack, unlabelled, seed))
+
+
+class Bag(nn.Module):
+    """The bag itself as a preference model: the members' answers averaged (what `distil_bag` compresses). The
+    condition tests score it in their cross-validation, where distilling every fold's bag would cost ~10× more."""
+
+    def __init__(self, stack: TwoStagePolicy, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.stack, self.weight, self.bias = stack, weight, bias
+        with torch.no_grad():
+            self.gain, self.offset = stack.head_affine()
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            members = _log_probs(self.stack.log_embed(x), self.gain, self.offset, self.weight, self.bias)
+        return torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(self.weight.shape[0])))
+
+
+def fit_bag_model(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, stage: FitRecipe,
+                  size: int = BAG_SIZE) -> Bag:
+    """`fit_bag` on these triples, as a model of its own (the stack is shared, not changed)."""
+    with torch.no_grad():
+        log_s = stack.log_embed(x)
+    return Bag(stack, *fit_bag(stack, log_s, y_w, y_l, seed, stage, size))
