@@ -131,8 +131,11 @@ def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
         train = torch.from_numpy(np.setdiff1d(np.arange(n), test_idx))
         test = torch.from_numpy(test_idx)
         xt, wt, lt = x[train], y_w[train], y_l[train]
-        if recipe.bag_size >= 2 and len(train) >= 2:  # the worker's two_stage, before its bag is distilled
-            adapter: PreferenceModel = fit_bag_model(stack, xt, wt, lt, seed + fold, stage, recipe.bag_size)
+        # The worker's two_stage: its bag (before distillation) when the bag's members disagree about the centre,
+        # else the single fit.
+        bag = fit_bag_model(stack, xt, wt, lt, seed + fold, stage, recipe.bag_size) if recipe.bag_size >= 2 else None
+        if bag is not None:
+            adapter: PreferenceModel = bag
         else:
             adapter = _fresh_adapter(stack)
             fit_adapter(adapter, xt, wt, lt, seed + fold, stage)
