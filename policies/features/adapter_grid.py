@@ -66,14 +66,18 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
     return held_out
 
 
+def member_log_probs(log_s: Tensor, gain: Tensor, offset: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """[members, n, outputs] log-probabilities of each adapter (M [members, D, D], b [members, D]) through the frozen
+    head (logits = gain·u + offset)."""
+    u = torch.einsum("nd,med->mne", log_s, weight) + bias[:, None, :]
+    return F.log_softmax(u @ gain.T + offset, dim=-1)
+
+
 def member_log_likelihoods(log_s: Tensor, y_w: Tensor, y_l: Tensor, gain: Tensor, offset: Tensor, weight: Tensor,
                            bias: Tensor) -> Tensor:
-    """Per-triple Bradley–Terry log-likelihood [members, n] of each adapter (M [members, D, D], b [members, D])
-    through the frozen head (logits = gain·u + offset)."""
-    n = log_s.shape[0]
-    u = torch.einsum("nd,med->mne", log_s, weight) + bias[:, None, :]
-    log_probs = F.log_softmax(u @ gain.T + offset, dim=-1)
-    rows = torch.arange(n, device=log_s.device)
+    """Per-triple Bradley–Terry log-likelihood [members, n] of each adapter (`member_log_probs`)."""
+    log_probs = member_log_probs(log_s, gain, offset, weight, bias)
+    rows = torch.arange(log_s.shape[0], device=log_s.device)
     return F.logsigmoid(log_probs[:, rows, y_w] - log_probs[:, rows, y_l])
 
 

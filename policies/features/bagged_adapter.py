@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from policies.features.adapter_grid import best_centre, fit_members
+from policies.features.adapter_grid import best_centre, fit_members, member_log_probs
 from policies.features.fit_recipe import FitRecipe
 from policies.features.model import TwoStagePolicy
 from policies.features.simplex_adapter import relabelled_centres
@@ -67,25 +66,19 @@ def centre_in_doubt(centres: list[int]) -> bool:
     return len(centres) - max(centres.count(c) for c in set(centres)) >= MIN_DISSENT
 
 
-def _log_probs(log_s: Tensor, gain: Tensor, offset: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """[members, N, outputs] log-probabilities of each adapter through the frozen head."""
-    u = torch.einsum("nd,med->mne", log_s, weight) + bias[:, None, :]
-    return F.log_softmax(u @ gain.T + offset, dim=-1)
-
-
 def distil_bag(stack: TwoStagePolicy, weight: Tensor, bias: Tensor, log_s: Tensor) -> float:
     """Set the stack's adapter to the one closest (KL from the bag's average, over the inputs log_s) to the
     bag (weight [K, D, D], bias [K, D]), fitted from every member at once; returns that KL in nats per input."""
     with torch.no_grad():
         gain, offset = stack.head_affine()
-        members = _log_probs(log_s, gain, offset, weight, bias)
+        members = member_log_probs(log_s, gain, offset, weight, bias)
         target = torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(weight.shape[0])))
         target_probs = target.exp()
     start_w, start_b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([start_w, start_b], lr=DISTIL_LR)
 
     def divergence() -> Tensor:  # [K]: KL(bag ‖ start k), mean over inputs
-        return (target_probs * (target - _log_probs(log_s, gain, offset, start_w, start_b))).sum(-1).mean(-1)
+        return (target_probs * (target - member_log_probs(log_s, gain, offset, start_w, start_b))).sum(-1).mean(-1)
 
     for _ in range(DISTIL_STEPS):
         optimiser.zero_grad(set_to_none=True)
@@ -133,7 +126,7 @@ class Bag(nn.Module):
 
     def log_probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            members = _log_probs(self.stack.log_embed(x), self.gain, self.offset, self.weight, self.bias)
+            members = member_log_probs(self.stack.log_embed(x), self.gain, self.offset, self.weight, self.bias)
         return torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(self.weight.shape[0])))
 
 
