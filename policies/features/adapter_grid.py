@@ -45,7 +45,7 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
         log_s = stack.log_embed(x)
         gain, offset = stack.head_affine()
     candidates = relabelled_centres(gain, offset)
-    train_mask = torch.ones(n_folds, n)
+    train_mask = torch.ones(n_folds, n, device=log_s.device)  # on the stack's device, as fit_members needs
     centres_w, centres_b = [], []
     for k, test in enumerate(parts):
         train_mask[k, test] = 0.0
@@ -56,13 +56,13 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
     # Member (i, k): prior i, fold k, at index i * n_folds + k.
     m0 = torch.stack(centres_w).repeat(len(priors), 1, 1)
     b0 = torch.stack(centres_b).repeat(len(priors), 1)
-    prior = torch.tensor(priors, dtype=train_mask.dtype).repeat_interleave(n_folds)
+    prior = torch.tensor(priors, dtype=train_mask.dtype, device=log_s.device).repeat_interleave(n_folds)
     weight, bias = fit_members(log_s, y_w, y_l, gain, offset, train_mask.repeat(len(priors), 1), m0, b0, prior, recipe)
     with torch.no_grad():
         ll = member_log_likelihoods(log_s, y_w, y_l, gain, offset, weight, bias).reshape(len(priors), n_folds, n)
     held_out = np.zeros((len(priors), n))
     for k, test in enumerate(parts):
-        held_out[:, test.numpy()] = ll[:, k, test].numpy()
+        held_out[:, test.numpy()] = ll[:, k, test.to(ll.device)].cpu().numpy()
     return held_out
 
 
