@@ -1,8 +1,9 @@
 """The feature two-stage recipe, once: what bench/appendix_d.py reports and the training worker trains.
 
 Stage 1 fits τ̃, Θ̃, φ̃ on proxy triples; stage 2 fits only the adapter on expert triples, its prior
-chosen by cross-validation on those triples alone (`choose_adapter_prior`, one-standard-error rule), as a
-bootstrap bag of adapters distilled into one on the proxy triples' inputs (policies/features/bagged_adapter.py).
+chosen by cross-validation on those triples alone (`choose_adapter_prior`, one-standard-error rule); when a
+bootstrap bag of adapters disagrees about the centre, the bag distilled into one on the proxy triples' inputs
+(policies/features/bagged_adapter.py).
 Chosen on the tuning seeds 0–49 of the Appendix D family (docs/appendix_d.md); a training request
 that names no step counts or adapter size gets exactly this recipe (`resolve_recipe`).
 """
@@ -66,7 +67,8 @@ def fit_two_stage_adapter(
 ) -> float:
     """Stage 2 in place: the adapter fitted at the prior `cross_validated_adapter_stage` picks. With `unlabelled`
     inputs (the proxy triples' x) and a bag of at least 2, that fit is then replaced by the bootstrap bag of
-    adapters distilled on them (`bag_and_distil`); `after_step` sees the last step only once the adapter is final.
+    adapters distilled on them when the bag's members disagree about the centre (`bag_and_distil`); `after_step`
+    sees the last step only once the adapter is final.
     Returns the final loss on the expert triples."""
     stage = cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe)
     if unlabelled is None or recipe.bag_size < 2 or x.shape[0] < 2:
