@@ -6,7 +6,8 @@ discrete choice that a handful of triples can tip the wrong way. Refitting on bo
 resample make that choice, and averaging their answers hedges it (bagging). The average of two centres can
 also express a map between them: a proxy whose outputs are a rotation of the expert's log-ratios, neither
 the identity nor a relabelling, is answered better by the bag than by either centre (docs/appendix_d.md,
-tuning seeds 0-17: +0.029 gold accuracy at 35 triples on `invertible`, within ±0.005 on the other kinds).
+tuning seeds 0-17, ungated: +0.029 gold accuracy at 35 triples on `invertible`, within ±0.005 on the other
+kinds).
 
 The bag is then distilled into one adapter on unlabelled inputs (the proxy triples' x): the adapter family is
 affine in log τ̃(x), so it cannot always hold the mixture, but started from the member closest to it the
@@ -66,13 +67,17 @@ def centre_in_doubt(centres: list[int]) -> bool:
     return len(centres) - max(centres.count(c) for c in set(centres)) >= MIN_DISSENT
 
 
+def average_log_probs(members: Tensor) -> Tensor:
+    """log of the members' average answer: [K, N, outputs] log-probabilities -> [N, outputs]."""
+    return torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(members.shape[0])))
+
+
 def distil_bag(stack: TwoStagePolicy, weight: Tensor, bias: Tensor, log_s: Tensor) -> float:
     """Set the stack's adapter to the one closest (KL from the bag's average, over the inputs log_s) to the
     bag (weight [K, D, D], bias [K, D]), fitted from every member at once; returns that KL in nats per input."""
     with torch.no_grad():
         gain, offset = stack.head_affine()
-        members = member_log_probs(log_s, gain, offset, weight, bias)
-        target = torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(weight.shape[0])))
+        target = average_log_probs(member_log_probs(log_s, gain, offset, weight, bias))
         target_probs = target.exp()
     start_w, start_b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([start_w, start_b], lr=DISTIL_LR)
@@ -126,8 +131,8 @@ class Bag(nn.Module):
 
     def log_probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            members = member_log_probs(self.stack.log_embed(x), self.gain, self.offset, self.weight, self.bias)
-        return torch.logsumexp(members, dim=0) - torch.log(torch.tensor(float(self.weight.shape[0])))
+            return average_log_probs(member_log_probs(self.stack.log_embed(x), self.gain, self.offset, self.weight,
+                                                      self.bias))
 
 
 def fit_bag_model(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int, stage: FitRecipe,
