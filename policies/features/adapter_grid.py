@@ -34,6 +34,14 @@ def best_centre(candidates: Sequence[tuple[Tensor, Tensor]], gain: Tensor, offse
     return max(range(len(candidates)), key=lambda k: scores[k] - (cost if k else 0.0))
 
 
+def centres_of(candidates: Sequence[tuple[Tensor, Tensor]], gain: Tensor, offset: Tensor, log_s: Tensor, y_w: Tensor,
+               y_l: Tensor, subsets: Sequence[Tensor]) -> tuple[list[int], Tensor, Tensor]:
+    """The centre `best_centre` picks on each subset of the triples (row indices or a mask): (their indices in
+    `candidates`, M₀ [subsets, D, D], b₀ [subsets, D]), the starting points of a batched `fit_members`."""
+    chosen = [best_centre(candidates, gain, offset, log_s[rows], y_w[rows], y_l[rows]) for rows in subsets]
+    return chosen, torch.stack([candidates[c][0] for c in chosen]), torch.stack([candidates[c][1] for c in chosen])
+
+
 def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, parts: Sequence[Tensor],
                       priors: Sequence[float], recipe: FitRecipe) -> np.ndarray:
     """Held-out log-likelihood [len(priors), n] of the adapter fitted on all parts but one, for each
@@ -46,16 +54,12 @@ def held_out_by_prior(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor
         gain, offset = stack.head_affine()
     candidates = relabelled_centres(gain, offset)
     train_mask = torch.ones(n_folds, n, device=log_s.device)  # on the stack's device, as fit_members needs
-    centres_w, centres_b = [], []
     for k, test in enumerate(parts):
         train_mask[k, test] = 0.0
-        train = train_mask[k].bool()
-        m0, b0 = candidates[best_centre(candidates, gain, offset, log_s[train], y_w[train], y_l[train])]
-        centres_w.append(m0)
-        centres_b.append(b0)
+    _, m0, b0 = centres_of(candidates, gain, offset, log_s, y_w, y_l, [mask.bool() for mask in train_mask])
     # Member (i, k): prior i, fold k, at index i * n_folds + k.
-    m0 = torch.stack(centres_w).repeat(len(priors), 1, 1)
-    b0 = torch.stack(centres_b).repeat(len(priors), 1)
+    m0 = m0.repeat(len(priors), 1, 1)
+    b0 = b0.repeat(len(priors), 1)
     prior = torch.tensor(priors, dtype=train_mask.dtype, device=log_s.device).repeat_interleave(n_folds)
     weight, bias = fit_members(log_s, y_w, y_l, gain, offset, train_mask.repeat(len(priors), 1), m0, b0, prior, recipe)
     with torch.no_grad():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from policies.features.adapter_grid import best_centre, fit_members, member_log_probs
+from policies.features.adapter_grid import centres_of, fit_members, member_log_probs
 from policies.features.fit_recipe import FitRecipe
 from policies.features.model import TwoStagePolicy
 from policies.features.simplex_adapter import relabelled_centres
@@ -48,17 +48,12 @@ def fit_bag(stack: TwoStagePolicy, log_s: Tensor, y_w: Tensor, y_l: Tensor, seed
         gain, offset = stack.head_affine()
     candidates = relabelled_centres(gain, offset)
     generator = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(size, n, dtype=log_s.dtype)
-    chosen = []
-    for k in range(size):
-        rows = torch.randint(0, n, (n,), generator=generator)
-        counts[k] = torch.bincount(rows, minlength=n).to(log_s.dtype)
-        rows = rows.to(log_s.device)
-        chosen.append(best_centre(candidates, gain, offset, log_s[rows], y_w[rows], y_l[rows]))
+    resamples = [torch.randint(0, n, (n,), generator=generator) for _ in range(size)]
+    counts = torch.stack([torch.bincount(rows, minlength=n) for rows in resamples]).to(log_s)
+    on_device = [rows.to(log_s.device) for rows in resamples]
+    chosen, m0, b0 = centres_of(candidates, gain, offset, log_s, y_w, y_l, on_device)
     prior = torch.full((size,), stage.adapter_prior, dtype=log_s.dtype, device=log_s.device)
-    weight, bias = fit_members(log_s, y_w, y_l, gain, offset, counts.to(log_s.device),
-                               torch.stack([candidates[c][0] for c in chosen]),
-                               torch.stack([candidates[c][1] for c in chosen]), prior, stage)
+    weight, bias = fit_members(log_s, y_w, y_l, gain, offset, counts, m0, b0, prior, stage)
     return weight, bias, chosen
 
 
@@ -106,19 +101,6 @@ def unlabelled_embedding(stack: TwoStagePolicy, x: Tensor, seed: int) -> Tensor:
         return stack.log_embed(x)
 
 
-def bag_and_distil(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, unlabelled: Tensor, seed: int,
-                   stage: FitRecipe, size: int = BAG_SIZE) -> float | None:
-    """Stage 2's bag on the expert triples (x, y_w, y_l), distilled into the stack's adapter on `unlabelled`
-    inputs when its members disagree about the centre (`centre_in_doubt`); only the adapter changes. Returns the
-    distilled adapter's KL from the bag (nats per input), or None when the members agreed and nothing changed."""
-    with torch.no_grad():
-        log_s = stack.log_embed(x)
-    weight, bias, centres = fit_bag(stack, log_s, y_w, y_l, seed, stage, size)
-    if not centre_in_doubt(centres):
-        return None
-    return distil_bag(stack, weight, bias, unlabelled_embedding(stack, unlabelled, seed))
-
-
 class Bag(nn.Module):
     """The bag itself as a preference model: the members' answers averaged (what `distil_bag` compresses). The
     condition tests score it in their cross-validation, where distilling every fold's bag would cost ~10× more."""
@@ -143,3 +125,14 @@ def fit_bag_model(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, se
         log_s = stack.log_embed(x)
     weight, bias, centres = fit_bag(stack, log_s, y_w, y_l, seed, stage, size)
     return Bag(stack, weight, bias) if centre_in_doubt(centres) else None
+
+
+def bag_and_distil(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, unlabelled: Tensor, seed: int,
+                   stage: FitRecipe, size: int = BAG_SIZE) -> float | None:
+    """Stage 2's bag on the expert triples (x, y_w, y_l), distilled into the stack's adapter on `unlabelled`
+    inputs when its members disagree about the centre (`centre_in_doubt`); only the adapter changes. Returns the
+    distilled adapter's KL from the bag (nats per input), or None when the members agreed and nothing changed."""
+    bag = fit_bag_model(stack, x, y_w, y_l, seed, stage, size)
+    if bag is None:
+        return None
+    return distil_bag(stack, bag.weight, bag.bias, unlabelled_embedding(stack, unlabelled, seed))
