@@ -141,23 +141,43 @@ def _proxy_stack(world: FamilyWorld, rng: np.random.Generator, seed: int) -> tup
 Scores = dict[str, dict[str, dict[int, tuple[float, float]]]]  # {proxy kind: {method: {n: (accuracy, KL)}}}
 
 
-def run_seed(seed: int, ns: Sequence[int], kinds: Sequence[str] = FAMILY_PROXIES) -> Scores:
-    """{proxy kind: {method: {n: (accuracy, KL)}}} for one seed; expert data shared by all proxies."""
+@dataclass
+class ExpertData:
+    """One seed's expert side, shared by every proxy kind: test inputs, the nested pool (the first n triples
+    are the n-triple data set) and the expert-only learners' validation triples."""
+
+    test: TestSet
+    pool: tuple[Tensor, Tensor, Tensor]
+    valid: tuple[Tensor, Tensor, Tensor]
+
+
+def expert_data(seed: int, ns: Sequence[int]) -> ExpertData:
     expert_world = appendix_d_family(seed, FAMILY_PROXIES[0])
     rng = np.random.default_rng(10_000 + seed)
     x_test = rng.standard_normal((N_TEST, expert_world.input_dim))
     test = TestSet(torch.tensor(x_test, dtype=torch.float32), expert_world.expert_log_probs(x_test))
     pool = triples_to_tensors(draw_triples(expert_world, max(ns), expert=True, rng=rng))  # nested: first n
     valid = triples_to_tensors(draw_triples(expert_world, N_VALID, expert=True, rng=rng))
+    return ExpertData(test, pool, valid)
 
-    expert_scores: dict[str, dict[int, tuple[float, float]]] = {"expert_linear": {}, "expert_mlp": {}}
+
+def expert_only_scores(data: ExpertData, ns: Sequence[int], seed: int) -> dict[str, dict[int, tuple[float, float]]]:
+    """{"expert_linear" | "expert_mlp": {n: (accuracy, KL)}}, each tuned on the validation triples."""
+    scores: dict[str, dict[int, tuple[float, float]]] = {"expert_linear": {}, "expert_mlp": {}}
     for n in ns:
-        data = tuple(t[:n] for t in pool)
-        linear = _tuned(lambda: LinearSoftmax(5, 3), LINEAR_DECAYS, data, valid, seed)
-        mlp = _tuned(lambda: DirectPolicy(5, 3, MLP_HIDDEN), MLP_DECAYS, data, valid, seed)
-        expert_scores["expert_linear"][n] = test.score(linear)
-        expert_scores["expert_mlp"][n] = test.score(mlp)
+        first = tuple(t[:n] for t in data.pool)
+        linear = _tuned(lambda: LinearSoftmax(5, 3), LINEAR_DECAYS, first, data.valid, seed)
+        mlp = _tuned(lambda: DirectPolicy(5, 3, MLP_HIDDEN), MLP_DECAYS, first, data.valid, seed)
+        scores["expert_linear"][n] = data.test.score(linear)
+        scores["expert_mlp"][n] = data.test.score(mlp)
+    return scores
 
+
+def run_seed(seed: int, ns: Sequence[int], kinds: Sequence[str] = FAMILY_PROXIES) -> Scores:
+    """{proxy kind: {method: {n: (accuracy, KL)}}} for one seed; expert data shared by all proxies."""
+    expert = expert_data(seed, ns)
+    test, pool = expert.test, expert.pool
+    expert_scores = expert_only_scores(expert, ns, seed)
     out: Scores = {}
     for kind in kinds:
         world = appendix_d_family(seed, kind)
