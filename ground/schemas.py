@@ -6,7 +6,7 @@ bumps it, and readers refuse versions they do not know (the event goes to the de
 Version 2 (this one) requires `occurred_at` on the wire: the producer's moment of the change. A
 reader never stamps its own clock, so a redelivered copy cannot look newer than the stored one.
 Between two versions of one event id the later `occurred_at` wins; equal moments are ordered by
-content hash; an identical copy is a no-op whatever its timestamp (ingest.store.upsert_events).
+content hash; an identical copy is a no-op whatever its timestamp (ingest.upsert.upsert_events).
 Version 1 events are still read when they carry `occurred_at` (they meant the same).
 """
 

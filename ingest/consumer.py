@@ -34,7 +34,8 @@ from ingest.bus import (
     publish,
 )
 from ingest.dead_letters import Refusal
-from ingest.store import count_labels, count_new_labels, make_engine, upsert_events
+from ingest.store import count_labels, count_new_labels, make_engine
+from ingest.upsert import upsert_events
 
 log = logging.getLogger("proxyloop.ingest")
 

@@ -183,7 +183,8 @@ def stored_snapshot(settings: Settings, task: Any) -> str:
     from sqlalchemy.orm import Session
 
     from ground.schemas import ExpertLabel, ProxyPreference
-    from ingest.store import freeze_snapshot, make_engine, upsert_events
+    from ingest.store import freeze_snapshot, make_engine
+    from ingest.upsert import upsert_events
 
     with Session(make_engine(settings.resolved_store_url)) as session:
         upsert_events(session, [ProxyPreference(event_id=f"p{i}", proxy_name="j", item=t)

@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 from ground.schemas import ExpertLabel, ProxyPreference, utcnow
 from ground.settings import Settings
 from ingest.bus import ensure_topics
-from ingest.store import RetrainRun, make_engine, run_record, upsert_events
+from ingest.store import RetrainRun, make_engine, run_record
 from ingest.synthetic import appendix_d
+from ingest.upsert import upsert_events
 from proxyloop import stack
 from proxyloop.demo import FINAL_STATES
 from tests.conftest import wait_until

@@ -357,7 +357,8 @@ def test_chat_tasks_get_a_pre_annotation_and_a_score_in_label_studio_beside_feat
     cache, under one model version, each task keeping one prediction."""
     from ground.schemas import ExpertLabel
     from ingest.labelstudio.provision import PAIRWISE_CONFIG, client_for
-    from ingest.store import make_engine, upsert_events
+    from ingest.store import make_engine
+    from ingest.upsert import upsert_events
 
     settings = Settings(home=tmp_path, labelstudio_url=labelstudio.url, labelstudio_token=labelstudio.token)
     _release_chat_policy(settings, chat_stage1)

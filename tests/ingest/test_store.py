@@ -10,8 +10,8 @@ from ingest.store import (
     load_snapshot_triples,
     make_engine,
     split_expert,
-    upsert_events,
 )
+from ingest.upsert import upsert_events
 
 
 def _proxy(i: int) -> ProxyPreference:

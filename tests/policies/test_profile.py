@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
 from ground.schemas import ExpertLabel, PairwiseText, utcnow
-from ingest.store import make_engine, upsert_events
+from ingest.store import make_engine
+from ingest.upsert import upsert_events
 from policies.profile import (
     ProfileConfig,
     ProfileItem,

@@ -5,8 +5,9 @@ import json
 from sqlalchemy.orm import Session
 
 from ground.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference
-from ingest.store import freeze_snapshot, make_engine, upsert_events
+from ingest.store import freeze_snapshot, make_engine
 from ingest.text_snapshot import snapshot_item_kind
+from ingest.upsert import upsert_events
 from workers.lm.snapshot_data import chat_prompt, write_snapshot_datasets
 
 

@@ -1,0 +1,113 @@
+"""The write path of the label store: idempotent upserts keyed by event id, under the event contract's ordering rule.
+
+Kept apart from the tables and readers (ingest/store.py) so the one rule every writer must follow reads as one unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from ground.schemas import ExpertLabel, ProxyPreference, as_utc, utcnow
+from ingest.store import Base, LabelHistoryRow, LabelKind, LabelRow
+
+_LABELS = Base.metadata.tables[LabelRow.__tablename__]
+_HISTORY = Base.metadata.tables[LabelHistoryRow.__tablename__]
+
+
+def _row_values(event: ExpertLabel | ProxyPreference) -> tuple[LabelKind, str]:
+    if isinstance(event, ExpertLabel):
+        return "expert", event.annotator_id
+    return "proxy", event.proxy_name
+
+
+_IN_CHUNK = 500  # ids per IN (...) query; far below SQLite's and PostgreSQL's parameter limits
+
+
+def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreference]) -> int:
+    """Insert or update by event id; repeating a delivery changes nothing. Returns rows written.
+
+    The rule of the event contract (v2): an identical copy (same content, whatever its `occurred_at`)
+    is a no-op; between different versions of one id the later `occurred_at` wins, and equal moments
+    are ordered by content hash, so the stored version never depends on arrival order or on any
+    reader's clock. `action="deleted"` retracts. Each write is appended to `label_history`. The
+    caller commits: Kafka offsets are committed only after that.
+    """
+    batch = list(events)
+    existing: dict[str, LabelRow] = {}
+    ids = sorted({e.event_id for e in batch})
+    for i in range(0, len(ids), _IN_CHUNK):
+        rows = session.scalars(select(LabelRow).where(LabelRow.event_id.in_(ids[i:i + _IN_CHUNK])))
+        existing.update({row.event_id: row for row in rows})
+    # New rows and history are bulk-inserted with Core statements on the tables (the ORM's bulk
+    # insert still collects per-row commands: most of the cost); rows that already exist are
+    # updated through the ORM.
+    inserts: dict[str, dict[str, Any]] = {}
+    history: list[dict[str, Any]] = []
+    next_seq = (session.scalar(select(func.max(LabelRow.seq))) or 0) + 1
+    for event in batch:
+        kind, source_id = _row_values(event)
+        row = existing.get(event.event_id)
+        fresh = inserts.get(event.event_id)
+        if isinstance(event, ExpertLabel):
+            action = event.action
+        else:
+            action = "created" if row is None and fresh is None else "updated"
+        item = event.item.model_dump(mode="json") if event.item is not None else None
+        deleted = action == "deleted"
+        version = _Version(event.occurred_at, source_id, item, deleted)
+        if row is None and fresh is None:
+            # A retraction that overtook its creation leaves a tombstone, so the late creation
+            # (older occurred_at) cannot resurrect the label.
+            inserts[event.event_id] = {
+                "event_id": event.event_id, "kind": kind, "source_id": source_id, "item": item or {},
+                "deleted": deleted, "occurred_at": event.occurred_at, "seq": next_seq, "stored_at": utcnow(),
+            }
+            next_seq += 1
+        elif fresh is not None:
+            if not version.supersedes(_Version(fresh["occurred_at"], fresh["source_id"], fresh["item"],
+                                               fresh["deleted"])):
+                continue
+            fresh.update(deleted=deleted, occurred_at=event.occurred_at, source_id=source_id,
+                         **({"item": item} if item else {}))
+        elif row is not None:
+            if not version.supersedes(_Version(as_utc(row.occurred_at), row.source_id, row.item, row.deleted)):
+                continue
+            row.deleted, row.occurred_at, row.source_id = deleted, event.occurred_at, source_id
+            if item is not None:
+                row.item = item
+        history.append({"event_id": event.event_id, "kind": kind, "action": action, "item": item,
+                        "occurred_at": event.occurred_at, "recorded_at": utcnow()})
+    if inserts:
+        session.execute(insert(_LABELS), list(inserts.values()))
+    if history:
+        session.execute(insert(_HISTORY), history)
+    session.flush()
+    return len(history)
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One version of a label, as the ordering rule of upsert_events sees it."""
+
+    occurred_at: datetime
+    source_id: str
+    item: dict[str, object] | None
+    deleted: bool
+
+    def content_hash(self) -> str:
+        # A retraction's content is the retraction itself: who sent it does not make it another version.
+        content = ["deleted"] if self.deleted else [self.source_id, self.item]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def supersedes(self, stored: _Version) -> bool:
+        mine, theirs = self.content_hash(), stored.content_hash()
+        # An identical copy (a redelivery, a replay) is no newer whatever its timestamp.
+        return mine != theirs and (self.occurred_at, mine) > (stored.occurred_at, theirs)
