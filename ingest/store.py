@@ -109,9 +109,6 @@ class RetrainRun(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
-# The tables themselves, for Core bulk inserts.
-
-
 @lru_cache(maxsize=8)
 def make_engine(url: str) -> Engine:
     """One engine per URL and process; upgrades the store's schema to the newest migration

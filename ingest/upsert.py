@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import ExpertLabel, ProxyPreference, as_utc, utcnow
 from ingest.store import Base, LabelHistoryRow, LabelKind, LabelRow
 
+# The tables themselves, for Core bulk inserts.
 _LABELS = Base.metadata.tables[LabelRow.__tablename__]
 _HISTORY = Base.metadata.tables[LabelHistoryRow.__tablename__]
 
