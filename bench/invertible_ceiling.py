@@ -33,7 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.appendix_d import HEADLINE_N, NS, SEED_START, crossing_multiple, expert_data, expert_only_scores
+from bench.appendix_d import (
+    HEADLINE_N,
+    NS,
+    SEED_START,
+    accuracy_and_kl,
+    better_expert_curve,
+    crossing_multiple,
+    expert_data,
+    expert_only_scores,
+)
 from ingest.synthetic_families import appendix_d_family
 from policies.features.model import preference_log_likelihoods
 
@@ -81,19 +90,12 @@ def log_evidence(lp: Tensor, y_w: Tensor, y_l: Tensor, lam: float, theta: Tensor
     return float(-nll(theta) - 0.5 * torch.logdet(hessian) + 0.5 * theta.numel() * np.log(2 * lam))
 
 
-def score(lp: Tensor, gold: np.ndarray) -> tuple[float, float]:
-    """(ranking accuracy, KL(π† ‖ π̂)) over the expert's outputs, as bench/appendix_d.TestSet scores."""
-    own = torch.log_softmax(lp[:, : gold.shape[1]], dim=-1).numpy()
-    agree = [np.sign(own[:, a] - own[:, b]) == np.sign(gold[:, a] - gold[:, b]) for a, b in ((0, 1), (0, 2), (1, 2))]
-    return float(np.mean(agree)), float((np.exp(gold) * (gold - own)).sum(axis=1).mean())
-
-
 def rules_at(lp: Tensor, y_w: Tensor, y_l: Tensor, lp_test: Tensor, gold: np.ndarray,
              seed: int) -> dict[str, list[float]]:
     """{rule: [accuracy, KL]} of the adapter each rule picks on these triples."""
     n = lp.shape[0]
     fits = {lam: fit(lp, y_w, y_l, lam) for lam in LAMBDAS}
-    scores = {lam: score(log_probs(lp_test, fits[lam]), gold) for lam in LAMBDAS}
+    scores = {lam: accuracy_and_kl(log_probs(lp_test, fits[lam]), gold) for lam in LAMBDAS}
     held = {lam: np.zeros(n) for lam in LAMBDAS}
     for test in np.array_split(np.random.default_rng(seed).permutation(n), FOLDS):
         train, held_out = torch.from_numpy(np.setdiff1d(np.arange(n), test)), torch.from_numpy(test)
@@ -110,7 +112,7 @@ def rules_at(lp: Tensor, y_w: Tensor, y_l: Tensor, lp_test: Tensor, gold: np.nda
     return {
         "cv": list(scores[best]), "cv_1se": list(scores[one_se]),
         "evidence": list(scores[LAMBDAS[int(evidence.argmax())]]),
-        "evidence_avg": list(score(torch.log(mixed), gold)),  # type: ignore[arg-type]
+        "evidence_avg": list(accuracy_and_kl(torch.log(mixed), gold)),  # type: ignore[arg-type]
         "hindsight": [max(s[0] for s in scores.values()), min(s[1] for s in scores.values())],
     }
 
@@ -130,8 +132,7 @@ def multiples(records: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """{rule: (accuracy multiple, KL multiple)} against the seeds' mean expert-only curve."""
     curve = {m: np.array([[r["expert_only"][m][str(n)] for n in NS] for r in records]).mean(axis=0)
              for m in ("expert_linear", "expert_mlp")}
-    acc = np.maximum(curve["expert_linear"][:, 0], curve["expert_mlp"][:, 0])
-    kl = np.minimum(curve["expert_linear"][:, 1], curve["expert_mlp"][:, 1])
+    acc, kl = better_expert_curve(curve["expert_linear"], curve["expert_mlp"]).T
     out = {}
     for rule in RULES:
         mean = np.array([r["rules"][rule] for r in records]).mean(axis=0)

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from bench.invertible_ceiling import RULES, fit, log_probs, rules_at, score
+from bench.appendix_d import accuracy_and_kl
+from bench.invertible_ceiling import RULES, fit, log_probs, rules_at
 from ingest.synthetic_families import appendix_d_family, draw_triples
 from policies.features.model import triples_to_tensors
 
@@ -19,8 +20,8 @@ def _world_data(n: int, seed: int = 3) -> tuple[torch.Tensor, ...]:
 
 def test_adapter_on_the_true_proxy_recovers_the_expert_from_many_triples() -> None:
     lp, y_w, y_l, lp_test, gold = _world_data(3000)
-    as_is = score(lp_test, gold.numpy())
-    fitted = score(log_probs(lp_test, fit(lp, y_w, y_l, 0.01)), gold.numpy())
+    as_is = accuracy_and_kl(lp_test, gold.numpy())
+    fitted = accuracy_and_kl(log_probs(lp_test, fit(lp, y_w, y_l, 0.01)), gold.numpy())
     assert fitted[0] > 0.97 and fitted[1] < 0.02  # the map g is in the adapter's family
     assert as_is[0] < fitted[0] - 0.05 and as_is[1] > 5 * fitted[1]  # and the proxy as is is far from it
 
