@@ -216,7 +216,9 @@ async def webhook(request: Request) -> dict[str, Any]:
     (the deployment's rate limit turns a burst into one refresh)."""
     try:
         payload = await request.json()
-    except ValueError as exc:
+    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
+        raise HTTPException(422, "webhook body is JSON nested too deeply to parse") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise HTTPException(422, f"webhook body is not JSON: {exc}") from exc
     action = payload.get("action") if isinstance(payload, dict) else None
     if not isinstance(action, str):

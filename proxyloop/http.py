@@ -5,12 +5,19 @@ Run: `uvicorn proxyloop.http:app` (started by `proxyloop up`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ground.settings import Settings, get_settings
 from ingest.bus import make_producer
@@ -20,6 +27,84 @@ from policies.ml_backend import router as ml_backend_router
 from policies.openai_api import router as openai_router
 from policies.profile_api import router as profile_router
 from policies.serve import router as serving_router
+
+LIMIT_SETTING = "PROXYLOOP_MAX_REQUEST_BYTES"
+
+
+class RequestSizeLimit:
+    """413 for a request body over `max_bytes`, counted on the bytes received, not only as declared.
+
+    A Content-Length over the limit is answered before the app runs. A body without one (chunked) or
+    with a false one is counted as the app reads it: once the count passes the limit, `receive` raises
+    (an HTTPException, so a route that catches only ValueError still stops), and whatever the app then
+    answers is replaced by the 413, provided it has not started answering; if it has, the exception
+    goes on and the server drops the connection. Pure ASGI because it must wrap `receive`, which an
+    `@app.middleware("http")` function never sees."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _detail(self, length: str | None = None) -> str:
+        size = f"request body of {length} bytes" if length else "request body"
+        return f"{size} exceeds the limit of {self.max_bytes} bytes ({LIMIT_SETTING})"
+
+    def _too_large(self, length: str | None = None) -> JSONResponse:
+        return JSONResponse({"detail": self._detail(length)}, status_code=413)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(length)(scope, receive, send)
+            return
+        received, over, started = 0, False, False
+
+        async def counted_receive() -> Message:
+            nonlocal received, over
+            if over:  # the app reads on after the refusal: refuse again, do not hand it more
+                raise HTTPException(413, self._detail())
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    raise HTTPException(413, self._detail())
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's own answer to the interrupted body (400, 422, 500...): the 413 replaces it
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            started = True
+            await self._too_large()(scope, receive, send)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": what the client sent, in a form JSON can carry
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own 422, but safe to encode: its errors echo the input, and a client's NaN or Infinity (which
+    Python's JSON parser accepts) made the default answer's strict encoder raise, a 500 instead of the 422."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else [str(exc)]
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.producer.close()
 
     app = FastAPI(title="proxyloop", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.dependency_overrides[get_settings] = lambda: settings  # every SettingsDep resolves these
     app.include_router(labelstudio_router)
     # Label Studio's ML-backend protocol (pre-annotations, acquisition scores); the webhook's secret.
@@ -42,13 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(profile_router)
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
-                                 f"{settings.max_request_bytes} (PROXYLOOP_MAX_REQUEST_BYTES)"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     # Run artifacts (plots, reports) linked from Prefect's UI; read-only, no directory listing.
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/runs", StaticFiles(directory=settings.runs_dir), name="runs")

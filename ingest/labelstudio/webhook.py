@@ -39,6 +39,9 @@ SECRET_HEADER = "X-Proxyloop-Secret"
 # written that way: with "a,b" the suggestion was stored but neither response showed as selected.
 # The conversion below reads only the result's type and value, so either name converts alike.
 PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "pw"
+# What a task's data must hold (provision.PAIRWISE_CONFIG shows the text ones); a task with "x" is a feature task.
+TEXT_TASK_FIELDS = ("prompt", "answer_a", "answer_b")
+FEATURE_TASK_FIELDS = ("x", "y_a", "y_b")
 
 router = APIRouter(tags=["labelstudio"])
 
@@ -103,37 +106,76 @@ def annotation_id_of(event_id: str) -> int:
 
 
 def _choice(annotation: LSAnnotation) -> Literal["a", "b"]:
+    # Checked first: Label Studio's `was_cancelled` means "User skipped the task" (its Annotation model), and a
+    # skip submits whatever the editor held, a pairwise click included. The annotator declined to judge: no label.
+    if annotation.was_cancelled:
+        raise UnusableAnnotation(f"annotation {annotation.id} was skipped by the annotator; it carries no label")
     for result in annotation.result:
         if result.type == "pairwise":
             selected = result.value.get("selected")
             if selected in ("left", "right"):
                 return "a" if selected == "left" else "b"
             raise UnusableAnnotation(f"pairwise result has selected={selected!r}; expected 'left' or 'right'")
-    if annotation.was_cancelled:
-        raise UnusableAnnotation(f"annotation {annotation.id} was skipped by the annotator; it carries no label")
     raise UnusableAnnotation("annotation has no pairwise result; is the project's labelling config pairwise?")
 
 
 def _rationale(annotation: LSAnnotation) -> str | None:
+    """A TextArea's text: Label Studio sends a list of lines; a client that sends one string must not get it
+    back as one character per line."""
     for result in annotation.result:
-        if result.type == "textarea" and result.value.get("text"):
-            return "\n".join(result.value["text"])
+        text = result.value.get("text") if result.type == "textarea" else None
+        if isinstance(text, str) and text:
+            return text
+        if isinstance(text, list) and text:
+            return "\n".join(str(line) for line in text)
     return None
 
 
+def _output_id(data: dict[str, Any], name: str) -> int:
+    """An output id as an int. A float is taken only when integral (1.0, never 1.7: truncating would store
+    a comparison the annotator never saw); a bool is refused though Python counts it an int; a string of
+    an integer is taken, as a CSV import into Label Studio gives one (flows.acquisition reads it alike)."""
+    value = data.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    found = "is missing" if name not in data else f"is {value!r}"
+    raise UnusableAnnotation(f"task data {name!r} {found}; a feature task (one with 'x') needs integer output ids "
+                             f"{', '.join(map(repr, FEATURE_TASK_FIELDS[1:]))}")
+
+
+def _text_field(data: dict[str, Any], name: str) -> str | None:
+    """What is wrong with one text field, or None when it is a non-empty string."""
+    value = data.get(name)
+    if name not in data or value is None:
+        return f"{name!r} is missing"
+    if not isinstance(value, str):
+        return f"{name!r} is not a string ({type(value).__name__})"
+    return None if value.strip() else f"{name!r} is empty"
+
+
 def _item(task: LSTask, choice: Literal["a", "b"], rationale: str | None) -> Item:
+    """The labelled item; a task missing what the label needs is refused, never stored with blanks or guesses."""
     data = task.data
     if "x" in data:
         # Paper 1's feature setting: the task carries x and the output ids behind each answer.
-        try:
-            y_a, y_b = int(data["y_a"]), int(data["y_b"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UnusableAnnotation("task data with 'x' needs integer 'y_a' and 'y_b'") from exc
+        y_a, y_b = _output_id(data, "y_a"), _output_id(data, "y_b")
         y_w, y_l = (y_a, y_b) if choice == "a" else (y_b, y_a)
         return FeatureTriple(x=data["x"], y_w=y_w, y_l=y_l)
+    problems = [p for p in (_text_field(data, name) for name in TEXT_TASK_FIELDS) if p]
+    if problems:
+        text, feature = (", ".join(map(repr, fields)) for fields in (TEXT_TASK_FIELDS, FEATURE_TASK_FIELDS))
+        raise UnusableAnnotation(f"task {task.id}: {'; '.join(problems)}. A text task needs non-empty {text} "
+                                 f"(a feature task: {feature}); its data has {sorted(data)}")
     return PairwiseText(
-        prompt=data.get("prompt", ""), response_a=data.get("answer_a", ""),
-        response_b=data.get("answer_b", ""), choice=choice, rationale=rationale,
+        prompt=data["prompt"], response_a=data["answer_a"], response_b=data["answer_b"], choice=choice,
+        rationale=rationale,
     )
 
 
@@ -161,17 +203,31 @@ def retraction(annotation_id: int, annotator: int | dict[str, Any] | None = None
                        occurred_at=utcnow())
 
 
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _handled_action(payload: object, handled: tuple[str, ...]) -> str:
+    """The payload's action, checked before its shape: another action's payload has other fields, and
+    "not handled" says more than the validation errors its shape would give."""
+    if not isinstance(payload, dict):
+        kind = _JSON_KINDS.get(type(payload), type(payload).__name__)
+        raise UnusableAnnotation(f"payload is a JSON {kind}, not an object with an 'action'")
+    action = payload.get("action")
+    if action not in handled:
+        raise UnusableAnnotation(f"action {action!r} is not handled; expected one of {sorted(handled)}")
+    return str(action)
+
+
 def expert_label_from_webhook(payload: dict[str, Any]) -> ExpertLabel:
     """ANNOTATION_CREATED/UPDATED → one event. Raises UnusableAnnotation or pydantic.ValidationError."""
+    action = _ACTIONS[_handled_action(payload, tuple(_ACTIONS))]
     hook = LSWebhook.model_validate(payload)
-    if hook.action not in _ACTIONS:
-        raise UnusableAnnotation(f"action {hook.action!r} is not handled; expected one of {sorted(HANDLED_ACTIONS)}")
-    return expert_label_from_annotation(hook.annotation, hook.task, _ACTIONS[hook.action])
+    return expert_label_from_annotation(hook.annotation, hook.task, action)
 
 
 def expert_labels_from_webhook(payload: dict[str, Any]) -> list[ExpertLabel]:
     """Any handled webhook → its events (ANNOTATIONS_DELETED names several annotations)."""
-    if isinstance(payload, dict) and payload.get("action") == DELETED_ACTION:
+    if _handled_action(payload, HANDLED_ACTIONS) == DELETED_ACTION:
         hook = LSDeletionWebhook.model_validate(payload)
         return [retraction(ref.id, ref.completed_by) for ref in hook.annotations]
     return [expert_label_from_webhook(payload)]
@@ -232,11 +288,18 @@ def _publish_all(producer: KafkaProducer, topic: str, labels: list[ExpertLabel])
 async def receive_labelstudio_webhook(
     request: Request, settings: SettingsDep, producer: ProducerDep
 ) -> WebhookAccepted:
-    """Receive a Label Studio annotation webhook; 200 only once Kafka has the label."""
+    """Receive a Label Studio annotation webhook; 200 only once Kafka has the label. Anything unusable (not
+    JSON, another action, a skipped annotation, a task without what the label needs) is a 422 with the reason,
+    decided before anything is published: a label half-read or guessed at would be stored as the expert's."""
     try:
         payload = await request.json()
+    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
+        raise HTTPException(422, "unusable Label Studio payload: JSON nested too deeply to parse") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise HTTPException(422, f"unusable Label Studio payload: body is not JSON: {exc}") from exc
+    try:
         labels = expert_labels_from_webhook(payload)
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:  # refused before anything is published
         raise HTTPException(422, f"unusable Label Studio payload: {exc}") from exc
     await run_in_threadpool(_publish_all, producer, settings.topic_expert, labels)
     ids = [label.event_id for label in labels]

@@ -136,6 +136,21 @@ def test_webhook_acknowledges_and_requests_a_refresh(client: TestClient, monkeyp
     assert down.status_code == 201 and down.json()["refresh"].startswith("not requested")
 
 
+
+@pytest.mark.parametrize("body, detail", [
+    (b"[" * 100_000 + b"]" * 100_000, "webhook body is JSON nested too deeply to parse"),  # was a RecursionError 500
+    (b'{"action": "ANNOTATION_CREATED"', "webhook body is not JSON: "),
+])
+def test_webhook_refuses_a_body_that_does_not_parse_with_422(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, body: bytes, detail: str,
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(ml_backend, "request_refresh", lambda reason, project=None: calls.append(reason))
+    response = client.post(f"{ML_BACKEND_PREFIX}/webhook", content=body,
+                           headers={**SECRET, "content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"].startswith(detail)
+    assert calls == []
+
 def test_cache_round_trip_and_bad_files(settings: Settings) -> None:
     assert read_cache(settings) is None
     _cache(settings)

@@ -1,0 +1,162 @@
+"""POST /webhooks/labelstudio through the whole app, Kafka stood in for: what is refused is refused with a
+reason and nothing published, since a 200 tells Label Studio the label is durable (ingest/labelstudio/webhook.py).
+The conversion alone is tested in test_labelstudio.py; against a real broker in tests/policies/test_serve.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ingest.labelstudio import SECRET_HEADER, webhook_payload
+from ingest.web import app_producer
+from proxyloop.http import create_app
+from proxyloop.testing import isolated_settings
+
+SECRET = "s3cret-hook"
+HOOK = {SECRET_HEADER: SECRET}
+TEXT = {"prompt": "Capital of France?", "answer_a": "Lyon", "answer_b": "Paris"}
+HANDLED = "expected one of ['ANNOTATIONS_DELETED', 'ANNOTATION_CREATED', 'ANNOTATION_UPDATED']"
+
+
+class _Acknowledged:
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+
+class RecordingProducer:
+    """Stands in for the app's Kafka producer: every send is acknowledged at once and kept in `sent`."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic: str, key: bytes, value: bytes) -> _Acknowledged:
+        self.sent.append((topic, key, value))
+        return _Acknowledged()
+
+    def flush(self) -> None:
+        pass
+
+    def published(self) -> list[dict[str, Any]]:
+        return [json.loads(value) for _, _, value in self.sent]
+
+
+def serve(home: Path, **overrides: object) -> tuple[TestClient, RecordingProducer]:
+    """The HTTP app (lifespan not run, so no real producer) with the recording producer in its place."""
+    app = create_app(isolated_settings(home, webhook_secret=SECRET, **overrides))
+    producer = RecordingProducer()
+    app.dependency_overrides[app_producer] = lambda: producer
+    return TestClient(app), producer
+
+
+@pytest.fixture
+def hook(tmp_path: Path) -> tuple[TestClient, RecordingProducer]:
+    return serve(tmp_path)
+
+
+def _refused(hook: tuple[TestClient, RecordingProducer], **post: Any) -> str:
+    """POST to the webhook; assert 422 and nothing published; the reason."""
+    http, producer = hook
+    response = http.post("/webhooks/labelstudio", headers={**HOOK, **post.pop("headers", {})}, **post)
+    assert response.status_code == 422, response.text
+    assert producer.sent == []
+    detail: str = response.json()["detail"]
+    assert detail.startswith("unusable Label Studio payload: ")
+    return detail
+
+
+def test_a_usable_annotation_is_published_then_acknowledged(hook: tuple[TestClient, RecordingProducer]) -> None:
+    http, producer = hook
+    response = http.post("/webhooks/labelstudio", json=webhook_payload(1, 7, TEXT, "right"), headers=HOOK)
+    assert response.status_code == 200 and response.json()["event_ids"] == ["labelstudio-annotation-7"]
+    [label] = producer.published()
+    assert (label["item"]["response_b"], label["item"]["choice"]) == ("Paris", "b")
+
+
+@pytest.mark.parametrize("data, reason", [
+    # The audit's case: the responses under other keys were stored as two empty strings.
+    ({"prompt": "p", "response_a": "A", "response_b": "B"}, "'answer_a' is missing; 'answer_b' is missing."),
+    ({"prompt": "only a prompt"}, "'answer_a' is missing; 'answer_b' is missing."),
+    ({**TEXT, "answer_b": "  "}, "task 1: 'answer_b' is empty."),
+    ({**TEXT, "prompt": ""}, "task 1: 'prompt' is empty."),
+    ({**TEXT, "answer_a": None}, "task 1: 'answer_a' is missing."),
+    ({**TEXT, "answer_a": 3}, "task 1: 'answer_a' is not a string (int)."),
+], ids=["other-keys", "prompt-only", "empty-answer", "empty-prompt", "null-answer", "number-answer"])
+def test_a_text_task_without_its_prompt_and_both_answers_is_refused(
+    hook: tuple[TestClient, RecordingProducer], data: dict[str, Any], reason: str,
+) -> None:
+    detail = _refused(hook, json=webhook_payload(1, 16, data, "left"))
+    assert reason in detail
+    assert "A text task needs non-empty 'prompt', 'answer_a', 'answer_b' (a feature task: 'x', 'y_a', 'y_b')" in detail
+
+
+@pytest.mark.parametrize("y_a, shown", [(1.7, "1.7"), (True, "True"), ("one", "'one'"), (None, "None"),
+                                        (float("inf"), "inf")], ids=["fraction", "bool", "word", "null", "inf"])
+def test_a_feature_task_output_id_that_is_not_an_integer_is_refused(
+    hook: tuple[TestClient, RecordingProducer], y_a: object, shown: str,
+) -> None:
+    """1.7 used to be truncated to output 1: a comparison the annotator never saw."""
+    payload = webhook_payload(1, 17, {"x": [0.1, 0.2], "y_a": y_a, "y_b": 0}, "left")
+    body = json.dumps(payload, allow_nan=True)  # inf travels as Infinity, which Python's json reads back
+    detail = _refused(hook, content=body, headers={"content-type": "application/json"})
+    assert f"task data 'y_a' is {shown}; a feature task (one with 'x') needs integer output ids 'y_a', 'y_b'" in detail
+
+
+def test_a_missing_feature_output_id_is_named(hook: tuple[TestClient, RecordingProducer]) -> None:
+    detail = _refused(hook, json=webhook_payload(1, 17, {"x": [0.1], "y_a": 1}, "left"))
+    assert "task data 'y_b' is missing" in detail
+
+
+def test_integral_output_ids_are_taken_as_integers(hook: tuple[TestClient, RecordingProducer]) -> None:
+    http, producer = hook
+    for annotation, (y_a, y_b) in enumerate([(1.0, 0), ("2", 0)], start=20):
+        payload = webhook_payload(1, annotation, {"x": [0.1], "y_a": y_a, "y_b": y_b}, "left")
+        assert http.post("/webhooks/labelstudio", json=payload, headers=HOOK).status_code == 200
+    assert [(p["item"]["y_w"], p["item"]["y_l"]) for p in producer.published()] == [(1, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to parse"),  # 200 KB: under the size limit
+    (b'{"action": "ANNOTATION_CREATED",', "body is not JSON"),
+    (b"\xff\xfe", "body is not JSON"),
+], ids=["deep", "truncated", "not-utf8"])
+def test_a_body_that_does_not_parse_is_refused_not_a_500(
+    hook: tuple[TestClient, RecordingProducer], body: bytes, reason: str,
+) -> None:
+    assert reason in _refused(hook, content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("payload, action", [
+    ({"action": "TASKS_CREATED", "tasks": [{"id": 1}], "project": {"id": 1}}, "'TASKS_CREATED'"),
+    ({"action": "PROJECT_UPDATED", "project": {"id": 1}}, "'PROJECT_UPDATED'"),
+    ({"project": {"id": 1}}, "None"),
+])
+def test_another_action_is_refused_as_not_handled_not_with_validation_errors(
+    hook: tuple[TestClient, RecordingProducer], payload: dict[str, Any], action: str,
+) -> None:
+    """The receiver subscribes only to the handled actions (provision.WEBHOOK_ACTIONS): another one means a
+    misconfigured webhook, so it stays a 422, now with the handler's own reason."""
+    detail = _refused(hook, json=payload)
+    assert detail == f"unusable Label Studio payload: action {action} is not handled; {HANDLED}"
+
+
+def test_a_payload_that_is_not_an_object_is_refused(hook: tuple[TestClient, RecordingProducer]) -> None:
+    assert "payload is a JSON array, not an object with an 'action'" in _refused(hook, json=[1, 2])
+    assert "payload is a JSON null, not an object" in _refused(hook, content=b"null", headers={"content-type": "json"})
+
+
+def test_a_skipped_annotation_is_not_stored_even_with_a_pairwise_choice(
+    hook: tuple[TestClient, RecordingProducer],
+) -> None:
+    """Label Studio's `was_cancelled` is "User skipped the task"; a skip submits what the editor held, a click
+    included. Answered as every skipped annotation is."""
+    chosen = webhook_payload(1, 5, TEXT, "left")
+    chosen["annotation"]["was_cancelled"] = True
+    empty = webhook_payload(1, 5, TEXT, "left")
+    empty["annotation"].update(result=[], was_cancelled=True)
+    detail = _refused(hook, json=chosen)
+    assert detail == _refused(hook, json=empty)
+    assert "annotation 5 was skipped by the annotator; it carries no label" in detail
