@@ -28,6 +28,12 @@ def _direct(config: TwoStageConfig) -> nn.Module:
 
 
 T = TypeVar("T")
+
+
+class NotAFeaturePolicy(ValueError):
+    """A registry version this loader cannot build: another family (e.g. `causal_lm`) or an unknown one."""
+
+
 FAMILIES: dict[str, Callable[[TwoStageConfig], nn.Module]] = {"two_stage": _two_stage, "direct": _direct}
 
 
@@ -46,7 +52,8 @@ def read_config(path: Path | str) -> tuple[str, TwoStageConfig]:
                                   f"up to {REGISTRY_FORMAT}: upgrade proxyloop to load it")
     family = config.get("family")
     if family not in FAMILIES:
-        raise ValueError(f"unknown policy family {family!r} in {path}/config.json; known: {sorted(FAMILIES)}")
+        raise NotAFeaturePolicy(f"{path} holds a policy of family {family!r}, not a feature-vector policy "
+                                f"({sorted(FAMILIES)}); language-model policies are served by /v1/chat/completions")
     return family, TwoStageConfig.from_dict(config["model"])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +27,7 @@ from typing import Literal
 from rank_bm25 import BM25Okapi
 from sqlalchemy import DateTime, Integer, String, Text, delete, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ground.schemas import PairwiseText, utcnow
@@ -66,28 +68,54 @@ def _user_hash(user_id: str) -> str:
 
 
 def create_tables(engine: Engine) -> None:
-    ProfileBase.metadata.create_all(engine)
+    """Create the profile tables if missing. Another process (a second server worker) may create them between
+    SQLAlchemy's check and its CREATE: then the tables exist, which is all that was asked."""
+    try:
+        ProfileBase.metadata.create_all(engine)
+    except OperationalError:
+        ProfileBase.metadata.create_all(engine)  # checks again: raises only if the tables are still missing
+
+
+_ENGINE_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=8)
-def profile_engine(store_url: str) -> Engine:
-    """The store's engine with the profile tables created, once per process (not per request)."""
+def _cached_engine(store_url: str) -> Engine:
     engine = make_engine(store_url)
     create_tables(engine)
     return engine
 
 
+def profile_engine(store_url: str) -> Engine:
+    """The store's engine with the profile tables created, once per process (not per request). The lock:
+    `lru_cache` lets concurrent first requests all run the body, and their CREATE TABLEs would collide."""
+    with _ENGINE_LOCK:
+        return _cached_engine(store_url)
+
+
 def add_item(session: Session, user_id: str, response: str, query: str | None = None,
              source: ProfileSource = "api", source_id: str | None = None) -> ProfileItem:
-    """Store one response; a known `source_id` (e.g. a label's event id) is stored once."""
-    if source_id is not None:
-        existing = session.scalar(select(ProfileItem).where(ProfileItem.source_id == source_id))
-        if existing is not None:
-            return existing
+    """Store one response; a known `source_id` (e.g. a label's event id) is stored once, also when two requests
+    store it at the same time: the loser's insert is rolled back to a savepoint and it returns the winner's row."""
+    existing = _item_from(session, source_id)
+    if existing is not None:
+        return existing
     item = ProfileItem(user_id=user_id, response=response, query=query, source=source, source_id=source_id)
-    session.add(item)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(item)
+    except IntegrityError:
+        existing = _item_from(session, source_id)
+        if existing is None:  # not the unique source_id: a real refusal
+            raise
+        return existing
     return item
+
+
+def _item_from(session: Session, source_id: str | None) -> ProfileItem | None:
+    if source_id is None:
+        return None
+    return session.scalar(select(ProfileItem).where(ProfileItem.source_id == source_id))
 
 
 def items_of(session: Session, user_id: str) -> list[ProfileItem]:

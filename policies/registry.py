@@ -42,6 +42,7 @@ ALIASES_FILE = "aliases.json"
 REGISTRY_FORMAT = 2
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+VERSION_PATTERN = re.compile(r"[0-9]{1,18}")  # a version number as a tag or a folder name
 
 
 class RegistryError(ValueError):
@@ -78,7 +79,7 @@ def versions(root: Path, name: str) -> list[int]:
     policy_dir = root / validate_name(name)
     if not policy_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in policy_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in policy_dir.iterdir() if p.is_dir() and VERSION_PATTERN.fullmatch(p.name))
 
 
 def aliases(root: Path, name: str) -> dict[str, int]:
@@ -144,7 +145,7 @@ def version_of(root: Path, ref: str) -> tuple[str, int]:
     name, _, tag = ref.partition("@")
     tag = tag or "production"
     validate_name(name)
-    if tag.isdigit():
+    if VERSION_PATTERN.fullmatch(tag):  # ASCII digits only: "²".isdigit() is True, int("²") raises
         version = int(tag)
         if version not in versions(root, name):
             raise RegistryError(f"{name} has no version {version}; known: {versions(root, name)}")

@@ -8,14 +8,17 @@ Versions are immutable, so a version present locally is never fetched again.
 
 from __future__ import annotations
 
+import os
 import posixpath
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import fsspec
 
 from ground.settings import Settings
-from policies.registry import ALIASES_FILE, AUDIT_FILE, AuditTampered, validate_name, versions
+from policies.registry import ALIASES_FILE, AUDIT_FILE, VERSION_PATTERN, AuditTampered, validate_name, versions
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
 
@@ -59,7 +62,9 @@ def _push_audit_log(fs: fsspec.AbstractFileSystem, root: str, log: Path) -> None
 
 
 def pull(local_root: Path, url: str, name: str) -> None:
-    """Fetch the remote aliases and every complete version missing locally."""
+    """Fetch the remote aliases and every complete version missing locally. Safe to run concurrently (threads
+    or server processes): each caller stages in a folder of its own, and a version another caller moved in
+    first is kept, not overwritten."""
     fs, root = _fs(url)
     remote_policy = posixpath.join(root, validate_name(name))
     if not fs.exists(remote_policy):
@@ -69,19 +74,31 @@ def pull(local_root: Path, url: str, name: str) -> None:
     have = set(versions(local_root, name))
     for entry in fs.ls(remote_policy, detail=False):
         version = posixpath.basename(entry.rstrip("/"))
-        if not version.isdigit() or int(version) in have:
+        if not VERSION_PATTERN.fullmatch(version) or int(version) in have:
             continue
-        if not fs.exists(posixpath.join(entry, COMPLETE_MARKER)):
-            continue
-        staging = local_policy / f".pull-{version}"
-        fs.get(entry.rstrip("/") + "/", str(staging), recursive=True)
-        (staging / COMPLETE_MARKER).unlink(missing_ok=True)
-        staging.rename(local_policy / version)
+        if fs.exists(posixpath.join(entry, COMPLETE_MARKER)):
+            _fetch_version(fs, entry, local_policy, version)
     remote_aliases = posixpath.join(remote_policy, ALIASES_FILE)
     if fs.exists(remote_aliases):
-        tmp = local_policy / f".{ALIASES_FILE}.pull"
-        tmp.write_bytes(fs.cat_file(remote_aliases))
-        tmp.replace(local_policy / ALIASES_FILE)
+        handle, tmp = tempfile.mkstemp(dir=local_policy, prefix=f".{ALIASES_FILE}.pull-")
+        with os.fdopen(handle, "wb") as out:
+            out.write(fs.cat_file(remote_aliases))
+        Path(tmp).replace(local_policy / ALIASES_FILE)
+
+
+def _fetch_version(fs: fsspec.AbstractFileSystem, entry: str, local_policy: Path, version: str) -> None:
+    staging_root = Path(tempfile.mkdtemp(dir=local_policy, prefix=f".pull-{version}-"))
+    try:
+        staging = staging_root / version
+        fs.get(entry.rstrip("/") + "/", str(staging), recursive=True)
+        (staging / COMPLETE_MARKER).unlink(missing_ok=True)
+        try:
+            staging.rename(local_policy / version)
+        except OSError:
+            if not (local_policy / version).is_dir():  # not a concurrent pull that finished first
+                raise
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
 
 
 _last_pull: dict[str, float] = {}

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, FiniteFloat
 
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
-from policies.loader import LoadedPolicy, cached_by_version, load
+from policies.loader import LoadedPolicy, NotAFeaturePolicy, cached_by_version, load
 from policies.registry import RegistryError, aliases, list_policies
 from policies.registry_remote import refresh
 
@@ -34,7 +34,7 @@ class ModelList(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    x: list[float] = Field(min_length=1, max_length=4096)
+    x: list[FiniteFloat] = Field(min_length=1, max_length=4096)  # NaN would come back as null probabilities
 
 
 class Prediction(BaseModel):
@@ -53,6 +53,8 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
         return cached_by_version(settings.registry_dir, ref, _cache, lambda root, exact: load(exact, root))
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc
+    except NotAFeaturePolicy as exc:
+        raise HTTPException(400, f"{ref} is not a feature-vector policy: {exc}") from exc
 
 
 @router.get("/models", response_model=ModelList)

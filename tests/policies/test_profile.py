@@ -1,3 +1,5 @@
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -16,6 +18,7 @@ from policies.profile import (
     create_tables,
     erase_user,
     items_of,
+    profile_engine,
     sync_expert_labels,
 )
 from proxyloop.http import create_app
@@ -124,6 +127,46 @@ def test_chosen_responses_of_text_labels_become_the_annotators_profile(tmp_path)
                                                                                 "Capital of France?")]
         erase_user(session, "ann-7")
         assert sync_expert_labels(session) == 0 and items_of(session, "ann-7") == []  # erasure sticks
+
+
+def test_concurrent_syncs_of_one_annotator_store_each_label_once(tmp_path):
+    """Concurrent chat requests with the same `user` each sync that annotator's labels: the inserts race on
+    the unique source id, and the losers must return the stored item, not raise IntegrityError (a 500)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    engine = make_engine(url)
+    create_tables(engine)
+    with Session(engine) as session:
+        upsert_events(session, [ExpertLabel(event_id=f"l{i}", annotator_id="ann-7", item=PairwiseText(
+            prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}", choice="a")) for i in range(150)])
+        session.commit()
+    start = threading.Barrier(6)
+
+    def sync(_: int) -> int:
+        start.wait()
+        with Session(profile_engine(url)) as session:
+            added = sync_expert_labels(session, "ann-7")
+            session.commit()
+            return added
+
+    with ThreadPoolExecutor(6) as pool:
+        added = list(pool.map(sync, range(6)))
+    with Session(engine) as session:
+        assert sorted(i.response for i in items_of(session, "ann-7")) == sorted(f"a{i}" for i in range(150))
+    assert sum(added) >= 150  # each label counted by whoever stored it (a loser may count one it lost)
+
+
+def test_concurrent_first_uses_of_a_store_create_the_profile_tables_once(tmp_path):
+    """`lru_cache` does not stop concurrent first callers from all creating the tables; they must not collide."""
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    start = threading.Barrier(8)
+
+    def first_use(_: int) -> int:
+        start.wait()
+        with Session(profile_engine(url)) as session:
+            return len(items_of(session, "nobody"))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(first_use, range(8))) == [0] * 8
 
 
 def test_erasure_removes_every_item_of_the_user_and_nothing_else(tmp_path):

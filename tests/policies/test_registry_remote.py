@@ -47,3 +47,35 @@ def test_a_server_with_an_empty_local_registry_serves_what_was_pushed(tmp_path):
     http = TestClient(create_app(settings))
     response = http.post("/v1/policies/demo/predict", json={"x": [0.0] * 5}, headers={"Authorization": "Bearer k"})
     assert response.status_code == 200 and response.json()["version"] == 1
+
+
+def test_concurrent_first_pulls_of_a_version_all_succeed_and_leave_no_staging(tmp_path, monkeypatch):
+    """Several requests arriving before a release was pulled each pull it; a slow download (an object store)
+    made them collide in one staging folder (500s, a stray `.pull-1`)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec.implementations.memory as memory
+
+    url = f"memory://registry-{uuid.uuid4().hex}"
+    _release(tmp_path / "publisher", 0)
+    _release(tmp_path / "publisher", 1)
+    push(tmp_path / "publisher", url, "demo")
+    slow_get = memory.MemoryFileSystem.get
+
+    def get(self, *args, **kwargs):
+        time.sleep(0.3)
+        return slow_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(memory.MemoryFileSystem, "get", get)
+    reader, start = tmp_path / "reader", threading.Barrier(5)
+
+    def first_pull(_):
+        start.wait()
+        pull(reader, url, "demo")
+        return resolve(reader, "demo@production").version
+
+    with ThreadPoolExecutor(5) as pool:
+        assert list(pool.map(first_pull, range(5))) == [2] * 5
+    assert sorted(p.name for p in (reader / "demo").iterdir()) == ["1", "2", "aliases.json"]

@@ -55,6 +55,23 @@ def test_unknown_policy_is_404_and_wrong_input_422(client):
     assert bad.status_code == 422 and "expects 5" in bad.json()["detail"]
 
 
+def test_predict_refuses_inputs_and_refs_it_cannot_serve_with_4xx(client, tmp_path):
+    """Found by a client audit: each of these was a 500 (or a 200 with null probabilities)."""
+    http, settings = client
+    _release(settings.registry_dir, 0)
+    nan = http.post("/v1/policies/demo/predict", content=b'{"x": [NaN, 0, 0, 0, 0]}',
+                    headers={**AUTH, "content-type": "application/json"})
+    assert nan.status_code == 422 and "finite" in nan.text
+    for tag in ("%C2%B2", "1" * 5000):  # "²" is str.isdigit() but not int(); a number past int()'s digit limit
+        odd = http.post(f"/v1/policies/demo@{tag}/predict", json={"x": [0.1] * 5}, headers=AUTH)
+        assert odd.status_code == 404 and "demo has no" in odd.json()["detail"]
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text("{}")
+    register(settings.registry_dir, "chat", None, {"family": "causal_lm"}, {}, directories={"model": tmp_path / "lm"})
+    chat = http.post("/v1/policies/chat/predict", json={"x": [0.1] * 5}, headers=AUTH)
+    assert chat.status_code == 400 and "/v1/chat/completions" in chat.json()["detail"]
+
+
 @pytest.mark.integration
 def test_webhook_is_acknowledged_only_with_the_secret_and_lands_in_kafka(service_settings, kafka):
     settings = service_settings.model_copy(update={"topic_expert": "expert-webhook-test"})
