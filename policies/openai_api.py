@@ -12,18 +12,19 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.lm.chat import ChatPolicy, load_chat_policy
+from policies.lm.decoding import Sampling
 from policies.loader import cached_by_version
 from policies.profile import (
     BuildReport,
@@ -40,22 +41,109 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 log = logging.getLogger("proxyloop.serve")
 PROFILE_HEADER = "X-Proxyloop-Profile"
 MAX_TOKENS_LIMIT = 512
+DEFAULT_MAX_TOKENS = 64
+MAX_CHOICES = 8
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's list form. Only "text" parts are served (`ChatMessage.text`); other
+    kinds (image_url, input_audio, ...) are parsed so that they get a 400 naming them rather than a schema error."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(max_length=64)
+    text: str | None = Field(None, max_length=100_000)
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=100_000)
+    """A message as OpenAI's spec allows it: content a string or a list of parts, role "developer" (OpenAI's newer
+    name for "system", which is what the chat template knows it as) included."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=64)]
+
+    def text(self) -> dict[str, str]:
+        """The message as the chat template takes it; text parts joined by newlines (as vLLM does). ValueError for
+        other parts: this server reads text only."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        other = sorted({part.type for part in self.content if part.type != "text"})
+        if other:
+            raise ValueError(f"only text content parts are supported; this message has {', '.join(other)} parts")
+        if any(part.text is None for part in self.content):
+            raise ValueError('a content part of type "text" needs a "text" field')
+        return {"role": role, "content": "\n".join(part.text or "" for part in self.content)}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
 
 
 class ChatCompletionRequest(BaseModel):
+    """OpenAI's request body. Optional fields take null as "default", as the spec allows; fields not declared here
+    (metadata, presence_penalty, ...) are ignored. Fields this server cannot honour are declared so that `unsupported`
+    can refuse them with a 400 instead of answering as if they had been applied."""
+
     model: str = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stream: bool = False
-    seed: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's newer name for max_tokens
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stop: Annotated[str, Field(min_length=1, max_length=200)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes (with seed + choice)
     user: str | None = Field(None, max_length=256)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def samplings(self) -> list[Sampling]:
+        """The decoding settings of each of the `n` choices; with a seed, choice i draws with seed + i so that the
+        choices differ and each is reproducible."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return [Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+                         temperature=1.0 if self.temperature is None else self.temperature,
+                         top_p=1.0 if self.top_p is None else self.top_p,
+                         seed=None if self.seed is None else self.seed + index, stop=stop)
+                for index in range(self.n or 1)]
+
+
+class Refused(Exception):
+    """A request answered with 400. Its body has this app's usual `detail` and OpenAI's `error` object as well: the
+    openai client puts only `error.message` into the exception it raises, so without it the user reads no reason."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": None}
+        return JSONResponse({"detail": self.message, "error": error}, status_code=400)
+
+
+def unsupported(body: ChatCompletionRequest) -> Refused | None:
+    """Why the request asks for something this server does not do, or None. A 400 beats an answer that silently
+    lacks the log-probabilities, JSON mode or tool calls the client will go on to read."""
+    if body.logprobs or body.top_logprobs:
+        return Refused("logprobs and top_logprobs are not supported by this server; omit them or send "
+                       "logprobs: false", "logprobs")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        return Refused(f"response_format {body.response_format.get('type')!r} is not supported by this server; "
+                       'only {"type": "text"}', "response_format")
+    if body.tools or body.functions:
+        return Refused("tools and functions (tool calling) are not supported by this server", "tools")
+    for name, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
+        if choice not in (None, "none", "auto"):
+            return Refused(f"{name} {choice!r} asks for tool calling, which is not supported by this server", name)
+    return None
 
 
 class AssistantMessage(BaseModel):
@@ -64,7 +152,7 @@ class AssistantMessage(BaseModel):
 
 
 class Choice(BaseModel):
-    index: int = 0
+    index: int
     message: AssistantMessage
     finish_reason: str
 
@@ -101,72 +189,125 @@ def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    return [m.model_dump() for m in body.messages]
-
-
-def _chunk(completion_id: str, created: int, model: str, delta: dict[str, str], finish: str | None) -> str:
-    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return f"data: {json.dumps(chunk)}\n\n"
+    """The messages as text; 400 for content this server cannot read (checked before any model is loaded)."""
+    try:
+        return [message.text() for message in body.messages]
+    except ValueError as exc:
+        raise Refused(str(exc), "messages") from exc
 
 
 def personalise(
-    settings: Settings, policy: ChatPolicy, body: ChatCompletionRequest
+    settings: Settings, policy: ChatPolicy, messages: list[dict[str, str]], user: str | None
 ) -> tuple[list[dict[str, str]], BuildReport | None]:
     """With a `user`, put their profile into the context (paper 3); otherwise the messages as sent."""
-    messages = _messages(body)
-    if not body.user:
+    if not user:
         return messages, None
     with Session(profile_engine(settings.resolved_store_url)) as session:
-        sync_expert_labels(session, body.user)  # the user's own chosen responses, if they annotate
+        sync_expert_labels(session, user)  # the user's own chosen responses, if they annotate
         session.commit()
-        items = items_of(session, body.user)
+        items = items_of(session, user)
         return build_messages(messages, items, profile_config(settings),
                               lambda text: len(policy.tokenizer(text).input_ids))
 
 
-def _stream(
-    policy: ChatPolicy, body: ChatCompletionRequest, messages: list[dict[str, str]], max_tokens: int, model: str
-) -> Iterator[str]:
+def _prompt_tokens(policy: ChatPolicy, messages: list[dict[str, str]]) -> int:
+    """The prompt's length in tokens; 400 when it leaves no room for a single generated token, so that the client
+    hears why instead of getting an empty reply (a longer max_tokens is capped at the context, finish "length")."""
+    tokens, limit = int(policy.prompt_ids(messages).shape[1]), policy.context_limit
+    if tokens >= limit:
+        raise Refused(f"This model's maximum context length is {limit} tokens, but the messages came to {tokens} "
+                      "prompt tokens; shorten the messages.", "messages")
+    return tokens
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _stream(policy: ChatPolicy, body: ChatCompletionRequest, messages: list[dict[str, str]], model: str,
+            prompt_tokens: int) -> Iterator[str]:
+    """Server-sent events as OpenAI sends them: the choices one after the other, each opened by a role chunk and
+    closed by a finish chunk; with stream_options.include_usage every chunk has "usage": null and a last chunk
+    with no choices has the usage. A failure after the headers went out is sent as an error event, which OpenAI
+    clients raise, and the stream ends without [DONE]: never a stream that just stops and reads as complete."""
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-    for piece, finish in policy.stream(messages, max_tokens, body.temperature, body.seed):
-        if piece:
-            yield _chunk(completion_id, created, model, {"content": piece}, None)
-        if finish:
-            yield _chunk(completion_id, created, model, {}, finish)
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+        data: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                "model": model, "choices": choices}
+        if with_usage:
+            data["usage"] = usage.model_dump() if usage is not None else None
+        return _event(data)
+
+    def delta(index: int, content: dict[str, str], finish: str | None = None) -> str:
+        return chunk([{"index": index, "delta": content, "finish_reason": finish}])
+
+    completion_tokens = 0
+    try:
+        for index, sampling in enumerate(body.samplings()):
+            yield delta(index, {"role": "assistant", "content": ""})
+            for piece in policy.generate(messages, sampling):
+                if piece.text:
+                    yield delta(index, {"content": piece.text})
+                if piece.finish:
+                    completion_tokens += piece.completion_tokens
+                    yield delta(index, {}, piece.finish)
+    except Exception as exc:  # headers are sent: the status can no longer say it
+        log.exception("chat stream %s failed after it started", completion_id)
+        yield _event({"error": {"message": f"generation failed ({type(exc).__name__}); the server log has "
+                                           f"{completion_id}", "type": "server_error", "param": None, "code": None}})
+        return
+    if with_usage:
+        yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens))
     yield "data: [DONE]\n\n"
+
+
+def _complete(policy: ChatPolicy, body: ChatCompletionRequest,
+              messages: list[dict[str, str]]) -> tuple[list[Choice], int]:
+    """Every choice's whole reply, and the tokens generated for all of them (what usage bills, as OpenAI's does)."""
+    choices, completion_tokens = [], 0
+    for index, sampling in enumerate(body.samplings()):
+        pieces, finish = [], "length"
+        for piece in policy.generate(messages, sampling):
+            pieces.append(piece.text)
+            if piece.finish:
+                finish = piece.finish
+                completion_tokens += piece.completion_tokens
+        choices.append(Choice(index=index, message=AssistantMessage(content="".join(pieces)), finish_reason=finish))
+    return choices, completion_tokens
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
     body: ChatCompletionRequest, settings: SettingsDep, _: ApiKey
 ) -> JSONResponse | StreamingResponse:
-    """Chat completion from a released language-model policy (OpenAI wire format, optional SSE stream)."""
-    policy = await run_in_threadpool(chat_policy, settings, body.model)
-    max_tokens = body.max_completion_tokens or body.max_tokens or 64
+    """Chat completion from a released language-model policy (OpenAI wire format, optional SSE stream).
+
+    Everything that can be refused is refused before a stream starts: unsupported parameters, unreadable content,
+    an unknown model, a prompt longer than the context (schema limits, e.g. the seed's range, are 422s before this).
+    """
+    try:
+        problem = unsupported(body)
+        if problem is not None:
+            raise problem
+        asked = _messages(body)
+        policy = await run_in_threadpool(chat_policy, settings, body.model)
+        messages, report = await run_in_threadpool(personalise, settings, policy, asked, body.user)
+        prompt_tokens = await run_in_threadpool(_prompt_tokens, policy, messages)
+    except Refused as refused:
+        return refused.response()
     model = f"{policy.version.policy}@{policy.version.version}"
-    messages, report = await run_in_threadpool(personalise, settings, policy, body)
     headers = {PROFILE_HEADER: report.header_value()} if report is not None else {}
     if report is not None:
         log.info("user %s: profile %s", body.user, report.header_value())
     if body.stream:
-        return StreamingResponse(_stream(policy, body, messages, max_tokens, model),
+        return StreamingResponse(_stream(policy, body, messages, model, prompt_tokens),
                                  media_type="text/event-stream", headers=headers)
-
-    def complete() -> tuple[str, str, int]:
-        pieces, finish = [], "length"
-        for piece, done in policy.stream(messages, max_tokens, body.temperature, body.seed):
-            pieces.append(piece)
-            finish = done or finish
-        text = "".join(pieces)
-        return text, finish, len(policy.tokenizer(text).input_ids)
-
-    text, finish, completion_tokens = await run_in_threadpool(complete)
-    prompt_tokens = int(policy.prompt_ids(messages).shape[1])
+    choices, completion_tokens = await run_in_threadpool(_complete, policy, body, messages)
     completion = ChatCompletion(
-        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
-        choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish)],
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model, choices=choices,
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
     )

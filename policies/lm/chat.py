@@ -12,12 +12,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ground.schemas import PolicyVersion
+from policies.lm.decoding import IncrementalDecoder, Sampling, StopMatcher, is_greedy, sample_token
 from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
@@ -40,6 +41,14 @@ def register_causal_lm(
                     directories={MODEL_SUBDIR: model_dir})
 
 
+class Piece(NamedTuple):
+    """A stretch of a reply's text; `finish` ("stop" or "length") on the last one, with the tokens generated so far."""
+
+    text: str
+    finish: str | None
+    completion_tokens: int
+
+
 @dataclass
 class ChatPolicy:
     version: PolicyVersion
@@ -52,14 +61,17 @@ class ChatPolicy:
     def mode_bias(self, messages: list[dict[str, str]], temperature: float,
                   generator: torch.Generator | None) -> Tensor | None:
         """The vocabulary bias of this request's mode: k drawn from w(x) with the request's generator (greedy
-        requests take the most likely mode), None for a policy without a mixture. w(x) pools the rendered
-        prompt's ids without special tokens, exactly as training tokenised its prompts (training/data.py)."""
+        requests, temperatures under decoding.GREEDY_BELOW, take the most likely mode), None for a policy without
+        a mixture. w(x) pools the rendered prompt's ids without special tokens, exactly as training tokenised its
+        prompts (training/data.py)."""
         if self.mixture is None or self.mode_biases is None:
             return None
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         weights = prompt_log_weights(self.mixture, self.model, ids).exp()
-        mode = int(weights.argmax()) if temperature <= 0 else int(torch.multinomial(weights, 1, generator=generator))
+        if is_greedy(temperature):
+            return self.mode_biases[int(weights.argmax())]
+        mode = int(torch.multinomial(weights, 1, generator=generator))
         return self.mode_biases[mode]
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -67,50 +79,56 @@ class ChatPolicy:
         ids: torch.Tensor = self.tokenizer(text, return_tensors="pt").input_ids
         return ids
 
-    @torch.no_grad()
-    def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-               seed: int | None = None) -> Iterator[tuple[str, str | None]]:
-        """Yield (text piece, finish reason or None); one forward pass per token with a KV cache.
-
-        Not `model.generate` with a `TextIteratorStreamer`: generate samples from torch's global RNG
-        (`torch.multinomial` without a generator; transformers 5.24 takes none), so a request with a
-        `seed` would share and race that state with every other request the threaded server samples
-        for. This loop gives each request its own `torch.Generator`, which makes seeded completions
-        reproducible under concurrency.
-        """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        bias = self.mode_bias(messages, temperature, generator)
-        input_ids = self.prompt_ids(messages)
+    @property
+    def context_limit(self) -> int:
+        """Positions the model can attend over, prompt and completion together (1024 when its config says none)."""
         config = self.model.config
-        limit = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
-        past, generated, emitted = None, [], ""
-        next_input = input_ids
-        for _ in range(min(max_tokens, max(0, limit - input_ids.shape[1]))):
+        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
+
+    @torch.no_grad()
+    def generate(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Piece]:
+        """Yield the reply's text as it becomes final; the last piece carries the finish reason.
+
+        One forward pass per token with a KV cache. Not `model.generate` with a `TextIteratorStreamer`: generate
+        samples from torch's global RNG (`torch.multinomial` without a generator; transformers 5.24 takes none), so a
+        request with a `seed` would share and race that state with every other request the threaded server samples
+        for. This loop gives each request its own `torch.Generator`, which makes seeded completions reproducible under
+        concurrency. Generation stops at the end-of-turn token ("stop"), at a stop sequence ("stop", the text cut
+        before it), or after `max_tokens` or when prompt and reply fill the context ("length"). `completion_tokens`
+        counts the tokens sampled (the end-of-turn token excluded), not a re-tokenisation of the text.
+        """
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        bias = self.mode_bias(messages, sampling.temperature, generator)
+        input_ids = self.prompt_ids(messages)
+        budget = min(sampling.max_tokens, self.context_limit - int(input_ids.shape[1]))
+        decoder, stops, ends = IncrementalDecoder(self.tokenizer), StopMatcher(sampling.stop), self._end_ids()
+        past, next_input, count, finish = None, input_ids, 0, "length"
+        while count < budget:
             out = self.model(input_ids=next_input, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[0, -1].float()
             if bias is not None:
                 logits = logits + bias
-            if temperature <= 0:
-                token = int(logits.argmax())
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            if token == self.tokenizer.eos_token_id or token in self._stop_ids():
-                yield "", "stop"
+            token = sample_token(logits, sampling.temperature, sampling.top_p, generator)
+            if token in ends:
+                finish = "stop"
+                break
+            count += 1
+            text, stopped = stops.push(decoder.push(token))
+            if stopped:
+                yield Piece(text, "stop", count)
                 return
-            generated.append(token)
-            # Decode the whole continuation each step: byte-level pieces only form text together.
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if len(text) > len(emitted):
-                yield text[len(emitted):], None
-                emitted = text
+            if text:
+                yield Piece(text, None, count)
             next_input = torch.tensor([[token]])
-        yield "", "length"
+        text, stopped = stops.push(decoder.flush())
+        yield Piece(text, "stop", count) if stopped else Piece(text + stops.flush(), finish, count)
 
-    def _stop_ids(self) -> set[int]:
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        return {end} if isinstance(end, int) and end != self.tokenizer.unk_token_id else set()
+    def _end_ids(self) -> set[int]:
+        """Tokens that end the assistant's turn: the tokenizer's end of sequence and ChatML's <|im_end|>."""
+        eos, end = self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ends = {eos} if isinstance(eos, int) else set()
+        return ends | {end} if isinstance(end, int) and end != self.tokenizer.unk_token_id else ends
 
 
 def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolicy:

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from policies.lm import release
 from policies.lm.chat import load_chat_policy
+from policies.lm.decoding import Sampling
 from policies.lm.mode_mixture import SPEC_FILE, WEIGHTS_FILE
 from proxyloop.http import create_app
 from proxyloop.testing import isolated_settings
@@ -42,7 +43,8 @@ def test_a_released_mixture_streams_and_a_seeded_request_repeats(tmp_path, monke
     assert greedy is not None and any(torch.equal(greedy, row) for row in policy.mode_biases)
 
     def text(seed):
-        return "".join(piece for piece, _ in policy.stream(QUESTION, max_tokens=8, temperature=1.0, seed=seed))
+        return "".join(piece.text for piece in policy.generate(QUESTION, Sampling(max_tokens=8, temperature=1.0,
+                                                                                    seed=seed)))
 
     assert text(5) == text(5)
     assert len({text(seed) for seed in range(6)}) > 1  # sampling: the seed matters
