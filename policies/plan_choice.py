@@ -77,6 +77,10 @@ def two_stage_vs_rival(ll: Mapping[str, np.ndarray], correct: Mapping[str, np.nd
 def _too_few(
     by_name: Mapping[str, ConditionCheck], evidence: PlanEvidence, reasons: list[str]
 ) -> tuple[Plan, list[str]]:
+    if by_name["expert_sample_size"].passed:  # enough expert data, no proxy evidence: too few proxy data to test
+        reasons.append("too few proxy data to build and test a proxy model on, and enough expert data to learn "
+                       "from alone: expert_only")
+        return "expert_only", reasons
     usable = by_name["low_dimensional_encoding"].passed
     agreement = evidence.proxy_agreement
     if agreement is None:

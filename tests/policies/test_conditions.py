@@ -111,6 +111,16 @@ def test_five_expert_labels_are_too_few_to_decide() -> None:
     assert report.plan == "refuse"
 
 
+@pytest.mark.parametrize("n_proxy", [0, 50])
+def test_enough_expert_triples_and_too_few_proxy_ones_plan_expert_only(n_proxy: int) -> None:
+    """No proxy model can be built or tested, but the expert triples are enough to learn from: the plan was
+    `refuse`, its reason "too few expert triples", which the passed sample-size check contradicted."""
+    task = appendix_d(n_proxy=n_proxy, n_expert=60, seed=0)
+    report = run_condition_tests(task.expert, task.proxy, "snap")
+    assert [c.name for c in report.checks if c.passed] == ["expert_sample_size"]
+    assert report.plan == "expert_only" and "enough expert data to learn from alone" in report.reasons[-1]
+
+
 def test_condition_tests_are_deterministic_and_leave_torch_state_alone() -> None:
     threads = torch.get_num_threads()
     torch.manual_seed(5)
