@@ -102,7 +102,11 @@ def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> 
 @task(name="gate")
 def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
     rules = gate_rules(settings, evaluation.language_model)
-    if evaluation.language_model:
+    if evaluation.n_heldout == 0:  # e.g. a retrain triggered by proxy labels alone
+        decision = GateDecision(decision="block", checkpoint=None, baseline_accuracy=evaluation.baseline_accuracy,
+                                reasons=["no held-out expert labels to judge a release on: the gate needs expert data "
+                                         "(part of every snapshot's expert labels is held out for it)"])
+    elif evaluation.language_model:
         decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules,
                                          evaluation.base_topk_mass)
     else:

@@ -39,6 +39,7 @@ from policies.features.cross_validation import (
 from policies.features.fit_recipe import PROXY_STAGE
 from policies.features.fitting import fit_adapter, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, PreferenceModel, TwoStageConfig, TwoStagePolicy, triples_to_tensors
+from policies.features.outputs import output_support
 from policies.features.recipe import TWO_STAGE
 from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, two_stage_vs_rival
 
@@ -73,13 +74,18 @@ def _undecided(name: str, threshold: float, n_expert: int, t: ConditionThreshold
     return _check(name, False, 0.0, threshold, detail)
 
 
-def _infer_n_outputs(expert: Sequence[FeatureTriple], proxy: Sequence[FeatureTriple], n_outputs: int | None) -> int:
-    largest = max((max(t.y_w, t.y_l) for t in (*expert, *proxy)), default=1)
+def _outputs(expert: Sequence[FeatureTriple], proxy: Sequence[FeatureTriple],
+             n_outputs: int | None) -> tuple[int, Sequence[FeatureTriple]]:
+    """|Y| and the proxy triples the tests fit on. Inferred from the labels, a stray proxy output id is dropped with
+    its triples (`output_support`: the worker trains on the same ones); a caller that names n_outputs declares Y,
+    so nothing is dropped and an id out of its range is an error."""
     if n_outputs is None:
-        return max(largest + 1, 2)
+        support = output_support(expert, proxy)
+        return support.n_outputs, support.proxy
+    largest = max((max(t.y_w, t.y_l) for t in (*expert, *proxy)), default=1)
     if largest >= n_outputs:
         raise ValueError(f"an output id {largest} is out of range for n_outputs={n_outputs}; pass a larger n_outputs")
-    return n_outputs
+    return n_outputs, proxy
 
 
 def run_condition_tests(
@@ -97,7 +103,7 @@ def run_condition_tests(
     afterwards): tensors this small gain nothing from threads, and on a shared machine extra
     intra-op threads contend with other processes and slow the fits down many times over.
     """
-    n_out = _infer_n_outputs(expert, proxy, n_outputs)
+    n_out, fitted_proxy = _outputs(expert, proxy, n_outputs)
     dims = {len(t.x) for t in (*expert, *proxy)}
     if len(dims) > 1:
         raise ValueError(f"expert and proxy triples must share one input dimension, found {sorted(dims)}")
@@ -105,7 +111,7 @@ def run_condition_tests(
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
-            checks, evidence = _run_checks(expert, proxy, seed, n_out, thresholds)
+            checks, evidence = _run_checks(expert, fitted_proxy, seed, n_out, thresholds)
     finally:
         torch.set_num_threads(threads)
     plan, reasons = choose_plan(checks, evidence)

@@ -129,7 +129,8 @@ def test_too_few_expert_pairs_take_choose_plans_too_few_path() -> None:
     assert report.plan == "proxy_as_is"  # the informative proxy agrees with most of the 10
     assert _report(n_expert=0, n_proxy=600).plan == "proxy_as_is"  # unvalidated, but usable
     assert _report(n_expert=10, n_proxy=600, collapsed=True).plan == "refuse"  # no usable proxy
-    assert _report(n_expert=40, n_proxy=100).plan == "refuse"  # too few proxy pairs to test anything
+    # too few proxy pairs to test anything, enough expert pairs to learn from alone
+    assert _report(n_expert=40, n_proxy=100).plan == "expert_only"
     stricter = replace(TEXT_THRESHOLDS, min_expert_pairs=8)
     assert _check(_report(n_expert=10, n_proxy=600, thresholds=stricter), "expert_sample_size").passed
 

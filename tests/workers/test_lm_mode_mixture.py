@@ -22,7 +22,7 @@ def _setup():
 
 def test_encoded_base_log_probs_match_the_model_and_stage_one_starts_there():
     model, tokenizer, head, rows = _setup()
-    data = mm.encode_pairs(model, tokenizer, rows)
+    data = mm.encode_pairs(model, tokenizer, rows, RECIPE.max_length)
     pair = rows[0]
     ids = tokenizer(pair["prompt"] + pair["chosen"] + tokenizer.eos_token, add_special_tokens=False,
                     return_tensors="pt").input_ids
@@ -37,7 +37,7 @@ def test_encoded_base_log_probs_match_the_model_and_stage_one_starts_there():
 def test_stage_two_moves_only_the_adapter_and_the_base_stays_frozen(tmp_path):
     model, tokenizer, head, rows = _setup()
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = mm.encode_pairs(model, tokenizer, rows)
+    data = mm.encode_pairs(model, tokenizer, rows, RECIPE.max_length)
     stage1, losses = mm.train_proxy(data, head, RECIPE)
     assert losses and torch.equal(stage1.adapter.weight, torch.eye(3))
     stage2, _ = mm.train_adapter(stage1, data.take(slice(0, 6)), head, RECIPE)
@@ -56,7 +56,7 @@ def test_stage_two_moves_only_the_adapter_and_the_base_stays_frozen(tmp_path):
 
 def test_condition_test_features_are_mode_posteriors_and_the_dpo_margin():
     model, tokenizer, head, rows = _setup()
-    data = mm.encode_pairs(model, tokenizer, rows)
+    data = mm.encode_pairs(model, tokenizer, rows, RECIPE.max_length)
     stage1, _ = mm.train_proxy(data, head, RECIPE)
     features = mixture_pair_features(stage1, data, head, beta=0.5)
     assert features.simplex_chosen.shape == (len(rows), 3) and features.direct_chosen.shape == (len(rows), 64)

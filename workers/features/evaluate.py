@@ -17,6 +17,7 @@ from policies.features.fitting import fit_preferences
 from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
 from policies.indicators import DEFAULT_TOP_K, topk_indicators
 from policies.loader import load_policy_dir
+from policies.plan_choice import CHANCE_ACCURACY
 
 
 @torch.no_grad()
@@ -36,7 +37,10 @@ def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) ->
 def expert_only_baseline(
     expert_train: Sequence[FeatureTriple], heldout: Sequence[FeatureTriple], n_outputs: int, seed: int
 ) -> float:
-    """Held-out accuracy of the expert-only learner, fitted with the recipe the condition tests use."""
+    """Held-out accuracy of the expert-only learner, fitted with the recipe the condition tests use; with no expert
+    triple to learn from it is a coin's."""
+    if not expert_train:
+        return CHANCE_ACCURACY
     torch.manual_seed(seed)
     model = DirectPolicy(input_dim=len(expert_train[0].x), n_outputs=n_outputs)
     x, y_w, y_l = triples_to_tensors(expert_train)

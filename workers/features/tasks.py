@@ -41,7 +41,9 @@ from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_ex
 from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR
 from policies.features.fitting import fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy, triples_to_tensors
+from policies.features.outputs import output_support
 from policies.features.recipe import TwoStageRecipe, fit_two_stage_adapter, resolve_recipe
+from policies.plan_choice import CHANCE_ACCURACY
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
 from workers.device import select_device
 from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
@@ -50,10 +52,6 @@ log = logging.getLogger("proxyloop.workers")
 
 Progress = Callable[[dict[str, object]], None]
 PROGRESS_EVERY = 25  # steps between progress messages
-
-
-def n_outputs_of(triples: Sequence[FeatureTriple]) -> int:
-    return max(max(t.y_w, t.y_l) for t in triples) + 1
 
 
 def build_model(plan: Plan, config: TwoStageConfig) -> nn.Module:
@@ -107,18 +105,24 @@ def _fit_expert_stage(
 
 def train_feature_policy(
     request: TrainingRequest, proxy: Sequence[FeatureTriple], expert_train: Sequence[FeatureTriple],
-    device: torch.device, worker: str, progress: Progress,
+    device: torch.device, worker: str, progress: Progress, heldout: Sequence[FeatureTriple] = (),
 ) -> TrainingResult:
     """Run the plan's stages; checkpoint after stage 1 (step 0) and every `checkpoint_every` steps
     of the expert stage. The two-stage recipe is policies.features.recipe.TWO_STAGE (the bench's),
-    with the request's step counts and adapter size where it names them (`resolve_recipe`)."""
+    with the request's step counts and adapter size where it names them (`resolve_recipe`).
+
+    The outputs are those of `output_support`: proxy triples using an id only a stray proxy event uses are left
+    out. `heldout` (the expert triples kept for evaluation) is never trained on; its ids count as used by an
+    expert, so the model answers every output evaluation asks about."""
     started = time.perf_counter()
     torch.manual_seed(request.seed)
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    support = output_support([*expert_train, *heldout], proxy)
+    proxy = support.proxy
     everything = [*proxy, *expert_train]
     recipe = resolve_recipe(request)
-    config = recipe.config(len(everything[0].x), n_outputs_of(everything))
+    config = recipe.config(len(everything[0].x), support.n_outputs)
     model = build_model(request.plan, config).to(device)
     meta: dict[str, object] = {
         "plan": request.plan, "config": model_config(request.plan, config), "run_id": request.run_id,
@@ -185,7 +189,7 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     (Path(req.output_dir) / "started.json").write_text(json.dumps({"started_at": time.time(),
                                                                     "worker": self.request.hostname}))
     triples = _snapshot(req.store_url, req.snapshot_id)
-    expert_train, _ = split_expert(triples["expert"])
+    expert_train, heldout = split_expert(triples["expert"])
     device = select_device()
     log.info("run %s: plan %s on %s, %d proxy / %d expert triples", req.run_id, req.plan, device,
              len(triples["proxy"]), len(expert_train))
@@ -194,7 +198,8 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         report_progress(self, {"run_id": req.run_id, "device": str(device), **meta})
         log.info("run %s: %s", req.run_id, meta)
 
-    result = train_feature_policy(req, triples["proxy"], expert_train, device, self.request.hostname or "", progress)
+    result = train_feature_policy(req, triples["proxy"], expert_train, device, self.request.hostname or "", progress,
+                                  heldout)
     result_path.write_text(result.model_dump_json(indent=2))
     return result.model_dump(mode="json")
 
@@ -213,8 +218,12 @@ def evaluate(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("a feature-policy evaluation needs store_url and snapshot_id")
     triples = _snapshot(req.store_url, req.snapshot_id)
     expert_train, heldout = split_expert(triples["expert"])
+    if not heldout:  # a retrain proxy labels alone triggered: nothing to judge on, and the gate blocks on n_heldout 0
+        log.warning("snapshot %s has no held-out expert triples: no checkpoint evaluated", req.snapshot_id)
+        return Evaluation(evaluations=[], baseline_accuracy=CHANCE_ACCURACY, n_heldout=0,
+                          language_model=False).model_dump(mode="json")
     evaluations = [evaluate_checkpoint(ref, heldout) for ref in req.checkpoints]
-    n_outputs = n_outputs_of([*triples["proxy"], *triples["expert"]])
+    n_outputs = output_support(triples["expert"], triples["proxy"]).n_outputs  # the trained policy's outputs
     baseline = expert_only_baseline(expert_train, heldout, n_outputs, req.seed)
     log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", req.snapshot_id, len(evaluations),
              baseline)

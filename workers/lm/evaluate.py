@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
 from workers.lm import mode_mixture_training
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
+from workers.lm.plans import saved_max_length
+from workers.lm.training.data import TokenizedPair, load_jsonl, model_context, sequence_cap, tokenize_pairs
 from workers.lm.training.dpo import reference_logps
 from workers.lm.training.dpo_config import DPOConfig
 
@@ -41,6 +42,9 @@ _SCORING = DPOConfig(batch_size=16, logp_reduction="sum")
 # Held-out prompts the indicators are computed on (a fixed set: the first ones): bench/gate.py's count, so the
 # advisory values the gate records are the ones that bench measured (docs/benchmarks.md, issue 16).
 INDICATOR_PROMPTS = 64
+# Tokens an indicator row leaves free after its prompt: the generated view's 16 new tokens
+# (policies/lm/indicators.py), re-tokenised after decoding, with room to spare.
+INDICATOR_ROOM = 32
 
 
 def _pairwise_accuracy(margins: Tensor) -> float:
@@ -49,8 +53,33 @@ def _pairwise_accuracy(margins: Tensor) -> float:
 
 
 def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Tensor, Tensor]:
-    """Summed log-probs [N] of each pair's chosen and rejected response under `model` (on the CPU)."""
-    return reference_logps(model, pairs, _SCORING, pad, torch.device("cpu"), nullcontext())
+    """Summed log-probs [N] of each pair's chosen and rejected response under `model` (on the CPU), each sequence cut
+    to the scoring's max_length or the model's context, if shorter (`sequence_cap`)."""
+    scoring = replace(_SCORING, max_length=sequence_cap(model, _SCORING.max_length))
+    return reference_logps(model, pairs, scoring, pad, torch.device("cpu"), nullcontext())
+
+
+def indicator_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, context: int | None,
+                   n: int) -> list[dict[str, Any]]:
+    """The first `n` held-out rows whose prompt + chosen response, and prompt + a generated continuation, fit in the
+    model's `context` (None: every row fits). Why: the indicators (policies/lm/indicators.py) run prompt + completion
+    whole, in one batch, with no cap of their own, so one held-out pair past the context (the 16k-token pair that
+    cost `encode_pairs` 10 GB before its cap) would fail or exhaust memory there. Skipped, not cut: cutting would
+    need the text back from tokens. An ordinary snapshot's rows all fit and get the first `n` as before."""
+    if context is None:
+        return list(rows[:n])
+    chosen: list[dict[str, Any]] = []
+    for row in rows:
+        if len(chosen) == n:
+            break
+        prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        whole = len(tokenizer(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"])
+        if whole <= context and prompt + INDICATOR_ROOM <= context:
+            chosen.append(row)
+    if rows and not chosen:
+        raise ValueError(f"no held-out pair fits the model's context of {context} tokens (with {INDICATOR_ROOM} "
+                         "tokens to generate after its prompt): the indicators have nothing to read")
+    return chosen
 
 
 @dataclass
@@ -63,10 +92,10 @@ class MixtureBase:
     encoded: mode_mixture_training.EncodedPairs
 
     @classmethod
-    def load(cls, path: str, tokenizer: Any, rows: list[dict[str, Any]]) -> MixtureBase:
+    def load(cls, path: str, tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> MixtureBase:
         model = load_causal_lm(path).eval()
         head = model.get_output_embeddings().weight.detach().float()
-        return cls(model, head, mode_mixture_training.encode_pairs(model, tokenizer, rows))
+        return cls(model, head, mode_mixture_training.encode_pairs(model, tokenizer, rows, max_length))
 
 
 @torch.no_grad()
@@ -93,8 +122,9 @@ def evaluate_lm_checkpoints(
     reference = load_causal_lm(base_model).eval()
     ref_chosen, ref_rejected = pair_logps(reference, pairs, pad)
     baseline = _pairwise_accuracy(torch.zeros(len(pairs)))  # the reference's implicit reward margins
-    prompts = [r["prompt"] for r in rows[:n_indicator_prompts]]
-    completions = [r["chosen"] for r in rows[:n_indicator_prompts]]
+    shown = indicator_rows(rows, tokenizer, model_context(reference), n_indicator_prompts)
+    prompts = [r["prompt"] for r in shown]
+    completions = [r["chosen"] for r in shown]
     evaluations = []
     mixture_bases: dict[str, MixtureBase] = {}  # by the base a checkpoint's mixture sits on: encoded once
     for ref in checkpoints:
@@ -102,7 +132,8 @@ def evaluate_lm_checkpoints(
         if is_mixture_dir(ref.path):
             mixture, spec = load_mixture_dir(ref.path)
             if spec["base_model"] not in mixture_bases:
-                mixture_bases[spec["base_model"]] = MixtureBase.load(ref.path, tokenizer, rows)
+                mixture_bases[spec["base_model"]] = MixtureBase.load(ref.path, tokenizer, rows,
+                                                                     saved_max_length(spec["recipe"]))
             base = mixture_bases[spec["base_model"]]
             model = base.model
             ratio, biases = mixture_scores(mixture, base, tokenizer, prompts)

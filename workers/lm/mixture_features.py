@@ -16,7 +16,7 @@ from policies.lm.conditions import MixtureTerms, TextPairFeatures, cross_validat
 from policies.lm.mode_mixture import ModeMixture, load_mixture_dir
 from workers.lm.mode_mixture_training import EncodedPairs, encode_pairs, pair_logps, train_fine_tune
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.plans import MixtureRecipe
+from workers.lm.plans import MixtureRecipe, saved_max_length
 from workers.lm.terms_cache import TermsCache, checkpoint_identity, row_key, rows_terms, terms_rows
 
 POSTERIOR_FLOOR = -30.0  # log-posteriors of modes below this are cut there: the tests' learners see bounded features
@@ -89,7 +89,8 @@ def checkpoint_terms(checkpoint: Path | str, row_sets: Sequence[list[dict[str, s
     if missing:
         base = load_causal_lm(checkpoint, "cpu")
         head = base.get_output_embeddings().weight.detach().float().cpu()
-        encoded = encode_pairs(base, load_tokenizer(checkpoint), [row for _, row in missing])
+        encoded = encode_pairs(base, load_tokenizer(checkpoint), [row for _, row in missing],
+                               saved_max_length(spec["recipe"]))
         terms = mixture_pair_features(mixture, encoded, head, beta).mixture
         assert terms is not None  # mixture_pair_features always sets them
         computed = dict(zip([k for k, _ in missing], terms_rows(terms), strict=True))

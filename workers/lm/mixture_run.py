@@ -172,7 +172,8 @@ def train_mixture(request: LMTrainingRequest, progress: Progress, worker: str) -
     stage1, base_model = _stage1_of(source, stage, recipe)
     device = select_device(None)
     model = load_causal_lm(source, device)
-    encoded = encode_pairs(model, load_tokenizer(source), load_jsonl(request.dataset, ["prompt", "chosen", "rejected"]))
+    encoded = encode_pairs(model, load_tokenizer(source), load_jsonl(request.dataset, ["prompt", "chosen", "rejected"]),
+                           recipe.max_length)
     head = model.get_output_embeddings().weight.detach().float().cpu()
     del model  # the base's part is done: every step runs on the encoded tensors
     lineage: dict[str, Any] = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,

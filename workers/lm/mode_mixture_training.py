@@ -36,7 +36,7 @@ from policies.lm.mode_mixture import (
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from workers.lm.models import load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
-from workers.lm.training.data import tokenize_pairs
+from workers.lm.training.data import sequence_cap, tokenize_pairs, truncate_pair
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
 
 
@@ -101,16 +101,23 @@ class FrozenBase:
         model = load_causal_lm_dir(path, "cpu").eval()
         return cls(model, load_tokenizer(path), model.get_output_embeddings().weight.detach().float())
 
-    def encode(self, rows: list[dict[str, str]]) -> EncodedPairs:
-        return encode_pairs(self.model, self.tokenizer, rows)
+    def encode(self, rows: list[dict[str, str]], max_length: int = MixtureRecipe.max_length) -> EncodedPairs:
+        return encode_pairs(self.model, self.tokenizer, rows, max_length)
 
 
 @torch.no_grad()
-def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], chunk: int = 64) -> EncodedPairs:
+def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_length: int,
+                 chunk: int = 64) -> EncodedPairs:
     """Run the frozen base once over each pair's prompt + chosen and prompt + rejected (on the model's device;
-    the tensors come back on the CPU, where the mixture trains)."""
+    the tensors come back on the CPU, where the mixture trains).
+
+    Each sequence is cut to `max_length` (the recipe's) or the model's context, if shorter, by the truncation DPO's
+    batches use (`truncate_pair`, keeps the start); the prompt τ̃ reads is the prompt as cut. Without it one long
+    pair set the width of its whole chunk and of every stored tensor: a 20 KB proxy response (16k tokens) asked
+    for 10 GB. A pair whose prompt fills the cap keeps no response tokens: both log-probs 0, no DPO signal."""
     model.eval()
-    pairs = tokenize_pairs(rows, tokenizer)
+    cap = sequence_cap(model, max_length)
+    pairs = [truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)]
     device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings().weight.float().cpu()
     states: list[Tensor] = []
@@ -127,7 +134,7 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], chunk: 
             start_at = len(pair.prompt_ids) - 1  # this position predicts the first response token
             for row, response in ((i, pair.chosen_ids), (i + len(part), pair.rejected_ids)):
                 states.append(final[row, start_at:start_at + len(response)])
-                targets.append(torch.tensor(response))
+                targets.append(torch.tensor(response, dtype=torch.long))  # long when cut to nothing too
     width = max(len(t) for t in targets)
     hidden, mask = _pad(states, width)
     target_ids, _ = _pad(targets, width)

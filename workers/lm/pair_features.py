@@ -17,7 +17,7 @@ from torch import Tensor
 
 from policies.lm.conditions import TextPairFeatures
 from policies.lm.simplex_bottleneck import simplex_points
-from workers.lm.training.data import TokenizedPair, collate_pairs
+from workers.lm.training.data import TokenizedPair, collate_pairs, sequence_cap
 from workers.lm.training.objectives import sequence_logps, token_logps
 
 BATCH = 32
@@ -41,13 +41,17 @@ def pair_features(
     stage1: Any, base: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, beta: float, max_length: int = 512,
     device: torch.device | str = "cpu",
 ) -> TextPairFeatures:
-    """Features of `pairs` under the stage-1 model (which must have its bottleneck) and the base model."""
+    """Features of `pairs` under the stage-1 model (which must have its bottleneck) and the base model, each sequence
+    cut to `max_length` or the shorter model context (`sequence_cap`): `max_length` alone let a pair run past a
+    context shorter than it."""
     stage1.eval()
     base.eval()
-    parts: dict[str, list[Tensor]] = {f.name: [] for f in fields(TextPairFeatures)}
+    cap = min(sequence_cap(stage1, max_length), sequence_cap(base, max_length))
+    # The arrays only: `mixture` (a mode mixture's terms) is not read from a bottleneck model, and an empty list of
+    # blocks for it failed every call.
+    parts: dict[str, list[Tensor]] = {f.name: [] for f in fields(TextPairFeatures) if f.name != "mixture"}
     for start in range(0, len(pairs), BATCH):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + BATCH], pad_token_id,
-                                                          max_length).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + BATCH], pad_token_id, cap).items()}
         hidden1, logps1 = _forward(stage1, batch)
         hidden0, logps0 = _forward(base, batch)
         mask = batch["completion_mask"]  # rows are [chosen; rejected]

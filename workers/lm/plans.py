@@ -78,7 +78,10 @@ class MixtureRecipe:
     # Optimiser steps between a worker run's checkpoints; 0: the run's steps / CHECKPOINTS_PER_RUN, rounded up. The
     # steps are cheap (a few small tensors) and every checkpoint is evaluated, so a run keeps a few whatever its size.
     checkpoint_every: int = 0
-    max_length: int = LMRecipe.max_length  # expert_only and pooled only: the mixture scores whole pairs
+    # Tokens per sequence wherever a pair is read: expert_only and pooled's DPO, and the base's pass over the pairs
+    # that every mixture stage, the condition tests, evaluation and the acquisition terms read (`encode_pairs`; the
+    # model's context if shorter). It used to leave the mixture's pairs whole, and one long pair exhausted memory.
+    max_length: int = LMRecipe.max_length
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +96,12 @@ class MixtureRecipe:
 
 
 RECIPES: dict[Reading, type[LMRecipe] | type[MixtureRecipe]] = {"mixture": MixtureRecipe, "bottleneck": LMRecipe}
+
+
+def saved_max_length(recipe: dict[str, Any]) -> int:
+    """The `max_length` of a saved mixture's recipe (its spec's "recipe"): the pairs of its readers are cut as its
+    training pairs were. The default where a spec does not name one."""
+    return int(recipe.get("max_length", MixtureRecipe.max_length))
 
 
 def reading_recipe(reading: Reading, overrides: dict[str, Any]) -> LMRecipe | MixtureRecipe:

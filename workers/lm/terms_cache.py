@@ -9,11 +9,12 @@ checkpoint and later refreshes encode only the tasks and labels that are new.
 
 Key: sha256 over the checkpoint's identity and the pair's row (prompt and both responses as `preference_row` wrote
 them). The identity (`checkpoint_identity`) is the content digest of the base's config and weights
-(`policies.lm.model_digest`), of the mixture's state and spec, and of the tokenizer's files, so a retrained stage
-1, another base or another tokenizer misses; file digests are memoised by the reference cache's table. Values are
-the terms' float64 row as computed in the batch it was first encoded in (another batch can differ in the last bits
-through padding, as it always could). Storage: a table of the reference cache's SQLite file
-(`PROXYLOOP_REFERENCE_CACHE_DIR`; WAL mode, its connection settings), `INSERT OR IGNORE`; nothing is evicted.
+(`policies.lm.model_digest`), of the mixture's state and spec, and of the tokenizer's files, with the version of the
+encoding (`ENCODING`), so a retrained stage 1, another base, another tokenizer or another encoding misses; file
+digests are memoised by the reference cache's table. Values are the terms' float64 row as computed in the batch it
+was first encoded in (another batch can differ in the last bits through padding, as it always could). Storage: a
+table of the reference cache's SQLite file (`PROXYLOOP_REFERENCE_CACHE_DIR`; WAL mode, its connection settings),
+`INSERT OR IGNORE`; nothing is evicted.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ from workers.lm.training.reference_cache import LOOKUP_CHUNK, ReferenceCache, ch
 IDENTITY_FILES = ("mode_mixture.safetensors", "mode_mixture.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja")
 FIELDS = ("log_weights", "mode_chosen", "mode_rejected", "base_chosen", "base_rejected", "prompt_code")
+# How a pair is encoded, beyond the checkpoint's files: "cut-v1" since `encode_pairs` cuts each sequence to the
+# recipe's max_length (the recipe is in mode_mixture.json); terms stored before were of whole pairs, so a long pair's
+# value would be stale. Change it whenever the encoding changes, and every earlier entry misses.
+ENCODING = "cut-v1"
 
 
 def checkpoint_identity(checkpoint: Path, files: ReferenceCache) -> str:
     """Digest of what a pair's terms depend on in a mixture checkpoint directory."""
-    parts = {"model": files.model_digest(checkpoint)}
+    parts = {"model": files.model_digest(checkpoint), "encoding": ENCODING}
     parts.update({name: files.file_digest(checkpoint / name) for name in IDENTITY_FILES
                   if (checkpoint / name).is_file()})
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -50,13 +50,14 @@ def _mixture_report(request: TextConditionRequest, tokenizer: Any, device: torch
     mixture, spec = load_mixture_dir(request.stage1_checkpoint)
     base = load_causal_lm(request.stage1_checkpoint, device)
     head = base.get_output_embeddings().weight.detach().float().cpu()
-    expert = encode_pairs(base, tokenizer, expert_rows)
     recipe = MixtureRecipe(**{**spec["recipe"], "seed": request.seed})  # the run's recipe, as stage 1 saved it
+    expert = encode_pairs(base, tokenizer, expert_rows, recipe.max_length)  # cut as stage 1's pairs were
     enough = len(expert) >= TEXT_THRESHOLDS.min_expert_pairs  # below it the tests do not weigh fine_tune
     trained = trained_fine_tune_margins(mixture, expert, head, recipe, request.seed) if enough else None
     return run_text_condition_tests(
         mixture_pair_features(mixture, expert, head, request.beta),
-        mixture_pair_features(mixture, encode_pairs(base, tokenizer, proxy_rows), head, request.beta),
+        mixture_pair_features(mixture, encode_pairs(base, tokenizer, proxy_rows, recipe.max_length), head,
+                              request.beta),
         request.snapshot_id, request.n_expert, request.n_proxy, seed=request.seed, trained_margins=trained)
 
 

@@ -86,6 +86,36 @@ def tokenize_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[Token
     return pairs
 
 
+def truncate_pair(pair: TokenizedPair, max_length: int) -> TokenizedPair:
+    """The pair as a model sees it at `max_length` tokens per sequence: prompt + chosen and prompt + rejected each
+    keep their first `max_length` tokens, as TRL's default `keep_start`. The one truncation rule of pairs: DPO's
+    batches (`collate_pairs`) and every reader of pairs (the mode mixture's `encode_pairs`, the text condition
+    tests' `pair_features`) cut through it, so a pair longer than the cap is read the same way everywhere. A prompt
+    of `max_length` tokens or more leaves both responses empty."""
+    prompt = pair.prompt_ids[:max_length]
+    room = max_length - len(prompt)
+    return TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room])
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence `model` is built for (its position table or its configured context), if it says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def sequence_cap(model: Any, max_length: int) -> int:
+    """Tokens per sequence when `model` reads pairs at a recipe's `max_length`: that, or the model's context if
+    shorter. Why both: the recipe's cap bounds the cost of a run whatever text a snapshot holds (one 20 KB proxy
+    response is 16k tokens: 10 GB of activations in one forward), and past its context a model with a position table
+    fails and one with rotary positions reads positions it never trained on."""
+    context = model_context(model)
+    return max_length if context is None else min(max_length, context)
+
+
 def _pad(rows: list[list[int]], value: int) -> Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -94,13 +124,12 @@ def _pad(rows: list[list[int]], value: int) -> Tensor:
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, max_length: int) -> dict[str, Tensor]:
     """[chosen rows; rejected rows] right-padded: input_ids, attention_mask, completion_mask, all [2B, T].
 
-    Truncation keeps the start of each sequence, as TRL's default `keep_start`.
+    Each sequence is cut to `max_length` tokens by `truncate_pair` (keeps the start).
     """
+    pairs = [truncate_pair(p, max_length) for p in pairs]
     ids = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     completion = [[0] * len(p.prompt_ids) + [1] * len(p.chosen_ids) for p in pairs]
     completion += [[0] * len(p.prompt_ids) + [1] * len(p.rejected_ids) for p in pairs]
-    ids = [r[:max_length] for r in ids]
-    completion = [r[:max_length] for r in completion]
     return {"input_ids": _pad(ids, pad_token_id), "attention_mask": _pad([[1] * len(r) for r in ids], 0),
             "completion_mask": _pad(completion, 0)}
 
