@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from ground.schemas import PairwiseText
@@ -71,9 +72,13 @@ def open_text_pair(data: Any) -> PairwiseText | None:
     is not a text pair (feature data, or no prompt and two responses)."""
     if not isinstance(data, dict) or "x" in data or not all(isinstance(data.get(k), str) for k in TEXT_TASK_KEYS):
         return None
-    if not data["prompt"]:
+    if not data["prompt"].strip():
         return None
-    return PairwiseText(prompt=data["prompt"], response_a=data["answer_a"], response_b=data["answer_b"], choice="a")
+    try:  # an answer past the contract's length: not a pair this refresh can score (nor a label it could become)
+        return PairwiseText(prompt=data["prompt"], response_a=data["answer_a"], response_b=data["answer_b"],
+                            choice="a")
+    except ValidationError:
+        return None
 
 
 def expert_text_pairs(settings: Settings) -> list[PairwiseText]:

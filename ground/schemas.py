@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -38,6 +38,22 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _in_utc_range(moment: datetime) -> datetime:
+    try:  # the store keeps versions in UTC, where 0001-01-01T00:00+05:00 has no moment (year 0)
+        moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"{moment.isoformat()} is out of range in UTC") from exc
+    return moment
+
+
+# With its zone: a naive time cannot be ordered against an aware one, so the wire refuses it.
+Moment = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
+# Output ids index a softmax over max(id) + 1 outputs and a D×D adapter, so 10**30 would size both absurdly far
+# downstream; 4096 outputs (a 16.8M-weight adapter) is far above any label set we train.
+MAX_OUTPUT_ID = 4095
+MAX_TEXT_CHARS = 100_000  # per text field: four at the bound in ASCII (400 KB) fit Settings.max_event_bytes' default
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,8 +64,8 @@ class FeatureTriple(_Strict):
     type: Literal["features"] = "features"
     # NaN/inf are refused: they are not JSON, and PostgreSQL would reject the row later.
     x: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1, max_length=4096)
-    y_w: int = Field(ge=0)
-    y_l: int = Field(ge=0)
+    y_w: int = Field(ge=0, le=MAX_OUTPUT_ID)
+    y_l: int = Field(ge=0, le=MAX_OUTPUT_ID)
 
     @model_validator(mode="after")
     def _distinct(self) -> FeatureTriple:
@@ -62,14 +78,23 @@ class PairwiseText(_Strict):
     """A prompt, two text responses and which one was chosen."""
 
     type: Literal["pairwise_text"] = "pairwise_text"
-    prompt: str = Field(min_length=1)
-    response_a: str
-    response_b: str
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    response_a: str = Field(max_length=MAX_TEXT_CHARS)
+    response_b: str = Field(max_length=MAX_TEXT_CHARS)
     choice: Literal["a", "b"]
-    rationale: str | None = None
+    rationale: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 Item = Annotated[FeatureTriple | PairwiseText, Field(discriminator="type")]
+
+
+def _informative(item: Item | None) -> None:
+    """A preference between identical responses, or for a blank prompt, teaches nothing (as y_w == y_l). Refused on
+    label events, not on PairwiseText: an open Label Studio task may be such a pair (flows/acquisition_chat.py)."""
+    if isinstance(item, PairwiseText) and not item.prompt.strip():
+        raise ValueError("item.prompt is blank (whitespace only)")
+    if isinstance(item, PairwiseText) and item.response_a == item.response_b:
+        raise ValueError(f"item.response_a and item.response_b must differ, both are {item.response_a[:80]!r}")
 
 
 def _occurred_at_required(schema: dict[str, Any]) -> None:
@@ -82,9 +107,10 @@ class _Event(_Strict):
 
     schema_version: Literal[1, 2] = 2  # SCHEMA_VERSION
     event_id: str = Field(min_length=1, max_length=256, description="Idempotency key.")
-    occurred_at: datetime = Field(
+    occurred_at: Moment = Field(
         default_factory=utcnow,
-        description="When the producer made this version (required on the wire since v2); orders versions of an id.")
+        description="When the producer made this version, with its zone (required on the wire since v2); orders "
+                    "versions of an id.")
 
 
 class ExpertLabel(_Event):
@@ -100,6 +126,8 @@ class ExpertLabel(_Event):
     def _item_unless_deleted(self) -> ExpertLabel:
         if self.item is None and self.action != "deleted":
             raise ValueError(f"item is required for action {self.action!r}; only 'deleted' may omit it")
+        if self.action != "deleted":  # a retraction's item is not a label
+            _informative(self.item)
         return self
 
 
@@ -109,6 +137,11 @@ class ProxyPreference(_Event):
     kind: Literal["proxy_preference"] = "proxy_preference"
     proxy_name: str = Field(min_length=1)
     item: Item
+
+    @model_validator(mode="after")
+    def _item_informative(self) -> ProxyPreference:
+        _informative(self.item)
+        return self
 
 
 class DatasetUpdated(_Event):
@@ -129,7 +162,7 @@ class PolicyReleased(_Event):
 
 DeadLetterReason = Literal[
     "empty", "too_large", "not_json", "too_deep", "not_object", "unknown_schema_version", "missing_occurred_at",
-    "contract", "store_refused",
+    "contract", "store_refused", "undecodable", "wrong_topic", "kind_conflict", "dimension_mismatch",
 ]
 
 
@@ -152,7 +185,7 @@ class DeadLetter(BaseModel):
     original_b64: str
     truncated: bool = False
     payload_uri: str | None = None
-    dead_lettered_at: datetime = Field(default_factory=utcnow)
+    dead_lettered_at: AwareDatetime = Field(default_factory=utcnow)
 
 
 class TrainingRequest(BaseModel):

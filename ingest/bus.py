@@ -27,6 +27,7 @@ from ground.settings import Settings
 
 LabelEvent = ExpertLabel | ProxyPreference
 _label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)
+_MODEL_OF_KIND: dict[str, type[LabelEvent]] = {"expert_label": ExpertLabel, "proxy_preference": ProxyPreference}
 
 # Defaults of Settings.kafka_session_timeout_ms / kafka_heartbeat_interval_ms (kept for importers).
 SESSION_TIMEOUT_MS = 6000
@@ -125,6 +126,8 @@ def decode_label_event(raw: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> L
         raise MalformedEvent(f"not JSON: {exc}", "not_json") from exc
     except RecursionError as exc:  # e.g. b"[" * 100_000
         raise MalformedEvent("not JSON this reader accepts: nested too deeply", "too_deep") from exc
+    except ValueError as exc:  # e.g. an integer literal past Python's 4300 digits (sys.set_int_max_str_digits)
+        raise MalformedEvent(f"not JSON this reader accepts: {_clip(str(exc))}", "not_json") from exc
     if not isinstance(payload, dict):
         raise MalformedEvent(f"event must be a JSON object, got {type(payload).__name__}", "not_object")
     version = payload.get("schema_version")
@@ -135,13 +138,31 @@ def decode_label_event(raw: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> L
         # The reader's clock would make a redelivery look newer than the stored version (contract v2).
         raise MalformedEvent(f"occurred_at is required (event contract v{SCHEMA_VERSION}): the producer's time of "
                              "this version, ISO 8601 with a zone", "missing_occurred_at")
+    kind = payload.get("kind")
+    # A known kind is checked against its own model: the union's errors would list the other kind's too.
+    model = _MODEL_OF_KIND.get(kind) if isinstance(kind, str) else None
     try:
-        return _label_adapter.validate_python(payload)
+        return model.model_validate(payload) if model is not None else _label_adapter.validate_python(payload)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         raise MalformedEvent(f"does not match the event contract: {_clip(problems)}", "contract") from exc
     except RecursionError as exc:
         raise MalformedEvent("does not match the event contract: nested too deeply", "too_deep") from exc
+
+
+def check_topic(event: LabelEvent, topic: str, settings: Settings) -> None:
+    """Raise MalformedEvent (`wrong_topic`) unless the event's kind is the one its topic carries.
+
+    Why: the topic is what a producer is allowed to write to; without this check a proxy producer could
+    create expert labels. The expert topic carries ExpertLabel (retractions are ExpertLabels with
+    action "deleted"), the proxy topic ProxyPreference; the consumer reads no other label topic.
+    """
+    topics = ((settings.topic_expert, ExpertLabel), (settings.topic_proxy, ProxyPreference))
+    carried = tuple(kind for name, kind in topics if name == topic)
+    if not isinstance(event, carried):
+        kinds = " and ".join(str(kind.model_fields["kind"].default) for kind in carried) or "no label events"
+        raise MalformedEvent(f"a {event.kind} event on topic {_clip(topic, 200)!r}, which carries {kinds}",
+                             "wrong_topic")
 
 
 def _clip(text: str, limit: int = 500) -> str:

@@ -21,12 +21,13 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential
 
-from ground.schemas import DATASET_UPDATED_EVENT, DatasetUpdated
+from ground.schemas import DATASET_UPDATED_EVENT, DatasetUpdated, ExpertLabel, FeatureTriple
 from ground.settings import Settings, get_settings
 from ingest import dead_letters
 from ingest.bus import (
     LabelEvent,
     MalformedEvent,
+    check_topic,
     decode_label_event,
     ensure_topics,
     make_consumer,
@@ -34,8 +35,8 @@ from ingest.bus import (
     publish,
 )
 from ingest.dead_letters import Refusal
-from ingest.store import count_labels, count_new_labels, make_engine
-from ingest.upsert import upsert_events
+from ingest.store import count_labels, count_new_labels, feature_dimension, make_engine
+from ingest.upsert import KindConflict, upsert_events
 
 log = logging.getLogger("proxyloop.ingest")
 
@@ -58,17 +59,36 @@ def _retriable_kafka(error: BaseException) -> bool:
     return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
 
 
+@dataclass
+class FeatureDimension:
+    """The x length of the store's live feature labels, as this consumer knows it (None: not known yet).
+
+    Why: one event of another dimension would break every later retrain with errors that name no event,
+    so the consumer dead-letters it (`dimension_mismatch`). Looked up once from one stored row
+    (ingest.store.feature_dimension), not per event; held only once read from the store, so an event
+    that fixed it within a batch but was then refused does not fix it for good. Retracting every feature
+    label to change dimension needs a consumer restart.
+    """
+
+    known: int | None = None
+
+
 def store_batch(
-    engine: Engine, producer: KafkaProducer, settings: Settings, records: list[Any]
+    engine: Engine, producer: KafkaProducer, settings: Settings, records: list[Any],
+    dimension: FeatureDimension | None = None,
 ) -> BatchOutcome:
     """Upsert what decodes, dead-letter the rest once, commit the store. Offsets come after.
 
     Every dead letter is acknowledged by the broker and recorded in the store before this returns,
     so committing the offsets afterwards can never drop a refused record, and a batch read again
-    (after a broker error or a restart) sends no letter twice.
+    (after a broker error or a restart) sends no letter twice. A record that fails in a way no check
+    foresaw is dead-lettered too (`undecodable`): a consumer that died on it would die on it again
+    after every restart. Store connection errors still raise (the batch is read again).
     """
+    dimension = dimension if dimension is not None else FeatureDimension()
     decoded: list[tuple[Any, LabelEvent]] = []
     refusals: list[Refusal] = []
+    expected, looked_up = dimension.known, False
 
     def refuse(record: Any, error: MalformedEvent) -> None:
         refusals.append(Refusal(record.topic, record.partition, record.offset, record.key, record.value,
@@ -76,22 +96,49 @@ def store_batch(
 
     for record in records:
         try:
-            decoded.append((record, decode_label_event(record.value, settings.max_event_bytes)))
+            event = decode_label_event(record.value, settings.max_event_bytes)
+            check_topic(event, record.topic, settings)
         except MalformedEvent as exc:
             refuse(record, exc)
+            continue
+        except Exception as exc:  # see the docstring; decoding touches neither the store nor the broker
+            refuse(record, MalformedEvent(f"could not be decoded: {type(exc).__name__}: {str(exc)[:500]}",
+                                          "undecodable"))
+            continue
+        x = _features(event)
+        if x is not None:
+            if expected is None and not looked_up:  # outside the guard: a store error rewinds the batch
+                with Session(engine) as session:
+                    expected = dimension.known = feature_dimension(session)
+                looked_up = True
+            expected = len(x) if expected is None else expected  # an empty store: the batch's first fixes it
+            if len(x) != expected:
+                refuse(record, MalformedEvent(f"x has {len(x)} features; the store's feature labels have {expected}",
+                                              "dimension_mismatch"))
+                continue
+        decoded.append((record, event))
     try:
         stored = _upsert_committed(engine, [event for _, event in decoded])
-    except (DataError, IntegrityError):
-        # One row the database refuses must not block the partition: retry one by one and
-        # dead-letter only the refused ones. Connection errors (OperationalError) still raise.
+    except (DataError, IntegrityError, KindConflict):
+        # One row the database refuses (or an id reused by the other kind) must not block the partition:
+        # retry one by one and dead-letter only the refused ones. Connection errors (OperationalError) still raise.
         stored = 0
         for record, event in decoded:
             try:
                 stored += _upsert_committed(engine, [event])
+            except KindConflict as exc:
+                refuse(record, MalformedEvent(str(exc), "kind_conflict"))
             except (DataError, IntegrityError) as exc:
                 refuse(record, MalformedEvent(f"the store refused the event: {str(exc.orig)[:500]}",
                                               "store_refused"))
     return BatchOutcome(stored=stored, dead_lettered=send_dead_letters(engine, producer, settings, refusals))
+
+
+def _features(event: LabelEvent) -> list[float] | None:
+    """The x a stored version of this event would carry; a retraction carries none, whatever its item."""
+    if isinstance(event, ExpertLabel) and event.action == "deleted":
+        return None
+    return event.item.x if isinstance(event.item, FeatureTriple) else None
 
 
 def send_dead_letters(engine: Engine, producer: KafkaProducer, settings: Settings, refusals: list[Refusal]) -> int:
@@ -215,7 +262,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     producer = make_producer(settings)
     consumer = make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
     log.info("consuming %s, %s as group %s", settings.topic_expert, settings.topic_proxy, settings.consumer_group)
-    pause, store_down_since = 1.0, None
+    pause, store_down_since, dimension = 1.0, None, FeatureDimension()
     try:
         while not stop.is_set():
             polled = consumer.poll(timeout_ms=500)
@@ -223,7 +270,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
             if not records:
                 continue
             try:
-                outcome = store_batch(engine, producer, settings, records)
+                outcome = store_batch(engine, producer, settings, records, dimension)
                 commit_offsets(consumer, settings)  # only after the store commit above
             except (KafkaError, OperationalError) as error:
                 # The broker stayed away past its retries, the group rebalanced, or the store is

@@ -12,7 +12,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal, TypeVar
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import JSON, Boolean, DateTime, Integer, String, case, create_engine, func, select
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
@@ -198,19 +198,58 @@ class SnapshotNotFound(LookupError):
     pass
 
 
+def _stored_item(event_id: str, item: dict[str, object]) -> Item:
+    """A stored item read back; one stored under an older, looser contract is named, not just refused."""
+    try:
+        return _item_adapter.validate_python(item)
+    except ValidationError as exc:
+        raise ValueError(f"stored label {event_id!r} no longer matches the event contract: {exc}") from exc
+
+
 def load_snapshot_triples(session: Session, snapshot_id: str) -> dict[LabelKind, list[FeatureTriple]]:
-    """The feature triples of a snapshot, split by kind, in event-id order (deterministic)."""
+    """The feature triples of a snapshot, split by kind, in event-id order (deterministic).
+
+    Raises MixedDimensions when the triples' x lengths differ (stored before the consumer refused
+    that): every stage after this one would fail with errors that name no event.
+    """
     snapshot = session.get(SnapshotRow, snapshot_id)
     if snapshot is None:
         raise SnapshotNotFound(f"snapshot {snapshot_id!r} not in the store; freeze one first")
     wanted = set(snapshot.event_ids)
     out: dict[LabelKind, list[FeatureTriple]] = {"expert": [], "proxy": []}
+    ids_by_dimension: dict[int, list[str]] = {}
     for row in session.scalars(select(LabelRow).order_by(LabelRow.event_id)):
         if row.event_id in wanted:
-            item = _item_adapter.validate_python(row.item)
+            item = _stored_item(row.event_id, row.item)
             if isinstance(item, FeatureTriple):
                 out["expert" if row.kind == "expert" else "proxy"].append(item)
+                ids_by_dimension.setdefault(len(item.x), []).append(row.event_id)
+    if len(ids_by_dimension) > 1:
+        raise MixedDimensions(snapshot_id, ids_by_dimension)
     return out
+
+
+class MixedDimensions(ValueError):
+    """A snapshot whose feature triples do not all have one x length; names the odd events."""
+
+    def __init__(self, snapshot_id: str, ids_by_dimension: dict[int, list[str]]) -> None:
+        common, *others = sorted(ids_by_dimension, key=lambda d: (-len(ids_by_dimension[d]), d))
+        odd = [f"{event_id} (x of {d})" for d in others for event_id in ids_by_dimension[d]]
+        counts = ", ".join(f"{len(ids)} of dimension {d}" for d, ids in sorted(ids_by_dimension.items()))
+        super().__init__(f"snapshot {snapshot_id} mixes feature dimensions ({counts}); most have x of length "
+                         f"{common}, these do not: {', '.join(odd[:20])}{' …' if len(odd) > 20 else ''}. "
+                         "Retract them (or re-send them at that dimension) and freeze a new snapshot")
+        self.dimensions = sorted(ids_by_dimension)
+
+
+def feature_dimension(session: Session) -> int | None:
+    """The x length of the oldest live feature label, None without any: the dimension the consumer holds
+    new feature events to (ingest.consumer), so a stray one cannot break every later retrain."""
+    item = session.scalar(select(LabelRow.item).where(LabelRow.deleted.is_(False),
+                                                      LabelRow.item["type"].as_string() == "features")
+                          .order_by(LabelRow.seq).limit(1))
+    x = item.get("x") if item else None
+    return len(x) if isinstance(x, list) else None
 
 
 def count_new_labels(session: Session) -> NewLabelCursor:

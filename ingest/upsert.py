@@ -9,7 +9,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -29,6 +29,24 @@ def _row_values(event: ExpertLabel | ProxyPreference) -> tuple[LabelKind, str]:
     return "proxy", event.proxy_name
 
 
+class KindConflict(ValueError):
+    """An event of one kind (expert, proxy) for an id stored, or earlier in the batch, as the other kind.
+
+    Refused rather than applied: the row would keep its kind and take the other kind's item, so a proxy
+    source could rewrite (or resurrect) an expert label by reusing its id. The consumer dead-letters it.
+    """
+
+    def __init__(self, event_id: str, stored: str, new: str) -> None:
+        super().__init__(f"event id {event_id[:256]!r} is stored with kind {stored}; "
+                         f"a {new} event may not change its kind")
+        self.event_id = event_id
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite keeps no offset: 12:00-05:00 would be stored, and compared, as 12:00. Stored times are UTC.
+    return as_utc(moment).astimezone(UTC)
+
+
 _IN_CHUNK = 500  # ids per IN (...) query; far below SQLite's and PostgreSQL's parameter limits
 
 
@@ -39,7 +57,10 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
     is a no-op; between different versions of one id the later `occurred_at` wins, and equal moments
     are ordered by content hash, so the stored version never depends on arrival order or on any
     reader's clock. `action="deleted"` retracts. Each write is appended to `label_history`. The
-    caller commits: Kafka offsets are committed only after that.
+    caller commits: Kafka offsets are committed only after that. Times are stored in UTC.
+
+    Raises KindConflict, before writing anything, when an event's kind differs from its id's stored
+    (or earlier in the batch) kind.
     """
     batch = list(events)
     existing: dict[str, LabelRow] = {}
@@ -47,6 +68,11 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
     for i in range(0, len(ids), _IN_CHUNK):
         rows = session.scalars(select(LabelRow).where(LabelRow.event_id.in_(ids[i:i + _IN_CHUNK])))
         existing.update({row.event_id: row for row in rows})
+    kinds = {event_id: row.kind for event_id, row in existing.items()}
+    for event in batch:
+        kind = _row_values(event)[0]
+        if kinds.setdefault(event.event_id, kind) != kind:
+            raise KindConflict(event.event_id, kinds[event.event_id], kind)
     # New rows and history are bulk-inserted with Core statements on the tables (the ORM's bulk
     # insert still collects per-row commands: most of the cost); rows that already exist are
     # updated through the ORM.
@@ -62,30 +88,30 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
         else:
             action = "created" if row is None and fresh is None else "updated"
         item = event.item.model_dump(mode="json") if event.item is not None else None
-        deleted = action == "deleted"
-        version = _Version(event.occurred_at, source_id, item, deleted)
+        deleted, occurred_at = action == "deleted", _utc(event.occurred_at)
+        version = _Version(occurred_at, source_id, item, deleted)
         if row is None and fresh is None:
             # A retraction that overtook its creation leaves a tombstone, so the late creation
             # (older occurred_at) cannot resurrect the label.
             inserts[event.event_id] = {
                 "event_id": event.event_id, "kind": kind, "source_id": source_id, "item": item or {},
-                "deleted": deleted, "occurred_at": event.occurred_at, "seq": next_seq, "stored_at": utcnow(),
+                "deleted": deleted, "occurred_at": occurred_at, "seq": next_seq, "stored_at": utcnow(),
             }
             next_seq += 1
         elif fresh is not None:
             if not version.supersedes(_Version(fresh["occurred_at"], fresh["source_id"], fresh["item"],
                                                fresh["deleted"])):
                 continue
-            fresh.update(deleted=deleted, occurred_at=event.occurred_at, source_id=source_id,
+            fresh.update(deleted=deleted, occurred_at=occurred_at, source_id=source_id,
                          **({"item": item} if item else {}))
         elif row is not None:
-            if not version.supersedes(_Version(as_utc(row.occurred_at), row.source_id, row.item, row.deleted)):
+            if not version.supersedes(_Version(_utc(row.occurred_at), row.source_id, row.item, row.deleted)):
                 continue
-            row.deleted, row.occurred_at, row.source_id = deleted, event.occurred_at, source_id
+            row.deleted, row.occurred_at, row.source_id = deleted, occurred_at, source_id
             if item is not None:
                 row.item = item
         history.append({"event_id": event.event_id, "kind": kind, "action": action, "item": item,
-                        "occurred_at": event.occurred_at, "recorded_at": utcnow()})
+                        "occurred_at": occurred_at, "recorded_at": utcnow()})
     if inserts:
         session.execute(insert(_LABELS), list(inserts.values()))
     if history:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from kafka import KafkaProducer
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -83,7 +84,7 @@ def _changed_labels(
                 continue
             try:
                 labels.append(expert_label_from_annotation(annotation, ls_task, _action(annotation)))
-            except UnusableAnnotation as exc:
+            except (UnusableAnnotation, ValidationError) as exc:  # the contract's refusals too: skip, do not stop
                 report.skipped.append(f"annotation {annotation.id}: {exc}")
                 continue
             if changed is not None and (report.watermark is None or changed > report.watermark):

@@ -21,7 +21,7 @@ from fastapi.security import APIKeyHeader
 from kafka import KafkaProducer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, as_utc, utcnow
 from ground.settings import Settings
 from ingest.bus import publish
 from ingest.web import ProducerDep, SettingsDep
@@ -192,7 +192,9 @@ def expert_label_from_annotation(
         event_id=event_id_for(annotation.id),
         annotator_id=_annotator(annotation.completed_by),
         action=action,
-        occurred_at=annotation.updated_at or utcnow(),
+        # Label Studio sends UTC ("...Z"); a naive time (an older server, a hand-made payload) is read as UTC
+        # rather than refused by the contract, which takes only times with a zone.
+        occurred_at=as_utc(annotation.updated_at) if annotation.updated_at else utcnow(),
         item=_item(task, _choice(annotation), _rationale(annotation)),
     )
 

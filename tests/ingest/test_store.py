@@ -188,3 +188,64 @@ def test_live_expert_items_are_the_kind_asked_for_in_event_order_without_retract
         upsert_events(session, [ExpertLabel(event_id="e2", annotator_id="ann", action="deleted", occurred_at=later)])
         assert [t.x for t in live_expert_items(session, FeatureTriple)] == [[1.0], [3.0]]
         assert live_expert_items(session, PairwiseText) == [text]
+
+
+def test_versions_are_ordered_and_stored_in_utc_whatever_their_offset_and_arrival(store_url):
+    """12:00-05:00 is 17:00Z, later than 15:00Z; SQLite keeps no offset, so a store that kept 12:00 would pick
+    whichever arrived last."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import delete
+
+    from ingest.store import LabelHistoryRow, LabelRow
+    from ingest.upsert import upsert_events as upsert
+
+    later = ProxyPreference.model_validate({"event_id": "b", "proxy_name": "j", "occurred_at": "2026-01-01T12:00-05:00",
+                                            "item": {"type": "features", "x": [1.0], "y_w": 0, "y_l": 1}})
+    earlier = ProxyPreference.model_validate({"event_id": "b", "proxy_name": "j", "occurred_at": "2026-01-01T15:00Z",
+                                              "item": {"type": "features", "x": [2.0], "y_w": 0, "y_l": 1}})
+    engine = make_engine(store_url)
+    for order in ((later, earlier), (earlier, later)):
+        for event in order:  # one committed batch each: the second compares with what the store gave back
+            with Session(engine) as session:
+                upsert(session, [event])
+                session.commit()
+        with Session(engine) as session:
+            row = session.get(LabelRow, "b")
+            assert row.item["x"] == [1.0]
+            assert row.occurred_at.replace(tzinfo=row.occurred_at.tzinfo or UTC) == datetime(2026, 1, 1, 17, tzinfo=UTC)
+            session.execute(delete(LabelRow))
+            session.execute(delete(LabelHistoryRow))
+            session.commit()
+
+
+def test_a_snapshot_mixing_feature_dimensions_names_the_odd_events(store_url):
+    import pytest
+
+    from ingest.store import MixedDimensions
+
+    events = [_proxy(i) for i in range(3)] + [_expert(1), ProxyPreference(
+        event_id="p-odd", proxy_name="judge", item=FeatureTriple(x=[1.0, 2.0, 3.0], y_w=0, y_l=1))]
+    with Session(make_engine(store_url)) as session:
+        upsert_events(session, events)  # as a store written before the consumer refused other dimensions
+        snapshot = freeze_snapshot(session)
+        with pytest.raises(ValueError, match=r"4 of dimension 1, 1 of dimension 3.*these do not: p-odd \(x of 3\)"
+                           ) as mixed:
+            load_snapshot_triples(session, snapshot.snapshot_id)
+        assert isinstance(mixed.value, MixedDimensions) and mixed.value.dimensions == [1, 3]
+
+
+def test_the_feature_dimension_is_that_of_the_oldest_live_feature_label(store_url):
+    from ingest.store import feature_dimension
+
+    text = PairwiseText(prompt="p", response_a="a", response_b="b", choice="a")
+    with Session(make_engine(store_url)) as session:
+        assert feature_dimension(session) is None
+        upsert_events(session, [ProxyPreference(event_id="t", proxy_name="judge", item=text), _expert(1)])
+        assert feature_dimension(session) == 1
+        upsert_events(session, [ExpertLabel(event_id="e1", annotator_id="ann", action="deleted",
+                                             occurred_at=utcnow() + timedelta(seconds=5))])
+        assert feature_dimension(session) is None  # only text and a retraction left
+        upsert_events(session, [ProxyPreference(event_id="p", proxy_name="judge",
+                                                item=FeatureTriple(x=[1.0, 2.0], y_w=0, y_l=1))])
+        assert feature_dimension(session) == 2
