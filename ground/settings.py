@@ -6,14 +6,44 @@ change production needs.
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"dev-webhook-secret", "dev-api-key"}
+# What kafka-python takes per comma-separated entry: host, host:port or [ipv6]:port, maybe PROTOCOL:// first.
+_BOOTSTRAP = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[^:]*))?")
+
+
+class OperatorError(RuntimeError):
+    """An error an operator fixes outside the code (a setting, a service, a file), with a message that names
+    what to change. The `proxyloop` command prints it as one `error: …` line instead of a traceback."""
+
+
+class SettingsInvalid(OperatorError, ValueError):
+    """A PROXYLOOP_ variable that points at something unusable (PROXYLOOP_HOME: no writable directory). One that
+    does not parse is pydantic's ValidationError; `proxyloop` names its variable (env_name)."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a Settings field (no aliases: the prefix plus the upper-cased name)."""
+    return f"PROXYLOOP_{field.upper()}"
+
+
+def _check_port(port: object, url: str | None = None) -> None:
+    """A port given as such, or the one in `url` (none given: fine, the scheme's default)."""
+    try:
+        port = urlsplit(url).port if url is not None else port  # ValueError: not a number, or above 65535
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    if port is not None and not (str(port).isdigit() and 1 <= int(str(port)) <= 65_535):
+        raise ValueError(f"port {port!r} is not a number in 1-65535")
 
 
 ML_BACKEND_PATH = "/labelstudio/ml"  # where the HTTP app mounts Label Studio's ML-backend protocol
@@ -52,7 +82,7 @@ class Settings(BaseSettings):
         "", description="Any fsspec URL (s3://bucket/registry, gs://…) the registry is mirrored to; empty: local only.")
     registry_remote_poll_s: float = Field(5.0, ge=0, description="Serving pulls the remote at most this often.")
     http_host: str = "127.0.0.1"
-    http_port: int = 18000
+    http_port: int = Field(18000, ge=1, le=65_535)
 
     broker_storage: Literal["s3", "memory"] = Field(
         "s3", description="Where the embedded Tansu broker keeps topics and group offsets: 's3' in the object "
@@ -84,7 +114,7 @@ class Settings(BaseSettings):
     topic_dead_letter: str = "proxyloop.dead-letter"
     topic_dataset_updated: str = "proxyloop.dataset-updated"
     topic_policy_released: str = "proxyloop.policy-released"
-    topic_partitions: int = 3
+    topic_partitions: int = Field(3, ge=1)
     # Size limits, one story from producer to consumer: producers may send records up to
     # kafka_max_message_bytes (also the topics' max.message.bytes and the consumer's fetch size); the
     # consumer stores events up to max_event_bytes and dead-letters larger ones with a letter that fits.
@@ -106,6 +136,9 @@ class Settings(BaseSettings):
     # Tansu's group join waits about session_timeout/2 before the first record; Kafka's default
     # (45 s) would stall every consumer start.
     kafka_session_timeout_ms: int = Field(6000, ge=1000, description="Consumer group session timeout.")
+    kafka_bootstrap_timeout_s: float = Field(
+        10, gt=0, description="The CLI publishers wait this long for a broker in kafka_bootstrap to accept a "
+        "connection before calling Kafka unreachable (kafka-python's bootstrap: 30 s, then a KafkaTimeoutError).")
     kafka_heartbeat_interval_ms: int = Field(2000, ge=100, description="Must be below a third of the session timeout.")
     consumer_max_poll_records: int = Field(500, ge=1, description="Records per consumer batch (one store commit).")
     consumer_stall_after_s: int = Field(
@@ -178,6 +211,52 @@ class Settings(BaseSettings):
         "would do; 'decide' acts on them. bench/gate.py found no gain from acting (docs/benchmarks.md).")
     training_seed: int = 0
 
+    # Addresses are checked when read, so a typo names its variable at once rather than surfacing later as a
+    # timeout, or a traceback from `up`/`status`/httpx. Every form the client libraries take keeps working.
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_servers(cls, value: str) -> str:
+        for entry in value.split(","):
+            match = _BOOTSTRAP.fullmatch(entry.strip())
+            if match is None:
+                raise ValueError(f"{entry.strip()!r} is not host:port (brokers are comma-separated)")
+            _check_port(match["port"])
+        return value
+
+    @field_validator("celery_broker", "celery_backend")
+    @classmethod
+    def _celery_url(cls, value: str) -> str:
+        for url in value.split(";"):  # redis, rediss, amqp, sentinel lists joined by ';' …: a scheme, a valid port
+            if "://" not in url:
+                raise ValueError(f"{url!r} is not a URL such as redis://127.0.0.1:6379/0")
+            _check_port(None, url)
+        return value
+
+    @field_validator("prefect_api_url", "object_store_url", "labelstudio_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        _check_port(None, value)
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str) -> str:
+        if not value:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+            url.get_dialect()
+        except ArgumentError as exc:  # NoSuchModuleError too; neither message repeats the URL (its password)
+            raise ValueError(f"not a usable SQLAlchemy URL ({exc}), e.g. postgresql+psycopg://u:pw@host/db") from None
+        _check_port(url.port)
+        return value
+
     @model_validator(mode="after")
     def _refuse_placeholders_outside_dev(self) -> Settings:
         if self.env != "dev":
@@ -193,11 +272,12 @@ class Settings(BaseSettings):
     def _size_limits_consistent(self) -> Settings:
         # A letter's envelope (reason, hash, position) needs room beside the base64 of its payload.
         if self.max_event_bytes > self.kafka_max_message_bytes:
-            raise ValueError(f"max_event_bytes ({self.max_event_bytes}) must not exceed kafka_max_message_bytes "
-                             f"({self.kafka_max_message_bytes}): producers could not send the largest event")
+            raise ValueError(f"PROXYLOOP_MAX_EVENT_BYTES ({self.max_event_bytes}) must not exceed "
+                             f"PROXYLOOP_KAFKA_MAX_MESSAGE_BYTES ({self.kafka_max_message_bytes}): producers could "
+                             "not send the largest event")
         if self.dead_letter_inline_bytes * 4 // 3 + 16_384 > self.kafka_max_message_bytes:
-            raise ValueError(f"dead_letter_inline_bytes ({self.dead_letter_inline_bytes}) base64-encoded plus 16 KiB "
-                             f"must fit kafka_max_message_bytes ({self.kafka_max_message_bytes})")
+            raise ValueError(f"PROXYLOOP_DEAD_LETTER_INLINE_BYTES ({self.dead_letter_inline_bytes}) base64-encoded "
+                             f"plus 16 KiB must fit PROXYLOOP_KAFKA_MAX_MESSAGE_BYTES ({self.kafka_max_message_bytes})")
         return self
 
     @property
@@ -215,6 +295,30 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.resolve()
+
+    def ensure_home(self) -> Path:
+        """The state directory, created when missing. Refused naming PROXYLOOP_HOME when it cannot be (a file in
+        the way, no permission), before a component or the SQLite store fails on it with a bare OSError."""
+        home = self.home_dir
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            usable = os.access(home, os.W_OK | os.X_OK)
+            reason = "permission denied"
+        except OSError as exc:
+            usable, reason = False, "a file is in the way" if home.exists() else exc.strerror or str(exc)
+        if not usable:
+            raise SettingsInvalid(f"PROXYLOOP_HOME {home} is not a writable directory ({reason})")
+        return home
+
+    def store_exists(self) -> bool:
+        """A configured store URL, or the home of the default SQLite store: without one, readers (`runs`, `status`,
+        `deadletters`) answer "nothing yet" rather than create it. A home that is no writable directory: an error."""
+        if self.store_url:
+            return True
+        if not self.home_dir.exists():
+            return False
+        self.ensure_home()
+        return True
 
     @property
     def resolved_store_url(self) -> str:

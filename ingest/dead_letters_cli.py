@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,7 +15,10 @@ from rich.table import Table
 from sqlalchemy.orm import Session
 
 from ground.schemas import as_utc
-from ground.settings import get_settings
+from ground.settings import OperatorError, Settings, get_settings
+
+if TYPE_CHECKING:
+    from ingest.dead_letters import DeadLetterRow
 
 app = typer.Typer(help="Dead-lettered records: list them, replay them after a fix.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -34,29 +37,36 @@ def _since(value: str | None) -> datetime | None:
     return as_utc(moment)
 
 
+def _find(settings: Settings, reason: str | None, since: str | None) -> list[DeadLetterRow]:
+    """The matching letters, or none while there is no store yet (a fresh machine before `up`): listing should
+    neither create the store nor fail for want of it."""
+    from ingest import dead_letters
+    from ingest.store import make_engine
+
+    when = _since(since)
+    if not settings.store_exists():
+        return []
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        return list(dead_letters.find(session, reason=reason, since=when))
+
+
 @app.command("list")
 def list_letters(reason: Reason = None, since: Since = None,
                  as_json: Annotated[bool, typer.Option("--json", help="One JSON object per letter.")] = False) -> None:
     """Every dead-lettered record, oldest first: when, why, where, how large, whether replayed."""
-    from ingest import dead_letters
-    from ingest.store import make_engine
-
-    settings = get_settings()
-    with Session(make_engine(settings.resolved_store_url)) as session:
-        rows = dead_letters.find(session, reason=reason, since=_since(since))
-        if as_json:
-            for row in rows:
-                typer.echo(json.dumps({
-                    "at": row.dead_lettered_at.isoformat(), "reason_code": row.reason_code, "reason": row.reason,
-                    "topic": row.topic, "partition": row.partition, "offset": row.offset, "size": row.size,
-                    "sha256": row.sha256, "payload_uri": row.payload_uri, "replays": row.replays}))
-            return
-        table = Table("at", "reason", "record", "bytes", "replays", "detail", title=f"{len(rows)} dead letters")
+    rows = _find(get_settings(), reason, since)
+    if as_json:
         for row in rows:
-            table.add_row(f"{row.dead_lettered_at:%Y-%m-%d %H:%M:%S}", row.reason_code,
-                          f"{row.topic}:{row.partition}:{row.offset}", str(row.size), str(row.replays),
-                          row.reason[:120])
-        console.print(table)
+            typer.echo(json.dumps({
+                "at": row.dead_lettered_at.isoformat(), "reason_code": row.reason_code, "reason": row.reason,
+                "topic": row.topic, "partition": row.partition, "offset": row.offset, "size": row.size,
+                "sha256": row.sha256, "payload_uri": row.payload_uri, "replays": row.replays}))
+        return
+    table = Table("at", "reason", "record", "bytes", "replays", "detail", title=f"{len(rows)} dead letters")
+    for row in rows:
+        table.add_row(f"{row.dead_lettered_at:%Y-%m-%d %H:%M:%S}", row.reason_code,
+                      f"{row.topic}:{row.partition}:{row.offset}", str(row.size), str(row.replays), row.reason[:120])
+    console.print(table)
 
 
 @app.command()
@@ -68,21 +78,24 @@ def replay(
 ) -> None:
     """Publish dead-lettered records again to their topic, e.g. after a contract change or a raised limit."""
     from ingest import dead_letters
-    from ingest.bus import make_producer
+    from ingest.proxy_client import connect_producer
     from ingest.store import make_engine
 
     settings = get_settings()
+    when = _since(since)
+    if not settings.store_exists():  # a fresh machine: nothing was ever dead-lettered
+        console.print("0 dead letters would be replayed" if dry_run else "nothing to replay")
+        return
     with Session(make_engine(settings.resolved_store_url)) as session:
-        rows = dead_letters.find(session, reason=reason, since=_since(since), replayed=None if again else False)
+        rows = dead_letters.find(session, reason=reason, since=when, replayed=None if again else False)
         if dry_run or not rows:
             console.print(f"{len(rows)} dead letters would be replayed" if dry_run else "nothing to replay")
             return
-        producer = make_producer(settings)
+        producer = connect_producer(settings)  # BrokerUnreachable names PROXYLOOP_KAFKA_BOOTSTRAP, without 30 s
         try:
             done = dead_letters.replay(session, producer, rows)
         except dead_letters.PayloadMissing as exc:
-            console.print(f"[red]error:[/red] {exc}; nothing was marked replayed")
-            raise typer.Exit(1) from exc
+            raise OperatorError(f"{exc}; nothing was marked replayed") from exc
         finally:
             producer.close()
         session.commit()

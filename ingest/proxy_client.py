@@ -10,15 +10,19 @@ Every event is acknowledged by the broker before `close()` returns; ids make re-
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from kafka import KafkaProducer
+from kafka.cluster import collect_hosts
+from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import ValidationError
 
 from ground.schemas import ProxyPreference
-from ground.settings import Settings
+from ground.settings import OperatorError, Settings
 from ingest.bus import encode_event, make_producer, publish
 
 
@@ -30,14 +34,24 @@ class EventTooLarge(ValueError):
     """An event larger than the consumer would store (it would only be dead-lettered)."""
 
 
+class BrokerUnreachable(OperatorError):
+    """No broker in PROXYLOOP_KAFKA_BOOTSTRAP answered."""
+
+
 def read_preferences(path: Path) -> Iterator[ProxyPreference]:
     """One ProxyPreference JSON object per line; blank lines are skipped.
 
     A line without `occurred_at` is stamped with this publisher's clock when read: this command is
     the producer. Give it in the file when the lines come from elsewhere with their own time.
+    Lines are decoded one by one, so a line that is not UTF-8 is a BadProxyLine naming it like any other.
     """
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadProxyLine(f"{path}:{number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                   f"{exc.start + 1})") from exc
             if not line.strip():
                 continue
             try:
@@ -47,9 +61,41 @@ def read_preferences(path: Path) -> Iterator[ProxyPreference]:
                 raise BadProxyLine(f"{path}:{number}: not a ProxyPreference: {problems}") from exc
 
 
-def count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
+def check_size(event: ProxyPreference, limit: int) -> None:
+    """Refused here rather than dead-lettered by the consumer: the producer can still fix it."""
+    size = len(encode_event(event))
+    if size > limit:
+        raise EventTooLarge(f"event {event.event_id!r} is {size} bytes; the limit is {limit} "
+                            "(PROXYLOOP_MAX_EVENT_BYTES)")
+
+
+def check_file(path: Path, settings: Settings) -> int:
+    """How many events `path` holds, each parsed and sized: run before publishing, so a bad line (BadProxyLine,
+    EventTooLarge) stops the command with nothing sent rather than with part of the file published."""
+    count = 0
+    for event in read_preferences(path):
+        check_size(event, settings.max_event_bytes)
+        count += 1
+    return count
+
+
+def connect_producer(settings: Settings) -> KafkaProducer:
+    """A producer, once a broker accepts connections. kafka-python's own bootstrap waits 30 s and raises a bare
+    KafkaTimeoutError; a closed port answers at once here, and either way BrokerUnreachable names the setting."""
+    where = f"Kafka at {settings.kafka_bootstrap} unreachable (PROXYLOOP_KAFKA_BOOTSTRAP)"
+    problems = []
+    for host, port, _ in collect_hosts(settings.kafka_bootstrap, randomize=False):
+        try:
+            with socket.create_connection((host, port), timeout=settings.kafka_bootstrap_timeout_s):
+                break
+        except OSError as exc:
+            problems.append(f"{host}:{port}: {exc.strerror or exc}")
+    else:
+        raise BrokerUnreachable(f"{where}: {'; '.join(problems)}")
+    try:
+        return make_producer(settings)
+    except KafkaError as exc:  # accepts connections but does not speak Kafka (in time)
+        raise BrokerUnreachable(f"{where}: {exc}") from exc
 
 
 class ProxyPublisher:
@@ -58,16 +104,12 @@ class ProxyPublisher:
     def __init__(self, settings: Settings, window: int = 1000) -> None:
         self.settings = settings
         self.window = window  # unacknowledged sends held before waiting: bounds memory
-        self._producer = make_producer(settings)
+        self._producer = connect_producer(settings)
         self._pending: list[FutureRecordMetadata] = []
         self.acknowledged = 0
 
     def publish(self, event: ProxyPreference) -> None:
-        size = len(encode_event(event))
-        if size > self.settings.max_event_bytes:
-            # Refused here rather than dead-lettered by the consumer: the producer can still fix it.
-            raise EventTooLarge(f"event {event.event_id!r} is {size} bytes; the limit is "
-                                f"{self.settings.max_event_bytes} (PROXYLOOP_MAX_EVENT_BYTES)")
+        check_size(event, self.settings.max_event_bytes)
         self._pending.append(publish(self._producer, self.settings.topic_proxy, event, wait=False))
         if len(self._pending) >= self.window:
             self.flush()

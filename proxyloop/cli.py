@@ -1,19 +1,23 @@
 """The `proxyloop` command: run the local stack and the end-to-end demo.
 
-Run: `proxyloop --help`.
+Run: `proxyloop --help`. An operator's error (a malformed setting, a service down, an unusable home or file) is
+one `error: …` line on stderr and exit code 1; `proxyloop --debug …` or PROXYLOOP_DEBUG=1 shows its traceback.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from ground.settings import get_settings
+from ground.settings import OperatorError, Settings, env_name, get_settings
 from ingest.cli import app as ingest_app
 from ingest.dead_letters_cli import app as dead_letters_app
 from ingest.labelstudio.cli import app as labelstudio_app
@@ -21,13 +25,110 @@ from proxyloop import stack
 from proxyloop.history_cli import history
 from workers.cli import models_app
 
-app = typer.Typer(help="proxyloop: annotation streams in, safely released policies out.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from typer._click import Context  # typer vendors click: its Context, not click's
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _settings_message(exc: Exception) -> str | None:
+    """pydantic names the field, pydantic-settings only the source: name the variable the operator set."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            given = f" (got {error['input']!r})" if message == error["msg"] and isinstance(error["input"], str) else ""
+            # A check across fields (no loc) names its variables itself.
+            problems.append(f"{env_name(str(error['loc'][0]))}: {message}{given}" if error["loc"] else message)
+        return "; ".join(problems)
+    if isinstance(exc, SettingsError):  # a JSON-valued field (chat_recipe) whose value does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        return f"{env_name(field[1]) if field else 'a PROXYLOOP_ variable'}: expected JSON ({exc.__cause__ or exc})"
+    return None
+
+
+def _service_message(exc: Exception) -> str | None:
+    """A store, broker or HTTP service that does not answer, named with the setting that points at it."""
+    import httpx
+    from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError):
+        url = get_settings().store_url
+        where = f"store at {make_url(url).render_as_string(hide_password=True)} (PROXYLOOP_STORE_URL)" if url \
+            else f"store {get_settings().resolved_store_url} (PROXYLOOP_HOME)"
+        return f"{where} unusable: {_one_line(exc.orig or exc)}"
+    if isinstance(exc, KafkaError):
+        down = isinstance(exc, KafkaTimeoutError | KafkaConnectionError)
+        return f"Kafka at {get_settings().kafka_bootstrap} {'unreachable' if down else 'refused'} " \
+               f"(PROXYLOOP_KAFKA_BOOTSTRAP): {_one_line(exc)}"
+    if isinstance(exc, httpx.HTTPError):
+        try:
+            url = str(exc.request.url)
+        except RuntimeError:  # raised without its request
+            url = ""
+        s = get_settings()
+        for field, service, base in (("prefect_api_url", "Prefect", s.prefect_api_url),
+                                     ("labelstudio_url", "Label Studio", s.labelstudio_url),
+                                     ("object_store_url", "the object store", s.object_store_url),
+                                     ("http_port", "the HTTP app", s.http_url)):
+            if url.startswith(base):
+                return f"{service} at {base} unreachable ({env_name(field)}): {_one_line(exc)}"
+        return f"{url or 'an HTTP service'}: {_one_line(exc)}"
+    return None
+
+
+def operator_message(exc: Exception) -> str | None:
+    """The `error:` line for an error an operator fixes outside the code; None for a bug (keeps its traceback)."""
+    if isinstance(exc, OperatorError):  # StackError, SettingsInvalid, BrokerUnreachable …: written for operators
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:  # a path given or configured: unusable
+        return f"{exc.filename}: {exc.strerror or exc}"
+    try:
+        return _settings_message(exc) or _service_message(exc)
+    except Exception:  # noqa: BLE001 - a translation that fails must not hide the error it was translating
+        return None
+
+
+class _OperatorErrors(TyperGroup):
+    """The error boundary of every command, sub-apps' included (they run inside this group's invoke): an error
+    an operator fixes outside the code becomes one `error: …` line on stderr and exit code 1, where it used to be
+    a traceback of 50-580 lines. Anything else is a bug and keeps its traceback; so does everything with --debug."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise  # the CLI's own ends (typer.Exit is a RuntimeError): exit codes and usage errors as they are
+        except Exception as exc:
+            message = None if ctx.params.get("debug") else operator_message(exc)
+            if message is None:
+                raise
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from exc
+
+
+app = typer.Typer(help="proxyloop: annotation streams in, safely released policies out.", no_args_is_help=True,
+                  cls=_OperatorErrors)
 app.add_typer(labelstudio_app, name="labelstudio")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(dead_letters_app, name="deadletters")
 app.add_typer(models_app, name="models")
 app.command(name="history")(history)
 console = Console(soft_wrap=True)  # no hard wraps in logs and pipes
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", envvar="PROXYLOOP_DEBUG",
+        help="Show the full traceback of an error instead of its one-line `error:` message.")] = False) -> None:
+    """Options of every command. Nothing to do here: _OperatorErrors.invoke reads --debug from the context."""
 
 
 def _say(message: str) -> None:
@@ -48,11 +149,7 @@ def contract(directory: Annotated[Path, typer.Argument(help="Where to write the 
 def up() -> None:
     """Start the local stack (Kafka broker, Redis, Prefect, worker, HTTP app, consumer, flows)."""
     settings = get_settings()
-    try:
-        stack.up(settings, _say)
-    except stack.StackError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    stack.up(settings, _say)  # StackError: one `error:` line (the boundary above)
     console.print(f"stack up; state in {settings.home_dir}")
 
 
@@ -129,18 +226,35 @@ def runs() -> None:
 
 
 def _release_run(run_id: str, reason: str | None) -> None:
+    """The run is looked up in the store before Prefect is asked, so a mistyped id is named as such whatever
+    Prefect's state; then Prefect must answer, where the release flow would end in a traceback of its client."""
     import os
 
     settings = get_settings()
+    if not settings.store_exists():
+        raise OperatorError(f"no retrain run {run_id!r}: no store yet under PROXYLOOP_HOME {settings.home_dir}")
     os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
-    from flows.retrain import RunNotFound, release_flow
+    from flows.retrain import RunNotFound, load_run, release_flow
 
     try:
+        load_run(run_id)
+        _require_prefect(settings, os.environ["PREFECT_API_URL"])
         release = release_flow(run_id, override_reason=reason, operator=os.environ.get("USER", "operator"))
     except (RunNotFound, PermissionError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise OperatorError(str(exc)) from exc
     console.print(f"released {release.policy} v{release.version} as {release.alias}")
+
+
+def _require_prefect(settings: Settings, url: str) -> None:
+    import httpx
+
+    setting = "PROXYLOOP_PREFECT_API_URL" if url == settings.prefect_api_url else "PREFECT_API_URL"
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=5)
+    except httpx.HTTPError as exc:
+        raise OperatorError(f"Prefect at {url} unreachable ({setting}): {exc}") from exc
+    if answer.status_code != 200:
+        raise OperatorError(f"Prefect at {url} answered {answer.status_code} to /health ({setting})")
 
 
 @app.command()
@@ -169,8 +283,7 @@ def rollback(
     try:
         moved = move_alias(settings, version, policy=policy, reason=reason)
     except (RegistryError, AuditTampered) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise OperatorError(str(exc)) from exc
     console.print(f"{moved.policy}@production → v{moved.version}")
 
 

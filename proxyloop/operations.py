@@ -95,11 +95,6 @@ def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str]
     return depths, tasks
 
 
-def store_exists(settings: Settings) -> bool:
-    """A configured store URL, or the home directory the default SQLite store lives in."""
-    return bool(settings.store_url) or settings.home_dir.exists()
-
-
 def _run_row(run: RetrainRun) -> dict[str, Any]:
     record = run_record(run)
     return {"run_id": run.run_id, "status": run.status, "updated": f"{run.updated_at:%Y-%m-%d %H:%M:%S}",
@@ -110,7 +105,7 @@ def _run_row(run: RetrainRun) -> dict[str, Any]:
 
 def recent_runs(settings: Settings, limit: int = 10) -> list[dict[str, Any]]:
     """The latest retrain runs with plan, gate decision and released version (empty without a store)."""
-    if not store_exists(settings):
+    if not settings.store_exists():
         return []
     with Session(make_engine(settings.resolved_store_url)) as session:
         return [_run_row(r) for r in latest_runs(session, limit=limit)]
@@ -118,9 +113,9 @@ def recent_runs(settings: Settings, limit: int = 10) -> list[dict[str, Any]]:
 
 def overview(settings: Settings) -> Overview:
     """Everything status shows. Records a lag sample each call, so two calls seconds apart show a trend."""
+    keeps_samples = settings.store_exists()  # first: an unusable home is an error, not "no store", so no probing
     view = Overview(components=stack.health(settings))
     now = utcnow()
-    keeps_samples = store_exists(settings)
     try:
         lags = sample_lag(settings, now) if keeps_samples else measure_lag(settings)
     except LagUnavailable as exc:

@@ -6,6 +6,7 @@ Pids and logs live under `<home>/run` and `<home>/logs`, the object store's data
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ground.settings import Settings
+from ground.settings import Settings, env_name
 from proxyloop.components import (
     COMPONENTS,
     Component,
@@ -26,10 +27,11 @@ __all__ = ["COMPONENTS", "Component", "StackError", "component"]
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    """Children resolve the same Settings: every field is exported, paths made absolute."""
+    """Children resolve the same Settings: every field is exported, paths made absolute, JSON-valued fields
+    (chat_recipe) as JSON, which is how pydantic-settings reads them back (str() of a dict is not)."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        env[f"PROXYLOOP_{name.upper()}"] = str(value)
+        env[env_name(name)] = json.dumps(value) if isinstance(value, dict | list) else str(value)
     env["PROXYLOOP_HOME"] = str(settings.home_dir)
     env.update({
         "PREFECT_API_URL": settings.prefect_api_url,
@@ -67,10 +69,11 @@ def start_component(settings: Settings, component: Component, say: Callable[[str
     if pid_of(settings, component.name) is not None:
         say(f"{component.name}: already running")
         return
-    if component.listens_on is not None and tcp_open(component.listens_on(settings)):
+    if component.listens_on is not None and tcp_open(component.listens_on(settings), component.setting):
         raise StackError(
             f"{component.name}: {component.listens_on(settings)} is already in use by a process this stack "
-            f"(home {settings.home_dir}) did not start; stop it, or change the port in Settings"
+            f"(home {settings.home_dir}) did not start; stop it, or change the port in "
+            f"{env_name(component.setting) if component.setting else 'Settings'}"
         )
     (settings.home_dir / "run").mkdir(parents=True, exist_ok=True)
     (settings.home_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> None:
     from ingest.bus import ensure_topics
     from ingest.labelstudio.embedded import with_credentials
 
+    settings.ensure_home()  # a home that is a file or cannot be created: named, before anything starts
     settings = with_credentials(settings)  # every child gets the embedded Label Studio's token, if it runs
     for part in COMPONENTS:
         if not part.enabled(settings):
@@ -159,17 +163,22 @@ def down(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Non
 
 
 def health(settings: Settings) -> dict[str, str]:
+    """Each component's state. A component whose address cannot be read is "misconfigured: …" (the setting),
+    so status still reports the others."""
     states: dict[str, str] = {}
     for part in COMPONENTS:
         if part.optional and not part.enabled(settings):
             continue  # no part of this stack
         running = pid_of(settings, part.name) is not None
-        if not part.enabled(settings):
-            states[part.name] = "healthy (external)" if part.healthy(settings) else "unreachable (external)"
-        elif not running:
-            states[part.name] = "stopped"
-        else:
-            states[part.name] = "healthy" if part.healthy(settings) else "unhealthy"
+        try:
+            if not part.enabled(settings):
+                states[part.name] = "healthy (external)" if part.healthy(settings) else "unreachable (external)"
+            elif not running:
+                states[part.name] = "stopped"
+            else:
+                states[part.name] = "healthy" if part.healthy(settings) else "unhealthy"
+        except StackError as exc:
+            states[part.name] = f"misconfigured: {exc}"
     return states
 
 

@@ -5,16 +5,41 @@ Run: `proxyloop labelstudio --help`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from ground.settings import get_settings
+from ground.settings import OperatorError, Settings, get_settings
 
 app = typer.Typer(help="Label Studio: provision the pairwise project, reconcile annotations.", no_args_is_help=True)
 console = Console()
+
+
+@contextmanager
+def _talking_to_labelstudio(settings: Settings) -> Iterator[None]:
+    """Both commands fail the same ways: Label Studio down or misaddressed (httpx), refusing the token or the
+    request (the SDK's ApiError), or set up wrongly (LabelStudioSetupError). Each becomes one OperatorError line
+    naming the setting to check, where the SDK would end in a few hundred lines of httpx traceback."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    from ingest.labelstudio.provision import LabelStudioSetupError
+
+    where = f"Label Studio at {settings.labelstudio_url}"
+    try:
+        yield
+    except LabelStudioSetupError as exc:
+        raise OperatorError(str(exc)) from exc
+    except httpx.HTTPError as exc:
+        raise OperatorError(f"{where} unreachable (PROXYLOOP_LABELSTUDIO_URL): {exc}") from exc
+    except ApiError as exc:
+        check = "PROXYLOOP_LABELSTUDIO_TOKEN" if exc.status_code in (401, 403) else "PROXYLOOP_LABELSTUDIO_URL"
+        body = " ".join(str(exc.body).split())[:300]
+        raise OperatorError(f"{where} answered {exc.status_code} ({check}): {body}") from exc
 
 
 @app.command()
@@ -22,14 +47,11 @@ def setup(
     tasks: Annotated[Path | None, typer.Option(help="JSONL of tasks (prompt, answer_a, answer_b) to import.")] = None,
 ) -> None:
     """Create or reuse the pairwise project, import tasks, register the webhook with the shared secret."""
-    from ingest.labelstudio.provision import LabelStudioSetupError, read_tasks, setup_project
+    from ingest.labelstudio.provision import read_tasks, setup_project
 
     settings = get_settings()
-    try:
+    with _talking_to_labelstudio(settings):
         result = setup_project(settings, read_tasks(tasks) if tasks else None)
-    except LabelStudioSetupError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
     verb = "created" if result.created else "reused"
     console.print(f"project {result.project_id} ({verb}) at {settings.labelstudio_url}; "
                   f"{result.tasks_imported} tasks imported; webhook {result.webhook_id} → "
@@ -47,14 +69,13 @@ def reconcile(
     project: Annotated[int | None, typer.Option(help="Project id; default: the project titled as in settings.")] = None,
 ) -> None:
     """Publish annotations changed since the last run (and retract deleted ones) so none is missed."""
-    from ingest.labelstudio.provision import LabelStudioSetupError
     from ingest.labelstudio.reconcile import reconcile as run_reconcile
 
-    try:
-        report = run_reconcile(get_settings(), project_id=project)
-    except LabelStudioSetupError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    settings = get_settings()
+    if not settings.store_url:
+        settings.ensure_home()  # the watermark is kept in the default store: a fresh home made, an unusable one named
+    with _talking_to_labelstudio(settings):
+        report = run_reconcile(settings, project_id=project)
     console.print(f"project {report.project_id}: {report.seen} annotations seen, {report.published} published, "
                   f"{report.retracted} retracted; watermark {report.watermark}")
     for reason in report.skipped:

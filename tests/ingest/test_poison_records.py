@@ -1,4 +1,5 @@
-"""No record stalls a partition: oversized records from another client, batches read twice, the v2 clock rule.
+"""No record stalls a partition: oversized records from another client, batches read twice, the v2 clock rule,
+integers Python will not parse, events on the other kind's topic or taking over its ids.
 
 Real broker (the session's Tansu), real clients (confluent-kafka's librdkafka and kafka-python).
 """
@@ -7,16 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
-from ground.schemas import FeatureTriple, ProxyPreference
+from ground.schemas import ExpertLabel, FeatureTriple, ProxyPreference, utcnow
 from ground.settings import Settings
 from ingest import consumer as ingest_consumer
 from ingest import dead_letters
-from ingest.bus import MalformedEvent, decode_label_event, make_consumer, make_producer, read_topic
+from ingest.bus import MalformedEvent, decode_label_event, make_consumer, make_producer, publish, read_topic
 from ingest.store import count_labels, make_engine
 from tests.conftest import consumer_in_thread, own_topics, wait_until
 
@@ -98,9 +100,9 @@ def test_an_event_without_occurred_at_is_refused_and_a_v1_event_with_it_is_read(
 
 
 def test_size_limits_that_do_not_fit_together_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_event_bytes"):
+    with pytest.raises(ValueError, match="PROXYLOOP_MAX_EVENT_BYTES"):
         Settings(home=tmp_path, max_event_bytes=2_000_000)
-    with pytest.raises(ValueError, match="dead_letter_inline_bytes"):
+    with pytest.raises(ValueError, match="PROXYLOOP_DEAD_LETTER_INLINE_BYTES"):
         Settings(home=tmp_path, dead_letter_inline_bytes=1_000_000)
 
 
@@ -154,3 +156,62 @@ def test_a_broker_away_past_the_bound_raises_and_records_nothing(tmp_path: Path)
         ingest_consumer.send_dead_letters(engine, _FlakyProducer(failures=10**6), settings, [refusal])  # type: ignore[arg-type]
     with Session(engine) as session:
         assert dead_letters.find(session) == []
+
+
+def _letters_by_event(settings: Settings) -> dict[str, str]:
+    """Reason code of each dead-lettered record, by the event id in it (or its offset when it has none readable)."""
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        rows = dead_letters.find(session)
+        out = {}
+        for row in rows:
+            try:
+                out[json.loads(dead_letters.original_bytes(row))["event_id"]] = row.reason_code
+            except ValueError:
+                out[f"offset-{row.offset}"] = row.reason_code
+        return out
+
+
+def _rows(settings: Settings) -> dict[str, tuple[str, str, dict[str, object]]]:
+    from sqlalchemy import select
+
+    from ingest.store import LabelRow
+
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        return {r.event_id: (r.kind, r.source_id, r.item) for r in session.scalars(select(LabelRow))}
+
+
+def test_an_integer_literal_past_4300_digits_is_dead_lettered_and_the_consumer_goes_on(settings: Settings) -> None:
+    """json.loads raised a plain ValueError on it: the consumer died, and again after every restart."""
+    huge = _event(1).replace(b'"y_w":0', b'"y_w":' + b"1" * 5000)
+    assert huge != _event(1)
+    producer = make_producer(settings)
+    for value in (_event(0), huge, _event(2)):
+        producer.send(settings.topic_proxy, value=value, key=b"k", partition=0)
+    producer.flush()
+    producer.close()
+    with consumer_in_thread(settings) as thread:
+        wait_until(lambda: list(_letters_by_event(settings).values()) == ["not_json"]
+                   and {"ok-0", "ok-2"} <= set(_rows(settings)), 60, "ok-2 stored and the huge one dead-lettered")
+        assert thread.is_alive()
+
+
+def test_a_kind_on_the_other_kind_s_topic_or_taking_over_its_id_is_dead_lettered(settings: Settings) -> None:
+    item = FeatureTriple(x=[1.0], y_w=0, y_l=1)
+    producer = make_producer(settings)
+    with consumer_in_thread(settings) as thread:
+        publish(producer, settings.topic_expert, ExpertLabel(event_id="lbl-1", annotator_id="ann", item=item))
+        wait_until(lambda: "lbl-1" in _rows(settings), 60, "the expert label to be stored")
+        later = utcnow() + timedelta(hours=1)
+        publish(producer, settings.topic_proxy, ExpertLabel(event_id="smuggled", annotator_id="ann", item=item))
+        publish(producer, settings.topic_expert, ProxyPreference(event_id="stray", proxy_name="judge", item=item))
+        publish(producer, settings.topic_proxy, ProxyPreference(
+            event_id="lbl-1", proxy_name="judge", occurred_at=later, item=FeatureTriple(x=[9.0], y_w=1, y_l=0)))
+        publish(producer, settings.topic_proxy, ProxyPreference(event_id="fine", proxy_name="judge", item=item))
+        wait_until(lambda: len(_letters_by_event(settings)) >= 3 and "fine" in _rows(settings), 60,
+                   "three letters and the fine event stored")
+        assert thread.is_alive()
+    producer.close()
+    assert _letters_by_event(settings) == {"smuggled": "wrong_topic", "stray": "wrong_topic", "lbl-1": "kind_conflict"}
+    rows = _rows(settings)
+    assert sorted(rows) == ["fine", "lbl-1"]
+    assert rows["lbl-1"] == ("expert", "ann", item.model_dump(mode="json"))

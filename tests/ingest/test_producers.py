@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from ground.schemas import FeatureTriple, PairwiseText, ProxyPreference
 from ground.settings import Settings
+from ingest.lag import measure_lag
 from ingest.store import LabelRow, make_engine
 from proxyloop import stack
 from tests.conftest import consumer_in_thread, own_topics
@@ -61,7 +62,7 @@ def test_proxy_cli_names_the_bad_line(settings: Settings, tmp_path: Path) -> Non
     result = subprocess.run([sys.executable, "-m", "proxyloop.cli", "ingest", "proxy", str(source)],
                             env=stack.child_env(settings), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert f"{source}:2" in result.stdout and "item" in result.stdout
+    assert f"{source}:2" in result.stderr and "item" in result.stderr and "nothing was published" in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="Debian's kcat is not installed (make test installs it)")
@@ -107,5 +108,7 @@ def test_proxy_cli_refuses_an_event_over_the_size_limit_before_sending_it(settin
     result = subprocess.run([sys.executable, "-m", "proxyloop.cli", "ingest", "proxy", str(source)],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "'bulk-1' is" in result.stdout and "limit is 2000 (PROXYLOOP_MAX_EVENT_BYTES)" in result.stdout
-    assert set(_consume_until(settings, {"bulk-0"})) == {"bulk-0"}
+    assert "'bulk-1' is" in result.stderr and "limit is 2000 (PROXYLOOP_MAX_EVENT_BYTES)" in result.stderr
+    assert "nothing was published" in result.stderr  # the whole file is checked first, so not even bulk-0
+    ends = [p.end_offset for p in measure_lag(settings) if p.topic == settings.topic_proxy]
+    assert ends and set(ends) == {0}
