@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from policies.condition_statistics import grouped_folds, input_groups
 from policies.features.bagged_adapter import fit_bag_model
 from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, FitRecipe
 from policies.features.fitting import choose_centre, fit_adapter, fit_preferences
@@ -121,7 +122,8 @@ def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
                    recipe: TwoStageRecipe = TWO_STAGE) -> CrossValidated:
     n = x.shape[0]
     stage = cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe)
-    folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CV_FOLDS, n))
+    groups = input_groups(x.cpu().numpy())  # copies of one input stay in one fold
+    folds = grouped_folds(np.random.default_rng(seed).permutation(int(groups.max(initial=-1)) + 1), groups, CV_FOLDS)
     names = (*CANDIDATES, "augmented")
     ll = {k: np.zeros(n) for k in names}
     correct = {k: np.zeros(n) for k in names}

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from policies.condition_statistics import grouped_folds, input_groups
 from policies.features.adapter_grid import best_centre, held_out_by_prior
 from policies.features.fit_recipe import ADAPTER_PRIORS, ADAPTER_STAGE, PROXY_STAGE, FitRecipe
 from policies.features.model import (
@@ -155,8 +156,9 @@ def choose_adapter_prior(
     centre that is usually right (Appendix D: 35 triples, see docs/appendix_d.md).
     """
     n = x.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    parts = [p for p in torch.tensor_split(order, min(folds, n)) if len(p)]
+    groups = input_groups(x.cpu().numpy())  # copies of one input stay in one fold (grouped_folds says why)
+    order = torch.randperm(int(groups.max(initial=-1)) + 1, generator=torch.Generator().manual_seed(seed)).numpy()
+    parts = [torch.from_numpy(p) for p in grouped_folds(order, groups, folds) if len(p)]
     held_out = held_out_by_prior(stack, x, y_w, y_l, parts, priors, recipe)
     means = held_out.mean(axis=1)
     best = int(np.argmax(means))

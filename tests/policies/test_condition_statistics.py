@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from policies.condition_statistics import (
     bootstrap_mean,
@@ -11,6 +13,8 @@ from policies.condition_statistics import (
     distance_ratios,
     encoding_dimension,
     favourite_shares,
+    grouped_folds,
+    input_groups,
     log_ratios,
     preferred_outputs,
     relaxation_constant,
@@ -122,3 +126,24 @@ def test_significantly_worse_needs_a_consistent_gap() -> None:
     assert not worse and p == 1.0
     noisy = best + rng.normal(0.0, 0.5, 80)
     assert not significantly_worse(noisy - noisy.mean() + best.mean(), best, rng)[0]
+
+
+def test_input_groups_number_copies_by_their_first_appearance() -> None:
+    rows = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [5.0, 6.0], [3.0, 4.0]])
+    assert input_groups(rows).tolist() == [0, 1, 0, 2, 1]
+    assert input_groups(np.arange(12.0).reshape(6, 2)).tolist() == list(range(6))
+    assert input_groups(np.zeros((0, 3))).tolist() == []
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=40), st.integers(1, 8), st.integers(0, 10_000))
+def test_grouped_folds_never_split_a_group_and_match_plain_folds_without_copies(labels, folds, seed) -> None:
+    groups = input_groups(np.array(labels, dtype=float)[:, None])
+    order = np.random.default_rng(seed).permutation(int(groups.max()) + 1)
+    parts = grouped_folds(order, groups, folds)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))
+    fold_of = {int(i): k for k, part in enumerate(parts) for i in part}
+    assert all(fold_of[i] == fold_of[j] for i in range(len(labels)) for j in range(len(labels))
+               if labels[i] == labels[j])
+    distinct = np.random.default_rng(seed).permutation(len(labels))
+    plain = grouped_folds(distinct, np.arange(len(labels)), folds)
+    assert [p.tolist() for p in plain] == [p.tolist() for p in np.array_split(distinct, min(folds, len(labels)))]

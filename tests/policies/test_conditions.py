@@ -121,6 +121,18 @@ def test_enough_expert_triples_and_too_few_proxy_ones_plan_expert_only(n_proxy: 
     assert report.plan == "expert_only" and "enough expert data to learn from alone" in report.reasons[-1]
 
 
+def test_a_label_given_twice_stays_in_one_fold_and_does_not_sway_the_plan() -> None:
+    """Two annotators on one task give the same triple twice. Split over two folds, one copy scored the other and
+    the learners that memorise inputs looked near-perfect held out: expert_only was planned (held-out -0.19 against
+    -1.24 on the triples once); with copies kept in one fold the plan is the single copy's."""
+    task = appendix_d(n_proxy=3000, n_expert=30, seed=1)
+    once = run_condition_tests(task.expert, task.proxy, "snap")
+    twice = run_condition_tests(task.expert + task.expert, task.proxy, "snap")
+    assert once.plan == twice.plan == "two_stage"
+    assert twice.heldout_log_likelihood["expert_only"] == pytest.approx(once.heldout_log_likelihood["expert_only"],
+                                                                        abs=0.05)
+
+
 def test_condition_tests_are_deterministic_and_leave_torch_state_alone() -> None:
     threads = torch.get_num_threads()
     torch.manual_seed(5)
