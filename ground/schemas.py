@@ -58,12 +58,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_FEATURE = 1e38  # |x| below float32's largest value (3.4e38)
+
+
 class FeatureTriple(_Strict):
     """Paper 1's setting: input vector x, preferred output y_w over y_l (ids in a finite Y)."""
 
     type: Literal["features"] = "features"
-    # NaN/inf are refused: they are not JSON, and PostgreSQL would reject the row later.
-    x: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1, max_length=4096)
+    # NaN/inf are refused: they are not JSON, and PostgreSQL would reject the row later; so is a value float32 (what
+    # every model reads) cannot hold: 1e40 became inf there and the condition tests' fits NaN.
+    x: list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FEATURE, le=MAX_FEATURE)]] = Field(
+        min_length=1, max_length=4096)
     y_w: int = Field(ge=0, le=MAX_OUTPUT_ID)
     y_l: int = Field(ge=0, le=MAX_OUTPUT_ID)
 

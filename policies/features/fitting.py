@@ -159,6 +159,8 @@ def choose_adapter_prior(
     groups = input_groups(x.cpu().numpy())  # copies of one input stay in one fold (grouped_folds says why)
     order = torch.randperm(int(groups.max(initial=-1)) + 1, generator=torch.Generator().manual_seed(seed)).numpy()
     parts = [torch.from_numpy(p) for p in grouped_folds(order, groups, folds) if len(p)]
+    if len(parts) < 2:  # one distinct input (however many copies): nothing to hold out, so the strongest prior
+        return float(max(priors))
     held_out = held_out_by_prior(stack, x, y_w, y_l, parts, priors, recipe)
     means = held_out.mean(axis=1)
     best = int(np.argmax(means))

@@ -38,6 +38,7 @@ from policies.lm.condition_config import TEXT_THRESHOLDS, TextConditionThreshold
 from policies.lm.mixture_learners import (
     Design,
     MixtureTerms,
+    check_matching_terms,
     expert_only_design,
     fold_margins,
     mixture_image_containment,
@@ -195,6 +196,9 @@ def run_text_condition_tests(
     seed; numpy only, well under a second for 300 expert and 2000 proxy pairs.
     """
     t = thresholds or TEXT_THRESHOLDS
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    check_matching_terms(expert.mixture, proxy.mixture)
     if (expert.simplex_dim, expert.direct_dim) != (proxy.simplex_dim, proxy.direct_dim):
         raise ValueError(f"expert and proxy features must share D and K: expert D={expert.simplex_dim}, "
                          f"K={expert.direct_dim}; proxy D={proxy.simplex_dim}, K={proxy.direct_dim}")

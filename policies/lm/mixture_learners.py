@@ -20,6 +20,7 @@ with no proxy term.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, fields
 from functools import cache
 
@@ -65,6 +66,8 @@ class MixtureTerms:
         if self.base_chosen.shape != (n,) or self.base_rejected.shape != (n,) or self.prompt_code.ndim != 2 \
                 or len(self.prompt_code) != n:
             raise ValueError(f"base log-probs must be [n] and prompt_code [n, P] with n = {n}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"MixtureTerms.beta (stage 1's DPO β) must be a positive number, got {self.beta}")
 
     def take(self, index: np.ndarray | slice) -> MixtureTerms:
         return MixtureTerms(self.log_weights[index], self.mode_chosen[index], self.mode_rejected[index],
@@ -98,6 +101,19 @@ class MixtureTerms:
 def _permutations(dim: int) -> np.ndarray:
     return np.array(list(itertools.permutations(range(dim))))
 
+
+def check_matching_terms(expert: MixtureTerms | None, proxy: MixtureTerms | None) -> None:
+    """Expert and proxy terms come from one stage-1 mixture (the same modes D, prompt code width P and β), or
+    neither side has any: a mixture on one side only would be silently ignored."""
+    if (expert is None) != (proxy is None):
+        raise ValueError("mixture terms must be given for both the expert and the proxy pairs or for neither "
+                         f"(expert: {expert is not None}, proxy: {proxy is not None})")
+    if expert is not None and proxy is not None:
+        mine = (expert.log_weights.shape[1], expert.prompt_code.shape[1], expert.beta)
+        theirs = (proxy.log_weights.shape[1], proxy.prompt_code.shape[1], proxy.beta)
+        if mine != theirs:
+            raise ValueError(f"expert and proxy mixture terms disagree on (modes D, prompt code width P, β): {mine} "
+                             f"vs {theirs}; both must be read by one stage-1 mixture")
 
 def best_relabelling(score: np.ndarray) -> np.ndarray:
     """perm[k] = the mode vertex k is sent to, maximising Σ_k score[k, perm[k]]: exhaustive up to

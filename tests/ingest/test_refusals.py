@@ -249,6 +249,14 @@ def test_output_ids_have_an_upper_bound() -> None:
     assert refused.value.code == "contract"
 
 
+def test_a_feature_value_float32_cannot_hold_is_refused() -> None:
+    """1e40 passed the contract, became inf in the models' float32 and NaN in the condition tests' fits."""
+    FeatureTriple(x=[-1e30, 1e30], y_w=0, y_l=1)
+    with pytest.raises(MalformedEvent, match="x.0: Input should be less than or equal") as refused:
+        decode_label_event(_raw(_event("big", item={"type": "features", "x": [1e40], "y_w": 0, "y_l": 1})))
+    assert refused.value.code == "contract"
+
+
 # --- 6a. the store's feature dimension -------------------------------------------------------------------------
 
 def test_a_feature_event_of_another_dimension_than_the_store_s_is_dead_lettered(settings: Settings) -> None:

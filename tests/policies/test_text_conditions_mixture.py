@@ -13,6 +13,7 @@ one-hot plus noise.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -177,3 +178,21 @@ def test_oriented_turns_each_pair_chosen_first_and_negates_every_margin_of_a_fli
     assert np.allclose(relabelled_margin(turned, perm), sign * relabelled_margin(terms, perm))
     assert np.array_equal(turned.log_weights, terms.log_weights)
     assert np.array_equal(turned.prompt_code, terms.prompt_code)
+
+
+def test_mixture_terms_of_two_stage_ones_or_of_one_side_only_are_refused_clearly() -> None:
+    """Each was a numpy broadcast error, NaN held-out scores with a plan all the same, or a silent fallback."""
+    rng = np.random.default_rng(0)
+    expert, proxy = _pairs(rng, 40, EXPERT_TOPIC, SIGMA[EXPERT_TOPIC]), _pairs(rng, 300, SIGMA[EXPERT_TOPIC],
+                                                                                SIGMA[EXPERT_TOPIC])
+    assert proxy.mixture is not None and expert.mixture is not None
+    narrow = dataclasses.replace(proxy, mixture=proxy.mixture.take(slice(None)))
+    object.__setattr__(narrow.mixture, "prompt_code", proxy.mixture.prompt_code[:, :2])
+    for other, message in ((narrow, "prompt code width"), (dataclasses.replace(proxy, mixture=None), "or for neither"),
+                           (dataclasses.replace(proxy, mixture=dataclasses.replace(proxy.mixture, beta=0.25)), "β")):
+        with pytest.raises(ValueError, match=message):
+            run_text_condition_tests(expert, other, "s", n_expert=40, n_proxy=300)
+    with pytest.raises(ValueError, match="must be a positive number"):
+        dataclasses.replace(expert.mixture, beta=float("nan"))
+    with pytest.raises(ValueError, match="non-negative"):
+        run_text_condition_tests(expert, proxy, "s", n_expert=40, n_proxy=300, seed=-1)
