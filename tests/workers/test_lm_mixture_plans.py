@@ -6,7 +6,7 @@ import pytest
 from flows.chat import chat_recipe
 from ground.settings import Settings
 from workers.lm.mixture_run import parse_mixture_config
-from workers.lm.plans import LMRecipe, MixtureRecipe, plan_request, recipe_request
+from workers.lm.plans import LMRecipe, MixtureRecipe, plan_request, reading_recipe, recipe_request
 from workers.lm.training.dpo_config import DPOConfig
 
 PATHS = {"run_id": "r", "base_model": "/models/base", "stage1_checkpoint": "/runs/r/stage1/checkpoint-000040",
@@ -45,3 +45,16 @@ def test_the_flow_reads_the_mixture_by_default_and_validates_overrides_against_i
     with pytest.raises(ValueError, match="PROXYLOOP_CHAT_RECIPE: unknown keys"):
         chat_recipe(Settings(chat_recipe={"stage1_parts": "bottleneck"}))  # a bottleneck key
     assert isinstance(chat_recipe(Settings(chat_reading="bottleneck")), LMRecipe)
+
+
+@pytest.mark.parametrize("reading", ["mixture", "bottleneck"])
+@pytest.mark.parametrize("overrides, message", [
+    ({"beta": "high"}, "beta must be a finite number"), ({"proxy_epochs": -3}, "proxy_epochs must be positive"),
+    ({"batch_size": 0}, "batch_size must be positive"), ({"simplex_dim": 1}, "simplex_dim must be at least 2"),
+    ({"batch_size": 8.5}, "batch_size must be an integer"), ({"beta": float("nan")}, "finite"),
+])
+def test_a_recipe_override_the_worker_could_not_use_is_refused_when_read(reading, overrides, message) -> None:
+    """PROXYLOOP_CHAT_RECIPE values like these passed every check and reached the worker's config unchanged."""
+    with pytest.raises(ValueError, match=message):
+        reading_recipe(reading, overrides)
+    assert reading_recipe(reading, {"seed": 0, "checkpoint_every": 0, "beta": 1}).beta == 1

@@ -21,6 +21,7 @@ This module imports no torch: the flow builds its requests from it (tests/flows/
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -111,7 +112,31 @@ def reading_recipe(reading: Reading, overrides: dict[str, Any]) -> LMRecipe | Mi
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown keys {unknown} for the {reading} reading's {kind.__name__}; known: {known}")
+    defaults = kind().to_dict()
+    problems = [p for p in (_recipe_value_problem(key, value, defaults[key]) for key, value in overrides.items()) if p]
+    if problems:
+        raise ValueError(f"the {reading} reading's {kind.__name__}: {'; '.join(problems)}")
     return kind(**overrides)
+
+
+# Recipe numbers that may be 0 (a seed; 0 = "choose for me" for the step counts); every other one must be positive,
+# and simplex_dim at least 2 (a 1-simplex is a point). A bad value used to reach the worker untouched.
+_MAY_BE_ZERO = frozenset({"seed", "checkpoint_every", "proxy_max_steps"})
+
+
+def _recipe_value_problem(key: str, value: Any, default: Any) -> str | None:
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"{key} must be a string, got {value!r}"
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, int) and not is_int:
+        return f"{key} must be an integer, got {value!r}"
+    if not (is_int or isinstance(value, float)) or not math.isfinite(value):
+        return f"{key} must be a finite number, got {value!r}"
+    low = 2 if key == "simplex_dim" else 0
+    if value < low or (value == 0 and key not in _MAY_BE_ZERO):
+        return f"{key} must be {'at least 2' if low else 'positive' if key not in _MAY_BE_ZERO else '>= 0'}, " \
+               f"got {value!r}"
+    return None
 
 
 def _mixture_config(recipe: MixtureRecipe, stage: MixtureStage) -> dict[str, Any]:
