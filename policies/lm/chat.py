@@ -56,6 +56,7 @@ class ChatPolicy:
     tokenizer: Any
     mixture: ModeMixture | None = None
     mode_biases: Tensor | None = None  # [D, V]: W θ_k of each of the mixture's modes
+    prompt_cap: int | None = None  # the mixture's training max_length: w(x) reads the prompt cut as training did
 
     @torch.no_grad()
     def mode_bias(self, messages: list[dict[str, str]], temperature: float,
@@ -63,11 +64,11 @@ class ChatPolicy:
         """The vocabulary bias of this request's mode: k drawn from w(x) with the request's generator (greedy
         requests, temperatures under decoding.GREEDY_BELOW, take the most likely mode), None for a policy without
         a mixture. w(x) pools the rendered prompt's ids without special tokens, exactly as training tokenised its
-        prompts (training/data.py)."""
+        prompts (training/data.py), and cut as training cut them (its recipe's max_length, first tokens kept)."""
         if self.mixture is None or self.mode_biases is None:
             return None
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.prompt_cap]
         weights = prompt_log_weights(self.mixture, self.model, ids).exp()
         if is_greedy(temperature):
             return self.mode_biases[int(weights.argmax())]
@@ -146,7 +147,8 @@ def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolic
     model = (load_lora_dir(path, merge=merge_lora) if is_lora_dir(path) else load_causal_lm_dir(path)).eval()
     if not is_mixture_dir(path):
         return ChatPolicy(version=version, model=model, tokenizer=tokenizer)
-    mixture, _ = load_mixture_dir(path)
+    mixture, spec = load_mixture_dir(path)
     with torch.no_grad():
         biases = mixture.mode_biases(model.get_output_embeddings().weight.float())
-    return ChatPolicy(version=version, model=model, tokenizer=tokenizer, mixture=mixture, mode_biases=biases)
+    return ChatPolicy(version=version, model=model, tokenizer=tokenizer, mixture=mixture, mode_biases=biases,
+                      prompt_cap=spec.get("recipe", {}).get("max_length"))

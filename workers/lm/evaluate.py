@@ -99,12 +99,13 @@ class MixtureBase:
 
 
 @torch.no_grad()
-def mixture_scores(mixture: ModeMixture, base: MixtureBase, tokenizer: Any,
-                   prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+def mixture_scores(mixture: ModeMixture, base: MixtureBase, tokenizer: Any, prompts: Sequence[str],
+                   max_length: int) -> tuple[Tensor, Tensor]:
     """A mixture checkpoint's log π† of each pair minus the base's [N, 2], and the vocabulary bias of each indicator
-    prompt's most likely mode [len(prompts), V]."""
+    prompt's most likely mode [len(prompts), V] (its prompt cut at `max_length`, as training cut it)."""
     logps = mode_mixture_training.pair_logps(mixture, base.encoded, base.head)
-    modes = [int(prompt_log_weights(mixture, base.model, tokenizer(p, add_special_tokens=False)["input_ids"]).argmax())
+    modes = [int(prompt_log_weights(mixture, base.model,
+                                    tokenizer(p, add_special_tokens=False)["input_ids"][:max_length]).argmax())
              for p in prompts]
     return logps - base.encoded.base_logps, mixture.mode_biases(base.head)[modes]
 
@@ -136,7 +137,7 @@ def evaluate_lm_checkpoints(
                                                                      saved_max_length(spec["recipe"]))
             base = mixture_bases[spec["base_model"]]
             model = base.model
-            ratio, biases = mixture_scores(mixture, base, tokenizer, prompts)
+            ratio, biases = mixture_scores(mixture, base, tokenizer, prompts, saved_max_length(spec["recipe"]))
             margins = ratio[:, 0] - ratio[:, 1]
         else:
             model = (load_lora_dir(ref.path) if is_lora_dir(ref.path) else load_causal_lm(ref.path)).eval()
