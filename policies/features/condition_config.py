@@ -25,6 +25,14 @@ class ConditionThresholds:
     # Fewer expert triples than this and the cross-validation holds out < 4 per fold; the bootstrap
     # intervals are then too wide to tell any of the conditions apart.
     min_expert_triples: int = 30
+    # Between this and min_expert_triples the conditions stay undecided, but the adapter alone (the fewest
+    # weights fitted to expert data) is still cross-validated against the proxy as is, on the same folds: at 6
+    # folds of 12+ triples each held-out fold has 2+ triples (the text family's min_adapter_pairs).
+    min_adapter_triples: int = 12
+    # ... and as many distinct inputs for the conditions to be tested at all: copies of one input (annotators
+    # agreeing on a task) share a fold (condition_statistics.grouped_folds), so 40 copies of one triple are one
+    # fold with nothing to train on, not 40 triples' worth of evidence.
+    min_expert_inputs: int = 12
     # Fewer proxy triples than this cannot pin down a proxy model (Appendix D uses thousands).
     min_proxy_triples: int = 200
     # Significance level of the level-set and end-to-end tests (the plan rule's, policies.plan_choice).

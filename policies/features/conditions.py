@@ -41,7 +41,7 @@ from policies.features.fitting import fit_adapter, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, PreferenceModel, TwoStageConfig, TwoStagePolicy, triples_to_tensors
 from policies.features.outputs import output_support
 from policies.features.recipe import TWO_STAGE
-from policies.plan_choice import CANDIDATES, PlanEvidence, choose_plan, two_stage_vs_rival
+from policies.plan_choice import CANDIDATES, SMALL_SAMPLE, PlanEvidence, choose_plan, two_stage_vs_rival
 
 __all__ = ["CHECK_NAMES", "ConditionThresholds", "choose_plan", "run_condition_tests"]
 
@@ -70,7 +70,8 @@ def _check(name: str, passed: bool, statistic: float, threshold: float, detail: 
 
 
 def _undecided(name: str, threshold: float, n_expert: int, t: ConditionThresholds) -> ConditionCheck:
-    detail = f"undecided: needs >= {t.min_expert_triples} expert triples to test, have {n_expert}"
+    detail = (f"undecided: needs >= {t.min_expert_triples} expert triples on >= {t.min_expert_inputs} distinct inputs "
+              f"to test, have {n_expert} triples")
     return _check(name, False, 0.0, threshold, detail)
 
 
@@ -126,7 +127,8 @@ def _run_checks(
 ) -> tuple[list[ConditionCheck], PlanEvidence]:
     """All checks in CHECK_NAMES order and the evidence the plan rule weighs."""
     n_expert, n_proxy = len(expert), len(proxy)
-    checks = [_sample_size(n_expert, t)]
+    n_inputs = len({tuple(triple.x) for triple in expert})  # copies of one input count once (grouped folds)
+    checks = [_sample_size(n_expert, n_inputs, t)]
     if n_proxy < t.min_proxy_triples:
         detail = f"only {n_proxy} proxy triples (< {t.min_proxy_triples}): no proxy model to test"
         return checks + [_check(name, False, 0.0, 0.0, detail) for name in CHECK_NAMES[1:]], PlanEvidence(None)
@@ -139,12 +141,19 @@ def _run_checks(
             _undecided(n, 0.0, 0, t) for n in CHECK_NAMES[4:]], PlanEvidence(None)
     xe, we, le = triples_to_tensors(expert)
     agreement = float(held_out(fitted.stack, xe, we, le)[1].mean())  # the proxy stack never saw expert data
-    if n_expert < t.min_expert_triples:
+    if not checks[0].passed:
         undecided = [_undecided(n, th, n_expert, t) for n, th in (("shared_level_sets", t.alpha),
                                                                   ("image_containment", 1.0))]
         rest = [_undecided("similarity_preserved", t.max_l, n_expert, t),
                 _undecided("end_to_end", t.alpha, n_expert, t)]
-        return checks + undecided + [low_dim] + rest, PlanEvidence(agreement)
+        # One input, however often given, is one fold (grouped_folds): nothing is left to train on.
+        if n_expert < t.min_adapter_triples or n_inputs < 2:
+            return checks + undecided + [low_dim] + rest, PlanEvidence(agreement)
+        # Only the proxy and its adapter are weighed (plan_choice.SMALL_SAMPLE): the other learners are not fitted.
+        small = cross_validate(fitted.stack, xe, we, le, seed, learners=SMALL_SAMPLE)
+        evidence = PlanEvidence(agreement, {c: small.ll[c] for c in SMALL_SAMPLE},
+                                {c: small.correct[c] for c in SMALL_SAMPLE}, seed)
+        return checks + undecided + [low_dim] + rest, evidence
 
     cv = cross_validate(fitted.stack, xe, we, le, seed)
     shared = _shared_level_sets(cv, n_expert, rng, t)
@@ -158,9 +167,10 @@ def _run_checks(
     return checks + [shared, image, low_dim, similarity, end_to_end], evidence
 
 
-def _sample_size(n_expert: int, t: ConditionThresholds) -> ConditionCheck:
-    enough = n_expert >= t.min_expert_triples
-    detail = f"{n_expert} expert triples vs minimum {t.min_expert_triples}"
+def _sample_size(n_expert: int, n_inputs: int, t: ConditionThresholds) -> ConditionCheck:
+    enough = n_expert >= t.min_expert_triples and n_inputs >= t.min_expert_inputs
+    detail = (f"{n_expert} expert triples on {n_inputs} distinct inputs vs minimum {t.min_expert_triples} triples "
+              f"on {t.min_expert_inputs} inputs")
     if not enough:
         detail += ": too little expert data to decide the expert-side conditions"
     return _check("expert_sample_size", enough, n_expert, float(t.min_expert_triples), detail)

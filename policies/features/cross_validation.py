@@ -12,6 +12,7 @@ for one hyperparameter picked from six).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,9 @@ from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_
 from policies.plan_choice import CANDIDATES
 
 CV_FOLDS = 6  # cross-validation folds over expert triples: 60 triples -> 10 held out per fold
+# Every learner cross_validate can score: CANDIDATES and the level-set test's adapter plus a direct path from x.
+LEARNERS: tuple[str, ...] = (*CANDIDATES, "augmented")
+_FOLD_FITS = ("two_stage", "augmented", "fine_tune", "expert_only")  # the order each fold fits them in
 DIRECT_HIDDEN = 32
 # The direct x path of the level-set test is pulled to zero with a prior worth this many triples.
 DIRECT_PATH_PRIOR = 1.0
@@ -61,7 +65,7 @@ class _AdapterPlusInputs(nn.Module):
 class CrossValidated:
     """Held-out per-triple log-likelihoods of every expert-side learner, and their correctness."""
 
-    ll: dict[str, np.ndarray]  # CANDIDATES and "augmented" (adapter + direct path)
+    ll: dict[str, np.ndarray]  # the learners asked for, of LEARNERS: CANDIDATES and "augmented" (adapter + direct path)
     correct: dict[str, np.ndarray]
     adapter_prior: float  # the adapter prior every fold used (the worker's choice on all the triples)
 
@@ -118,35 +122,46 @@ def held_out(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> tup
     return ll.numpy().astype(np.float64), (ll > np.log(0.5)).numpy().astype(np.float64)
 
 
+def _fit_learner(name: str, stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int,
+                 stage: FitRecipe, recipe: TwoStageRecipe) -> PreferenceModel:
+    """One fold's fit of a learner of _FOLD_FITS (the proxy as is fits nothing)."""
+    if name == "two_stage":
+        # The worker's two_stage: its bag (before distillation) when the bag's members disagree about the centre,
+        # else the single fit.
+        bag = fit_bag_model(stack, x, y_w, y_l, seed, stage, recipe.bag_size) if recipe.bag_size >= 2 else None
+        if bag is not None:
+            return bag
+        adapter = _fresh_adapter(stack)
+        fit_adapter(adapter, x, y_w, y_l, seed, stage)
+        return adapter
+    if name == "augmented":
+        return _fit_augmented(stack, x, y_w, y_l, seed, stage)
+    if name == "fine_tune":
+        return _fit_fine_tune(stack, x, y_w, y_l, seed)
+    return fit_direct(stack.config, x, y_w, y_l, seed)
+
+
 def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, seed: int,
-                   recipe: TwoStageRecipe = TWO_STAGE) -> CrossValidated:
+                   recipe: TwoStageRecipe = TWO_STAGE, learners: Sequence[str] = LEARNERS) -> CrossValidated:
+    """Held-out scores of `learners` (every one of LEARNERS by default; SMALL_SAMPLE below the minimum expert sample,
+    where the others' fits would be wasted). The folds and each learner's fits are the same whichever are asked."""
+    unknown = [name for name in learners if name not in LEARNERS]
+    if unknown:
+        raise ValueError(f"unknown learners {unknown}; known: {list(LEARNERS)}")
     n = x.shape[0]
     stage = cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe)
     groups = input_groups(x.cpu().numpy())  # copies of one input stay in one fold
     folds = grouped_folds(np.random.default_rng(seed).permutation(int(groups.max(initial=-1)) + 1), groups, CV_FOLDS)
-    names = (*CANDIDATES, "augmented")
-    ll = {k: np.zeros(n) for k in names}
-    correct = {k: np.zeros(n) for k in names}
-    # The proxy as is sees no expert data, so every triple is already held out for it.
-    ll["proxy_as_is"], correct["proxy_as_is"] = held_out(stack, x, y_w, y_l)
+    ll = {k: np.zeros(n) for k in learners}
+    correct = {k: np.zeros(n) for k in learners}
+    if "proxy_as_is" in learners:  # it sees no expert data, so every triple is already held out for it
+        ll["proxy_as_is"], correct["proxy_as_is"] = held_out(stack, x, y_w, y_l)
+    fitted_in_folds = [name for name in _FOLD_FITS if name in learners]
     for fold, test_idx in enumerate(folds):
         train = torch.from_numpy(np.setdiff1d(np.arange(n), test_idx))
         test = torch.from_numpy(test_idx)
         xt, wt, lt = x[train], y_w[train], y_l[train]
-        # The worker's two_stage: its bag (before distillation) when the bag's members disagree about the centre,
-        # else the single fit.
-        bag = fit_bag_model(stack, xt, wt, lt, seed + fold, stage, recipe.bag_size) if recipe.bag_size >= 2 else None
-        if bag is not None:
-            adapter: PreferenceModel = bag
-        else:
-            adapter = _fresh_adapter(stack)
-            fit_adapter(adapter, xt, wt, lt, seed + fold, stage)
-        fitted: dict[str, PreferenceModel] = {
-            "two_stage": adapter,
-            "augmented": _fit_augmented(stack, xt, wt, lt, seed + fold, stage),
-            "fine_tune": _fit_fine_tune(stack, xt, wt, lt, seed + fold),
-            "expert_only": fit_direct(stack.config, xt, wt, lt, seed + fold),
-        }
+        fitted = {name: _fit_learner(name, stack, xt, wt, lt, seed + fold, stage, recipe) for name in fitted_in_folds}
         for name, model in fitted.items():
             ll[name][test_idx], correct[name][test_idx] = held_out(model, x[test], y_w[test], y_l[test])
     return CrossValidated(ll, correct, stage.adapter_prior)
