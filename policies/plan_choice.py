@@ -101,7 +101,10 @@ def _too_few(
                            f"{CHANCE_ACCURACY}) and nests it: two_stage, untested conditions and all")
             return "two_stage", reasons
     if usable and (agreement is None or agreement >= MIN_PROXY_AGREEMENT):
-        reasons.append(f"too few expert triples to fit an adapter; {said}: serve the proxy as is")
+        weighed = all(c in evidence.heldout_ll for c in SMALL_SAMPLE)
+        why = ("the adapter, cross-validated on the few there are, does not score above it" if weighed
+               else "too few expert triples to fit an adapter")
+        reasons.append(f"{why}; {said}: serve the proxy as is")
         return "proxy_as_is", reasons
     why = said if usable else "no usable proxy model"
     reasons.append(f"too few expert triples to learn from, and the proxy is not safe to serve alone: {why}")
