@@ -41,7 +41,7 @@ from policies.features.fitting import fit_adapter, fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, PreferenceModel, TwoStageConfig, TwoStagePolicy, triples_to_tensors
 from policies.features.outputs import output_support
 from policies.features.recipe import TWO_STAGE
-from policies.plan_choice import CANDIDATES, SMALL_SAMPLE, PlanEvidence, choose_plan, two_stage_vs_rival
+from policies.plan_choice import CANDIDATES, SMALL_SAMPLE, TIE_NATS, PlanEvidence, choose_plan, two_stage_vs_rival
 
 __all__ = ["CHECK_NAMES", "ConditionThresholds", "choose_plan", "run_condition_tests"]
 
@@ -212,12 +212,13 @@ def _shared_level_sets(cv: CrossValidated, n_expert: int, rng: np.random.Generat
     # better (an adapter fitted to a few triples can be worse than the identity it nests).
     null = max(("two_stage", "proxy_as_is"), key=lambda c: float(cv.ll[c].mean()))
     gain = bootstrap_mean(cv.ll["augmented"] - cv.ll[null], rng)
+    failed = gain.p_not_positive < t.alpha and gain.mean > TIE_NATS  # a float-level gain with no spread is a tie
     return _check(
-        "shared_level_sets", gain.p_not_positive >= t.alpha, gain.p_not_positive, t.alpha,
+        "shared_level_sets", not failed, gain.p_not_positive, t.alpha,
         f"held-out ({n_expert} triples, {CV_FOLDS}-fold) log-likelihood gain per triple of the adapter plus "
         f"a direct linear path from x over the best model that reads x only through the frozen proxy "
         f"({null}): {gain.text()}; pass unless x adds significant information beyond the proxy output "
-        f"(p < {t.alpha})",
+        f"(p < {t.alpha}, and more than {TIE_NATS} nats per triple)",
     )
 
 

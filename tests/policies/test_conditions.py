@@ -143,6 +143,16 @@ def test_forty_copies_of_one_triple_are_too_few_distinct_inputs_to_test() -> Non
     assert report.heldout_log_likelihood == {} and report.plan in ("proxy_as_is", "refuse")
 
 
+def test_labels_every_plan_fits_almost_perfectly_tie_instead_of_failing_a_check() -> None:
+    """Every triple "1 over 0": the plans differ by 1e-4 nats with no spread (p = 0). That failed shared level
+    sets, blocked two_stage and chose fine_tune for a 0.0002-nat lead; below TIE_NATS it is a tie."""
+    task = appendix_d(n_proxy=600, n_expert=60, seed=0)
+    proxy, expert = ([FeatureTriple(x=t.x, y_w=1, y_l=0) for t in triples] for triples in (task.proxy, task.expert))
+    report = run_condition_tests(expert, proxy, "one-pair", seed=0)
+    assert _check(report, "shared_level_sets").passed
+    assert report.plan in ("proxy_as_is", "two_stage")
+
+
 def test_condition_tests_are_deterministic_and_leave_torch_state_alone() -> None:
     threads = torch.get_num_threads()
     torch.manual_seed(5)
