@@ -22,6 +22,7 @@ thus costs at most two refreshes, and the last label of it is always in one.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from time import sleep
@@ -31,6 +32,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger
+from prefect.exceptions import MissingContextError
 from sqlalchemy.orm import Session
 
 from flows.acquisition_chat import NoChatStage1, find_chat_stage1, open_text_pair, score_chat_tasks
@@ -49,6 +51,7 @@ from policies.registry import aliases
 REFRESH_DEPLOYMENT = "refresh-acquisition/refresh-acquisition"
 MIN_INTERVAL_S = 20.0  # refreshes start at least this many seconds after the last one ended
 PUSH_TIMEOUT_S = 120.0  # writing the predictions into Label Studio
+MALFORMED_LINES = 10  # malformed feature tasks named one per log line; the rest only counted
 
 
 def project_id_for(settings: Settings, project_id: int | None = None) -> int:
@@ -112,16 +115,112 @@ def nothing_to_score_with(settings: Settings) -> str | None:
     return None
 
 
+@dataclass
+class FeatureRows:
+    """Open feature tasks as the scorer reads them: the well-formed ones as arrays, the rest with the reason."""
+
+    ids: list[int]
+    x: np.ndarray  # [tasks, input_dim]
+    y_a: np.ndarray  # [tasks] output ids
+    y_b: np.ndarray
+    malformed: dict[int, str] = field(default_factory=dict)  # task id -> why it is not scored
+
+
+def _output_id(value: Any) -> int | None:
+    """An output id as Label Studio's JSON may carry it (7, 7.0 or "7"); None for anything else (True, 7.5, "a")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _feature_row(data: Any, input_dim: int, n_outputs: int) -> tuple[np.ndarray, int, int] | str:
+    """One task's (x, y_a, y_b) for a policy with this input dimension and these outputs, or why it cannot be scored."""
+    if not isinstance(data, dict):
+        return "data is not an object"
+    missing = [key for key in ("x", "y_a", "y_b") if key not in data]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if isinstance(data["x"], str):  # numpy would read "0.5" as a number and "0.1,0.2" not at all
+        return "x is a string, not a list of numbers"
+    try:
+        x = np.asarray(data["x"], dtype=np.float64)
+    except (TypeError, ValueError):
+        return "x is not a list of numbers"
+    if x.shape != (input_dim,):
+        return f"x has shape {x.shape}, the policy reads {input_dim} numbers"
+    if not np.isfinite(x).all():
+        return "x has NaN or infinite values"
+    y: list[int] = []
+    for name in ("y_a", "y_b"):
+        value = _output_id(data[name])
+        if value is None:
+            return f"{name} {data[name]!r:.40} is not an output id"
+        if not 0 <= value < n_outputs:
+            return f"{name} {value} is outside the policy's outputs 0..{n_outputs - 1}"
+        y.append(value)
+    if y[0] == y[1]:
+        return f"y_a and y_b are both {y[0]}: nothing to compare"
+    return x, y[0], y[1]
+
+
+def feature_rows(ids: list[int], data: list[dict[str, Any]], input_dim: int, n_outputs: int) -> FeatureRows:
+    """The open feature tasks split into those a policy of this shape can score and the malformed rest. Checked task
+    by task, not left to `feature_scores` (which refuses the whole batch): tasks are imported into Label Studio by
+    hand, and one with a missing field or a stale output id must not keep every open task's score stale."""
+    good: list[int] = []
+    rows: list[tuple[np.ndarray, int, int]] = []
+    malformed: dict[int, str] = {}
+    for task_id, task_data in zip(ids, data, strict=True):
+        row = _feature_row(task_data, input_dim, n_outputs)
+        if isinstance(row, str):
+            malformed[task_id] = row
+        else:
+            good.append(task_id)
+            rows.append(row)
+    x = np.array([r[0] for r in rows], dtype=np.float64).reshape(len(rows), input_dim)
+    y_a = np.array([r[1] for r in rows], dtype=np.int64)
+    y_b = np.array([r[2] for r in rows], dtype=np.int64)
+    return FeatureRows(good, x, y_a, y_b, malformed)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    # The run logger exists only inside a flow run; `.fn()` in tests and scripts has none.
+    try:
+        return get_run_logger()  # type: ignore[return-value]
+    except MissingContextError:
+        return logging.getLogger("proxyloop.flows.acquisition")
+
+
+def log_malformed(malformed: dict[int, str], scored: int, limit: int = MALFORMED_LINES) -> None:
+    """Name the malformed feature tasks (id and reason), at most `limit` lines: enough to find and fix a bad import,
+    bounded so a whole bad batch does not flood the run log."""
+    if not malformed:
+        return
+    logger = _logger()
+    logger.warning("%d open feature tasks are malformed and not scored (the other %d are)", len(malformed), scored)
+    for task_id, reason in list(malformed.items())[:limit]:
+        logger.warning("feature task %d not scored: %s", task_id, reason)
+    if len(malformed) > limit:
+        logger.warning("... and %d more malformed feature tasks", len(malformed) - limit)
+
+
 def score_feature_tasks(settings: Settings, ids: list[int], data: list[dict[str, Any]], seed: int) -> ScoreCache:
-    """Open feature tasks scored under the production policy and the store's expert triples."""
+    """Open feature tasks scored under the production policy and the store's expert triples; malformed ones are
+    logged and left out (/predict answers them as unscored)."""
     policy = load(f"{settings.policy_name}@production")
     if not isinstance(policy.model, TwoStagePolicy):
         raise TypeError(f"{policy.version} is not a two-stage policy; acquisition scores need its adapter")
-    x = np.array([d["x"] for d in data], dtype=np.float64).reshape(len(data), policy.config.input_dim)
-    y_a = np.array([int(d["y_a"]) for d in data], dtype=np.int64)
-    y_b = np.array([int(d["y_b"]) for d in data], dtype=np.int64)
-    scores = feature_scores(policy.model, expert_triples(settings), x, y_a, y_b, EnsembleConfig(seed=seed))
-    return ScoreCache.from_scores(ids, scores, f"{policy.version.policy}@{policy.version.version}")
+    rows = feature_rows(ids, data, policy.model.config.input_dim, policy.model.config.n_outputs)
+    log_malformed(rows.malformed, len(rows.ids))
+    scores = feature_scores(policy.model, expert_triples(settings), rows.x, rows.y_a, rows.y_b,
+                            EnsembleConfig(seed=seed))
+    return ScoreCache.from_scores(rows.ids, scores, f"{policy.version.policy}@{policy.version.version}")
 
 
 @task(name="score-open-tasks")

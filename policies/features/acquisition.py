@@ -4,6 +4,7 @@ model, its bootstrap ensemble of adapters, and before enough labels the centres 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from policies.features.fitting import fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_adapter_stage
 from policies.features.simplex_adapter import relabelled_centres
+
+log = logging.getLogger("proxyloop.policies.features")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,30 @@ def _pairs(x: ArrayLike, y_a: ArrayLike, y_b: ArrayLike, config: TwoStagePolicy)
     )
 
 
+def usable_triples(stack: TwoStagePolicy, expert: Sequence[FeatureTriple]) -> list[FeatureTriple]:
+    """The expert triples this release can be scored against: x of its input dimension, y_w and y_l among its outputs.
+
+    The rest are dropped with one warning that says how many and why, not refused: a label for an output a newer
+    policy will have (or from a feature set of another dimension) is legitimate training data that just does not fit
+    this release's input or head, and one such label must not stop every open task's score. Both
+    paths of `feature_scores` count only these, so the method (ensemble or relabellings) and `n_labels` follow the
+    labels the scores were computed from."""
+    dim, n_outputs = stack.config.input_dim, stack.config.n_outputs
+    wrong_dim = [t for t in expert if len(t.x) != dim]
+    unknown = [t for t in expert if len(t.x) == dim and max(t.y_w, t.y_l) >= n_outputs]
+    reasons = []
+    if wrong_dim:
+        reasons.append(f"{len(wrong_dim)} with x of dimension {sorted({len(t.x) for t in wrong_dim})} (the policy "
+                       f"reads {dim})")
+    if unknown:
+        reasons.append(f"{len(unknown)} naming an output outside the policy's 0..{n_outputs - 1} (kept for a newer "
+                       "release's training)")
+    if reasons:
+        log.warning("%d of %d expert triples not used to score against this policy: %s",
+                    len(wrong_dim) + len(unknown), len(expert), "; ".join(reasons))
+    return [t for t in expert if len(t.x) == dim and max(t.y_w, t.y_l) < n_outputs]
+
+
 def _margins(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:
     with torch.no_grad():
         log_p = torch.log_softmax(stack.head(stack.adapter(log_s)), dim=-1)
@@ -98,7 +125,9 @@ def adapter_ensemble(
     config: EnsembleConfig = EnsembleConfig(),
 ) -> list[TwoStagePolicy]:
     """`config.size` copies of the stack, each adapter refitted (stage 2) on a bootstrap resample of
-    the expert triples, at the cross-validated prior (`EnsembleConfig.cv_prior`); the stack is left as it was."""
+    the expert triples, at the cross-validated prior (`EnsembleConfig.cv_prior`); the stack is left as it was.
+    Triples the stack cannot read are dropped first (`usable_triples`)."""
+    expert = usable_triples(stack, expert)
     if len(expert) < 2:
         raise AcquisitionError(f"a bootstrap ensemble needs at least 2 expert triples, got {len(expert)}")
     x, y_w, y_l = triples_to_tensors(expert)
@@ -127,10 +156,12 @@ def feature_scores(
     With at least `config.min_labels` expert triples: BALD over a bootstrap ensemble of adapters
     (`adapter_ensemble`). With fewer: BALD over the proxy, its relabellings and the current policy
     (`relabelling_probs`), the proxy–adapter disagreement no label can yet rule out. `prob_a` is
-    always the stack's own preference, as served."""
+    always the stack's own preference, as served. Expert triples the stack cannot read (another input dimension,
+    an output it does not have) are dropped with a warning before either path counts them (`usable_triples`)."""
     if not isinstance(stack, TwoStagePolicy):
         raise AcquisitionError(f"feature_scores needs a TwoStagePolicy, got {type(stack).__name__}")
     xs, ya, yb = _pairs(x, y_a, y_b, stack)
+    expert = usable_triples(stack, expert)
     n_labels = len(expert)
     if xs.shape[0] == 0:
         empty = np.zeros(0)

@@ -428,3 +428,67 @@ def test_chat_tasks_get_a_pre_annotation_and_a_score_in_label_studio_beside_feat
         assert held[task].score == pytest.approx(cache.tasks[task].score)
     assert {p.model_version for p in held.values()} == {"appendix-d@1+chat@1"}
     assert client.projects.get(project.id).model_version == "appendix-d@1+chat@1"
+
+
+GOOD_FEATURE_TASK = {"x": [0.1] * 5, "y_a": 0, "y_b": 1}
+MALFORMED_FEATURE_TASKS = {  # task id -> (data, the reason the log gives)
+    11: ({"x": [0.1] * 5, "y_a": 0}, "no y_b"),
+    12: ({"x": [0.1] * 4, "y_a": 0, "y_b": 1}, "x has shape (4,), the policy reads 5 numbers"),
+    13: ({"x": "0.1,0.2", "y_a": 0, "y_b": 1}, "x is a string"),
+    14: ({"x": [0.1] * 5, "y_a": 1, "y_b": 1}, "y_a and y_b are both 1"),
+    15: ({"x": [0.1] * 5, "y_a": 0, "y_b": 7}, "y_b 7 is outside the policy's outputs 0..2"),
+    16: ({"x": [0.1] * 5, "y_a": "a", "y_b": 1}, "y_a 'a' is not an output id"),
+}
+
+
+@pytest.fixture
+def feature_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 5-input, 3-output two-stage policy as production, and no expert triples in the store."""
+    import torch
+
+    from policies.features.model import TwoStageConfig, TwoStagePolicy
+
+    torch.manual_seed(0)
+    model = TwoStagePolicy(TwoStageConfig())
+    version = SimpleNamespace(policy="appendix-d", version=3)
+    released = SimpleNamespace(model=model, config=model.config, version=version)
+    monkeypatch.setattr(acquisition, "load", lambda ref: released)
+    monkeypatch.setattr(acquisition, "expert_triples", lambda settings: [])
+
+
+@pytest.mark.usefixtures("feature_policy")
+def test_malformed_feature_tasks_are_logged_by_id_and_reason_and_the_rest_scored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A hand-imported task missing a field, or naming an output the policy lacks, used to stop the whole refresh."""
+    ids = [1, *MALFORMED_FEATURE_TASKS, 2]
+    data = [GOOD_FEATURE_TASK, *(d for d, _ in MALFORMED_FEATURE_TASKS.values()), {**GOOD_FEATURE_TASK, "y_b": "2"}]
+    with caplog.at_level(logging.WARNING, logger="proxyloop.flows.acquisition"):
+        cache = acquisition.score_feature_tasks(Settings(home=tmp_path), ids, data, seed=0)
+    assert set(cache.tasks) == {1, 2} and cache.model_version == "appendix-d@3"
+    assert "6 open feature tasks are malformed and not scored (the other 2 are)" in caplog.text
+    for task_id, (_, reason) in MALFORMED_FEATURE_TASKS.items():
+        assert f"feature task {task_id} not scored: {reason}" in caplog.text
+
+    caplog.clear()  # a whole bad batch: bounded lines, the rest counted
+    with caplog.at_level(logging.WARNING, logger="proxyloop.flows.acquisition"):
+        acquisition.log_malformed({i: "no y_b" for i in range(25)}, scored=0, limit=10)
+    assert len(caplog.records) == 12 and "... and 15 more malformed feature tasks" in caplog.text
+
+
+@pytest.mark.usefixtures("feature_policy")
+def test_a_malformed_feature_task_leaves_the_chat_tasks_and_the_other_feature_tasks_scored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.acquisition_chat import ChatStage1
+
+    monkeypatch.setattr(acquisition, "get_settings", lambda: Settings(home=tmp_path))
+    monkeypatch.setattr(acquisition, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(acquisition, "production_released", lambda s: True)
+    monkeypatch.setattr(acquisition, "open_tasks", lambda s, pid: acquisition.OpenTasks(
+        feature_ids=[1, 2], feature_data=[GOOD_FEATURE_TASK, {"x": [0.1] * 5, "y_a": 0}], text_ids=[3],
+        text_pairs=[PairwiseText(prompt="p", response_a="a", response_b="b", choice="a")]))
+    monkeypatch.setattr(acquisition, "find_chat_stage1", lambda s: ChatStage1(checkpoint="/c", model_version="chat@2",
+                                                                             run_id="r"))
+    monkeypatch.setattr(acquisition, "score_chat_tasks", lambda s, stage1, ids, pairs, seed: ScoreCache.from_scores(
+        ids, text_scores([0.5] * len(ids)), "chat@2"))
+    cache = acquisition.score_open_tasks.fn(None, 0)
+    assert set(cache.tasks) == {1, 3} and cache.model_version == "appendix-d@3+chat@2"

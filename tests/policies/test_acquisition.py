@@ -4,6 +4,7 @@ world where the answer is known (an Appendix D proxy that relabels the expert's 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import replace
 
@@ -193,3 +194,35 @@ def test_ensemble_members_are_fitted_at_the_prior_the_refit_cross_validates(
         return float(scores.scores.mean())
 
     assert spread(0.3) > spread(100.0)
+
+
+def test_expert_triples_the_policy_cannot_read_are_dropped_with_a_warning_on_both_paths(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Labels for an output a newer release will have (y_w = 5 of 3) or of another input dimension are kept in the
+    store for training, but cannot be scored against this release: both paths drop them, with one warning, and count
+    only the rest (they used to reach torch as an index or shape error from 5 labels, and count before)."""
+    torch.manual_seed(0)
+    stack = TwoStagePolicy(TwoStageConfig())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 5))
+    ya, yb = np.array([0, 1, 2, 0]), np.array([1, 2, 0, 2])
+    good = [FeatureTriple(x=rng.standard_normal(5).tolist(), y_w=i % 3, y_l=(i + 1) % 3) for i in range(6)]
+    new_output = [FeatureTriple(x=rng.standard_normal(5).tolist(), y_w=5, y_l=0) for _ in range(6)]
+    other_dim = [FeatureTriple(x=[0.0] * 4, y_w=0, y_l=1) for _ in range(6)]
+    config = EnsembleConfig(size=2)
+
+    with caplog.at_level(logging.WARNING, logger="proxyloop.policies.features"):
+        ensemble = feature_scores(stack, new_output + good + other_dim, x, ya, yb, config)
+    assert (ensemble.method, ensemble.n_labels) == ("ensemble", 6)
+    assert "12 of 18 expert triples not used" in caplog.text and "6 with x of dimension [4]" in caplog.text
+    assert "6 naming an output outside the policy's 0..2" in caplog.text
+    np.testing.assert_allclose(ensemble.scores, feature_scores(stack, good, x, ya, yb, config).scores)
+
+    for unusable, usable in ((new_output, 0), (other_dim, 0), (new_output[:3] + good[:2], 2)):  # the relabellings
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="proxyloop.policies.features"):
+            few = feature_scores(stack, unusable, x, ya, yb, config)
+        assert (few.method, few.n_labels) == ("relabellings", usable) and "expert triples not used" in caplog.text
+    with pytest.raises(AcquisitionError, match="at least 2 expert triples, got 1"):
+        adapter_ensemble(stack, new_output + good[:1], config)
+    assert len(adapter_ensemble(stack, other_dim + good[:2], config)) == 2
