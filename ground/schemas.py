@@ -205,7 +205,7 @@ class TrainingRequest(BaseModel):
     stage1_epochs: int | None = None  # None: policies.features.recipe.TWO_STAGE's (the bench's); set to shorten
     stage2_epochs: int | None = None  # expert-stage steps of every plan (None: each plan's recipe)
     adapter_dim: int | None = None
-    checkpoint_every: int = 50
+    checkpoint_every: int = Field(50, ge=1)  # 0 passed here, then divided by zero once stage 1 had run
 
 
 class LMTrainingRequest(BaseModel):

@@ -33,8 +33,7 @@ from policies.lm.mode_mixture import (
     kmeans_modes,
     select_trainable,
 )
-from policies.lm.simplex_bottleneck import load_causal_lm_dir
-from workers.lm.models import load_tokenizer
+from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
 from workers.lm.training.data import sequence_cap, tokenize_pairs, truncate_pair
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
@@ -81,10 +80,12 @@ def _pad(rows: list[Tensor], width: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def prompt_embeddings(model: Any, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
-    """Input embeddings of each prompt, padded: [N, T, H] and mask [N, T]."""
+    """Input embeddings of each prompt, padded: [N, T, H] and mask [N, T]. Each prompt has a token at least
+    (`tokenize_pairs` refuses a pair whose prompt keeps none): w(x) pools them, and serving has no code for none."""
     table = model.get_input_embeddings()
     device = table.weight.device
-    return _pad([table(torch.tensor(row, device=device)).float().cpu() for row in ids], max(len(r) for r in ids))
+    return _pad([table(torch.tensor(row, dtype=torch.long, device=device)).float().cpu() for row in ids],
+                max(len(r) for r in ids))
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class FrozenBase:
 
     @classmethod
     def load(cls, path: Path | str) -> FrozenBase:
-        model = load_causal_lm_dir(path, "cpu").eval()
+        model = load_causal_lm(path, "cpu").eval()  # a missing base: ModelNotPrepared naming it
         return cls(model, load_tokenizer(path), model.get_output_embeddings().weight.detach().float())
 
     def encode(self, rows: list[dict[str, str]], max_length: int = MixtureRecipe.max_length) -> EncodedPairs:
@@ -114,7 +115,9 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     Each sequence is cut to `max_length` (the recipe's) or the model's context, if shorter, by the truncation DPO's
     batches use (`truncate_pair`, keeps the start); the prompt τ̃ reads is the prompt as cut. Without it one long
     pair set the width of its whole chunk and of every stored tensor: a 20 KB proxy response (16k tokens) asked
-    for 10 GB. A pair whose prompt fills the cap keeps no response tokens: both log-probs 0, no DPO signal."""
+    for 10 GB. A pair whose prompt fills the cap keeps no response tokens: both log-probs 0, no DPO signal. A pair
+    whose prompt keeps no token of its own is a `DatasetError` naming its line (`tokenize_pairs`): its w(x) would
+    pool nothing, and the position predicting its first response token would be -1."""
     model.eval()
     cap = sequence_cap(model, max_length)
     pairs = [truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)]

@@ -91,10 +91,34 @@ def build_tiny(
     return out
 
 
+# A directory holding one of these can give a tokenizer: fast (tokenizer.json), sentencepiece or tiktoken
+# (tokenizer.model, spiece.model), byte-level BPE (vocab.json + merges.txt) or WordPiece (vocab.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+PREPARE_HINT = "build one with `proxyloop models prepare tiny` or `... smollm2`"
+
+
+def local_model_dir(path: Path | str, *, needs: str) -> Path:
+    """`path` as a local Hugging Face directory holding what `needs` ("config.json" or "tokenizer") reads, or
+    `ModelNotPrepared` naming the path and what is missing. Why checked here: proxyloop never downloads at run time,
+    and handed a path it cannot read, transformers takes it for a Hub repo id ("Repo id must be in the form...";
+    "org/name" spends a minute retrying huggingface.co) or blames a missing package ("need sentencepiece or
+    tiktoken") instead of the missing files."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelNotPrepared(f"no model at {path}: the directory does not exist ({PREPARE_HINT})")
+    if needs == "tokenizer":
+        if not any((directory / name).exists() for name in TOKENIZER_FILES):
+            raise ModelNotPrepared(f"no tokenizer in {path}: it holds none of {list(TOKENIZER_FILES)} ({PREPARE_HINT})")
+    elif not (directory / needs).exists():
+        raise ModelNotPrepared(f"no model at {path}: expected a Hugging Face directory with {needs} ({PREPARE_HINT})")
+    return directory
+
+
 def load_tokenizer(path: Path | str) -> Any:
+    """The tokenizer of a local model directory (never the Hub: `local_files_only`), with a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(local_model_dir(path, needs="tokenizer")), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -102,10 +126,8 @@ def load_tokenizer(path: Path | str) -> Any:
 
 def load_causal_lm(path: Path | str, device: torch.device | str = "cpu") -> Any:
     """Weights in float32 (master copy; bf16 is applied by autocast in the loop), with the model's simplex
-    bottleneck when it has one."""
-    if not (Path(path) / "config.json").exists():
-        raise ModelNotPrepared(f"no model at {path}: expected a Hugging Face directory with config.json "
-                               "(build one with `proxyloop models prepare tiny` or `... smollm2`)")
+    bottleneck when it has one (`load_causal_lm_dir` reads local files only)."""
+    local_model_dir(path, needs="config.json")
     return load_causal_lm_dir(path, device)
 
 
@@ -129,8 +151,9 @@ def prepare_smollm2(models_dir: Path) -> Path:
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return out
     gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
     # The weights are already dequantised to float32; drop the GGUF quantizer so transformers saves them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

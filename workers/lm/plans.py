@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ground.schemas import LMTrainingRequest, Plan
 
@@ -182,7 +182,12 @@ def plan_request(
     expert_pairs: str, output_dir: Path | str,
 ) -> LMTrainingRequest | None:
     """What `plan` trains after stage 1, in the recipe's reading: None when the stage-1 model is the policy
-    (proxy_as_is)."""
+    (proxy_as_is). A string outside `Plan` is a ValueError: 'stage1' and 'pooled' are recipes, not plans (the bench
+    asks for them through `recipe_request`), and passed here they used to come back as requests the condition tests
+    never chose."""
+    if plan not in get_args(Plan):
+        raise ValueError(f"unknown plan {plan!r}; known plans: {list(get_args(Plan))} "
+                         "(recipe_request trains the recipes 'stage1' and 'pooled')")
     if plan == "refuse":
         raise ValueError("plan 'refuse' trains nothing; the run stops before training")
     if plan == "proxy_as_is":

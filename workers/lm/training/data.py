@@ -42,23 +42,60 @@ class TokenizedChat:
         return len(self.input_ids)
 
 
+class JsonlRow(dict[str, Any]):
+    """A row of a JSONL file that remembers its place, `where` ("FILE:LINE"). Why: a row can be unusable only to a
+    later reader (a null response, a prompt of no tokens of its own: `tokenize_pairs`), after the rows were sampled
+    or split (text_conditions, mixture_features), and the error must still name the line to fix."""
+
+    where: str = ""
+
+
+def row_place(row: Any, index: int) -> str:
+    """Where `row` came from ("FILE:LINE" for a `load_jsonl` row; "row N" of its list for one built in memory)."""
+    return getattr(row, "where", "") or f"row {index + 1}"
+
+
 def load_jsonl(path: Path | str, required: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, each checked to carry the `required` keys."""
+    """Rows of a JSONL file (`JsonlRow`s), each checked to be a JSON object carrying the `required` keys.
+
+    Every malformed line is a `DatasetError` "FILE:LINE: reason": a dataset comes from a snapshot or a user, and a
+    raw UnicodeDecodeError (no path) or JSONDecodeError ("line 1 column 2" of the line, not of the file) sends
+    whoever reads the failed run looking in the wrong place. Lines are split on bytes (line feeds, carriage returns):
+    JSON strings may hold U+2028, which `str.splitlines` would cut through."""
     source = Path(path)
     if not source.exists():
         raise DatasetError(f"dataset {source} does not exist")
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(source.read_text().splitlines(), start=1):
+    for number, raw in enumerate(source.read_bytes().splitlines(), start=1):
+        where = f"{source}:{number}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{where}: not UTF-8 (byte {error.start + 1} of the line is "
+                               f"{raw[error.start:error.start + 1]!r}); write the dataset as UTF-8") from None
         if not line.strip():
             continue
-        row = json.loads(line)
-        missing = [k for k in required if k not in row]
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(value, dict):
+            raise DatasetError(f"{where}: a row must be a JSON object with {list(required)}, "
+                               f"got {type(value).__name__} {_clip(value)}")
+        missing = [k for k in required if k not in value]
         if missing:
-            raise DatasetError(f"{source}:{number} lacks {missing}; each row needs {list(required)}")
+            raise DatasetError(f"{where} lacks {missing}; each row needs {list(required)}")
+        row = JsonlRow(value)
+        row.where = where
         rows.append(row)
     if not rows:
         raise DatasetError(f"dataset {source} has no rows")
     return rows
+
+
+def _clip(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -70,18 +107,47 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+PAIR_TEXTS = ("prompt", "chosen", "rejected")
+
+
+def _pair_texts(row: Any, where: str) -> tuple[str, str, str]:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: a pair must be an object with {list(PAIR_TEXTS)}, got {type(row).__name__}")
+    missing = [k for k in PAIR_TEXTS if k not in row]
+    if missing:
+        raise DatasetError(f"{where} lacks {missing}; each pair needs {list(PAIR_TEXTS)}")
+    wrong = [f"{k!r} is {_clip(row[k])}" for k in PAIR_TEXTS if not isinstance(row[k], str)]
+    if wrong:
+        raise DatasetError(f"{where}: {', '.join(wrong)}; prompt, chosen and rejected must be strings")
+    return row["prompt"], row["chosen"], row["rejected"]
+
+
 def tokenize_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[TokenizedPair]:
-    """Tokenise as TRL does for plain-text pairs: EOS appended, completion starts where the ids diverge."""
+    """Tokenise as TRL does for plain-text pairs: EOS appended, completion starts where the ids diverge.
+
+    A row that is not three strings, or whose prompt keeps no token of its own (an empty prompt, or one whose last
+    token merges into the responses' first: "Wh" + "at is..."), is a `DatasetError` naming its line. Why refuse the
+    latter rather than train on it: the mode mixture's w(x) pools the prompt's tokens, and serving reads a prompt of
+    none no better (`prompt_log_weights` has no code for it; a chat prompt is never empty: the template renders the
+    turn markers), so any code training made up would be one serving never computes. It is refused here, for every
+    reader of pairs (DPO, the mixture, the condition tests, evaluation), so that all of them see the same pairs, as
+    they cut them the same way (`truncate_pair`)."""
     eos = tokenizer.eos_token or ""
     pairs = []
-    for row in rows:
-        chosen, rejected = row["chosen"], row["rejected"]
+    for index, row in enumerate(rows):
+        where = row_place(row, index)
+        prompt, chosen, rejected = _pair_texts(row, where)
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        with_chosen = tokenizer(row["prompt"] + chosen, add_special_tokens=False)["input_ids"]
-        with_rejected = tokenizer(row["prompt"] + rejected, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with_chosen = tokenizer(prompt + chosen, add_special_tokens=False)["input_ids"]
+        with_rejected = tokenizer(prompt + rejected, add_special_tokens=False)["input_ids"]
         cut = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
+        if cut == 0:
+            reason = "is empty" if not prompt_ids else \
+                f"{_clip(prompt)} keeps no token of its own (its tokens merge into the responses' first)"
+            raise DatasetError(f"{where}: the prompt {reason}; a pair needs a prompt the model reads before the "
+                               "responses")
         pairs.append(TokenizedPair(prompt_ids[:cut], with_chosen[cut:], with_rejected[cut:]))
     return pairs
 
