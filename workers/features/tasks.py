@@ -4,7 +4,11 @@ The training lives next to its task because together they are one step of a labe
 task re-fetches the snapshot and calls `train_feature_policy`; only the task (and its tests) call it.
 
 Thin tasks: arguments are ids and paths; data is re-fetched from the store inside. Idempotent by
-run id (a finished run returns its stored result), which makes `acks_late` redelivery safe.
+run id (a finished run returns its stored result), which makes `acks_late` redelivery safe. The output
+directory belongs to the run recorded in its `run.json` (as for language models,
+`workers/lm/training/checkpoint.py`): a request for another run id, plan, snapshot or recipe is refused
+instead of being handed that run's result or having its checkpoints overwritten. `result.json` is written
+atomically; one torn by an older worker is retrained, with a warning, rather than failing every redelivery.
 
 Training: stage 1 learns τ̃, Θ̃, φ̃ from proxy triples; stage 2 learns only the adapter π̄† from
 expert triples, with policies.features.model's recipe (the one the condition tests score the plans
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 from celery import Task
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 from torch import nn
@@ -47,6 +52,7 @@ from policies.plan_choice import CHANCE_ACCURACY
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
 from workers.device import select_device
 from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
+from workers.lm.training.checkpoint import RESULT_FILE, check_run_dir, read_record, record_run, write_result
 
 log = logging.getLogger("proxyloop.workers")
 
@@ -177,17 +183,38 @@ def _snapshot(store_url: str, snapshot_id: str) -> dict[LabelKind, list[FeatureT
         return load_snapshot_triples(session, snapshot_id)
 
 
+def feature_identity(request: TrainingRequest) -> dict[str, Any]:
+    """What makes two training requests the same run: all but where it is written and the store's URL (which may
+    hold a password, and names the same snapshot from another host)."""
+    return request.model_dump(mode="json", exclude={"output_dir", "store_url"})
+
+
+def finished_result(out: Path) -> dict[str, Any] | None:
+    """The stored result of a finished run; None when there is none, or (with a warning) when it is not a
+    TrainingResult, so a torn file means retraining, not a failure on every redelivery."""
+    stored = read_record(out / RESULT_FILE)
+    if stored is None:
+        return None
+    try:
+        return TrainingResult.model_validate(stored).model_dump(mode="json")
+    except ValidationError as error:
+        log.warning("%s is not a training result (%s): retraining", out / RESULT_FILE, error)
+        return None
+
+
 @app.task(name=TRAIN_TASK, bind=True, acks_late=True)
 def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     req = TrainingRequest.model_validate(request)
-    result_path = Path(req.output_dir) / "result.json"
-    if result_path.exists():
+    out = Path(req.output_dir)
+    identity = feature_identity(req)
+    check_run_dir(out, identity)  # another run's directory: ForeignRunError, nothing read or written
+    finished = finished_result(out)
+    if finished is not None:
         log.info("run %s already finished; returning its result", req.run_id)
-        return dict(json.loads(result_path.read_text()))
+        return finished
+    record_run(out, identity)
     # When the worker picked the run up: operators and bench/trigger_latency.py read it.
-    Path(req.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(req.output_dir) / "started.json").write_text(json.dumps({"started_at": time.time(),
-                                                                    "worker": self.request.hostname}))
+    (out / "started.json").write_text(json.dumps({"started_at": time.time(), "worker": self.request.hostname}))
     triples = _snapshot(req.store_url, req.snapshot_id)
     expert_train, heldout = split_expert(triples["expert"])
     device = select_device()
@@ -200,8 +227,7 @@ def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
 
     result = train_feature_policy(req, triples["proxy"], expert_train, device, self.request.hostname or "", progress,
                                   heldout)
-    result_path.write_text(result.model_dump_json(indent=2))
-    return result.model_dump(mode="json")
+    return write_result(out, result.model_dump(mode="json"))
 
 
 @app.task(name=PING_TASK)

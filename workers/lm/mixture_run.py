@@ -10,8 +10,11 @@ A checkpoint `checkpoint-000020/` is a loadable policy: the base's Hugging Face 
 file systems: they never change), `mode_mixture.safetensors` + `.json`, and what only a resumed run reads:
 `optimizer.safetensors` + `optimizer.json` (Adam) and `state.json` (step, losses, checkpoints), the names of
 `training/checkpoint.py`, which a release drops. Each is written as `.partial` and renamed when complete. A
-redelivered run resumes from the newest and ends with the mixture an uninterrupted run ends with (`dpo`'s data
-order is replayed); a finished run returns its `result.json`.
+redelivered run resumes from the newest that loads (a damaged one is skipped with a warning, as in
+`training/run.py`) and ends with the mixture an uninterrupted run ends with (`dpo`'s data order is replayed); a
+finished run returns its `result.json`. As there, the output directory belongs to the run recorded in its
+`run.json`: a request for another base, other pairs or another config (another `simplex_dim`) is refused rather
+than resuming that run's mixture.
 """
 
 from __future__ import annotations
@@ -42,10 +45,18 @@ from workers.lm.mode_mixture_training import encode_pairs, train_adapter, train_
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import CHECKPOINTS_PER_RUN, MixtureRecipe, MixtureStage, reading_recipe
 from workers.lm.training.checkpoint import (
+    LOAD_ERRORS,
+    MODEL_WEIGHTS,
+    Layout,
+    check_run_dir,
     checkpoint_dir,
     latest_checkpoint,
+    lm_identity,
+    record_run,
     restore_optimizer,
+    resumable_checkpoints,
     save_optimizer,
+    skipped,
     write_result,
 )
 from workers.lm.training.data import load_jsonl
@@ -53,6 +64,9 @@ from workers.lm.training.loop import Progress
 
 STATE_FILE = "state.json"
 NOT_MODEL_FILES = TRAINING_ONLY | {WEIGHTS_FILE, SPEC_FILE}
+# A resumable mixture checkpoint: the mixture, Adam and the step, and the base's weights that make it a policy.
+MIXTURE_LAYOUT = Layout((STATE_FILE, "optimizer.safetensors", "optimizer.json", WEIGHTS_FILE, SPEC_FILE),
+                        MODEL_WEIGHTS, ("step", "losses", "checkpoints"))
 
 
 def is_mixture_request(request: LMTrainingRequest) -> bool:
@@ -108,14 +122,26 @@ class MixtureCheckpoints:
     tokens: int = 0
 
     def restore(self, mixture: ModeMixture, optimiser: torch.optim.Optimizer) -> tuple[int, list[float]]:
-        newest = latest_checkpoint(self.out)
-        if newest is None:
-            return 0, []
-        mixture.load_state_dict(load_file(str(newest / WEIGHTS_FILE)))
-        restore_optimizer(optimiser, newest)
-        state = json.loads((newest / STATE_FILE).read_text())
-        self.checkpoints, self.resumed_from_step = list(state["checkpoints"]), int(state["step"])
-        return self.resumed_from_step, list(state["losses"])
+        """Load the newest checkpoint that loads into `mixture` and `optimiser`; (0, []) without one. Each is read
+        and checked whole before the mixture is set (Adam checks its groups before it sets anything), so one that
+        fails, skipped with a warning, leaves both as they were for the next."""
+        shapes = {key: tuple(value.shape) for key, value in mixture.state_dict().items()}
+        for path in resumable_checkpoints(self.out, MIXTURE_LAYOUT):
+            try:
+                weights = load_file(str(path / WEIGHTS_FILE))
+                found = {key: tuple(value.shape) for key, value in weights.items()}
+                if found != shapes:
+                    raise ValueError(f"its mixture has tensors {found}, this run's {shapes}")
+                state = json.loads((path / STATE_FILE).read_text())
+                step, losses, checkpoints = int(state["step"]), list(state["losses"]), list(state["checkpoints"])
+                restore_optimizer(optimiser, path)
+            except LOAD_ERRORS as error:
+                skipped(path, f"{type(error).__name__}: {error}")
+                continue
+            mixture.load_state_dict(weights)
+            self.checkpoints, self.resumed_from_step = checkpoints, step
+            return step, losses
+        return 0, []
 
     def after_step(self, mixture: ModeMixture, optimiser: torch.optim.Optimizer, step: int, total: int,
                    losses: list[float], tokens: int) -> None:
@@ -163,12 +189,16 @@ def _stage1_of(source: Path, stage: MixtureStage, recipe: MixtureRecipe) -> tupl
 
 
 def train_mixture(request: LMTrainingRequest, progress: Progress, worker: str) -> dict[str, Any]:
-    """Train (or resume) one mixture stage; returns and stores (`result.json`) the run's record."""
+    """Train (or resume) one mixture stage; returns and stores (`result.json`) the run's record. `output_dir` must
+    hold this run or nothing (`check_run_dir`), checked before the base is encoded."""
     started = time.perf_counter()
     out, source = Path(request.output_dir), Path(request.base_model)
     stage, recipe = parse_mixture_config(request.config)
     if request.method != "dpo":
         raise ValueError(f"the mode mixture trains with DPO; method {request.method!r} asks for another")
+    identity = lm_identity(request)
+    check_run_dir(out, identity)
+    record_run(out, identity)
     stage1, base_model = _stage1_of(source, stage, recipe)
     device = select_device(None)
     model = load_causal_lm(source, device)
@@ -179,9 +209,8 @@ def train_mixture(request: LMTrainingRequest, progress: Progress, worker: str) -
     lineage: dict[str, Any] = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,
                                "dataset": request.dataset, "device": str(device), "ranks": 1, "reading": "mixture",
                                "mixture_stage": stage}
-    out.mkdir(parents=True, exist_ok=True)
     if latest_checkpoint(out) is None:
-        (out / "run.json").write_text(json.dumps({**lineage, "config": request.config}, indent=2))
+        record_run(out, {**lineage, "config": request.config})
     hooks = MixtureCheckpoints(out, source, base_model, recipe, progress, {**lineage, "config": request.config})
     if stage1 is None:
         _, losses = train_proxy(encoded, head, recipe, hooks)

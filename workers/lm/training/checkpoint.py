@@ -1,32 +1,164 @@
-"""Checkpoints a run can resume from: model (Hugging Face dir), optimiser and RNG state, all without pickle.
+"""Checkpoints a run can resume from: model (Hugging Face dir), optimiser and RNG state, all without pickle; and
+the run's record of what it is, so that an output directory is only ever resumed by the run that made it.
 
 Layout of `<run>/checkpoint-000050/`: the model's `save_pretrained` output (full weights, or the
 LoRA adapter) and tokenizer, `optimizer.safetensors` + `optimizer.json` (tensors vs the rest),
 `rng.safetensors`, and `state.json` (step, losses, resolved config). A checkpoint is written
-under a `.partial` name and renamed when complete, so the newest directory is always loadable.
+under a `.partial` name and renamed when complete, so the newest directory is normally loadable; a disk that
+filled up, a copy cut short or a hand edit can still damage one, so a resume checks each file it will read
+and falls back to the newest checkpoint that passes (`resumable_checkpoints`), never crashing every
+redelivery on one damaged directory.
+
+`run.json` records what a run is (run id, base model, dataset path and content hash, the request's config but
+for how long it runs) from its first attempt on. A Celery redelivery sends the same request, so it matches and
+resumes; another request sent to the same directory would otherwise return another run's result, resume another
+model's checkpoint or reuse another dataset's reference log-probs, so it is refused (`check_run_dir`), naming
+what differs. Nothing is deleted: the directory may be the only copy of the other run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ground.schemas import LMTrainingRequest
 
 PREFIX = "checkpoint-"
 RESULT_FILE = "result.json"  # a finished run's result: its presence makes a run idempotent
+RUN_FILE = "run.json"  # what the run is: compared with every request before its files are used
+# What reading a damaged file raises: a checkpoint (or cache) that fails with one of these is skipped, not fatal.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+log = logging.getLogger("proxyloop.workers.lm")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """`payload` as JSON at `path`, written under a `.partial` name and renamed: a reader never sees half a file,
+    and a worker killed mid-write leaves the previous version (or none) behind."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.rename(path)
 
 
 def write_result(out_dir: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` as the run's RESULT_FILE, written under a `.partial` name and renamed (a reader never sees half)."""
-    partial = out_dir / (RESULT_FILE + ".partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.rename(out_dir / RESULT_FILE)
+    """`payload` as the run's RESULT_FILE, written atomically (`write_json`)."""
+    write_json(out_dir / RESULT_FILE, payload)
     return payload
+
+
+def read_record(path: Path, warn: bool = True) -> dict[str, Any] | None:
+    """The JSON object at `path`; None when absent, and None with a warning when it does not decode (a file torn
+    by an older non-atomic writer): the caller then acts as if it were absent instead of failing every retry."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        if warn:
+            log.warning("%s is unreadable (%s): treated as absent", path, error)
+        return None
+    if not isinstance(value, dict):
+        if warn:
+            log.warning("%s holds no JSON object: treated as absent", path)
+        return None
+    return value
+
+
+# What a run is, and refusing the files of another.
+
+
+class ForeignRunError(RuntimeError):
+    """An output directory holds another run's files: resuming or returning them would be silently wrong."""
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """Content hash of a dataset file (None when it is not there: nothing to compare). A content hash, not size
+    and mtime, because the flow may export the same snapshot again before a retry."""
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+# Config keys that only say how far a run goes and how often it saves or reports: the data order, learning rate
+# and dropout are functions of the step, so a run continued to more steps (or epochs) is the same run, its first
+# steps unchanged, and it may resume from the shorter run's checkpoints.
+LENGTH_KEYS = frozenset({"max_steps", "epochs", "proxy_epochs", "adapter_epochs", "fine_tune_epochs", "expert_epochs",
+                         "checkpoint_every", "log_every"})
+
+
+def lm_identity(request: LMTrainingRequest) -> dict[str, Any]:
+    """What makes two `proxyloop.train_lm` requests the same run: everything but the output directory and the
+    LENGTH_KEYS of the config. The config is the request's own (a redelivery sends it byte for byte), not the
+    resolved one, so a changed default in a newer worker does not refuse a run it resumes."""
+    config = {key: value for key, value in request.config.items() if key not in LENGTH_KEYS}
+    identity = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,
+                "dataset": request.dataset, "dataset_sha256": file_sha256(request.dataset), "request_config": config}
+    return dict(json.loads(json.dumps(identity)))  # as it reads back from run.json (tuples → lists)
+
+
+def _config_differences(held: dict[str, Any], asked: dict[str, Any], keys: Any) -> list[str]:
+    missing = "(unset)"
+    return [f"config {key}={held.get(key, missing)!r} there, {asked.get(key, missing)!r} asked"
+            for key in sorted(keys) if held.get(key, missing) != asked.get(key, missing)]
+
+
+def _differences(recorded: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """Where `recorded` (a run.json, result.json or state.json) disagrees with `identity`; a key a record lacks is
+    not compared (records written before a key existed, and result/state files hold only some)."""
+    found = []
+    for key, asked in identity.items():
+        held = recorded.get(key)
+        if key not in recorded or (key == "dataset_sha256" and (held is None or asked is None)):
+            continue
+        if key == "request_config" and isinstance(held, dict) and isinstance(asked, dict):
+            found += _config_differences(held, asked, held.keys() | asked.keys())
+        elif held != asked:
+            shown = (str(held)[:12], str(asked)[:12]) if key == "dataset_sha256" else (held, asked)  # enough to tell
+            found.append(f"{key} {shown[0]!r} there, {shown[1]!r} asked")
+    config, asked_config = recorded.get("config"), identity.get("request_config")
+    if "request_config" not in recorded and isinstance(config, dict) and isinstance(asked_config, dict):
+        # Older records keep the resolved config only: compare the keys the request sets.
+        found += _config_differences(config, asked_config, asked_config.keys() & config.keys())
+    return found
+
+
+def check_run_dir(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Raise ForeignRunError when `out_dir`'s run.json, result.json or a checkpoint's state.json says it holds
+    another run than `identity`; a directory holding none of them, or this run's, passes."""
+    records = [out_dir / RUN_FILE, out_dir / RESULT_FILE, *(p / "state.json" for p in list_checkpoints(out_dir))]
+    for path in records:
+        recorded = read_record(path, warn=False)  # a torn one is warned about where it is used
+        found = _differences(recorded, identity) if recorded is not None else []
+        if found:
+            raise ForeignRunError(
+                f"{out_dir} holds another run's files ({path.relative_to(out_dir)}: {'; '.join(found)}); run "
+                f"{identity.get('run_id')!r} will not return, resume or reuse them. Give it its own output_dir, "
+                f"or move {out_dir} aside if that run is no longer wanted")
+
+
+def record_run(out_dir: Path, fields: dict[str, Any]) -> None:
+    """Merge `fields` into `out_dir`'s run.json (created with the directory): the first attempt of a run records
+    what it is, later ones add what they learn (device, loss mode) without losing it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / RUN_FILE, {**(read_record(out_dir / RUN_FILE) or {}), **fields})
+
+
+# Checkpoints.
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
@@ -45,6 +177,65 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a resumable checkpoint of one kind holds: files it needs, weight files of which one must be there,
+    and the keys its state.json needs."""
+
+    required: tuple[str, ...]
+    weights: tuple[str, ...]
+    state_keys: tuple[str, ...]
+
+
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+LM_LAYOUT = Layout(("state.json", "optimizer.safetensors", "optimizer.json", "rng.safetensors"),
+                   (*MODEL_WEIGHTS, "adapter_model.safetensors"), ("step", "losses", "checkpoints", "python_rng"))
+
+
+def checkpoint_problem(path: Path, layout: Layout) -> str | None:
+    """Why checkpoint `path` cannot be resumed from, or None. Every safetensors file's header is checked against
+    its size (what a truncated file fails) and every JSON file decoded: cheap next to loading, and they are the
+    ways a checkpoint gets damaged outside our atomic renames."""
+    missing = [name for name in layout.required if not (path / name).is_file()]
+    if layout.weights and not any((path / name).is_file() for name in layout.weights):
+        missing.append(" or ".join(layout.weights))
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except LOAD_ERRORS as error:
+            return f"{file.name} does not load ({type(error).__name__}: {error})"
+    index = json.loads((path / MODEL_WEIGHTS[1]).read_text()) if (path / MODEL_WEIGHTS[1]).is_file() else {}
+    shards = set(index.get("weight_map", {}).values()) if isinstance(index, dict) else set()
+    if absent := sorted(name for name in shards if not (path / name).is_file()):
+        return f"missing {', '.join(absent)}"
+    state, optimizer = (json.loads((path / name).read_text()) for name in ("state.json", "optimizer.json"))
+    lacking = [f"state.json {key}" for key in layout.state_keys if not isinstance(state, dict) or key not in state]
+    lacking += [f"optimizer.json {key}" for key in ("param_groups", "scalars")
+                if not isinstance(optimizer, dict) or key not in optimizer]
+    return f"lacks {', '.join(lacking)}" if lacking else None
+
+
+def skipped(path: Path, why: object) -> None:
+    log.warning("checkpoint %s cannot be resumed from (%s): skipped; the newest one that loads, or a fresh start, "
+                "takes over", path, why)
+
+
+def resumable_checkpoints(out_dir: Path, layout: Layout = LM_LAYOUT) -> Iterator[Path]:
+    """Checkpoints newest first, those that fail `checkpoint_problem` skipped with a warning naming them and why."""
+    for path in reversed(list_checkpoints(out_dir)):
+        problem = checkpoint_problem(path, layout)
+        if problem is None:
+            yield path
+        else:
+            skipped(path, problem)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

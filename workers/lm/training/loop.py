@@ -22,7 +22,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
-from workers.lm.training.checkpoint import latest_checkpoint, restore_training_state, save_checkpoint
+from workers.lm.training.checkpoint import LOAD_ERRORS, restore_training_state, save_checkpoint
 from workers.lm.training.data import bucketed_batches
 from workers.lm.training.distributed import Ranks
 from workers.lm.training.fsdp_state import FullState
@@ -94,12 +94,13 @@ def step_seed(config: LoopConfig, step: int, ranks: Ranks) -> int:
 
 def train_loop(
     model: Any, tokenizer: Any, objective: Objective, config: LoopConfig, out_dir: Path, device: torch.device,
-    autocast: AbstractContextManager[Any], lineage: dict[str, Any], progress: Progress, ranks: Ranks,
+    autocast: AbstractContextManager[Any], lineage: dict[str, Any], progress: Progress, ranks: Ranks, *,
+    resume: Path | None,
 ) -> LoopResult:
-    """Train until `total_steps`, resuming from the newest checkpoint in `out_dir` when there is one.
+    """Train until `total_steps`, from checkpoint `resume` when given (else from step 0).
 
-    `model` must already hold the newest checkpoint's weights when one exists (see `lm_run`); every rank
-    restores the same optimiser state from it.
+    `model` must already hold `resume`'s weights (`run.resumable_policy` chose it: the newest checkpoint that
+    loads, which need not be the newest directory); every rank restores the same optimiser state from it.
     """
     started = time.perf_counter()
     schedule = Schedule(objective.lengths, config)
@@ -112,9 +113,13 @@ def train_loop(
     losses: list[float] = []
     checkpoints: list[str] = []
     start_step = 0
-    resume = latest_checkpoint(out_dir)
     if resume is not None:
-        state = restore_training_state(resume, cast(torch.optim.Optimizer, whole or optimizer))
+        try:
+            state = restore_training_state(resume, cast(torch.optim.Optimizer, whole or optimizer))
+        except LOAD_ERRORS as error:  # its files passed `checkpoint_problem`; the model already holds its weights
+            raise RuntimeError(f"checkpoint {resume} passed its file checks but its training state did not load "
+                               f"({type(error).__name__}: {error}); move it aside to resume from the one "
+                               "before") from error
         start_step, losses, checkpoints = state["step"], list(state["losses"]), list(state["checkpoints"])
     wrapped.train()
     tokens_seen, loss_value, metrics = 0, float("nan"), {}

@@ -1,9 +1,12 @@
 """One language-model training run from paths and a config dict: the body of `proxyloop.train_lm`.
 
 Idempotent by run id: a finished run returns its stored `result.json`; an interrupted one resumes
-from its newest checkpoint (weights, optimiser, RNG, losses so far). Reference log-probs are
-computed once per run, before the first step, and cached as `reference_logps.safetensors`; pairs an earlier
-run scored with the same reference come from the shared cache (`reference_cache.py`) instead. A request for
+from its newest checkpoint that loads (weights, optimiser, RNG, losses so far; a damaged newer one is skipped
+with a warning rather than failing every redelivery). Reference log-probs are computed once per run, before the
+first step, and cached as `reference_logps.safetensors` (recomputed from the base when that file is damaged);
+pairs an earlier run scored with the same reference come from the shared cache (`reference_cache.py`) instead.
+The output directory belongs to the run that first wrote it (`run.json`, `checkpoint.check_run_dir`): another
+request sent there is refused before its result, checkpoints or reference log-probs are used. A request for
 the mode-mixture reading (config `reading="mixture"`) is trained by `workers/lm/mixture_run.py`, with the same
 idempotence, resume and result.
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +33,17 @@ from policies.lm.simplex_bottleneck import attach_bottleneck, bottleneck_of, sel
 from workers.device import select_device
 from workers.lm.mixture_run import is_mixture_request, train_mixture
 from workers.lm.models import load_causal_lm, load_tokenizer
-from workers.lm.training.checkpoint import RESULT_FILE, latest_checkpoint, write_result
+from workers.lm.training.checkpoint import (
+    LOAD_ERRORS,
+    RESULT_FILE,
+    check_run_dir,
+    lm_identity,
+    read_record,
+    record_run,
+    resumable_checkpoints,
+    skipped,
+    write_result,
+)
 from workers.lm.training.data import load_jsonl, tokenize_pairs
 from workers.lm.training.distributed import Ranks, launch
 from workers.lm.training.dpo_config import DPOConfig
@@ -41,6 +56,7 @@ from workers.lm.training.sft_config import SFTConfig
 from workers.lm.training.sharded import ChatObjective, PairObjective
 
 REFERENCE_FILE = "reference_logps.safetensors"
+log = logging.getLogger("proxyloop.workers.lm")
 
 
 def parse_config(method: str, values: dict[str, Any]) -> LoopConfig:
@@ -77,16 +93,46 @@ def load_policy(base_model: str, checkpoint: Path | None, config: LoopConfig, de
     return get_peft_model(base, lora)
 
 
-def _reference(model: Any, pairs: list[Any], config: DPOConfig, pad: int, device: torch.device,
-               autocast: AbstractContextManager[Any], out: Path, resuming: bool) -> tuple[Tensor, Tensor]:
-    cache = out / REFERENCE_FILE
-    if cache.exists():
+def resumable_policy(base_model: str, out: Path, config: LoopConfig, device: torch.device) -> tuple[Any, Path | None]:
+    """The policy holding the newest checkpoint in `out` that loads, and that checkpoint; the fresh policy and None
+    when none does. A checkpoint that fails its file checks or its load is skipped with a warning naming it, so a run
+    whose newest checkpoint was damaged resumes from the one before instead of failing on every redelivery."""
+    for checkpoint in resumable_checkpoints(out):
+        try:
+            return load_policy(base_model, checkpoint, config, device), checkpoint
+        except LOAD_ERRORS as error:
+            skipped(checkpoint, f"{type(error).__name__}: {error}")
+    torch.manual_seed(config.seed)  # LoRA initialisation as an uninterrupted run's, whatever a failed load drew
+    return load_policy(base_model, None, config, device), None
+
+
+def _stored_reference(cache: Path, n_pairs: int) -> tuple[Tensor, Tensor] | None:
+    """The run's cached reference log-probs; None when absent, or (with a warning) when the file does not load or
+    does not hold one value per pair: recomputing costs one pass, a crash would cost every redelivery."""
+    if not cache.exists():
+        return None
+    try:
         stored = load_file(str(cache))
-        return stored["chosen"], stored["rejected"]
-    if resuming:
-        raise RuntimeError(f"{out} has checkpoints but no {REFERENCE_FILE}; the run directory is damaged: "
-                           "delete it to retrain from scratch")
+        chosen, rejected = stored["chosen"], stored["rejected"]
+    except LOAD_ERRORS as error:
+        log.warning("%s does not load (%s: %s): recomputed", cache, type(error).__name__, error)
+        return None
+    if chosen.shape != (n_pairs,) or rejected.shape != (n_pairs,):
+        log.warning("%s holds %s values for %d pairs: recomputed", cache, tuple(chosen.shape), n_pairs)
+        return None
+    return chosen, rejected
+
+
+def _reference(reference_model: Callable[[], Any], pairs: list[Any], config: DPOConfig, pad: int,
+               device: torch.device, autocast: AbstractContextManager[Any], out: Path) -> tuple[Tensor, Tensor]:
+    """The run's reference log-probs: its cache when that loads, else computed on `reference_model()` (the policy
+    before its first step; on a resume, a fresh load of the base, since the policy then holds trained weights)."""
+    cache = out / REFERENCE_FILE
+    stored = _stored_reference(cache, len(pairs))
+    if stored is not None:
+        return stored
     shared = ReferenceCache(get_settings().resolved_reference_cache_dir)  # across runs: only unseen pairs computed
+    model = reference_model()
     disable = model.disable_adapter() if config.lora_r else contextlib.nullcontext()  # LoRA: base = reference
     with disable:
         chosen, rejected = cached_reference_logps(model, pairs, config, pad, device, autocast, shared)
@@ -102,17 +148,25 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
     One rank trains in this process; more are started by torchrun (`distributed.launch`), each on its
     own device (or sharing the CPU, with gloo), rank 0 reporting progress and writing the result. A mixture run
     trains in this process whatever `ranks` says: its steps are on a few small tensors.
+
+    Before anything in `output_dir` is used, the request is compared with the run recorded there (ForeignRunError
+    when it is another); a valid config is then recorded as this run's, so a bad one can be corrected and resent.
     """
-    result_path = Path(request.output_dir) / RESULT_FILE
-    if result_path.exists():
-        return dict(json.loads(result_path.read_text()))
-    if is_mixture_request(request):
+    out = Path(request.output_dir)
+    result_path = out / RESULT_FILE
+    identity = lm_identity(request)
+    check_run_dir(out, identity)
+    finished = read_record(result_path)  # a torn result.json is retrained (resumed from the last checkpoint)
+    if finished is not None:
+        return finished
+    if is_mixture_request(request):  # validates its config, then records itself as the directory's run
         return train_mixture(request, progress, worker)
+    config = parse_config(request.method, request.config)  # a bad config fails here, before any rank starts
+    record_run(out, identity)
     if wants_validation(request):  # IM and IT both trained, through this function, and compared on held-out chats
         return train_auto_sft(request, progress, worker, ranks, run_lm_training)
     if ranks == 1:
         return train_in_process(request, progress, worker, Ranks.single())
-    config = parse_config(request.method, request.config)  # a bad config fails here, before any rank starts
     backend = "nccl" if select_device(config.device or None).type == "cuda" else "gloo"
     launch(request, worker, ranks, backend, progress)
     return dict(json.loads(result_path.read_text()))
@@ -126,18 +180,24 @@ def train_in_process(request: LMTrainingRequest, progress: Progress, worker: str
     device = ranks.device(select_device(config.device or None))
     autocast = autocast_for(device, config.bf16)
     out.mkdir(parents=True, exist_ok=True)
-    resume = latest_checkpoint(out)
     torch.manual_seed(config.seed)  # LoRA initialisation; restored RNG state takes over on resume
     tokenizer = load_tokenizer(request.base_model)
-    model = load_policy(request.base_model, resume, config, device)
+    model, resume = resumable_policy(request.base_model, out, config, device)
     pad = int(tokenizer.pad_token_id)
     lineage: dict[str, Any] = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,
                                "dataset": request.dataset, "device": str(device), "ranks": ranks.world}
     objective: PairObjective | ChatObjective
     if isinstance(config, DPOConfig):
         pairs = tokenize_pairs(load_jsonl(request.dataset, ["prompt", "chosen", "rejected"]), tokenizer)
+
+        def reference_model() -> Any:  # only called when the run's reference cache is missing or damaged
+            if resume is None:
+                return model
+            torch.manual_seed(config.seed)  # drawn before the restored RNG state takes over
+            return load_policy(request.base_model, None, config, device)
+
         with ranks.main_first():  # rank 0 computes and stores the reference log-probs; the others read them
-            reference = _reference(model, pairs, config, pad, device, autocast, out, resume is not None)
+            reference = _reference(reference_model, pairs, config, pad, device, autocast, out)
         objective = PairObjective(pairs, reference, config, pad)
         lineage["logp_reduction"] = config.reduction
     else:
@@ -147,7 +207,8 @@ def train_in_process(request: LMTrainingRequest, progress: Progress, worker: str
         objective = ChatObjective([render_chat(c, tokenizer, choice.mode) for c in chats], config, pad)
         lineage["loss_mode"] = {**asdict(choice), "length_ratio": choice.length_ratio}
     if resume is None and ranks.is_main:
-        (out / "run.json").write_text(json.dumps({**lineage, "config": config.to_dict()}, indent=2))
-    result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress, ranks)
+        record_run(out, {**lineage, "config": config.to_dict()})
+    result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress, ranks,
+                        resume=resume)
     payload = {**lineage, "worker": worker, **asdict(result), "seconds_this_attempt": time.perf_counter() - started}
     return write_result(out, payload) if ranks.is_main else payload
