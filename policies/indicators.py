@@ -26,7 +26,9 @@ def topk_indicators(logits: Tensor, k: int = DEFAULT_TOP_K, renormalise: bool = 
       `renormalise=False` uses the raw softmax probabilities.
     - mass Σ_{i≤k} p_i, always from the raw softmax (renormalised it would be 1).
 
-    k is clamped to V. Computed in float32 at least, whatever the logits' dtype.
+    k is clamped to V. Computed in float32 at least, whatever the logits' dtype. Where softmax is undefined
+    (a row of all -inf, a +inf or a NaN logit) both are NaN: the entropy would otherwise read 0 bits, "fully
+    confident", and the gate would take that for a collapse instead of ignoring the reading.
     """
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have a non-empty last (vocabulary) axis, got shape {tuple(logits.shape)}")
@@ -34,6 +36,7 @@ def topk_indicators(logits: Tensor, k: int = DEFAULT_TOP_K, renormalise: bool = 
         raise ValueError(f"k must be >= 1, got {k}")
     work_dtype = torch.promote_types(logits.dtype, torch.float32)
     log_p = F.log_softmax(logits.to(work_dtype), dim=-1)
+    undefined = log_p.isnan().any(dim=-1)  # log_softmax turns any such row into NaN throughout
     top_log_p = log_p.topk(min(k, log_p.shape[-1]), dim=-1).values  # [..., k]
     mass = top_log_p.exp().sum(dim=-1)
     if renormalise:
@@ -41,7 +44,9 @@ def topk_indicators(logits: Tensor, k: int = DEFAULT_TOP_K, renormalise: bool = 
     # xlogy-style product: exp(-inf) * -inf would be nan, so zero-probability entries give 0.
     p = top_log_p.exp()
     entropy_nats = -torch.where(p > 0, p * top_log_p, torch.zeros_like(p)).sum(dim=-1)
-    return entropy_nats / math.log(2.0), mass
+    entropy_bits = entropy_nats / math.log(2.0) + 0.0  # + 0.0: a certain output reads 0.0 bits, not -0.0
+    nan = torch.full_like(mass, math.nan)
+    return torch.where(undefined, nan, entropy_bits), torch.where(undefined, nan, mass)
 
 
 def summarise(values: Tensor) -> dict[str, float]:

@@ -14,9 +14,11 @@ Held-out expert accuracy must clear an absolute floor and not fall behind the ba
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,9 +50,26 @@ def gate_rules(settings: Settings, language_model: bool) -> GateRules:
                      indicators=settings.gate_indicators if language_model else "not_applicable")
 
 
+def by_step(evals: Sequence[CheckpointEvaluation]) -> list[CheckpointEvaluation]:
+    """The checkpoints in training order, whatever order they were handed over in: "the last checkpoint" and
+    "peaked, then fell" mean by step. Two evaluations of one step cannot be ordered, so they are a `ValueError`."""
+    ordered = sorted(evals, key=lambda e: e.step)
+    repeated = sorted({a.step for a, b in pairwise(ordered) if a.step == b.step})
+    if repeated:
+        raise ValueError(f"checkpoint steps must be unique; evaluated more than once: {repeated}")
+    return ordered
+
+
+def usable_mass(value: float | None) -> float | None:
+    """`value` if it can be a top-k mass to measure a fall from (finite, > 0), else None: a NaN (undefined logits)
+    or 0 would otherwise switch the mass rule off (every comparison with NaN is False) instead of being ignored."""
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
 def mass_reference(evals: Sequence[CheckpointEvaluation], base_mass: float | None) -> float | None:
-    """What the mass rule measures a fall from: the base model's top-k mass, or without it the first checkpoint's."""
-    return base_mass if base_mass is not None else (evals[0].topk_mass if evals else None)
+    """What the mass rule measures a fall from: the base model's top-k mass, or without a usable one the earliest
+    checkpoint's usable mass (`evals` in step order)."""
+    return usable_mass(base_mass) or next((e.topk_mass for e in evals if usable_mass(e.topk_mass)), None)
 
 
 def mass_limit(evals: Sequence[CheckpointEvaluation], rules: GateRules, base_mass: float | None) -> float | None:
@@ -59,20 +78,37 @@ def mass_limit(evals: Sequence[CheckpointEvaluation], rules: GateRules, base_mas
     return reference * (1 - rules.max_mass_drop) if reference else None
 
 
+def unusable_readings(evals: Sequence[CheckpointEvaluation], base_mass: float | None) -> list[str]:
+    """Reasons naming the indicator readings the rules leave out (NaN or infinite, a base mass that is no mass),
+    so an operator sees that a rule judged fewer checkpoints, not that a rule silently went blind."""
+    reasons = []
+    if base_mass is not None and usable_mass(base_mass) is None:
+        reasons.append(f"base model top-k mass {base_mass} is not a usable reading: ignored, the mass rule "
+                       "measures from the first checkpoint's instead")
+    entropy = [e.step for e in evals if not math.isfinite(e.topk_entropy)]
+    if entropy:
+        reasons.append(f"top-k entropy is not finite at steps {entropy}: ignored by the entropy rule")
+    mass = [e.step for e in evals if e.topk_mass is not None and not math.isfinite(e.topk_mass)]
+    if mass:
+        reasons.append(f"top-k mass is not finite at steps {mass}: ignored by the mass rule")
+    return reasons
+
+
 def entropy_declined_after_peak(evals: Sequence[CheckpointEvaluation], run_length: int,
                                 min_drop: float = 0.0) -> int | None:
     """Index of the entropy peak if, after it, entropy reached `run_length` new lows and ended more than
-    `min_drop` (relative) below the peak. A bump between lows (1.0, 0.9, 0.91, 0.8, 0.7) is still a fall."""
-    values = [e.topk_entropy for e in evals]
-    if len(values) < run_length + 1:
+    `min_drop` (relative) below the peak. A bump between lows (1.0, 0.9, 0.91, 0.8, 0.7) is still a fall.
+    `evals` in step order; non-finite readings are skipped (a NaN would otherwise win or hide the peak)."""
+    points = [(i, e.topk_entropy) for i, e in enumerate(evals) if math.isfinite(e.topk_entropy)]
+    if len(points) < run_length + 1:
         return None
-    peak = max(range(len(values)), key=values.__getitem__)
-    lows, lowest = 0, values[peak]
-    for value in values[peak + 1:]:
+    top = max(range(len(points)), key=lambda j: points[j][1])
+    peak, lows, lowest = points[top][1], 0, points[top][1]
+    for _, value in points[top + 1:]:
         if value < lowest:
             lows, lowest = lows + 1, value
-    if lows >= run_length and lowest < values[peak] * (1 - min_drop):
-        return peak
+    if lows >= run_length and lowest < peak * (1 - min_drop):
+        return points[top][0]
     return None
 
 
@@ -91,7 +127,7 @@ def _apply_indicators(
     reference, limit = mass_reference(evals, base_mass), mass_limit(evals, rules, base_mass)
     collapsed = [e for e in candidates if limit is not None and e.topk_mass is not None and e.topk_mass < limit]
     if collapsed:
-        against = "the base model's" if base_mass is not None else "the first checkpoint's"
+        against = "the base model's" if usable_mass(base_mass) else "the first checkpoint's"
         reasons.append(
             f"top-k mass fell more than {rules.max_mass_drop:.0%} below {against} {reference:.3f} at step "
             f"{collapsed[0].step}; excluding it and later checkpoints"
@@ -105,15 +141,21 @@ def decide(
     base_mass: float | None = None,
 ) -> GateDecision:
     """The gate: the checkpoint with the best held-out expert accuracy among those the indicators leave (all of
-    them unless `rules.indicators` is "decide"), released if it clears the floor and the baseline."""
+    them unless `rules.indicators` is "decide"), released if it clears the floor and the baseline.
+
+    Checkpoints are taken in step order. A non-finite accuracy or baseline means an evaluation failed: the gate
+    blocks (naming the best measured checkpoint, which an override would release) rather than compare a NaN,
+    since every comparison with NaN is False and would pass the floor and baseline checks."""
     if not evals:
         return GateDecision(decision="block", checkpoint=None, baseline_accuracy=baseline_accuracy,
                             reasons=["no checkpoints were evaluated"])
+    evals = by_step(evals)
     reasons: list[str] = []
     candidates = list(evals)
     if rules.indicators == "not_applicable":
         reasons.append("indicators not applicable: this policy family is not a language model")
     else:
+        reasons += unusable_readings(evals, base_mass)
         flagged: list[str] = []
         kept = _apply_indicators(evals, rules, flagged, base_mass)
         if rules.indicators == "decide":
@@ -122,8 +164,19 @@ def decide(
             reasons += [f"advisory (PROXYLOOP_GATE_INDICATORS=advisory), not applied: {r}" for r in flagged]
         if not flagged:
             reasons.append(f"indicators ({rules.indicators}): no rule fired")
-    best = max(candidates, key=lambda e: (e.heldout_accuracy, -e.step))
-    reasons.append(f"best checkpoint: step {best.step}, held-out expert accuracy {best.heldout_accuracy:.3f}")
+    failed: list[str] = []
+    unmeasured = [e.step for e in evals if not math.isfinite(e.heldout_accuracy)]
+    if unmeasured:
+        failed.append(f"held-out expert accuracy is not finite at steps {unmeasured}: their evaluation failed")
+    if not math.isfinite(baseline_accuracy):
+        failed.append(f"the baseline accuracy is {baseline_accuracy}: its evaluation failed, nothing to compare with")
+    measured = [e for e in candidates if math.isfinite(e.heldout_accuracy)]
+    best = max(measured, key=lambda e: (e.heldout_accuracy, -e.step)) if measured else None
+    if best is not None:
+        reasons.append(f"best checkpoint: step {best.step}, held-out expert accuracy {best.heldout_accuracy:.3f}")
+    if failed or best is None:
+        return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy,
+                            reasons=reasons + failed + ["blocked: re-run the evaluation"])
     if best.heldout_accuracy < rules.min_heldout_accuracy:
         reasons.append(f"accuracy {best.heldout_accuracy:.3f} < floor {rules.min_heldout_accuracy:.3f} "
                        "(PROXYLOOP_GATE_MIN_HELDOUT_ACCURACY)")

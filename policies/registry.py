@@ -22,13 +22,14 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ground.schemas import PolicyVersion, as_utc, utcnow
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # torch and safetensors load when a version is written, not w
     import torch
 
 ALIASES_FILE = "aliases.json"
+REGISTER_ATTEMPTS = 100  # numbers `register` tries before giving up; each retry means another writer won a race
 # Written into every version's config.json. 2: the two-stage adapter's centre is part of the weights
 # (adapter.centre_weight / centre_bias). Versions without the field were written by format 1 or by
 # format-2 code before the field existed; the loader tells them apart by their tensors.
@@ -83,16 +85,48 @@ def versions(root: Path, name: str) -> list[int]:
 
 
 def aliases(root: Path, name: str) -> dict[str, int]:
+    """alias → version. A damaged file raises `RegistryError` naming it: serving answers "the registry is
+    broken" instead of a 500, and nobody rewrites it on top of aliases that can no longer be read."""
     path = root / validate_name(name) / ALIASES_FILE
-    return {k: int(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    fix = "; repair or restore it (`proxyloop history` shows where each alias was last moved)"
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path} cannot be read as JSON ({exc}){fix}") from exc
+    if not isinstance(content, dict):
+        raise RegistryError(f"{path} holds {json.dumps(content)[:80]}, not a JSON object of alias → version{fix}")
+    bad = {alias: version for alias, version in content.items() if type(version) is not int or version < 0}
+    if bad:
+        raise RegistryError(f"{path} maps aliases to values that are not version numbers: {bad}{fix}")
+    return content
 
 
 def set_alias(root: Path, name: str, alias: str, version: int) -> None:
-    if version not in versions(root, name):
-        raise RegistryError(f"{name} has no version {version}; known: {versions(root, name)}")
-    current = aliases(root, name)
-    current[_validate_alias(alias)] = version
-    _write_json_atomic(root / name / ALIASES_FILE, current)
+    """Point `alias` at an existing version. Under the registry's lock (re-entrant: the release path calls this
+    holding it), so two writers' read-modify-writes of aliases.json cannot lose one of the moves."""
+    with _exclusive(root):
+        if version not in versions(root, name):
+            raise RegistryError(f"{name} has no version {version}; known: {versions(root, name)}")
+        current = aliases(root, name)
+        current[_validate_alias(alias)] = version
+        _write_json_atomic(root / name / ALIASES_FILE, current)
+
+
+def _highest_used(root: Path, name: str) -> int:
+    """The highest number this policy has ever used: version folders, any other entry named like one (a stray
+    file), aliases, and every version the promotion history mentions. A number is never handed out twice, so an
+    alias or a log entry naming a version deleted by hand never comes to describe a different model."""
+    used = [int(p.name) for p in (root / name).iterdir() if VERSION_PATTERN.fullmatch(p.name)]
+    with suppress(RegistryError):  # a damaged aliases.json stops the alias move that follows, not the numbering
+        used += aliases(root, name).values()
+    for line in _raw_lines(root):  # raw JSON: an entry the model rejects still names a number that was used
+        with suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("policy") == name:
+                used += [v for v in (entry.get("version"), entry.get("previous_version")) if type(v) is int]
+    return max(used, default=0)
 
 
 def _model_card(name: str, version: int, lineage: dict[str, Any]) -> str:
@@ -123,16 +157,23 @@ def register(
             shutil.copytree(source, staging / subdir)
         (staging / "config.json").write_text(json.dumps({**config, "format_version": REGISTRY_FORMAT}, indent=2,
                                                         sort_keys=True))
-        while True:
-            version = (max(versions(root, name), default=0)) + 1
+        for _ in range(REGISTER_ATTEMPTS):
+            version = _highest_used(root, name) + 1
+            target = policy_dir / str(version)
+            if not VERSION_PATTERN.fullmatch(target.name):
+                raise RegistryError(f"{policy_dir} has no version number left after {version - 1}")
             full_lineage = {**lineage, "policy": name, "version": version}
             (staging / "lineage.json").write_text(json.dumps(full_lineage, indent=2, default=str))
             (staging / "MODEL_CARD.md").write_text(_model_card(name, version, full_lineage))
             try:
-                staging.rename(policy_dir / str(version))  # fails if another writer took the number
+                staging.rename(target)  # fails if the name was taken since `_highest_used` looked
                 break
-            except OSError:
-                continue
+            except OSError as exc:
+                if not target.exists() and not target.is_symlink():  # not a lost race: retrying cannot help
+                    raise RegistryError(f"cannot move the new version into {target}: {exc}") from exc
+        else:
+            raise RegistryError(f"{policy_dir}: {REGISTER_ATTEMPTS} version numbers in a row were taken by other "
+                                "writers while this one was registering; try again")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if alias:
@@ -141,7 +182,8 @@ def register(
 
 
 def version_of(root: Path, ref: str) -> tuple[str, int]:
-    """`name@alias`, `name@<version>` or `name` (= `name@production`) → (name, version number)."""
+    """`name@alias`, `name@<version>` or `name` (= `name@production`) → (name, version number), checked to
+    exist: an alias left pointing at a folder deleted by hand is a `RegistryError`, not a crash further on."""
     name, _, tag = ref.partition("@")
     tag = tag or "production"
     validate_name(name)
@@ -154,6 +196,9 @@ def version_of(root: Path, ref: str) -> tuple[str, int]:
         if tag not in known:
             raise RegistryError(f"{name} has no alias {tag!r}; known aliases: {sorted(known)}")
         version = known[tag]
+        if not (root / name / str(version)).is_dir():  # one stat, not a listing: this runs on every request
+            raise RegistryError(f"{name}@{tag} points at version {version}, whose folder "
+                                f"{root / name / str(version)} is missing; known: {versions(root, name)}")
     return name, version
 
 
@@ -161,9 +206,11 @@ def resolve(root: Path, ref: str) -> PolicyVersion:
     """`ref` as in `version_of` → the version on disk, with its lineage."""
     name, version = version_of(root, ref)
     path = root / name / str(version)
-    return PolicyVersion(
-        policy=name, version=version, path=str(path), lineage=json.loads((path / "lineage.json").read_text())
-    )
+    try:
+        lineage = json.loads((path / "lineage.json").read_text())
+    except (OSError, ValueError) as exc:  # deleted or damaged since `version_of` looked
+        raise RegistryError(f"{ref}: cannot read {path / 'lineage.json'} ({exc})") from exc
+    return PolicyVersion(policy=name, version=version, path=str(path), lineage=lineage)
 
 
 def list_policies(root: Path) -> list[str]:
@@ -232,13 +279,26 @@ def _content_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+_held = threading.local()  # lock files this thread holds: a nested `_exclusive` must not wait for itself
+
+
 @contextmanager
 def _exclusive(root: Path) -> Iterator[None]:
-    """Hold the registry's audit lock: concurrent writers (processes or machines sharing the directory) queue here."""
+    """Hold the registry's lock (alias moves, the audit log): concurrent writers (threads, processes or machines
+    sharing the directory) queue here. Re-entrant per thread, because flock on a second descriptor of the file
+    would wait for the first one for ever."""
     root.mkdir(parents=True, exist_ok=True)
+    key, held = str((root / LOCK_FILE).resolve()), vars(_held).setdefault("paths", set())
+    if key in held:
+        yield
+        return
     with open(root / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        yield
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
 
 
 def _raw_lines(root: Path) -> list[str]:
@@ -327,7 +387,12 @@ def verify(root: Path) -> list[AuditEntry]:
         if stored.get("prev_hash") != prev_hash:
             raise AuditTampered(f"seq {seq}: broken link: prev_hash is not the hash of seq {seq - 1} "
                                 f"(an earlier entry was edited and re-hashed, or replaced); {RESTORE_HINT}")
-        entries.append(AuditEntry.model_validate(stored))
+        try:
+            entries.append(AuditEntry.model_validate(stored))
+        except ValidationError as exc:  # hashed and linked, but not an entry: not written by `_write`
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise AuditTampered(f"seq {seq}: chained correctly but not a valid entry ({problems}); "
+                                f"{RESTORE_HINT}") from exc
         prev_hash = stored["hash"]
     return entries
 

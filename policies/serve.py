@@ -59,11 +59,25 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
 
 @router.get("/models", response_model=ModelList)
 def list_models(settings: SettingsDep, _: ApiKey) -> ModelList:
-    """Released policies and the version each alias points at."""
-    root = settings.registry_dir
-    cards = [ModelCard(id=f"{name}@{alias}", version=version,
-                       created=int((root / name / str(version)).stat().st_mtime))
-             for name in list_policies(root) for alias, version in sorted(aliases(root, name).items())]
+    """Released policies and the version each alias points at.
+
+    One broken policy must not hide the others (or 500 the listing): a policy whose aliases.json is damaged, or
+    an alias whose version folder was deleted by hand, is left out and logged; requests for it get the reason."""
+    import logging
+
+    log, root, cards = logging.getLogger("proxyloop.serve"), settings.registry_dir, []
+    for name in list_policies(root):
+        try:
+            pointed = sorted(aliases(root, name).items())
+        except RegistryError as exc:
+            log.warning("/v1/models leaves %s out: %s", name, exc)
+            continue
+        for alias, version in pointed:
+            folder = root / name / str(version)
+            if not folder.is_dir():
+                log.warning("/v1/models leaves %s@%s out: its version folder %s is missing", name, alias, folder)
+                continue
+            cards.append(ModelCard(id=f"{name}@{alias}", version=version, created=int(folder.stat().st_mtime)))
     return ModelList(data=cards)
 
 

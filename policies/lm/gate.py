@@ -7,35 +7,52 @@ rules that blocked something.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from ground.schemas import CheckpointEvaluation, GateDecision
-from policies.promotion import GateRules, decide, entropy_declined_after_peak, mass_limit, mass_reference
+from policies.promotion import (
+    GateRules,
+    by_step,
+    decide,
+    entropy_declined_after_peak,
+    mass_limit,
+    mass_reference,
+    usable_mass,
+)
 
 
-def _trend(values: Sequence[float]) -> str:
-    return " → ".join(f"{v:.3f}" for v in values)
+def _trend(values: Sequence[float | None]) -> str:
+    return " → ".join("n/a" if v is None else f"{v:.3f}" for v in values)
 
 
 def indicator_reasons(evals: Sequence[CheckpointEvaluation], rules: GateRules, base_mass: float | None) -> list[str]:
-    """What the indicators did across checkpoints, against the rules' thresholds."""
+    """What the indicators did across checkpoints (in step order), against the rules' thresholds. The mass drop
+    is computed from the readings the mass rule uses, so it never reports a drop the rule did not act on (a
+    missing mass is "n/a", not 0.0)."""
     if not evals:
         return []
+    evals = by_step(evals)
     steps = ", ".join(str(e.step) for e in evals)
     entropy = [e.topk_entropy for e in evals]
-    mass = [e.topk_mass or 0.0 for e in evals]
+    mass = [e.topk_mass for e in evals]
     peaked = entropy_declined_after_peak(evals, rules.entropy_decline_evals, rules.min_entropy_drop) is not None
-    reference = mass_reference(evals, base_mass) or 0.0
-    mass_drop = 1 - min(mass) / reference if reference > 0 else 0.0
-    against = f"the base model's {base_mass:.3f}" if base_mass is not None else "the first checkpoint's"
+    reference = mass_reference(evals, base_mass)
+    usable = [m for m in mass if m is not None and math.isfinite(m)]
+    against = f"the base model's {base_mass:.3f}" if usable_mass(base_mass) else "the first checkpoint's"
+    if reference is None or not usable:
+        mass_verdict = "no usable reading: the mass rule did not apply"
+    else:
+        mass_drop = 1 - min(usable) / reference
+        mass_verdict = (f"largest drop from {against} {mass_drop:.1%} "
+                        + ("exceeds" if mass_drop > rules.max_mass_drop else "within")
+                        + f" the {rules.max_mass_drop:.0%} limit")
     return [
         f"top-k entropy (k=10, renormalised, teacher-forced on held-out chosen responses, bits) at steps "
         f"[{steps}]: {_trend(entropy)}; "
         + (f"peaked, then {rules.entropy_decline_evals}+ new lows" if peaked else
            f"no peak followed by {rules.entropy_decline_evals} new lows"),
-        f"top-k mass at steps [{steps}]: {_trend(mass)}; largest drop from {against} {mass_drop:.1%} "
-        + ("exceeds" if mass_drop > rules.max_mass_drop else "within")
-        + f" the {rules.max_mass_drop:.0%} limit",
+        f"top-k mass at steps [{steps}]: {_trend(mass)}; {mass_verdict}",
     ]
 
 
@@ -43,6 +60,7 @@ def fired_rules(evals: Sequence[CheckpointEvaluation], rules: GateRules,
                 base_mass: float | None = None) -> dict[int, list[str]]:
     """Per checkpoint step, the indicator rules that flag it, as `decide` judges them (applied or advisory):
     the entropy peak and the new lows after it, and each checkpoint whose top-k mass fell below the base's limit."""
+    evals = by_step(evals)
     flags: dict[int, list[str]] = {e.step: [] for e in evals}
     if rules.indicators == "not_applicable" or not evals:
         return flags
@@ -59,7 +77,7 @@ def fired_rules(evals: Sequence[CheckpointEvaluation], rules: GateRules,
         for e in evals:
             if e.topk_mass is not None and e.topk_mass < limit:
                 flags[e.step].append(f"mass {e.topk_mass:.3f} < {limit:.3f} ({rules.max_mass_drop:.0%} below "
-                                     f"{'base' if base_mass is not None else 'first checkpoint'})")
+                                     f"{'base' if usable_mass(base_mass) else 'first checkpoint'})")
     return flags
 
 

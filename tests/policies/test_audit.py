@@ -210,3 +210,20 @@ def test_history_exits_1_naming_the_seq_when_the_chain_is_broken(cli, released):
     result = cli("--at", "2025-03-01T12:30")
     assert result.exit_code == 1
     assert "the promotion history was tampered with: seq 0: content hash mismatch" in result.output
+
+
+def test_a_correctly_chained_entry_that_is_not_a_valid_entry_is_named_by_seq(cli, released):
+    """Found by a release audit: an unknown action, re-hashed and re-linked, was a pydantic traceback."""
+    def rechain_with_an_unknown_action(lines):
+        lines[-1]["action"] = "delete"
+        body = {key: value for key, value in lines[-1].items() if key != "hash"}
+        lines[-1]["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return lines
+
+    _rewrite(released, rechain_with_an_unknown_action)
+    with pytest.raises(AuditTampered, match=r"^seq 3: chained correctly but not a valid entry \(action: "):
+        verify(released.registry_dir)
+    with pytest.raises(AuditTampered, match=r"^seq 3: "):
+        serving_at(released.registry_dir, "appendix-d", "production", START)
+    result = cli("--at", "2025-03-01T12:30")
+    assert result.exit_code == 1 and "tampered with: seq 3: chained correctly" in result.output

@@ -69,3 +69,35 @@ def test_summarise_gives_mean_and_population_std() -> None:
     assert summarise(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx({"mean": 2.5, "std": math.sqrt(1.25)})
     with pytest.raises(ValueError, match="empty"):
         summarise(torch.tensor([]))
+
+
+@pytest.mark.parametrize("renormalise", [True, False])
+@pytest.mark.parametrize("row", ["all -inf", "one +inf", "NaN"])
+def test_undefined_softmax_gives_nan_for_both_not_zero_entropy(row, renormalise) -> None:
+    """Found by a release audit: these rows read -0.0 bits ("fully confident") next to a NaN mass."""
+    logits = torch.zeros(2, 20)
+    logits[0] = {"all -inf": -math.inf, "NaN": math.nan}.get(row, 0.0)
+    if row == "one +inf":
+        logits[0, 3] = math.inf
+    entropy, mass = topk_indicators(logits, renormalise=renormalise)
+    assert math.isnan(float(entropy[0])) and math.isnan(float(mass[0]))
+    assert float(entropy[1]) == pytest.approx(math.log2(10) if renormalise else 0.5 * math.log2(20), rel=1e-5)
+
+
+def test_a_certain_output_reads_plus_zero_bits() -> None:
+    entropy, _ = topk_indicators(torch.tensor([0.0, -math.inf, -math.inf]))
+    assert math.copysign(1.0, float(entropy)) == 1.0
+
+
+def test_the_gate_ignores_an_undefined_reading_instead_of_reading_a_collapse() -> None:
+    from ground.schemas import CheckpointEvaluation
+    from policies.promotion import GateRules, decide
+
+    undefined, _ = topk_indicators(torch.full((1, 20), -math.inf))
+    entropies = [1.0, 1.5, 1.2, float(undefined.mean())]  # read as 0 bits, the last would be a second new low
+    evals = [CheckpointEvaluation(step=i, path=f"c{i}", heldout_accuracy=a, topk_entropy=e, topk_mass=0.5)
+             for i, (e, a) in enumerate(zip(entropies, [0.6, 0.7, 0.8, 0.9], strict=True))]
+    decision = decide(evals, 0.5, GateRules(indicators="decide"))
+    assert decision.decision == "release" and decision.checkpoint.step == 3
+    assert not any("peaked" in r for r in decision.reasons)
+    assert any("top-k entropy is not finite at steps [3]: ignored" in r for r in decision.reasons)

@@ -87,3 +87,23 @@ def test_webhook_is_acknowledged_only_with_the_secret_and_lands_in_kafka(service
     assert ok.status_code == 200 and ok.json()["event_id"] == "labelstudio-annotation-99"
     values = [json.loads(v) for v in read_topic(settings, settings.topic_expert, stop_when=bool)]
     assert [(v["event_id"], v["item"]["y_w"]) for v in values] == [("labelstudio-annotation-99", 1)]
+
+
+def test_models_leave_out_an_alias_whose_version_is_gone_and_a_policy_whose_aliases_are_damaged(client):
+    """Found by a release audit: both were a 500 for the whole listing."""
+    import shutil
+
+    http, settings = client
+    root = settings.registry_dir
+    _release(root, 0), _release(root, 1)
+    set_alias(root, "demo", "staging", 1)
+    register(root, "other", {"w": torch.ones(1)}, {"family": "direct"}, {})
+    shutil.rmtree(root / "demo" / "2")  # production pointed here
+    listed = http.get("/v1/models", headers=AUTH)
+    assert listed.status_code == 200
+    assert [(m["id"], m["version"]) for m in listed.json()["data"]] == [("demo@staging", 1), ("other@production", 1)]
+    gone = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
+    assert gone.status_code == 404 and "points at version 2, whose folder" in gone.json()["detail"]
+    (root / "demo" / "aliases.json").write_text("{not json")
+    listed = http.get("/v1/models", headers=AUTH)
+    assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == ["other@production"]
