@@ -55,9 +55,9 @@ from ground.schemas import (
 from ground.settings import Settings, get_settings
 from ingest.store import RetrainRun, freeze_snapshot, load_snapshot_triples, make_engine, record_run, run_record
 from ingest.text_snapshot import snapshot_item_kind
+from policies.audit_log import ReleaseEvidence, current_user
 from policies.lm.gate import decide_language_model
 from policies.promotion import decide, gate_rules, release_checkpoint
-from policies.registry import ReleaseEvidence, current_user
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
 from workers.lm.plans import plan_request, recipe_request

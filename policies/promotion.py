@@ -25,7 +25,8 @@ from typing import Any, Literal
 from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyReleased, PolicyVersion
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
-from policies.registry import ReleaseEvidence, record_move, record_release, register, resolve
+from policies.audit_log import ReleaseEvidence, record_move, record_release
+from policies.registry import register, resolve
 from policies.registry_remote import push
 
 IndicatorMode = Literal["not_applicable", "advisory", "decide"]

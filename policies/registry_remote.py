@@ -18,7 +18,9 @@ from pathlib import Path
 import fsspec
 
 from ground.settings import Settings
-from policies.registry import ALIASES_FILE, AUDIT_FILE, VERSION_PATTERN, AuditTampered, validate_name, versions
+from policies.audit_log import AuditTampered
+from policies.registry import ALIASES_FILE, VERSION_PATTERN, validate_name, versions
+from policies.registry_lock import AUDIT_FILE
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
 

@@ -276,8 +276,9 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why (kept in the promotion history with your OS user).")] = "",
 ) -> None:
     """Point the `production` alias back at an earlier version; serving follows at once."""
+    from policies.audit_log import AuditTampered
     from policies.promotion import move_alias
-    from policies.registry import AuditTampered, RegistryError
+    from policies.registry import RegistryError
 
     settings = get_settings()
     try:

@@ -37,7 +37,7 @@ def history(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table or a sentence.")] = False,
 ) -> None:
     """Verify the promotion history's hash chain, then list it or say what was serving at --at."""
-    from policies.registry import AuditTampered, serving_at, verify  # imports torch: only when this command runs
+    from policies.audit_log import AuditTampered, serving_at, verify  # imports torch: only when this command runs
 
     settings = get_settings()
     when = _parse_time(at) if at is not None else None

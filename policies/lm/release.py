@@ -14,10 +14,10 @@ from typing import Any
 
 from ground.schemas import PolicyVersion
 from ground.settings import Settings
+from policies.audit_log import ReleaseEvidence, record_release
 from policies.lm.chat import register_causal_lm
 from policies.lm.lora import is_lora_dir, write_base_reference
 from policies.promotion import announce
-from policies.registry import ReleaseEvidence, record_release
 
 # Training state that a served model does not need (see workers.lm.training.checkpoint and workers.lm.mixture_run).
 TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}

@@ -15,7 +15,8 @@ from ground.schemas import CheckpointEvaluation, GateDecision, RetrainRunRecord,
 from ground.settings import Settings, get_settings
 from ingest.bus import ensure_topics
 from ingest.store import make_engine, record_run
-from policies.registry import resolve, verify, versions
+from policies.audit_log import verify
+from policies.registry import resolve, versions
 from proxyloop import stack
 from tests.policies.test_release import _checkpoint
 

@@ -12,19 +12,18 @@ import torch
 from typer.testing import CliRunner
 
 from ground.settings import get_settings
-from policies.promotion import move_alias, release_checkpoint
-from policies.registry import (
-    AUDIT_FILE,
+from policies.audit_log import (
     GENESIS_HASH,
     AuditTampered,
     ReleaseEvidence,
-    aliases,
     current_user,
     record_move,
-    register,
     serving_at,
     verify,
 )
+from policies.promotion import move_alias, release_checkpoint
+from policies.registry import aliases, register
+from policies.registry_lock import AUDIT_FILE
 from policies.registry_remote import push
 from proxyloop.cli import app
 from proxyloop.testing import isolated_settings
@@ -42,7 +41,7 @@ def released(tmp_path, monkeypatch):
     """v1 released, v2 released over a blocked gate, rollback to v1, move back to v2 — one hour apart."""
     settings = isolated_settings(tmp_path / "home", registry_url=str(tmp_path / "registry"))
     ticks = iter(START + timedelta(hours=n) for n in range(100))
-    monkeypatch.setattr("policies.registry.utcnow", lambda: next(ticks))
+    monkeypatch.setattr("policies.audit_log.utcnow", lambda: next(ticks))
     announced = []
     monkeypatch.setattr("policies.promotion.announce",
                         lambda settings, version, alias, event_id: announced.append((version.version, alias)))

@@ -146,7 +146,7 @@ def test_a_version_deleted_by_hand_is_never_renumbered_and_its_alias_fails_clean
 def test_a_number_only_the_promotion_history_remembers_is_not_reused(tmp_path):
     import shutil
 
-    from policies.registry import ReleaseEvidence, record_move, record_release, verify
+    from policies.audit_log import ReleaseEvidence, record_move, record_release, verify
 
     for _ in range(2):
         record_release(tmp_path, _register(tmp_path, alias=None), "production", ReleaseEvidence(snapshot_id="s"))
@@ -220,7 +220,7 @@ def test_concurrent_registers_with_an_alias_keep_every_alias_and_number(tmp_path
 
 
 def test_moving_an_alias_while_holding_the_registry_lock_does_not_deadlock(tmp_path):
-    from policies.registry import _exclusive
+    from policies.registry_lock import exclusive as _exclusive
 
     _register(tmp_path), _register(tmp_path)
 

@@ -1,0 +1,179 @@
+"""The promotion history: an append-only, hash-chained log of every release, alias move, rollback and gate override,
+so "what was serving at time T, and who decided it" has an answer nobody can quietly rewrite. One log per registry,
+`<root>/audit.jsonl`. Each line is an `AuditEntry` whose `hash` covers its own content and the previous entry's
+hash, so editing, deleting or reordering an old entry breaks the chain. A release moves an alias and logs it under
+the registry's one lock (policies/registry_lock.py)."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import suppress
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ground.schemas import PolicyVersion, as_utc, utcnow
+from policies.registry import aliases, set_alias
+from policies.registry_lock import AUDIT_FILE, audit_lines, exclusive
+
+GENESIS_HASH = "0" * 64  # `prev_hash` of entry 0
+RESTORE_HINT = ("restore audit.jsonl from the registry's remote mirror or a backup, then run "
+                "`proxyloop history` to verify it again")
+
+AuditAction = Literal["release", "alias_move", "rollback", "override"]
+
+
+class AuditTampered(RuntimeError):
+    """The log no longer matches its hash chain: an entry was edited, deleted, inserted or reordered."""
+
+
+def current_user() -> str:
+    """The OS user, for entries whose caller names nobody (`getpass` fails without a passwd entry: containers)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid-{os.getuid()}"
+
+
+class ReleaseEvidence(BaseModel):
+    """What a release brings into the log: who asked, why, what the gate saw, which snapshot it was trained on."""
+
+    who: str = Field(default_factory=current_user)
+    why: str = ""
+    gate: dict[str, Any] = Field(default_factory=dict, description="The gate's decision, reasons and metrics.")
+    snapshot_id: str | None = None
+    override: bool = Field(False, description="Released although the gate blocked it (logged as 'override').")
+
+
+class AuditEntry(BaseModel):
+    """One line of the log; `hash` = sha256 of the canonical JSON of every other field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq: int = Field(description="0-based position in the log.")
+    at: datetime = Field(description="When the alias moved (UTC).")
+    action: AuditAction
+    policy: str
+    version: int = Field(description="The version the alias points at from now on.")
+    alias: str
+    previous_version: int | None = Field(description="What the alias pointed at before; None if it was new.")
+    who: str
+    why: str
+    gate: dict[str, Any] = Field(description="The gate's evidence for a release; {} for a manual alias move.")
+    snapshot_id: str | None
+    prev_hash: str
+    hash: str
+
+
+def _content_hash(fields: dict[str, Any]) -> str:
+    # Over the JSON as stored (not a re-serialised model), so any changed value changes the hash
+    # while key order and whitespace of the line do not matter.
+    body = {key: value for key, value in fields.items() if key != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _chain_head(root: Path) -> AuditEntry | None:
+    """The last entry, which the next one links to; a damaged last line stops the write before the alias moves."""
+    lines = audit_lines(root)
+    try:
+        return AuditEntry.model_validate_json(lines[-1]) if lines else None
+    except ValueError as exc:
+        raise AuditTampered(f"the last line of {root / AUDIT_FILE} is not an entry ({exc}); {RESTORE_HINT}") from exc
+
+
+def _readable(root: Path) -> Iterator[AuditEntry]:
+    """Entries that parse, unverified: for look-ups while writing (a damaged old line must not block a rollback)."""
+    for line in audit_lines(root):
+        with suppress(ValueError):
+            yield AuditEntry.model_validate_json(line)
+
+
+def _write(root: Path, head: AuditEntry | None, **fields: Any) -> AuditEntry:
+    """Chain `fields` to `head` and append them as one line. The caller holds `_exclusive`."""
+    draft = AuditEntry(seq=head.seq + 1 if head else 0, at=utcnow(), prev_hash=head.hash if head else GENESIS_HASH,
+                       hash="", **fields)
+    stored = draft.model_dump(mode="json")
+    stored["hash"] = _content_hash(stored)
+    with open(root / AUDIT_FILE, "a") as log:
+        log.write(json.dumps(stored, sort_keys=True) + "\n")
+        log.flush()
+        os.fsync(log.fileno())  # the alias has already moved: its entry must survive a crash
+    return AuditEntry.model_validate(stored)
+
+
+def record_release(root: Path, version: PolicyVersion, alias: str, evidence: ReleaseEvidence) -> AuditEntry:
+    """Point `alias` at a freshly registered `version` and log it as a release (or an override)."""
+    with exclusive(root):  # one lock around read-previous, move and append: `previous_version` stays exact
+        head = _chain_head(root)
+        previous = aliases(root, version.policy).get(alias)
+        set_alias(root, version.policy, alias, version.version)
+        return _write(root, head, action="override" if evidence.override else "release", policy=version.policy,
+                      version=version.version, alias=alias, previous_version=previous, who=evidence.who,
+                      why=evidence.why, gate=evidence.gate, snapshot_id=evidence.snapshot_id)
+
+
+def record_move(root: Path, policy: str, alias: str, version: int, why: str, who: str | None = None) -> AuditEntry:
+    """Point `alias` at an existing `version` and log it: 'rollback' if lower than before, else 'alias_move'.
+
+    The entry carries the snapshot the version was released from, so history also answers which data served.
+    """
+    with exclusive(root):
+        head = _chain_head(root)
+        previous = aliases(root, policy).get(alias)
+        set_alias(root, policy, alias, version)
+        released = [entry for entry in _readable(root)
+                    if entry.action in ("release", "override") and (entry.policy, entry.version) == (policy, version)]
+        return _write(root, head, action="rollback" if previous is not None and version < previous else "alias_move",
+                      policy=policy, version=version, alias=alias, previous_version=previous,
+                      who=who or current_user(), why=why, gate={},
+                      snapshot_id=released[-1].snapshot_id if released else None)
+
+
+def verify(root: Path) -> list[AuditEntry]:
+    """Every entry, after re-computing each hash and link; raises `AuditTampered` naming the first bad entry.
+
+    Detects an edited, deleted, inserted or reordered entry. It cannot detect the loss of the newest entries
+    (the remaining prefix is a valid chain): compare the last hash with a copy kept elsewhere for that.
+    """
+    entries: list[AuditEntry] = []
+    prev_hash = GENESIS_HASH
+    for expected_seq, line in enumerate(audit_lines(root)):
+        try:
+            stored = json.loads(line)
+            seq = stored["seq"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AuditTampered(f"line {expected_seq + 1} of the audit log is not an entry ({exc!r}); "
+                                f"{RESTORE_HINT}") from exc
+        if seq != expected_seq:
+            raise AuditTampered(f"seq gap: line {expected_seq + 1} holds seq {seq}, expected seq {expected_seq} "
+                                f"(an entry was deleted, inserted or reordered); {RESTORE_HINT}")
+        if stored.get("hash") != _content_hash(stored):
+            raise AuditTampered(f"seq {seq}: content hash mismatch (the entry was edited after it was written); "
+                                f"{RESTORE_HINT}")
+        if stored.get("prev_hash") != prev_hash:
+            raise AuditTampered(f"seq {seq}: broken link: prev_hash is not the hash of seq {seq - 1} "
+                                f"(an earlier entry was edited and re-hashed, or replaced); {RESTORE_HINT}")
+        try:
+            entries.append(AuditEntry.model_validate(stored))
+        except ValidationError as exc:  # hashed and linked, but not an entry: not written by `_write`
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise AuditTampered(f"seq {seq}: chained correctly but not a valid entry ({problems}); "
+                                f"{RESTORE_HINT}") from exc
+        prev_hash = stored["hash"]
+    return entries
+
+
+def serving_at(root: Path, policy: str, alias: str, at: datetime) -> AuditEntry | None:
+    """The entry that last pointed `policy@alias` somewhere at or before `at` (naive = UTC); None if none yet.
+
+    Verifies the whole chain first, so the answer never comes from a tampered log.
+    """
+    at = as_utc(at)
+    matching = [entry for entry in verify(root) if (entry.policy, entry.alias) == (policy, alias) and entry.at <= at]
+    return matching[-1] if matching else None

@@ -1,0 +1,39 @@
+"""The registry's lock and its promotion log's file, shared by the registry (alias moves, version numbers) and the
+log (policies/audit_log.py) without either importing the other."""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+AUDIT_FILE = "audit.jsonl"
+LOCK_FILE = ".audit.lock"
+
+_held = threading.local()  # lock files this thread holds: a nested `_exclusive` must not wait for itself
+
+
+@contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold the registry's lock (alias moves, the audit log): concurrent writers (threads, processes or machines
+    sharing the directory) queue here. Re-entrant per thread, because flock on a second descriptor of the file
+    would wait for the first one for ever."""
+    root.mkdir(parents=True, exist_ok=True)
+    key, held = str((root / LOCK_FILE).resolve()), vars(_held).setdefault("paths", set())
+    if key in held:
+        yield
+        return
+    with open(root / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
+def audit_lines(root: Path) -> list[str]:
+    path = root / AUDIT_FILE
+    return path.read_text().splitlines() if path.exists() else []
