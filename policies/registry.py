@@ -207,6 +207,3 @@ def list_policies(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name))
-
-
-# The promotion history (`<root>/audit.jsonl`).

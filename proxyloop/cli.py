@@ -90,6 +90,11 @@ def operator_message(exc: Exception) -> str | None:
         return str(exc)
     if isinstance(exc, OSError) and exc.filename is not None:  # a path given or configured: unusable
         return f"{exc.filename}: {exc.strerror or exc}"
+    from policies.audit_log import AuditTampered
+    from policies.registry import RegistryError
+
+    if isinstance(exc, RegistryError | AuditTampered):  # a damaged registry file: its message names it and the fix
+        return str(exc)
     try:
         return _settings_message(exc) or _service_message(exc)
     except Exception:  # noqa: BLE001 - a translation that fails must not hide the error it was translating

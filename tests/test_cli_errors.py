@@ -304,3 +304,13 @@ def test_child_processes_read_a_json_setting_back(monkeypatch: pytest.MonkeyPatc
     recipe = {"beta": 0.2, "simplex_dim": 4}
     monkeypatch.setenv("PROXYLOOP_CHAT_RECIPE", stack.child_env(Settings(chat_recipe=recipe))["PROXYLOOP_CHAT_RECIPE"])
     assert Settings().chat_recipe == recipe
+
+
+def test_a_damaged_registry_file_is_one_line_naming_it(cli: Run, tmp_path: Path) -> None:
+    """`status` read the aliases raw: a damaged aliases.json was a traceback; now the registry's own error."""
+    policy = tmp_path / "home" / "registry" / "demo"
+    policy.mkdir(parents=True)
+    (policy / "aliases.json").write_text("{not json")
+    result = cli("status", REGISTRY_URL=str(tmp_path / "home" / "registry"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and "aliases.json cannot be read" in result.output
