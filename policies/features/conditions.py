@@ -104,6 +104,8 @@ def run_condition_tests(
     afterwards): tensors this small gain nothing from threads, and on a shared machine extra
     intra-op threads contend with other processes and slow the fits down many times over.
     """
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
     n_out, fitted_proxy = _outputs(expert, proxy, n_outputs)
     dims = {len(t.x) for t in (*expert, *proxy)}
     if len(dims) > 1:

@@ -126,3 +126,10 @@ def test_the_small_sample_cross_validation_fits_only_the_adapter_on_the_same_fol
     for name in SMALL_SAMPLE:
         np.testing.assert_array_equal(small.ll[name], full.ll[name])
         np.testing.assert_array_equal(small.correct[name], full.correct[name])
+
+
+def test_a_negative_seed_is_refused_clearly() -> None:
+    """numpy's bare "expected non-negative integer" came from deep inside before."""
+    task = appendix_d(n_proxy=10, n_expert=2, seed=0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        run_condition_tests(task.expert, task.proxy, "snap", seed=-1)
