@@ -24,6 +24,7 @@ from ground.schemas import (
     ProxyPreference,
 )
 from ground.settings import Settings
+from ground.validation import validation_problems
 
 LabelEvent = ExpertLabel | ProxyPreference
 _label_adapter: TypeAdapter[LabelEvent] = TypeAdapter(LabelEvent)
@@ -144,7 +145,7 @@ def decode_label_event(raw: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> L
     try:
         return model.model_validate(payload) if model is not None else _label_adapter.validate_python(payload)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        problems = validation_problems(exc, limit=5)
         raise MalformedEvent(f"does not match the event contract: {_clip(problems)}", "contract") from exc
     except RecursionError as exc:
         raise MalformedEvent("does not match the event contract: nested too deeply", "too_deep") from exc

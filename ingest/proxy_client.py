@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from ground.schemas import ProxyPreference
 from ground.settings import OperatorError, Settings
+from ground.validation import validation_problems
 from ingest.bus import encode_event, make_producer, publish
 
 
@@ -57,7 +58,7 @@ def read_preferences(path: Path) -> Iterator[ProxyPreference]:
             try:
                 yield ProxyPreference.model_validate_json(line)
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+                problems = validation_problems(exc, limit=3)
                 raise BadProxyLine(f"{path}:{number}: not a ProxyPreference: {problems}") from exc
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ground.schemas import PolicyVersion, as_utc, utcnow
+from ground.validation import validation_problems
 from policies.registry import aliases, set_alias
 from policies.registry_lock import AUDIT_FILE, audit_lines, exclusive
 
@@ -162,7 +163,7 @@ def verify(root: Path) -> list[AuditEntry]:
         try:
             entries.append(AuditEntry.model_validate(stored))
         except ValidationError as exc:  # hashed and linked, but not an entry: not written by `_write`
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = validation_problems(exc)
             raise AuditTampered(f"seq {seq}: chained correctly but not a valid entry ({problems}); "
                                 f"{RESTORE_HINT}") from exc
         prev_hash = stored["hash"]
