@@ -18,7 +18,6 @@ what differs. Nothing is deleted: the directory may be the only copy of the othe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -33,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ground.schemas import LMTrainingRequest
+from policies.lm.model_digest import file_sha256
 
 PREFIX = "checkpoint-"
 RESULT_FILE = "result.json"  # a finished run's result: its presence makes a run idempotent
@@ -81,17 +81,13 @@ class ForeignRunError(RuntimeError):
     """An output directory holds another run's files: resuming or returning them would be silently wrong."""
 
 
-def file_sha256(path: str | Path) -> str | None:
+def dataset_sha256(path: str | Path) -> str | None:
     """Content hash of a dataset file (None when it is not there: nothing to compare). A content hash, not size
     and mtime, because the flow may export the same snapshot again before a retry."""
     try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(Path(path))
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 # Config keys that only say how far a run goes and how often it saves or reports: the data order, learning rate
@@ -107,7 +103,7 @@ def lm_identity(request: LMTrainingRequest) -> dict[str, Any]:
     resolved one, so a changed default in a newer worker does not refuse a run it resumes."""
     config = {key: value for key, value in request.config.items() if key not in LENGTH_KEYS}
     identity = {"run_id": request.run_id, "method": request.method, "base_model": request.base_model,
-                "dataset": request.dataset, "dataset_sha256": file_sha256(request.dataset), "request_config": config}
+                "dataset": request.dataset, "dataset_sha256": dataset_sha256(request.dataset), "request_config": config}
     return dict(json.loads(json.dumps(identity)))  # as it reads back from run.json (tuples → lists)
 
 
@@ -149,6 +145,13 @@ def check_run_dir(out_dir: Path, identity: dict[str, Any]) -> None:
                 f"{out_dir} holds another run's files ({path.relative_to(out_dir)}: {'; '.join(found)}); run "
                 f"{identity.get('run_id')!r} will not return, resume or reuse them. Give it its own output_dir, "
                 f"or move {out_dir} aside if that run is no longer wanted")
+
+
+def claim_run_dir(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """`check_run_dir`, then the run's stored result when it already finished (None otherwise, a torn one
+    included: that run is resumed from its last checkpoint instead)."""
+    check_run_dir(out_dir, identity)
+    return read_record(out_dir / RESULT_FILE)
 
 
 def record_run(out_dir: Path, fields: dict[str, Any]) -> None:
@@ -203,20 +206,21 @@ def checkpoint_problem(path: Path, layout: Layout) -> str | None:
         missing.append(" or ".join(layout.weights))
     if missing:
         return f"missing {', '.join(missing)}"
+    decoded: dict[str, Any] = {}  # every JSON file, read once
     for file in sorted(path.iterdir()):
         try:
             if file.suffix == ".safetensors":
                 with safe_open(str(file), "pt"):
                     pass
             elif file.suffix == ".json":
-                json.loads(file.read_text())
+                decoded[file.name] = json.loads(file.read_text())
         except LOAD_ERRORS as error:
             return f"{file.name} does not load ({type(error).__name__}: {error})"
-    index = json.loads((path / MODEL_WEIGHTS[1]).read_text()) if (path / MODEL_WEIGHTS[1]).is_file() else {}
+    index = decoded.get(MODEL_WEIGHTS[1], {})
     shards = set(index.get("weight_map", {}).values()) if isinstance(index, dict) else set()
     if absent := sorted(name for name in shards if not (path / name).is_file()):
         return f"missing {', '.join(absent)}"
-    state, optimizer = (json.loads((path / name).read_text()) for name in ("state.json", "optimizer.json"))
+    state, optimizer = decoded["state.json"], decoded["optimizer.json"]
     lacking = [f"state.json {key}" for key in layout.state_keys if not isinstance(state, dict) or key not in state]
     lacking += [f"optimizer.json {key}" for key in ("param_groups", "scalars")
                 if not isinstance(optimizer, dict) or key not in optimizer]
