@@ -48,8 +48,8 @@ from workers.lm.training.checkpoint import (
     LOAD_ERRORS,
     MODEL_WEIGHTS,
     Layout,
-    check_run_dir,
     checkpoint_dir,
+    claim_run_dir,
     latest_checkpoint,
     lm_identity,
     record_run,
@@ -190,14 +190,17 @@ def _stage1_of(source: Path, stage: MixtureStage, recipe: MixtureRecipe) -> tupl
 
 def train_mixture(request: LMTrainingRequest, progress: Progress, worker: str) -> dict[str, Any]:
     """Train (or resume) one mixture stage; returns and stores (`result.json`) the run's record. `output_dir` must
-    hold this run or nothing (`check_run_dir`), checked before the base is encoded."""
+    hold this run or nothing (`claim_run_dir`), checked before the base is encoded; a finished run returns its
+    stored result."""
     started = time.perf_counter()
     out, source = Path(request.output_dir), Path(request.base_model)
     stage, recipe = parse_mixture_config(request.config)
     if request.method != "dpo":
         raise ValueError(f"the mode mixture trains with DPO; method {request.method!r} asks for another")
     identity = lm_identity(request)
-    check_run_dir(out, identity)
+    finished = claim_run_dir(out, identity)
+    if finished is not None:
+        return finished
     record_run(out, identity)
     stage1, base_model = _stage1_of(source, stage, recipe)
     device = select_device(None)

@@ -36,9 +36,8 @@ from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.training.checkpoint import (
     LOAD_ERRORS,
     RESULT_FILE,
-    check_run_dir,
+    claim_run_dir,
     lm_identity,
-    read_record,
     record_run,
     resumable_checkpoints,
     skipped,
@@ -152,15 +151,14 @@ def run_lm_training(request: LMTrainingRequest, progress: Progress, worker: str 
     Before anything in `output_dir` is used, the request is compared with the run recorded there (ForeignRunError
     when it is another); a valid config is then recorded as this run's, so a bad one can be corrected and resent.
     """
+    if is_mixture_request(request):  # validates its config, then claims and records its directory itself
+        return train_mixture(request, progress, worker)
     out = Path(request.output_dir)
     result_path = out / RESULT_FILE
     identity = lm_identity(request)
-    check_run_dir(out, identity)
-    finished = read_record(result_path)  # a torn result.json is retrained (resumed from the last checkpoint)
+    finished = claim_run_dir(out, identity)
     if finished is not None:
         return finished
-    if is_mixture_request(request):  # validates its config, then records itself as the directory's run
-        return train_mixture(request, progress, worker)
     config = parse_config(request.method, request.config)  # a bad config fails here, before any rank starts
     record_run(out, identity)
     if wants_validation(request):  # IM and IT both trained, through this function, and compared on held-out chats
