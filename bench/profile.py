@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from bench.profile_parts import COMPONENTS, GoldReward, gold_reward, make_users, questions
-from ground.schemas import utcnow
+from ground.moments import utcnow
 from policies.profile import ProfileConfig, ProfileItem, build_messages
 
 

@@ -50,7 +50,8 @@ from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from ground.schemas import DeadLetter, FeatureTriple, PairwiseText, ProxyPreference, utcnow  # noqa: E402
+from ground.moments import utcnow  # noqa: E402
+from ground.schemas import DeadLetter, FeatureTriple, PairwiseText, ProxyPreference  # noqa: E402
 from ground.settings import Settings  # noqa: E402
 from ingest.bus import ensure_topics, make_producer, publish, read_topic  # noqa: E402
 from ingest.dead_letters import count_by_reason  # noqa: E402

@@ -37,7 +37,8 @@ from sqlalchemy.orm import Session
 
 from flows.acquisition_chat import NoChatStage1, find_chat_stage1, open_text_pair, score_chat_tasks
 from flows.artifacts import publish_acquisition_queue
-from ground.schemas import ACQUISITION_REQUESTED_EVENT, FeatureTriple, PairwiseText, utcnow
+from ground.moments import utcnow
+from ground.schemas import ACQUISITION_REQUESTED_EVENT, FeatureTriple, PairwiseText
 from ground.settings import Settings, get_settings
 from ingest.labelstudio.predictions import PushSummary, push_predictions, task_states
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project

@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
 from sqlalchemy.orm import Session
 
-from ground.schemas import utcnow
+from ground.moments import utcnow
 from ground.settings import Settings, get_settings
 from ingest.lag import PartitionTrend, current_trend, sample_lag
 from ingest.store import make_engine

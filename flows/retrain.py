@@ -57,7 +57,7 @@ from ingest.store import RetrainRun, freeze_snapshot, load_snapshot_triples, mak
 from ingest.text_snapshot import snapshot_item_kind
 from policies.audit_log import ReleaseEvidence, current_user
 from policies.lm.gate import decide_language_model
-from policies.promotion import decide, gate_rules, release_checkpoint
+from policies.promotion import decide, finish_release_of_run, gate_rules, release_checkpoint
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
 from workers.lm.plans import plan_request, recipe_request
@@ -241,7 +241,12 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
     evidence = ReleaseEvidence(who=who, why=override_reason or f"gate decision {decision.decision!r} for run {run_id}",
                                gate=dumped["gate"], snapshot_id=run.snapshot.snapshot_id,
                                override=override is not None)
-    if run.is_chat:
+    policy = settings.chat_policy_name if run.is_chat else settings.policy_name
+    version = finish_release_of_run(settings, policy, run_id, evidence=evidence)  # an earlier attempt's version
+    if version is not None:
+        get_run_logger().warning("run %s: an earlier release attempt registered %s v%d; finishing that release",
+                                 run_id, version.policy, version.version)
+    elif run.is_chat:
         lineage["chat_data"] = dumped["chat_data"]  # the JSONL files and the snapshot they came from
         from policies.lm.release import release_causal_lm  # torch, here: a flow run's start stays without it
 

@@ -12,10 +12,11 @@ Version 1 events are still read when they carry `occurred_at` (they meant the sa
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ground.moments import Moment, utcnow
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -28,30 +29,19 @@ Plan = Literal["two_stage", "proxy_as_is", "fine_tune", "expert_only", "refuse"]
 Decision = Literal["release", "block", "pick_checkpoint"]
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """A naive time read as UTC: SQLite hands timezone-aware columns back naive, and users type times without
-    a zone; every time proxyloop stores is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _in_utc_range(moment: datetime) -> datetime:
-    try:  # the store keeps versions in UTC, where 0001-01-01T00:00+05:00 has no moment (year 0)
-        moment.astimezone(UTC)
-    except OverflowError as exc:
-        raise ValueError(f"{moment.isoformat()} is out of range in UTC") from exc
-    return moment
-
-
-# With its zone: a naive time cannot be ordered against an aware one, so the wire refuses it.
-Moment = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
 # Output ids index a softmax over max(id) + 1 outputs and a D×D adapter, so 10**30 would size both absurdly far
 # downstream; 4096 outputs (a 16.8M-weight adapter) is far above any label set we train.
 MAX_OUTPUT_ID = 4095
 MAX_TEXT_CHARS = 100_000  # per text field: four at the bound in ASCII (400 KB) fit Settings.max_event_bytes' default
+
+
+def _null_is_nan(value: object) -> object:
+    return float("nan") if value is None else value
+
+
+# A figure that may be undefined (an indicator of a degenerate checkpoint, a loss of a stage that did not run): NaN
+# in Python, null in JSON (which has no NaN), and NaN again when read back, so a run record with one still loads.
+Reading = Annotated[float, BeforeValidator(_null_is_nan)]
 
 
 class _Strict(BaseModel):
@@ -234,15 +224,15 @@ class TrainingResult(BaseModel):
     device: str
     worker: str
     checkpoints: list[CheckpointRef]
-    final_loss: float
+    final_loss: Reading
     seconds: float
 
 
 class ConditionCheck(BaseModel):
     name: str
     passed: bool
-    statistic: float
-    threshold: float
+    statistic: Reading
+    threshold: Reading
     detail: str
 
 
@@ -255,25 +245,25 @@ class ConditionReport(BaseModel):
     reasons: list[str]
     # Cross-validated held-out expert log-likelihood per triple of each candidate plan (empty when
     # there were too few expert triples to cross-validate).
-    heldout_log_likelihood: dict[str, float] = Field(default_factory=dict)
+    heldout_log_likelihood: dict[str, Reading] = Field(default_factory=dict)
 
 
 class CheckpointEvaluation(BaseModel):
     step: int
     path: str
-    heldout_accuracy: float
-    topk_entropy: float
+    heldout_accuracy: Reading
+    topk_entropy: Reading
     topk_mass: float | None  # None: not applicable (a policy over no more outputs than k: the mass is always 1)
     # Every indicator of a language-model checkpoint, keyed `teacher_forced/...` and `generated/...`
     # (policies.lm.indicators), with `rewards/margins_mean`; empty for feature-vector policies.
-    indicators: dict[str, float] = Field(default_factory=dict)
+    indicators: dict[str, Reading] = Field(default_factory=dict)
 
 
 class GateDecision(BaseModel):
     decision: Decision
     checkpoint: CheckpointEvaluation | None
     reasons: list[str]
-    baseline_accuracy: float
+    baseline_accuracy: Reading
 
 
 class PolicyVersion(BaseModel):
@@ -304,7 +294,7 @@ class Evaluation(BaseModel):
     """What an evaluation task returns and the gate reads."""
 
     evaluations: list[CheckpointEvaluation]
-    baseline_accuracy: float
+    baseline_accuracy: Reading
     n_heldout: int
     language_model: bool
     # Language models only: the base model's own log-prob ranking of the held-out pairs.

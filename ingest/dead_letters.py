@@ -20,7 +20,8 @@ from kafka import KafkaProducer
 from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, func, select, tuple_
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ground.schemas import DeadLetter, DeadLetterReason, utcnow
+from ground.moments import utcnow
+from ground.schemas import DeadLetter, DeadLetterReason
 from ground.settings import Settings
 from ingest.store import Base
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from ground.schemas import as_utc
+from ground.moments import as_utc
 from ground.settings import OperatorError, Settings, get_settings
 
 if TYPE_CHECKING:

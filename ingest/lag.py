@@ -18,7 +18,7 @@ from kafka.errors import KafkaError
 from sqlalchemy import DateTime, Index, Integer, String, and_, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ground.schemas import as_utc, utcnow
+from ground.moments import as_utc, utcnow
 from ground.settings import Settings
 from ingest.store import Base, make_engine
 

@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, ProxyPreference, as_utc, utcnow
+from ground.moments import as_utc, utcnow
+from ground.schemas import ExpertLabel, ProxyPreference
 from ingest.store import Base, LabelHistoryRow, LabelKind, LabelRow
 
 # The tables themselves, for Core bulk inserts.

@@ -2,13 +2,20 @@
 so "what was serving at time T, and who decided it" has an answer nobody can quietly rewrite. One log per registry,
 `<root>/audit.jsonl`. Each line is an `AuditEntry` whose `hash` covers its own content and the previous entry's
 hash, so editing, deleting or reordering an old entry breaks the chain. A release moves an alias and logs it under
-the registry's one lock (policies/registry_lock.py)."""
+the registry's one lock (policies/registry_lock.py).
+
+The entry is written (and synced) before the alias moves, and taken back if the move fails: an alias never points
+anywhere its log does not say. An append cut short (a full disk, a crash mid-write) leaves a last line without its
+newline; that is a write that never finished, not tampering, so it is set aside with a warning (the next write
+removes it) instead of stopping every later release, rollback and `proxyloop history` until someone edits the
+file by hand."""
 
 from __future__ import annotations
 
 import getpass
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import suppress
@@ -18,10 +25,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ground.schemas import PolicyVersion, as_utc, utcnow
+from ground.moments import as_utc, utcnow
+from ground.schemas import PolicyVersion
 from ground.validation import validation_problems
 from policies.registry import aliases, set_alias
 from policies.registry_lock import AUDIT_FILE, audit_lines, exclusive
+
+log = logging.getLogger("proxyloop.policies.audit")
 
 GENESIS_HASH = "0" * 64  # `prev_hash` of entry 0
 RESTORE_HINT = ("restore audit.jsonl from the registry's remote mirror or a backup, then run "
@@ -79,8 +89,35 @@ def _content_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _torn_tail(root: Path) -> int | None:
+    """Where an unfinished last line starts (one without its newline: an append cut short), or None."""
+    path = root / AUDIT_FILE
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    return data.rfind(b"\n") + 1
+
+
+def _entry_lines(root: Path) -> list[str]:
+    """The log's complete lines: an unfinished last line is left out, with a warning."""
+    lines, torn = audit_lines(root), _torn_tail(root)
+    if torn is not None:
+        log.warning("%s ends with an unfinished entry (%d bytes without a newline: an append cut short by a full "
+                    "disk or a crash); it is not part of the log and the next write removes it",
+                    root / AUDIT_FILE, (root / AUDIT_FILE).stat().st_size - torn)
+        lines = lines[:-1]
+    return lines
+
+
 def _chain_head(root: Path) -> AuditEntry | None:
-    """The last entry, which the next one links to; a damaged last line stops the write before the alias moves."""
+    """The last entry, which the next one links to; a damaged last line stops the write before the alias moves.
+    The caller holds `exclusive`: an unfinished last line is cut off here, so the next entry starts a line."""
+    torn = _torn_tail(root)
+    if torn is not None:
+        _entry_lines(root)  # the warning
+        os.truncate(root / AUDIT_FILE, torn)
     lines = audit_lines(root)
     try:
         return AuditEntry.model_validate_json(lines[-1]) if lines else None
@@ -90,33 +127,64 @@ def _chain_head(root: Path) -> AuditEntry | None:
 
 def _readable(root: Path) -> Iterator[AuditEntry]:
     """Entries that parse, unverified: for look-ups while writing (a damaged old line must not block a rollback)."""
-    for line in audit_lines(root):
+    for line in _entry_lines(root):
         with suppress(ValueError):
             yield AuditEntry.model_validate_json(line)
 
 
-def _write(root: Path, head: AuditEntry | None, **fields: Any) -> AuditEntry:
-    """Chain `fields` to `head` and append them as one line. The caller holds `_exclusive`."""
+def _append(root: Path, head: AuditEntry | None, **fields: Any) -> tuple[AuditEntry, int]:
+    """Chain `fields` to `head` and append them as one synced line; the entry and the log's size before it. A write
+    that fails part-way is cut off again before the error propagates. The caller holds `exclusive`."""
     draft = AuditEntry(seq=head.seq + 1 if head else 0, at=utcnow(), prev_hash=head.hash if head else GENESIS_HASH,
                        hash="", **fields)
     stored = draft.model_dump(mode="json")
     stored["hash"] = _content_hash(stored)
-    with open(root / AUDIT_FILE, "a") as log:
-        log.write(json.dumps(stored, sort_keys=True) + "\n")
-        log.flush()
-        os.fsync(log.fileno())  # the alias has already moved: its entry must survive a crash
-    return AuditEntry.model_validate(stored)
+    path = root / AUDIT_FILE
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as out:
+            out.write(json.dumps(stored, sort_keys=True) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the alias moves
+    except OSError:
+        _cut(path, size)
+        raise
+    return AuditEntry.model_validate(stored), size
+
+
+def _cut(path: Path, size: int) -> None:
+    """Take the log back to `size` bytes (best effort: if even that fails, the next write finds the tail torn)."""
+    with suppress(OSError):
+        os.truncate(path, size)
+
+
+def _move_logged(root: Path, policy: str, alias: str, version: int, head: AuditEntry | None,
+                 **fields: Any) -> AuditEntry:
+    """Log the move, then make it; the entry is taken back if the alias cannot be written."""
+    entry, size = _append(root, head, policy=policy, alias=alias, version=version, **fields)
+    try:
+        set_alias(root, policy, alias, version)
+    except BaseException:
+        _cut(root / AUDIT_FILE, size)
+        raise
+    return entry
+
+
+def logged_releases(root: Path, policy: str) -> set[int]:
+    """Versions of `policy` whose release (or override) the log holds: a release that failed after registering its
+    version but before logging it is not one of them."""
+    return {entry.version for entry in _readable(root)
+            if entry.action in ("release", "override") and entry.policy == policy}
 
 
 def record_release(root: Path, version: PolicyVersion, alias: str, evidence: ReleaseEvidence) -> AuditEntry:
     """Point `alias` at a freshly registered `version` and log it as a release (or an override)."""
-    with exclusive(root):  # one lock around read-previous, move and append: `previous_version` stays exact
+    with exclusive(root):  # one lock around read-previous, log and move: `previous_version` stays exact
         head = _chain_head(root)
         previous = aliases(root, version.policy).get(alias)
-        set_alias(root, version.policy, alias, version.version)
-        return _write(root, head, action="override" if evidence.override else "release", policy=version.policy,
-                      version=version.version, alias=alias, previous_version=previous, who=evidence.who,
-                      why=evidence.why, gate=evidence.gate, snapshot_id=evidence.snapshot_id)
+        return _move_logged(root, version.policy, alias, version.version, head,
+                            action="override" if evidence.override else "release", previous_version=previous,
+                            who=evidence.who, why=evidence.why, gate=evidence.gate, snapshot_id=evidence.snapshot_id)
 
 
 def record_move(root: Path, policy: str, alias: str, version: int, why: str, who: str | None = None) -> AuditEntry:
@@ -127,13 +195,12 @@ def record_move(root: Path, policy: str, alias: str, version: int, why: str, who
     with exclusive(root):
         head = _chain_head(root)
         previous = aliases(root, policy).get(alias)
-        set_alias(root, policy, alias, version)
         released = [entry for entry in _readable(root)
                     if entry.action in ("release", "override") and (entry.policy, entry.version) == (policy, version)]
-        return _write(root, head, action="rollback" if previous is not None and version < previous else "alias_move",
-                      policy=policy, version=version, alias=alias, previous_version=previous,
-                      who=who or current_user(), why=why, gate={},
-                      snapshot_id=released[-1].snapshot_id if released else None)
+        return _move_logged(root, policy, alias, version, head,
+                            action="rollback" if previous is not None and version < previous else "alias_move",
+                            previous_version=previous, who=who or current_user(), why=why, gate={},
+                            snapshot_id=released[-1].snapshot_id if released else None)
 
 
 def verify(root: Path) -> list[AuditEntry]:
@@ -144,7 +211,7 @@ def verify(root: Path) -> list[AuditEntry]:
     """
     entries: list[AuditEntry] = []
     prev_hash = GENESIS_HASH
-    for expected_seq, line in enumerate(audit_lines(root)):
+    for expected_seq, line in enumerate(_entry_lines(root)):
         try:
             stored = json.loads(line)
             seq = stored["seq"]
@@ -162,7 +229,7 @@ def verify(root: Path) -> list[AuditEntry]:
                                 f"(an earlier entry was edited and re-hashed, or replaced); {RESTORE_HINT}")
         try:
             entries.append(AuditEntry.model_validate(stored))
-        except ValidationError as exc:  # hashed and linked, but not an entry: not written by `_write`
+        except ValidationError as exc:  # hashed and linked, but not an entry: not written by `_append`
             problems = validation_problems(exc)
             raise AuditTampered(f"seq {seq}: chained correctly but not a valid entry ({problems}); "
                                 f"{RESTORE_HINT}") from exc

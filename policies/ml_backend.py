@@ -38,7 +38,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from ground.schemas import ACQUISITION_REQUESTED_EVENT, utcnow
+from ground.moments import utcnow
+from ground.schemas import ACQUISITION_REQUESTED_EVENT
 from ground.settings import ML_BACKEND_PATH, Settings
 from ingest.labelstudio.webhook import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME, SECRET_HEADER, secret_matches
 from ingest.web import SettingsDep

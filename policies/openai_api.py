@@ -75,13 +75,16 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": "\n".join(part.text or "" for part in self.content)}
 
 
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # logit_bias's keys: a token id as JSON keys are, a string
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's request body. Optional fields take null as "default", as the spec allows; fields not declared here
-    (metadata, presence_penalty, ...) are ignored. Fields this server cannot honour are declared so that `unsupported`
+    (metadata, store, ...) are ignored. Fields this server cannot honour are declared so that `unsupported`
     can refuse them with a 400 instead of answering as if they had been applied."""
 
     model: str = Field(min_length=1, max_length=200)
@@ -97,6 +100,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes (with seed + choice)
     user: str | None = Field(None, max_length=256)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=1024)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
@@ -112,7 +118,9 @@ class ChatCompletionRequest(BaseModel):
         return [Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
                          temperature=1.0 if self.temperature is None else self.temperature,
                          top_p=1.0 if self.top_p is None else self.top_p,
-                         seed=None if self.seed is None else self.seed + index, stop=stop)
+                         seed=None if self.seed is None else self.seed + index, stop=stop,
+                         presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                         logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()))
                 for index in range(self.n or 1)]
 
 
@@ -210,6 +218,14 @@ def personalise(
                               lambda text: len(policy.tokenizer(text).input_ids))
 
 
+def _check_bias(policy: ChatPolicy, body: ChatCompletionRequest) -> None:
+    """400 for a logit_bias naming a token the model does not have (it would fail mid-generation)."""
+    outside = sorted(int(token) for token in body.logit_bias or {} if int(token) >= policy.vocab_size)
+    if outside:
+        raise Refused(f"logit_bias names token ids {outside[:5]} outside this model's vocabulary "
+                      f"(0..{policy.vocab_size - 1})", "logit_bias")
+
+
 def _prompt_tokens(policy: ChatPolicy, messages: list[dict[str, str]]) -> int:
     """The prompt's length in tokens; 400 when it leaves no room for a single generated token, so that the client
     hears why instead of getting an empty reply (a longer max_tokens is capped at the context, finish "length")."""
@@ -294,6 +310,7 @@ async def chat_completions(
             raise problem
         asked = _messages(body)
         policy = await run_in_threadpool(chat_policy, settings, body.model)
+        _check_bias(policy, body)
         messages, report = await run_in_threadpool(personalise, settings, policy, asked, body.user)
         prompt_tokens = await run_in_threadpool(_prompt_tokens, policy, messages)
     except Refused as refused:

@@ -30,7 +30,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ground.schemas import PairwiseText, utcnow
+from ground.moments import utcnow
+from ground.schemas import PairwiseText
 from ground.settings import Settings
 from ingest.store import make_engine
 

@@ -25,8 +25,8 @@ from typing import Any, Literal
 from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyReleased, PolicyVersion
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
-from policies.audit_log import ReleaseEvidence, record_move, record_release
-from policies.registry import register, resolve
+from policies.audit_log import ReleaseEvidence, logged_releases, record_move, record_release
+from policies.registry import RegistryError, register, resolve, versions
 from policies.registry_remote import push
 
 IndicatorMode = Literal["not_applicable", "advisory", "decide"]
@@ -222,6 +222,32 @@ def release_checkpoint(
     record_release(settings.registry_dir, version, alias, evidence or ReleaseEvidence())
     announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
     return version
+
+
+def finish_release_of_run(
+    settings: Settings, policy: str, run_id: str, alias: str = "production", evidence: ReleaseEvidence | None = None,
+) -> PolicyVersion | None:
+    """The version an earlier attempt to release flow run `run_id` registered, its release finished (logged and the
+    alias moved, if the attempt stopped before that; then announced again, under the same event id, which services
+    already dedupe); None when no attempt got as far as registering. A release whose broker, remote mirror or disk
+    failed after `register` is retried by `proxyloop approve`: without this it registered a second version of the
+    same run (the audit: v1 and v2 for one run after Kafka was down during the release)."""
+    root = settings.registry_dir
+    earlier = None
+    for number in reversed(versions(root, policy)):
+        try:
+            version = resolve(root, f"{policy}@{number}")
+        except RegistryError:
+            continue
+        if version.lineage.get("flow_run_id") == run_id:
+            earlier = version
+            break
+    if earlier is None:
+        return None
+    if earlier.version not in logged_releases(root, policy):
+        record_release(root, earlier, alias, evidence or ReleaseEvidence())
+    announce(settings, earlier, alias, event_id=f"released-{earlier.policy}-{earlier.version}")
+    return earlier
 
 
 def move_alias(

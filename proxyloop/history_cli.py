@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ground.schemas import as_utc
+from ground.moments import as_utc
 from ground.settings import get_settings
 
 console = Console(soft_wrap=True)

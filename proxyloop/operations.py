@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from ground.schemas import utcnow
+from ground.moments import utcnow
 from ground.settings import Settings
 from ingest.dead_letters import count_by_reason
 from ingest.lag import LagUnavailable, PartitionTrend, current_trend, measure_lag, sample_lag

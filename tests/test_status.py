@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from ground.schemas import utcnow
+from ground.moments import utcnow
 from ground.settings import Settings
 from ingest.bus import ensure_topics, make_producer
 from ingest.lag import PartitionLag, PartitionTrend, measure_lag, record_lag

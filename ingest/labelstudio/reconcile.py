@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, as_utc
+from ground.moments import as_utc
+from ground.schemas import ExpertLabel
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project

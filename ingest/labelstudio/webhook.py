@@ -21,7 +21,8 @@ from fastapi.security import APIKeyHeader
 from kafka import KafkaProducer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText, as_utc, utcnow
+from ground.moments import as_utc, utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText
 from ground.settings import Settings
 from ingest.bus import publish
 from ingest.web import ProducerDep, SettingsDep

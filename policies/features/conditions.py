@@ -75,18 +75,20 @@ def _undecided(name: str, threshold: float, n_expert: int, t: ConditionThreshold
     return _check(name, False, 0.0, threshold, detail)
 
 
-def _outputs(expert: Sequence[FeatureTriple], proxy: Sequence[FeatureTriple],
-             n_outputs: int | None) -> tuple[int, Sequence[FeatureTriple]]:
-    """|Y| and the proxy triples the tests fit on. Inferred from the labels, a stray proxy output id is dropped with
-    its triples (`output_support`: the worker trains on the same ones); a caller that names n_outputs declares Y,
-    so nothing is dropped and an id out of its range is an error."""
+def _outputs(expert: Sequence[FeatureTriple], proxy: Sequence[FeatureTriple], n_outputs: int | None
+             ) -> tuple[tuple[int, ...], Sequence[FeatureTriple], Sequence[FeatureTriple]]:
+    """The output ids the tests fit (index i stands for ids[i]) and the expert and proxy triples in those indices.
+    Inferred from the labels, only the ids the triples use, and a stray proxy output id is dropped with its triples
+    (`output_support`: the worker trains on the same ones), so renaming the outputs changes no verdict; a caller
+    that names n_outputs declares Y = 0..n_outputs-1, so nothing is dropped and an id out of its range is an
+    error."""
     if n_outputs is None:
         support = output_support(expert, proxy)
-        return support.n_outputs, support.proxy
+        return support.ids, support.dense(expert), support.dense(support.proxy)
     largest = max((max(t.y_w, t.y_l) for t in (*expert, *proxy)), default=1)
     if largest >= n_outputs:
         raise ValueError(f"an output id {largest} is out of range for n_outputs={n_outputs}; pass a larger n_outputs")
-    return n_outputs, proxy
+    return tuple(range(n_outputs)), expert, proxy
 
 
 def run_condition_tests(
@@ -106,7 +108,7 @@ def run_condition_tests(
     """
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    n_out, fitted_proxy = _outputs(expert, proxy, n_outputs)
+    ids, fitted_expert, fitted_proxy = _outputs(expert, proxy, n_outputs)
     dims = {len(t.x) for t in (*expert, *proxy)}
     if len(dims) > 1:
         raise ValueError(f"expert and proxy triples must share one input dimension, found {sorted(dims)}")
@@ -114,7 +116,7 @@ def run_condition_tests(
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
-            checks, evidence = _run_checks(expert, fitted_proxy, seed, n_out, thresholds)
+            checks, evidence = _run_checks(fitted_expert, fitted_proxy, seed, ids, thresholds)
     finally:
         torch.set_num_threads(threads)
     plan, reasons = choose_plan(checks, evidence)
@@ -125,9 +127,10 @@ def run_condition_tests(
 
 
 def _run_checks(
-    expert: Sequence[FeatureTriple], proxy: Sequence[FeatureTriple], seed: int, n_out: int, t: ConditionThresholds
+    expert: Sequence[FeatureTriple], proxy: Sequence[FeatureTriple], seed: int, ids: tuple[int, ...],
+    t: ConditionThresholds,
 ) -> tuple[list[ConditionCheck], PlanEvidence]:
-    """All checks in CHECK_NAMES order and the evidence the plan rule weighs."""
+    """All checks in CHECK_NAMES order and the evidence the plan rule weighs; output i of every model is ids[i]."""
     n_expert, n_proxy = len(expert), len(proxy)
     n_inputs = len({tuple(triple.x) for triple in expert})  # copies of one input count once (grouped folds)
     checks = [_sample_size(n_expert, n_inputs, t)]
@@ -136,7 +139,7 @@ def _run_checks(
         return checks + [_check(name, False, 0.0, 0.0, detail) for name in CHECK_NAMES[1:]], PlanEvidence(None)
 
     rng = np.random.default_rng(seed)
-    fitted = _fit_proxy_side(proxy, seed, n_out, t)
+    fitted = _fit_proxy_side(proxy, seed, len(ids), t)
     low_dim = _low_dimensional_encoding(fitted, t)
     if n_expert == 0:
         return checks + [_undecided(n, 0.0, 0, t) for n in CHECK_NAMES[1:3]] + [low_dim] + [
@@ -162,7 +165,7 @@ def _run_checks(
     expert_model = fit_direct(fitted.stack.config, xe, we, le, seed)
     x_all = torch.cat([xe, fitted.xp])
     expert_lp = _model_log_probs(expert_model, x_all)
-    image = _image_containment(fitted.proxy_lp, _mapped_proxy_log_probs(fitted, xe, we, le, seed), expert_lp, t)
+    image = _image_containment(fitted.proxy_lp, _mapped_proxy_log_probs(fitted, xe, we, le, seed), expert_lp, ids, t)
     similarity = _similarity_preserved(expert_lp, _model_log_probs(fitted.proxy_model, x_all), rng, t)
     end_to_end = _end_to_end(cv, rng, t)
     evidence = PlanEvidence(agreement, {c: cv.ll[c] for c in CANDIDATES}, {c: cv.correct[c] for c in CANDIDATES}, seed)
@@ -234,7 +237,7 @@ def _mapped_proxy_log_probs(fitted: _Fitted, x: Tensor, y_w: Tensor, y_l: Tensor
     return _model_log_probs(mapped, fitted.xp)
 
 
-def _image_containment(proxy_lp: np.ndarray, mapped_lp: np.ndarray, expert_lp: np.ndarray,
+def _image_containment(proxy_lp: np.ndarray, mapped_lp: np.ndarray, expert_lp: np.ndarray, ids: tuple[int, ...],
                        t: ConditionThresholds) -> ConditionCheck:
     """Judged after the learner's map (issue 15): an expert-preferred output counts as in the proxy's
     image when the proxy model prefers it somewhere as is, or the two-stage stack does once its adapter
@@ -246,13 +249,18 @@ def _image_containment(proxy_lp: np.ndarray, mapped_lp: np.ndarray, expert_lp: n
     mapped_preferred = preferred_outputs(mapped_shares, t.proxy_preferred_share)
     expert_preferred = preferred_outputs(expert_shares, t.expert_preferred_share)
     covered = coverage(expert_preferred, proxy_preferred | mapped_preferred)
+
+    def named(outputs: set[int]) -> list[int]:
+        return sorted(ids[i] for i in outputs)
+
     return _check(
         "image_containment", covered >= t.min_coverage, covered, t.min_coverage,
-        f"share of expert-preferred outputs {sorted(expert_preferred)} (favourite of a fitted expert model on "
-        f">= {t.expert_preferred_share:.0%} of inputs; shares {np.round(expert_shares, 3).tolist()}) that the "
+        f"share of expert-preferred outputs {named(expert_preferred)} (favourite of a fitted expert model on "
+        f">= {t.expert_preferred_share:.0%} of inputs; shares over outputs {list(ids)} "
+        f"{np.round(expert_shares, 3).tolist()}) that the "
         f"proxy prefers somewhere (>= {t.proxy_preferred_share:.0%} of proxy inputs), as is "
-        f"{sorted(proxy_preferred)} (shares {np.round(proxy_shares, 3).tolist()}) or after the two-stage "
-        f"adapter's map {sorted(mapped_preferred)} (shares {np.round(mapped_shares, 3).tolist()}) = {covered:.2f}",
+        f"{named(proxy_preferred)} (shares {np.round(proxy_shares, 3).tolist()}) or after the two-stage "
+        f"adapter's map {named(mapped_preferred)} (shares {np.round(mapped_shares, 3).tolist()}) = {covered:.2f}",
     )
 
 

@@ -19,6 +19,9 @@ from torch.nn import functional as F
 # Relabellings are searched exhaustively up to this many outputs (720 candidates); above it only
 # the identity is a centre: the search would grow factorially for little use.
 MAX_RELABELLED_OUTPUTS = 6
+# A saved policy's logit for an output id no triple used (policies/features/outputs.widened): probability 0 in
+# float32, a finite log-probability, and never a relabelling's target (`relabelled_centres`).
+UNUSED_LOGIT = -1.0e4
 
 
 class SimplexAdapter(nn.Module):
@@ -93,7 +96,11 @@ def relabelled_centres(gain: Tensor, offset: Tensor) -> list[tuple[Tensor, Tenso
     so both sides are compared after centring over outputs (H): H·gain·M = H·P·gain and
     H·gain·b = H·(P − I)·offset, solved by least squares. Exact when H·gain has full rank on the
     centred simplex (D ≤ Y); otherwise the closest adapter. Only the identity beyond MAX_RELABELLED_OUTPUTS outputs.
+    Outputs with an UNUSED_LOGIT offset (ids no triple used, in a saved policy) are never relabelled onto.
     """
+    answered = offset > UNUSED_LOGIT / 2
+    if not bool(answered.all()):  # a saved policy over ids by name: relabel only the outputs it answers
+        return relabelled_centres(gain[answered], offset[answered])
     n_outputs, dim = gain.shape
     identity = (torch.eye(dim, dtype=gain.dtype, device=gain.device), gain.new_zeros(dim))
     if n_outputs > MAX_RELABELLED_OUTPUTS:

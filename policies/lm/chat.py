@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from ground.schemas import PolicyVersion
-from policies.lm.decoding import IncrementalDecoder, Sampling, StopMatcher, is_greedy, sample_token
+from policies.lm.decoding import (
+    IncrementalDecoder,
+    Sampling,
+    StopMatcher,
+    adjusted_logits,
+    is_greedy,
+    sample_token,
+)
 from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
@@ -81,6 +88,11 @@ class ChatPolicy:
         return ids
 
     @property
+    def vocab_size(self) -> int:
+        """Tokens the model scores at each step: the ids a logit_bias may name."""
+        return int(self.model.config.vocab_size)
+
+    @property
     def context_limit(self) -> int:
         """Positions the model can attend over, prompt and completion together (1024 when its config says none)."""
         config = self.model.config
@@ -110,6 +122,7 @@ class ChatPolicy:
             logits = out.logits[0, -1].float()
             if bias is not None:
                 logits = logits + bias
+            logits = adjusted_logits(logits, decoder.ids, sampling)
             token = sample_token(logits, sampling.temperature, sampling.top_p, generator)
             if token in ends:
                 finish = "stop"

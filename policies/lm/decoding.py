@@ -30,6 +30,22 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+
+def adjusted_logits(logits: Tensor, generated: Sequence[int], sampling: Sampling) -> Tensor:
+    """OpenAI's penalties and bias on 1-D next-token `logits`: each token's logit less presence_penalty once it is in
+    the reply, less frequency_penalty times how often it is there (the reply's `generated` tokens, not the prompt's),
+    plus its logit_bias (-100 all but bans a token, 100 all but forces it)."""
+    if sampling.logit_bias:
+        ids, values = zip(*sampling.logit_bias, strict=True)
+        logits = logits.index_add(0, torch.tensor(ids), torch.tensor(values, dtype=logits.dtype))
+    if generated and (sampling.presence_penalty or sampling.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[0]).to(logits.dtype)
+        logits = logits - sampling.presence_penalty * (counts > 0) - sampling.frequency_penalty * counts
+    return logits
 
 
 def is_greedy(temperature: float) -> bool:

@@ -21,7 +21,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from ground.schemas import FeatureTriple, ProxyPreference, utcnow
+from ground.moments import utcnow
+from ground.schemas import FeatureTriple, ProxyPreference
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
 from ingest.store import LabelHistoryRow, LabelRow

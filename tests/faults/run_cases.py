@@ -19,7 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, ProxyPreference, utcnow
+from ground.moments import utcnow
+from ground.schemas import ExpertLabel, ProxyPreference
 from ground.settings import Settings
 from ingest.bus import ensure_topics
 from ingest.store import RetrainRun, make_engine, run_record

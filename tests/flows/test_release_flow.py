@@ -74,3 +74,31 @@ def test_a_blocked_run_is_released_only_with_a_reason_and_the_override_is_audite
     again = release_flow(run_id, override_reason="clicked twice", operator="bob")  # released once, whatever is asked
     assert again == release and versions(settings.registry_dir, settings.policy_name) == [1]
     assert len(verify(settings.registry_dir)) == 1
+
+
+def test_a_release_whose_announcement_failed_is_finished_by_the_retry_not_released_twice(
+    settings: Settings, prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker down after the version was registered and the alias moved (the audit: approve then registered v2
+    for the same run). The retry announces v1; the registry and the promotion log hold one release."""
+    from kafka.errors import KafkaTimeoutError
+
+    from flows.retrain import release_flow
+    from policies import promotion
+
+    run_id = _blocked_run(settings, _checkpoint(tmp_path / "ckpt", 1))
+    working = promotion.make_producer
+
+    def broker_down(_settings: Settings) -> None:
+        raise KafkaTimeoutError("Unable to bootstrap from the broker")
+
+    monkeypatch.setattr(promotion, "make_producer", broker_down)
+    with pytest.raises(KafkaTimeoutError):
+        release_flow(run_id, override_reason="ship it", operator="alice")
+    assert versions(settings.registry_dir, settings.policy_name) == [1]
+
+    monkeypatch.setattr(promotion, "make_producer", working)
+    release = release_flow(run_id, override_reason="ship it, broker back", operator="alice")
+    assert release.version == 1 and versions(settings.registry_dir, settings.policy_name) == [1]
+    assert [(e.action, e.version) for e in verify(settings.registry_dir)] == [("override", 1)]
+    assert resolve(settings.registry_dir, f"{settings.policy_name}@production").version == 1

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, FeatureTriple, ProxyPreference, utcnow
+from ground.moments import utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, ProxyPreference
 from ground.settings import Settings
 from ingest import consumer as ingest_consumer
 from ingest import dead_letters

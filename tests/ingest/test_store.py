@@ -2,7 +2,8 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference, utcnow
+from ground.moments import utcnow
+from ground.schemas import ExpertLabel, FeatureTriple, PairwiseText, ProxyPreference
 from ingest.store import (
     count_labels,
     freeze_snapshot,

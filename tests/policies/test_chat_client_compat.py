@@ -32,7 +32,7 @@ class Forced(torch.nn.Module):
     def __init__(self, tokens: list[int], vocab: int, context: int = 512, fail_at: int | None = None) -> None:
         super().__init__()
         self.tokens, self.vocab, self.fail_at = tokens, vocab, fail_at
-        self.config = SimpleNamespace(max_position_embeddings=context)
+        self.config = SimpleNamespace(max_position_embeddings=context, vocab_size=vocab)
 
     def forward(self, input_ids: torch.Tensor, past_key_values: int | None = None,
                 use_cache: bool = True) -> SimpleNamespace:
@@ -187,6 +187,44 @@ def test_parameters_this_server_cannot_honour_are_a_clear_400(served, unsupporte
     for stream in (False, True):
         reply = _post(served, max_tokens=2, stream=stream, **unsupported)
         assert reply.status_code == 400 and "not supported" in reply.json()["detail"]
+
+
+class Ranked(torch.nn.Module):
+    """Stands in for the LM: the same next-token logits at every step, so what penalties and bias do is known."""
+
+    def __init__(self, scores: dict[int, float], vocab: int) -> None:
+        super().__init__()
+        self.logits = torch.full((vocab,), -1e9)
+        for token, score in scores.items():
+            self.logits[token] = score
+        self.config = SimpleNamespace(max_position_embeddings=512, vocab_size=vocab)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: int | None = None,
+                use_cache: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.logits.expand(1, input_ids.shape[1], -1), past_key_values=0)
+
+
+def test_penalties_and_logit_bias_change_the_reply_as_openai_defines_them(served, monkeypatch):
+    tokenizer = served.policy.tokenizer
+    x, y, z = (tokenizer(c, add_special_tokens=False).input_ids for c in "xyz")
+    assert len(x) == len(y) == len(z) == 1
+    scores = {x[0]: 3.0, y[0]: 2.0, z[0]: 1.5, tokenizer.eos_token_id: 0.5}
+    monkeypatch.setattr(served.policy, "model", Ranked(scores, len(tokenizer)))
+
+    def reply(**options: object) -> str:
+        answer = _post(served, max_tokens=4, temperature=0, **options)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["choices"][0]["message"]["content"])
+
+    assert reply() == "xxxx"
+    assert reply(presence_penalty=2) == "xyzx"  # x at 1 once used, y at 0, z at -0.5: the end of turn (0.5) wins
+    assert reply(frequency_penalty=0.6) == "xxyx"  # x: 3, 2.4, 1.8 (< y's 2), then y at 1.4 < x's 1.8
+    assert reply(logit_bias={str(y[0]): 100}) == "yyyy"
+    assert reply(logit_bias={str(x[0]): -100}) == "yyyy"
+    outside = _post(served, max_tokens=2, logit_bias={str(len(tokenizer) + 5): 1})
+    assert outside.status_code == 400 and "outside this model's vocabulary" in outside.json()["detail"]
+    for bad in ({"presence_penalty": 3}, {"logit_bias": {"x": 1}}, {"logit_bias": {"1": 101}}):
+        assert _post(served, max_tokens=2, **bad).status_code == 422
 
 
 def test_harmless_fields_clients_send_by_default_pass(served):

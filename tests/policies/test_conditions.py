@@ -78,8 +78,8 @@ def test_image_containment_fails_when_no_map_reaches_an_expert_output() -> None:
     expert = np.log(np.tile([0.1, 0.1, 0.8], (100, 1)))  # the expert prefers output 2 everywhere
     proxy = np.log(np.tile([0.6, 0.3, 0.1], (100, 1)))
     mapped_there = np.log(np.tile([0.2, 0.1, 0.7], (100, 1)))
-    assert not _image_containment(proxy, proxy, expert, THRESHOLDS).passed
-    assert _image_containment(proxy, mapped_there, expert, THRESHOLDS).passed
+    assert not _image_containment(proxy, proxy, expert, (0, 1, 2), THRESHOLDS).passed
+    assert _image_containment(proxy, mapped_there, expert, (0, 1, 2), THRESHOLDS).passed
 
 
 def test_expert_triples_drawn_from_the_proxy_itself_plan_proxy_as_is() -> None:

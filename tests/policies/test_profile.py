@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, PairwiseText, utcnow
+from ground.moments import utcnow
+from ground.schemas import ExpertLabel, PairwiseText
 from ingest.store import make_engine
 from ingest.upsert import upsert_events
 from policies.profile import (

@@ -15,6 +15,7 @@ from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
 from policies.features.fit_recipe import EXPERT_ONLY
 from policies.features.fitting import fit_preferences
 from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
+from policies.features.simplex_adapter import UNUSED_LOGIT
 from policies.indicators import DEFAULT_TOP_K, topk_indicators
 from policies.loader import load_policy_dir
 from policies.plan_choice import CHANCE_ACCURACY
@@ -26,11 +27,12 @@ def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) ->
     x, y_w, y_l = triples_to_tensors(heldout)
     logits = model.logits(x)  # type: ignore[operator]
     entropy, mass = topk_indicators(logits)
+    answerable = int((logits > UNUSED_LOGIT / 2).any(dim=0).sum())  # ids no training triple used are never answers
     return CheckpointEvaluation(
         step=ref.step, path=ref.path, heldout_accuracy=pairwise_accuracy(model, x, y_w, y_l),
         topk_entropy=float(entropy.mean()),
         # With no more outputs than k the top-k holds every output: its mass is 1 by construction, not a reading.
-        topk_mass=float(mass.mean()) if logits.shape[-1] > DEFAULT_TOP_K else None,
+        topk_mass=float(mass.mean()) if answerable > DEFAULT_TOP_K else None,
     )
 
 

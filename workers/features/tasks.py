@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from ingest.store import LabelKind, load_snapshot_triples, make_engine, split_ex
 from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR
 from policies.features.fitting import fit_preferences, fit_stage1
 from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy, triples_to_tensors
-from policies.features.outputs import output_support
+from policies.features.outputs import OutputSupport, output_support, widened
 from policies.features.recipe import TwoStageRecipe, fit_two_stage_adapter, resolve_recipe
 from policies.plan_choice import CHANCE_ACCURACY
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
@@ -70,10 +71,12 @@ def model_config(plan: Plan, config: TwoStageConfig) -> dict[str, object]:
     return {"family": "direct" if plan == "expert_only" else "two_stage", "model": config.to_dict()}
 
 
-def _save_checkpoint(model: nn.Module, out: Path, step: int, loss: float, meta: dict[str, object]) -> CheckpointRef:
+def _save_checkpoint(model: nn.Module, out: Path, step: int, loss: float, meta: dict[str, object],
+                     support: OutputSupport) -> CheckpointRef:
+    """The model as it answers over the output ids by name (`widened`), whatever indices it was fitted in."""
     path = out / f"checkpoint-{step:06d}"
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in widened(model, support).state_dict().items()},
               str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(meta["config"], indent=2))
     (path / "state.json").write_text(json.dumps({"step": step, "loss": loss, **meta}, indent=2))
@@ -119,19 +122,21 @@ def train_feature_policy(
 
     The outputs are those of `output_support`: proxy triples using an id only a stray proxy event uses are left
     out. `heldout` (the expert triples kept for evaluation) is never trained on; its ids count as used by an
-    expert, so the model answers every output evaluation asks about."""
+    expert, so the model answers every output evaluation asks about. The fit sees the ids it uses as 0..K-1
+    (`OutputSupport.dense`) and the checkpoints answer over the ids by name."""
     started = time.perf_counter()
     torch.manual_seed(request.seed)
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     support = output_support([*expert_train, *heldout], proxy)
-    proxy = support.proxy
+    proxy, expert_train = support.dense(support.proxy), support.dense(expert_train)
     everything = [*proxy, *expert_train]
     recipe = resolve_recipe(request)
-    config = recipe.config(len(everything[0].x), support.n_outputs)
+    config = recipe.config(len(everything[0].x), support.n_fitted)
     model = build_model(request.plan, config).to(device)
+    saved = replace(config, n_outputs=support.n_outputs)
     meta: dict[str, object] = {
-        "plan": request.plan, "config": model_config(request.plan, config), "run_id": request.run_id,
+        "plan": request.plan, "config": model_config(request.plan, saved), "run_id": request.run_id,
     }
 
     curve: list[dict[str, object]] = []
@@ -157,14 +162,14 @@ def train_feature_policy(
         proxy_x = xp
         stage1 = recipe.proxy_stage
         loss = fit_stage1(model, xp, wp, lp, request.seed, stage1, report("proxy", stage1.steps))
-        checkpoints.append(_save_checkpoint(model, out, 0, loss, meta))
+        checkpoints.append(_save_checkpoint(model, out, 0, loss, meta, support))
     if request.plan in ("two_stage", "fine_tune", "expert_only"):
         total = expert_steps(request.plan, request, recipe)
 
         def after_expert_step(step: int) -> None:
             if step % request.checkpoint_every == 0 or step == total:
                 last = float(curve[-1]["loss"]) if curve else float("nan")  # type: ignore[arg-type]
-                checkpoints.append(_save_checkpoint(model, out, step, last, meta))
+                checkpoints.append(_save_checkpoint(model, out, step, last, meta, support))
 
         loss = _fit_expert_stage(request.plan, model, to_device(expert_train), total, request.seed, recipe,
                                  report("expert", total), after_expert_step, proxy_x)
@@ -249,8 +254,8 @@ def evaluate(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         return Evaluation(evaluations=[], baseline_accuracy=CHANCE_ACCURACY, n_heldout=0,
                           language_model=False).model_dump(mode="json")
     evaluations = [evaluate_checkpoint(ref, heldout) for ref in req.checkpoints]
-    n_outputs = output_support(triples["expert"], triples["proxy"]).n_outputs  # the trained policy's outputs
-    baseline = expert_only_baseline(expert_train, heldout, n_outputs, req.seed)
+    support = output_support(triples["expert"], triples["proxy"])  # the outputs the trained policy was fitted on
+    baseline = expert_only_baseline(support.dense(expert_train), support.dense(heldout), support.n_fitted, req.seed)
     log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", req.snapshot_id, len(evaluations),
              baseline)
     return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(heldout),

@@ -32,6 +32,10 @@ def rank(spec: Path, backend: str, worker: str) -> None:
     ranks = Ranks.join(backend)
     try:
         train_in_process(request, report_line if ranks.is_main else lambda _: None, worker, ranks)
+        # Leave together: a rank that tears its gloo pairs down while a peer still sends or gathers (rank 0 writing
+        # the result) can be aborted in gloo's thread ("terminate called without an active exception"), and torchrun
+        # then fails a run that trained. Seen twice in the FSDP test at teardown (once in CI on a loaded machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
