@@ -23,7 +23,7 @@ from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_
 
 from ground.schemas import DATASET_UPDATED_EVENT, DatasetUpdated, ExpertLabel, FeatureTriple
 from ground.settings import Settings, get_settings
-from ingest import dead_letters
+from ingest import dead_letters, prefect_events
 from ingest.bus import (
     LabelEvent,
     MalformedEvent,
@@ -35,6 +35,7 @@ from ingest.bus import (
     publish,
 )
 from ingest.dead_letters import Refusal
+from ingest.prefect_events import PrefectUnreachable
 from ingest.store import count_labels, count_new_labels, feature_dimension, make_engine
 from ingest.upsert import KindConflict, upsert_events
 
@@ -201,7 +202,9 @@ def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings
     """Emit `dataset.updated` (Kafka + Prefect event) once per threshold crossing.
 
     Counts only the labels added since the last check (ingest.store.count_new_labels), so the cost
-    of a check does not grow with the store; the whole table is counted only when emitting.
+    of a check does not grow with the store; the whole table is counted only when emitting. The counts
+    are reset only once the Prefect server has the event (it is what triggers `retrain`): otherwise they
+    are kept and PrefectUnreachable raised, so the check after the next batch emits again.
     """
     with Session(engine) as session:
         cursor = count_new_labels(session)
@@ -217,7 +220,11 @@ def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings
         )
         # Emit before resetting the counts: a crash in between re-triggers rather than loses.
         publish(producer, settings.topic_dataset_updated, update)  # type: ignore[arg-type]
-        emit_prefect_event(update, settings)
+        try:
+            emit_prefect_event(update, settings)
+        except PrefectUnreachable:
+            session.commit()  # the counts so far, not reset: the next check crosses the threshold again
+            raise
         cursor.expert_new = cursor.proxy_new = 0
         session.commit()
     log.info("dataset.updated: expert %d (+%d), proxy %d (+%d)", update.expert_total, update.expert_new,
@@ -228,19 +235,13 @@ def check_thresholds(engine: Engine, producer: KafkaProducer, settings: Settings
 def prepare_prefect_events() -> None:
     """Import Prefect's events client now (~1.5 s on a small VM), not inside the first threshold
     crossing's event → flow time. Imported lazily elsewhere: the store path never needs Prefect."""
-    import prefect.events  # noqa: F401
+    import prefect.events.clients  # noqa: F401
 
 
 def emit_prefect_event(update: DatasetUpdated, settings: Settings) -> None:
-    from prefect.events import emit_event
-    from prefect.events.worker import EventsWorker
-
-    emit_event(
-        event=DATASET_UPDATED_EVENT,
-        resource={"prefect.resource.id": f"proxyloop.policy.{settings.policy_name}"},
-        payload=update.model_dump(mode="json"),
-    )
-    EventsWorker.drain_all(timeout=15)
+    """The event the `retrain` deployment's trigger waits for; raises PrefectUnreachable unless delivered."""
+    prefect_events.emit(DATASET_UPDATED_EVENT, {"prefect.resource.id": f"proxyloop.policy.{settings.policy_name}"},
+                        update.model_dump(mode="json"))
 
 
 def _rewind(consumer: KafkaConsumer, records: list[Any]) -> None:
@@ -294,6 +295,9 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 check_thresholds(engine, producer, settings)
             except (KafkaError, OperationalError) as error:  # the watermark did not move: the next batch retries
                 log.warning("dataset.updated not published (%r); retrying after the next batch", error)
+            except PrefectUnreachable as error:  # stored and committed all the same; the counts were kept
+                log.warning("retrain NOT triggered: %s; the new-label counts are kept and the event is sent again "
+                            "after the next batch", error)
     finally:
         consumer.close()
         producer.close()

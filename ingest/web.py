@@ -17,7 +17,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def app_producer(request: Request) -> KafkaProducer:
-    """The app's one producer, opened and closed by its lifespan (proxyloop.http)."""
+    """The app's one producer: `app.state.producer` of an app that mounts these routers itself. proxyloop.http
+    overrides this dependency with a producer opened on first use (the app starts without a broker)."""
     producer: KafkaProducer = request.app.state.producer
     return producer
 

@@ -6,6 +6,7 @@ Weights come from safetensors only; nothing here unpickles.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +72,27 @@ def load_policy_dir(path: Path | str) -> nn.Module:
     return model.eval()
 
 
+# One load at a time in a process. transformers' from_pretrained initialises on the meta device through process-wide
+# patches; two at once (the first requests after a release, in the server's threads) left every model loaded in the
+# process after that with meta tensors ("Cannot copy out of meta tensor"): chat serving was down until a restart.
+_loading = threading.Lock()
+
+
 def cached_by_version(root: Path, ref: str, cache: dict[tuple[str, int], T],
                       load_version: Callable[[Path, str], T]) -> T:
     """What `ref` points at now (aliases re-resolved on every call), loaded once per version.
 
-    This is how serving follows a release or rollback without a restart.
+    This is how serving follows a release or rollback without a restart. Requests that arrive while a version loads
+    wait for it (`_loading`) instead of loading it again beside it.
     """
     key = version_of(root, ref)  # one small file read; the version itself is loaded only once
-    if key not in cache:
-        cache[key] = load_version(root, f"{key[0]}@{key[1]}")
-    return cache[key]
+    found = cache.get(key)
+    if found is None:
+        with _loading:
+            found = cache.get(key)
+            if found is None:
+                found = cache[key] = load_version(root, f"{key[0]}@{key[1]}")
+    return found
 
 
 def load(ref: str, root: Path | None = None) -> LoadedPolicy:

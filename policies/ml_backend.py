@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from ground.moments import utcnow
 from ground.schemas import ACQUISITION_REQUESTED_EVENT
 from ground.settings import ML_BACKEND_PATH, Settings
+from ingest import prefect_events
 from ingest.labelstudio.webhook import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME, SECRET_HEADER, secret_matches
 from ingest.web import SettingsDep
 from policies.acquisition import MAX_SCORE, AcquisitionScores
@@ -204,11 +205,10 @@ def predict(body: PredictRequest, settings: SettingsDep) -> dict[str, Any]:
 
 
 def request_refresh(reason: str, project: object = None) -> None:
-    """Emit the Prefect event the `refresh-acquisition` deployment is triggered by."""
-    from prefect.events import emit_event
-
-    emit_event(event=ACQUISITION_REQUESTED_EVENT, resource={"prefect.resource.id": "proxyloop.acquisition"},
-               payload={"reason": reason, "project": json.loads(json.dumps(project, default=str))})
+    """Send the Prefect event the `refresh-acquisition` deployment is triggered by; raises PrefectUnreachable
+    unless the server has it, so the webhook's answer never says "requested" for an event that was dropped."""
+    prefect_events.emit(ACQUISITION_REQUESTED_EVENT, {"prefect.resource.id": "proxyloop.acquisition"},
+                        {"reason": reason, "project": json.loads(json.dumps(project, default=str))})
 
 
 @router.post("/webhook", status_code=201)

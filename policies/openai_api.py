@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException
@@ -27,6 +29,7 @@ from policies.lm.chat import ChatPolicy, load_chat_policy
 from policies.lm.decoding import Sampling
 from policies.loader import cached_by_version
 from policies.profile import (
+    USER_ID_PATTERN,
     BuildReport,
     build_messages,
     items_of,
@@ -43,6 +46,7 @@ PROFILE_HEADER = "X-Proxyloop-Profile"
 MAX_TOKENS_LIMIT = 512
 DEFAULT_MAX_TOKENS = 64
 MAX_CHOICES = 8
+PROFILE_FRAMING = 16  # tokens of the turn markers around a profile, beyond what the profile's text counts
 
 
 class ContentPart(BaseModel):
@@ -204,17 +208,35 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
         raise Refused(str(exc), "messages") from exc
 
 
+def profile_room(policy: ChatPolicy, messages: list[dict[str, str]], reply_tokens: int) -> int:
+    """Tokens a profile may take: what the context leaves after the conversation, the reply (up to a quarter of the
+    context) and PROFILE_FRAMING for the profile's own turn markers. A fixed budget pushed a conversation that fits
+    alone past the context, and the request was refused for the client's messages."""
+    conversation = int(policy.prompt_ids(messages).shape[1])
+    return policy.context_limit - conversation - min(reply_tokens, policy.context_limit // 4) - PROFILE_FRAMING
+
+
 def personalise(
-    settings: Settings, policy: ChatPolicy, messages: list[dict[str, str]], user: str | None
+    settings: Settings, policy: ChatPolicy, messages: list[dict[str, str]], user: str | None, reply_tokens: int = 0,
 ) -> tuple[list[dict[str, str]], BuildReport | None]:
-    """With a `user`, put their profile into the context (paper 3); otherwise the messages as sent."""
+    """With a `user`, put their profile into the context (paper 3), within the setting's budget and the room the
+    conversation leaves (`profile_room`; none left: no profile); otherwise the messages as sent."""
     if not user:
         return messages, None
+    config = profile_config(settings)
+    if not re.fullmatch(USER_ID_PATTERN, user):  # a profile built under it could be neither listed nor erased
+        log.warning("user %r: no profile (only ids /v1/users can address are personalised: %s)", user[:80],
+                    USER_ID_PATTERN)
+        return messages, BuildReport(position=config.position)
+    room = min(config.budget_tokens, profile_room(policy, messages, reply_tokens))
+    if room < 1:
+        log.info("user %s: no room for a profile beside %d messages", user, len(messages))
+        return messages, BuildReport(position=config.position)
     with Session(profile_engine(settings.resolved_store_url)) as session:
         sync_expert_labels(session, user)  # the user's own chosen responses, if they annotate
         session.commit()
         items = items_of(session, user)
-        return build_messages(messages, items, profile_config(settings),
+        return build_messages(messages, items, replace(config, budget_tokens=room),
                               lambda text: len(policy.tokenizer(text).input_ids))
 
 
@@ -311,7 +333,8 @@ async def chat_completions(
         asked = _messages(body)
         policy = await run_in_threadpool(chat_policy, settings, body.model)
         _check_bias(policy, body)
-        messages, report = await run_in_threadpool(personalise, settings, policy, asked, body.user)
+        reply_tokens = body.samplings()[0].max_tokens
+        messages, report = await run_in_threadpool(personalise, settings, policy, asked, body.user, reply_tokens)
         prompt_tokens = await run_in_threadpool(_prompt_tokens, policy, messages)
     except Refused as refused:
         return refused.response()

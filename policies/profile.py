@@ -77,6 +77,9 @@ def create_tables(engine: Engine) -> None:
         ProfileBase.metadata.create_all(engine)  # checks again: raises only if the tables are still missing
 
 
+# The user ids the profile endpoints can address (/v1/users/{id}): a profile is only ever built under one of them, so
+# whatever is served from a profile can also be listed and erased (policies/profile_api.py, policies/openai_api.py).
+USER_ID_PATTERN = r"^[A-Za-z0-9_.@:-]{1,256}$"
 _ENGINE_LOCK = threading.Lock()
 
 
@@ -132,26 +135,38 @@ def erase_user(session: Session, user_id: str) -> int:
 
 
 def sync_expert_labels(session: Session, user_id: str | None = None) -> int:
-    """Chosen responses of text expert labels become their annotator's profile items (idempotent).
+    """Chosen responses of text expert labels become their annotator's profile items (idempotent); returns how
+    many were added.
 
-    Keyed by the annotator id as stored (e.g. `labelstudio-user-7`). Erased users are skipped: their
-    labels remain training data, retracted through Label Studio like any other label.
+    Keyed by the annotator id as stored (e.g. `labelstudio-user-7`). The profile follows the labels as the store
+    has them now: a label edited since (another choice) updates its item, and a retracted label's item is removed
+    (before, both stayed in the profile for good). Erased users are skipped: their labels remain training data,
+    retracted through Label Studio like any other label.
     """
     from ingest.store import LabelRow
 
-    added = 0
-    query = select(LabelRow).where(LabelRow.kind == "expert", LabelRow.deleted.is_(False))
+    labels = select(LabelRow).where(LabelRow.kind == "expert")
+    synced = select(ProfileItem).where(ProfileItem.source == "expert_label")
     if user_id is not None:
-        query = query.where(LabelRow.source_id == user_id)
+        labels, synced = labels.where(LabelRow.source_id == user_id), synced.where(ProfileItem.user_id == user_id)
     erased = set(session.scalars(select(ErasedUser.user_hash)))
-    for row in session.scalars(query):
+    items = {item.source_id: item for item in session.scalars(synced)}
+    added = 0
+    for row in session.scalars(labels):
+        item = items.get(row.event_id)
+        if row.deleted:
+            if item is not None:
+                session.delete(item)
+            continue
         if not row.item or row.item.get("type") != "pairwise_text" or _user_hash(row.source_id) in erased:
             continue
-        item = PairwiseText.model_validate(row.item)
-        chosen = item.response_a if item.choice == "a" else item.response_b
-        before = session.scalar(select(ProfileItem.id).where(ProfileItem.source_id == row.event_id))
-        add_item(session, row.source_id, chosen, item.prompt, "expert_label", source_id=row.event_id)
-        added += before is None
+        label = PairwiseText.model_validate(row.item)
+        chosen = label.response_a if label.choice == "a" else label.response_b
+        if item is None:
+            add_item(session, row.source_id, chosen, label.prompt, "expert_label", source_id=row.event_id)
+            added += 1
+        elif (item.response, item.query) != (chosen, label.prompt):
+            item.response, item.query = chosen, label.prompt
     return added
 
 

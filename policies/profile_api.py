@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
-from policies.profile import add_item, erase_user, items_of, profile_engine
+from policies.profile import USER_ID_PATTERN, add_item, erase_user, items_of, profile_engine
 
 router = APIRouter(prefix="/v1/users", tags=["profiles"])
-UserId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.@:-]{1,256}$", description="The service's user id.")]
+UserId = Annotated[str, Path(pattern=USER_ID_PATTERN, description="The service's user id.")]
 
 
 class ResponseIn(BaseModel):

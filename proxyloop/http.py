@@ -6,6 +6,7 @@ Run: `uvicorn proxyloop.http:app` (started by `proxyloop up`).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,13 +16,16 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from kafka import KafkaProducer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ground.settings import Settings, get_settings
-from ingest.bus import make_producer
 from ingest.labelstudio import router as labelstudio_router
+from ingest.labelstudio.webhook import broker_unavailable
+from ingest.proxy_client import BrokerUnreachable, connect_producer
+from ingest.web import app_producer
 from policies.ml_backend import ML_BACKEND_PREFIX
 from policies.ml_backend import router as ml_backend_router
 from policies.openai_api import router as openai_router
@@ -93,8 +97,14 @@ class RequestSizeLimit:
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "nan", "inf": what the client sent, in a form JSON can carry
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the body's JSON): UTF-8 cannot carry it
+            return value.encode(errors="backslashreplace").decode()
+        return value
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(item) for item in value]
     return value
@@ -102,25 +112,61 @@ def _json_safe(value: Any) -> Any:
 
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own 422, but safe to encode: its errors echo the input, and a client's NaN or Infinity (which
-    Python's JSON parser accepts) made the default answer's strict encoder raise, a 500 instead of the 422."""
+    Python's JSON parser accepts) or a lone UTF-16 surrogate (which UTF-8 cannot encode) made the default answer's
+    encoder raise, a 500 instead of the 422."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else [str(exc)]
     return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 
+class SharedProducer:
+    """The app's one Kafka producer, opened on first use, not at startup.
+
+    Why: opening one needs a broker, and an app that opened it in its lifespan could not start while Kafka was
+    away (kafka-python's bootstrap waits 30 s, then raises): serving, the OpenAI API and the ML backend, which
+    never publish, went down with it. Now only the Label Studio webhook needs the broker; it answers 503 while
+    none answers, and the next call after the broker is back opens the producer. The lock: FastAPI resolves
+    the dependency in its thread pool, and concurrent first calls must not open two producers.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings, self._lock = settings, threading.Lock()
+        self._producer: KafkaProducer | None = None
+
+    def get(self) -> KafkaProducer:
+        """The producer; raises BrokerUnreachable (naming PROXYLOOP_KAFKA_BOOTSTRAP) while no broker answers."""
+        with self._lock:
+            if self._producer is None:
+                self._producer = connect_producer(self._settings)
+            return self._producer
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close()
+                self._producer = None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    producers = SharedProducer(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.producer = make_producer(settings)
         try:
             yield
         finally:
-            app.state.producer.close()
+            producers.close()
+
+    def producer() -> KafkaProducer:
+        try:
+            return producers.get()
+        except BrokerUnreachable as exc:  # before anything is published: the label is not acknowledged
+            raise broker_unavailable(str(exc)) from exc
 
     app = FastAPI(title="proxyloop", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.dependency_overrides[get_settings] = lambda: settings  # every SettingsDep resolves these
+    app.dependency_overrides[app_producer] = producer  # every ProducerDep: opened on first use
     app.include_router(labelstudio_router)
     # Label Studio's ML-backend protocol (pre-annotations, acquisition scores); the webhook's secret.
     app.include_router(ml_backend_router, prefix=ML_BACKEND_PREFIX)

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ground.moments import as_utc, utcnow
@@ -280,6 +281,12 @@ def require_webhook_secret(settings: SettingsDep, secret: Annotated[str | None, 
         raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
 
 
+def broker_unavailable(reason: str) -> HTTPException:
+    """503: no broker took the label, so nothing is acknowledged; Label Studio's resend or the next reconciliation
+    (reconcile.py) delivers it once the broker is back. `reason` names PROXYLOOP_KAFKA_BOOTSTRAP."""
+    return HTTPException(503, f"label not accepted: {reason}", headers={"Retry-After": "10"})
+
+
 def _publish_all(producer: KafkaProducer, topic: str, labels: list[ExpertLabel]) -> None:
     futures = [publish(producer, topic, label, wait=False) for label in labels]
     producer.flush()
@@ -304,6 +311,10 @@ async def receive_labelstudio_webhook(
         labels = expert_labels_from_webhook(payload)
     except (ValueError, ValidationError, RecursionError) as exc:  # refused before anything is published
         raise HTTPException(422, f"unusable Label Studio payload: {exc}") from exc
-    await run_in_threadpool(_publish_all, producer, settings.topic_expert, labels)
+    try:
+        await run_in_threadpool(_publish_all, producer, settings.topic_expert, labels)
+    except KafkaError as exc:  # the broker went away after the producer opened: unacknowledged, so no 200
+        raise broker_unavailable(f"Kafka at {settings.kafka_bootstrap} (PROXYLOOP_KAFKA_BOOTSTRAP) did not "
+                                 f"acknowledge it: {exc}") from exc
     ids = [label.event_id for label in labels]
     return WebhookAccepted(event_id=ids[0] if ids else "", event_ids=ids, topic=settings.topic_expert)

@@ -258,3 +258,13 @@ def test_max_completion_tokens_is_max_tokens_by_its_newer_name(served, monkeypat
     _force(served, monkeypatch, tokens=served.policy.tokenizer("a", add_special_tokens=False).input_ids)
     reply = served.client.chat.completions.create(model=NAME, messages=ASK, max_completion_tokens=3, temperature=0)
     assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (3, "length")
+
+
+def test_a_lone_surrogate_in_the_body_is_a_422_not_a_500(served):
+    """JSON can spell "\\ud800", which UTF-8 cannot encode: the 422 that echoes it back used to raise while encoding."""
+    start = f'{{"model": "{NAME}", "messages": [{{"role": "user", "content": "hi'
+    bodies = [start + '"}], "user": "bad\\ud800"}', start + ' \\ud800"}]}']
+    for body in bodies:
+        reply = served.http.post("/v1/chat/completions", content=body.encode(),
+                                 headers={**AUTH, "content-type": "application/json"})
+        assert reply.status_code == 422 and "\\\\ud800" in reply.text  # echoed, escaped

@@ -161,3 +161,19 @@ def test_cache_round_trip_and_bad_files(settings: Settings) -> None:
     assert read_cache(settings) is None
     with pytest.raises(ValueError, match="1 task ids for 2 scores"):
         ScoreCache.from_scores([1], text_scores(np.zeros(2)), "v")
+
+
+def test_webhook_says_the_refresh_was_not_requested_while_prefect_is_down(client: TestClient) -> None:
+    """The real event path, to a Prefect API where nothing listens: `emit_event` only queued the event and its
+    worker dropped it, so the answer said "requested" for a refresh no server would ever start."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from proxyloop.testing import free_port
+
+    down = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: down}):
+        response = client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET,
+                               json={"action": "ANNOTATION_CREATED", "project": {"id": 3}})
+    assert response.status_code == 201  # the label itself travels by the ingest webhook: still acknowledged
+    refresh = response.json()["refresh"]
+    assert refresh.startswith("not requested: ") and down in refresh, refresh

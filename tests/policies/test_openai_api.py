@@ -6,6 +6,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from policies import openai_api
 from policies.lm.chat import register_causal_lm
 from policies.registry import set_alias
 from proxyloop.http import create_app
@@ -102,3 +103,51 @@ def test_the_user_field_puts_the_profile_after_the_question_by_default_and_says_
     assert raw.parse().usage.prompt_tokens > plain.usage.prompt_tokens
     tokens = int(header.split("tokens=")[1].split(";")[0])
     assert 0 < tokens <= settings.profile_budget_tokens
+
+
+def test_the_profile_takes_only_the_room_the_conversation_leaves(served):
+    """A conversation that fits the context alone is served with `user` too: the profile shrinks to what is left
+    (before, a fixed budget pushed it past the context and the request was refused for the client's messages)."""
+    settings, http = served
+    for i in range(10):
+        http.post("/v1/users/u2/responses", json={"response": f"I usually answer with sailing boats and pasta {i}."},
+                  headers={"Authorization": "Bearer plain-key"})
+    talk = []
+    for i in range(4):
+        talk += [{"role": "user", "content": f"question {i} about sailing boats and cooking pasta"},
+                 {"role": "assistant", "content": f"answer {i} about sailing boats"}]
+    talk.append({"role": "user", "content": "tell me about sailing boats"})
+    client = _client(http)
+    plain = client.chat.completions.create(model="chat", messages=talk, max_tokens=4, temperature=0)
+    assert plain.usage.prompt_tokens + 4 + settings.profile_budget_tokens > 512  # the setting's budget alone overflows
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=talk, max_tokens=4, temperature=0,
+                                                           user="u2")
+    header, reply = raw.headers["x-proxyloop-profile"], raw.parse()
+    assert not header.startswith("items=0;")
+    assert plain.usage.prompt_tokens < reply.usage.prompt_tokens <= 512 - 4
+    policy = openai_api.chat_policy(settings, "chat")
+    asks = ([{"role": "user", "content": "sailing " * n}] for n in range(40, 200))
+    full = next(m for m in asks if 500 <= policy.prompt_ids(m).shape[1] < 508)  # fits, leaves no room for a profile
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=full, max_tokens=4, user="u2")
+    assert raw.headers["x-proxyloop-profile"].startswith("items=0;")
+
+
+def test_a_user_id_the_profile_endpoints_cannot_address_gets_no_profile(served):
+    """An annotator id like "Jane Doe <jane+lab@example.org>" is fine on a label, but /v1/users/{id} refuses it: a
+    profile built under it could be neither listed nor erased, so none is built."""
+    from sqlalchemy.orm import Session
+
+    from ground.schemas import ExpertLabel, PairwiseText
+    from ingest.store import make_engine
+    from ingest.upsert import upsert_events
+
+    settings, http = served
+    odd = "Jane Doe <jane+lab@example.org>"
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        upsert_events(session, [ExpertLabel(event_id="odd-1", annotator_id=odd, item=PairwiseText(
+            prompt="Capital of France?", response_a="Lyon", response_b="Paris, my dear friend.", choice="b"))])
+        session.commit()
+    raw = _client(http).chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "Capital?"}], max_tokens=2, user=odd)
+    assert raw.headers["x-proxyloop-profile"].startswith("items=0;")
+    assert http.get("/v1/users/Jane%20Doe/responses", headers={"Authorization": "Bearer plain-key"}).status_code == 422

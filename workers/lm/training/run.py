@@ -43,13 +43,13 @@ from workers.lm.training.checkpoint import (
     skipped,
     write_result,
 )
-from workers.lm.training.data import load_jsonl, tokenize_pairs
+from workers.lm.training.data import load_jsonl, sequence_cap, tokenize_pairs
 from workers.lm.training.distributed import Ranks, launch
 from workers.lm.training.dpo_config import DPOConfig
 from workers.lm.training.loop import Progress, train_loop
 from workers.lm.training.loop_config import LoopConfig
 from workers.lm.training.reference_cache import ReferenceCache, cached_reference_logps
-from workers.lm.training.sft import choose_loss_mode, render_chat
+from workers.lm.training.sft import chat_messages, choose_loss_mode, fit_chats
 from workers.lm.training.sft_auto import train_auto_sft, wants_validation
 from workers.lm.training.sft_config import SFTConfig
 from workers.lm.training.sharded import ChatObjective, PairObjective
@@ -200,10 +200,12 @@ def train_in_process(request: LMTrainingRequest, progress: Progress, worker: str
         lineage["logp_reduction"] = config.reduction
     else:
         assert isinstance(config, SFTConfig)
-        chats = [row["messages"] for row in load_jsonl(request.dataset, ["messages"])]
+        chats = chat_messages(load_jsonl(request.dataset, ["messages"]))  # a malformed row fails here, by its line
         choice = choose_loss_mode(chats, tokenizer, config)
-        objective = ChatObjective([render_chat(c, tokenizer, choice.mode) for c in chats], config, pad)
+        fitted = fit_chats(chats, tokenizer, choice.mode, model, config.max_length)  # cut to the model's context
+        objective = ChatObjective(fitted, config, pad, sequence_cap(model, config.max_length))
         lineage["loss_mode"] = {**asdict(choice), "length_ratio": choice.length_ratio}
+        lineage["chats_without_output"] = len(chats) - len(fitted)  # left out: their output lies past the cap
     if resume is None and ranks.is_main:
         record_run(out, {**lineage, "config": config.to_dict()})
     result = train_loop(model, tokenizer, objective, config, out, device, autocast, lineage, progress, ranks,

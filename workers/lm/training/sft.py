@@ -13,22 +13,35 @@ maximum examples); otherwise IT. The measured defaults (`AUTO_IM_MIN_LENGTH_RATI
 `AUTO_IM_MAX_EXAMPLES`) found no region where IM wins, so by default it picks IT;
 `SFTConfig.im_min_length_ratio` / `im_max_examples` set a region explicitly. The reason is returned
 for the run's lineage; `loss_mode` "im" / "it" overrides.
+
+Rows and cuts: each row's `messages` is checked when loaded (`chat_messages`: a DatasetError naming the row, as
+`load_jsonl` names its lines); content may be a string or a list of text parts, joined. Content is tokenised as
+text, never as special tokens, so a user who writes `<|im_start|>assistant` forges no turn and IM scores no marker.
+A chat keeps its first `sequence_cap(model, max_length)` tokens, as pairs do; a chat with no output token left
+in them is left out of training (`fit_chats`, in both masks, so IM and IT train on the same chats) rather than
+cut from the left: keeping the start keeps the system prompt and the turn markers every chat is read with, and
+a chat is rarely worth a second truncation rule. A run left with no chat to learn from is refused, since an empty
+mask's loss would read 0 and the auto comparison would pick a winner on 0 against 0.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
 
-from workers.lm.training.data import TokenizedChat
+from workers.lm.training.data import DatasetError, TokenizedChat, model_context, row_place, sequence_cap
 from workers.lm.training.objectives import lm_loss, token_logps
 from workers.lm.training.sft_config import SFTConfig
 
 LossMode = Literal["im", "it"]
+Chat = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
+log = logging.getLogger("proxyloop.workers.lm")
 
 # The automatic rule's constants, fitted by `python -m bench.im_vs_it --quick` (2026-11-29, 2-core CPU;
 # docs/benchmarks.md, "Instruction Modelling vs instruction tuning"): over instruction/output ratios
@@ -55,37 +68,132 @@ class LossModeChoice:
         return self.instruction_tokens / max(self.output_tokens, 1)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: Any, text: str, content: bool = False) -> list[int]:
+    """Token ids of `text`; of content (`content=True`) with marker strings split as text, so that only the
+    template's own markers are special tokens (a marker in a user's text would forge a turn, and IM would score it).
+    """
+    if content:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, mode: LossMode) -> TokenizedChat:
-    """Token ids of a ChatML conversation and its loss mask under `mode` ('im' or 'it')."""
-    ids: list[int] = []
-    mask: list[int] = []
+def _shown(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width] + "..."
 
-    def add(text: str, scored: bool) -> None:
-        piece = _ids(tokenizer, text)
+
+def _content_text(message: dict[str, Any], where: str) -> str:
+    """A message's content as one string: a string, or an OpenAI-style list of text parts joined (as the API
+    reads them). Anything else is a DatasetError: null or missing content is no text to train on, and an image
+    part is nothing this text model can read."""
+    if "content" not in message:
+        raise DatasetError(f"{where} has no 'content'; each message needs 'role' and 'content'")
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise DatasetError(f"{where}: content is {_shown(content)}; it must be a string or a list of text parts")
+    texts = []
+    for number, part in enumerate(content, start=1):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise DatasetError(f"{where}: content part {number} is {_shown(part)}; only "
+                               '{"type": "text", "text": "..."} parts can be trained on')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _checked_chat(messages: Any, where: str) -> Chat:
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(f"{where}: 'messages' is {_shown(messages)}; it must be a non-empty list of "
+                           "messages with 'role' and 'content'")
+    chat: Chat = []
+    for number, message in enumerate(messages, start=1):
+        place = f"{where}: message {number}"
+        if not isinstance(message, dict):
+            raise DatasetError(f"{place} is {_shown(message)}; a message is an object with 'role' and 'content'")
+        if message.get("role") not in ROLES:
+            raise DatasetError(f"{place}: Unknown chat role {message.get('role')!r}; should be one of {list(ROLES)}")
+        chat.append({"role": message["role"], "content": _content_text(message, place)})
+    if not any(m["role"] == "assistant" for m in chat):
+        raise DatasetError(f"{where}: the chat has no assistant turn; SFT learns the assistant's output, so every "
+                           "chat needs one")
+    return chat
+
+
+def chat_messages(rows: Sequence[dict[str, Any]]) -> list[Sequence[dict[str, str]]]:
+    """The chats of SFT rows (`{"messages": [...]}`), checked and normalised (content as one string).
+
+    A malformed row is a DatasetError "FILE:LINE: reason" (`row_place`) here, when loaded, rather than a KeyError
+    or a tokenizer's TypeError naming no row at the first batch that holds it."""
+    return [_checked_chat(row["messages"], row_place(row, index)) for index, row in enumerate(rows)]
+
+
+def _render(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """(ids, output mask, instruction mask) of a ChatML conversation: the output is the assistant's content and
+    its closing `<|im_end|>`, the instruction the other roles' content; markers and newlines are in neither."""
+    ids: list[int] = []
+    output: list[int] = []
+    instruction: list[int] = []
+
+    def add(piece: list[int], is_output: bool, is_instruction: bool) -> None:
         ids.extend(piece)
-        mask.extend([int(scored)] * len(piece))
+        output.extend([int(is_output)] * len(piece))
+        instruction.extend([int(is_instruction)] * len(piece))
 
     for message in messages:
         role = message["role"]
         if role not in ROLES:
             raise ValueError(f"Unknown chat role {role!r}; should be one of {list(ROLES)}")
         is_output = role == "assistant"
-        add(f"<|im_start|>{role}\n", False)
-        add(message["content"], is_output or mode == "im")
-        add("<|im_end|>", is_output)
-        add("\n", False)
-    return TokenizedChat(ids, mask)
+        add(_ids(tokenizer, f"<|im_start|>{role}\n"), False, False)
+        add(_ids(tokenizer, message["content"], content=True), is_output, not is_output)
+        add(_ids(tokenizer, "<|im_end|>"), is_output, False)
+        add(_ids(tokenizer, "\n"), False, False)
+    return ids, output, instruction
+
+
+def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, mode: LossMode) -> TokenizedChat:
+    """Token ids of a ChatML conversation and its loss mask under `mode` ('im' or 'it')."""
+    ids, output, instruction = _render(messages, tokenizer)
+    if mode == "it":
+        return TokenizedChat(ids, output)
+    return TokenizedChat(ids, [o | i for o, i in zip(output, instruction, strict=True)])
+
+
+def cap_words(model: Any, max_length: int) -> str:
+    """How the token cap came about, for errors: "max_length 512" or that and the model's shorter context."""
+    cap = sequence_cap(model, max_length)
+    return f"max_length {max_length}" if cap == max_length else \
+        f"max_length {max_length}, cut to the model's {model_context(model)}-token context"
+
+
+def fit_chats(chats: Sequence[Sequence[dict[str, str]]], tokenizer: Any, mode: LossMode, model: Any,
+              max_length: int) -> list[TokenizedChat]:
+    """The chats rendered under `mode` and cut to their first `sequence_cap(model, max_length)` tokens, less those
+    with no output token left (module docstring: left out, with a warning; whether is decided on the output, so
+    IM and IT leave out the same chats). None left is a DatasetError: a loss over no token would read 0."""
+    cap = sequence_cap(model, max_length)
+    fitted = []
+    for messages in chats:
+        ids, output, instruction = _render(messages, tokenizer)
+        if any(output[1:cap]):  # position 0 is never a target (position t predicts token t + 1)
+            mask = output if mode == "it" else [o | i for o, i in zip(output, instruction, strict=True)]
+            fitted.append(TokenizedChat(ids[:cap], mask[:cap]))
+    lost = len(chats) - len(fitted)
+    if not fitted:
+        raise DatasetError(f"all {lost} chats lose their whole output at {cap} tokens ({cap_words(model, max_length)})"
+                           f": there is nothing to learn; raise max_length or shorten the instructions")
+    if lost:
+        log.warning("%d of %d chats lose their whole output at %d tokens (%s): left out of training", lost,
+                    len(chats), cap, cap_words(model, max_length))
+    return fitted
 
 
 def count_tokens(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[int, int]:
     """(instruction tokens, output tokens) of one chat: system+user content vs assistant content."""
     instruction = output = 0
     for message in messages:
-        n = len(_ids(tokenizer, message["content"]))
+        n = len(_ids(tokenizer, message["content"], content=True))
         if message["role"] == "assistant":
             output += n
         else:

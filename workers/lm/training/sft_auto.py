@@ -27,9 +27,9 @@ from ground.schemas import LMTrainingRequest
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.snapshot_data import write_jsonl
 from workers.lm.training.checkpoint import PREFIX, write_result
-from workers.lm.training.data import collate_chats, load_jsonl
+from workers.lm.training.data import DatasetError, collate_chats, load_jsonl, sequence_cap
 from workers.lm.training.loop import Progress
-from workers.lm.training.sft import LossMode, choose_loss_mode, render_chat
+from workers.lm.training.sft import LossMode, cap_words, chat_messages, choose_loss_mode, render_chat
 from workers.lm.training.sft_config import SFTConfig
 
 Chat = Sequence[dict[str, str]]
@@ -46,7 +46,7 @@ def wants_validation(request: LMTrainingRequest) -> bool:
 def validation_split(chats: list[Chat], config: SFTConfig) -> tuple[list[Chat], list[Chat]] | None:
     """(training chats, validation chats), or None when the dataset is too small to hold any out."""
     if config.validation_dataset:
-        return chats, [row["messages"] for row in load_jsonl(config.validation_dataset, ["messages"])]
+        return chats, chat_messages(load_jsonl(config.validation_dataset, ["messages"]))
     count = max(MIN_VALIDATION_CHATS, math.ceil(config.validation_share * len(chats)))
     if len(chats) - count < MIN_TRAINING_CHATS:
         return None
@@ -64,16 +64,23 @@ def _load(checkpoint: str, base_model: str, lora: bool) -> Any:
 
 
 @torch.no_grad()
-def output_metrics(model: Any, tokenizer: Any, chats: Sequence[Chat], batch_size: int = 64) -> dict[str, float]:
-    """Output (IT-mask) loss, token accuracy and exact match of `chats` under `model`.
+def output_metrics(model: Any, tokenizer: Any, chats: Sequence[Chat], max_length: int = 1024,
+                   batch_size: int = 64) -> dict[str, float]:
+    """Output (IT-mask) loss, token accuracy and exact match of `chats` under `model`, each chat cut as training
+    cuts it (`sequence_cap(model, max_length)`: the run's `max_length`, or the model's context if shorter). Why the
+    run's cap: a fixed one crashed a model of shorter context and scored tokens training never saw. The default,
+    1024, is the `bench/im_vs_it` recipe's.
 
     Accuracy is teacher-forced argmax; an example is an exact match when every output token (and its closing
-    `<|im_end|>`) is the argmax, which is what greedy decoding would produce."""
+    `<|im_end|>`) is the argmax, which is what greedy decoding would produce. A chat whose output is cut away
+    entirely adds nothing to any of them; when every chat's is, this is a DatasetError, not a loss of 0 that would
+    tie (and so decide) the IM/IT comparison."""
     model.eval()
-    nll = tokens = correct = exact = 0.0
+    cap = sequence_cap(model, max_length)
+    nll = tokens = correct = exact = scored_chats = 0.0
     for start in range(0, len(chats), batch_size):
         rendered = [render_chat(c, tokenizer, "it") for c in chats[start:start + batch_size]]
-        batch = collate_chats(rendered, tokenizer.pad_token_id, 1024)
+        batch = collate_chats(rendered, tokenizer.pad_token_id, cap)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[:, :-1].float()
         targets = batch["input_ids"][:, 1:]
@@ -83,9 +90,14 @@ def output_metrics(model: Any, tokenizer: Any, chats: Sequence[Chat], batch_size
         nll += float(-(logp * mask).sum())
         tokens += float(mask.sum())
         correct += float(hit.sum())
-        exact += float((hit.sum(1) == mask.sum(1)).sum())
-    return {"loss": nll / max(tokens, 1.0), "token_acc": correct / max(tokens, 1.0),
-            "exact": exact / max(len(chats), 1)}
+        kept = mask.sum(1) > 0
+        exact += float(((hit.sum(1) == mask.sum(1)) & kept).sum())
+        scored_chats += float(kept.sum())
+    if not tokens:
+        raise DatasetError(f"all {len(chats)} validation chats lose their whole output at {cap} tokens "
+                           f"({cap_words(model, max_length)}): IM and IT cannot be compared on them; raise "
+                           "max_length or shorten the instructions")
+    return {"loss": nll / tokens, "token_acc": correct / tokens, "exact": exact / scored_chats}
 
 
 def _tagged(progress: Progress, mode: LossMode) -> Progress:
@@ -97,7 +109,7 @@ def train_auto_sft(request: LMTrainingRequest, progress: Progress, worker: str, 
     the better one, its checkpoints cut at the best by validation output loss; the lineage says why."""
     out = Path(request.output_dir)
     config = SFTConfig.from_dict(request.config)
-    chats: list[Chat] = [row["messages"] for row in load_jsonl(request.dataset, ["messages"])]
+    chats: list[Chat] = chat_messages(load_jsonl(request.dataset, ["messages"]))  # malformed rows fail here
     tokenizer = load_tokenizer(request.base_model)
     static = choose_loss_mode(chats, tokenizer, config)
     split = validation_split(chats, config)
@@ -120,8 +132,8 @@ def train_auto_sft(request: LMTrainingRequest, progress: Progress, worker: str, 
         sub = request.model_copy(update={"run_id": f"{request.run_id}-{mode}", "dataset": str(data),
                                          "output_dir": str(out / mode), "config": {**forced, "loss_mode": mode}})
         results[mode] = run(sub, _tagged(progress, mode), worker, ranks)
-        scores[mode] = [output_metrics(_load(c, request.base_model, bool(config.lora_r)), tokenizer, held)["loss"]
-                        for c in results[mode]["checkpoints"]]
+        scores[mode] = [output_metrics(_load(c, request.base_model, bool(config.lora_r)), tokenizer, held,
+                                       config.max_length)["loss"] for c in results[mode]["checkpoints"]]
     best = {mode: min(range(len(s)), key=s.__getitem__) for mode, s in scores.items()}
     mode = min(MODES, key=lambda m: scores[m][best[m]])
     other: LossMode = "it" if mode == "im" else "im"

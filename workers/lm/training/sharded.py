@@ -63,14 +63,18 @@ class PairObjective:
 
 
 class ChatObjective:
-    """SFT: mean NLL over the scored tokens (IM or IT mask, see `sft.py`)."""
+    """SFT: mean NLL over the scored tokens (IM or IT mask, see `sft.py`).
 
-    def __init__(self, chats: list[TokenizedChat], config: SFTConfig, pad: int) -> None:
-        self.chats, self.config, self.pad = chats, config, pad
-        self.lengths = [c.length for c in chats]
+    `max_length` is the run's cap, `sequence_cap(model, config.max_length)`, not the recipe's alone: past its
+    context a model with a position table fails (GPT-2) and one with rotary positions reads positions it never
+    trained on."""
+
+    def __init__(self, chats: list[TokenizedChat], config: SFTConfig, pad: int, max_length: int) -> None:
+        self.chats, self.config, self.pad, self.max_length = chats, config, pad, max_length
+        self.lengths = [min(c.length, max_length) for c in chats]
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        return collate_chats([self.chats[i] for i in indices], self.pad, self.config.max_length)
+        return collate_chats([self.chats[i] for i in indices], self.pad, self.max_length)
 
     def totals(self, indices: list[int]) -> tuple[float, ...]:
         """(scored tokens,) of the global micro-batch: the denominator of its mean."""
