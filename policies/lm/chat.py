@@ -27,7 +27,7 @@ from policies.lm.decoding import (
     sample_token,
 )
 from policies.lm.lora import is_lora_dir, load_lora_dir
-from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
+from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, kept_prompt, load_mixture_dir, prompt_log_weights
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from policies.registry import register, resolve
 
@@ -71,11 +71,12 @@ class ChatPolicy:
         """The vocabulary bias of this request's mode: k drawn from w(x) with the request's generator (greedy
         requests, temperatures under decoding.GREEDY_BELOW, take the most likely mode), None for a policy without
         a mixture. w(x) pools the rendered prompt's ids without special tokens, exactly as training tokenised its
-        prompts (training/data.py), and cut as training cut them (its recipe's max_length, first tokens kept)."""
+        prompts (training/data.py), and cut as training cut them (`kept_prompt` at its recipe's max_length)."""
         if self.mixture is None or self.mode_biases is None:
             return None
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.prompt_cap]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = kept_prompt(ids, self.prompt_cap) if self.prompt_cap is not None else ids
         weights = prompt_log_weights(self.mixture, self.model, ids).exp()
         if is_greedy(temperature):
             return self.mode_biases[int(weights.argmax())]

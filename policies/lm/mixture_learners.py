@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cache
 
@@ -52,9 +53,14 @@ class MixtureTerms:
     base_rejected: np.ndarray
     prompt_code: np.ndarray
     beta: float  # stage 1's DPO β: the implicit reward's scale
+    # [n] which pairs are copies of one another (`pair_groups`: same prompt and responses), so the tests'
+    # folds keep them together; None: every pair distinct.
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for f in [f for f in fields(self) if f.name != "beta"]:
+        if self.groups is not None:
+            object.__setattr__(self, "groups", np.asarray(self.groups, dtype=np.int64))
+        for f in [f for f in fields(self) if f.name not in ("beta", "groups")]:
             array = np.asarray(getattr(self, f.name), dtype=np.float64)
             if not np.isfinite(array).all():
                 raise ValueError(f"MixtureTerms.{f.name} has non-finite values")
@@ -66,12 +72,15 @@ class MixtureTerms:
         if self.base_chosen.shape != (n,) or self.base_rejected.shape != (n,) or self.prompt_code.ndim != 2 \
                 or len(self.prompt_code) != n:
             raise ValueError(f"base log-probs must be [n] and prompt_code [n, P] with n = {n}")
+        if self.groups is not None and self.groups.shape != (n,):
+            raise ValueError(f"groups must be [n] = [{n}], got {self.groups.shape}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"MixtureTerms.beta (stage 1's DPO β) must be a positive number, got {self.beta}")
 
     def take(self, index: np.ndarray | slice) -> MixtureTerms:
         return MixtureTerms(self.log_weights[index], self.mode_chosen[index], self.mode_rejected[index],
-                            self.base_chosen[index], self.base_rejected[index], self.prompt_code[index], self.beta)
+                            self.base_chosen[index], self.base_rejected[index], self.prompt_code[index], self.beta,
+                            None if self.groups is None else self.groups[index])
 
     def oriented(self, sign: np.ndarray) -> MixtureTerms:
         """These pairs, read a vs b, turned chosen first by labels `sign` [n] (+1: a was chosen, −1: b was)."""
@@ -80,7 +89,8 @@ class MixtureTerms:
         return MixtureTerms(self.log_weights, np.where(column, self.mode_rejected, self.mode_chosen),
                             np.where(column, self.mode_chosen, self.mode_rejected),
                             np.where(flip, self.base_rejected, self.base_chosen),
-                            np.where(flip, self.base_chosen, self.base_rejected), self.prompt_code, self.beta)
+                            np.where(flip, self.base_chosen, self.base_rejected), self.prompt_code, self.beta,
+                            self.groups)
 
     @property
     def base_margin(self) -> np.ndarray:
@@ -95,6 +105,15 @@ class MixtureTerms:
     def mode_margins(self) -> np.ndarray:
         """Each mode's implicit-reward margin β(Δ log π_k − Δ log π_0), [n, D]."""
         return np.asarray(self.beta * ((self.mode_chosen - self.mode_rejected) - self.base_margin[:, None]))
+
+
+def pair_groups(rows: Sequence[Mapping[str, str]]) -> np.ndarray:
+    """Per pair row ({"prompt", "chosen", "rejected"}), its copy group (`MixtureTerms.groups`): one prompt with one
+    unordered pair of responses is one group whoever labelled it and whichever way, numbered by first appearance
+    (all distinct: 0..n-1)."""
+    seen: dict[tuple[str, frozenset[str]], int] = {}
+    keys = [(row["prompt"], frozenset((row["chosen"], row["rejected"]))) for row in rows]
+    return np.array([seen.setdefault(key, len(seen)) for key in keys], dtype=np.int64)
 
 
 @cache

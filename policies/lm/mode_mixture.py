@@ -43,6 +43,18 @@ from policies.lm.mixture_learners import best_relabelling, keep_bonus
 STAGES = ("proxy", "expert", "all")
 WEIGHTS_FILE = "mode_mixture.safetensors"
 SPEC_FILE = "mode_mixture.json"
+RESPONSE_RESERVE = 16  # tokens of a sequence's cap a prompt leaves its response, at most half the cap
+
+
+def kept_prompt(prompt_ids: list[int], cap: int) -> list[int]:
+    """The prompt as read at `cap` tokens per sequence: its LAST cap − min(RESPONSE_RESERVE, cap // 2) tokens at most.
+    Why the end: a chat prompt's question and the assistant's turn marker come last (a quoted earlier exchange
+    first), and a prompt kept from its start filled the cap and left both responses empty, so the pair said nothing
+    (every response cut: stage 1 crashed; some: they counted as evidence). A function of the prompt and the cap alone,
+    so a reader without responses (serving's w(x)) can cut as training does; it is here, below the workers, for
+    that reader. Every pair reader cuts through `workers/lm/training/data.truncate_pair`, which calls this."""
+    room = max(1, cap - min(RESPONSE_RESERVE, cap // 2))
+    return prompt_ids[-room:] if len(prompt_ids) > room else list(prompt_ids)
 
 
 class ModeMixture(nn.Module):
@@ -118,15 +130,35 @@ def select_trainable(mixture: ModeMixture, stage: str) -> list[str]:
     return trainable
 
 
+JITTER = 1e-2  # a repeated starting centre moves this many of the head's standard deviations
+
+
+def starting_centres(rows: Tensor, count: int, generator: torch.Generator, spread: float) -> Tensor:
+    """`count` starting centres [count, H] among `rows` [N, H]: a random `count` of them when N >= count (the draw
+    k-means always took), else every row once and the rest drawn again, each repeat moved by a seeded jitter of
+    JITTER x `spread`. Why: a snapshot may hold fewer proxy pairs than modes (2-7 of 8 crashed stage 1; one left
+    every mode at zero, its only direction being the mean's), and identical centres would stay identical modes."""
+    if len(rows) == 0:
+        raise ValueError("k-means of the modes needs at least one proxy-chosen response")
+    order = torch.randperm(len(rows), generator=generator)
+    if len(rows) >= count:
+        return rows[order[:count]].clone()
+    extra = torch.randint(len(rows), (count - len(rows),), generator=generator)
+    centres = rows[torch.cat([order, extra])].clone()
+    centres[len(rows):] += JITTER * spread * torch.randn(count - len(rows), rows.shape[1], generator=generator)
+    return centres
+
+
 @torch.no_grad()
 def kmeans_modes(token_ids: Tensor, mask: Tensor, head_weight: Tensor, simplex_dim: int, seed: int = 0,
                  norm: float = 3.0, iterations: int = 30) -> Tensor:
     """Θ̃'s start: k-means (simplex_dim clusters) of responses' mean unembedding rows [N, H] (`token_ids`
     [N, R], mask [N, R]: the proxy-chosen responses); mode k = centre_k − overall mean, rescaled to mean norm
-    `norm`. Breaks the symmetry between modes with directions the proxy's choices actually take."""
+    `norm`. Breaks the symmetry between modes with directions the proxy's choices actually take. Any N >= 1 works
+    (`starting_centres`)."""
     rows = (head_weight[token_ids] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
     generator = torch.Generator().manual_seed(seed)
-    centres = rows[torch.randperm(len(rows), generator=generator)[:simplex_dim]].clone()
+    centres = starting_centres(rows, simplex_dim, generator, float(head_weight.std()))
     for _ in range(iterations):
         nearest = torch.cdist(rows, centres).argmin(1)
         for k in range(simplex_dim):

@@ -29,7 +29,7 @@ from torch import Tensor
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
-from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, load_mixture_dir, prompt_log_weights
+from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, kept_prompt, load_mixture_dir, prompt_log_weights
 from workers.lm import mode_mixture_training
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import saved_max_length
@@ -105,8 +105,8 @@ def mixture_scores(mixture: ModeMixture, base: MixtureBase, tokenizer: Any, prom
     prompt's most likely mode [len(prompts), V] (its prompt cut at `max_length`, as training cut it)."""
     logps = mode_mixture_training.pair_logps(mixture, base.encoded, base.head)
     modes = [int(prompt_log_weights(mixture, base.model,
-                                    tokenizer(p, add_special_tokens=False)["input_ids"][:max_length]).argmax())
-             for p in prompts]
+                                    kept_prompt(tokenizer(p, add_special_tokens=False)["input_ids"], max_length))
+                 .argmax()) for p in prompts]
     return logps - base.encoded.base_logps, mixture.mode_biases(base.head)[modes]
 
 

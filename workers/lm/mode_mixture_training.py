@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from policies.lm.mixture_learners import pair_groups
 from policies.lm.mode_mixture import (
     BiasLogits,
     ModeMixture,
@@ -35,7 +36,7 @@ from policies.lm.mode_mixture import (
 )
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
-from workers.lm.training.data import sequence_cap, tokenize_pairs, truncate_pair
+from workers.lm.training.data import nonempty_pairs, sequence_cap, tokenize_pairs, truncate_pair
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
 
 
@@ -52,7 +53,8 @@ class DPOHooks(Protocol):
 @dataclass
 class EncodedPairs:
     """Per pair: prompt embeddings [N, T, H] and mask; chosen/rejected (index 0/1) final states [N, 2, R, H],
-    targets [N, 2, R] and masks [N, 2, R]; the base's sequence log-probs [N, 2]."""
+    targets [N, 2, R] and masks [N, 2, R]; the base's sequence log-probs [N, 2]; copy groups [N]
+    (`mixture_learners.pair_groups`, which the tests' folds keep together; None: all distinct)."""
 
     embeds: Tensor
     prompt_mask: Tensor
@@ -60,13 +62,15 @@ class EncodedPairs:
     targets: Tensor
     mask: Tensor
     base_logps: Tensor
+    groups: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.embeds)
 
     def take(self, index: Tensor | slice) -> EncodedPairs:
-        return EncodedPairs(*(t[index] for t in (self.embeds, self.prompt_mask, self.hidden, self.targets,
-                                                 self.mask, self.base_logps)))
+        return EncodedPairs(self.embeds[index], self.prompt_mask[index], self.hidden[index], self.targets[index],
+                            self.mask[index], self.base_logps[index],
+                            None if self.groups is None else self.groups[index])
 
 
 def _pad(rows: list[Tensor], width: int) -> tuple[Tensor, Tensor]:
@@ -108,19 +112,24 @@ class FrozenBase:
 
 @torch.no_grad()
 def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_length: int,
-                 chunk: int = 64) -> EncodedPairs:
+                 chunk: int = 64, drop_empty: bool = True) -> EncodedPairs:
     """Run the frozen base once over each pair's prompt + chosen and prompt + rejected (on the model's device;
     the tensors come back on the CPU, where the mixture trains).
 
     Each sequence is cut to `max_length` (the recipe's) or the model's context, if shorter, by the truncation DPO's
-    batches use (`truncate_pair`, keeps the start); the prompt τ̃ reads is the prompt as cut. Without it one long
-    pair set the width of its whole chunk and of every stored tensor: a 20 KB proxy response (16k tokens) asked
-    for 10 GB. A pair whose prompt fills the cap keeps no response tokens: both log-probs 0, no DPO signal. A pair
-    whose prompt keeps no token of its own is a `DatasetError` naming its line (`tokenize_pairs`): its w(x) would
-    pool nothing, and the position predicting its first response token would be -1."""
+    batches use (`truncate_pair`: a long prompt keeps its end and leaves the responses room); the prompt τ̃ reads is
+    the prompt as cut. Without it one long pair set the width of its whole chunk and of every stored tensor: a 20 KB
+    proxy response (16k tokens) asked for 10 GB. A pair that still keeps no token of a response (a cap under 2) has
+    no DPO signal and would count as evidence in the tests: it is left out with a logged count (`nonempty_pairs`;
+    none left is a `DatasetError`), unless `drop_empty` is False (the acquisition terms, one row per row given). A
+    pair whose prompt keeps no token of its own is a `DatasetError` naming its line (`tokenize_pairs`): its w(x)
+    would pool nothing, and the position predicting its first response token would be -1."""
     model.eval()
     cap = sequence_cap(model, max_length)
     pairs = [truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)]
+    if drop_empty:
+        kept = nonempty_pairs(pairs, rows, cap)
+        pairs, rows = [pairs[i] for i in kept], [rows[i] for i in kept]
     device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings().weight.float().cpu()
     states: list[Tensor] = []
@@ -138,14 +147,15 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
             for row, response in ((i, pair.chosen_ids), (i + len(part), pair.rejected_ids)):
                 states.append(final[row, start_at:start_at + len(response)])
                 targets.append(torch.tensor(response, dtype=torch.long))  # long when cut to nothing too
-    width = max(len(t) for t in targets)
+    width = max(1, max(len(t) for t in targets))  # 1: all cut to nothing (drop_empty off) still has a shape
     hidden, mask = _pad(states, width)
     target_ids, _ = _pad(targets, width)
     n = len(pairs)
     hidden, mask, target_ids = hidden.view(n, 2, width, -1), mask.view(n, 2, width), target_ids.view(n, 2, width)
     embeds, prompt_mask = prompt_embeddings(model, [p.prompt_ids for p in pairs])
     base_logps = sequence_logps(target_logps(hidden @ head.T, target_ids), mask, "sum")
-    return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, base_logps)
+    return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, base_logps,
+                        torch.from_numpy(pair_groups(rows)))
 
 
 def pair_logps(mixture: ModeMixture, data: EncodedPairs, head: Tensor) -> Tensor:

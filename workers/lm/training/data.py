@@ -8,6 +8,7 @@ same order as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from policies.lm.mode_mixture import kept_prompt
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -153,14 +158,33 @@ def tokenize_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[Token
 
 
 def truncate_pair(pair: TokenizedPair, max_length: int) -> TokenizedPair:
-    """The pair as a model sees it at `max_length` tokens per sequence: prompt + chosen and prompt + rejected each
-    keep their first `max_length` tokens, as TRL's default `keep_start`. The one truncation rule of pairs: DPO's
-    batches (`collate_pairs`) and every reader of pairs (the mode mixture's `encode_pairs`, the text condition
-    tests' `pair_features`) cut through it, so a pair longer than the cap is read the same way everywhere. A prompt
-    of `max_length` tokens or more leaves both responses empty."""
-    prompt = pair.prompt_ids[:max_length]
+    """The pair as a model sees it at `max_length` tokens per sequence: the prompt keeps its last tokens, at most
+    `max_length` less a reserve for the responses (`policies.lm.mode_mixture.kept_prompt`), and each response the
+    start that fits after it. The one truncation rule of pairs: DPO's batches (`collate_pairs`) and every reader of
+    pairs (the mode mixture's `encode_pairs`, the text condition tests' `pair_features`) cut through it, so a pair
+    longer than the cap is read the same way everywhere. A pair within the cap, or one whose prompt fits in the cap
+    less the reserve, is cut as before (TRL's `keep_start`); a longer prompt used to keep its start and leave both
+    responses empty. Only a cap under 2 tokens (or a response of no token) still leaves a response empty:
+    `nonempty_pairs` leaves such pairs out."""
+    prompt = kept_prompt(pair.prompt_ids, max_length)
     room = max_length - len(prompt)
     return TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room])
+
+
+def nonempty_pairs(pairs: Sequence[TokenizedPair], rows: Sequence[Any], cap: int) -> list[int]:
+    """Indices of the (cut) `pairs` whose chosen and rejected responses both keep a token. A pair with an empty
+    response has log-probability 0 on that side under every model: no preference signal, yet it counted as evidence
+    (an expert response 'outside the proxy's image'). The others are logged with a count; none left is a
+    `DatasetError`, since a loss or a test over no pair would read as a result."""
+    kept = [i for i, p in enumerate(pairs) if p.chosen_ids and p.rejected_ids]
+    if len(kept) < len(pairs):
+        first = next(i for i, p in enumerate(pairs) if not (p.chosen_ids and p.rejected_ids))
+        log.warning("%d of %d pairs keep no token of a response at %d tokens per sequence (first: %s); left out",
+                    len(pairs) - len(kept), len(pairs), cap, row_place(rows[first], first))
+    if pairs and not kept:
+        raise DatasetError(f"all {len(pairs)} pairs keep no token of a response at {cap} tokens per sequence "
+                           f"(first: {row_place(rows[0], 0)}); raise the recipe's max_length or shorten the prompts")
+    return kept
 
 
 def model_context(model: Any) -> int | None:
@@ -190,7 +214,7 @@ def _pad(rows: list[list[int]], value: int) -> Tensor:
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, max_length: int) -> dict[str, Tensor]:
     """[chosen rows; rejected rows] right-padded: input_ids, attention_mask, completion_mask, all [2B, T].
 
-    Each sequence is cut to `max_length` tokens by `truncate_pair` (keeps the start).
+    Each sequence is cut to `max_length` tokens by `truncate_pair`.
     """
     pairs = [truncate_pair(p, max_length) for p in pairs]
     ids = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]

@@ -53,7 +53,8 @@ from workers.lm.training.dpo_config import DPOConfig
 log = logging.getLogger("proxyloop.workers.lm.reference_cache")
 
 DB_NAME = "reference_logps.sqlite3"
-FORMAT = 1  # bump when the meaning of a stored value changes: every old entry then misses
+FORMAT = 2  # bump when the meaning of a stored value changes: every old entry then misses (2: long prompts keep
+# their end, mode_mixture.kept_prompt)
 LOOKUP_CHUNK = 500  # SQLite bounds the number of parameters of one statement
 
 
