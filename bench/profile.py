@@ -12,8 +12,8 @@ For each user, six past (query, response) pairs form the profile and held-out qu
 topics are scored: the mean per-token log-likelihood of the user's own held-out response under
 the policy, for no profile and the four layouts of policies.profile.build_messages (same builder,
 same token budget):
-  response_first        response-only items, system message at the start (proxyloop's default)
-  response_end          response-only items, after the question in the last user turn
+  response_first        response-only items, system message at the start (paper 3's advice)
+  response_end          response-only items, after the question in the last user turn (proxyloop's default)
   query_response_first  query+response items at the start
   query_response_end    query+response items at the end (the usual retrieval-augmented layout)
 Each key has `<key>_ci`, a 95 % bootstrap interval over users. Paired differences per user, with

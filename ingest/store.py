@@ -293,10 +293,15 @@ HELDOUT_EVERY = 3
 
 
 def split_expert(triples: Sequence[FeatureTriple]) -> tuple[list[FeatureTriple], list[FeatureTriple]]:
-    """(train, held-out): every third expert triple in snapshot order is held out.
+    """(train, held-out): every third expert input in snapshot order is held out, with every triple on it.
 
-    Deterministic so the training task and the evaluation task agree without passing data.
+    Deterministic so the training task and the evaluation task agree without passing data. Counted by input, as
+    the condition tests' folds are (`condition_statistics.grouped_folds`): two annotators labelling one task give
+    the same input twice, and a held-out copy of a training triple scored the gate on what was trained on. With
+    every input distinct, every third triple, as before.
     """
-    train = [t for i, t in enumerate(triples) if i % HELDOUT_EVERY != 0]
-    heldout = [t for i, t in enumerate(triples) if i % HELDOUT_EVERY == 0]
+    seen: dict[tuple[float, ...], int] = {}
+    groups = [seen.setdefault(tuple(t.x), len(seen)) for t in triples]
+    train = [t for g, t in zip(groups, triples, strict=True) if g % HELDOUT_EVERY != 0]
+    heldout = [t for g, t in zip(groups, triples, strict=True) if g % HELDOUT_EVERY == 0]
     return train, heldout

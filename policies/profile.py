@@ -241,6 +241,8 @@ def build_messages(
     used = count_tokens(config.header)
     for item in rank(items, request_text, config)[: config.max_items]:
         line = render_item(item, config.include_query)
+        if line in lines:  # the same response posted again: one line, and the room for another item
+            continue
         cost = count_tokens(line + "\n")
         if used + cost > config.budget_tokens:
             continue  # a shorter, less relevant item may still fit

@@ -67,6 +67,15 @@ def test_heldout_split_is_deterministic_and_disjoint():
     assert len(heldout) == 3 and len(train) == 6
     assert not {t.x[0] for t in train} & {t.x[0] for t in heldout}
     assert split_expert(triples) == (train, heldout)
+    assert [t.x[0] for t in heldout] == [0.0, 3.0, 6.0]  # every third, as before, when every input is distinct
+
+
+def test_copies_of_one_input_stay_on_one_side_of_the_heldout_split():
+    """Two annotators on one task: before, the second copy of input 0 was trained on and the first held out."""
+    triples = [FeatureTriple(x=[float(i // 2)], y_w=0, y_l=1) for i in range(12)]  # each input twice, in a row
+    train, heldout = split_expert(triples)
+    assert not {t.x[0] for t in train} & {t.x[0] for t in heldout}
+    assert [t.x[0] for t in heldout] == [0.0, 0.0, 3.0, 3.0]
 
 
 def test_older_event_does_not_overwrite_newer(store_url):

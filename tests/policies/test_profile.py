@@ -50,6 +50,13 @@ def test_response_only_items_go_first_in_relevance_order():
     assert "Q:" not in messages[0]["content"]
 
 
+def test_a_response_posted_many_times_takes_one_line():
+    items = _items(*["Sailing boats are my passion."] * 12, "I love cooking pasta.")
+    messages, report = build_messages(ASK, items, ProfileConfig(budget_tokens=100), words)
+    assert messages[0]["content"].count("Sailing boats are my passion.") == 1 and len(report.item_ids) == 2
+    assert "I love cooking pasta." in messages[0]["content"]
+
+
 def test_recency_order_and_end_position_follow_the_config():
     items = _items("old sailing answer", "new cooking answer", queries=["q1", "q2"])
     messages, report = build_messages(ASK, items, ProfileConfig(order="recency", position="end", include_query=True),

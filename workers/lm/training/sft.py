@@ -230,7 +230,7 @@ def auto_choice(ratio: float, n: int, config: SFTConfig, instruction: int = 0, o
     if long_instructions and few_examples:
         reason = f"IM: ratio {ratio:.2f} >= {min_ratio} and {cap} (IM region set in SFTConfig)"
         return LossModeChoice("im", reason, instruction, output, n)
-    why = [f"ratio {ratio:.2f} < {min_ratio}"] if not long_instructions else []
+    why = [f"ratio {ratio:.4g} < {min_ratio}"] if not long_instructions else []  # 1.999 is not "2.00 < 2.0"
     why += [f"{n} examples > {max_n}"] if not few_examples else []
     return LossModeChoice("it", f"IT: {' and '.join(why)} (outside the IM region)", instruction, output, n)
 
