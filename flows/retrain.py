@@ -58,6 +58,7 @@ from ingest.text_snapshot import snapshot_item_kind
 from policies.audit_log import ReleaseEvidence, current_user
 from policies.lm.gate import decide_language_model
 from policies.promotion import decide, finish_release_of_run, gate_rules, release_checkpoint
+from policies.registry_lock import release_lock
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.app import app as celery_app
 from workers.lm.plans import plan_request, recipe_request
@@ -215,8 +216,13 @@ def evaluate_and_gate_flow(run_id: str) -> RetrainRunRecord:
 @flow(name="release")
 def release_flow(run_id: str, override_reason: str | None = None, operator: str | None = None) -> ReleaseRecord:
     """Release a run's gated checkpoint; a blocked run needs `override_reason` (audited in lineage and in the
-    promotion history, with `operator`, default the OS user)."""
+    promotion history, with `operator`, default the OS user). One release of a run at a time (`release_lock`)."""
     settings = get_settings()
+    with release_lock(settings.registry_dir, run_id):
+        return _release(settings, run_id, override_reason, operator)
+
+
+def _release(settings: Settings, run_id: str, override_reason: str | None, operator: str | None) -> ReleaseRecord:
     run = load_run(run_id)
     if run.release is not None:  # a repeated approve/override, or a flow re-run: never a second version
         get_run_logger().info("run %s: already released as %s v%d", run_id, run.release.policy, run.release.version)
@@ -229,7 +235,7 @@ def release_flow(run_id: str, override_reason: str | None = None, operator: str 
     who = operator or current_user()
     override = None
     if decision.decision == "block":
-        if not override_reason:
+        if not (override_reason or "").strip():
             raise PermissionError(f"run {run_id} was blocked by the gate: {decision.reasons}; "
                                   "release it only with an override reason")
         override = {"by": who, "reason": override_reason, "at": utcnow().isoformat(),

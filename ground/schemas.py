@@ -39,9 +39,16 @@ def _null_is_nan(value: object) -> object:
     return float("nan") if value is None else value
 
 
-# A figure that may be undefined (an indicator of a degenerate checkpoint, a loss of a stage that did not run): NaN
-# in Python, null in JSON (which has no NaN), and NaN again when read back, so a run record with one still loads.
+# A figure that may be undefined (an indicator of a degenerate checkpoint, a loss of a stage that did not run): NaN in
+# Python, "NaN" in JSON (`_Readings`), and NaN again when read back; null, as records before that held it, reads NaN.
 Reading = Annotated[float, BeforeValidator(_null_is_nan)]
+
+
+class _Readings(BaseModel):
+    """A record with figures that may be NaN: JSON (the run record, a Celery result) writes them as "NaN", read back as
+    NaN, so an undefined top-k mass stays apart from one that does not apply (None)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
 
 
 class _Strict(BaseModel):
@@ -217,7 +224,7 @@ class CheckpointRef(BaseModel):
     path: str
 
 
-class TrainingResult(BaseModel):
+class TrainingResult(_Readings):
     """What a training task of either family returns: where its checkpoints are."""
 
     run_id: str
@@ -228,7 +235,7 @@ class TrainingResult(BaseModel):
     seconds: float
 
 
-class ConditionCheck(BaseModel):
+class ConditionCheck(_Readings):
     name: str
     passed: bool
     statistic: Reading
@@ -236,7 +243,7 @@ class ConditionCheck(BaseModel):
     detail: str
 
 
-class ConditionReport(BaseModel):
+class ConditionReport(_Readings):
     snapshot_id: str
     n_expert: int
     n_proxy: int
@@ -248,7 +255,7 @@ class ConditionReport(BaseModel):
     heldout_log_likelihood: dict[str, Reading] = Field(default_factory=dict)
 
 
-class CheckpointEvaluation(BaseModel):
+class CheckpointEvaluation(_Readings):
     step: int
     path: str
     heldout_accuracy: Reading
@@ -259,7 +266,7 @@ class CheckpointEvaluation(BaseModel):
     indicators: dict[str, Reading] = Field(default_factory=dict)
 
 
-class GateDecision(BaseModel):
+class GateDecision(_Readings):
     decision: Decision
     checkpoint: CheckpointEvaluation | None
     reasons: list[str]
@@ -290,7 +297,7 @@ class EvaluationRequest(BaseModel):
     heldout_path: str | None = None
 
 
-class Evaluation(BaseModel):
+class Evaluation(_Readings):
     """What an evaluation task returns and the gate reads."""
 
     evaluations: list[CheckpointEvaluation]

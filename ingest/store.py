@@ -272,7 +272,7 @@ def count_new_labels(session: Session) -> NewLabelCursor:
 
 
 def record_run(session: Session, record: RetrainRunRecord, status: str) -> None:
-    summary = record.model_dump(mode="json")
+    summary = json.loads(record.model_dump_json())  # JSON proper: PostgreSQL refuses a NaN token ("NaN" strings)
     run = session.get(RetrainRun, record.run_id)
     if run is None:
         session.add(RetrainRun(run_id=record.run_id, status=status, summary=summary))

@@ -23,13 +23,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyReleased, PolicyVersion
-from ground.settings import Settings
+from ground.settings import OperatorError, Settings
 from ingest.bus import make_producer, publish
 from policies.audit_log import ReleaseEvidence, logged_releases, record_move, record_release
-from policies.registry import RegistryError, register, resolve, versions
+from policies.registry import RegistryError, register, resolve, version_problem, versions
 from policies.registry_remote import push
 
 IndicatorMode = Literal["not_applicable", "advisory", "decide"]
+
+
+class CheckpointUnreadable(OperatorError):
+    """The checkpoint a gate chose is gone or damaged: nothing is registered."""
+
+
+class AnnouncementFailed(OperatorError):
+    """An alias moved and logged whose `policy.released` could not be sent (broker or remote mirror down)."""
+
+
+# Accuracies this close to a floor are at it: 0.72 − 0.02 is 0.7 − 1e-16 in floating point, and 70 of 100 right
+# against a 72 % baseline is exactly the allowed drop.
+ACCURACY_TIE = 1e-6  # below one item's share of any held-out set under a million items
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,7 @@ def _apply_indicators(
             f"top-k mass fell more than {rules.max_mass_drop:.0%} below {against} {reference:.3f} at step "
             f"{collapsed[0].step}; excluding it and later checkpoints"
         )
-        candidates = [e for e in candidates if e.step < collapsed[0].step] or candidates[:1]
+        candidates = [e for e in candidates if e.step < collapsed[0].step]  # none: every checkpoint collapsed
     return candidates
 
 
@@ -161,6 +174,12 @@ def decide(
         kept = _apply_indicators(evals, rules, flagged, base_mass)
         if rules.indicators == "decide":
             candidates, reasons = kept, reasons + flagged
+            if not kept:
+                best = max((e for e in evals if math.isfinite(e.heldout_accuracy)),
+                           key=lambda e: (e.heldout_accuracy, -e.step), default=None)
+                return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy,
+                                    reasons=reasons + ["blocked: the indicators exclude every checkpoint "
+                                                       "(PROXYLOOP_GATE_INDICATORS=decide)"])
         else:
             reasons += [f"advisory (PROXYLOOP_GATE_INDICATORS=advisory), not applied: {r}" for r in flagged]
         if not flagged:
@@ -178,11 +197,11 @@ def decide(
     if failed or best is None:
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy,
                             reasons=reasons + failed + ["blocked: re-run the evaluation"])
-    if best.heldout_accuracy < rules.min_heldout_accuracy:
+    if best.heldout_accuracy < rules.min_heldout_accuracy - ACCURACY_TIE:
         reasons.append(f"accuracy {best.heldout_accuracy:.3f} < floor {rules.min_heldout_accuracy:.3f} "
                        "(PROXYLOOP_GATE_MIN_HELDOUT_ACCURACY)")
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
-    if best.heldout_accuracy < baseline_accuracy - rules.max_accuracy_drop:
+    if best.heldout_accuracy < baseline_accuracy - rules.max_accuracy_drop - ACCURACY_TIE:
         reasons.append(f"accuracy {best.heldout_accuracy:.3f} is worse than the baseline "
                        f"{baseline_accuracy:.3f} by more than {rules.max_accuracy_drop:.3f}")
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
@@ -216,8 +235,12 @@ def release_checkpoint(
     """Register the checkpoint, point `alias` at it, log who/why/gate/snapshot (`evidence`) and tell services."""
     from safetensors.torch import load_file  # here, not at the top: it pulls torch into every flow run's start
 
-    tensors = load_file(str(checkpoint_dir / "model.safetensors"))
-    config = json.loads((checkpoint_dir / "config.json").read_text())
+    try:
+        tensors = load_file(str(checkpoint_dir / "model.safetensors"))
+        config = json.loads((checkpoint_dir / "config.json").read_text())
+    except Exception as exc:  # OSError, JSON, and safetensors' own error type alike: nothing was registered
+        raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released ({type(exc).__name__}: {exc}); "
+                                   "it was deleted or damaged after its evaluation: retrain the run") from exc
     version = register(settings.registry_dir, settings.policy_name, tensors, config, lineage, alias=None)
     record_release(settings.registry_dir, version, alias, evidence or ReleaseEvidence())
     announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
@@ -254,9 +277,19 @@ def move_alias(
     settings: Settings, version: int, alias: str = "production", policy: str | None = None, reason: str = ""
 ) -> PolicyVersion:
     """Point an alias at an existing version (rollback or promote), log it with `reason` and the OS user,
-    and tell services."""
+    and tell services. The version is read and its weights checked before anything moves (`version_problem`); if
+    only the announcement fails, `AnnouncementFailed` says that the move itself stands."""
     policy = policy or settings.policy_name
+    target = resolve(settings.registry_dir, f"{policy}@{version}")
+    problem = version_problem(target)
+    if problem is not None:
+        raise RegistryError(f"{policy} v{version} cannot be served, so {alias} was not moved: {problem}")
     record_move(settings.registry_dir, policy, alias, version, why=reason)
-    moved = resolve(settings.registry_dir, f"{policy}@{version}")
-    announce(settings, moved, alias, event_id=f"alias-{moved.policy}-{alias}-{version}-{uuid.uuid4().hex[:8]}")
-    return moved
+    try:
+        announce(settings, target, alias, event_id=f"alias-{policy}-{alias}-{version}-{uuid.uuid4().hex[:8]}")
+    except Exception as exc:
+        raise AnnouncementFailed(
+            f"{policy}@{alias} → v{version} is moved and logged, but announcing it failed ({type(exc).__name__}: "
+            f"{exc}); services resolving the alias per request (the HTTP app) follow already, others on their next "
+            "`policy.released`") from exc
+    return target

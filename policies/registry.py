@@ -203,6 +203,22 @@ def resolve(root: Path, ref: str) -> PolicyVersion:
     return PolicyVersion(policy=name, version=version, path=str(path), lineage=lineage)
 
 
+def version_problem(version: PolicyVersion) -> str | None:
+    """Why `version` could not be served (a weights file or its config gone or damaged since it was released), or
+    None. Checked before an alias is moved onto it: a rollback onto a version that cannot load moved serving onto
+    nothing and said "production → vN"."""
+    path = Path(version.path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path / 'config.json'} is unreadable ({exc})"
+    weights = [path / "model.safetensors"] if config.get("family") in ("two_stage", "direct") else [
+        child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".")]
+    if not any(w.exists() for w in weights):
+        return f"{path} holds no model weights (model.safetensors or a model folder)"
+    return None
+
+
 def list_policies(root: Path) -> list[str]:
     if not root.is_dir():
         return []

@@ -4,6 +4,7 @@ log (policies/audit_log.py) without either importing the other."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,21 @@ def exclusive(root: Path) -> Iterator[None]:
             yield
         finally:
             held.discard(key)
+
+
+def release_lock_path(root: Path, run_id: str) -> Path:
+    return root / ".release-locks" / hashlib.sha256(run_id.encode()).hexdigest()[:32]
+
+
+@contextmanager
+def release_lock(root: Path, run_id: str) -> Iterator[None]:
+    """One release of a run at a time, across processes: two `proxyloop approve` of one run at once both found it
+    unreleased and registered two versions. Per run, so releases of other runs do not wait on a slow broker."""
+    path = release_lock_path(root, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
 
 
 def audit_lines(root: Path) -> list[str]:

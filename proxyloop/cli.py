@@ -240,14 +240,21 @@ def _release_run(run_id: str, reason: str | None) -> None:
         raise OperatorError(f"no retrain run {run_id!r}: no store yet under PROXYLOOP_HOME {settings.home_dir}")
     os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     from flows.retrain import RunNotFound, load_run, release_flow
+    from policies.audit_log import current_user
+    from policies.registry import aliases
 
     try:
         load_run(run_id)
         _require_prefect(settings, os.environ["PREFECT_API_URL"])
-        release = release_flow(run_id, override_reason=reason, operator=os.environ.get("USER", "operator"))
+        release = release_flow(run_id, override_reason=reason, operator=current_user())
     except (RunNotFound, PermissionError, ValueError) as exc:
         raise OperatorError(str(exc)) from exc
-    console.print(f"released {release.policy} v{release.version} as {release.alias}")
+    now = aliases(settings.registry_dir, release.policy).get(release.alias)
+    if now == release.version:
+        console.print(f"released {release.policy} v{release.version} as {release.alias}")
+    else:  # released before, and the alias moved since (a rollback): say so, not "as production"
+        console.print(f"run {run_id} was released as {release.policy} v{release.version}; {release.alias} points at "
+                      f"v{now} now (`proxyloop history` says who moved it)")
 
 
 def _require_prefect(settings: Settings, url: str) -> None:

@@ -17,7 +17,7 @@ from ground.settings import Settings
 from policies.audit_log import ReleaseEvidence, record_release
 from policies.lm.chat import register_causal_lm
 from policies.lm.lora import is_lora_dir, write_base_reference
-from policies.promotion import announce
+from policies.promotion import CheckpointUnreadable, announce
 
 # Training state that a served model does not need (see workers.lm.training.checkpoint and workers.lm.mixture_run).
 TRAINING_ONLY = {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
@@ -29,6 +29,9 @@ def release_causal_lm(
 ) -> PolicyVersion:
     """Register `checkpoint_dir` under `settings.chat_policy_name`, point `alias` at it, log who/why/gate/snapshot
     (`evidence`) and tell services."""
+    if not (checkpoint_dir / "config.json").is_file():
+        raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released: it holds no config.json (deleted "
+                                   "or damaged after its evaluation): retrain the run")
     with tempfile.TemporaryDirectory(prefix="release-") as staging:
         model_dir = Path(staging) / "model"
         shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])

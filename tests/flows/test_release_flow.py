@@ -102,3 +102,32 @@ def test_a_release_whose_announcement_failed_is_finished_by_the_retry_not_releas
     assert release.version == 1 and versions(settings.registry_dir, settings.policy_name) == [1]
     assert [(e.action, e.version) for e in verify(settings.registry_dir)] == [("override", 1)]
     assert resolve(settings.registry_dir, f"{settings.policy_name}@production").version == 1
+
+
+def test_a_release_registers_while_holding_its_runs_lock(
+    settings: Settings, prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two operators approving one run at once both found it unreleased and registered a version each (the audit:
+    v3 and v4 for one run). The release now looks and registers under the run's lock: while it registers, nobody
+    else can take that lock."""
+    import fcntl
+
+    from flows.retrain import release_flow
+    from policies import promotion
+    from policies.registry_lock import release_lock_path
+
+    run_id = _blocked_run(settings, _checkpoint(tmp_path / "ckpt", 1))
+    register, contended = promotion.register, []
+
+    def register_and_try_the_lock(*args: object, **kwargs: object) -> object:
+        with open(release_lock_path(settings.registry_dir, run_id), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                contended.append(False)
+            except BlockingIOError:
+                contended.append(True)
+        return register(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(promotion, "register", register_and_try_the_lock)
+    assert release_flow(run_id, override_reason="ship it", operator="alice").version == 1
+    assert contended == [True]

@@ -48,8 +48,12 @@ INDICATOR_ROOM = 32
 
 
 def _pairwise_accuracy(margins: Tensor) -> float:
-    """Share of pairs with a positive margin; exact ties count half."""
-    return float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean())
+    """Share of pairs with a positive margin; exact ties count half. Counted exactly (the gate compares it with
+    settings such as 0.7, which a float32 mean of 7 in 10 falls short of); NaN when any margin is NaN (NaN weights:
+    no measurement, not an accuracy of 0)."""
+    if bool(margins.isnan().any()):
+        return float("nan")
+    return (int((margins > 0).sum()) + 0.5 * int((margins == 0).sum())) / margins.shape[0]
 
 
 def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Tensor, Tensor]:

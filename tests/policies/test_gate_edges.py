@@ -1,0 +1,72 @@
+"""The gate and the alias moves on what the audit of release paths fed them: accuracies exactly at a floor, every
+checkpoint collapsed in "decide" mode, NaN weights, a version that cannot load, a broker down after a move."""
+
+import math
+
+import pytest
+import torch
+
+from ground.schemas import CheckpointEvaluation
+from policies.audit_log import verify
+from policies.features.model import DirectPolicy, pairwise_accuracy
+from policies.promotion import AnnouncementFailed, GateRules, decide, move_alias
+from policies.registry import RegistryError, aliases
+from tests.policies.test_audit import released  # noqa: F401  (the fixture: v1, v2, rollback to 1, back to 2)
+
+
+def _eval(step: int, accuracy: float, mass: float | None = 0.9) -> CheckpointEvaluation:
+    return CheckpointEvaluation(step=step, path=f"/c{step}", heldout_accuracy=accuracy, topk_entropy=1.0,
+                                topk_mass=mass)
+
+
+def _seven_of_ten() -> float:
+    model = DirectPolicy(1, 2, 4)
+    x = torch.zeros(10, 1)
+    with torch.no_grad():
+        better = int(model.log_probs(x)[0].argmax())
+    y_w = torch.tensor([better] * 7 + [1 - better] * 3)
+    return pairwise_accuracy(model, x, y_w, 1 - y_w)
+
+
+def test_accuracies_exactly_at_the_floor_or_the_allowed_drop_are_released():
+    assert _seven_of_ten() == 0.7  # counted, not a float32 mean (0.699999988)
+    at_floor = decide([_eval(1, _seven_of_ten())], 0.6, GateRules(min_heldout_accuracy=0.7, indicators="advisory"))
+    assert at_floor.decision == "release", at_floor.reasons
+    at_drop = decide([_eval(1, 0.70)], 0.72, GateRules(min_heldout_accuracy=0.5, max_accuracy_drop=0.02,
+                                                     indicators="advisory"))
+    assert at_drop.decision == "release", at_drop.reasons
+
+
+def test_decide_mode_blocks_when_every_checkpoint_collapsed():
+    evals = [_eval(0, 0.8, 0.5), _eval(1, 0.8, 0.45), _eval(2, 0.8, 0.4)]
+    gate = decide(evals, 0.6, GateRules(indicators="decide"), base_mass=0.9)
+    assert gate.decision == "block" and "exclude every checkpoint" in gate.reasons[-1]
+    assert gate.checkpoint is not None  # what an override would release
+
+
+def test_a_model_with_nan_weights_has_no_accuracy_and_the_gate_blocks():
+    model = DirectPolicy(1, 2, 4)
+    with torch.no_grad():
+        model.net[0].weight.fill_(float("nan"))
+    accuracy = pairwise_accuracy(model, torch.zeros(4, 1), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 0, 0]))
+    assert math.isnan(accuracy)
+    assert decide([_eval(1, accuracy)], 0.6, GateRules(indicators="advisory")).decision == "block"
+
+
+def test_a_rollback_onto_a_version_without_weights_moves_nothing(released):  # noqa: F811
+    root = released.registry_dir
+    (root / "appendix-d" / "1" / "model.safetensors").unlink()
+    entries = len(verify(root))
+    with pytest.raises(RegistryError, match="cannot be served"):
+        move_alias(released, 1, reason="roll back")
+    assert aliases(root, "appendix-d")["production"] == 2 and len(verify(root)) == entries
+
+
+def test_a_move_whose_announcement_fails_says_the_move_stands(released, monkeypatch):  # noqa: F811
+    def broker_down(*_args: object, **_kwargs: object) -> None:
+        raise ConnectionError("Kafka unreachable")
+
+    monkeypatch.setattr("policies.promotion.announce", broker_down)
+    with pytest.raises(AnnouncementFailed, match="moved and logged"):
+        move_alias(released, 1, reason="roll back")
+    assert aliases(released.registry_dir, "appendix-d")["production"] == 1
