@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from ground.schemas import CheckpointRef
 from policies.lm.conditions import run_text_condition_tests
 from policies.lm.mode_mixture import kmeans_modes
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
-from tests.workers.lm_helpers import PAIRS, tiny_model_dir
+from tests.workers.lm_helpers import PAIRS, tiny_model_dir, write_pairs
 from workers.lm import mixture_features
 from workers.lm import mode_mixture_training as mm
+from workers.lm.evaluate import evaluate_lm_checkpoints
 from workers.lm.models import load_tokenizer
 from workers.lm.plans import MixtureRecipe
 from workers.lm.training.data import DatasetError, TokenizedPair, truncate_pair
@@ -139,3 +141,11 @@ def test_copies_of_an_expert_pair_share_a_fold_when_fine_tune_is_trained_on_the_
     copies = np.bincount(expert.groups.numpy())
     for groups in trained_on:  # every copy of a group trained on is trained on: none of them was held out
         assert len(groups) == sum(copies[g] for g in set(groups)) < len(rows)
+
+
+def test_evaluating_a_checkpoint_deleted_after_training_names_it(tmp_path):
+    """Before: ModelNotPrepared's hint to build a base model (`proxyloop models prepare tiny`)."""
+    heldout = write_pairs(tmp_path / "heldout.jsonl", 4)
+    gone = CheckpointRef(step=2, path=str(tmp_path / "run" / "checkpoint-000002"))
+    with pytest.raises(FileNotFoundError, match="are gone"):
+        evaluate_lm_checkpoints(str(tiny_model_dir()), str(heldout), [gone])

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,6 +133,10 @@ def evaluate_lm_checkpoints(
     completions = [r["chosen"] for r in shown]
     evaluations = []
     mixture_bases: dict[str, MixtureBase] = {}  # by the base a checkpoint's mixture sits on: encoded once
+    missing = [ref.path for ref in checkpoints if not Path(ref.path).is_dir()]
+    if missing:  # not "prepare a base model", which is what loading a missing directory would say
+        raise FileNotFoundError(f"checkpoint folders {missing[:3]} are gone (deleted or moved after training); "
+                                "retrain the run to evaluate it")
     for ref in checkpoints:
         biases: Tensor | None = None
         if is_mixture_dir(ref.path):
