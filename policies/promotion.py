@@ -146,7 +146,10 @@ def _apply_indicators(
             f"top-k mass fell more than {rules.max_mass_drop:.0%} below {against} {reference:.3f} at step "
             f"{collapsed[0].step}; excluding it and later checkpoints"
         )
-        candidates = [e for e in candidates if e.step < collapsed[0].step]  # none: every checkpoint collapsed
+        before = [e for e in candidates if e.step < collapsed[0].step]
+        if not before:  # the earliest is the least over-optimised there is (bench/gate.py measured this rule)
+            reasons.append(f"every checkpoint is below it: keeping the earliest, step {candidates[0].step}")
+        candidates = before or candidates[:1]
     return candidates
 
 
@@ -174,12 +177,6 @@ def decide(
         kept = _apply_indicators(evals, rules, flagged, base_mass)
         if rules.indicators == "decide":
             candidates, reasons = kept, reasons + flagged
-            if not kept:
-                best = max((e for e in evals if math.isfinite(e.heldout_accuracy)),
-                           key=lambda e: (e.heldout_accuracy, -e.step), default=None)
-                return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy,
-                                    reasons=reasons + ["blocked: the indicators exclude every checkpoint "
-                                                       "(PROXYLOOP_GATE_INDICATORS=decide)"])
         else:
             reasons += [f"advisory (PROXYLOOP_GATE_INDICATORS=advisory), not applied: {r}" for r in flagged]
         if not flagged:

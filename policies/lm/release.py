@@ -29,9 +29,9 @@ def release_causal_lm(
 ) -> PolicyVersion:
     """Register `checkpoint_dir` under `settings.chat_policy_name`, point `alias` at it, log who/why/gate/snapshot
     (`evidence`) and tell services."""
-    if not (checkpoint_dir / "config.json").is_file():
-        raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released: it holds no config.json (deleted "
-                                   "or damaged after its evaluation): retrain the run")
+    if not any((checkpoint_dir / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released: it holds no config.json or "
+                                   "adapter_config.json (deleted or damaged after its evaluation): retrain the run")
     with tempfile.TemporaryDirectory(prefix="release-") as staging:
         model_dir = Path(staging) / "model"
         shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])

@@ -37,11 +37,12 @@ def test_accuracies_exactly_at_the_floor_or_the_allowed_drop_are_released():
     assert at_drop.decision == "release", at_drop.reasons
 
 
-def test_decide_mode_blocks_when_every_checkpoint_collapsed():
+def test_decide_mode_says_it_keeps_the_earliest_when_every_checkpoint_collapsed():
+    """The reasons said "excluding it and later checkpoints" and then released step 0, without saying why."""
     evals = [_eval(0, 0.8, 0.5), _eval(1, 0.8, 0.45), _eval(2, 0.8, 0.4)]
     gate = decide(evals, 0.6, GateRules(indicators="decide"), base_mass=0.9)
-    assert gate.decision == "block" and "exclude every checkpoint" in gate.reasons[-1]
-    assert gate.checkpoint is not None  # what an override would release
+    assert gate.checkpoint is not None and gate.checkpoint.step == 0
+    assert any("every checkpoint is below it: keeping the earliest, step 0" in r for r in gate.reasons)
 
 
 def test_a_model_with_nan_weights_has_no_accuracy_and_the_gate_blocks():

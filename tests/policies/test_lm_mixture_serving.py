@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from policies.lm import release
 from policies.lm.chat import load_chat_policy
 from policies.lm.decoding import Sampling
-from policies.lm.mode_mixture import SPEC_FILE, WEIGHTS_FILE, prompt_log_weights
+from policies.lm.mode_mixture import SPEC_FILE, WEIGHTS_FILE, kept_prompt, prompt_log_weights
 from proxyloop.http import create_app
 from proxyloop.testing import isolated_settings
 from tests.workers.lm_helpers import tiny_model_dir, write_pairs
@@ -41,13 +41,13 @@ def test_a_released_mixture_streams_and_a_seeded_request_repeats(tmp_path, monke
     assert policy.mixture is not None and policy.mode_biases is not None and policy.mode_biases.shape[0] == 3
     greedy = policy.mode_bias(QUESTION, 0.0, None)
     assert greedy is not None and any(torch.equal(greedy, row) for row in policy.mode_biases)
-    # w(x) reads a long prompt cut as training cut it (the recipe's max_length), not whole
+    # w(x) reads a long prompt cut as training cut it (its end, at the recipe's max_length), not whole
     assert policy.prompt_cap == recipe.max_length
     long = [{"role": "user", "content": "What is 2 plus 3? " * 200}]
     text_ids = policy.tokenizer(policy.tokenizer.apply_chat_template(long, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"]
     assert len(text_ids) > recipe.max_length
-    cut = prompt_log_weights(policy.mixture, policy.model, text_ids[:recipe.max_length])
+    cut = prompt_log_weights(policy.mixture, policy.model, kept_prompt(text_ids, recipe.max_length))
     assert torch.equal(policy.mode_bias(long, 0.0, None), policy.mode_biases[int(cut.argmax())])
 
     def text(seed):
