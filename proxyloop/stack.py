@@ -7,6 +7,7 @@ Pids and logs live under `<home>/run` and `<home>/logs`, the object store's data
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from proxyloop.components import (
 )
 
 __all__ = ["COMPONENTS", "Component", "StackError", "component"]
+log = logging.getLogger("proxyloop.stack")
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -49,18 +51,49 @@ def _pidfile(settings: Settings, name: str) -> Path:
     return settings.home_dir / "run" / f"{name}.pid"
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first, start time at index 19), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def _write_pidfile(settings: Settings, name: str, pid: int) -> None:
+    """`PID START` (START: the process's start time in clock ticks since boot), written whole: a pid alone named
+    whatever process the kernel gave that number next (after a reboot or a killed stack), which `down` then killed
+    and `up` took for the component already running."""
+    fields = _stat(pid)
+    path = _pidfile(settings, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(f"{pid} {fields[19]}" if fields else str(pid))
+    partial.replace(path)
+
+
 def pid_of(settings: Settings, name: str) -> int | None:
+    """The component's process if it is still the one this stack started; a pid file that is empty, damaged or
+    names another process (the pid reused) is stale: removed, with a warning, and None."""
     path = _pidfile(settings, name)
     if not path.exists():
         return None
-    pid = int(path.read_text())
+    parts = path.read_text().split()
+    if not 1 <= len(parts) <= 2 or not all(part.isdigit() for part in parts):
+        log.warning("%s is not a pid file of this stack (%r): removed", path, path.read_text()[:40])
+        path.unlink(missing_ok=True)
+        return None
+    pid = int(parts[0])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
-    # A zombie of ours still answers kill(0); read its state.
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"):
+    fields = _stat(pid)
+    if fields and fields[0].startswith("Z"):  # a zombie of ours still answers kill(0)
+        return None
+    if len(parts) == 2 and fields and fields[19] != parts[1]:
+        log.warning("%s names pid %d, now another process (started at tick %s, not %s): removed as stale", path,
+                    pid, fields[19], parts[1])
+        path.unlink(missing_ok=True)
         return None
     return pid
 
@@ -83,7 +116,7 @@ def start_component(settings: Settings, component: Component, say: Callable[[str
             component.command(settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**child_env(settings), **component.env(settings)}, cwd=Path.cwd(), start_new_session=True,
         )
-    _pidfile(settings, component.name).write_text(str(process.pid))
+    _write_pidfile(settings, component.name, process.pid)
     deadline = time.monotonic() + component.start_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -131,6 +131,29 @@ def test_the_feature_task_returns_its_result_to_its_own_request_only(feature_req
             feature_tasks.train.run(feature_request(**changed))
 
 
+def test_a_second_delivery_while_the_first_trains_waits_and_returns_its_result(feature_request, monkeypatch):
+    """Two workers trained one run at once into one directory (the audit: a redelivery while the first copy ran)."""
+    import threading
+
+    trained, training = [], threading.Event()
+    train_policy = feature_tasks.train_feature_policy
+
+    def first_one_slow(*args, **kwargs):
+        trained.append(1)
+        training.set()
+        threading.Event().wait(0.5)  # still training when the second delivery arrives
+        return train_policy(*args, **kwargs)
+
+    monkeypatch.setattr(feature_tasks, "train_feature_policy", first_one_slow)
+    results = []
+    first = threading.Thread(target=lambda: results.append(feature_tasks.train.run(feature_request())))
+    first.start()
+    training.wait(30)
+    second = feature_tasks.train.run(feature_request())
+    first.join()
+    assert trained == [1] and results == [second]
+
+
 def test_the_feature_task_retrains_over_a_torn_result(feature_request, tmp_path, caplog):
     first = feature_tasks.train.run(feature_request())
     result = tmp_path / "f" / "result.json"

@@ -53,7 +53,14 @@ from policies.plan_choice import CHANCE_ACCURACY
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
 from workers.device import select_device
 from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
-from workers.lm.training.checkpoint import RESULT_FILE, check_run_dir, read_record, record_run, write_result
+from workers.lm.training.checkpoint import (
+    RESULT_FILE,
+    check_run_dir,
+    read_record,
+    record_run,
+    run_dir_lock,
+    write_result,
+)
 
 log = logging.getLogger("proxyloop.workers")
 
@@ -210,6 +217,11 @@ def finished_result(out: Path) -> dict[str, Any] | None:
 @app.task(name=TRAIN_TASK, bind=True, acks_late=True)
 def train(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     req = TrainingRequest.model_validate(request)
+    with run_dir_lock(Path(req.output_dir)):  # a second delivery waits, then returns this one's result
+        return _train(self, req)
+
+
+def _train(self: Task, req: TrainingRequest) -> dict[str, Any]:
     out = Path(req.output_dir)
     identity = feature_identity(req)
     check_run_dir(out, identity)  # another run's directory: ForeignRunError, nothing read or written

@@ -26,7 +26,7 @@ from workers.app import app, report_progress
 from workers.device import select_device
 from workers.lm.evaluate import evaluate_lm_checkpoints
 from workers.lm.text_conditions import text_condition_report
-from workers.lm.training.checkpoint import PREFIX, latest_checkpoint
+from workers.lm.training.checkpoint import PREFIX, latest_checkpoint, run_dir_lock
 from workers.lm.training.distributed import world_size
 from workers.lm.training.run import run_lm_training
 
@@ -53,7 +53,8 @@ def train_lm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         log.info("run %s: step %s/%s loss %.5f %.0f tokens/s", req.run_id, meta["step"], meta["of"],
                  meta["loss"], meta["tokens_per_s"])
 
-    result = run_lm_training(req, progress, worker=self.request.hostname or "", ranks=ranks)
+    with run_dir_lock(Path(req.output_dir)):  # a second delivery waits, then returns this one's result
+        result = run_lm_training(req, progress, worker=self.request.hostname or "", ranks=ranks)
     log.info("run %s: done, final loss %.5f", req.run_id, result["final_loss"])
     return TrainingResult(
         run_id=req.run_id, device=result["device"], worker=result["worker"], final_loss=result["final_loss"],

@@ -18,11 +18,13 @@ what differs. Nothing is deleted: the directory may be the only copy of the othe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from policies.lm.model_digest import file_sha256
 PREFIX = "checkpoint-"
 RESULT_FILE = "result.json"  # a finished run's result: its presence makes a run idempotent
 RUN_FILE = "run.json"  # what the run is: compared with every request before its files are used
+LOCK_FILE = ".run.lock"  # held by the delivery training the run (`run_dir_lock`)
 # What reading a damaged file raises: a checkpoint (or cache) that fails with one of these is skipped, not fatal.
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
 log = logging.getLogger("proxyloop.workers.lm")
@@ -152,6 +155,22 @@ def claim_run_dir(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | N
     included: that run is resumed from its last checkpoint instead)."""
     check_run_dir(out_dir, identity)
     return read_record(out_dir / RESULT_FILE)
+
+
+@contextmanager
+def run_dir_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for one delivery of its training task at a time. A second delivery (a visibility-timeout
+    redelivery, a dispatch retry, a resend) waits here, then finds the first one's result (`claim_run_dir`) instead
+    of training beside it into the same files: the audit had two workers train one run at once, and `result.json`
+    and the result backend named different workers. An flock: released when the holder exits, also when killed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another delivery of this run is training it; waiting for it to finish", out_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def record_run(out_dir: Path, fields: dict[str, Any]) -> None:
