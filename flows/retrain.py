@@ -38,6 +38,7 @@ from flows.chat import (
     text_conditions,
     write_chat_data,
 )
+from ground.moments import utcnow
 from ground.schemas import (
     ConditionReport,
     Evaluation,
@@ -50,7 +51,6 @@ from ground.schemas import (
     TrainingRecord,
     TrainingRequest,
     TrainingResult,
-    utcnow,
 )
 from ground.settings import Settings, get_settings
 from ingest.store import RetrainRun, freeze_snapshot, load_snapshot_triples, make_engine, record_run, run_record

@@ -1,6 +1,6 @@
 """Times on the wire and in the store: always with a zone, kept in UTC.
 
-Imports nothing of ours; the contract (ground/schemas.py) types its events' moments with `Moment`.
+Imports nothing of ours; the contract (ground/schemas/) types its events' moments with `Moment`.
 """
 
 from __future__ import annotations

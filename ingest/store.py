@@ -20,12 +20,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
+from ground.moments import utcnow
 from ground.schemas import (
     FeatureTriple,
     Item,
     PairwiseText,
     RetrainRunRecord,
-    utcnow,
 )
 
 LabelKind = Literal["expert", "proxy"]
