@@ -1,0 +1,154 @@
+"""OpenAI's chat-completions wire format as this server reads and answers it: the request (with the limits a
+client's request is held to), the reply, and the 400 for what the server cannot honour.
+
+Apart from the route (policies/openai_api.py) because the wire format is a contract of its own that clients test
+against (the official `openai` client in tests/policies/test_openai_api.py and test_chat_client_compat.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.lm.decoding import Sampling
+
+MAX_TOKENS_LIMIT = 512
+DEFAULT_MAX_TOKENS = 64
+MAX_CHOICES = 8
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's list form. Only "text" parts are served (`ChatMessage.text`); other
+    kinds (image_url, input_audio, ...) are parsed so that they get a 400 naming them rather than a schema error."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(max_length=64)
+    text: str | None = Field(None, max_length=100_000)
+
+
+class ChatMessage(BaseModel):
+    """A message as OpenAI's spec allows it: content a string or a list of parts, role "developer" (OpenAI's newer
+    name for "system", which is what the chat template knows it as) included."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=64)]
+
+    def text(self) -> dict[str, str]:
+        """The message as the chat template takes it; text parts joined by newlines (as vLLM does). ValueError for
+        other parts: this server reads text only."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        other = sorted({part.type for part in self.content if part.type != "text"})
+        if other:
+            raise ValueError(f"only text content parts are supported; this message has {', '.join(other)} parts")
+        if any(part.text is None for part in self.content):
+            raise ValueError('a content part of type "text" needs a "text" field')
+        return {"role": role, "content": "\n".join(part.text or "" for part in self.content)}
+
+
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # logit_bias's keys: a token id as JSON keys are, a string
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's request body. Optional fields take null as "default", as the spec allows; fields not declared here
+    (metadata, store, ...) are ignored. Fields this server cannot honour are declared so that `unsupported`
+    can refuse them with a 400 instead of answering as if they had been applied."""
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's newer name for max_tokens
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stop: Annotated[str, Field(min_length=1, max_length=200)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes (with seed + choice)
+    user: str | None = Field(None, max_length=256)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=1024)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def samplings(self) -> list[Sampling]:
+        """The decoding settings of each of the `n` choices; with a seed, choice i draws with seed + i so that the
+        choices differ and each is reproducible."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return [Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+                         temperature=1.0 if self.temperature is None else self.temperature,
+                         top_p=1.0 if self.top_p is None else self.top_p,
+                         seed=None if self.seed is None else self.seed + index, stop=stop,
+                         presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                         logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()))
+                for index in range(self.n or 1)]
+
+
+class Refused(Exception):
+    """A request answered with 400. Its body has this app's usual `detail` and OpenAI's `error` object as well: the
+    openai client puts only `error.message` into the exception it raises, so without it the user reads no reason."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": None}
+        return JSONResponse({"detail": self.message, "error": error}, status_code=400)
+
+
+def unsupported(body: ChatCompletionRequest) -> Refused | None:
+    """Why the request asks for something this server does not do, or None. A 400 beats an answer that silently
+    lacks the log-probabilities, JSON mode or tool calls the client will go on to read."""
+    if body.logprobs or body.top_logprobs:
+        return Refused("logprobs and top_logprobs are not supported by this server; omit them or send "
+                       "logprobs: false", "logprobs")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        return Refused(f"response_format {body.response_format.get('type')!r} is not supported by this server; "
+                       'only {"type": "text"}', "response_format")
+    if body.tools or body.functions:
+        return Refused("tools and functions (tool calling) are not supported by this server", "tools")
+    for name, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
+        if choice not in (None, "none", "auto"):
+            return Refused(f"{name} {choice!r} asks for tool calling, which is not supported by this server", name)
+    return None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
