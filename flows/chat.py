@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from flows.celery_tasks import RETRY_DELAYS_S, train_on_gpu_queue, transient, wait_for_task
+from flows.celery_tasks import RETRY_DELAYS_S, run_on_queue, train_on_gpu_queue, transient
 from ground.schemas import (
     ChatData,
     ConditionReport,
@@ -23,7 +23,6 @@ from ground.schemas import (
 from ground.settings import Settings
 from policies.plan_choice import no_proxy_report
 from workers.app import CPU_QUEUE, GPU_QUEUE
-from workers.app import app as celery_app
 from workers.lm.plans import LMRecipe, MixtureRecipe, reading_recipe
 from workers.lm.snapshot_data import write_snapshot_datasets
 
@@ -70,8 +69,7 @@ def text_conditions(settings: Settings, run: RetrainRunRecord, base_model: str) 
             snapshot_id=snapshot_id, base_model=base_model, stage1_checkpoint=run.stage1.checkpoints[-1].path,
             expert_pairs=data.expert, proxy_pairs=data.proxy, n_expert=data.n_expert_train + data.n_heldout,
             n_proxy=data.n_proxy, beta=float(run.stage1_request.config["beta"]), seed=settings.training_seed)
-        sent = celery_app.send_task(TEXT_CONDITIONS_TASK, queue=GPU_QUEUE, args=[request.model_dump(mode="json")])
-        report = ConditionReport.model_validate(wait_for_task(sent.id))
+        report = ConditionReport.model_validate(run_on_queue(TEXT_CONDITIONS_TASK, request, GPU_QUEUE))  # reads only
     get_run_logger().info("snapshot %s: plan %s (%s)", snapshot_id, report.plan, "; ".join(report.reasons))
     return report
 
@@ -88,5 +86,4 @@ def evaluate_lm(base_model: str, heldout_path: str, training: TrainingResult) ->
     from workers.lm.tasks import EVALUATE_LM_TASK  # torch: see the module docstring
 
     request = EvaluationRequest(checkpoints=training.checkpoints, base_model=base_model, heldout_path=heldout_path)
-    sent = celery_app.send_task(EVALUATE_LM_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
-    return Evaluation.model_validate(wait_for_task(sent.id))
+    return Evaluation.model_validate(run_on_queue(EVALUATE_LM_TASK, request, CPU_QUEUE))  # reads only: safe to resend

@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 from sqlalchemy.orm import Session
 
 from flows.artifacts import publish_condition_report, publish_gate_decision, publish_release
-from flows.celery_tasks import RETRY_DELAYS_S, train_on_gpu_queue, transient, wait_for_task
+from flows.celery_tasks import RETRY_DELAYS_S, run_on_queue, train_on_gpu_queue, transient
 from flows.chat import (
     chat_base_model,
     chat_recipe,
@@ -60,7 +60,6 @@ from policies.lm.gate import decide_language_model
 from policies.promotion import decide, finish_release_of_run, gate_rules, release_checkpoint
 from policies.registry_lock import release_lock
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
-from workers.app import app as celery_app
 from workers.lm.plans import plan_request, recipe_request
 
 
@@ -96,8 +95,7 @@ def dispatch_training(request: TrainingRequest) -> TrainingResult:
 def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> Evaluation:
     request = EvaluationRequest(checkpoints=training.checkpoints, store_url=settings.resolved_store_url,
                                 snapshot_id=snapshot_id, seed=settings.training_seed)
-    sent = celery_app.send_task(EVALUATE_TASK, queue=CPU_QUEUE, args=[request.model_dump(mode="json")])
-    return Evaluation.model_validate(wait_for_task(sent.id))
+    return Evaluation.model_validate(run_on_queue(EVALUATE_TASK, request, CPU_QUEUE))  # reads only: safe to resend
 
 
 @task(name="gate")

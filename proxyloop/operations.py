@@ -30,7 +30,7 @@ class Overview:
     partitions: list[PartitionTrend] | None = None  # None: the broker did not answer (see lag_error)
     lag_error: str | None = None
     dead_letters_by_reason: dict[str, int] | None = None  # None: no store yet
-    queue_depths: dict[str, int] | None = None
+    queue_depths: dict[str, int] | None = None  # per queue, and "unacked": taken by a worker, not acknowledged
     active_tasks: list[str] | None = None
     labels: dict[str, int] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -75,14 +75,17 @@ def _partition_json(trend: PartitionTrend) -> dict[str, Any]:
 
 
 def celery_figures(settings: Settings) -> tuple[dict[str, int] | None, list[str] | None]:
-    """(queued messages per queue, tasks running on workers) via the broker and worker control."""
+    """(queued messages per queue, tasks running on workers) via the broker and worker control. A Redis broker's
+    figures end with "unacked": messages taken by a worker and not acknowledged (kombu's `unacked` hash). One that
+    no active task accounts for is a task whose worker died: Redis redelivers it only after the visibility timeout."""
     import redis
 
     from workers.app import CPU_QUEUE, GPU_QUEUE, app
 
     try:
         client = redis.Redis.from_url(settings.celery_broker, socket_timeout=2)
-        depths: dict[str, int] | None = {queue: int(client.llen(queue)) for queue in (GPU_QUEUE, CPU_QUEUE)}
+        queued = {queue: int(client.llen(queue)) for queue in (GPU_QUEUE, CPU_QUEUE)}
+        depths: dict[str, int] | None = {**queued, "unacked": int(client.hlen("unacked"))}
     except (redis.ConnectionError, redis.TimeoutError):
         return None, None  # worker control goes through the same broker: asking would only wait out its retries
     except Exception:  # noqa: BLE001 - not Redis (RabbitMQ): no queue depths, workers can still answer

@@ -44,7 +44,8 @@ def make_app() -> Celery:
         result_extended=True,
         broker_connection_retry_on_startup=True,
         # A result the backend could not take (Redis restarting) is retried, backing off to 10 s apart,
-        # for about 5 minutes, rather than failing a finished training run.
+        # for about 5 minutes, rather than failing a finished training run. Flows read states with this off
+        # (flows.celery_tasks.result_app): an outage must raise there, for the wait to see it.
         result_backend_always_retry=True,
         result_backend_max_retries=40,
         result_backend_max_sleep_between_retries_ms=10_000,
