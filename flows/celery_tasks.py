@@ -136,10 +136,13 @@ def forget_deliveries(tags: list[bytes | str]) -> None:
 
 
 def held_by(task_id: str) -> list[str] | None:
-    """The live workers holding the task (running or reserved); None when the broker did not carry the question."""
+    """The live workers holding the task (running or reserved); None when the broker did not carry the question or
+    no worker answered it: then a resend would only take a live worker's delivery from it, or go to no one."""
     try:
-        replies = celery_app.control.inspect(timeout=INSPECT_TIMEOUT_S).query_task(task_id) or {}
+        replies = celery_app.control.inspect(timeout=INSPECT_TIMEOUT_S).query_task(task_id)
     except Exception:  # noqa: BLE001 - any broker error: cannot tell
+        return None
+    if not replies:  # no worker answered (none up, or all too busy to): silence says nothing about the task
         return None
     return [worker for worker, tasks in replies.items() if task_id in (tasks or {})]
 

@@ -246,7 +246,7 @@ def _release(settings: Settings, run_id: str, override_reason: str | None, opera
                                gate=dumped["gate"], snapshot_id=run.snapshot.snapshot_id,
                                override=override is not None)
     policy = settings.chat_policy_name if run.is_chat else settings.policy_name
-    version = finish_release_of_run(settings, policy, run_id, evidence=evidence)  # an earlier attempt's version
+    version = finish_release_of_run(settings, policy, run_id, decision.checkpoint.path, evidence=evidence)
     if version is not None:
         get_run_logger().warning("run %s: an earlier release attempt registered %s v%d; finishing that release",
                                  run_id, version.policy, version.version)

@@ -26,7 +26,7 @@ from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyR
 from ground.settings import OperatorError, Settings
 from ingest.bus import make_producer, publish
 from policies.audit_log import ReleaseEvidence, logged_releases, record_move, record_release
-from policies.registry import RegistryError, register, resolve, version_problem, versions
+from policies.registry import RegistryError, aliases, register, resolve, version_problem, versions
 from policies.registry_remote import push
 
 IndicatorMode = Literal["not_applicable", "advisory", "decide"]
@@ -160,9 +160,10 @@ def decide(
     """The gate: the checkpoint with the best held-out expert accuracy among those the indicators leave (all of
     them unless `rules.indicators` is "decide"), released if it clears the floor and the baseline.
 
-    Checkpoints are taken in step order. A non-finite accuracy or baseline means an evaluation failed: the gate
-    blocks (naming the best measured checkpoint, which an override would release) rather than compare a NaN,
-    since every comparison with NaN is False and would pass the floor and baseline checks."""
+    Checkpoints are taken in step order. A checkpoint whose accuracy is not finite (its outputs are NaN: it
+    diverged) is left out and named, never compared: every comparison with NaN is False and would pass the floor and
+    baseline checks. With none left, or a non-finite baseline (its evaluation failed), the gate blocks, naming the
+    best measured checkpoint (which an override would release)."""
     if not evals:
         return GateDecision(decision="block", checkpoint=None, baseline_accuracy=baseline_accuracy,
                             reasons=["no checkpoints were evaluated"])
@@ -183,8 +184,9 @@ def decide(
             reasons.append(f"indicators ({rules.indicators}): no rule fired")
     failed: list[str] = []
     unmeasured = [e.step for e in evals if not math.isfinite(e.heldout_accuracy)]
-    if unmeasured:
-        failed.append(f"held-out expert accuracy is not finite at steps {unmeasured}: their evaluation failed")
+    if unmeasured:  # NaN outputs (pairwise_accuracy): a checkpoint that diverged, not a reason to drop the others
+        reasons.append(f"held-out expert accuracy is not finite at steps {unmeasured} (NaN outputs: diverged "
+                       "checkpoints): left out")
     if not math.isfinite(baseline_accuracy):
         failed.append(f"the baseline accuracy is {baseline_accuracy}: its evaluation failed, nothing to compare with")
     measured = [e for e in candidates if math.isfinite(e.heldout_accuracy)]
@@ -192,8 +194,9 @@ def decide(
     if best is not None:
         reasons.append(f"best checkpoint: step {best.step}, held-out expert accuracy {best.heldout_accuracy:.3f}")
     if failed or best is None:
+        advice = "re-run the evaluation" if failed else "no checkpoint has a held-out accuracy: retrain"
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy,
-                            reasons=reasons + failed + ["blocked: re-run the evaluation"])
+                            reasons=reasons + failed + [f"blocked: {advice}"])
     if best.heldout_accuracy < rules.min_heldout_accuracy - ACCURACY_TIE:
         reasons.append(f"accuracy {best.heldout_accuracy:.3f} < floor {rules.min_heldout_accuracy:.3f} "
                        "(PROXYLOOP_GATE_MIN_HELDOUT_ACCURACY)")
@@ -245,13 +248,16 @@ def release_checkpoint(
 
 
 def finish_release_of_run(
-    settings: Settings, policy: str, run_id: str, alias: str = "production", evidence: ReleaseEvidence | None = None,
+    settings: Settings, policy: str, run_id: str, checkpoint: str, alias: str = "production",
+    evidence: ReleaseEvidence | None = None,
 ) -> PolicyVersion | None:
-    """The version an earlier attempt to release flow run `run_id` registered, its release finished (logged and the
-    alias moved, if the attempt stopped before that; then announced again, under the same event id, which services
-    already dedupe); None when no attempt got as far as registering. A release whose broker, remote mirror or disk
-    failed after `register` is retried by `proxyloop approve`: without this it registered a second version of the
-    same run (the audit: v1 and v2 for one run after Kafka was down during the release)."""
+    """The version an earlier attempt to release flow run `run_id` registered from `checkpoint`, its release
+    finished (logged and the alias moved, if the attempt stopped before that; then announced again, under the same
+    event id, which services already dedupe, unless the alias has moved elsewhere since); None when no attempt got as
+    far as registering it. A release whose broker, remote mirror or disk failed after `register` is retried by
+    `proxyloop approve`: without this it registered a second version of the same run (the audit: v1 and v2 for one
+    run after Kafka was down during the release). A version of the run from another checkpoint (the run was gated
+    again since) is not this release."""
     root = settings.registry_dir
     earlier = None
     for number in reversed(versions(root, policy)):
@@ -259,14 +265,17 @@ def finish_release_of_run(
             version = resolve(root, f"{policy}@{number}")
         except RegistryError:
             continue
-        if version.lineage.get("flow_run_id") == run_id:
+        gate = version.lineage.get("gate")
+        gated = gate.get("checkpoint") if isinstance(gate, dict) else None
+        if version.lineage.get("flow_run_id") == run_id and isinstance(gated, dict) and gated.get("path") == checkpoint:
             earlier = version
             break
     if earlier is None:
         return None
     if earlier.version not in logged_releases(root, policy):
         record_release(root, earlier, alias, evidence or ReleaseEvidence())
-    announce(settings, earlier, alias, event_id=f"released-{earlier.policy}-{earlier.version}")
+    if aliases(root, policy).get(alias) == earlier.version:  # a rollback since: announcing it would undo that
+        announce(settings, earlier, alias, event_id=f"released-{earlier.policy}-{earlier.version}")
     return earlier
 
 

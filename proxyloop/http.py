@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -118,6 +119,9 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 
+RECONNECT_AFTER_S = 5.0  # a failed connect to Kafka is tried again no sooner (SharedProducer)
+
+
 class SharedProducer:
     """The app's one Kafka producer, opened on first use, not at startup.
 
@@ -131,12 +135,23 @@ class SharedProducer:
     def __init__(self, settings: Settings) -> None:
         self._settings, self._lock = settings, threading.Lock()
         self._producer: KafkaProducer | None = None
+        self._failed: tuple[float, BrokerUnreachable] | None = None  # the last failed connect, and when
 
     def get(self) -> KafkaProducer:
-        """The producer; raises BrokerUnreachable (naming PROXYLOOP_KAFKA_BOOTSTRAP) while no broker answers."""
+        """The producer; raises BrokerUnreachable (naming PROXYLOOP_KAFKA_BOOTSTRAP) while no broker answers. A
+        connect that failed less than RECONNECT_AFTER_S ago fails again at once: a burst of webhooks against a broker
+        that drops packets waited kafka_bootstrap_timeout_s each, in turn, holding threads serving shares."""
         with self._lock:
-            if self._producer is None:
+            if self._producer is not None:
+                return self._producer
+            if self._failed is not None and time.monotonic() - self._failed[0] < RECONNECT_AFTER_S:
+                raise self._failed[1]
+            try:
                 self._producer = connect_producer(self._settings)
+            except BrokerUnreachable as exc:
+                self._failed = (time.monotonic(), exc)
+                raise
+            self._failed = None
             return self._producer
 
     def close(self) -> None:

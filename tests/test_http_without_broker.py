@@ -17,6 +17,7 @@ from ground.settings import Settings
 from ingest.bus import ensure_topics, read_topic
 from ingest.labelstudio import SECRET_HEADER, webhook_payload
 from policies.ml_backend import ML_BACKEND_PREFIX
+from proxyloop import http as http_app
 from proxyloop import stack
 from proxyloop.http import create_app
 from proxyloop.testing import isolated_settings
@@ -51,7 +52,27 @@ def test_the_app_starts_and_serves_while_the_broker_is_away(settings: Settings) 
         assert http.post("/webhooks/labelstudio", json=webhook_payload(1, 7, TEXT, "right")).status_code == 401
 
 
-def test_the_webhook_publishes_once_the_broker_is_back(settings: Settings) -> None:
+def test_a_failed_connect_is_not_retried_by_every_webhook_at_once(settings: Settings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst against an unreachable broker waited kafka_bootstrap_timeout_s per webhook, in turn."""
+    from ingest import proxy_client
+
+    tries: list[int] = []
+    connect = proxy_client.connect_producer
+
+    def counted(settings: Settings) -> object:
+        tries.append(1)
+        return connect(settings)
+
+    monkeypatch.setattr(http_app, "connect_producer", counted)
+    with TestClient(create_app(settings)) as http:
+        for annotation in range(3):
+            _refused_for_the_broker(http, settings, annotation)
+    assert tries == [1]
+
+
+def test_the_webhook_publishes_once_the_broker_is_back(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_app, "RECONNECT_AFTER_S", 0.0)  # the next webhook tries the broker again
     with TestClient(create_app(settings)) as http:
         _refused_for_the_broker(http, settings, 7)
         stack.start_component(settings, stack.component("kafka"), lambda _: None)

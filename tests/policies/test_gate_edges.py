@@ -2,6 +2,7 @@
 checkpoint collapsed in "decide" mode, NaN weights, a version that cannot load, a broker down after a move."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +10,18 @@ import torch
 from ground.schemas import CheckpointEvaluation
 from policies.audit_log import verify
 from policies.features.model import DirectPolicy, pairwise_accuracy
-from policies.promotion import AnnouncementFailed, GateRules, decide, move_alias
+from policies.promotion import (
+    AnnouncementFailed,
+    GateRules,
+    decide,
+    finish_release_of_run,
+    move_alias,
+    release_checkpoint,
+)
 from policies.registry import RegistryError, aliases
+from proxyloop.testing import isolated_settings
 from tests.policies.test_audit import released  # noqa: F401  (the fixture: v1, v2, rollback to 1, back to 2)
+from tests.policies.test_release import _checkpoint
 
 
 def _eval(step: int, accuracy: float, mass: float | None = 0.9) -> CheckpointEvaluation:
@@ -52,6 +62,8 @@ def test_a_model_with_nan_weights_has_no_accuracy_and_the_gate_blocks():
     accuracy = pairwise_accuracy(model, torch.zeros(4, 1), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 0, 0]))
     assert math.isnan(accuracy)
     assert decide([_eval(1, accuracy)], 0.6, GateRules(indicators="advisory")).decision == "block"
+    late = decide([_eval(1, 0.8), _eval(2, accuracy)], 0.6, GateRules(indicators="advisory"))
+    assert late.decision == "pick_checkpoint" and late.checkpoint is not None and late.checkpoint.step == 1
 
 
 def test_a_rollback_onto_a_version_without_weights_moves_nothing(released):  # noqa: F811
@@ -71,3 +83,20 @@ def test_a_move_whose_announcement_fails_says_the_move_stands(released, monkeypa
     with pytest.raises(AnnouncementFailed, match="moved and logged"):
         move_alias(released, 1, reason="roll back")
     assert aliases(released.registry_dir, "appendix-d")["production"] == 1
+
+
+def test_a_retried_release_finishes_only_its_own_checkpoints_version_and_never_undoes_a_rollback(tmp_path,
+                                                                                                monkeypatch):
+    settings = isolated_settings(tmp_path / "home", registry_url=str(tmp_path / "registry"))
+    announced = []
+    monkeypatch.setattr("policies.promotion.announce", lambda s, version, alias, event_id: announced.append(
+        version.version))
+    first = str(_checkpoint(tmp_path / "c1", 1))
+    release_checkpoint(settings, Path(first), {"flow_run_id": "r", "gate": {"checkpoint": {"path": first}}})
+    assert finish_release_of_run(settings, settings.policy_name, "r", str(tmp_path / "c2")) is None  # gated again
+    assert finish_release_of_run(settings, settings.policy_name, "r", first).version == 1
+    assert announced == [1, 1]
+    release_checkpoint(settings, _checkpoint(tmp_path / "c3", 3), {"flow_run_id": "other"})
+    announced.clear()
+    assert finish_release_of_run(settings, settings.policy_name, "r", first).version == 1
+    assert announced == []  # production is v2 now: announcing v1 as production would undo that
