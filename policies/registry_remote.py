@@ -20,7 +20,7 @@ import fsspec
 from ground.settings import Settings
 from policies.audit_log import AuditTampered
 from policies.registry import ALIASES_FILE, VERSION_PATTERN, validate_name, versions
-from policies.registry_lock import AUDIT_FILE
+from policies.registry_lock import AUDIT_FILE, exclusive
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
 
@@ -43,18 +43,20 @@ def push(local_root: Path, url: str, name: str) -> None:
         for path in sorted(p for p in local_version.rglob("*") if p.is_file()):
             fs.put_file(str(path), posixpath.join(remote_version, path.relative_to(local_version).as_posix()))
         fs.pipe_file(posixpath.join(remote_version, COMPLETE_MARKER), b"")
-    aliases = local_root / name / ALIASES_FILE
-    if aliases.exists():
-        fs.pipe_file(posixpath.join(remote_policy, ALIASES_FILE), aliases.read_bytes())
-    _push_audit_log(fs, root, local_root / AUDIT_FILE)
+    aliases, log = local_root / name / ALIASES_FILE, local_root / AUDIT_FILE
+    with exclusive(local_root):  # as a writer left them: an entry being appended (or cut back) is not read half-way
+        moved = aliases.read_bytes() if aliases.exists() else None
+        logged = log.read_bytes() if log.exists() else None
+    if moved is not None:
+        fs.pipe_file(posixpath.join(remote_policy, ALIASES_FILE), moved)
+    if logged is not None:
+        _push_audit_log(fs, root, log, logged[:logged.rfind(b"\n") + 1])  # complete lines only
 
 
-def _push_audit_log(fs: fsspec.AbstractFileSystem, root: str, log: Path) -> None:
+def _push_audit_log(fs: fsspec.AbstractFileSystem, root: str, log: Path, local: bytes) -> None:
     """Mirror the log, refusing to replace a remote copy the local log does not extend: that copy is the
     witness that catches a local log whose newest entries were cut off (or another machine's divergent log)."""
-    if not log.exists():
-        return
-    remote_log, local = posixpath.join(root, AUDIT_FILE), log.read_bytes()
+    remote_log = posixpath.join(root, AUDIT_FILE)
     if fs.exists(remote_log) and not local.startswith(fs.cat_file(remote_log)):
         raise AuditTampered(f"{log} does not extend the mirrored history at {remote_log} (versions and aliases "
                             "were mirrored, the history was not): local entries were lost or changed, or another "
