@@ -4,13 +4,14 @@ tests' folds keep copies together."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
 
-from ground.schemas import CheckpointRef
+from ground.schemas import CheckpointRef, LMTrainingRequest
 from policies.lm.conditions import run_text_condition_tests
 from policies.lm.mode_mixture import kmeans_modes
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
@@ -18,9 +19,10 @@ from tests.workers.lm_helpers import PAIRS, tiny_model_dir, write_pairs
 from workers.lm import mixture_features
 from workers.lm import mode_mixture_training as mm
 from workers.lm.evaluate import evaluate_lm_checkpoints
-from workers.lm.models import load_tokenizer
+from workers.lm.models import build_tiny, load_tokenizer
 from workers.lm.plans import MixtureRecipe
 from workers.lm.training.data import DatasetError, TokenizedPair, truncate_pair
+from workers.lm.training.run import run_lm_training
 
 HISTORY = ("User: Hi there, I hope you are doing well today. I wanted to ask you a few things.\n"
            "Assistant: Of course, happy to help with anything you need.\n") * 4  # a quoted exchange: 100+ tokens
@@ -149,3 +151,17 @@ def test_evaluating_a_checkpoint_deleted_after_training_names_it(tmp_path):
     gone = CheckpointRef(step=2, path=str(tmp_path / "run" / "checkpoint-000002"))
     with pytest.raises(FileNotFoundError, match="are gone"):
         evaluate_lm_checkpoints(str(tiny_model_dir()), str(heldout), [gone])
+
+
+def test_dpo_reads_pairs_at_a_model_context_shorter_than_max_length(tmp_path):
+    """A GPT-2 with 64 positions under the default max_length 512: DPO was an IndexError (the SFT path was fixed
+    first); pairs are now cut at the model's context, as every other reader of pairs cuts them."""
+    base = build_tiny(tmp_path / "gpt2", family="gpt2", max_positions=64, seed=0)
+    long = " ".join(["sailing boats and pasta"] * 40)
+    rows = [{"prompt": f"question {i}?", "chosen": long, "rejected": "no " + long} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    request = LMTrainingRequest(run_id="ctx", method="dpo", base_model=str(base), dataset=str(tmp_path / "pairs.jsonl"),
+                                output_dir=str(tmp_path / "out"), config={"batch_size": 2, "max_steps": 2,
+                                                                          "checkpoint_every": 100})
+    result = run_lm_training(request, lambda _: None)
+    assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))

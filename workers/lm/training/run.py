@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,9 @@ def train_in_process(request: LMTrainingRequest, progress: Progress, worker: str
                                "dataset": request.dataset, "device": str(device), "ranks": ranks.world}
     objective: PairObjective | ChatObjective
     if isinstance(config, DPOConfig):
+        # Pairs read at the run's cap: past its context a model with a position table fails (GPT-2 with 64 positions
+        # under the default 512 was an IndexError) and one with rotary positions reads positions it never trained on.
+        config = replace(config, max_length=sequence_cap(model, config.max_length))
         pairs = tokenize_pairs(load_jsonl(request.dataset, ["prompt", "chosen", "rejected"]), tokenizer)
 
         def reference_model() -> Any:  # only called when the run's reference cache is missing or damaged
