@@ -18,7 +18,7 @@ from policies.features.fit_recipe import FitRecipe
 from policies.features.fitting import fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_adapter_stage
-from policies.features.simplex_adapter import relabelled_centres
+from policies.features.simplex_adapter import UNUSED_LOGIT, relabelled_centres
 
 log = logging.getLogger("proxyloop.policies.features")
 
@@ -82,20 +82,29 @@ def usable_triples(stack: TwoStagePolicy, expert: Sequence[FeatureTriple]) -> li
     this release's input or head, and one such label must not stop every open task's score. Both
     paths of `feature_scores` count only these, so the method (ensemble or relabellings) and `n_labels` follow the
     labels the scores were computed from."""
-    dim, n_outputs = stack.config.input_dim, stack.config.n_outputs
+    dim = stack.config.input_dim
+    answered = set(answered_outputs(stack))
     wrong_dim = [t for t in expert if len(t.x) != dim]
-    unknown = [t for t in expert if len(t.x) == dim and max(t.y_w, t.y_l) >= n_outputs]
+    unknown = [t for t in expert if len(t.x) == dim and not {t.y_w, t.y_l} <= answered]
     reasons = []
     if wrong_dim:
         reasons.append(f"{len(wrong_dim)} with x of dimension {sorted({len(t.x) for t in wrong_dim})} (the policy "
                        f"reads {dim})")
     if unknown:
-        reasons.append(f"{len(unknown)} naming an output outside the policy's 0..{n_outputs - 1} (kept for a newer "
-                       "release's training)")
+        reasons.append(f"{len(unknown)} naming an output the policy does not answer (it answers "
+                       f"{sorted(answered)[:12]}; kept for a newer release's training)")
     if reasons:
         log.warning("%d of %d expert triples not used to score against this policy: %s",
                     len(wrong_dim) + len(unknown), len(expert), "; ".join(reasons))
-    return [t for t in expert if len(t.x) == dim and max(t.y_w, t.y_l) < n_outputs]
+    return [t for t in expert if len(t.x) == dim and {t.y_w, t.y_l} <= answered]
+
+
+def answered_outputs(stack: TwoStagePolicy) -> list[int]:
+    """The output ids the policy answers: all of 0..n_outputs-1 but those its training never saw (a policy saved over
+    ids by name, `outputs.widened`, gives them probability 0). A triple naming one would enter the adapter's refit with
+    a loss near 1e4 nats."""
+    _, offset = stack.head_affine()
+    return [int(y) for y in torch.nonzero(offset > UNUSED_LOGIT / 2).flatten()]
 
 
 def _margins(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:

@@ -215,7 +215,7 @@ def test_expert_triples_the_policy_cannot_read_are_dropped_with_a_warning_on_bot
         ensemble = feature_scores(stack, new_output + good + other_dim, x, ya, yb, config)
     assert (ensemble.method, ensemble.n_labels) == ("ensemble", 6)
     assert "12 of 18 expert triples not used" in caplog.text and "6 with x of dimension [4]" in caplog.text
-    assert "6 naming an output outside the policy's 0..2" in caplog.text
+    assert "6 naming an output the policy does not answer (it answers [0, 1, 2]" in caplog.text
     np.testing.assert_allclose(ensemble.scores, feature_scores(stack, good, x, ya, yb, config).scores)
 
     for unusable, usable in ((new_output, 0), (other_dim, 0), (new_output[:3] + good[:2], 2)):  # the relabellings
