@@ -292,16 +292,19 @@ def latest_runs(session: Session, limit: int = 5) -> Sequence[RetrainRun]:
 HELDOUT_EVERY = 3
 
 
-def split_expert(triples: Sequence[FeatureTriple]) -> tuple[list[FeatureTriple], list[FeatureTriple]]:
-    """(train, held-out): every third expert input in snapshot order is held out, with every triple on it.
+def split_by_group(items: Sequence[ItemT], groups: Sequence[int]) -> tuple[list[ItemT], list[ItemT]]:
+    """(train, held-out): every third group (numbered by first appearance) held out, with every item in it.
 
-    Deterministic so the training task and the evaluation task agree without passing data. Counted by input, as
-    the condition tests' folds are (`condition_statistics.grouped_folds`): two annotators labelling one task give
-    the same input twice, and a held-out copy of a training triple scored the gate on what was trained on. With
-    every input distinct, every third triple, as before.
+    Deterministic so the training task and the evaluation task agree without passing data. Groups are copies of one
+    task (an input, a text pair): two annotators labelling one task give it twice, and a held-out copy of a training
+    item scored the gate on what was trained on. With every item its own group, every third item, as before.
     """
+    return ([t for g, t in zip(groups, items, strict=True) if g % HELDOUT_EVERY != 0],
+            [t for g, t in zip(groups, items, strict=True) if g % HELDOUT_EVERY == 0])
+
+
+def split_expert(triples: Sequence[FeatureTriple]) -> tuple[list[FeatureTriple], list[FeatureTriple]]:
+    """`split_by_group` of expert triples by input, as the condition tests' folds group them
+    (`condition_statistics.grouped_folds`)."""
     seen: dict[tuple[float, ...], int] = {}
-    groups = [seen.setdefault(tuple(t.x), len(seen)) for t in triples]
-    train = [t for g, t in zip(groups, triples, strict=True) if g % HELDOUT_EVERY != 0]
-    heldout = [t for g, t in zip(groups, triples, strict=True) if g % HELDOUT_EVERY == 0]
-    return train, heldout
+    return split_by_group(triples, [seen.setdefault(tuple(t.x), len(seen)) for t in triples])

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ground.schemas import Item, PairwiseText
-from ingest.store import HELDOUT_EVERY, LabelKind, LabelRow, SnapshotNotFound, SnapshotRow
+from ingest.store import LabelKind, LabelRow, SnapshotNotFound, SnapshotRow, split_by_group
 
 ItemKind = Literal["features", "pairwise_text"]
 _item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
@@ -58,10 +58,6 @@ def copy_groups(items: Sequence[PairwiseText]) -> list[int]:
 
 
 def split_heldout(items: Sequence[PairwiseText]) -> tuple[list[PairwiseText], list[PairwiseText]]:
-    """(train, held-out) by the store's rule, every third in snapshot order held out, counted in copy groups
-    (`copy_groups`): all copies of a pair go to one side. Why: annotators labelling one task give the same pair
-    several times, and a held-out copy of a training pair scores the gate's evaluation on what was trained on (the
-    audit: 16 of 16 held-out pairs). With every pair distinct, the split is every third item, as before."""
-    groups = copy_groups(items)
-    return ([t for g, t in zip(groups, items, strict=True) if g % HELDOUT_EVERY != 0],
-            [t for g, t in zip(groups, items, strict=True) if g % HELDOUT_EVERY == 0])
+    """(train, held-out) by the store's rule (`split_by_group`) over copy groups (`copy_groups`): all copies of a
+    pair go to one side (the audit had 16 of 16 held-out pairs copies of training pairs)."""
+    return split_by_group(items, copy_groups(items))
