@@ -66,6 +66,13 @@ def grouped_folds(order: np.ndarray, groups: np.ndarray, folds: int) -> list[np.
     return [np.concatenate([by_group[g] for g in part]) for part in np.array_split(order, min(folds, len(order)))]
 
 
+def seeded_grouped_folds(rows: np.ndarray, seed: int, folds: int) -> list[np.ndarray]:
+    """`grouped_folds` over the copy groups of `rows` (`input_groups`), the groups in numpy's order for `seed`: the
+    condition tests' folds in both families (features by input, text pairs by copy group)."""
+    groups = input_groups(rows)
+    return grouped_folds(np.random.default_rng(seed).permutation(int(groups.max(initial=-1)) + 1), groups, folds)
+
+
 def log_ratios(log_probs: np.ndarray) -> np.ndarray:
     """Centred log-probabilities [N, Y]: Euclidean distance between rows is the Aitchison distance
     between the output distributions, a metric on the open simplex."""

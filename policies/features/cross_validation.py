@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from policies.condition_statistics import grouped_folds, input_groups
+from policies.condition_statistics import seeded_grouped_folds
 from policies.features.bagged_adapter import fit_bag_model
 from policies.features.fit_recipe import EXPERT_ONLY, FINE_TUNE, FINE_TUNE_PRIOR, FitRecipe
 from policies.features.fitting import choose_centre, fit_adapter, fit_preferences
@@ -150,8 +150,7 @@ def cross_validate(stack: TwoStagePolicy, x: Tensor, y_w: Tensor, y_l: Tensor, s
         raise ValueError(f"unknown learners {unknown}; known: {list(LEARNERS)}")
     n = x.shape[0]
     stage = cross_validated_adapter_stage(stack, x, y_w, y_l, seed, recipe)
-    groups = input_groups(x.cpu().numpy())  # copies of one input stay in one fold
-    folds = grouped_folds(np.random.default_rng(seed).permutation(int(groups.max(initial=-1)) + 1), groups, CV_FOLDS)
+    folds = seeded_grouped_folds(x.cpu().numpy(), seed, CV_FOLDS)  # copies of one input stay in one fold
     ll = {k: np.zeros(n) for k in learners}
     correct = {k: np.zeros(n) for k in learners}
     if "proxy_as_is" in learners:  # it sees no expert data, so every triple is already held out for it

@@ -29,10 +29,10 @@ from policies.condition_statistics import (
     binomial_tail,
     bootstrap_mean,
     encoding_dimension,
-    grouped_folds,
     input_groups,
     log_ratios,
     relaxation_interval,
+    seeded_grouped_folds,
 )
 from policies.features.condition_config import CHECK_NAMES
 from policies.lm.bradley_terry import calibrated_log_likelihood, fit_bradley_terry, log_sigmoid
@@ -96,9 +96,7 @@ def cross_validation_folds(groups: np.ndarray, seed: int,
     """The tests' held-out folds over expert pairs with copy groups `groups` (`mixture_learners.pair_groups`): a
     caller training plans on the folds (`trained_margins`) must use these. Copies share a fold (`grouped_folds`: a
     copy in training made expert_only read -0.43 nats per pair for -0.91); all distinct, the folds are as before."""
-    groups = input_groups(np.asarray(groups))
-    order = np.random.default_rng(seed).permutation(int(groups.max(initial=-1)) + 1)
-    return grouped_folds(order, groups, (thresholds or TEXT_THRESHOLDS).cv_folds)
+    return seeded_grouped_folds(np.asarray(groups), seed, (thresholds or TEXT_THRESHOLDS).cv_folds)
 
 
 def _cross_validate(designs: _Designs, expert: TextPairFeatures, seed: int, t: TextConditionThresholds,
