@@ -29,7 +29,7 @@ from ground.moments import as_utc, utcnow
 from ground.schemas import PolicyVersion
 from ground.validation import validation_problems
 from policies.registry import aliases, set_alias
-from policies.registry_lock import AUDIT_FILE, audit_lines, exclusive
+from policies.registry_lock import AUDIT_FILE, complete_log, exclusive
 
 log = logging.getLogger("proxyloop.policies.audit")
 
@@ -89,36 +89,27 @@ def _content_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _torn_tail(root: Path) -> int | None:
-    """Where an unfinished last line starts (one without its newline: an append cut short), or None."""
-    path = root / AUDIT_FILE
-    if not path.exists():
-        return None
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return None
-    return data.rfind(b"\n") + 1
-
-
 def _entry_lines(root: Path) -> list[str]:
-    """The log's complete lines: an unfinished last line is left out, with a warning."""
-    lines, torn = audit_lines(root), _torn_tail(root)
-    if torn is not None:
-        log.warning("%s ends with an unfinished entry (%d bytes without a newline: an append cut short by a full "
-                    "disk or a crash); it is not part of the log and the next write removes it",
-                    root / AUDIT_FILE, (root / AUDIT_FILE).stat().st_size - torn)
-        lines = lines[:-1]
-    return lines
+    """The log's complete lines (`complete_log`), with a warning when an unfinished last line is left out."""
+    complete, size = complete_log(root)
+    if len(complete) < size:
+        _warn_unfinished(root, size - len(complete))
+    return complete.decode().splitlines()
+
+
+def _warn_unfinished(root: Path, size: int) -> None:
+    log.warning("%s ends with an unfinished entry (%d bytes without a newline: an append cut short by a full disk or "
+                "a crash); it is not part of the log and the next write removes it", root / AUDIT_FILE, size)
 
 
 def _chain_head(root: Path) -> AuditEntry | None:
     """The last entry, which the next one links to; a damaged last line stops the write before the alias moves.
     The caller holds `exclusive`: an unfinished last line is cut off here, so the next entry starts a line."""
-    torn = _torn_tail(root)
-    if torn is not None:
-        _entry_lines(root)  # the warning
-        os.truncate(root / AUDIT_FILE, torn)
-    lines = audit_lines(root)
+    complete, size = complete_log(root)
+    if len(complete) < size:
+        _warn_unfinished(root, size - len(complete))
+        os.truncate(root / AUDIT_FILE, len(complete))
+    lines = complete.decode().splitlines()
     try:
         return AuditEntry.model_validate_json(lines[-1]) if lines else None
     except ValueError as exc:

@@ -50,6 +50,14 @@ def release_lock(root: Path, run_id: str) -> Iterator[None]:
         yield
 
 
-def audit_lines(root: Path) -> list[str]:
+def complete_log(root: Path) -> tuple[bytes, int]:
+    """The log up to its last newline, and the file's size. A longer file ends with an unfinished line (an append
+    cut short by a full disk or a crash): it was never written whole, so no reader takes it for an entry."""
     path = root / AUDIT_FILE
-    return path.read_text().splitlines() if path.exists() else []
+    data = path.read_bytes() if path.exists() else b""
+    return data[:data.rfind(b"\n") + 1], len(data)
+
+
+def audit_lines(root: Path) -> list[str]:
+    """The log's complete lines (`complete_log`)."""
+    return complete_log(root)[0].decode().splitlines()

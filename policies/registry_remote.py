@@ -20,7 +20,7 @@ import fsspec
 from ground.settings import Settings
 from policies.audit_log import AuditTampered
 from policies.registry import ALIASES_FILE, VERSION_PATTERN, validate_name, versions
-from policies.registry_lock import AUDIT_FILE, exclusive
+from policies.registry_lock import AUDIT_FILE, complete_log, exclusive
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
 
@@ -46,11 +46,11 @@ def push(local_root: Path, url: str, name: str) -> None:
     aliases, log = local_root / name / ALIASES_FILE, local_root / AUDIT_FILE
     with exclusive(local_root):  # as a writer left them: an entry being appended (or cut back) is not read half-way
         moved = aliases.read_bytes() if aliases.exists() else None
-        logged = log.read_bytes() if log.exists() else None
+        logged = complete_log(local_root)[0] if log.exists() else None  # complete lines only
     if moved is not None:
         fs.pipe_file(posixpath.join(remote_policy, ALIASES_FILE), moved)
     if logged is not None:
-        _push_audit_log(fs, root, log, logged[:logged.rfind(b"\n") + 1])  # complete lines only
+        _push_audit_log(fs, root, log, logged)
 
 
 def _push_audit_log(fs: fsspec.AbstractFileSystem, root: str, log: Path, local: bytes) -> None:
