@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, UnsupportedCodecError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -257,6 +257,25 @@ def _rewind(consumer: KafkaConsumer, records: list[Any]) -> None:
             pass  # no longer ours after a rebalance: its new owner starts from the committed offset
 
 
+def _reopened(consumer: KafkaConsumer, settings: Settings, stop: threading.Event, error: KafkaError,
+              pause: float) -> KafkaConsumer | None:
+    """A new consumer in place of one whose poll raised (an unreadable batch, say): kafka-python's next poll on
+    the old one spins without returning, so it is closed and a new one rejoins the group from the committed
+    offsets after `pause` s (None once `stop` is set). Nothing past the last stored batch was committed, so nothing
+    is skipped; an error that does not go away leaves the partition's lag growing, which `proxyloop status` flags."""
+    hint = " (a producer used a compression codec whose library is missing)" \
+        if isinstance(error, UnsupportedCodecError) else ""
+    log.error("could not read a batch: %s%s; reopening the consumer in %.0f s",
+              str(error).splitlines()[0][:300], hint, pause)
+    consumer.close()
+    while not stop.wait(pause):
+        try:
+            return make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
+        except KafkaError as again:  # the broker is away too: keep trying, as the batch loop does
+            log.error("could not reopen the consumer (%s); trying again in %.0f s", again, pause)
+    return None
+
+
 def run(settings: Settings, stop: threading.Event) -> None:
     ensure_topics(settings)
     engine = make_engine(settings.resolved_store_url)
@@ -266,7 +285,14 @@ def run(settings: Settings, stop: threading.Event) -> None:
     pause, store_down_since, dimension = 1.0, None, FeatureDimension()
     try:
         while not stop.is_set():
-            polled = consumer.poll(timeout_ms=500)
+            try:
+                polled = consumer.poll(timeout_ms=500)
+            except KafkaError as error:
+                reopened = _reopened(consumer, settings, stop, error, pause)
+                if reopened is None:
+                    return
+                consumer, pause = reopened, min(pause * 2, 30.0)
+                continue
             records = [r for batch in polled.values() for r in batch]
             if not records:
                 continue

@@ -99,6 +99,44 @@ def test_events_produced_by_librdkafka_are_stored(settings: Settings) -> None:
     assert rows["librdkafka-text"].item["rationale"] == "ünïcödé ✓"
 
 
+def _produce_compressed(settings: Settings, events: list[ProxyPreference], codec: str) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "compression.type": codec,
+                         "linger.ms": 50})  # one batch, compressed as a whole
+    delivered: list[str] = []
+    for event in events:
+        producer.produce(settings.topic_proxy, key=event.event_id.encode(), value=event.model_dump_json().encode(),
+                         on_delivery=lambda err, msg: delivered.append("ok" if err is None else str(err)))
+    assert producer.flush(30) == 0 and delivered == ["ok"] * len(events)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_batches_compressed_with_every_kafka_codec_are_stored(settings: Settings, codec: str) -> None:
+    """librdkafka producers often compress; a codec kafka-python has no library for stopped the consumer."""
+    events = [*_preferences(20), ProxyPreference(event_id=f"{codec}-text", proxy_name="clicks", item=PairwiseText(
+        prompt="Shorter?", response_a="Yes.", response_b="Certainly, here it is.", choice="a", rationale="✓"))]
+    _produce_compressed(settings, events, codec)
+    rows = _consume_until(settings, {e.event_id for e in events})
+    assert {k: r.item for k, r in rows.items()} == {e.event_id: e.item.model_dump(mode="json") for e in events}
+
+
+def test_a_batch_the_consumer_cannot_read_yet_is_read_after_it_reopens(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll that raises (here: snappy's library "missing" for the first read) closes the consumer and a new
+    one rejoins from the committed offsets: kafka-python's next poll on the old one never returns."""
+    import kafka.codec
+
+    reads = iter([False])
+    monkeypatch.setattr(kafka.codec, "has_snappy", lambda: next(reads, True))
+    events = _preferences(21)  # librdkafka sends a batch as is where compressing would not make it smaller
+    _produce_compressed(settings, events[:1], "none")
+    _produce_compressed(settings, events[1:], "snappy")
+    rows = _consume_until(settings, {e.event_id for e in events})
+    assert {e.event_id for e in events} <= set(rows)
+    assert next(reads, "done") == "done"  # the missing codec was met
+
+
 def test_proxy_cli_refuses_an_event_over_the_size_limit_before_sending_it(settings: Settings, tmp_path: Path) -> None:
     small, large = _preferences(2)
     large = large.model_copy(update={"proxy_name": "j" * 3000})
