@@ -7,18 +7,16 @@ change production needs.
 from __future__ import annotations
 
 import os
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ground import addresses
+
 PLACEHOLDER_SECRETS = {"dev-webhook-secret", "dev-api-key"}
-# What kafka-python takes per comma-separated entry: host, host:port or [ipv6]:port, maybe PROTOCOL:// first.
-_BOOTSTRAP = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[^:]*))?")
 
 
 class OperatorError(RuntimeError):
@@ -34,16 +32,6 @@ class SettingsInvalid(OperatorError, ValueError):
 def env_name(field: str) -> str:
     """The environment variable that sets a Settings field (no aliases: the prefix plus the upper-cased name)."""
     return f"PROXYLOOP_{field.upper()}"
-
-
-def _check_port(port: object, url: str | None = None) -> None:
-    """A port given as such, or the one in `url` (none given: fine, the scheme's default)."""
-    try:
-        port = urlsplit(url).port if url is not None else port  # ValueError: not a number, or above 65535
-    except ValueError as exc:
-        raise ValueError(f"{url!r}: {exc}") from None
-    if port is not None and not (str(port).isdigit() and 1 <= int(str(port)) <= 65_535):
-        raise ValueError(f"port {port!r} is not a number in 1-65535")
 
 
 ML_BACKEND_PATH = "/labelstudio/ml"  # where the HTTP app mounts Label Studio's ML-backend protocol
@@ -216,46 +204,22 @@ class Settings(BaseSettings):
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_servers(cls, value: str) -> str:
-        for entry in value.split(","):
-            match = _BOOTSTRAP.fullmatch(entry.strip())
-            if match is None:
-                raise ValueError(f"{entry.strip()!r} is not host:port (brokers are comma-separated)")
-            _check_port(match["port"])
-        return value
+        return addresses.bootstrap_servers(value)
 
     @field_validator("celery_broker", "celery_backend")
     @classmethod
     def _celery_url(cls, value: str) -> str:
-        for url in value.split(";"):  # redis, rediss, amqp, sentinel lists joined by ';' …: a scheme, a valid port
-            if "://" not in url:
-                raise ValueError(f"{url!r} is not a URL such as redis://127.0.0.1:6379/0")
-            _check_port(None, url)
-        return value
+        return addresses.celery_url(value)
 
     @field_validator("prefect_api_url", "object_store_url", "labelstudio_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
-        _check_port(None, value)
-        return value
+        return addresses.http_url(value)
 
     @field_validator("store_url")
     @classmethod
     def _sqlalchemy_url(cls, value: str) -> str:
-        if not value:
-            return value
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            url = make_url(value)
-            url.get_dialect()
-        except ArgumentError as exc:  # NoSuchModuleError too; neither message repeats the URL (its password)
-            raise ValueError(f"not a usable SQLAlchemy URL ({exc}), e.g. postgresql+psycopg://u:pw@host/db") from None
-        _check_port(url.port)
-        return value
+        return addresses.sqlalchemy_url(value)
 
     @model_validator(mode="after")
     def _refuse_placeholders_outside_dev(self) -> Settings:

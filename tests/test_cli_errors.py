@@ -7,6 +7,7 @@ installed entry point's module as a user would.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -51,10 +52,14 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, closed_port: int) -> It
         for name, value in {**base, **env}.items():
             monkeypatch.setenv(f"PROXYLOOP_{name}", value)
         get_settings.cache_clear()
+        root_handlers = list(logging.getLogger().handlers)
         try:
             return CliRunner().invoke(app, list(args))
         finally:
             get_settings.cache_clear()
+            # Prefect's client puts a console handler on the root logger, bound to the runner's stream that is
+            # closed once the call returns: a later call's log would print "--- Logging error ---" and a traceback.
+            logging.getLogger().handlers[:] = root_handlers
 
     yield run
 

@@ -18,7 +18,7 @@ from policies.features.fit_recipe import FitRecipe
 from policies.features.fitting import fit_adapter
 from policies.features.model import TwoStagePolicy, triples_to_tensors
 from policies.features.recipe import TWO_STAGE, TwoStageRecipe, cross_validated_adapter_stage
-from policies.features.simplex_adapter import UNUSED_LOGIT, relabelled_centres
+from policies.features.simplex_adapter import answered_mask, relabelled_centres
 
 log = logging.getLogger("proxyloop.policies.features")
 
@@ -104,7 +104,7 @@ def answered_outputs(stack: TwoStagePolicy) -> list[int]:
     ids by name, `outputs.widened`, gives them probability 0). A triple naming one would enter the adapter's refit with
     a loss near 1e4 nats."""
     _, offset = stack.head_affine()
-    return [int(y) for y in torch.nonzero(offset > UNUSED_LOGIT / 2).flatten()]
+    return [int(y) for y in torch.nonzero(answered_mask(offset)).flatten()]
 
 
 def _margins(stack: TwoStagePolicy, log_s: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:

@@ -69,10 +69,6 @@ class OutputSupport:
         index = {y: i for i, y in enumerate(self.ids)}
         return [t.model_copy(update={"y_w": index[t.y_w], "y_l": index[t.y_l]}) for t in triples]
 
-    def named(self, outputs: Sequence[int]) -> list[int]:
-        """Fitted output indices back to the ids they stand for."""
-        return [self.ids[i] for i in outputs]
-
 
 def stray_floor(n_proxy: int) -> float:
     """An id no expert uses is a stray when fewer than this many proxy triples use it (and at most

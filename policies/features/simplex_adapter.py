@@ -24,6 +24,11 @@ MAX_RELABELLED_OUTPUTS = 6
 UNUSED_LOGIT = -1.0e4
 
 
+def answered_mask(logits: Tensor) -> Tensor:
+    """True where a logit (or head offset) is a real answer, not an UNUSED_LOGIT placeholder."""
+    return logits > UNUSED_LOGIT / 2
+
+
 class SimplexAdapter(nn.Module):
     """π̄†: a map of the D-simplex to itself, softmax(M log s + b).
 
@@ -98,9 +103,9 @@ def relabelled_centres(gain: Tensor, offset: Tensor) -> list[tuple[Tensor, Tenso
     centred simplex (D ≤ Y); otherwise the closest adapter. Only the identity beyond MAX_RELABELLED_OUTPUTS outputs.
     Outputs with an UNUSED_LOGIT offset (ids no triple used, in a saved policy) are never relabelled onto.
     """
-    answered = offset > UNUSED_LOGIT / 2
-    if not bool(answered.all()):  # a saved policy over ids by name: relabel only the outputs it answers
-        return relabelled_centres(gain[answered], offset[answered])
+    used = answered_mask(offset)
+    if not bool(used.all()):  # a saved policy over ids by name: relabel only the outputs it answers
+        return relabelled_centres(gain[used], offset[used])
     n_outputs, dim = gain.shape
     identity = (torch.eye(dim, dtype=gain.dtype, device=gain.device), gain.new_zeros(dim))
     if n_outputs > MAX_RELABELLED_OUTPUTS:

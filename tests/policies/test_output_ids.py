@@ -48,7 +48,6 @@ def test_the_support_renames_ids_to_indices_and_back():
     support = output_support(triples, [])
     assert support.ids == (7, 40, 99) and support.n_outputs == 100 and support.n_fitted == 3
     assert [(t.y_w, t.y_l) for t in support.dense(triples)] == [(1, 0), (2, 1)]
-    assert support.named([2, 0]) == [99, 7]
     assert output_support([], []).ids == (0, 1) and output_support([], []).n_outputs == 2  # two outputs at least
 
 

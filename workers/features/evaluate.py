@@ -15,7 +15,7 @@ from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
 from policies.features.fit_recipe import EXPERT_ONLY
 from policies.features.fitting import fit_preferences
 from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
-from policies.features.simplex_adapter import UNUSED_LOGIT
+from policies.features.simplex_adapter import answered_mask
 from policies.indicators import DEFAULT_TOP_K, topk_indicators
 from policies.loader import load_policy_dir
 from policies.plan_choice import CHANCE_ACCURACY
@@ -27,7 +27,7 @@ def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) ->
     x, y_w, y_l = triples_to_tensors(heldout)
     logits = model.logits(x)  # type: ignore[operator]
     entropy, mass = topk_indicators(logits)
-    answerable = int((logits > UNUSED_LOGIT / 2).any(dim=0).sum())  # ids no training triple used are never answers
+    answerable = int(answered_mask(logits).any(dim=0).sum())  # ids no training triple used are never answers
     return CheckpointEvaluation(
         step=ref.step, path=ref.path, heldout_accuracy=pairwise_accuracy(model, x, y_w, y_l),
         topk_entropy=float(entropy.mean()),
