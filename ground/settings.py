@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     dead_letter_payload_url: str = Field(
         "", description="fsspec URL where payloads too large to inline are kept (s3://bucket/dead-letters, …); "
         "empty means home/dead-letters.")
+    max_clock_ahead_s: float = Field(
+        3600, gt=0, description="An event whose occurred_at is further ahead of the consumer's clock is dead-lettered "
+        "(future_occurred_at): kept, it would outrank every later correction until that time.")
+    kafka_isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed", description="What the consumer reads of transactional producers: committed records only "
+        "(an aborted transaction is never stored), or everything at once.")
     broker_retry_s: float = Field(
         60, gt=0, description="A dead letter or offset commit the broker refuses is retried with backoff this long; "
         "then the batch is read again (nothing is stored or dead-lettered twice).")

@@ -15,6 +15,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import TypeAdapter, ValidationError
 
+from ground.moments import utcnow
 from ground.schemas import (
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
@@ -105,6 +106,7 @@ def make_consumer(settings: Settings, topics: list[str], group_id: str) -> Kafka
         max_partition_fetch_bytes=settings.kafka_max_message_bytes,
         fetch_max_bytes=max(52_428_800, settings.kafka_max_message_bytes),
         client_id=f"{group_id}-consumer",
+        isolation_level=settings.kafka_isolation_level,
     )
     consumer.subscribe(topics)
     return consumer
@@ -118,6 +120,12 @@ def decode_label_event(raw: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> L
     """The one place bytes become a typed label event; raises MalformedEvent with the reason."""
     if raw is None:
         raise MalformedEvent("empty record value (tombstone) on a label topic", "empty")
+    if not raw:
+        raise MalformedEvent("empty record value (0 bytes) on a label topic", "empty")
+    if raw[:1] == b"\x00" and len(raw) >= 5:
+        raise MalformedEvent(f"Confluent Schema Registry framing (magic byte 0, schema id "
+                             f"{int.from_bytes(raw[1:5], 'big')}): label topics take plain UTF-8 JSON; produce "
+                             "with a plain string or bytes serializer", "not_json")
     if len(raw) > max_bytes:
         raise MalformedEvent(f"record of {len(raw)} bytes exceeds the {max_bytes}-byte limit for one event "
                              "(PROXYLOOP_MAX_EVENT_BYTES)", "too_large")
@@ -164,6 +172,20 @@ def check_topic(event: LabelEvent, topic: str, settings: Settings) -> None:
         kinds = " and ".join(str(kind.model_fields["kind"].default) for kind in carried) or "no label events"
         raise MalformedEvent(f"a {event.kind} event on topic {_clip(topic, 200)!r}, which carries {kinds}",
                              "wrong_topic")
+
+
+def check_moment(event: LabelEvent, settings: Settings) -> None:
+    """Raise MalformedEvent (`future_occurred_at`) when the event claims a time past Settings.max_clock_ahead_s ahead.
+
+    Why: the stored version is the one with the latest occurred_at, so an event from a clock hours ahead (or a
+    typo'd year) would outrank every correction and retraction until then, silently. Refused, it waits in the
+    dead-letter store; `proxyloop deadletters replay --reason future_occurred_at` stores it once its time is near.
+    """
+    ahead = (event.occurred_at - utcnow()).total_seconds()
+    if ahead > settings.max_clock_ahead_s:
+        raise MalformedEvent(f"occurred_at {event.occurred_at.isoformat()} is {ahead / 3600:.1f} h ahead of this "
+                             f"reader's clock (limit {settings.max_clock_ahead_s:.0f} s, PROXYLOOP_MAX_CLOCK_AHEAD_S)",
+                             "future_occurred_at")
 
 
 def _clip(text: str, limit: int = 500) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, UnsupportedCodecError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -27,6 +27,7 @@ from ingest import dead_letters, prefect_events
 from ingest.bus import (
     LabelEvent,
     MalformedEvent,
+    check_moment,
     check_topic,
     decode_label_event,
     ensure_topics,
@@ -35,6 +36,7 @@ from ingest.bus import (
     publish,
 )
 from ingest.dead_letters import Refusal
+from ingest.positions import restart_past_the_end, rewind
 from ingest.prefect_events import PrefectUnreachable
 from ingest.store import count_labels, count_new_labels, feature_dimension, make_engine
 from ingest.upsert import KindConflict, upsert_events
@@ -99,6 +101,7 @@ def store_batch(
         try:
             event = decode_label_event(record.value, settings.max_event_bytes)
             check_topic(event, record.topic, settings)
+            check_moment(event, settings)
         except MalformedEvent as exc:
             refuse(record, exc)
             continue
@@ -244,19 +247,6 @@ def emit_prefect_event(update: DatasetUpdated, settings: Settings) -> None:
                         update.model_dump(mode="json"))
 
 
-def _rewind(consumer: KafkaConsumer, records: list[Any]) -> None:
-    """Back to the first record of the batch on each partition, so the batch is read again."""
-    first: dict[TopicPartition, int] = {}
-    for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        first[tp] = min(first.get(tp, record.offset), record.offset)
-    for tp, offset in first.items():
-        try:
-            consumer.seek(tp, offset)
-        except ValueError:  # kafka-python: "Unassigned partition"
-            pass  # no longer ours after a rebalance: its new owner starts from the committed offset
-
-
 def _reopened(consumer: KafkaConsumer, settings: Settings, stop: threading.Event, error: KafkaError,
               pause: float) -> KafkaConsumer | None:
     """A new consumer in place of one whose poll raised (an unreadable batch, say): kafka-python's next poll on
@@ -295,6 +285,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 continue
             records = [r for batch in polled.values() for r in batch]
             if not records:
+                restart_past_the_end(consumer)
                 continue
             try:
                 outcome = store_batch(engine, producer, settings, records, dimension)
@@ -311,7 +302,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
                 log.error("%s error on a batch of %d (%s); reading it again in %.0f s",
                           "store" if isinstance(error, OperationalError) else "broker", len(records),
                           str(error).splitlines()[0][:300], pause)
-                _rewind(consumer, records)
+                rewind(consumer, records)
                 stop.wait(pause)
                 pause = min(pause * 2, 30.0)
                 continue

@@ -100,14 +100,19 @@ def load_payload(uri: str, sha256: str) -> bytes:
     return raw
 
 
+# Of a record key, a letter carries at most this much: a key is not size-checked by producers apart from the record,
+# and a letter larger than the topic accepts would be refused for ever, its batch read again and again.
+KEY_INLINE_BYTES = 4096
+
+
 def letter_for(settings: Settings, refusal: Refusal) -> DeadLetter:
     """The letter sent to the dead-letter topic; never larger than the topic accepts (see Settings)."""
-    raw = refusal.raw or b""
+    raw, key = refusal.raw or b"", refusal.key
     inline = len(raw) <= settings.dead_letter_inline_bytes
     return DeadLetter(
         reason=refusal.reason, reason_code=refusal.code, topic=refusal.topic, partition=refusal.partition,
-        offset=refusal.offset, key_b64=base64.b64encode(refusal.key).decode() if refusal.key is not None else None,
-        size=len(raw), sha256=refusal.sha256,
+        offset=refusal.offset, key_b64=None if key is None else base64.b64encode(key[:KEY_INLINE_BYTES]).decode(),
+        key_size=None if key is None else len(key), size=len(raw), sha256=refusal.sha256,
         original_b64=base64.b64encode(raw[: settings.dead_letter_inline_bytes]).decode(),
         truncated=not inline, payload_uri=None if inline else keep_payload(settings, raw, refusal.sha256),
     )

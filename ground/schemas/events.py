@@ -165,6 +165,7 @@ class PolicyReleased(_Event):
 DeadLetterReason = Literal[
     "empty", "too_large", "not_json", "too_deep", "not_object", "unknown_schema_version", "missing_occurred_at",
     "contract", "store_refused", "undecodable", "wrong_topic", "kind_conflict", "dimension_mismatch",
+    "future_occurred_at",
 ]
 
 
@@ -181,7 +182,9 @@ class DeadLetter(BaseModel):
     topic: str
     partition: int
     offset: int
-    key_b64: str | None = None
+    key_b64: str | None = Field(None, description="The record key, or its first 4096 bytes when `key_size` is larger "
+                                "(the store's dead-letter row keeps it whole).")
+    key_size: int | None = Field(None, description="Bytes of the record key (None: no key).")
     size: int = Field(0, description="Bytes of the original record value.")
     sha256: str = ""
     original_b64: str

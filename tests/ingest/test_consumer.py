@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import FeatureTriple, ProxyPreference
 from ingest import consumer as ingest_consumer
 from ingest.bus import make_producer, publish, read_topic
+from ingest.positions import rewind
 from ingest.store import count_labels, make_engine
 from tests.conftest import consumer_in_thread, own_topics
 
@@ -110,7 +111,7 @@ def test_rewind_seeks_each_partition_to_its_first_record_and_skips_partitions_lo
     try:
         reader.assign([ours])
         records = [SimpleNamespace(topic="t", partition=p, offset=o) for p, o in ((0, 7), (1, 3), (0, 5), (0, 9))]
-        ingest_consumer._rewind(reader, records)  # must not raise for the lost partition
+        rewind(reader, records)  # must not raise for the lost partition
         assert reader._subscription.assignment[ours].position.offset == 5
     finally:
         reader.close()
