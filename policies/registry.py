@@ -41,7 +41,12 @@ class RegistryError(ValueError):
     pass
 
 
-class RegistryFormatError(RegistryError):
+class RegistryUnreadable(RegistryError):
+    """The registry holds something this server cannot read (a damaged aliases.json or lineage, an alias pointing at
+    a deleted folder): the operator's to mend, so serving answers 503, not the 404 of a name nobody released."""
+
+
+class RegistryFormatError(RegistryUnreadable):
     """A version written in a registry format this proxyloop cannot read; the message names both formats."""
 
 
@@ -84,12 +89,12 @@ def aliases(root: Path, name: str) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise RegistryError(f"{path} cannot be read as JSON ({exc}){fix}") from exc
+        raise RegistryUnreadable(f"{path} cannot be read as JSON ({exc}){fix}") from exc
     if not isinstance(content, dict):
-        raise RegistryError(f"{path} holds {json.dumps(content)[:80]}, not a JSON object of alias → version{fix}")
+        raise RegistryUnreadable(f"{path} holds {json.dumps(content)[:80]}, not a JSON object of alias → version{fix}")
     bad = {alias: version for alias, version in content.items() if type(version) is not int or version < 0}
     if bad:
-        raise RegistryError(f"{path} maps aliases to values that are not version numbers: {bad}{fix}")
+        raise RegistryUnreadable(f"{path} maps aliases to values that are not version numbers: {bad}{fix}")
     return content
 
 
@@ -187,7 +192,7 @@ def version_of(root: Path, ref: str) -> tuple[str, int]:
             raise RegistryError(f"{name} has no alias {tag!r}; known aliases: {sorted(known)}")
         version = known[tag]
         if not (root / name / str(version)).is_dir():  # one stat, not a listing: this runs on every request
-            raise RegistryError(f"{name}@{tag} points at version {version}, whose folder "
+            raise RegistryUnreadable(f"{name}@{tag} points at version {version}, whose folder "
                                 f"{root / name / str(version)} is missing; known: {versions(root, name)}")
     return name, version
 
@@ -199,7 +204,7 @@ def resolve(root: Path, ref: str) -> PolicyVersion:
     try:
         lineage = json.loads((path / "lineage.json").read_text())
     except (OSError, ValueError) as exc:  # deleted or damaged since `version_of` looked
-        raise RegistryError(f"{ref}: cannot read {path / 'lineage.json'} ({exc})") from exc
+        raise RegistryUnreadable(f"{ref}: cannot read {path / 'lineage.json'} ({exc})") from exc
     return PolicyVersion(policy=name, version=version, path=str(path), lineage=lineage)
 
 

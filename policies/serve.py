@@ -14,7 +14,7 @@ from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, NotAFeaturePolicy, cached_by_version, load
-from policies.registry import RegistryError, aliases, list_policies
+from policies.registry import RegistryError, RegistryUnreadable, aliases, list_policies
 from policies.registry_remote import refresh
 
 router = APIRouter(prefix="/v1", tags=["policies"])
@@ -51,6 +51,8 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
     try:
         refresh(settings, ref)
         return cached_by_version(settings.registry_dir, ref, _cache, lambda root, exact: load(exact, root))
+    except RegistryUnreadable as exc:  # before RegistryError, its base: the server's to mend
+        raise HTTPException(503, str(exc)) from exc
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from exc
     except NotAFeaturePolicy as exc:

@@ -103,7 +103,10 @@ def test_models_leave_out_an_alias_whose_version_is_gone_and_a_policy_whose_alia
     assert listed.status_code == 200
     assert [(m["id"], m["version"]) for m in listed.json()["data"]] == [("demo@staging", 1), ("other@production", 1)]
     gone = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
-    assert gone.status_code == 404 and "points at version 2, whose folder" in gone.json()["detail"]
+    # The operator's to mend, not a name nobody released: 503, where an unknown name is 404.
+    assert gone.status_code == 503 and "points at version 2, whose folder" in gone.json()["detail"]
     (root / "demo" / "aliases.json").write_text("{not json")
     listed = http.get("/v1/models", headers=AUTH)
     assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == ["other@production"]
+    damaged = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
+    assert damaged.status_code == 503 and "aliases.json cannot be read as JSON" in damaged.json()["detail"]
