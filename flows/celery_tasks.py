@@ -26,7 +26,7 @@ from ground.schemas import LMTrainingRequest, TrainingRequest, TrainingResult
 from workers.app import GPU_QUEUE, make_app
 from workers.app import app as celery_app
 
-TASK_TIMEOUT_S = 1800
+TASK_TIMEOUT_S = 1800  # a task whose state and progress stay unchanged this long fails the wait
 RETRY_DELAYS_S: list[float] = [2, 10, 30]  # a Prefect task's retry delays for transient failures
 
 
@@ -224,12 +224,16 @@ def wait_for_task(task_id: str, resend: Callable[[], object] | None = None,
     broker holds in no queue and no live worker holds, is sent again with `resend`: its message was lost with the
     broker, or its worker died. The task must be idempotent by its id: a training task's id is the run id, and a
     worker returns a finished run's stored result or resumes from its checkpoint; an evaluation only reads.
+
+    `timeout_s` counts from the last change of state or progress (or the last resend), not from the start: a long
+    training that reports progress is waited for however long it takes; one with no worker to take it, or a worker
+    silent for that long, fails the wait.
     """
     watch = _Watch(task_id, resend)
-    deadline = time.monotonic() + timeout_s
     while watch.poll() != "SUCCESS":
-        if time.monotonic() > deadline:
-            raise TrainingFailed(f"task {task_id} did not finish within {timeout_s:.0f} s")
+        if time.monotonic() - watch.changed > timeout_s:
+            raise TrainingFailed(f"task {task_id}: {watch.last[0] if watch.last else 'PENDING'} with no progress "
+                                 f"for {timeout_s:.0f} s")
         time.sleep(0.5)
     value: dict[str, Any] = watch.result.get(timeout=10)
     return value
