@@ -166,7 +166,11 @@ def feature_scores(
     (`adapter_ensemble`). With fewer: BALD over the proxy, its relabellings and the current policy
     (`relabelling_probs`), the proxy–adapter disagreement no label can yet rule out. `prob_a` is
     always the stack's own preference, as served. Expert triples the stack cannot read (another input dimension,
-    an output it does not have) are dropped with a warning before either path counts them (`usable_triples`)."""
+    an output it does not have) are dropped with a warning before either path counts them (`usable_triples`).
+
+    A task naming an output no training triple used (a policy saved over ids by name gives it probability 0, so
+    every member agrees and BALD reads ~0) scores ln 2, the most one answer can tell: the policy has no evidence
+    about that output, only a placeholder, and its first label is what the next retrain needs."""
     if not isinstance(stack, TwoStagePolicy):
         raise AcquisitionError(f"feature_scores needs a TwoStagePolicy, got {type(stack).__name__}")
     xs, ya, yb = _pairs(x, y_a, y_b, stack)
@@ -183,7 +187,18 @@ def feature_scores(
     prob_a = preference_probs(_margins(stack, log_s, ya, yb))
     if n_labels < config.min_labels:
         probs = np.vstack([relabelling_probs(stack, log_s, ya, yb), prob_a[None, :]])
-        return AcquisitionScores(bald(probs), prob_a, "relabellings", n_labels)
+        return AcquisitionScores(_unseen_first(stack, bald(probs), ya, yb), prob_a, "relabellings", n_labels)
     members = adapter_ensemble(stack, expert, config)
     probs = np.stack([preference_probs(_margins(m, log_s, ya, yb)) for m in members])
-    return AcquisitionScores(bald(probs), prob_a, "ensemble", n_labels)
+    return AcquisitionScores(_unseen_first(stack, bald(probs), ya, yb), prob_a, "ensemble", n_labels)
+
+
+def _unseen_first(stack: TwoStagePolicy, scores: FloatArray, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:
+    """`scores` with tasks naming an output the policy never saw raised to ln 2 (see `feature_scores`)."""
+    answered = torch.zeros(stack.config.n_outputs, dtype=torch.bool)
+    answered[answered_outputs(stack)] = True
+    unseen = (~answered[y_a] | ~answered[y_b]).numpy()
+    if unseen.any():
+        log.info("%d open tasks name an output this policy never saw: scored ln 2, first in the queue",
+                 int(unseen.sum()))
+    return np.where(unseen, np.log(2.0), scores)

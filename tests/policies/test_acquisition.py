@@ -226,3 +226,18 @@ def test_expert_triples_the_policy_cannot_read_are_dropped_with_a_warning_on_bot
     with pytest.raises(AcquisitionError, match="at least 2 expert triples, got 1"):
         adapter_ensemble(stack, new_output + good[:1], config)
     assert len(adapter_ensemble(stack, other_dim + good[:2], config)) == 2
+
+
+def test_a_task_naming_an_output_the_policy_never_saw_is_first_in_the_queue() -> None:
+    """A policy saved over ids by name answers an unused id with probability 0: every member agreed, BALD read ~0 and
+    the one task that could teach it about that output went last."""
+    from policies.features.outputs import output_support, widened
+
+    torch.manual_seed(0)
+    used = [FeatureTriple(x=[0.1 * i, 1.0], y_w=(1, 3, 6)[i % 3], y_l=(3, 6, 1)[i % 3]) for i in range(9)]
+    fitted = TwoStagePolicy(TwoStageConfig(input_dim=2, n_outputs=3, simplex_dim=3))
+    wide = widened(fitted, output_support(used, []))  # outputs 0..6, of which 1, 3 and 6 answered
+    x = np.array([[0.2, 1.0], [0.5, -1.0], [0.3, 0.4]])
+    for expert in ([], used):  # the relabellings path (no labels), then the ensemble (9 labels)
+        scores = feature_scores(wide, expert, x, [1, 3, 1], [3, 6, 4], EnsembleConfig(size=3)).scores
+        assert scores[2] == pytest.approx(math.log(2)) and scores[:2].max() < math.log(2)
