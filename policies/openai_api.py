@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
-from policies.lm.chat import ChatPolicy, load_chat_policy
+from policies.lm.chat import ChatPolicy, TemplateRefused, load_chat_policy
 from policies.loader import cached_by_version
 from policies.openai_wire import (
     AssistantMessage,
@@ -207,6 +207,8 @@ async def chat_completions(
         prompt_tokens = await run_in_threadpool(_prompt_tokens, policy, messages)
     except Refused as refused:
         return refused.response()
+    except TemplateRefused as exc:
+        return Refused(str(exc), "messages").response()
     model = f"{policy.version.policy}@{policy.version.version}"
     headers = {PROFILE_HEADER: report.header_value()} if report is not None else {}
     if report is not None:

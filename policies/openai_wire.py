@@ -28,17 +28,32 @@ class ContentPart(BaseModel):
     text: str | None = Field(None, max_length=100_000)
 
 
+Text = Annotated[str, Field(max_length=100_000)]
+Parts = Annotated[list[ContentPart], Field(max_length=64)]
+
+
 class ChatMessage(BaseModel):
     """A message as OpenAI's spec allows it: content a string or a list of parts, role "developer" (OpenAI's newer
     name for "system", which is what the chat template knows it as) included."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=64)]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Text | Parts | None = None  # None: an assistant turn that made tool calls
+    tool_calls: list[Any] | None = None  # declared so a tool-calling history is refused by name, not as a 422
+    function_call: dict[str, Any] | None = None
 
     def text(self) -> dict[str, str]:
         """The message as the chat template takes it; text parts joined by newlines (as vLLM does). ValueError for
-        other parts: this server reads text only."""
+        other parts, and for a tool-calling history: this server reads text only."""
         role = "system" if self.role == "developer" else self.role
+        if role in ("tool", "function"):
+            raise ValueError(f"{role} messages (tool results) are not supported: this server does no tool calling")
+        if self.tool_calls or self.function_call:
+            raise ValueError("assistant messages with tool_calls or function_call are not supported: this server "
+                             "does no tool calling")
+        if self.content is None:
+            if role != "assistant":
+                raise ValueError(f"a {role} message needs content (a string or a list of text parts)")
+            return {"role": role, "content": ""}
         if isinstance(self.content, str):
             return {"role": role, "content": self.content}
         other = sorted({part.type for part in self.content if part.type != "text"})

@@ -14,7 +14,7 @@ from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, NotAFeaturePolicy, cached_by_version, load
-from policies.registry import RegistryError, RegistryUnreadable, aliases, list_policies
+from policies.registry import RegistryError, RegistryUnreadable, aliases, list_policies, version_of
 from policies.registry_remote import refresh
 
 router = APIRouter(prefix="/v1", tags=["policies"])
@@ -81,6 +81,20 @@ def list_models(settings: SettingsDep, _: ApiKey) -> ModelList:
                 continue
             cards.append(ModelCard(id=f"{name}@{alias}", version=version, created=int(folder.stat().st_mtime)))
     return ModelList(data=cards)
+
+
+@router.get("/models/{model_id}", response_model=ModelCard)
+def retrieve_model(model_id: str, settings: SettingsDep, _: ApiKey) -> ModelCard:
+    """One model, as OpenAI's GET /v1/models/{model} answers it (LiteLLM, LangChain and chat UIs check a model
+    exists with it): any ref chat/completions takes, `name`, `name@alias` or `name@N`."""
+    try:
+        name, version = version_of(settings.registry_dir, model_id)
+    except RegistryUnreadable as exc:
+        raise HTTPException(503, str(exc)) from exc
+    except RegistryError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    folder = settings.registry_dir / name / str(version)
+    return ModelCard(id=model_id, version=version, created=int(folder.stat().st_mtime))
 
 
 @router.post("/policies/{ref}/predict", response_model=Prediction)

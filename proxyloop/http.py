@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -54,7 +54,7 @@ class RequestSizeLimit:
         return f"{size} exceeds the limit of {self.max_bytes} bytes ({LIMIT_SETTING})"
 
     def _too_large(self, length: str | None = None) -> JSONResponse:
-        return JSONResponse({"detail": self._detail(length)}, status_code=413)
+        return error_response(413, self._detail(length), "request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,7 +116,29 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     Python's JSON parser accepts) or a lone UTF-16 surrogate (which UTF-8 cannot encode) made the default answer's
     encoder raise, a 500 instead of the 422."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else [str(exc)]
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+    located = [error for error in errors if isinstance(error, dict)]
+    summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                        for e in located[:3]) or "; ".join(str(e) for e in errors[:3])
+    param = ".".join(str(p) for p in located[0].get("loc", ())[1:]) or None if located else None
+    return error_response(422, _json_safe(jsonable_encoder(errors)), param=param, message=_json_safe(summary))
+
+
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def error_response(status: int, detail: Any, code: str | None = None, param: str | None = None,
+                   message: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """This app's `detail` beside OpenAI's `error` object, on every 4xx and 5xx: the openai SDKs (and LangChain,
+    LiteLLM) read the reason from `error.message` only; without it their exception says just "Error code: 404"."""
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    error = {"message": message or str(detail), "type": kind, "param": param, "code": code}
+    return JSONResponse({"detail": detail, "error": error}, status_code=status, headers=headers)
+
+
+async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Starlette's HTTPException answer (the routes' 401/404/503s, an unknown path's 404) with the `error` object."""
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, exc.detail, headers=exc.headers)
 
 
 RECONNECT_AFTER_S = 5.0  # a failed connect to Kafka is tried again no sooner (SharedProducer)
@@ -180,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="proxyloop", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.dependency_overrides[get_settings] = lambda: settings  # every SettingsDep resolves these
     app.dependency_overrides[app_producer] = producer  # every ProducerDep: opened on first use
     app.include_router(labelstudio_router)

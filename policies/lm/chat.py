@@ -48,6 +48,22 @@ def register_causal_lm(
                     directories={MODEL_SUBDIR: model_dir})
 
 
+class TemplateRefused(ValueError):
+    """The model's chat template raised on these messages (Llama-2, Mistral and Gemma templates refuse roles that do
+    not alternate, or a system message): the client's to change, a 400."""
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The conversation rendered by the model's chat template, with the assistant's turn opened."""
+    from jinja2 import TemplateError
+
+    try:
+        text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:
+        raise TemplateRefused(f"this model's chat template refuses these messages: {exc}") from exc
+    return text
+
+
 class Piece(NamedTuple):
     """A stretch of a reply's text; `finish` ("stop" or "length") on the last one, with the tokens generated so far."""
 
@@ -74,8 +90,7 @@ class ChatPolicy:
         prompts (training/data.py), and cut as training cut them (`kept_prompt` at its recipe's max_length)."""
         if self.mixture is None or self.mode_biases is None:
             return None
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(chat_text(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
         ids = kept_prompt(ids, self.prompt_cap) if self.prompt_cap is not None else ids
         weights = prompt_log_weights(self.mixture, self.model, ids).exp()
         if is_greedy(temperature):
@@ -84,8 +99,7 @@ class ChatPolicy:
         return self.mode_biases[mode]
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids: torch.Tensor = self.tokenizer(text, return_tensors="pt").input_ids
+        ids: torch.Tensor = self.tokenizer(chat_text(self.tokenizer, messages), return_tensors="pt").input_ids
         return ids
 
     @property

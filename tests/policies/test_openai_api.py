@@ -83,10 +83,56 @@ def test_oversized_and_invalid_requests_get_clear_4xx(served):
     with pytest.raises(openai.APIStatusError) as too_big:
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x" * 10_000}])
     assert too_big.value.status_code == 413
-    with pytest.raises(openai.NotFoundError):
+    # The SDK reads the reason from OpenAI's `error` object only: without it, these said just "Error code: N".
+    assert "exceeds the limit of 4096 bytes (PROXYLOOP_MAX_REQUEST_BYTES)" in too_big.value.message
+    with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.UnprocessableEntityError):
+    assert "nope has no alias 'production'" in unknown.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=10_000)
+    assert "max_tokens: Input should be less than or equal to 512" in invalid.value.message
+    assert invalid.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.AuthenticationError) as wrong_key:
+        _client(http, "wrong").models.list()
+    assert wrong_key.value.message != "Error code: 401" and wrong_key.value.body["type"] == "authentication_error"
+
+
+def test_a_model_is_retrieved_by_any_ref_chat_completions_takes(served):
+    _, http = served
+    client = _client(http)
+    for ref, version in (("chat", 2), ("chat@production", 2), ("chat@1", 1)):
+        card = client.models.retrieve(ref)
+        assert (card.id, card.version) == (ref, version)  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError, match="has no version 9"):
+        client.models.retrieve("chat@9")
+
+
+def test_a_tool_calling_history_is_refused_by_name(served):
+    """An agent loop's history (an assistant turn with tool_calls and null content, then a tool result) was a 422
+    listing pydantic's union errors; now a 400 that says what is not supported."""
+    _, http = served
+    client = _client(http)
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    history = [{"role": "user", "content": "add"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "5"}]
+    with pytest.raises(openai.BadRequestError, match="tool") as refused:
+        client.chat.completions.create(model="chat", messages=history)  # type: ignore[arg-type]
+    assert refused.value.body["param"] == "messages"
+    reply = client.chat.completions.create(model="chat", max_tokens=2, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "x"}])
+    assert reply.choices  # an assistant turn with no content is an empty turn, not a refusal
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(served, monkeypatch):
+    """Llama-2, Mistral and Gemma templates raise on roles that do not alternate: that was a 500."""
+    settings, http = served
+    policy = openai_api.chat_policy(settings, "chat")
+    strict = ("{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+              "{% endif %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(policy.tokenizer, "chat_template", strict)
+    with pytest.raises(openai.BadRequestError, match="chat template refuses these messages: Conversation roles"):
+        _client(http).chat.completions.create(model="chat", messages=[{"role": "system", "content": "be brief"}])
 
 
 def test_the_user_field_puts_the_profile_after_the_question_by_default_and_says_so_in_a_header(served):
