@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -62,6 +63,9 @@ def load_policy_dir(path: Path | str) -> nn.Module:
     family, config = read_config(path)
     model = FAMILIES[family](config)
     tensors = load_file(str(Path(path) / "model.safetensors"))
+    for name, value in model.state_dict().items():  # saved before input scaling (model.InputScaling): the identity
+        if name.startswith("inputs.") and name not in tensors:
+            tensors[name] = torch.ones_like(value) if name != "inputs.shift" else torch.zeros_like(value)
     missing = sorted(set(model.state_dict()) - set(tensors))
     if missing:
         raise RegistryFormatError(

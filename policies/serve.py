@@ -6,10 +6,13 @@ so a release is served as soon as the registry's alias moves; no restart.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field, FiniteFloat
+from pydantic import BaseModel, Field
 
+from ground.schemas import MAX_FEATURE
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
@@ -34,7 +37,9 @@ class ModelList(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    x: list[FiniteFloat] = Field(min_length=1, max_length=4096)  # NaN would come back as null probabilities
+    # As FeatureTriple's x: NaN, inf, or a value float32 cannot hold (1e39 became inf) came back as null probabilities.
+    x: list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FEATURE, le=MAX_FEATURE)]] = Field(
+        min_length=1, max_length=4096)
 
 
 class Prediction(BaseModel):
@@ -106,5 +111,7 @@ def predict(ref: str, body: PredictRequest, settings: SettingsDep, _: ApiKey) ->
         raise HTTPException(422, f"x has {len(body.x)} features; {policy.version.policy} expects {expected}")
     with torch.no_grad():
         probs = policy.model.log_probs(torch.tensor([body.x])).exp()[0]  # type: ignore[operator]
+    if not bool(torch.isfinite(probs).all()):
+        raise HTTPException(422, "x is too large for this policy's arithmetic (its probabilities overflow)")
     return Prediction(model=f"{policy.version.policy}@{ref.partition('@')[2] or 'production'}",
                       version=policy.version.version, probs=probs.tolist(), choice=int(probs.argmax()))

@@ -58,7 +58,7 @@ class _AdapterPlusInputs(nn.Module):
         nn.init.zeros_(self.direct.bias)
 
     def log_probs(self, x: Tensor) -> Tensor:
-        return F.log_softmax(self.base.logits(x) + self.direct(x), dim=-1)
+        return F.log_softmax(self.base.logits(x) + self.direct(self.base.inputs(x)), dim=-1)
 
 
 @dataclass

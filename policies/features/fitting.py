@@ -20,6 +20,7 @@ from policies.features.model import (
     PreferenceModel,
     TwoStagePolicy,
     preference_loss,
+    scale_inputs_once,
 )
 from policies.features.simplex_adapter import relabelled_centres
 
@@ -61,6 +62,7 @@ def fit_preferences(
         raise ValueError("fit_preferences needs at least one triple, got an empty batch")
     if weight_decay < 0 or anchor < 0:
         raise ValueError(f"weight_decay and anchor must be >= 0, got {weight_decay} and {anchor}")
+    scale_inputs_once(model, x)
     start = [p.detach().clone() for p in params] if anchor > 0 else []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -47,6 +47,53 @@ class TwoStageConfig:
         return cls(**dict(data))
 
 
+# A dimension whose spread and centre are in these ranges is read as it is: the layers' initialisation and the
+# recipes' learning rates are made for inputs of about unit scale (the benches' x ~ N(0, I) are read unchanged).
+UNIT_LIKE_STD = (0.05, 20.0)
+UNIT_LIKE_MEAN = 5.0
+
+
+class InputScaling(nn.Module):
+    """x ↦ (x − shift) / scale per dimension, fitted once, on the first data a model is trained on (`fit`).
+
+    Why: user features come in any unit (a timestamp near 1.7e9, a probability near 1e-6, one column in metres and
+    another in km). Fed raw, tanh saturates or the weights cannot grow large enough in the recipe's steps, and the
+    model learns nothing while every condition still passes. Dimensions already about unit scale are left alone
+    (UNIT_LIKE_*); the rest are standardised; a constant one is only centred. Saved with the weights, so serving
+    applies the same map.
+    """
+
+    shift: Tensor
+    scale: Tensor
+    fitted: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.shift) / self.scale
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        data = x.double()
+        mean, std = data.mean(dim=0), data.std(dim=0, correction=0)
+        unit_like = (std >= UNIT_LIKE_STD[0]) & (std <= UNIT_LIKE_STD[1]) & (mean.abs() <= UNIT_LIKE_MEAN)
+        constant = std <= 1e-12 * (1.0 + mean.abs())
+        self.shift.copy_(torch.where(unit_like, 0.0, mean))
+        self.scale.copy_(torch.where(unit_like | constant, 1.0, std))
+        self.fitted.fill_(1.0)
+
+
+def scale_inputs_once(model: object, x: Tensor) -> None:
+    """Fit a policy's InputScaling on `x` unless it was fitted (stage 1 fits it; stage 2 and fine-tuning keep it)."""
+    inputs = getattr(model, "inputs", None)
+    if isinstance(inputs, InputScaling) and not bool(inputs.fitted):
+        inputs.fit(x)
+
+
 class TwoStagePolicy(nn.Module):
     """Paper 1's factorisation for x ∈ R^input_dim and Y = {0..n_outputs-1}."""
 
@@ -54,6 +101,7 @@ class TwoStagePolicy(nn.Module):
         super().__init__()
         self.config = config or TwoStageConfig()
         c = self.config
+        self.inputs = InputScaling(c.input_dim)  # part of τ̃: fitted on the proxy's x in stage 1
         # τ̃: x -> point on the D-simplex (kept in log-coordinates for numerical stability).
         self.encoder = nn.Sequential(nn.Linear(c.input_dim, c.hidden), nn.Tanh(), nn.Linear(c.hidden, c.simplex_dim))
         self.adapter = SimplexAdapter(c.simplex_dim)  # π̄†, the only part stage 2 trains
@@ -62,7 +110,7 @@ class TwoStagePolicy(nn.Module):
 
     def log_embed(self, x: Tensor) -> Tensor:
         """log τ̃(x): [B, input_dim] -> [B, D]."""
-        return F.log_softmax(self.encoder(x), dim=-1)
+        return F.log_softmax(self.encoder(self.inputs(x)), dim=-1)
 
     def embed(self, x: Tensor) -> Tensor:
         """τ̃(x), a point on the D-simplex: [B, input_dim] -> [B, D], rows sum to 1."""
@@ -124,10 +172,11 @@ class DirectPolicy(nn.Module):
                 f"DirectPolicy needs input_dim >= 1, n_outputs >= 2, hidden >= 1; "
                 f"got input_dim={input_dim}, n_outputs={n_outputs}, hidden={hidden}"
             )
+        self.inputs = InputScaling(input_dim)
         self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_outputs))
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(self.inputs(x))
 
     def log_probs(self, x: Tensor) -> Tensor:
         return F.log_softmax(self.logits(x), dim=-1)

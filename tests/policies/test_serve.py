@@ -62,6 +62,9 @@ def test_predict_refuses_inputs_and_refs_it_cannot_serve_with_4xx(client, tmp_pa
     nan = http.post("/v1/policies/demo/predict", content=b'{"x": [NaN, 0, 0, 0, 0]}',
                     headers={**AUTH, "content-type": "application/json"})
     assert nan.status_code == 422 and "finite" in nan.text
+    # Finite in JSON, inf in float32: the probabilities came back null with a 200.
+    huge = http.post("/v1/policies/demo/predict", json={"x": [1e39, -1e39, 0, 0, 0]}, headers=AUTH)
+    assert huge.status_code == 422 and huge.json()["error"]["param"] == "x.0" and "less than or equal" in huge.text
     for tag in ("%C2%B2", "1" * 5000):  # "²" is str.isdigit() but not int(); a number past int()'s digit limit
         odd = http.post(f"/v1/policies/demo@{tag}/predict", json={"x": [0.1] * 5}, headers=AUTH)
         assert odd.status_code == 404 and "demo has no" in odd.json()["detail"]
