@@ -1,8 +1,11 @@
 """Label Studio's ML-backend protocol, served by the HTTP app under /labelstudio/ml (issue 17).
 
 Label Studio calls GET /health and POST /setup when the backend is connected (`POST /api/ml`), POST
-/predict with the tasks it wants predictions for, and POST /webhook with annotation events when
-"training" is on. Shapes as in HumanSignal/label-studio-ml-backend (label_studio_ml/api.py):
+/predict with the tasks it wants predictions for, POST /webhook with annotation events when
+"training" is on, and for its "Start Training" button POST /webhook with START_TRAINING (with the
+START_TRAINING flag) or POST /train (without it); newer versions list the backend's model versions
+with GET /versions. Each of the training calls requests a refresh, as a label does.
+Shapes as in HumanSignal/label-studio-ml-backend (label_studio_ml/api.py):
 /predict answers {"results": [{"result": [...], "score": s, "model_version": v}, ...]} in task order.
 
 Each prediction pre-annotates the pairwise choice the current policy prefers (a prediction, which
@@ -42,7 +45,8 @@ from ground.moments import utcnow
 from ground.schemas import ACQUISITION_REQUESTED_EVENT
 from ground.settings import ML_BACKEND_PATH, Settings
 from ingest import prefect_events
-from ingest.labelstudio.webhook import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME, SECRET_HEADER, secret_matches
+from ingest.labelstudio.payloads import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME
+from ingest.labelstudio.webhook import SECRET_HEADER, secret_matches
 from ingest.web import SettingsDep
 from policies.acquisition import MAX_SCORE, AcquisitionScores
 
@@ -211,25 +215,65 @@ def request_refresh(reason: str, project: object = None) -> None:
                         {"reason": reason, "project": json.loads(json.dumps(project, default=str))})
 
 
+# What requests a refresh on /webhook: any annotation event, and the "Start Training" button's START_TRAINING.
+TRAINING_ACTIONS = ("START_TRAINING",)
+
+
+def _refreshes(action: str) -> bool:
+    return action.startswith("ANNOTATION") or action in TRAINING_ACTIONS
+
+
+def _project_id(project: object) -> object:
+    return project.get("id") if isinstance(project, dict) else project
+
+
+async def _request_refresh(reason: str, project: object) -> str:
+    """Whether the refresh was requested ("requested", or "not requested: why"). Prefect unreachable never fails
+    the call: the label itself travels by the ingest webhook, and the next label or refresh catches up."""
+    try:
+        await run_in_threadpool(request_refresh, reason, _project_id(project))
+    except Exception as exc:
+        return f"not requested: {exc}"
+    return "requested"
+
+
+async def _json_body(request: Request, what: str, empty: object = None) -> Any:
+    """The body as JSON (`empty` when there is none); a body that does not parse is a 422, never a 500."""
+    if empty is not None and not await request.body():
+        return empty
+    try:
+        return await request.json()
+    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
+        raise HTTPException(422, f"{what} is JSON nested too deeply to parse") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise HTTPException(422, f"{what} is not JSON: {exc}") from exc
+
+
 @router.post("/webhook", status_code=201)
 async def webhook(request: Request) -> dict[str, Any]:
-    """Label Studio's training webhook: acknowledged at once; an annotation event requests a refresh
-    (the deployment's rate limit turns a burst into one refresh)."""
-    try:
-        payload = await request.json()
-    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
-        raise HTTPException(422, "webhook body is JSON nested too deeply to parse") from exc
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise HTTPException(422, f"webhook body is not JSON: {exc}") from exc
+    """Label Studio's training webhook: acknowledged at once; an annotation event or START_TRAINING requests a
+    refresh (the deployment's rate limit turns a burst into one refresh)."""
+    payload = await _json_body(request, "webhook body")
     action = payload.get("action") if isinstance(payload, dict) else None
     if not isinstance(action, str):
         raise HTTPException(422, "webhook body needs an 'action'")
-    if not action.startswith("ANNOTATION"):
+    if not _refreshes(action):
         return {"status": "ignored", "action": action}
-    project = payload.get("project")
-    try:
-        await run_in_threadpool(request_refresh, action, project.get("id") if isinstance(project, dict) else project)
-    except Exception as exc:  # Prefect unreachable: the label itself still travels by the ingest webhook
-        return {"status": "ok", "action": action, "refresh": f"not requested: {exc}"}
-    return {"status": "ok", "action": action, "refresh": "requested"}
+    return {"status": "ok", "action": action, "refresh": await _request_refresh(action, payload.get("project"))}
 
+
+@router.post("/train", status_code=201)
+async def train(request: Request) -> dict[str, Any]:
+    """The "Start Training" button of a Label Studio without the START_TRAINING flag (it POSTs the project's annotations
+    here); was a 404 that Label Studio showed as a failed training. Requests a refresh, as /webhook does."""
+    payload = await _json_body(request, "train body", empty={})
+    project = payload.get("project") if isinstance(payload, dict) else None
+    return {"status": "ok", "action": "train", "refresh": await _request_refresh("train", project)}
+
+
+@router.get("/versions")
+def versions(settings: SettingsDep) -> dict[str, list[str]]:
+    """The model versions Label Studio may select (newer versions ask; a 404 broke its model list): the
+    current one, what /predict and the refresh write."""
+    cache = read_cache(settings)
+    return {"versions": [cache.model_version if cache else UNSCORED_VERSION]}

@@ -20,14 +20,9 @@ from label_studio_sdk.client import LabelStudio
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_incrementing
 
 from ground.settings import Settings
+from ingest.labelstudio.payloads import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME, event_id_for, webhook_payload
 from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project, setup_project
-from ingest.labelstudio.webhook import (
-    PAIRWISE_FROM_NAME,
-    PAIRWISE_TO_NAME,
-    SECRET_HEADER,
-    event_id_for,
-    webhook_payload,
-)
+from ingest.labelstudio.webhook import SECRET_HEADER
 
 Selected = Literal["left", "right"]
 

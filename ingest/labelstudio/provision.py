@@ -35,7 +35,10 @@ PAIRWISE_CONFIG = """<View>
   <TextArea name="why" toName="a" placeholder="Why is it better? (optional)" maxSubmissions="1" editable="true"/>
 </View>"""
 
-WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+# What the receiver acts on (webhook.py): ANNOTATIONS_CREATED is the bulk creation (predictions turned into
+# annotations), TASKS_DELETED deletes annotations without an ANNOTATIONS_DELETED. Every one must be handled there.
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
+                   "TASKS_DELETED"]
 REQUIRED_TASK_KEYS = ("prompt", "answer_a", "answer_b")
 
 

@@ -3,8 +3,12 @@
 Run: `proxyloop labelstudio reconcile` (or the `reconcile-labelstudio` Prefect flow in flows/reconcile.py).
 Annotations changed at or after the project's stored watermark are published as the same
 `ExpertLabel` events the webhook would have sent (same event id, same `occurred_at`), so the
-store's idempotent upsert keeps each exactly once. Labels the store holds but Label Studio no
-longer has are retracted. The watermark moves only after Kafka acknowledged every event.
+store's idempotent upsert keeps each exactly once. An annotation that holds no preference (a skip,
+a cleared choice) is published as its label's retraction, as the webhook does for such an edit: it
+cannot tell a new annotation from an edited one, and retracting a label never stored is harmless.
+Labels the store holds but Label Studio no longer has are retracted, also when the project itself is
+gone (deleted with its tasks, which sends no ANNOTATIONS_DELETED). The watermark moves only after
+Kafka acknowledged every event.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from kafka import KafkaProducer
 from label_studio_sdk.client import LabelStudio
@@ -25,16 +29,18 @@ from ground.moments import as_utc
 from ground.schemas import ExpertLabel
 from ground.settings import Settings
 from ingest.bus import make_producer, publish
-from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
-from ingest.labelstudio.webhook import (
+from ingest.labelstudio.payloads import (
     EVENT_ID_PREFIX,
     LSAnnotation,
     LSTask,
+    NoLabel,
     UnusableAnnotation,
     annotation_id_of,
     expert_label_from_annotation,
     retraction,
+    retraction_of,
 )
+from ingest.labelstudio.provision import LabelStudioSetupError, client_for, find_project
 from ingest.store import LabelStudioSync, live_event_ids, make_engine
 
 log = logging.getLogger("proxyloop.labelstudio")
@@ -66,6 +72,24 @@ def _action(annotation: LSAnnotation) -> Literal["created", "updated"]:
     return "created"
 
 
+def _skip(report: ReconcileReport, reason: str) -> None:
+    """One annotation left out; the run goes on (one bad annotation must not stop every run)."""
+    log.warning("project %d: skipped %s", report.project_id, reason)
+    report.skipped.append(reason)
+
+
+def _raw_id(raw: object) -> object:
+    return raw.get("id") if isinstance(raw, dict) else getattr(raw, "id", None)
+
+
+def _event(annotation: LSAnnotation, task: LSTask) -> ExpertLabel:
+    """The annotation's label, or its retraction when it holds no preference (NoLabel); raises otherwise."""
+    try:
+        return expert_label_from_annotation(annotation, task, _action(annotation))
+    except NoLabel:
+        return retraction_of(annotation)
+
+
 def _changed_labels(
     client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
 ) -> tuple[list[ExpertLabel], set[int]]:
@@ -76,7 +100,11 @@ def _changed_labels(
     for task in client.tasks.list(project=project_id, fields="all", page_size=PAGE_SIZE):
         ls_task = LSTask(id=task.id, data=task.data)
         for raw in task.annotations or []:
-            annotation = LSAnnotation.model_validate(raw)
+            try:  # validated here: an annotation Label Studio stores in a shape we cannot read is one skip
+                annotation = LSAnnotation.model_validate(raw)
+            except ValidationError as exc:
+                _skip(report, f"annotation {_raw_id(raw)!r}: unreadable: {exc}")
+                continue
             present.add(annotation.id)
             report.seen += 1
             changed = _aware(annotation.updated_at)
@@ -84,13 +112,29 @@ def _changed_labels(
             if since is not None and changed is not None and changed < since:
                 continue
             try:
-                labels.append(expert_label_from_annotation(annotation, ls_task, _action(annotation)))
+                labels.append(_event(annotation, ls_task))
             except (UnusableAnnotation, ValidationError) as exc:  # the contract's refusals too: skip, do not stop
-                report.skipped.append(f"annotation {annotation.id}: {exc}")
+                _skip(report, f"annotation {annotation.id}: {exc}")
                 continue
             if changed is not None and (report.watermark is None or changed > report.watermark):
                 report.watermark = changed
     return labels, present
+
+
+def _project_labels(
+    client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
+) -> tuple[list[ExpertLabel], set[int]]:
+    """_changed_labels; a project Label Studio answers 404 for (deleted) has none, and the sweep still runs."""
+    try:
+        return _changed_labels(client, project_id, since, report)
+    except ApiError as exc:
+        if exc.status_code != 404:
+            raise
+        reason = f"project {project_id}: Label Studio answers 404 (deleted?); retracting only what vanished"
+        log.warning("%s", reason)
+        report.skipped.append(reason)
+        report.watermark = since
+        return [], set()
 
 
 def _vanished(client: LabelStudio, engine: Engine, present: set[int]) -> list[int]:
@@ -109,36 +153,53 @@ def _vanished(client: LabelStudio, engine: Engine, present: set[int]) -> list[in
     return gone
 
 
-def reconcile(
-    settings: Settings, client: LabelStudio | None = None, producer: KafkaProducer | None = None,
-    project_id: int | None = None,
-) -> ReconcileReport:
-    """Publish what changed since the watermark and retract what vanished; returns what it did."""
-    client = client or client_for(settings)
-    if project_id is None:
-        project_id = find_project(client, settings.labelstudio_project_title)
-        if project_id is None:
-            raise LabelStudioSetupError(
-                f"no Label Studio project titled {settings.labelstudio_project_title!r} at {settings.labelstudio_url}; "
-                "run `proxyloop labelstudio setup` first"
-            )
-    engine = make_engine(settings.resolved_store_url)
-    with Session(engine) as session:
-        state = session.get(LabelStudioSync, project_id)
-        since = _aware(state.watermark) if state else None
-    report = ReconcileReport(project_id=project_id, watermark=since)
-    labels, present = _changed_labels(client, project_id, since, report)
-    labels += [retraction(annotation_id) for annotation_id in _vanished(client, engine, present)]
+def _publish_all(settings: Settings, producer: KafkaProducer | None, labels: list[ExpertLabel]) -> None:
+    """Publish and wait for every ack; raises if the broker did not take one (the watermark then stays put)."""
     own_producer = producer is None
     producer = producer or make_producer(settings)
     try:
         futures = [publish(producer, settings.topic_expert, label, wait=False) for label in labels]
         producer.flush()
         for future in futures:
-            future.get(timeout=30)  # raises if the broker did not take it: the watermark stays put
+            future.get(timeout=30)
     finally:
         if own_producer:
             producer.close()
+
+
+def _project_gone(settings: Settings, client: LabelStudio, producer: KafkaProducer | None, engine: Engine) -> NoReturn:
+    """No project has the title: retract the labels whose annotations Label Studio no longer has (a deleted
+    project took them along), then refuse. Each retraction is confirmed by a 404 for its own annotation, so a
+    wrong title retracts nothing that still exists."""
+    gone = _vanished(client, engine, set())
+    if gone:
+        _publish_all(settings, producer, [retraction(annotation_id) for annotation_id in gone])
+        log.warning("no project titled %r: retracted %d label(s) whose annotations Label Studio no longer has",
+                    settings.labelstudio_project_title, len(gone))
+    raise LabelStudioSetupError(
+        f"no Label Studio project titled {settings.labelstudio_project_title!r} at {settings.labelstudio_url}; "
+        f"run `proxyloop labelstudio setup` first (retracted {len(gone)} label(s) whose annotations are gone)"
+    )
+
+
+def reconcile(
+    settings: Settings, client: LabelStudio | None = None, producer: KafkaProducer | None = None,
+    project_id: int | None = None,
+) -> ReconcileReport:
+    """Publish what changed since the watermark and retract what vanished; returns what it did."""
+    client = client or client_for(settings)
+    engine = make_engine(settings.resolved_store_url)
+    if project_id is None:
+        project_id = find_project(client, settings.labelstudio_project_title)
+        if project_id is None:
+            _project_gone(settings, client, producer, engine)
+    with Session(engine) as session:
+        state = session.get(LabelStudioSync, project_id)
+        since = _aware(state.watermark) if state else None
+    report = ReconcileReport(project_id=project_id, watermark=since)
+    labels, present = _project_labels(client, project_id, since, report)
+    labels += [retraction(annotation_id) for annotation_id in _vanished(client, engine, present)]
+    _publish_all(settings, producer, labels)
     report.published = sum(label.action != "deleted" for label in labels)
     report.retracted = len(labels) - report.published
     with Session(engine) as session:

@@ -200,7 +200,7 @@ def _wait_until_consumed(settings: Settings, timeout: float = 60) -> None:
 
 
 def _annotations(task: Any) -> list[Any]:
-    from ingest.labelstudio.webhook import LSAnnotation
+    from ingest.labelstudio.payloads import LSAnnotation
 
     return [LSAnnotation.model_validate(a) for a in task.annotations or []]
 

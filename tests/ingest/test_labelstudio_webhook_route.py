@@ -5,6 +5,7 @@ The conversion alone is tested in test_labelstudio.py; against a real broker in 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from proxyloop.testing import isolated_settings
 SECRET = "s3cret-hook"
 HOOK = {SECRET_HEADER: SECRET}
 TEXT = {"prompt": "Capital of France?", "answer_a": "Lyon", "answer_b": "Paris"}
-HANDLED = "expected one of ['ANNOTATIONS_DELETED', 'ANNOTATION_CREATED', 'ANNOTATION_UPDATED']"
 
 
 class _Acknowledged:
@@ -129,18 +129,33 @@ def test_a_body_that_does_not_parse_is_refused_not_a_500(
     assert reason in _refused(hook, content=body, headers={"content-type": "application/json"})
 
 
-@pytest.mark.parametrize("payload, action", [
-    ({"action": "TASKS_CREATED", "tasks": [{"id": 1}], "project": {"id": 1}}, "'TASKS_CREATED'"),
-    ({"action": "PROJECT_UPDATED", "project": {"id": 1}}, "'PROJECT_UPDATED'"),
-    ({"project": {"id": 1}}, "None"),
-])
-def test_another_action_is_refused_as_not_handled_not_with_validation_errors(
-    hook: tuple[TestClient, RecordingProducer], payload: dict[str, Any], action: str,
+@pytest.mark.parametrize("action", ["TASKS_CREATED", "PROJECT_CREATED", "PROJECT_UPDATED", "REVIEW_CREATED",
+                                    "REVIEW_UPDATED", "LABEL_LINK_CREATED", "START_TRAINING"])
+def test_an_action_not_handled_is_answered_200_ignored_with_the_reason_and_logged(
+    hook: tuple[TestClient, RecordingProducer], action: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The receiver subscribes only to the handled actions (provision.WEBHOOK_ACTIONS): another one means a
-    misconfigured webhook, so it stays a 422, now with the handler's own reason."""
-    detail = _refused(hook, json=payload)
-    assert detail == f"unusable Label Studio payload: action {action} is not handled; {HANDLED}"
+    """Was a 422: Label Studio 1.23+ turns a webhook off after repeated failures, and with it the actions we
+    handle. An action of no concern is acknowledged, publishes nothing, and says (and logs) why."""
+    http, producer = hook
+    with caplog.at_level(logging.INFO, logger="proxyloop.labelstudio"):
+        response = http.post("/webhooks/labelstudio", json={"action": action, "project": {"id": 1}}, headers=HOOK)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["event_ids"], producer.sent) == ("ignored", [], [])
+    assert body["reason"].startswith(f"action {action!r} is not handled; handled: ")
+    assert f"Label Studio webhook {action}: action {action!r} is not handled" in caplog.text
+
+
+def test_a_payload_without_an_action_is_refused(hook: tuple[TestClient, RecordingProducer]) -> None:
+    """No action at all is no Label Studio webhook: still a 422, with the handler's own reason."""
+    detail = _refused(hook, json={"project": {"id": 1}})
+    assert detail == "unusable Label Studio payload: payload has no Label Studio 'action' (found None)"
+
+
+def test_a_handled_action_with_a_malformed_payload_is_still_refused(hook: tuple[TestClient, RecordingProducer]) -> None:
+    """A webhook sent without its payload (send_payload off) cannot be read: 422, not "ignored"."""
+    for action in ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "TASKS_DELETED"):
+        assert "validation error" in _refused(hook, json={"action": action})
 
 
 def test_a_payload_that_is_not_an_object_is_refused(hook: tuple[TestClient, RecordingProducer]) -> None:
@@ -148,15 +163,18 @@ def test_a_payload_that_is_not_an_object_is_refused(hook: tuple[TestClient, Reco
     assert "payload is a JSON null, not an object" in _refused(hook, content=b"null", headers={"content-type": "json"})
 
 
-def test_a_skipped_annotation_is_not_stored_even_with_a_pairwise_choice(
+def test_a_new_skipped_annotation_is_ignored_not_refused_and_nothing_is_published(
     hook: tuple[TestClient, RecordingProducer],
 ) -> None:
     """Label Studio's `was_cancelled` is "User skipped the task"; a skip submits what the editor held, a click
-    included. Answered as every skipped annotation is."""
+    included. A new one never held a label: 200 "ignored" with the reason (it was a 422), nothing published."""
+    http, producer = hook
     chosen = webhook_payload(1, 5, TEXT, "left")
     chosen["annotation"]["was_cancelled"] = True
     empty = webhook_payload(1, 5, TEXT, "left")
     empty["annotation"].update(result=[], was_cancelled=True)
-    detail = _refused(hook, json=chosen)
-    assert detail == _refused(hook, json=empty)
-    assert "annotation 5 was skipped by the annotator; it carries no label" in detail
+    answers = [http.post("/webhooks/labelstudio", json=payload, headers=HOOK) for payload in (chosen, empty)]
+    assert [a.status_code for a in answers] == [200, 200] and producer.sent == []
+    assert answers[0].json() == answers[1].json()
+    assert answers[0].json()["status"] == "ignored"
+    assert answers[0].json()["reason"] == "no label: annotation 5 was skipped by the annotator; it carries no label"

@@ -1,0 +1,160 @@
+"""Reconciliation (ingest/labelstudio/reconcile.py) against a stand-in Label Studio client, its events applied to a
+SQLite store as the consumer would: annotations it cannot read, edits that leave no label, a deleted project.
+The real server's run is in test_labelstudio_server.py (slow); the shapes here are what Label Studio 1.23.2 gave."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from label_studio_sdk.core.api_error import ApiError
+from sqlalchemy.orm import Session
+
+from ground.schemas import ExpertLabel, PairwiseText
+from ground.settings import Settings
+from ingest.labelstudio.provision import LabelStudioSetupError
+from ingest.labelstudio.reconcile import reconcile
+from ingest.store import LabelRow, make_engine
+from ingest.upsert import upsert_events
+from proxyloop.testing import isolated_settings
+
+T0 = datetime(2026, 12, 2, 1, 24, 47, tzinfo=UTC)
+TEXT = {"prompt": "q", "answer_a": "A", "answer_b": "B"}
+PROJECT = 1
+
+
+def _annotation(annotation_id: int, selected: str | None = "left", **fields: Any) -> dict[str, Any]:
+    """An annotation as the tasks API lists it (fields we do not read trimmed)."""
+    result = [] if selected is None else [{"from_name": "pw", "to_name": "pw", "type": "pairwise",
+                                           "value": {"selected": selected}}]
+    return {"id": annotation_id, "result": result, "was_cancelled": False, "completed_by": 1,
+            "created_at": T0.isoformat(), "updated_at": T0.isoformat(), "task": annotation_id, **fields}
+
+
+@dataclass
+class FakeLabelStudio:
+    """What reconcile calls: projects.list, tasks.list and annotations.get; 404s where Label Studio has none."""
+
+    tasks_by_project: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)  # annotations per task
+    elsewhere: set[int] = field(default_factory=set)  # annotation ids of other projects: they still exist
+
+    def __post_init__(self) -> None:
+        self.projects = SimpleNamespace(list=self._projects)
+        self.tasks = SimpleNamespace(list=self._tasks)
+        self.annotations = SimpleNamespace(get=self._annotation)
+
+    def _projects(self, title: str) -> list[Any]:
+        return [SimpleNamespace(id=p, title=title) for p in self.tasks_by_project]
+
+    def _tasks(self, project: int, fields: str, page_size: int) -> list[Any]:
+        if project not in self.tasks_by_project:
+            raise ApiError(status_code=404, body={"detail": "Not found."})
+        return [SimpleNamespace(id=n, data=TEXT, annotations=annotations)
+                for n, annotations in enumerate(self.tasks_by_project[project], start=1)]
+
+    def _annotation(self, annotation_id: int) -> dict[str, Any]:
+        present = {a["id"] for tasks in self.tasks_by_project.values() for task in tasks for a in task}
+        if annotation_id not in present | self.elsewhere:
+            raise ApiError(status_code=404, body={"detail": "Not found."})
+        return {"id": annotation_id}
+
+
+class _Ack:
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+
+class StoreProducer:
+    """Stands in for Kafka and the consumer: what is flushed is upserted into the store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = make_engine(settings.resolved_store_url)
+        self.pending: list[ExpertLabel] = []
+
+    def send(self, topic: str, key: bytes, value: bytes) -> _Ack:
+        self.pending.append(ExpertLabel.model_validate_json(value))
+        return _Ack()
+
+    def flush(self) -> None:
+        with Session(self.engine) as session:
+            upsert_events(session, self.pending)
+            session.commit()
+        self.pending = []
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return isolated_settings(tmp_path, webhook_secret="x")
+
+
+def _seed(settings: Settings, *annotation_ids: int) -> None:
+    """Live labels, as the webhook left them before the change the test makes in Label Studio."""
+    item = PairwiseText(prompt="q", response_a="A", response_b="B", choice="a")
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        upsert_events(session, [ExpertLabel(event_id=f"labelstudio-annotation-{i}", annotator_id="labelstudio-user-1",
+                                            item=item, occurred_at=T0) for i in annotation_ids])
+        session.commit()
+
+
+def _live(settings: Settings) -> dict[str, str]:
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        return {row.event_id: row.item["choice"] for row in session.query(LabelRow) if not row.deleted}
+
+
+def test_an_annotation_with_a_null_result_or_an_unreadable_one_does_not_stop_the_run(
+    settings: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Label Studio's Annotation.result is nullable (a skip created through its API): the validation used to run
+    outside the try, so one such annotation raised out of every reconciliation."""
+    client = FakeLabelStudio({PROJECT: [[_annotation(5, result=None, was_cancelled=True)], [_annotation(6, "right")],
+                                        [{"id": "seven", "result": []}]]})
+    with caplog.at_level(logging.WARNING, logger="proxyloop.labelstudio"):
+        report = reconcile(settings, client=client,  # type: ignore[arg-type]
+                           producer=StoreProducer(settings), project_id=PROJECT)
+    assert _live(settings) == {"labelstudio-annotation-6": "b"}
+    assert (report.seen, report.published) == (2, 1)
+    [skipped] = report.skipped
+    assert skipped.startswith("annotation 'seven': unreadable: 1 validation error for LSAnnotation")
+    assert f"project {PROJECT}: skipped annotation 'seven': unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("change", [{"result": []}, {"was_cancelled": True}, {"result": None, "was_cancelled": True}],
+                         ids=["choice-cleared", "became-a-skip", "skip-null-result"])
+def test_an_annotation_edited_into_no_label_is_retracted_not_skipped(
+    settings: Settings, change: dict[str, Any],
+) -> None:
+    """Was listed as skipped while its old choice stayed live in the store."""
+    _seed(settings, 1)
+    edited = _annotation(1, **{"updated_at": (T0 + timedelta(seconds=30)).isoformat(), **change})
+    report = reconcile(settings, client=FakeLabelStudio({PROJECT: [[edited]]}),  # type: ignore[arg-type]
+                       producer=StoreProducer(settings), project_id=PROJECT)
+    assert (report.retracted, report.skipped, _live(settings)) == (1, [], {})
+    assert report.watermark == T0 + timedelta(seconds=30)
+
+
+def test_a_deleted_project_still_has_its_vanished_annotations_retracted(settings: Settings) -> None:
+    """Label Studio answers 404 for the project's tasks: the run used to raise before its sweep. Annotations of
+    other projects (still there) stay live."""
+    _seed(settings, 1, 2, 9)
+    report = reconcile(settings, client=FakeLabelStudio({}, elsewhere={9}),  # type: ignore[arg-type]
+                       producer=StoreProducer(settings), project_id=PROJECT)
+    assert (report.retracted, _live(settings)) == (2, {"labelstudio-annotation-9": "a"})
+    assert report.skipped == [f"project {PROJECT}: Label Studio answers 404 (deleted?); retracting only what vanished"]
+
+
+def test_no_project_with_the_title_is_refused_after_the_sweep(settings: Settings) -> None:
+    """Found by title (the scheduled flow): a deleted project used to raise before anything was retracted."""
+    _seed(settings, 1, 9)
+    refused = r"no Label Studio project titled .*retracted 1 label\(s\) whose"
+    with pytest.raises(LabelStudioSetupError, match=refused):
+        reconcile(settings, client=FakeLabelStudio({}, elsewhere={9}),  # type: ignore[arg-type]
+                  producer=StoreProducer(settings))
+    assert _live(settings) == {"labelstudio-annotation-9": "a"}
