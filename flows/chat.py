@@ -36,10 +36,15 @@ def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> ChatDa
 
 
 @task(name="chat-base-model", retries=1, retry_delay_seconds=RETRY_DELAYS_S)
-def chat_base_model(settings: Settings) -> str:
+def chat_base_model(settings: Settings, heldout: str | None = None) -> str:
+    """The run's base model, prepared the first time; refused when its tokenizer cannot serve what the run trains,
+    or (given the run's `heldout` pairs) when none of them fits its context: in seconds, not after training."""
     from workers.lm.base_model import ensure_chat_base_model  # torch: see the module docstring
+    from workers.lm.evaluate import check_heldout_fits
 
     path = ensure_chat_base_model(settings.chat_base_model, settings.models_dir, seed=settings.training_seed)
+    if heldout:
+        check_heldout_fits(str(path), heldout)
     get_run_logger().info("chat base model %s: %s", settings.chat_base_model, path)
     return str(path)
 

@@ -147,7 +147,7 @@ def _chat_stage1(settings: Any, run: RetrainRunRecord) -> None:
     fills the run's chat data, stage 1 and condition report."""
     assert run.snapshot is not None
     run.chat_data = write_chat_data(settings, run.run_id, run.snapshot.snapshot_id)
-    base_model = chat_base_model(settings)
+    base_model = chat_base_model(settings, run.chat_data.heldout)
     if run.chat_data.proxy:
         request = recipe_request("stage1", chat_recipe(settings), run_id=f"{run.run_id}-stage1", base_model=base_model,
                                  dataset=run.chat_data.proxy, output_dir=settings.runs_dir / run.run_id / "stage1")

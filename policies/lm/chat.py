@@ -53,10 +53,26 @@ class TemplateRefused(ValueError):
     not alternate, or a system message): the client's to change, a 400."""
 
 
+class ChatTemplateMissing(FileNotFoundError):
+    """The released model's tokenizer has no chat template (GPT-2, GPT-NeoX and OPT tokenizers ship none): no
+    request can be rendered, so it is the server's to mend, not the client's. A FileNotFoundError (the template
+    file, `chat_template.jinja` or tokenizer_config.json's key, is missing) so that the chat route answers 503,
+    as it does for a LoRA release whose base is missing; `load_chat_policy` raises it before any request runs."""
+
+
+def require_chat_template(tokenizer: Any, where: Path | str) -> None:
+    """`ChatTemplateMissing` naming `where` when `tokenizer` has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateMissing(f"the model in {where} has no chat template, so no chat request can be rendered: "
+                                  "release a model trained from a base whose tokenizer has one "
+                                  "(ChatML, as the chat runs now require)")
+
+
 def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The conversation rendered by the model's chat template, with the assistant's turn opened."""
     from jinja2 import TemplateError
 
+    require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "") or "this policy")
     try:
         text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as exc:
@@ -79,7 +95,7 @@ class ChatPolicy:
     tokenizer: Any
     mixture: ModeMixture | None = None
     mode_biases: Tensor | None = None  # [D, V]: W θ_k of each of the mixture's modes
-    prompt_cap: int | None = None  # the mixture's training max_length: w(x) reads the prompt cut as training did
+    prompt_cap: int | None = None  # where training cut prompts (`mixture_prompt_cap`): w(x) reads them so
 
     @torch.no_grad()
     def mode_bias(self, messages: list[dict[str, str]], temperature: float,
@@ -87,7 +103,7 @@ class ChatPolicy:
         """The vocabulary bias of this request's mode: k drawn from w(x) with the request's generator (greedy
         requests, temperatures under decoding.GREEDY_BELOW, take the most likely mode), None for a policy without
         a mixture. w(x) pools the rendered prompt's ids without special tokens, exactly as training tokenised its
-        prompts (training/data.py), and cut as training cut them (`kept_prompt` at its recipe's max_length)."""
+        prompts (training/data.py), and cut as training cut them (`kept_prompt` at `prompt_cap`)."""
         if self.mixture is None or self.mode_biases is None:
             return None
         ids = self.tokenizer(chat_text(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
@@ -99,7 +115,10 @@ class ChatPolicy:
         return self.mode_biases[mode]
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        ids: torch.Tensor = self.tokenizer(chat_text(self.tokenizer, messages), return_tensors="pt").input_ids
+        """The rendered prompt's ids without special tokens, as training tokenised its rows: the template renders
+        any BOS it wants, and a tokenizer that adds one too (Llama's) would otherwise feed <s><s>."""
+        ids: torch.Tensor = self.tokenizer(chat_text(self.tokenizer, messages), add_special_tokens=False,
+                                           return_tensors="pt").input_ids
         return ids
 
     @property
@@ -110,8 +129,7 @@ class ChatPolicy:
     @property
     def context_limit(self) -> int:
         """Positions the model can attend over, prompt and completion together (1024 when its config says none)."""
-        config = self.model.config
-        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
+        return model_positions(self.model)
 
     @torch.no_grad()
     def generate(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Piece]:
@@ -172,6 +190,7 @@ def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolic
                          "use /v1/policies/{name}/predict for feature-vector policies")
     path = Path(version.path) / MODEL_SUBDIR
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    require_chat_template(tokenizer, f"{version.policy} v{version.version}")
     model = (load_lora_dir(path, merge=merge_lora) if is_lora_dir(path) else load_causal_lm_dir(path)).eval()
     if not is_mixture_dir(path):
         return ChatPolicy(version=version, model=model, tokenizer=tokenizer)
@@ -179,4 +198,22 @@ def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolic
     with torch.no_grad():
         biases = mixture.mode_biases(model.get_output_embeddings().weight.float())
     return ChatPolicy(version=version, model=model, tokenizer=tokenizer, mixture=mixture, mode_biases=biases,
-                      prompt_cap=spec.get("recipe", {}).get("max_length"))
+                      prompt_cap=mixture_prompt_cap(spec.get("recipe", {}).get("max_length"), model))
+
+
+def declared_positions(model: Any) -> int | None:
+    """Positions `model`'s config says it is built for, if it says (as workers/lm/training/data.py model_context)."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def model_positions(model: Any) -> int:
+    """Positions `model` can attend over (1024 when its config says none)."""
+    return int(declared_positions(model) or 1024)
+
+
+def mixture_prompt_cap(max_length: int | None, model: Any) -> int | None:
+    """Where w(x) cuts a prompt: where training cut it, the recipe's max_length or the model's context if shorter
+    (workers/lm/training/data.py sequence_cap); None (no cut) for a recipe saved without one."""
+    context = declared_positions(model)
+    return None if max_length is None else int(max_length) if context is None else min(int(max_length), int(context))

@@ -15,7 +15,7 @@ from typing import Any
 from ground.schemas import PolicyVersion
 from ground.settings import Settings
 from policies.audit_log import ReleaseEvidence, record_release
-from policies.lm.chat import register_causal_lm
+from policies.lm.chat import ChatTemplateMissing, register_causal_lm, require_chat_template
 from policies.lm.lora import is_lora_dir, write_base_reference
 from policies.promotion import CheckpointUnreadable, announce
 
@@ -32,6 +32,7 @@ def release_causal_lm(
     if not any((checkpoint_dir / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released: it holds no config.json or "
                                    "adapter_config.json (deleted or damaged after its evaluation): retrain the run")
+    check_servable_tokenizer(checkpoint_dir)
     with tempfile.TemporaryDirectory(prefix="release-") as staging:
         model_dir = Path(staging) / "model"
         shutil.copytree(checkpoint_dir, model_dir, ignore=lambda _, names: [n for n in names if n in TRAINING_ONLY])
@@ -41,3 +42,20 @@ def release_causal_lm(
     record_release(settings.registry_dir, version, alias, evidence or ReleaseEvidence())
     announce(settings, version, alias, event_id=f"released-{version.policy}-{version.version}")
     return version
+
+
+def check_servable_tokenizer(checkpoint_dir: Path) -> None:
+    """`CheckpointUnreadable` unless the checkpoint's tokenizer loads and has a chat template. Why before the
+    release: the chat route renders every request with that template, so a model released without one (a GPT-2,
+    GPT-NeoX or OPT base) answers every /v1/chat/completions request with an error; refused here, the alias stays
+    on the version that serves."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        require_chat_template(tokenizer, checkpoint_dir)
+    except ChatTemplateMissing as exc:
+        raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointUnreadable(f"checkpoint {checkpoint_dir} cannot be released: its tokenizer does not load "
+                                   f"({type(exc).__name__}: {exc}); retrain the run") from exc

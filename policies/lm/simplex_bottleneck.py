@@ -15,7 +15,7 @@ note (docs/design.md) weighs this reading against the strict one.
 The bottleneck is a sub-module of the Hugging Face model (`simplex_bottleneck`), so its weights are
 saved in the model's safetensors and moved, trained and checkpointed with it; a pre-forward hook on
 the output embeddings applies it, so `generate`, `logits_to_keep` and the serving endpoint work
-unchanged. `config.json` carries its shape under `proxyloop_simplex_bottleneck`.
+unchanged. `config.json` carries its shape under `proxyloop_simplex_bottleneck` (D and the head's input width).
 """
 
 from __future__ import annotations
@@ -71,11 +71,19 @@ def attach_bottleneck(model: Any, simplex_dim: int) -> SimplexBottleneck:
     if bottleneck_of(model) is not None:
         raise ValueError("the model already has a simplex bottleneck; stage 1 starts from a model without one")
     head = model.get_output_embeddings()
-    bottleneck = SimplexBottleneck(int(model.config.hidden_size), simplex_dim).to(head.weight.device)
+    width = head_input_width(model)
+    bottleneck = SimplexBottleneck(width, simplex_dim).to(head.weight.device)
     model.add_module(MODULE_NAME, bottleneck)
     head.register_forward_pre_hook(lambda _module, args: (bottleneck(args[0]), *args[1:]))
-    setattr(model.config, CONFIG_KEY, {"simplex_dim": simplex_dim})
+    setattr(model.config, CONFIG_KEY, {"simplex_dim": simplex_dim, "width": width})
     return bottleneck
+
+
+def head_input_width(model: Any) -> int:
+    """The width of the states the LM head reads, which the bottleneck acts on. Why not `config.hidden_size`: OPT
+    with an embedding projection (opt-350m: word_embed_proj_dim 512, hidden_size 1024) projects the final state
+    down before its head, so the head, and the hook in front of it, see the projected width."""
+    return int(model.get_output_embeddings().weight.shape[1])
 
 
 def restore_bottleneck(model: Any, model_dir: Path | str) -> SimplexBottleneck | None:

@@ -16,11 +16,13 @@ from typing import Any
 from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
 from policies.lm.release import TRAINING_ONLY  # training state a base model does not need, as a release
-from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, prepare_smollm2
-from workers.lm.snapshot_data import write_jsonl
+from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, load_tokenizer, prepare_smollm2
+from workers.lm.snapshot_data import END_OF_TURN, chat_prompt, write_jsonl
 from workers.lm.training.run import run_lm_training
 
 TINY_CHAT_DIR = "tiny-chat"
+CHATML_MARKERS = ("<|im_start|>", END_OF_TURN)
+PROBE = "What is 2 plus 3?"  # the user turn the base's template must render as `chat_prompt` does
 WARMUP = {"loss_mode": "it", "learning_rate": 4e-3, "batch_size": 16, "max_steps": 60, "checkpoint_every": 60,
           "log_every": 20}
 
@@ -61,14 +63,67 @@ def warm_up(init: Path, out: Path, chats: list[list[dict[str, str]]], warmup: di
 
 
 def ensure_chat_base_model(spec: str, models_dir: Path, seed: int = 0) -> Path:
-    """The directory of the base model named by `spec`, preparing it under `models_dir` the first time."""
+    """The directory of the base model named by `spec`, preparing it under `models_dir` the first time; refused
+    (`check_chat_base`) when its tokenizer cannot serve what the run would train."""
     if spec == "tiny":
         out = models_dir / TINY_CHAT_DIR
-        return out if (out / "config.json").exists() else _pretrain_tiny(out, seed)
-    if spec == "smollm2":
-        return prepare_smollm2(models_dir)
-    path = Path(spec)
-    if not (path / "config.json").exists():
-        raise ModelNotPrepared(f"PROXYLOOP_CHAT_BASE_MODEL={spec!r} is neither 'tiny', 'smollm2' nor a Hugging Face "
-                               "directory with config.json")
+        path = out if (out / "config.json").exists() else _pretrain_tiny(out, seed)
+    elif spec == "smollm2":
+        path = prepare_smollm2(models_dir)
+    else:
+        path = Path(spec)
+        if not (path / "config.json").exists():
+            raise ModelNotPrepared(f"PROXYLOOP_CHAT_BASE_MODEL={spec!r} is neither 'tiny', 'smollm2' nor a Hugging "
+                                   "Face directory with config.json")
+    check_chat_base(path, load_tokenizer(path))
     return path
+
+
+def check_chat_base(path: Path, tokenizer: Any) -> None:
+    """`ModelNotPrepared` unless `tokenizer` serves prompts exactly as the run trains them. Training renders every
+    row in ChatML (`snapshot_data.chat_prompt`, training/sft.py) and ends responses with <|im_end|>; serving renders
+    requests with the tokenizer's own chat template and stops at <|im_end|> only when it is one token. A base
+    without a template trains and releases, then fails every chat request; one with another template (Llama-2's
+    [INST]) is served prompts it never saw; one without the ChatML markers as single tokens learns a marker it
+    never stops at. Checked at the run's start so that it fails in seconds, not after training. Rendering the rows
+    with the base's own template would lift this; until then the base must speak ChatML."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ModelNotPrepared(f"chat base model {path} has no chat template (GPT-2, GPT-NeoX and OPT tokenizers "
+                               "ship none): a model trained from it could not answer chat requests. Choose an "
+                               "instruct model with a ChatML template, or add one (the special tokens "
+                               f"{list(CHATML_MARKERS)} and a ChatML chat_template) to its tokenizer")
+    split = [marker for marker in CHATML_MARKERS
+             if len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1]
+    if split:
+        raise ModelNotPrepared(f"chat base model {path}: {split} are not single tokens of its tokenizer; chat runs "
+                               "train on ChatML and stop replies at <|im_end|>, so add them as special tokens")
+    rendered = _rendered_probe(tokenizer, path)
+    if not _renders_chatml(rendered, chat_prompt(PROBE)):
+        raise ModelNotPrepared(f"chat base model {path}: its chat template renders a user turn as {rendered!r}, "
+                               f"but chat runs train on ChatML, {chat_prompt(PROBE)!r}, so the served model would "
+                               "read prompts it was never trained on. Choose a base with a ChatML template")
+
+
+def _rendered_probe(tokenizer: Any, path: Path) -> str:
+    """One user turn (`PROBE`) with the assistant's turn opened, as the base's template renders it for serving."""
+    from jinja2 import TemplateError
+
+    try:
+        text: str = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False,
+                                                  add_generation_prompt=True)
+    except TemplateError as exc:
+        raise ModelNotPrepared(f"chat base model {path}: its chat template refuses one user turn ({exc}); chat runs "
+                               "need a ChatML template") from exc
+    return text
+
+
+def _renders_chatml(rendered: str, expected: str) -> bool:
+    """Whether the template's rendering is training's, save for a default system turn before it (SmolLM2-Instruct's
+    template adds one when the request has none): a complete ChatML turn that conditions the reply, tolerated."""
+    if rendered == expected:
+        return True
+    system = "<|im_start|>system\n"
+    prefix = rendered.removesuffix(expected)
+    return (prefix != rendered and prefix.startswith(system) and prefix.endswith(f"{END_OF_TURN}\n")
+            and prefix.count("<|im_start|>") == 1)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, kept_prompt, load_mixture_dir, prompt_log_weights
 from workers.lm import mode_mixture_training
-from workers.lm.models import load_causal_lm, load_tokenizer
+from workers.lm.models import load_causal_lm, load_tokenizer, local_model_dir
 from workers.lm.plans import saved_max_length
 from workers.lm.training.data import TokenizedPair, load_jsonl, model_context, sequence_cap, tokenize_pairs
 from workers.lm.training.dpo import reference_logps
@@ -85,6 +86,17 @@ def indicator_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, context: int 
         raise ValueError(f"no held-out pair fits the model's context of {context} tokens (with {INDICATOR_ROOM} "
                          "tokens to generate after its prompt): the indicators have nothing to read")
     return chosen
+
+
+def check_heldout_fits(base_model: str, heldout_path: str) -> None:
+    """`indicator_rows`' ValueError now, when no held-out pair fits `base_model`'s context: run before training, so
+    that a base with a small context (64 positions) fails in seconds rather than at the evaluation, after training.
+    Reads the config and tokenizer only, not the weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(local_model_dir(base_model, needs="config.json")), local_files_only=True)
+    rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
+    indicator_rows(rows, load_tokenizer(base_model), model_context(SimpleNamespace(config=config)), 1)
 
 
 @dataclass

@@ -125,6 +125,7 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     pair whose prompt keeps no token of its own is a `DatasetError` naming its line (`tokenize_pairs`): its w(x)
     would pool nothing, and the position predicting its first response token would be -1."""
     model.eval()
+    check_mixture_head(model)
     cap = sequence_cap(model, max_length)
     pairs = [truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)]
     if drop_empty:
@@ -156,6 +157,30 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     base_logps = sequence_logps(target_logps(hidden @ head.T, target_ids), mask, "sum")
     return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, base_logps,
                         torch.from_numpy(pair_groups(rows)))
+
+
+# Config keys of a head that does more than hidden @ W.T (Granite divides logits, Cohere multiplies them, Gemma 2
+# soft-caps them), each with the value at which it does nothing.
+LOGIT_TRANSFORMS = {"logits_scaling": 1.0, "logit_scale": 1.0, "final_logit_softcapping": None}
+
+
+def check_mixture_head(model: Any) -> None:
+    """ValueError unless the base's logits are hidden @ W.T, the head this reading models (`ModeMixture.mode_logps`,
+    which stage 1, the condition tests and the evaluation all score with). Why refused: a head bias (Phi) or a logit
+    scaling or soft-cap would make them score another model than the one served (whose forward applies them), and
+    no number they report would be the served policy's. A zero bias changes nothing and passes. Lifting this needs
+    the bias and the transform in `mode_logps` and every caller's head; the bottleneck reading runs the model's own
+    head and has no such limit."""
+    config = model.config
+    changed = [f"{key}={getattr(config, key)!r}" for key, neutral in LOGIT_TRANSFORMS.items()
+               if getattr(config, key, neutral) not in (neutral, None)]
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    if isinstance(bias, Tensor) and bool(bias.detach().ne(0).any()):
+        changed.append("an LM head bias")
+    if changed:
+        raise ValueError(f"the mode-mixture reading cannot read this base model: its head applies {', '.join(changed)}"
+                         ", which the mixture does not model (it scores hidden @ W.T); use the bottleneck reading "
+                         "(PROXYLOOP_CHAT_READING) or a base whose logits are its hidden state times its head")
 
 
 def pair_logps(mixture: ModeMixture, data: EncodedPairs, head: Tensor) -> Tensor:
