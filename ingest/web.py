@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,11 +17,12 @@ from ground.settings import Settings, get_settings
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def app_producer(request: Request) -> KafkaProducer:
-    """The app's one producer: `app.state.producer` of an app that mounts these routers itself. proxyloop.http
-    overrides this dependency with a producer opened on first use (the app starts without a broker)."""
-    producer: KafkaProducer = request.app.state.producer
-    return producer
+def app_producer(request: Request) -> Callable[[], KafkaProducer]:
+    """A getter of the app's one producer (`app.state.producer` of an app that mounts these routers itself), called
+    only by a request that publishes: one that publishes nothing (a webhook action that is ignored) is answered while
+    the broker is away, where Label Studio would count a 503 toward turning the webhook off. proxyloop.http overrides
+    this dependency with a getter that opens the producer on first use (the app starts without a broker)."""
+    return lambda: request.app.state.producer
 
 
-ProducerDep = Annotated[KafkaProducer, Depends(app_producer)]
+ProducerDep = Annotated[Callable[[], KafkaProducer], Depends(app_producer)]

@@ -204,7 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.dependency_overrides[get_settings] = lambda: settings  # every SettingsDep resolves these
-    app.dependency_overrides[app_producer] = producer  # every ProducerDep: opened on first use
+    app.dependency_overrides[app_producer] = lambda: producer  # every ProducerDep: opened on first publish
     app.include_router(labelstudio_router)
     # Label Studio's ML-backend protocol (pre-annotations, acquisition scores); the webhook's secret.
     app.include_router(ml_backend_router, prefix=ML_BACKEND_PREFIX)

@@ -50,6 +50,10 @@ def test_the_app_starts_and_serves_while_the_broker_is_away(settings: Settings) 
         _refused_for_the_broker(http, settings, 7)
         # The secret is still checked first: a caller without it learns nothing about the broker.
         assert http.post("/webhooks/labelstudio", json=webhook_payload(1, 7, TEXT, "right")).status_code == 401
+        # An action that publishes nothing needs no broker: a 503 would count toward Label Studio turning it off.
+        ignored = http.post("/webhooks/labelstudio", json={"action": "PROJECT_UPDATED", "project": {"id": 1}},
+                            headers=HOOK)
+        assert ignored.status_code == 200 and ignored.json()["status"] == "ignored"
 
 
 def test_a_failed_connect_is_not_retried_by_every_webhook_at_once(settings: Settings,

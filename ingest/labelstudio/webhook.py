@@ -294,7 +294,7 @@ async def receive_labelstudio_webhook(
     _log_outcome(payload.get("action"), outcome)
     if outcome.labels:
         try:
-            await run_in_threadpool(_publish_all, producer, settings.topic_expert, outcome.labels)
+            await run_in_threadpool(_publish_all, producer(), settings.topic_expert, outcome.labels)
         except KafkaError as exc:  # the broker went away after the producer opened: unacknowledged, so no 200
             raise broker_unavailable(f"Kafka at {settings.kafka_bootstrap} (PROXYLOOP_KAFKA_BOOTSTRAP) did not "
                                      f"acknowledge it: {exc}") from exc

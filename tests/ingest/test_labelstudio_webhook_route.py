@@ -48,7 +48,7 @@ def serve(home: Path, **overrides: object) -> tuple[TestClient, RecordingProduce
     """The HTTP app (lifespan not run, so no real producer) with the recording producer in its place."""
     app = create_app(isolated_settings(home, webhook_secret=SECRET, **overrides))
     producer = RecordingProducer()
-    app.dependency_overrides[app_producer] = lambda: producer
+    app.dependency_overrides[app_producer] = lambda: lambda: producer
     return TestClient(app), producer
 
 
