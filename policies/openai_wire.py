@@ -135,8 +135,10 @@ def unsupported(body: ChatCompletionRequest) -> Refused | None:
     if body.response_format is not None and body.response_format.get("type") != "text":
         return Refused(f"response_format {body.response_format.get('type')!r} is not supported by this server; "
                        'only {"type": "text"}', "response_format")
-    if body.tools or body.functions:
-        return Refused("tools and functions (tool calling) are not supported by this server", "tools")
+    # Tools offered with tool_choice "none" ask for a plain text reply (frameworks attach their tools to every call).
+    if (body.tools and body.tool_choice != "none") or (body.functions and body.function_call != "none"):
+        return Refused("tools and functions (tool calling) are not supported by this server; send tool_choice "
+                       '"none" for a text reply', "tools")
     for name, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
         if choice not in (None, "none", "auto"):
             return Refused(f"{name} {choice!r} asks for tool calling, which is not supported by this server", name)

@@ -121,6 +121,12 @@ def test_a_tool_calling_history_is_refused_by_name(served):
     reply = client.chat.completions.create(model="chat", max_tokens=2, messages=[
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "x"}])
     assert reply.choices  # an assistant turn with no content is an empty turn, not a refusal
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match='tool_choice "none"'):
+        client.chat.completions.create(model="chat", max_tokens=2, messages=history[:1], tools=[tool])
+    plain = client.chat.completions.create(model="chat", max_tokens=2, messages=history[:1], tools=[tool],
+                                           tool_choice="none")  # tools offered, a text reply asked for: served
+    assert plain.choices[0].message.tool_calls is None
 
 
 def test_a_chat_template_that_refuses_the_messages_is_a_400(served, monkeypatch):
