@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from policies.lm.decoding import Sampling
 
 MAX_TOKENS_LIMIT = 512
-DEFAULT_MAX_TOKENS = 64
+DEFAULT_MAX_TOKENS = MAX_TOKENS_LIMIT  # none asked: as many as fit (OpenAI's default), capped at the context
 MAX_CHOICES = 8
 
 

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 
 from policies import openai_api
 from policies.lm.chat import register_causal_lm
+from policies.openai_wire import MAX_TOKENS_LIMIT
 from policies.registry import set_alias
 from proxyloop.http import create_app
 from proxyloop.testing import isolated_settings
@@ -203,3 +204,15 @@ def test_a_user_id_the_profile_endpoints_cannot_address_gets_no_profile(served):
         model="chat", messages=[{"role": "user", "content": "Capital?"}], max_tokens=2, user=odd)
     assert raw.headers["x-proxyloop-profile"].startswith("items=0;")
     assert http.get("/v1/users/Jane%20Doe/responses", headers={"Authorization": "Bearer plain-key"}).status_code == 422
+
+
+def test_a_request_without_max_tokens_gets_as_many_as_fit(served):
+    """OpenAI's default, what LangChain and LiteLLM rely on: replies were cut at 64 tokens."""
+    settings, http = served
+    policy = openai_api.chat_policy(settings, "chat")
+    ends = {policy.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", policy.tokenizer.eos_token)}
+    reply = _client(http).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], temperature=0,
+        logit_bias={str(token): -100 for token in ends})  # never ends its turn: only the budget stops it
+    room = min(MAX_TOKENS_LIMIT, policy.context_limit - reply.usage.prompt_tokens)
+    assert reply.usage.completion_tokens == room > 64 and reply.choices[0].finish_reason == "length"
