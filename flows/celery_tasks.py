@@ -155,7 +155,8 @@ class _Watch:
         self.result = AsyncResult(task_id, app=result_app())
         self.outage_since: float | None = None
         self.last: tuple[str, object] | None = None
-        self.changed = self.looked = time.monotonic()  # the state or progress last changed; the broker last looked at
+        self.changed = self.looked = time.monotonic()  # the state or progress last changed (or a look); the broker
+        self.progressed = self.changed  # the state or progress last changed: what the wait's timeout counts from
         self.nowhere = False  # the last look found the task in no queue and on no live worker
 
     def poll(self) -> str:
@@ -178,6 +179,7 @@ class _Watch:
             if current == "PROGRESS":
                 self.log.info("task %s: %s", self.task_id, info)
             self.last, self.changed, self.nowhere = (current, info), time.monotonic(), False
+            self.progressed = self.changed
         elif self._stale(current):
             self._look(current)
         return current
@@ -225,13 +227,13 @@ def wait_for_task(task_id: str, resend: Callable[[], object] | None = None,
     broker, or its worker died. The task must be idempotent by its id: a training task's id is the run id, and a
     worker returns a finished run's stored result or resumes from its checkpoint; an evaluation only reads.
 
-    `timeout_s` counts from the last change of state or progress (or the last resend), not from the start: a long
-    training that reports progress is waited for however long it takes; one with no worker to take it, or a worker
-    silent for that long, fails the wait.
+    `timeout_s` counts from the last change of state or progress, not from the start: a long training that reports
+    progress is waited for however long it takes; one with no worker to take it, a worker silent for that long, or a
+    task resent again and again without progress (its workers keep dying) fails the wait.
     """
     watch = _Watch(task_id, resend)
     while watch.poll() != "SUCCESS":
-        if time.monotonic() - watch.changed > timeout_s:
+        if time.monotonic() - watch.progressed > timeout_s:
             raise TrainingFailed(f"task {task_id}: {watch.last[0] if watch.last else 'PENDING'} with no progress "
                                  f"for {timeout_s:.0f} s")
         time.sleep(0.5)

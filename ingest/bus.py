@@ -217,7 +217,8 @@ def read_topic(
     `stop_when(values)` holds, or at the timeout. The end is not taken from offsets: the embedded Tansu broker reports
     one offset per produced batch, not per record.
     """
-    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    reader = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                           isolation_level=settings.kafka_isolation_level)
     try:
         partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
         reader.assign(partitions)

@@ -87,7 +87,8 @@ def measure_lag(settings: Settings) -> list[PartitionLag]:
     try:
         # A group id without subscribe(): reads the group's committed offsets without joining it.
         consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                                 enable_auto_commit=False, request_timeout_ms=3000, bootstrap_timeout_ms=3000)
+                                 enable_auto_commit=False, request_timeout_ms=3000, bootstrap_timeout_ms=3000,
+                                 isolation_level=settings.kafka_isolation_level)  # ends as the consumer reads them
     except KafkaError as exc:
         raise LagUnavailable(f"Kafka at {settings.kafka_bootstrap} unreachable: {exc!r}") from exc
     try:

@@ -93,6 +93,7 @@ def retrieve_model(model_id: str, settings: SettingsDep, _: ApiKey) -> ModelCard
     """One model, as OpenAI's GET /v1/models/{model} answers it (LiteLLM, LangChain and chat UIs check a model
     exists with it): any ref chat/completions takes, `name`, `name@alias` or `name@N`."""
     try:
+        refresh(settings, model_id)  # a replica with a remote registry pulls before it answers, as the routes do
         name, version = version_of(settings.registry_dir, model_id)
     except RegistryUnreadable as exc:
         raise HTTPException(503, str(exc)) from exc

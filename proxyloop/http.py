@@ -150,8 +150,9 @@ class SharedProducer:
     Why: opening one needs a broker, and an app that opened it in its lifespan could not start while Kafka was
     away (kafka-python's bootstrap waits 30 s, then raises): serving, the OpenAI API and the ML backend, which
     never publish, went down with it. Now only the Label Studio webhook needs the broker; it answers 503 while
-    none answers, and the next call after the broker is back opens the producer. The lock: FastAPI resolves
-    the dependency in its thread pool, and concurrent first calls must not open two producers.
+    none answers, and the next call after the broker is back opens the producer. The lock: routes call the getter
+    (ingest.web.ProducerDep) in the thread pool, never on the event loop, and concurrent first calls must not open
+    two producers.
     """
 
     def __init__(self, settings: Settings) -> None:

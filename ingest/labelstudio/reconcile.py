@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 from kafka import KafkaProducer
 from label_studio_sdk.client import LabelStudio
@@ -121,20 +121,23 @@ def _changed_labels(
     return labels, present
 
 
+class ProjectMissing(LabelStudioSetupError):
+    """Label Studio answers 404 for the project. Nothing is retracted: a deleted project and a Label Studio URL that
+    now points at another server (whose annotation ids start again) look alike from here, and retractions stamped
+    now would outrank the labels for good. The operator retracts a deleted project's labels on purpose."""
+
+
 def _project_labels(
     client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
 ) -> tuple[list[ExpertLabel], set[int]]:
-    """_changed_labels; a project Label Studio answers 404 for (deleted) has none, and the sweep still runs."""
+    """_changed_labels; ProjectMissing when Label Studio answers 404 for the project."""
     try:
         return _changed_labels(client, project_id, since, report)
     except ApiError as exc:
         if exc.status_code != 404:
             raise
-        reason = f"project {project_id}: Label Studio answers 404 (deleted?); retracting only what vanished"
-        log.warning("%s", reason)
-        report.skipped.append(reason)
-        report.watermark = since
-        return [], set()
+        raise ProjectMissing(f"Label Studio answers 404 for project {project_id}: deleted, "
+                             "or PROXYLOOP_LABELSTUDIO_URL points at another server; nothing was retracted") from exc
 
 
 def _vanished(client: LabelStudio, engine: Engine, present: set[int]) -> list[int]:
@@ -167,21 +170,6 @@ def _publish_all(settings: Settings, producer: KafkaProducer | None, labels: lis
             producer.close()
 
 
-def _project_gone(settings: Settings, client: LabelStudio, producer: KafkaProducer | None, engine: Engine) -> NoReturn:
-    """No project has the title: retract the labels whose annotations Label Studio no longer has (a deleted
-    project took them along), then refuse. Each retraction is confirmed by a 404 for its own annotation, so a
-    wrong title retracts nothing that still exists."""
-    gone = _vanished(client, engine, set())
-    if gone:
-        _publish_all(settings, producer, [retraction(annotation_id) for annotation_id in gone])
-        log.warning("no project titled %r: retracted %d label(s) whose annotations Label Studio no longer has",
-                    settings.labelstudio_project_title, len(gone))
-    raise LabelStudioSetupError(
-        f"no Label Studio project titled {settings.labelstudio_project_title!r} at {settings.labelstudio_url}; "
-        f"run `proxyloop labelstudio setup` first (retracted {len(gone)} label(s) whose annotations are gone)"
-    )
-
-
 def reconcile(
     settings: Settings, client: LabelStudio | None = None, producer: KafkaProducer | None = None,
     project_id: int | None = None,
@@ -191,8 +179,9 @@ def reconcile(
     engine = make_engine(settings.resolved_store_url)
     if project_id is None:
         project_id = find_project(client, settings.labelstudio_project_title)
-        if project_id is None:
-            _project_gone(settings, client, producer, engine)
+        if project_id is None:  # nothing retracted: see ProjectMissing
+            raise LabelStudioSetupError(f"no Label Studio project titled {settings.labelstudio_project_title!r} at "
+                                        f"{settings.labelstudio_url}; run `proxyloop labelstudio setup` first")
     with Session(engine) as session:
         state = session.get(LabelStudioSync, project_id)
         since = _aware(state.watermark) if state else None

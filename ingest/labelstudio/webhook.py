@@ -13,9 +13,10 @@ What each action does:
 - ANNOTATION_UPDATED: the edited label; an edit that leaves no preference (choice cleared, turned into a
   skip, choices that disagree) publishes the label's retraction, so the old choice does not stay live.
 - ANNOTATIONS_DELETED: a retraction per annotation.
-- TASKS_DELETED (and PROJECT_DELETED): Label Studio deletes the annotations with them and sends no
-  ANNOTATIONS_DELETED, nor their ids; the next scheduled reconciliation retracts those labels (it asks
-  Label Studio for every live label's annotation). Answered 200 with that reason, and logged.
+- TASKS_DELETED: Label Studio deletes the annotations with them and sends no ANNOTATIONS_DELETED, nor their
+  ids; the next scheduled reconciliation retracts those labels (it asks Label Studio for every live label's
+  annotation). PROJECT_DELETED: reconciliation then refuses (reconcile.ProjectMissing) and retracts nothing.
+  Both answered 200 with the reason, and logged.
 - Any other action: 200 "ignored" with the reason, and logged: Label Studio (1.23+) turns off a webhook
   after repeated failures, which would also stop the actions we handle.
 A malformed payload of a handled action, or a task without what the label needs, is a 422 with the reason,
@@ -80,7 +81,8 @@ class LSBulkWebhook(LSModel):
     """ANNOTATIONS_CREATED: Label Studio 1.23 sends lists under the singular keys `annotation` and `task`."""
 
     action: Literal["ANNOTATIONS_CREATED"]
-    annotations: list[LSAnnotation] = Field(validation_alias=AliasChoices("annotation", "annotations"))
+    # Read one by one in `_bulk_created`: one malformed annotation must not refuse the usable ones.
+    annotations: list[dict[str, Any]] = Field(validation_alias=AliasChoices("annotation", "annotations"))
     tasks: list[LSTask] = Field(validation_alias=AliasChoices("task", "tasks"))
     project: dict[str, Any] | None = None
 
@@ -174,7 +176,13 @@ def _bulk_created(payload: dict[str, Any]) -> WebhookOutcome:
     labels: list[ExpertLabel] = []
     reasons: list[str] = []
     refused = False
-    for annotation in hook.annotations:
+    for raw in hook.annotations:
+        try:
+            annotation = LSAnnotation.model_validate(raw)
+        except ValidationError as exc:
+            refused = True
+            reasons.append(f"annotation {raw.get('id')!r}: refused: {exc}")
+            continue
         task = tasks.get(annotation.task) if annotation.task is not None else None
         try:
             if task is None:
@@ -194,17 +202,18 @@ def _deleted(payload: dict[str, Any]) -> WebhookOutcome:
 
 
 def _tasks_deleted(payload: dict[str, Any]) -> WebhookOutcome:
-    """TASKS_DELETED/PROJECT_DELETED: nothing names the annotations that went with them; reconciliation finds
-    them. The reconcile-labelstudio deployment has no event trigger (flows/deployments.py), so it is its next
-    scheduled run (PROXYLOOP_LABELSTUDIO_RECONCILE_INTERVAL_S)."""
-    if payload.get("action") == TASKS_DELETED_ACTION:
-        ids = [task.id for task in LSTasksDeletedWebhook.model_validate(payload).tasks]
-        gone = f"tasks {ids} were deleted, and their annotations with them"
-    else:
-        gone = "the project was deleted, and its annotations with it"
+    """TASKS_DELETED/PROJECT_DELETED: nothing names the annotations that went with them. A deleted task's are found
+    by the next scheduled reconciliation (the reconcile-labelstudio deployment has no event trigger,
+    flows/deployments.py; PROXYLOOP_LABELSTUDIO_RECONCILE_INTERVAL_S); a deleted project's are not (ProjectMissing)."""
+    if payload.get("action") != TASKS_DELETED_ACTION:
+        return WebhookOutcome(deferred=True, level=logging.WARNING, reasons=[
+            "the project was deleted, and its annotations with it; their labels stay live: reconciliation cannot "
+            "tell a deleted project from a URL pointing at another server, so it retracts nothing for it"])
+    ids = [task.id for task in LSTasksDeletedWebhook.model_validate(payload).tasks]
     return WebhookOutcome(deferred=True, level=logging.WARNING, reasons=[
-        f"{gone}; Label Studio names none of those annotations, so their labels stay live until the next "
-        "scheduled reconciliation (`proxyloop labelstudio reconcile`) retracts them"])
+        f"tasks {ids} were deleted, and their annotations with them; Label Studio names none of those annotations, "
+        "so their labels stay live until the next scheduled reconciliation (`proxyloop labelstudio reconcile`) "
+        "retracts them"])
 
 
 _HANDLERS: dict[str, Callable[[dict[str, Any]], WebhookOutcome]] = {
@@ -294,7 +303,8 @@ async def receive_labelstudio_webhook(
     _log_outcome(payload.get("action"), outcome)
     if outcome.labels:
         try:
-            await run_in_threadpool(_publish_all, producer(), settings.topic_expert, outcome.labels)
+            # producer() may connect (up to kafka_bootstrap_timeout_s): in the thread pool, never on the event loop.
+            await run_in_threadpool(lambda: _publish_all(producer(), settings.topic_expert, outcome.labels))
         except KafkaError as exc:  # the broker went away after the producer opened: unacknowledged, so no 200
             raise broker_unavailable(f"Kafka at {settings.kafka_bootstrap} (PROXYLOOP_KAFKA_BOOTSTRAP) did not "
                                      f"acknowledge it: {exc}") from exc

@@ -68,3 +68,21 @@ def test_a_task_with_no_progress_for_the_timeout_fails_the_wait(clock: _Clock, m
     with pytest.raises(ct.TrainingFailed, match=f"PENDING with no progress for {ct.TASK_TIMEOUT_S} s"):
         ct.wait_for_task("r")
     assert ct.TASK_TIMEOUT_S < clock.now <= ct.TASK_TIMEOUT_S + 1
+
+
+def test_a_task_sent_again_and_again_without_progress_still_fails_the_wait(
+        clock: _Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each look that resends (or finds the task lost) restarts the look's own clock, not the wait's: a task whose
+    workers keep dying would otherwise be resent for ever."""
+    _result_is(monkeypatch, _Result(clock, every_s=60, done_s=None))
+    monkeypatch.setattr(ct._Watch, "_stale", lambda self, current: True)
+    resends: list[float] = []
+
+    def look(self: ct._Watch, current: str) -> None:
+        self.changed = clock.now  # what a resend (or a lost task that cannot be resent) does
+        resends.append(clock.now)
+
+    monkeypatch.setattr(ct._Watch, "_look", look)
+    with pytest.raises(ct.TrainingFailed, match="no progress"):
+        ct.wait_for_task("r", resend=lambda: None)
+    assert len(resends) > 100 and clock.now <= ct.TASK_TIMEOUT_S + 1

@@ -153,6 +153,16 @@ def test_a_bulk_annotation_that_cannot_be_a_label_leaves_the_others_published(ho
                               "annotation 5: refused: its task 9 is not among the payload's [3, 4]")
 
 
+def test_a_malformed_bulk_annotation_leaves_the_others_published(hook: Hook) -> None:
+    """The list was validated whole: one result without from_name made the payload a 422 and lost the good label."""
+    broken = _bulk_annotation(6, 3, "left")
+    del broken["result"][0]["from_name"]
+    body, published = _post(hook, _bulk([broken, _bulk_annotation(4, 4, "left")], [_task(3, "a", "b"),
+                                                                                   _task(4, "a", "b")]))
+    assert [e["event_id"] for e in published] == ["labelstudio-annotation-4"]
+    assert body["reason"].startswith("annotation 6: refused: ") and "from_name" in body["reason"]
+
+
 def test_the_webhook_subscribes_to_bulk_creation_and_task_deletion_and_handles_every_subscribed_action() -> None:
     assert {"ANNOTATIONS_CREATED", "TASKS_DELETED"} <= set(WEBHOOK_ACTIONS)
     assert set(WEBHOOK_ACTIONS) <= set(HANDLED_ACTIONS)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from ground.schemas import ExpertLabel, PairwiseText
 from ground.settings import Settings
 from ingest.labelstudio.provision import LabelStudioSetupError
-from ingest.labelstudio.reconcile import reconcile
+from ingest.labelstudio.reconcile import ProjectMissing, reconcile
 from ingest.store import LabelRow, make_engine
 from ingest.upsert import upsert_events
 from proxyloop.testing import isolated_settings
@@ -140,21 +140,15 @@ def test_an_annotation_edited_into_no_label_is_retracted_not_skipped(
     assert report.watermark == T0 + timedelta(seconds=30)
 
 
-def test_a_deleted_project_still_has_its_vanished_annotations_retracted(settings: Settings) -> None:
-    """Label Studio answers 404 for the project's tasks: the run used to raise before its sweep. Annotations of
-    other projects (still there) stay live."""
+def test_a_missing_project_is_named_and_nothing_is_retracted(settings: Settings) -> None:
+    """A deleted project and a URL now pointing at another server (annotation ids start again there) look alike:
+    a sweep would retract every label with retractions stamped now, which outrank them for good. Refused instead,
+    by id or by title, with every label left live."""
     _seed(settings, 1, 2, 9)
-    report = reconcile(settings, client=FakeLabelStudio({}, elsewhere={9}),  # type: ignore[arg-type]
-                       producer=StoreProducer(settings), project_id=PROJECT)
-    assert (report.retracted, _live(settings)) == (2, {"labelstudio-annotation-9": "a"})
-    assert report.skipped == [f"project {PROJECT}: Label Studio answers 404 (deleted?); retracting only what vanished"]
-
-
-def test_no_project_with_the_title_is_refused_after_the_sweep(settings: Settings) -> None:
-    """Found by title (the scheduled flow): a deleted project used to raise before anything was retracted."""
-    _seed(settings, 1, 9)
-    refused = r"no Label Studio project titled .*retracted 1 label\(s\) whose"
-    with pytest.raises(LabelStudioSetupError, match=refused):
+    with pytest.raises(ProjectMissing, match=f"404 for project {PROJECT}: deleted, or PROXYLOOP_LABELSTUDIO_URL"):
+        reconcile(settings, client=FakeLabelStudio({}, elsewhere={9}),  # type: ignore[arg-type]
+                  producer=StoreProducer(settings), project_id=PROJECT)
+    with pytest.raises(LabelStudioSetupError, match="no Label Studio project titled"):
         reconcile(settings, client=FakeLabelStudio({}, elsewhere={9}),  # type: ignore[arg-type]
                   producer=StoreProducer(settings))
-    assert _live(settings) == {"labelstudio-annotation-9": "a"}
+    assert set(_live(settings)) == {f"labelstudio-annotation-{i}" for i in (1, 2, 9)}

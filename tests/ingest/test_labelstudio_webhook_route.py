@@ -68,6 +68,27 @@ def _refused(hook: tuple[TestClient, RecordingProducer], **post: Any) -> str:
     return detail
 
 
+def test_the_producer_is_opened_in_the_thread_pool_never_on_the_event_loop(tmp_path: Path) -> None:
+    """Opening it may wait kafka_bootstrap_timeout_s for a broker: on the event loop that froze every route (a 3 s
+    connect held GET /health for 2.6 s)."""
+    import asyncio
+
+    app = create_app(isolated_settings(tmp_path, webhook_secret=SECRET))
+    producer, on_loop = RecordingProducer(), []
+
+    def opened() -> RecordingProducer:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop in this thread: a thread-pool worker
+            on_loop.append(False)
+        return producer
+
+    app.dependency_overrides[app_producer] = lambda: opened
+    response = TestClient(app).post("/webhooks/labelstudio", json=webhook_payload(1, 7, TEXT, "right"), headers=HOOK)
+    assert response.status_code == 200 and on_loop == [False] and len(producer.sent) == 1
+
+
 def test_a_usable_annotation_is_published_then_acknowledged(hook: tuple[TestClient, RecordingProducer]) -> None:
     http, producer = hook
     response = http.post("/webhooks/labelstudio", json=webhook_payload(1, 7, TEXT, "right"), headers=HOOK)

@@ -45,6 +45,9 @@ def test_a_server_with_an_empty_local_registry_serves_what_was_pushed(tmp_path):
     settings = isolated_settings(tmp_path / "server", api_keys="k", registry_url=str(tmp_path / "server-registry"),
                                  registry_remote_url=url, registry_remote_poll_s=0)
     http = TestClient(create_app(settings))
+    # The model check clients make first (LiteLLM, LangChain) pulls too: it was a 404 until a request had pulled.
+    card = http.get("/v1/models/demo@production", headers={"Authorization": "Bearer k"})
+    assert card.status_code == 200 and card.json()["version"] == 1
     response = http.post("/v1/policies/demo/predict", json={"x": [0.0] * 5}, headers={"Authorization": "Bearer k"})
     assert response.status_code == 200 and response.json()["version"] == 1
 
