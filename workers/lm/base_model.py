@@ -15,6 +15,7 @@ from typing import Any
 
 from ground.schemas import LMTrainingRequest
 from ingest.synthetic_chat import chat_corpus, warmup_chats
+from policies.lm.chat import ChatTemplateMissing, TemplateRefused, chat_text
 from policies.lm.release import TRAINING_ONLY  # training state a base model does not need, as a release
 from workers.lm.models import ModelNotPrepared, build_tiny, default_corpus, load_tokenizer, prepare_smollm2
 from workers.lm.snapshot_data import END_OF_TURN, chat_prompt, write_jsonl
@@ -87,35 +88,25 @@ def check_chat_base(path: Path, tokenizer: Any) -> None:
     [INST]) is served prompts it never saw; one without the ChatML markers as single tokens learns a marker it
     never stops at. Checked at the run's start so that it fails in seconds, not after training. Rendering the rows
     with the base's own template would lift this; until then the base must speak ChatML."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    try:  # rendered as serving renders a request (policies.lm.chat.chat_text)
+        rendered = chat_text(tokenizer, [{"role": "user", "content": PROBE}])
+    except ChatTemplateMissing as exc:
         raise ModelNotPrepared(f"chat base model {path} has no chat template (GPT-2, GPT-NeoX and OPT tokenizers "
                                "ship none): a model trained from it could not answer chat requests. Choose an "
                                "instruct model with a ChatML template, or add one (the special tokens "
-                               f"{list(CHATML_MARKERS)} and a ChatML chat_template) to its tokenizer")
+                               f"{list(CHATML_MARKERS)} and a ChatML chat_template) to its tokenizer") from exc
+    except TemplateRefused as exc:
+        raise ModelNotPrepared(f"chat base model {path}: {exc} (one user turn); chat runs need a ChatML "
+                               "template") from exc
     split = [marker for marker in CHATML_MARKERS
              if len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1]
     if split:
         raise ModelNotPrepared(f"chat base model {path}: {split} are not single tokens of its tokenizer; chat runs "
                                "train on ChatML and stop replies at <|im_end|>, so add them as special tokens")
-    rendered = _rendered_probe(tokenizer, path)
     if not _renders_chatml(rendered, chat_prompt(PROBE)):
         raise ModelNotPrepared(f"chat base model {path}: its chat template renders a user turn as {rendered!r}, "
                                f"but chat runs train on ChatML, {chat_prompt(PROBE)!r}, so the served model would "
                                "read prompts it was never trained on. Choose a base with a ChatML template")
-
-
-def _rendered_probe(tokenizer: Any, path: Path) -> str:
-    """One user turn (`PROBE`) with the assistant's turn opened, as the base's template renders it for serving."""
-    from jinja2 import TemplateError
-
-    try:
-        text: str = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False,
-                                                  add_generation_prompt=True)
-    except TemplateError as exc:
-        raise ModelNotPrepared(f"chat base model {path}: its chat template refuses one user turn ({exc}); chat runs "
-                               "need a ChatML template") from exc
-    return text
 
 
 def _renders_chatml(rendered: str, expected: str) -> bool:
