@@ -27,7 +27,15 @@ from policies.lm.decoding import (
     sample_token,
 )
 from policies.lm.lora import is_lora_dir, load_lora_dir
-from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, kept_prompt, load_mixture_dir, prompt_log_weights
+from policies.lm.mode_mixture import (
+    ModeMixture,
+    is_mixture_dir,
+    kept_prompt,
+    load_mixture_dir,
+    model_context,
+    prompt_log_weights,
+    sequence_cap,
+)
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from policies.registry import register, resolve
 
@@ -95,7 +103,7 @@ class ChatPolicy:
     tokenizer: Any
     mixture: ModeMixture | None = None
     mode_biases: Tensor | None = None  # [D, V]: W θ_k of each of the mixture's modes
-    prompt_cap: int | None = None  # where training cut prompts (`mixture_prompt_cap`): w(x) reads them so
+    prompt_cap: int | None = None  # where training cut prompts (`_training_cut`): w(x) reads them so
 
     @torch.no_grad()
     def mode_bias(self, messages: list[dict[str, str]], temperature: float,
@@ -129,7 +137,7 @@ class ChatPolicy:
     @property
     def context_limit(self) -> int:
         """Positions the model can attend over, prompt and completion together (1024 when its config says none)."""
-        return model_positions(self.model)
+        return model_context(self.model) or 1024
 
     @torch.no_grad()
     def generate(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Piece]:
@@ -198,22 +206,10 @@ def load_chat_policy(root: Path, ref: str, merge_lora: bool = True) -> ChatPolic
     with torch.no_grad():
         biases = mixture.mode_biases(model.get_output_embeddings().weight.float())
     return ChatPolicy(version=version, model=model, tokenizer=tokenizer, mixture=mixture, mode_biases=biases,
-                      prompt_cap=mixture_prompt_cap(spec.get("recipe", {}).get("max_length"), model))
+                      prompt_cap=_training_cut(spec.get("recipe", {}).get("max_length"), model))
 
 
-def declared_positions(model: Any) -> int | None:
-    """Positions `model`'s config says it is built for, if it says (as workers/lm/training/data.py model_context)."""
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def model_positions(model: Any) -> int:
-    """Positions `model` can attend over (1024 when its config says none)."""
-    return int(declared_positions(model) or 1024)
-
-
-def mixture_prompt_cap(max_length: int | None, model: Any) -> int | None:
-    """Where w(x) cuts a prompt: where training cut it, the recipe's max_length or the model's context if shorter
-    (workers/lm/training/data.py sequence_cap); None (no cut) for a recipe saved without one."""
-    context = declared_positions(model)
-    return None if max_length is None else int(max_length) if context is None else min(int(max_length), int(context))
+def _training_cut(max_length: int | None, model: Any) -> int | None:
+    """Where training cut prompts for w(x): `sequence_cap` (the recipe's max_length, or the model's context if shorter);
+    None (no cut) for a recipe saved without one."""
+    return None if max_length is None else sequence_cap(model, int(max_length))

@@ -57,6 +57,25 @@ def kept_prompt(prompt_ids: list[int], cap: int) -> list[int]:
     return prompt_ids[-room:] if len(prompt_ids) > room else list(prompt_ids)
 
 
+def model_context(model: Any) -> int | None:
+    """The longest sequence `model` is built for (its position table or its configured context), if it says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def sequence_cap(model: Any, max_length: int) -> int:
+    """Tokens per sequence when `model` reads pairs at a recipe's `max_length`: that, or the model's context if
+    shorter. Why both: the recipe's cap bounds the cost of a run whatever text a snapshot holds (one 20 KB proxy
+    response is 16k tokens: 10 GB of activations in one forward), and past its context a model with a position table
+    fails and one with rotary positions reads positions it never trained on."""
+    context = model_context(model)
+    return max_length if context is None else min(max_length, context)
+
+
 class ModeMixture(nn.Module):
     """τ̃ (prompt → D-simplex), π̄† (adapter) and Θ̃ (D mode vectors) over a frozen base model."""
 

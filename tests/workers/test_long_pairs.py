@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ground.schemas import CheckpointRef
+from policies.lm.mode_mixture import model_context, sequence_cap
 from policies.lm.simplex_bottleneck import attach_bottleneck, load_causal_lm_dir
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
 from workers.lm import mixture_features, mixture_run
@@ -22,8 +23,6 @@ from workers.lm.plans import MixtureRecipe, recipe_request
 from workers.lm.training.data import (
     TokenizedPair,
     collate_pairs,
-    model_context,
-    sequence_cap,
     tokenize_pairs,
     truncate_pair,
 )

@@ -31,11 +31,19 @@ from torch import Tensor
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
-from policies.lm.mode_mixture import ModeMixture, is_mixture_dir, kept_prompt, load_mixture_dir, prompt_log_weights
+from policies.lm.mode_mixture import (
+    ModeMixture,
+    is_mixture_dir,
+    kept_prompt,
+    load_mixture_dir,
+    model_context,
+    prompt_log_weights,
+    sequence_cap,
+)
 from workers.lm import mode_mixture_training
 from workers.lm.models import load_causal_lm, load_tokenizer, local_model_dir
 from workers.lm.plans import saved_max_length
-from workers.lm.training.data import TokenizedPair, load_jsonl, model_context, sequence_cap, tokenize_pairs
+from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
 from workers.lm.training.dpo import reference_logps
 from workers.lm.training.dpo_config import DPOConfig
 

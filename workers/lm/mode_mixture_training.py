@@ -33,10 +33,11 @@ from policies.lm.mode_mixture import (
     assignment_score,
     kmeans_modes,
     select_trainable,
+    sequence_cap,
 )
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
-from workers.lm.training.data import nonempty_pairs, sequence_cap, tokenize_pairs, truncate_pair
+from workers.lm.training.data import nonempty_pairs, tokenize_pairs, truncate_pair
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
 
 

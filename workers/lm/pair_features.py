@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from policies.lm.conditions import TextPairFeatures
+from policies.lm.mode_mixture import sequence_cap
 from policies.lm.simplex_bottleneck import simplex_points
-from workers.lm.training.data import TokenizedPair, collate_pairs, sequence_cap
+from workers.lm.training.data import TokenizedPair, collate_pairs
 from workers.lm.training.objectives import sequence_logps, token_logps
 
 BATCH = 32

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ground.schemas import LMTrainingRequest
 from ground.settings import get_settings
+from policies.lm.mode_mixture import sequence_cap
 from policies.lm.simplex_bottleneck import attach_bottleneck, bottleneck_of, select_trainable
 from workers.device import select_device
 from workers.lm.mixture_run import is_mixture_request, train_mixture
@@ -43,7 +44,7 @@ from workers.lm.training.checkpoint import (
     skipped,
     write_result,
 )
-from workers.lm.training.data import load_jsonl, sequence_cap, tokenize_pairs
+from workers.lm.training.data import load_jsonl, tokenize_pairs
 from workers.lm.training.distributed import Ranks, launch
 from workers.lm.training.dpo_config import DPOConfig
 from workers.lm.training.loop import Progress, train_loop

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from workers.lm.training.data import DatasetError, TokenizedChat, model_context, row_place, sequence_cap
+from policies.lm.mode_mixture import model_context, sequence_cap
+from workers.lm.training.data import DatasetError, TokenizedChat, row_place
 from workers.lm.training.objectives import lm_loss, token_logps
 from workers.lm.training.sft_config import SFTConfig
 

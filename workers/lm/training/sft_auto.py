@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from ground.schemas import LMTrainingRequest
+from policies.lm.mode_mixture import sequence_cap
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.snapshot_data import write_jsonl
 from workers.lm.training.checkpoint import PREFIX, write_result
-from workers.lm.training.data import DatasetError, collate_chats, load_jsonl, sequence_cap
+from workers.lm.training.data import DatasetError, collate_chats, load_jsonl
 from workers.lm.training.loop import Progress
 from workers.lm.training.sft import LossMode, cap_words, chat_messages, choose_loss_mode, render_chat
 from workers.lm.training.sft_config import SFTConfig
