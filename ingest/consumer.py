@@ -247,6 +247,10 @@ def emit_prefect_event(update: DatasetUpdated, settings: Settings) -> None:
                         update.model_dump(mode="json"))
 
 
+def _label_consumer(settings: Settings) -> KafkaConsumer:
+    return make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
+
+
 def _reopened(consumer: KafkaConsumer, settings: Settings, stop: threading.Event, error: KafkaError,
               pause: float) -> KafkaConsumer | None:
     """A new consumer in place of one whose poll raised (an unreadable batch, say): kafka-python's next poll on
@@ -260,7 +264,7 @@ def _reopened(consumer: KafkaConsumer, settings: Settings, stop: threading.Event
     consumer.close()
     while not stop.wait(pause):
         try:
-            return make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
+            return _label_consumer(settings)
         except KafkaError as again:  # the broker is away too: keep trying, as the batch loop does
             log.error("could not reopen the consumer (%s); trying again in %.0f s", again, pause)
     return None
@@ -270,7 +274,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     ensure_topics(settings)
     engine = make_engine(settings.resolved_store_url)
     producer = make_producer(settings)
-    consumer = make_consumer(settings, [settings.topic_expert, settings.topic_proxy], settings.consumer_group)
+    consumer = _label_consumer(settings)
     log.info("consuming %s, %s as group %s", settings.topic_expert, settings.topic_proxy, settings.consumer_group)
     pause, store_down_since, dimension = 1.0, None, FeatureDimension()
     try:

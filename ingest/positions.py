@@ -28,8 +28,8 @@ def rewind(consumer: KafkaConsumer, records: list[Any]) -> None:
             pass  # no longer ours after a rebalance: its new owner starts from the committed offset
 
 
-def restart_past_the_end(consumer: KafkaConsumer) -> list[TopicPartition]:
-    """Partitions whose position is past the log's end (their high watermark), set back to the log's beginning.
+def restart_past_the_end(consumer: KafkaConsumer) -> None:
+    """Set partitions whose position is past the log's end (their high watermark) back to the log's beginning.
 
     Why: a topic deleted and created again under the same name, or a committed offset from a log that was
     lost, leaves the position past the new log's end. Kafka answers such a fetch with OFFSET_OUT_OF_RANGE
@@ -37,7 +37,6 @@ def restart_past_the_end(consumer: KafkaConsumer) -> list[TopicPartition]:
     would wait silently until the log grew past its position, and skip what came before. Called when a poll
     returns nothing, so it costs nothing while records flow.
     """
-    moved = []
     for tp in consumer.assignment():
         try:
             end, position = consumer.highwater(tp), consumer.position(tp, timeout_ms=0)
@@ -47,5 +46,3 @@ def restart_past_the_end(consumer: KafkaConsumer) -> list[TopicPartition]:
             log.error("%s[%d]: position %d is past the log's end %d (topic re-created, or a committed offset from "
                       "a lost log); reading it from its beginning", tp.topic, tp.partition, position, end)
             consumer.seek_to_beginning(tp)
-            moved.append(tp)
-    return moved
