@@ -44,7 +44,7 @@ from policies.profile import (
     profile_engine,
     sync_expert_labels,
 )
-from policies.registry import RegistryError, RegistryUnreadable
+from policies.registry import RegistryError
 from policies.registry_remote import refresh
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -59,10 +59,8 @@ def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
         refresh(settings, ref)
         return cached_by_version(settings.registry_dir, ref, _cache,
                                  lambda root, exact: load_chat_policy(root, exact, settings.serve_merge_lora))
-    except RegistryUnreadable as exc:  # before RegistryError, its base: the server's to mend
-        raise HTTPException(503, str(exc)) from exc
-    except RegistryError as exc:
-        raise HTTPException(404, str(exc)) from exc
+    except RegistryError as exc:  # 404 for a name nobody released, 503 for a damaged registry (RegistryUnreadable)
+        raise HTTPException(exc.http_status, str(exc)) from exc
     except FileNotFoundError as exc:  # a LoRA release whose base is not on this host: the server's to fix
         raise HTTPException(503, str(exc)) from exc
     except ValueError as exc:

@@ -7,6 +7,7 @@ against (the official `openai` client in tests/policies/test_openai_api.py and t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -122,8 +123,19 @@ class Refused(Exception):
         self.message, self.param = message, param
 
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": None}
-        return JSONResponse({"detail": self.message, "error": error}, status_code=400)
+        return error_response(400, self.message, param=self.param)
+
+
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def error_response(status: int, detail: Any, code: str | None = None, param: str | None = None,
+                   message: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """This app's `detail` beside OpenAI's `error` object, on every 4xx and 5xx: the openai SDKs (and LangChain,
+    LiteLLM) read the reason from `error.message` only; without it their exception says just "Error code: 404"."""
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    error = {"message": message or str(detail), "type": kind, "param": param, "code": code}
+    return JSONResponse({"detail": detail, "error": error}, status_code=status, headers=headers)
 
 
 def unsupported(body: ChatCompletionRequest) -> Refused | None:

@@ -38,12 +38,14 @@ VERSION_PATTERN = re.compile(r"[0-9]{1,18}")  # a version number as a tag or a f
 
 
 class RegistryError(ValueError):
-    pass
+    http_status = 404  # what serving answers: a name, alias or version nobody released
 
 
 class RegistryUnreadable(RegistryError):
     """The registry holds something this server cannot read (a damaged aliases.json or lineage, an alias pointing at
     a deleted folder): the operator's to mend, so serving answers 503, not the 404 of a name nobody released."""
+
+    http_status = 503
 
 
 class RegistryFormatError(RegistryUnreadable):

@@ -17,7 +17,7 @@ from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.loader import LoadedPolicy, NotAFeaturePolicy, cached_by_version, load
-from policies.registry import RegistryError, RegistryUnreadable, aliases, list_policies, version_of
+from policies.registry import RegistryError, aliases, list_policies, version_of
 from policies.registry_remote import refresh
 
 router = APIRouter(prefix="/v1", tags=["policies"])
@@ -56,10 +56,8 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
     try:
         refresh(settings, ref)
         return cached_by_version(settings.registry_dir, ref, _cache, lambda root, exact: load(exact, root))
-    except RegistryUnreadable as exc:  # before RegistryError, its base: the server's to mend
-        raise HTTPException(503, str(exc)) from exc
     except RegistryError as exc:
-        raise HTTPException(404, str(exc)) from exc
+        raise HTTPException(exc.http_status, str(exc)) from exc
     except NotAFeaturePolicy as exc:
         raise HTTPException(400, f"{ref} is not a feature-vector policy: {exc}") from exc
 
@@ -95,10 +93,8 @@ def retrieve_model(model_id: str, settings: SettingsDep, _: ApiKey) -> ModelCard
     try:
         refresh(settings, model_id)  # a replica with a remote registry pulls before it answers, as the routes do
         name, version = version_of(settings.registry_dir, model_id)
-    except RegistryUnreadable as exc:
-        raise HTTPException(503, str(exc)) from exc
     except RegistryError as exc:
-        raise HTTPException(404, str(exc)) from exc
+        raise HTTPException(exc.http_status, str(exc)) from exc
     folder = settings.registry_dir / name / str(version)
     return ModelCard(id=model_id, version=version, created=int(folder.stat().st_mtime))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from ingest.web import app_producer
 from policies.ml_backend import ML_BACKEND_PREFIX
 from policies.ml_backend import router as ml_backend_router
 from policies.openai_api import router as openai_router
+from policies.openai_wire import error_response
 from policies.profile_api import router as profile_router
 from policies.serve import router as serving_router
 
@@ -121,18 +122,6 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
                         for e in located[:3]) or "; ".join(str(e) for e in errors[:3])
     param = ".".join(str(p) for p in located[0].get("loc", ())[1:]) or None if located else None
     return error_response(422, _json_safe(jsonable_encoder(errors)), param=param, message=_json_safe(summary))
-
-
-_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
-
-
-def error_response(status: int, detail: Any, code: str | None = None, param: str | None = None,
-                   message: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """This app's `detail` beside OpenAI's `error` object, on every 4xx and 5xx: the openai SDKs (and LangChain,
-    LiteLLM) read the reason from `error.message` only; without it their exception says just "Error code: 404"."""
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    error = {"message": message or str(detail), "type": kind, "param": param, "code": code}
-    return JSONResponse({"detail": detail, "error": error}, status_code=status, headers=headers)
 
 
 async def http_error(_: Request, exc: Exception) -> JSONResponse:
