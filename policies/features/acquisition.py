@@ -195,8 +195,7 @@ def feature_scores(
 
 def _unseen_first(stack: TwoStagePolicy, scores: FloatArray, y_a: torch.Tensor, y_b: torch.Tensor) -> FloatArray:
     """`scores` with tasks naming an output the policy never saw raised to ln 2 (see `feature_scores`)."""
-    answered = torch.zeros(stack.config.n_outputs, dtype=torch.bool)
-    answered[answered_outputs(stack)] = True
+    answered = answered_mask(stack.head_affine()[1])
     unseen = (~answered[y_a] | ~answered[y_b]).numpy()
     if unseen.any():
         log.info("%d open tasks name an output this policy never saw: scored ln 2, first in the queue",
