@@ -1,4 +1,4 @@
-"""FastAPI dependencies shared by the HTTP routers of every layer: the settings and the Kafka producer.
+"""What the HTTP routers of every layer share: the settings and Kafka producer dependencies, and reading a JSON body.
 
 `create_app(settings)` binds `get_settings` to its own settings through `dependency_overrides`
 (FastAPI's way), so routers never read `app.state` for them; the producer lives as long as the app.
@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from kafka import KafkaProducer
 
 from ground.settings import Settings, get_settings
@@ -26,3 +26,15 @@ def app_producer(request: Request) -> Callable[[], KafkaProducer]:
 
 
 ProducerDep = Annotated[Callable[[], KafkaProducer], Depends(app_producer)]
+
+
+async def json_body(request: Request, what: str, empty: object = None) -> Any:
+    """The body as JSON (`empty` when there is none); a body that does not parse is a 422, never a 500."""
+    if empty is not None and not await request.body():
+        return empty
+    try:
+        return await request.json()
+    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
+        raise HTTPException(422, f"{what} is JSON nested too deeply to parse") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise HTTPException(422, f"{what} is not JSON: {exc}") from exc

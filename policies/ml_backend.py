@@ -47,7 +47,7 @@ from ground.settings import ML_BACKEND_PATH, Settings
 from ingest import prefect_events
 from ingest.labelstudio.payloads import PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME
 from ingest.labelstudio.webhook import SECRET_HEADER, secret_matches
-from ingest.web import SettingsDep
+from ingest.web import SettingsDep, json_body
 from policies.acquisition import MAX_SCORE, AcquisitionScores
 
 ML_BACKEND_PREFIX = ML_BACKEND_PATH
@@ -237,23 +237,11 @@ async def _request_refresh(reason: str, project: object) -> str:
     return "requested"
 
 
-async def _json_body(request: Request, what: str, empty: object = None) -> Any:
-    """The body as JSON (`empty` when there is none); a body that does not parse is a 422, never a 500."""
-    if empty is not None and not await request.body():
-        return empty
-    try:
-        return await request.json()
-    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
-        raise HTTPException(422, f"{what} is JSON nested too deeply to parse") from exc
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise HTTPException(422, f"{what} is not JSON: {exc}") from exc
-
-
 @router.post("/webhook", status_code=201)
 async def webhook(request: Request) -> dict[str, Any]:
     """Label Studio's training webhook: acknowledged at once; an annotation event or START_TRAINING requests a
     refresh (the deployment's rate limit turns a burst into one refresh)."""
-    payload = await _json_body(request, "webhook body")
+    payload = await json_body(request, "webhook body")
     action = payload.get("action") if isinstance(payload, dict) else None
     if not isinstance(action, str):
         raise HTTPException(422, "webhook body needs an 'action'")
@@ -266,7 +254,7 @@ async def webhook(request: Request) -> dict[str, Any]:
 async def train(request: Request) -> dict[str, Any]:
     """The "Start Training" button of a Label Studio without the START_TRAINING flag (it POSTs the project's annotations
     here); was a 404 that Label Studio showed as a failed training. Requests a refresh, as /webhook does."""
-    payload = await _json_body(request, "train body", empty={})
+    payload = await json_body(request, "train body", empty={})
     project = payload.get("project") if isinstance(payload, dict) else None
     return {"status": "ok", "action": "train", "refresh": await _request_refresh("train", project)}
 

@@ -6,9 +6,9 @@ Annotations changed at or after the project's stored watermark are published as 
 store's idempotent upsert keeps each exactly once. An annotation that holds no preference (a skip,
 a cleared choice) is published as its label's retraction, as the webhook does for such an edit: it
 cannot tell a new annotation from an edited one, and retracting a label never stored is harmless.
-Labels the store holds but Label Studio no longer has are retracted, also when the project itself is
-gone (deleted with its tasks, which sends no ANNOTATIONS_DELETED). The watermark moves only after
-Kafka acknowledged every event.
+Labels the store holds but Label Studio no longer has are retracted (a deleted task sends no
+ANNOTATIONS_DELETED); a project Label Studio no longer has is refused with nothing retracted
+(ProjectMissing). The watermark moves only after Kafka acknowledged every event.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from ingest.labelstudio.payloads import (
     retraction,
     retraction_of,
 )
-from ingest.web import ProducerDep, SettingsDep
+from ingest.web import ProducerDep, SettingsDep, json_body
 
 log = logging.getLogger("proxyloop.labelstudio")
 
@@ -290,12 +290,7 @@ async def receive_labelstudio_webhook(
     """Receive a Label Studio webhook (what each action does: this module's docstring); 200 only once Kafka has
     every event it names. A body that is not a webhook, a handled action's malformed payload, or a task without
     what the label needs is a 422 with the reason, decided before anything is published."""
-    try:
-        payload = await request.json()
-    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
-        raise HTTPException(422, "unusable Label Studio payload: JSON nested too deeply to parse") from exc
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise HTTPException(422, f"unusable Label Studio payload: body is not JSON: {exc}") from exc
+    payload = await json_body(request, "unusable Label Studio payload: body")
     try:
         outcome = read_webhook(payload)
     except (ValueError, ValidationError, RecursionError) as exc:  # refused before anything is published
