@@ -21,12 +21,17 @@ MAX_CHOICES = 8
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content in OpenAI's list form. Only "text" parts are served (`ChatMessage.text`); other
-    kinds (image_url, input_audio, ...) are parsed so that they get a 400 naming them rather than a schema error."""
+    """One part of a message's content in OpenAI's list form. "text" parts are served, and an assistant's "refusal"
+    parts (its own words, which a client sends back in the history) as text (`ChatMessage.text`); other kinds
+    (image_url, input_audio, ...) are parsed so that they get a 400 naming them rather than a schema error."""
 
     model_config = ConfigDict(extra="allow")
     type: str = Field(max_length=64)
     text: str | None = Field(None, max_length=100_000)
+    refusal: str | None = Field(None, max_length=100_000)
+
+    def words(self) -> str | None:
+        return self.refusal if self.type == "refusal" else self.text
 
 
 Text = Annotated[str, Field(max_length=100_000)]
@@ -38,7 +43,8 @@ class ChatMessage(BaseModel):
     name for "system", which is what the chat template knows it as) included."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Text | Parts | None = None  # None: an assistant turn that made tool calls
+    content: Text | Parts | None = None  # None: an assistant turn that made tool calls, or refused
+    refusal: Text | None = None  # an assistant's refusal, as OpenAI's replies carry it beside a null content
     tool_calls: list[Any] | None = None  # declared so a tool-calling history is refused by name, not as a 422
     function_call: dict[str, Any] | None = None
 
@@ -54,15 +60,17 @@ class ChatMessage(BaseModel):
         if self.content is None:
             if role != "assistant":
                 raise ValueError(f"a {role} message needs content (a string or a list of text parts)")
-            return {"role": role, "content": ""}
+            return {"role": role, "content": self.refusal or ""}
         if isinstance(self.content, str):
             return {"role": role, "content": self.content}
-        other = sorted({part.type for part in self.content if part.type != "text"})
+        served = {"text", "refusal"} if role == "assistant" else {"text"}
+        other = sorted({part.type for part in self.content if part.type not in served})
         if other:
             raise ValueError(f"only text content parts are supported; this message has {', '.join(other)} parts")
-        if any(part.text is None for part in self.content):
-            raise ValueError('a content part of type "text" needs a "text" field')
-        return {"role": role, "content": "\n".join(part.text or "" for part in self.content)}
+        missing = sorted({part.type for part in self.content if part.words() is None})
+        if missing:
+            raise ValueError(f'a content part of type "{missing[0]}" needs a "{missing[0]}" field')
+        return {"role": role, "content": "\n".join(part.words() or "" for part in self.content)}
 
 
 TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # logit_bias's keys: a token id as JSON keys are, a string
@@ -88,7 +96,7 @@ class ChatCompletionRequest(BaseModel):
         list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes (with seed + choice)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     user: str | None = Field(None, max_length=256)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -103,12 +111,13 @@ class ChatCompletionRequest(BaseModel):
 
     def samplings(self) -> list[Sampling]:
         """The decoding settings of each of the `n` choices; with a seed, choice i draws with seed + i so that the
-        choices differ and each is reproducible."""
+        choices differ and each is reproducible, modulo 2**64: what torch.Generator.manual_seed takes, negative seeds
+        (OpenAI allows any int64) included."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return [Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
                          temperature=1.0 if self.temperature is None else self.temperature,
                          top_p=1.0 if self.top_p is None else self.top_p,
-                         seed=None if self.seed is None else self.seed + index, stop=stop,
+                         seed=None if self.seed is None else (self.seed + index) % 2**64, stop=stop,
                          presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                          logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()))
                 for index in range(self.n or 1)]

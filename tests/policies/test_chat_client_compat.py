@@ -92,16 +92,26 @@ def test_usage_counts_the_tokens_generated_not_a_retokenisation(served, monkeypa
     assert reply.usage.completion_tokens == 5 and reply.usage.total_tokens == reply.usage.prompt_tokens + 5
 
 
-def test_a_tiny_temperature_is_greedy_and_a_seed_out_of_range_is_a_422(served):
+def test_a_tiny_temperature_is_greedy_and_a_seed_outside_int64_is_a_422(served):
     greedy = _post(served, max_tokens=6, temperature=0).json()["choices"][0]["message"]["content"]
     for temperature in (1e-40, 1e-300):
         reply = _post(served, max_tokens=6, temperature=temperature)
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == greedy
         assert _streamed(served, messages=ASK, max_tokens=6, temperature=temperature)[0] == greedy
-    for seed in (2**64, 2**63, -1):
+    for seed in (2**64, 2**63, -(2**63) - 1):
         assert _post(served, max_tokens=2, seed=seed).status_code == 422
         assert _post(served, max_tokens=2, seed=seed, stream=True).status_code == 422  # before any event
-    assert _post(served, max_tokens=2, seed=2**63 - 1, n=3).status_code == 200  # seed + choice still fits
+    assert _post(served, max_tokens=2, seed=2**63 - 1, n=3).status_code == 200  # seed + choice wraps round
+
+
+def test_a_negative_seed_is_served_and_reproducible(served):
+    """OpenAI's seed is any int64; clients that draw one at random send negative ones half the time."""
+    def drawn(seed: int) -> list[str]:
+        reply = _post(served, max_tokens=6, temperature=1.0, seed=seed, n=2)
+        assert reply.status_code == 200, reply.text
+        return [choice["message"]["content"] for choice in reply.json()["choices"]]
+
+    assert drawn(-(2**63)) == drawn(-(2**63)) and drawn(-7) == drawn(-7)
 
 
 def test_a_failure_mid_stream_is_an_error_event_not_a_quiet_end(served, monkeypatch):
@@ -252,6 +262,21 @@ def test_nulls_content_parts_and_the_developer_role_are_accepted(served, monkeyp
     image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     reply = _post(served, messages=[{"role": "user", "content": image}])
     assert reply.status_code == 400 and "image_url" in reply.json()["detail"]
+
+
+def test_an_assistant_refusal_in_the_history_is_its_words(served):
+    """A client sends OpenAI's replies back as history: a refusal comes as a "refusal" part or field, not text."""
+    def prompt(answer: dict[str, object]) -> tuple[int, str]:  # the tokens read, and the greedy reply to them
+        reply = _post(served, max_tokens=6, temperature=0, messages=[*ASK, answer, *ASK])
+        assert reply.status_code == 200, reply.text
+        return reply.json()["usage"]["prompt_tokens"], reply.json()["choices"][0]["message"]["content"]
+
+    said = prompt({"role": "assistant", "content": "I can't help with that."})
+    assert prompt({"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}) == said
+    assert prompt({"role": "assistant", "content": None, "refusal": "I can't help with that."}) == said
+    assert said[0] > prompt({"role": "assistant", "content": ""})[0]
+    user_refusal = _post(served, messages=[{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}])
+    assert user_refusal.status_code == 400 and "refusal" in user_refusal.json()["detail"]
 
 
 def test_max_completion_tokens_is_max_tokens_by_its_newer_name(served, monkeypatch):
