@@ -57,7 +57,7 @@ from ingest.store import RetrainRun, freeze_snapshot, load_snapshot_triples, mak
 from ingest.text_snapshot import snapshot_item_kind
 from policies.audit_log import ReleaseEvidence, current_user
 from policies.lm.gate import decide_language_model
-from policies.promotion import decide, finish_release_of_run, gate_rules, release_checkpoint
+from policies.promotion import decide, finish_release_of_run, gate_rules, release_checkpoint, too_little_heldout
 from policies.registry_lock import release_lock
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.lm.plans import plan_request, recipe_request
@@ -100,16 +100,17 @@ def evaluate(settings: Settings, snapshot_id: str, training: TrainingResult) -> 
 
 @task(name="gate")
 def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
+    """The gate's decision; with too little held out to judge on, a block that still names the checkpoint the
+    rules would pick, which an override (`proxyloop override`) can then release."""
     rules = gate_rules(settings, evaluation.language_model)
-    if evaluation.n_heldout == 0:  # e.g. a retrain triggered by proxy labels alone
-        decision = GateDecision(decision="block", checkpoint=None, baseline_accuracy=evaluation.baseline_accuracy,
-                                reasons=["no held-out expert labels to judge a release on: the gate needs expert data "
-                                         "(part of every snapshot's expert labels is held out for it)"])
-    elif evaluation.language_model:
+    if evaluation.language_model:
         decision = decide_language_model(evaluation.evaluations, evaluation.baseline_accuracy, rules,
                                          evaluation.base_topk_mass)
     else:
         decision = decide(evaluation.evaluations, evaluation.baseline_accuracy, rules)
+    unjudgeable = too_little_heldout(evaluation, rules)
+    if unjudgeable is not None:
+        decision = decision.model_copy(update={"decision": "block", "reasons": [unjudgeable, *decision.reasons]})
     get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
     return decision
 

@@ -197,6 +197,9 @@ class Settings(BaseSettings):
     profile_order: Literal["relevance", "recency"] = "relevance"
 
     gate_min_heldout_accuracy: float = Field(0.55, ge=0, le=1)
+    gate_min_heldout_inputs: int = Field(
+        5, ge=1, description="Block when the held-out expert labels cover fewer distinct tasks (copies of one task "
+        "from several annotators count once): on fewer, an accuracy above the floor is a few coin flips.")
     gate_max_accuracy_drop: float = Field(
         0.02, ge=0, le=1, description="Block when the release is this much worse than the baseline."
     )

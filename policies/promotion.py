@@ -22,7 +22,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-from ground.schemas import CheckpointEvaluation, Decision, GateDecision, PolicyReleased, PolicyVersion
+from ground.schemas import CheckpointEvaluation, Decision, Evaluation, GateDecision, PolicyReleased, PolicyVersion
 from ground.settings import OperatorError, Settings
 from ingest.bus import make_producer, publish
 from policies.audit_log import ReleaseEvidence, logged_releases, record_move, record_release
@@ -48,6 +48,7 @@ ACCURACY_TIE = 1e-6  # below one item's share of any held-out set under a millio
 @dataclass(frozen=True)
 class GateRules:
     min_heldout_accuracy: float = 0.55
+    min_heldout_inputs: int = 5
     max_accuracy_drop: float = 0.02
     entropy_decline_evals: int = 2  # new lows after the peak that make a fall (not necessarily monotone)
     min_entropy_drop: float = 0.02  # ... and how far below the peak, relative, the last low must be
@@ -60,8 +61,24 @@ class GateRules:
 
 def gate_rules(settings: Settings, language_model: bool) -> GateRules:
     """The gate's rules as the settings give them; the indicators apply to language models only."""
-    return GateRules(settings.gate_min_heldout_accuracy, settings.gate_max_accuracy_drop,
+    return GateRules(min_heldout_accuracy=settings.gate_min_heldout_accuracy,
+                     min_heldout_inputs=settings.gate_min_heldout_inputs,
+                     max_accuracy_drop=settings.gate_max_accuracy_drop,
                      indicators=settings.gate_indicators if language_model else "not_applicable")
+
+
+def too_little_heldout(evaluation: Evaluation, rules: GateRules) -> str | None:
+    """Why the held-out expert labels cannot judge a release, or None when they can. Counted in distinct tasks:
+    40 copies of one held-out input gave a noise proxy an accuracy of 1.0 and a release at a true 0.495."""
+    if evaluation.n_heldout == 0:  # e.g. a retrain triggered by proxy labels alone
+        return ("no held-out expert labels to judge a release on: the gate needs expert data (part of every "
+                "snapshot's expert labels is held out for it)")
+    tasks = evaluation.n_heldout_inputs
+    if tasks is not None and tasks < rules.min_heldout_inputs:
+        return (f"the held-out expert labels cover {tasks} distinct tasks ({evaluation.n_heldout} labels; copies "
+                f"of one task count once), fewer than {rules.min_heldout_inputs} "
+                "(PROXYLOOP_GATE_MIN_HELDOUT_INPUTS): label more distinct tasks before a release can be judged")
+    return None
 
 
 def by_step(evals: Sequence[CheckpointEvaluation]) -> list[CheckpointEvaluation]:

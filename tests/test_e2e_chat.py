@@ -57,10 +57,9 @@ def test_dpo_runs_on_the_gpu_queue_and_every_checkpoint_has_indicators(chat_demo
             assert key in checkpoint
         assert checkpoint["topk_entropy"] == checkpoint["teacher_forced/entropy_mean"]
         assert 0 < checkpoint["topk_mass"] <= 1
-        # Accuracy over the held-out pairs, ties counting half: a multiple of 1 / (2 n).
-        n_heldout = report["evaluation"]["n_heldout"]
-        halves = checkpoint["heldout_accuracy"] * 2 * n_heldout
-        assert n_heldout > 0 and abs(halves - round(halves)) < 1e-4  # float32 means
+        # Accuracy over the held-out tasks (copies of a pair count once), ties counting half.
+        tasks, labels = report["evaluation"]["n_heldout_inputs"], report["evaluation"]["n_heldout"]
+        assert 0 < tasks <= labels and 0 <= checkpoint["heldout_accuracy"] <= 1
 
 
 def test_the_gate_cites_entropy_and_mass_and_the_release_is_served(chat_demo):

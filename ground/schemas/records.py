@@ -124,6 +124,9 @@ class Evaluation(_Readings):
     baseline_accuracy: Reading
     n_heldout: int
     language_model: bool
+    # Distinct tasks among the held-out labels (an input; a prompt with its two responses): copies of one task from
+    # several annotators count once, in the accuracies too. None in records written before it was counted.
+    n_heldout_inputs: int | None = None
     # Language models only: the base model's own log-prob ranking of the held-out pairs.
     base_model_log_prob_accuracy: float | None = None
     n_indicator_prompts: int | None = None

@@ -1,4 +1,4 @@
-"""`proxyloop labelstudio …`: provision the annotators' project and reconcile missed webhooks.
+"""`proxyloop labelstudio …`: provision the annotators' project, reconcile missed webhooks, retract a deleted project.
 
 Run: `proxyloop labelstudio --help`.
 """
@@ -21,7 +21,7 @@ console = Console()
 
 @contextmanager
 def _talking_to_labelstudio(settings: Settings) -> Iterator[None]:
-    """Both commands fail the same ways: Label Studio down or misaddressed (httpx), refusing the token or the
+    """Every command fails the same ways: Label Studio down or misaddressed (httpx), refusing the token or the
     request (the SDK's ApiError), or set up wrongly (LabelStudioSetupError). Each becomes one OperatorError line
     naming the setting to check, where the SDK would end in a few hundred lines of httpx traceback."""
     import httpx
@@ -80,3 +80,28 @@ def reconcile(
                   f"{report.retracted} retracted; watermark {report.watermark}")
     for reason in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {reason}")
+
+
+@app.command("retract-project")
+def retract_project(
+    project: Annotated[int, typer.Option(help="Id of the project deleted in Label Studio (required: named on purpose).",
+                                         show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be retracted; publish nothing.")] = False,
+) -> None:
+    """Retract the labels of a project deleted in Label Studio, which reconcile leaves live on purpose. Refused while
+    Label Studio has the project or cannot be reached; run with --dry-run first."""
+    from ingest.labelstudio.reconcile import retract_project as run_retract
+
+    settings = get_settings()
+    if not settings.store_url:
+        settings.ensure_home()  # the labels are read from the default store: a fresh home made, an unusable one named
+    console.print(f"project {project}: asking Label Studio at {settings.labelstudio_url} whether it is gone …")
+    with _talking_to_labelstudio(settings):
+        report = run_retract(settings, project, dry_run=dry_run)
+    found = (f"project {report.project_id} is gone; {report.retracted} of {report.live} live Label Studio labels "
+             "have no annotation there")
+    if report.dry_run:
+        console.print(f"{found}: dry run, would retract {report.retracted}, published nothing")
+    else:
+        console.print(f"{found}: retracted {report.retracted} (published to {settings.topic_expert}; the consumer "
+                      "stores them)")

@@ -9,15 +9,20 @@ cannot tell a new annotation from an edited one, and retracting a label never st
 Labels the store holds but Label Studio no longer has are retracted (a deleted task sends no
 ANNOTATIONS_DELETED); a project Label Studio no longer has is refused with nothing retracted
 (ProjectMissing). The watermark moves only after Kafka acknowledged every event.
+
+A project deleted for real is retracted on purpose: `proxyloop labelstudio retract-project --project ID`
+(`retract_project`) retracts what reconcile would have, through Kafka alike, once Label Studio answers 404 for it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import httpx
 from kafka import KafkaProducer
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
@@ -90,6 +95,12 @@ def _event(annotation: LSAnnotation, task: LSTask) -> ExpertLabel:
         return retraction_of(annotation)
 
 
+def _tasks(client: LabelStudio, project_id: int, page_size: int = PAGE_SIZE) -> Iterable[Any]:
+    """The project's tasks with their annotations. The one read that decides whether a project exists: on its 404
+    reconcile refuses (ProjectMissing) and retract_project goes ahead, so the two never disagree about a project."""
+    return client.tasks.list(project=project_id, fields="all", page_size=page_size)
+
+
 def _changed_labels(
     client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
 ) -> tuple[list[ExpertLabel], set[int]]:
@@ -97,7 +108,7 @@ def _changed_labels(
     labels: list[ExpertLabel] = []
     present: set[int] = set()
     task: Any
-    for task in client.tasks.list(project=project_id, fields="all", page_size=PAGE_SIZE):
+    for task in _tasks(client, project_id):
         ls_task = LSTask(id=task.id, data=task.data)
         for raw in task.annotations or []:
             try:  # validated here: an annotation Label Studio stores in a shape we cannot read is one skip
@@ -140,10 +151,16 @@ def _project_labels(
                              "or PROXYLOOP_LABELSTUDIO_URL points at another server; nothing was retracted") from exc
 
 
-def _vanished(client: LabelStudio, engine: Engine, present: set[int]) -> list[int]:
-    """Annotations the store holds as live that Label Studio answers 404 for (deleted, webhook lost)."""
+def _live_annotation_ids(engine: Engine) -> set[int]:
+    """Annotation ids of the store's live Label Studio labels, every project's: a label records no project, its event
+    id only the annotation (ids are unique across one Label Studio server's projects)."""
     with Session(engine) as session:
-        candidates = {annotation_id_of(e) for e in live_event_ids(session, EVENT_ID_PREFIX)} - present
+        return {annotation_id_of(e) for e in live_event_ids(session, EVENT_ID_PREFIX)}
+
+
+def _vanished(client: LabelStudio, candidates: set[int]) -> list[int]:
+    """Those of `candidates` Label Studio answers 404 for (deleted, webhook lost); stops at any other answer, so a
+    server that fails half-way has retracted nothing."""
     gone: list[int] = []
     for annotation_id in sorted(candidates):
         try:
@@ -187,7 +204,7 @@ def reconcile(
         since = _aware(state.watermark) if state else None
     report = ReconcileReport(project_id=project_id, watermark=since)
     labels, present = _project_labels(client, project_id, since, report)
-    labels += [retraction(annotation_id) for annotation_id in _vanished(client, engine, present)]
+    labels += [retraction(annotation_id) for annotation_id in _vanished(client, _live_annotation_ids(engine) - present)]
     _publish_all(settings, producer, labels)
     report.published = sum(label.action != "deleted" for label in labels)
     report.retracted = len(labels) - report.published
@@ -198,4 +215,58 @@ def reconcile(
         session.commit()
     log.info("reconciled project %d: %d annotations seen, %d published, %d retracted, %d skipped",
              project_id, report.seen, report.published, report.retracted, len(report.skipped))
+    return report
+
+
+class ProjectStillExists(LabelStudioSetupError):
+    """retract_project was named a project Label Studio still answers for: its labels are annotators' current work,
+    kept in step by the webhook and reconcile. Nothing is retracted."""
+
+
+@dataclass
+class RetractReport:
+    project_id: int
+    live: int = 0  # the store's live Label Studio labels, every project's: all were looked up
+    retracted: int = 0  # those Label Studio answers 404 for: published as retractions (counted only, on a dry run)
+    dry_run: bool = False
+
+
+def _project_exists(client: LabelStudio, settings: Settings, project_id: int) -> bool:
+    """Whether Label Studio answers for the project (reconcile's read, one task long). Unreachable is refused, never
+    taken as gone: only Label Studio's 404 for each annotation tells the deleted project's labels from another's."""
+    try:
+        next(iter(_tasks(client, project_id, page_size=1)), None)
+    except ApiError as exc:
+        if exc.status_code != 404:
+            raise
+        return False
+    except httpx.HTTPError as exc:
+        raise LabelStudioSetupError(
+            f"Label Studio at {settings.labelstudio_url} unreachable (PROXYLOOP_LABELSTUDIO_URL): {exc}; nothing was "
+            "retracted: labels do not record their project, so only Label Studio can tell which were project "
+            f"{project_id}'s") from exc
+    return True
+
+
+def retract_project(
+    settings: Settings, project_id: int, dry_run: bool = False, client: LabelStudio | None = None,
+    producer: KafkaProducer | None = None,
+) -> RetractReport:
+    """Retract the labels of a project Label Studio no longer has, the deliberate act ProjectMissing leaves to the
+    operator. What goes is what reconcile would retract with nothing present: every live Label Studio label whose
+    annotation Label Studio answers 404 for (the project's, and any other deletion whose webhook was lost). The
+    retractions go through Kafka like reconcile's (the consumer is the store's one writer), and only once every
+    lookup answered; a run after the consumer stored them finds nothing live to retract."""
+    client = client or client_for(settings)
+    if _project_exists(client, settings, project_id):
+        raise ProjectStillExists(f"Label Studio at {settings.labelstudio_url} still has project {project_id}; nothing "
+                                 "was retracted. Its deleted annotations are retracted by `proxyloop labelstudio "
+                                 "reconcile`; retract-project is for a project deleted in Label Studio")
+    candidates = _live_annotation_ids(make_engine(settings.resolved_store_url))
+    gone = _vanished(client, candidates)
+    report = RetractReport(project_id=project_id, live=len(candidates), retracted=len(gone), dry_run=dry_run)
+    if gone and not dry_run:
+        _publish_all(settings, producer, [retraction(annotation_id) for annotation_id in gone])
+    log.info("project %d gone from Label Studio: %d of %d live labels without an annotation there, %s",
+             project_id, len(gone), len(candidates), "dry run, none published" if dry_run else "retracted")
     return report

@@ -208,7 +208,8 @@ def _tasks_deleted(payload: dict[str, Any]) -> WebhookOutcome:
     if payload.get("action") != TASKS_DELETED_ACTION:
         return WebhookOutcome(deferred=True, level=logging.WARNING, reasons=[
             "the project was deleted, and its annotations with it; their labels stay live: reconciliation cannot "
-            "tell a deleted project from a URL pointing at another server, so it retracts nothing for it"])
+            "tell a deleted project from a URL pointing at another server, so it retracts nothing for it; an "
+            "operator retracts them with `proxyloop labelstudio retract-project --project ID`"])
     ids = [task.id for task in LSTasksDeletedWebhook.model_validate(payload).tasks]
     return WebhookOutcome(deferred=True, level=logging.WARNING, reasons=[
         f"tasks {ids} were deleted, and their annotations with them; Label Studio names none of those annotations, "

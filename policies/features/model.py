@@ -12,11 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ground.schemas import FeatureTriple
+from policies.condition_statistics import mean_over_groups
 from policies.features.simplex_adapter import SimplexAdapter
 
 
@@ -210,16 +212,22 @@ def preference_log_likelihoods(log_probs: Tensor, y_w: Tensor, y_l: Tensor) -> T
     return F.logsigmoid(_chosen_margin(log_probs, y_w, y_l))
 
 
-def pairwise_accuracy(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> float:
+def pairwise_accuracy(
+    model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor, groups: np.ndarray | None = None,
+) -> float:
     """Fraction of triples with log π(y_w|x) > log π(y_l|x); ties count as wrong. Counted exactly (7 of 10 is 0.7,
     which a float32 mean is not, and the gate compares it with its 0.7 floor); NaN when any margin is NaN (a model
-    with NaN weights has no accuracy, where counting its NaN margins as wrong read 0.0 as a measurement)."""
+    with NaN weights has no accuracy, where counting its NaN margins as wrong read 0.0 as a measurement). With
+    `groups` (copies of one input: `condition_statistics.input_groups`), each input counts once (`mean_over_groups`).
+    """
     if x.shape[0] == 0:
         raise ValueError("pairwise_accuracy needs at least one triple, got an empty batch")
     with torch.no_grad():
         margin = _chosen_margin(model.log_probs(x), y_w, y_l)
     if bool(margin.isnan().any()):
         return float("nan")
+    if groups is not None:
+        return mean_over_groups((margin > 0).cpu().numpy(), groups)
     return int((margin > 0).sum()) / margin.shape[0]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
+from policies.condition_statistics import input_groups
 from policies.features.fit_recipe import EXPERT_ONLY
 from policies.features.fitting import fit_preferences
 from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
@@ -21,15 +22,26 @@ from policies.loader import load_policy_dir
 from policies.plan_choice import CHANCE_ACCURACY
 
 
+def heldout_inputs(heldout: Sequence[FeatureTriple]) -> int:
+    """How many distinct inputs the held-out triples have: copies of one task (several annotators) count once."""
+    return len({tuple(t.x) for t in heldout})
+
+
+def heldout_accuracy(model: Any, heldout: Sequence[FeatureTriple]) -> float:
+    """Held-out accuracy with each distinct input counted once (`pairwise_accuracy` over `input_groups`)."""
+    x, y_w, y_l = triples_to_tensors(heldout)
+    return pairwise_accuracy(model, x, y_w, y_l, groups=input_groups(x.numpy()))
+
+
 @torch.no_grad()
 def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) -> CheckpointEvaluation:
     model: Any = load_policy_dir(ref.path)
-    x, y_w, y_l = triples_to_tensors(heldout)
+    x, _, _ = triples_to_tensors(heldout)
     logits = model.logits(x)  # type: ignore[operator]
     entropy, mass = topk_indicators(logits)
     answerable = int(answered_mask(logits).any(dim=0).sum())  # ids no training triple used are never answers
     return CheckpointEvaluation(
-        step=ref.step, path=ref.path, heldout_accuracy=pairwise_accuracy(model, x, y_w, y_l),
+        step=ref.step, path=ref.path, heldout_accuracy=heldout_accuracy(model, heldout),
         topk_entropy=float(entropy.mean()),
         # With no more outputs than k the top-k holds every output: its mass is 1 by construction, not a reading.
         topk_mass=float(mass.mean()) if answerable > DEFAULT_TOP_K else None,
@@ -48,4 +60,4 @@ def expert_only_baseline(
     x, y_w, y_l = triples_to_tensors(expert_train)
     fit_preferences(model, list(model.parameters()), x, y_w, y_l, steps=EXPERT_ONLY.steps, lr=EXPERT_ONLY.lr,
                     seed=seed, weight_decay=EXPERT_ONLY.weight_decay)
-    return pairwise_accuracy(model, *triples_to_tensors(heldout))
+    return heldout_accuracy(model, heldout)

@@ -52,7 +52,7 @@ from policies.features.recipe import TwoStageRecipe, fit_two_stage_adapter, reso
 from policies.plan_choice import CHANCE_ACCURACY
 from workers.app import EVALUATE_TASK, PING_TASK, TRAIN_TASK, app, report_progress
 from workers.device import select_device
-from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
+from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline, heldout_inputs
 from workers.lm.training.checkpoint import (
     RESULT_FILE,
     check_run_dir,
@@ -263,7 +263,7 @@ def evaluate(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     expert_train, heldout = split_expert(triples["expert"])
     if not heldout:  # a retrain proxy labels alone triggered: nothing to judge on, and the gate blocks on n_heldout 0
         log.warning("snapshot %s has no held-out expert triples: no checkpoint evaluated", req.snapshot_id)
-        return Evaluation(evaluations=[], baseline_accuracy=CHANCE_ACCURACY, n_heldout=0,
+        return Evaluation(evaluations=[], baseline_accuracy=CHANCE_ACCURACY, n_heldout=0, n_heldout_inputs=0,
                           language_model=False).model_dump(mode="json")
     evaluations = [evaluate_checkpoint(ref, heldout) for ref in req.checkpoints]
     support = output_support(triples["expert"], triples["proxy"])  # the outputs the trained policy was fitted on
@@ -271,4 +271,4 @@ def evaluate(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     log.info("snapshot %s: %d checkpoints evaluated, expert-only baseline %.3f", req.snapshot_id, len(evaluations),
              baseline)
     return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(heldout),
-                      language_model=False).model_dump(mode="json")
+                      n_heldout_inputs=heldout_inputs(heldout), language_model=False).model_dump(mode="json")

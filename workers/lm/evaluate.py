@@ -25,10 +25,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
+from policies.condition_statistics import mean_over_groups
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.mode_mixture import (
@@ -57,13 +59,23 @@ INDICATOR_PROMPTS = 64
 INDICATOR_ROOM = 32
 
 
-def _pairwise_accuracy(margins: Tensor) -> float:
-    """Share of pairs with a positive margin; exact ties count half. Counted exactly (the gate compares it with
-    settings such as 0.7, which a float32 mean of 7 in 10 falls short of); NaN when any margin is NaN (NaN weights:
-    no measurement, not an accuracy of 0)."""
+def copy_groups(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per held-out row, its task: a prompt with its two responses, whichever was chosen (as the snapshot's split
+    groups them, `ingest.text_snapshot.copy_groups`); several annotators' labels of one task are copies."""
+    seen: dict[tuple[str, frozenset[str]], int] = {}
+    return np.array([seen.setdefault((r["prompt"], frozenset((r["chosen"], r["rejected"]))), len(seen)) for r in rows],
+                    dtype=np.int64)
+
+
+def _pairwise_accuracy(margins: Tensor, groups: np.ndarray | None = None) -> float:
+    """Share of pairs with a positive margin; exact ties count half; each task once (`mean_over_groups`; without
+    `groups`, every pair its own task). Counted
+    exactly (the gate compares it with settings such as 0.7, which a float32 mean of 7 in 10 falls short of); NaN when
+    any margin is NaN (NaN weights: no measurement, not an accuracy of 0)."""
     if bool(margins.isnan().any()):
         return float("nan")
-    return (int((margins > 0).sum()) + 0.5 * int((margins == 0).sum())) / margins.shape[0]
+    scores = ((margins > 0).double() + 0.5 * (margins == 0).double()).numpy()
+    return mean_over_groups(scores, np.arange(len(scores)) if groups is None else groups)
 
 
 def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Tensor, Tensor]:
@@ -144,10 +156,11 @@ def evaluate_lm_checkpoints(
     tokenizer = load_tokenizer(base_model)
     rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
     pairs = tokenize_pairs(rows, tokenizer)
+    groups = copy_groups(rows)
     pad = int(tokenizer.pad_token_id)
     reference = load_causal_lm(base_model).eval()
     ref_chosen, ref_rejected = pair_logps(reference, pairs, pad)
-    baseline = _pairwise_accuracy(torch.zeros(len(pairs)))  # the reference's implicit reward margins
+    baseline = _pairwise_accuracy(torch.zeros(len(pairs)), groups)  # the reference's implicit reward margins
     shown = indicator_rows(rows, tokenizer, model_context(reference), n_indicator_prompts)
     prompts = [r["prompt"] for r in shown]
     completions = [r["chosen"] for r in shown]
@@ -175,12 +188,12 @@ def evaluate_lm_checkpoints(
         indicators = checkpoint_indicators(model, tokenizer, prompts, completions, biases=biases)
         indicators["rewards/margins_mean"] = float(margins.mean())
         evaluations.append(CheckpointEvaluation(
-            step=ref.step, path=ref.path, heldout_accuracy=_pairwise_accuracy(margins),
+            step=ref.step, path=ref.path, heldout_accuracy=_pairwise_accuracy(margins, groups),
             topk_entropy=indicators["teacher_forced/entropy_mean"], topk_mass=indicators["teacher_forced/mass_mean"],
             indicators=indicators,
         ))
     base_mass = checkpoint_indicators(reference, tokenizer, prompts, completions)["teacher_forced/mass_mean"]
     return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(pairs), language_model=True,
-                      base_topk_mass=base_mass,
-                      base_model_log_prob_accuracy=_pairwise_accuracy(ref_chosen - ref_rejected),
+                      n_heldout_inputs=int(groups.max(initial=-1)) + 1, base_topk_mass=base_mass,
+                      base_model_log_prob_accuracy=_pairwise_accuracy(ref_chosen - ref_rejected, groups),
                       n_indicator_prompts=len(prompts))
