@@ -61,6 +61,7 @@ from policies.promotion import decide, finish_release_of_run, gate_rules, releas
 from policies.registry_lock import release_lock
 from workers.app import CPU_QUEUE, EVALUATE_TASK, GPU_QUEUE, TRAIN_TASK
 from workers.lm.plans import plan_request, recipe_request
+from workers.lm.snapshot_data import NoTextPairs
 
 
 @task(name="freeze-snapshot", retries=3, retry_delay_seconds=RETRY_DELAYS_S)
@@ -109,8 +110,10 @@ def gate(settings: Settings, evaluation: Evaluation) -> GateDecision:
     else:
         decision = decide(evaluation.evaluations, evaluation.baseline_accuracy, rules)
     unjudgeable = too_little_heldout(evaluation, rules)
-    if unjudgeable is not None:
-        decision = decision.model_copy(update={"decision": "block", "reasons": [unjudgeable, *decision.reasons]})
+    if unjudgeable is not None:  # the rules' own verdict stays readable, and the last word says what counts
+        pick = f"; an override releases step {decision.checkpoint.step}" if decision.checkpoint is not None else ""
+        decision = decision.model_copy(update={"decision": "block", "reasons": [
+            unjudgeable, *decision.reasons, f"blocked: too little held out to judge a release on (above){pick}"]})
     get_run_logger().info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
     return decision
 
@@ -147,7 +150,13 @@ def _chat_stage1(settings: Any, run: RetrainRunRecord) -> None:
     """Snapshot pairs → JSONL → stage 1 (DPO on the proxy pairs, in the chat reading) → the condition tests;
     fills the run's chat data, stage 1 and condition report."""
     assert run.snapshot is not None
-    run.chat_data = write_chat_data(settings, run.run_id, run.snapshot.snapshot_id)
+    try:
+        run.chat_data = write_chat_data(settings, run.run_id, run.snapshot.snapshot_id)
+    except NoTextPairs as exc:  # a refusal with its reason, as the plan's own; not a failed run
+        run.conditions = ConditionReport(snapshot_id=run.snapshot.snapshot_id, n_expert=run.snapshot.n_expert,
+                                         n_proxy=run.snapshot.n_proxy, checks=[], plan="refuse",
+                                         reasons=[f"refuse: {exc}"])
+        return
     base_model = chat_base_model(settings, run.chat_data.heldout)
     if run.chat_data.proxy:
         request = recipe_request("stage1", chat_recipe(settings), run_id=f"{run.run_id}-stage1", base_model=base_model,

@@ -82,6 +82,7 @@ def test_forty_copies_of_one_expert_triple_cannot_release_a_noise_proxy(tmp_path
     assert decision.decision == "block"
     assert "1 distinct tasks (40 labels" in decision.reasons[0]
     assert "PROXYLOOP_GATE_MIN_HELDOUT_INPUTS" in decision.reasons[0]
+    assert decision.reasons[-1].startswith("blocked: too little held out")  # whatever the rules' verdict above says
     enough = evaluation.model_copy(update={"n_heldout_inputs": 5})
     with disable_run_logger():
         judged = gate.fn(settings, enough)

@@ -103,16 +103,22 @@ def test_stage_one_trains_on_prompts_as_long_as_the_cap_and_reads_their_response
     assert all(np.isfinite(losses))
 
 
-def test_pairs_cut_to_no_response_are_left_out_with_a_count_and_none_left_is_a_dataset_error(
+def test_pairs_cut_to_no_response_or_to_the_same_one_are_left_out_with_a_count_and_none_left_is_a_dataset_error(
         caplog: pytest.LogCaptureFixture) -> None:
-    from workers.lm.training.data import nonempty_pairs
+    from workers.lm.training.data import readable_pairs
 
-    pairs = [TokenizedPair([1], [2], [3]), TokenizedPair([1], [], [3]), TokenizedPair([1], [2], [])]
+    pairs = [TokenizedPair([1], [2], [3]), TokenizedPair([1], [], [3]), TokenizedPair([1], [2], []),
+             TokenizedPair([1], [4, 5], [4, 5])]
     with caplog.at_level(logging.WARNING):
-        assert nonempty_pairs(pairs, [{}, {}, {}], 8) == [0]
-    assert "2 of 3 pairs keep no token of a response" in caplog.text
+        assert readable_pairs(pairs, [{}, {}, {}, {}], 8) == [0]
+    assert "2 of 4 pairs keep no token of a response" in caplog.text
+    assert "1 of 4 pairs read the same tokens on both sides" in caplog.text
     model, tokenizer = _tiny()
-    with pytest.raises(DatasetError, match="all 2 pairs keep no token of a response at 1 tokens"):
+    shared = {"prompt": "Say it.", "chosen": " word" * 40 + " yes", "rejected": " word" * 40 + " no"}
+    with pytest.raises(DatasetError, match="or the same tokens on both sides, at 16 tokens"):
+        mm.encode_pairs(model, tokenizer, [shared], 16)  # the responses differ only past the cut
+    assert len(mm.encode_pairs(model, tokenizer, [shared, PAIRS[0]], 16)) == 1
+    with pytest.raises(DatasetError, match="all 2 pairs keep no token of a response"):
         mm.encode_pairs(model, tokenizer, PAIRS[:2], 1)
     kept = mm.encode_pairs(model, tokenizer, PAIRS[:2], 1, drop_empty=False)  # acquisition: one row per row
     assert len(kept) == 2 and kept.base_logps.tolist() == [[0.0, 0.0], [0.0, 0.0]]

@@ -37,7 +37,7 @@ from policies.lm.mode_mixture import (
 )
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
-from workers.lm.training.data import nonempty_pairs, tokenize_pairs, truncate_pair
+from workers.lm.training.data import readable_pairs, tokenize_pairs, truncate_pair
 from workers.lm.training.objectives import dpo_sigmoid_loss, sequence_logps, target_logps
 
 
@@ -121,7 +121,8 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     batches use (`truncate_pair`: a long prompt keeps its end and leaves the responses room); the prompt τ̃ reads is
     the prompt as cut. Without it one long pair set the width of its whole chunk and of every stored tensor: a 20 KB
     proxy response (16k tokens) asked for 10 GB. A pair that still keeps no token of a response (a cap under 2) has
-    no DPO signal and would count as evidence in the tests: it is left out with a logged count (`nonempty_pairs`;
+    no DPO signal and would count as evidence in the tests, as would one whose responses differ only after the cut:
+    they are left out with a logged count (`readable_pairs`;
     none left is a `DatasetError`), unless `drop_empty` is False (the acquisition terms, one row per row given). A
     pair whose prompt keeps no token of its own is a `DatasetError` naming its line (`tokenize_pairs`): its w(x)
     would pool nothing, and the position predicting its first response token would be -1."""
@@ -130,7 +131,7 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     cap = sequence_cap(model, max_length)
     pairs = [truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)]
     if drop_empty:
-        kept = nonempty_pairs(pairs, rows, cap)
+        kept = readable_pairs(pairs, rows, cap)
         pairs, rows = [pairs[i] for i in kept], [rows[i] for i in kept]
     device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings().weight.float().cpu()

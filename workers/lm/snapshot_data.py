@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from ground.schemas import ChatData, PairwiseText
 from ingest.store import make_engine
-from ingest.text_snapshot import load_snapshot_pairs, split_heldout
+from ingest.text_snapshot import copy_groups, load_snapshot_pairs, split_heldout
 
 PROXY_FILE = "proxy.jsonl"
 EXPERT_FILE = "expert.jsonl"
@@ -25,7 +25,8 @@ END_OF_TURN = "<|im_end|>"
 
 
 class NoTextPairs(ValueError):
-    """A snapshot routed to language-model training has no pairwise-text labels to train on."""
+    """A snapshot routed to language-model training has too few distinct expert tasks to train on and judge: the run
+    is refused with this reason (flows/retrain.py), not failed, and never retried (the snapshot will not change)."""
 
 
 def chat_prompt(user_message: str) -> str:
@@ -59,8 +60,10 @@ def write_snapshot_datasets(store_url: str, snapshot_id: str, out_dir: Path) -> 
         pairs = load_snapshot_pairs(session, snapshot_id)
     expert_train, heldout = split_heldout(pairs["expert"])
     if not heldout or not expert_train:
-        raise NoTextPairs(f"snapshot {snapshot_id} has {len(pairs['expert'])} expert text pairs; at least 2 are "
-                          "needed (one to train on, one held out)")
+        tasks = len(set(copy_groups(pairs["expert"])))
+        raise NoTextPairs(f"snapshot {snapshot_id} has {len(pairs['expert'])} expert text pairs on {tasks} distinct "
+                          "tasks (a prompt with its two responses: copies from several annotators count once); at "
+                          "least 2 distinct tasks are needed, one to train on and one held out for the gate")
     proxy = ""
     if pairs["proxy"]:
         proxy = str(write_jsonl([preference_row(p, "proxy") for p in pairs["proxy"]], out_dir / PROXY_FILE))

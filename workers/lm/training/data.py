@@ -165,25 +165,30 @@ def truncate_pair(pair: TokenizedPair, max_length: int) -> TokenizedPair:
     longer than the cap is read the same way everywhere. A pair within the cap, or one whose prompt fits in the cap
     less the reserve, is cut as before (TRL's `keep_start`); a longer prompt used to keep its start and leave both
     responses empty. Only a cap under 2 tokens (or a response of no token) still leaves a response empty:
-    `nonempty_pairs` leaves such pairs out."""
+    `readable_pairs` leaves such pairs out."""
     prompt = kept_prompt(pair.prompt_ids, max_length)
     room = max_length - len(prompt)
     return TokenizedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room])
 
 
-def nonempty_pairs(pairs: Sequence[TokenizedPair], rows: Sequence[Any], cap: int) -> list[int]:
-    """Indices of the (cut) `pairs` whose chosen and rejected responses both keep a token. A pair with an empty
-    response has log-probability 0 on that side under every model: no preference signal, yet it counted as evidence
-    (an expert response 'outside the proxy's image'). The others are logged with a count; none left is a
-    `DatasetError`, since a loss or a test over no pair would read as a result."""
-    kept = [i for i, p in enumerate(pairs) if p.chosen_ids and p.rejected_ids]
-    if len(kept) < len(pairs):
-        first = next(i for i, p in enumerate(pairs) if not (p.chosen_ids and p.rejected_ids))
-        log.warning("%d of %d pairs keep no token of a response at %d tokens per sequence (first: %s); left out",
-                    len(pairs) - len(kept), len(pairs), cap, row_place(rows[first], first))
+def readable_pairs(pairs: Sequence[TokenizedPair], rows: Sequence[Any], cap: int) -> list[int]:
+    """Indices of the (cut) `pairs` a model can tell apart: both responses keep a token, and not the same ones. A pair
+    with an empty response has log-probability 0 on that side under every model, and one whose responses differ only
+    after the cut (a long shared start) is a tie under every model: no preference signal, yet each counted as evidence
+    (an expert response 'outside the proxy's image'; a good proxy read as a coin, and refused). The others are logged
+    with a count; none left is a `DatasetError`, since a loss or a test over no pair would read as a result."""
+    empty = {i for i, p in enumerate(pairs) if not (p.chosen_ids and p.rejected_ids)}
+    same = {i for i, p in enumerate(pairs) if i not in empty and p.chosen_ids == p.rejected_ids}
+    kept = [i for i in range(len(pairs)) if i not in empty | same]
+    for left_out, what in ((empty, "keep no token of a response"), (same, "read the same tokens on both sides")):
+        if left_out:
+            first = min(left_out)
+            log.warning("%d of %d pairs %s at %d tokens per sequence (first: %s); left out",
+                        len(left_out), len(pairs), what, cap, row_place(rows[first], first))
     if pairs and not kept:
-        raise DatasetError(f"all {len(pairs)} pairs keep no token of a response at {cap} tokens per sequence "
-                           f"(first: {row_place(rows[0], 0)}); raise the recipe's max_length or shorten the prompts")
+        raise DatasetError(f"all {len(pairs)} pairs keep no token of a response, or the same tokens on both sides, at "
+                           f"{cap} tokens per sequence (first: {row_place(rows[0], 0)}); raise the recipe's "
+                           "max_length or shorten the prompts")
     return kept
 
 
