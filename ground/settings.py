@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     gate_min_heldout_inputs: int = Field(
         5, ge=1, description="Block when the held-out expert labels cover fewer distinct tasks (copies of one task "
         "from several annotators count once): on fewer, an accuracy above the floor is a few coin flips.")
+    gate_chance_alpha: float = Field(
+        1.0, ge=0, le=1, description="Block unless the gate's pick ranks held-out tasks better than a coin at this "
+        "level, its choice among the checkpoints allowed for (policies/gate_chance.py). 1 (the default) reports the "
+        "p-value without applying it: bench/gate_chance.py found that applying it at 0.05 blocked a third of good "
+        "releases at 15-45 expert labels and cost served accuracy (docs/benchmarks.md).")
     gate_max_accuracy_drop: float = Field(
         0.02, ge=0, le=1, description="Block when the release is this much worse than the baseline."
     )

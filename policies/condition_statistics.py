@@ -54,19 +54,27 @@ def input_groups(rows: np.ndarray) -> np.ndarray:
     return rank[inverse.ravel()]
 
 
+def group_means(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per group (in group-id order, `input_groups`' numbering), the mean of its rows' scores: a task's share right
+    over the labels several annotators gave it."""
+    scores, groups = np.asarray(scores, dtype=np.float64), np.asarray(groups, dtype=np.int64)
+    if scores.shape != groups.shape or scores.ndim != 1 or len(scores) == 0:
+        raise ValueError(f"group means need scores and groups of one non-empty length, got {scores.shape} and "
+                         f"{groups.shape}")
+    sizes = np.bincount(groups)
+    used = sizes > 0
+    means: np.ndarray = np.bincount(groups, weights=scores)[used] / sizes[used]
+    return means
+
+
 def mean_over_groups(scores: np.ndarray, groups: np.ndarray) -> float:
     """The mean of each group's mean score: a task counts once however many annotators labelled it (40 copies of one
     held-out input were 40 agreeing votes on one coin, and the gate released a noise proxy on them). With every group
     one row, the plain mean, summed as a count over n (the gate compares 7 of 10 with a 0.7 floor)."""
-    scores, groups = np.asarray(scores, dtype=np.float64), np.asarray(groups, dtype=np.int64)
-    if scores.shape != groups.shape or scores.ndim != 1 or len(scores) == 0:
-        raise ValueError(f"mean_over_groups needs scores and groups of one non-empty length, got {scores.shape} and "
-                         f"{groups.shape}")
-    sizes = np.bincount(groups)
-    if (sizes[groups] == 1).all():
-        return float(scores.sum()) / len(scores)
-    used = sizes > 0
-    return float((np.bincount(groups, weights=scores)[used] / sizes[used]).mean())
+    means = group_means(scores, groups)
+    if len(means) == len(scores):
+        return float(np.asarray(scores, dtype=np.float64).sum()) / len(scores)
+    return float(means.mean())
 
 
 def grouped_folds(order: np.ndarray, groups: np.ndarray, folds: int) -> list[np.ndarray]:

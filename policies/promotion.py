@@ -26,6 +26,7 @@ from ground.schemas import CheckpointEvaluation, Decision, Evaluation, GateDecis
 from ground.settings import OperatorError, Settings
 from ingest.bus import make_producer, publish
 from policies.audit_log import ReleaseEvidence, logged_releases, record_move, record_release
+from policies.gate_chance import chance_test
 from policies.registry import RegistryError, aliases, register, resolve, version_problem, versions
 from policies.registry_remote import push
 
@@ -49,6 +50,9 @@ ACCURACY_TIE = 1e-6  # below one item's share of any held-out set under a millio
 class GateRules:
     min_heldout_accuracy: float = 0.55
     min_heldout_inputs: int = 5
+    # The pick must beat a coin at this level, its choice allowed for (gate_chance.py); 1: reported, not applied,
+    # the default: applying it at 0.05 cost served accuracy in bench/gate_chance.py (docs/benchmarks.md).
+    chance_alpha: float = 1.0
     max_accuracy_drop: float = 0.02
     entropy_decline_evals: int = 2  # new lows after the peak that make a fall (not necessarily monotone)
     min_entropy_drop: float = 0.02  # ... and how far below the peak, relative, the last low must be
@@ -62,7 +66,7 @@ class GateRules:
 def gate_rules(settings: Settings, language_model: bool) -> GateRules:
     """The gate's rules as the settings give them; the indicators apply to language models only."""
     return GateRules(min_heldout_accuracy=settings.gate_min_heldout_accuracy,
-                     min_heldout_inputs=settings.gate_min_heldout_inputs,
+                     min_heldout_inputs=settings.gate_min_heldout_inputs, chance_alpha=settings.gate_chance_alpha,
                      max_accuracy_drop=settings.gate_max_accuracy_drop,
                      indicators=settings.gate_indicators if language_model else "not_applicable")
 
@@ -170,6 +174,21 @@ def _apply_indicators(
     return candidates
 
 
+def _chance_reason(measured: Sequence[CheckpointEvaluation], rules: GateRules) -> tuple[bool, str]:
+    """(passed, reason) of the test that the best of the checkpoints weighed ranks held-out tasks better than a coin,
+    its choice among them allowed for. Passed, and said so, where the evaluation recorded no per-task scores."""
+    scored = [e.task_scores for e in measured]
+    if any(s is None for s in scored) or len({len(s or ()) for s in scored}) != 1 or not scored[0]:
+        return True, "test against a coin not run: the evaluation recorded no per-task scores (an older record)"
+    test = chance_test([s for s in scored if s is not None])
+    if rules.chance_alpha >= 1:
+        return True, f"advisory (PROXYLOOP_GATE_CHANCE_ALPHA=1), not applied: test against a coin: {test.text()}"
+    if test.p_value > rules.chance_alpha:
+        return False, (f"not shown better than a coin: {test.text()}, above {rules.chance_alpha} "
+                       "(PROXYLOOP_GATE_CHANCE_ALPHA): more held-out tasks, or a better policy, are needed")
+    return True, f"better than a coin: {test.text()}, at most {rules.chance_alpha}"
+
+
 def decide(
     evals: Sequence[CheckpointEvaluation], baseline_accuracy: float, rules: GateRules,
     base_mass: float | None = None,
@@ -224,6 +243,10 @@ def decide(
         return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
     reasons.append(f"accuracy {best.heldout_accuracy:.3f} ≥ floor {rules.min_heldout_accuracy:.3f} and not more than "
                    f"{rules.max_accuracy_drop:.3f} below the baseline {baseline_accuracy:.3f}")
+    beats_a_coin = _chance_reason(measured, rules)
+    reasons.append(beats_a_coin[1])
+    if not beats_a_coin[0]:
+        return GateDecision(decision="block", checkpoint=best, baseline_accuracy=baseline_accuracy, reasons=reasons)
     decision: Decision = "release" if best.step == evals[-1].step else "pick_checkpoint"
     if decision == "pick_checkpoint":
         reasons.append(f"releasing step {best.step} rather than the last checkpoint (step {evals[-1].step})")

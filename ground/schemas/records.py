@@ -84,6 +84,9 @@ class CheckpointEvaluation(_Readings):
     # Every indicator of a language-model checkpoint, keyed `teacher_forced/...` and `generated/...`
     # (policies.lm.indicators), with `rewards/margins_mean`; empty for feature-vector policies.
     indicators: dict[str, Reading] = Field(default_factory=dict)
+    # Per distinct held-out task, the share of its labels ranked right (ties half), the tasks in one order for every
+    # checkpoint of an evaluation: the gate's test against a coin (policies/gate_chance.py). None: not measured.
+    task_scores: list[float] | None = None
 
 
 class GateDecision(_Readings):

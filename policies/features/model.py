@@ -212,23 +212,29 @@ def preference_log_likelihoods(log_probs: Tensor, y_w: Tensor, y_l: Tensor) -> T
     return F.logsigmoid(_chosen_margin(log_probs, y_w, y_l))
 
 
+def ranked_right(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> np.ndarray:
+    """Per triple, 1.0 where log π(y_w|x) > log π(y_l|x), else 0.0 (ties count as wrong); NaN where the margin is NaN
+    (a model with NaN weights has no ranking, where counting its NaN margins as wrong read 0.0 as a measurement)."""
+    with torch.no_grad():
+        margin = _chosen_margin(model.log_probs(x), y_w, y_l)
+    right = (margin > 0).double()
+    right[margin.isnan()] = float("nan")
+    result: np.ndarray = right.cpu().numpy()
+    return result
+
+
 def pairwise_accuracy(
     model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor, groups: np.ndarray | None = None,
 ) -> float:
-    """Fraction of triples with log π(y_w|x) > log π(y_l|x); ties count as wrong. Counted exactly (7 of 10 is 0.7,
-    which a float32 mean is not, and the gate compares it with its 0.7 floor); NaN when any margin is NaN (a model
-    with NaN weights has no accuracy, where counting its NaN margins as wrong read 0.0 as a measurement). With
-    `groups` (copies of one input: `condition_statistics.input_groups`), each input counts once (`mean_over_groups`).
-    """
+    """Fraction of triples `ranked_right`, counted exactly (7 of 10 is 0.7, which a float32 mean is not, and the gate
+    compares it with its 0.7 floor); NaN when any margin is NaN. With `groups` (copies of one input:
+    `condition_statistics.input_groups`), each input counts once (`mean_over_groups`)."""
     if x.shape[0] == 0:
         raise ValueError("pairwise_accuracy needs at least one triple, got an empty batch")
-    with torch.no_grad():
-        margin = _chosen_margin(model.log_probs(x), y_w, y_l)
-    if bool(margin.isnan().any()):
+    right = ranked_right(model, x, y_w, y_l)
+    if np.isnan(right).any():
         return float("nan")
-    if groups is not None:
-        return mean_over_groups((margin > 0).cpu().numpy(), groups)
-    return int((margin > 0).sum()) / margin.shape[0]
+    return mean_over_groups(right, np.arange(len(right)) if groups is None else groups)
 
 
 def triples_to_tensors(triples: Sequence[FeatureTriple]) -> tuple[Tensor, Tensor, Tensor]:

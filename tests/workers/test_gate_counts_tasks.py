@@ -77,6 +77,7 @@ def test_forty_copies_of_one_expert_triple_cannot_release_a_noise_proxy(tmp_path
         seed=0).model_dump(mode="json")))
     assert (evaluation.n_heldout, evaluation.n_heldout_inputs) == (40, 1)
     assert {e.heldout_accuracy for e in evaluation.evaluations} <= {0.0, 1.0}  # one task: a coin, copied 40 times
+    assert all(e.task_scores == [e.heldout_accuracy] for e in evaluation.evaluations)  # one share, one task
     with disable_run_logger():
         decision = gate.fn(settings, evaluation)
     assert decision.decision == "block"

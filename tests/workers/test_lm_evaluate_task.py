@@ -42,6 +42,9 @@ def test_every_checkpoint_gets_implicit_reward_accuracy_and_both_indicator_views
     evals = evaluation["evaluations"]
     assert [e["step"] for e in evals] == [0, 2, 4]
     assert evals[0]["heldout_accuracy"] == 0.5 and evals[0]["indicators"]["rewards/margins_mean"] == 0.0
+    assert evaluation["n_heldout_inputs"] == 6 and evals[0]["task_scores"] == [0.5] * 6  # the reference: all ties
+    for e in evals:  # the gate's test against a coin reads these: one share per task, their mean the accuracy
+        assert len(e["task_scores"]) == 6 and sum(e["task_scores"]) / 6 == pytest.approx(e["heldout_accuracy"])
     assert evals[-1]["indicators"]["rewards/margins_mean"] > 0  # trained on the same kind of pairs
     for e in evals:
         assert INDICATOR_KEYS <= set(e["indicators"])

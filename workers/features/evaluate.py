@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, FeatureTriple
-from policies.condition_statistics import input_groups
+from policies.condition_statistics import group_means, input_groups
 from policies.features.fit_recipe import EXPERT_ONLY
 from policies.features.fitting import fit_preferences
-from policies.features.model import DirectPolicy, pairwise_accuracy, triples_to_tensors
+from policies.features.model import DirectPolicy, pairwise_accuracy, ranked_right, triples_to_tensors
 from policies.features.simplex_adapter import answered_mask
 from policies.indicators import DEFAULT_TOP_K, topk_indicators
 from policies.loader import load_policy_dir
@@ -33,6 +34,14 @@ def heldout_accuracy(model: Any, heldout: Sequence[FeatureTriple]) -> float:
     return pairwise_accuracy(model, x, y_w, y_l, groups=input_groups(x.numpy()))
 
 
+def task_scores(model: Any, heldout: Sequence[FeatureTriple]) -> list[float] | None:
+    """Per distinct held-out input, the share of its triples ranked right (the gate's test against a coin,
+    `policies.gate_chance`); None when a margin is NaN (no ranking to test)."""
+    x, y_w, y_l = triples_to_tensors(heldout)
+    right = ranked_right(model, x, y_w, y_l)
+    return None if np.isnan(right).any() else group_means(right, input_groups(x.numpy())).tolist()
+
+
 @torch.no_grad()
 def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) -> CheckpointEvaluation:
     model: Any = load_policy_dir(ref.path)
@@ -42,7 +51,7 @@ def evaluate_checkpoint(ref: CheckpointRef, heldout: Sequence[FeatureTriple]) ->
     answerable = int(answered_mask(logits).any(dim=0).sum())  # ids no training triple used are never answers
     return CheckpointEvaluation(
         step=ref.step, path=ref.path, heldout_accuracy=heldout_accuracy(model, heldout),
-        topk_entropy=float(entropy.mean()),
+        task_scores=task_scores(model, heldout), topk_entropy=float(entropy.mean()),
         # With no more outputs than k the top-k holds every output: its mass is 1 by construction, not a reading.
         topk_mass=float(mass.mean()) if answerable > DEFAULT_TOP_K else None,
     )

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
-from policies.condition_statistics import mean_over_groups
+from policies.condition_statistics import group_means, mean_over_groups
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
 from policies.lm.mode_mixture import (
@@ -67,15 +67,26 @@ def copy_groups(rows: Sequence[dict[str, Any]]) -> np.ndarray:
                     dtype=np.int64)
 
 
+def _right(margins: Tensor) -> np.ndarray:
+    """Per pair, 1 for a positive margin, 0 for a negative one, a half for an exact tie."""
+    result: np.ndarray = ((margins > 0).double() + 0.5 * (margins == 0).double()).numpy()
+    return result
+
+
 def _pairwise_accuracy(margins: Tensor, groups: np.ndarray | None = None) -> float:
     """Share of pairs with a positive margin; exact ties count half; each task once (`mean_over_groups`; without
-    `groups`, every pair its own task). Counted
-    exactly (the gate compares it with settings such as 0.7, which a float32 mean of 7 in 10 falls short of); NaN when
-    any margin is NaN (NaN weights: no measurement, not an accuracy of 0)."""
+    `groups`, every pair its own task). Counted exactly (the gate compares it with settings such as 0.7, which a
+    float32 mean of 7 in 10 falls short of); NaN when any margin is NaN (NaN weights: no measurement, not an accuracy
+    of 0)."""
     if bool(margins.isnan().any()):
         return float("nan")
-    scores = ((margins > 0).double() + 0.5 * (margins == 0).double()).numpy()
+    scores = _right(margins)
     return mean_over_groups(scores, np.arange(len(scores)) if groups is None else groups)
+
+
+def _task_scores(margins: Tensor, groups: np.ndarray) -> list[float] | None:
+    """Per held-out task, the share of its pairs ranked right (the gate's test against a coin); None with NaN."""
+    return None if bool(margins.isnan().any()) else group_means(_right(margins), groups).tolist()
 
 
 def pair_logps(model: Any, pairs: Sequence[TokenizedPair], pad: int) -> tuple[Tensor, Tensor]:
@@ -189,6 +200,7 @@ def evaluate_lm_checkpoints(
         indicators["rewards/margins_mean"] = float(margins.mean())
         evaluations.append(CheckpointEvaluation(
             step=ref.step, path=ref.path, heldout_accuracy=_pairwise_accuracy(margins, groups),
+            task_scores=_task_scores(margins, groups),
             topk_entropy=indicators["teacher_forced/entropy_mean"], topk_mass=indicators["teacher_forced/mass_mean"],
             indicators=indicators,
         ))
