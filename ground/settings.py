@@ -7,6 +7,8 @@ change production needs.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from difflib import get_close_matches
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -334,3 +336,17 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+NOT_SETTINGS = frozenset({"PROXYLOOP_DEBUG", "PROXYLOOP_WRITE_SCREENSHOTS"})  # read by the CLI and the UI tests
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """`PROXYLOOP_` variables that name no setting, each with the nearest setting's name where one is close:
+    pydantic-settings ignores them, so `PROXYLOOP_EMBEDED_KAFKA=false` changed nothing and said nothing."""
+    known = {env_name(field) for field in Settings.model_fields} | NOT_SETTINGS
+    unknown = sorted(k.upper() for k in environ if k.upper().startswith("PROXYLOOP_") and k.upper() not in known)
+    names = sorted(k.removeprefix("PROXYLOOP_") for k in known)  # the prefix alone would make every name close
+    hints = {key: get_close_matches(key.removeprefix("PROXYLOOP_"), names, n=1, cutoff=0.8) for key in unknown}
+    return [f"{key} (did you mean PROXYLOOP_{hints[key][0]}?)" if hints[key] else key for key in unknown]
+

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from ground.schemas import CheckpointEvaluation, Decision, Evaluation, GateDecision, PolicyReleased, PolicyVersion
 from ground.settings import OperatorError, Settings
-from ingest.bus import make_producer, publish
+from ingest.bus import publish
+from ingest.proxy_client import connect_producer
 from policies.audit_log import ReleaseEvidence, logged_releases, record_move, record_release
 from policies.gate_chance import chance_test
 from policies.registry import RegistryError, aliases, register, resolve, version_problem, versions
@@ -257,10 +258,12 @@ def decide(
 
 
 def announce(settings: Settings, version: PolicyVersion, alias: str, event_id: str) -> None:
-    """Mirror the registry to its remote (if any), then publish `policy.released` so services reload."""
+    """Mirror the registry to its remote (if any), then publish `policy.released` so services reload. The broker is
+    asked first (`connect_producer`): kafka-python's own bootstrap waited 30 s on a broker that is down and said
+    only KafkaTimeoutError, where this names PROXYLOOP_KAFKA_BOOTSTRAP at once."""
     if settings.registry_remote_url:
         push(settings.registry_dir, settings.registry_remote_url, version.policy)
-    producer = make_producer(settings)
+    producer = connect_producer(settings)
     try:
         publish(producer, settings.topic_policy_released, PolicyReleased(
             event_id=event_id, policy=version.policy, version=version.version, alias=alias, uri=version.path))

@@ -7,6 +7,7 @@ one `error: …` line on stderr and exit code 1; `proxyloop --debug …` or PROX
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,7 +18,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from ground.settings import OperatorError, Settings, env_name, get_settings
+from ground.settings import OperatorError, Settings, env_name, get_settings, unknown_variables
 from ingest.cli import app as ingest_app
 from ingest.dead_letters_cli import app as dead_letters_app
 from ingest.labelstudio.cli import app as labelstudio_app
@@ -133,7 +134,11 @@ console = Console(soft_wrap=True)  # no hard wraps in logs and pipes
 def _options(debug: Annotated[bool, typer.Option(
         "--debug", envvar="PROXYLOOP_DEBUG",
         help="Show the full traceback of an error instead of its one-line `error:` message.")] = False) -> None:
-    """Options of every command. Nothing to do here: _OperatorErrors.invoke reads --debug from the context."""
+    """Options of every command (_OperatorErrors.invoke reads --debug from the context), and a warning for each
+    PROXYLOOP_ variable that names no setting: a misspelt one is otherwise ignored in silence."""
+    for name in unknown_variables(os.environ):
+        typer.echo(f"warning: {name} names no setting and is ignored (the settings: ground/settings.py, "
+                   "docs/deploy.md)", err=True)
 
 
 def _say(message: str) -> None:
@@ -233,8 +238,6 @@ def runs() -> None:
 def _release_run(run_id: str, reason: str | None) -> None:
     """The run is looked up in the store before Prefect is asked, so a mistyped id is named as such whatever
     Prefect's state; then Prefect must answer, where the release flow would end in a traceback of its client."""
-    import os
-
     settings = get_settings()
     if not settings.store_exists():
         raise OperatorError(f"no retrain run {run_id!r}: no store yet under PROXYLOOP_HOME {settings.home_dir}")

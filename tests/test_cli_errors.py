@@ -99,6 +99,20 @@ def test_a_malformed_setting_is_one_line_naming_its_variable(cli: Run, variable:
     assert "Settings" not in line and "EnvSettingsSource" not in line
 
 
+def test_a_misspelt_setting_is_warned_about_with_the_nearest_name_and_the_command_still_runs(cli: Run) -> None:
+    result = cli("runs", EMBEDED_KAFKA="false", NOT_A_THING="1")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: PROXYLOOP_EMBEDED_KAFKA (did you mean PROXYLOOP_EMBEDDED_KAFKA?) names no setting and is ignored "
+        "(the settings: ground/settings.py, docs/deploy.md)",
+        "warning: PROXYLOOP_NOT_A_THING names no setting and is ignored (the settings: ground/settings.py, "
+        "docs/deploy.md)"]
+
+
+def test_known_settings_draw_no_warning(cli: Run) -> None:
+    assert cli("runs", HTTP_PORT="18001").stderr == ""
+
+
 def test_the_forms_kafka_python_and_celery_accept_still_pass() -> None:
     for bootstrap in ("broker1:9092,broker2:9092", "kafka", "PLAINTEXT://k1:9092, SSL://k2:9093", "[::1]:19092"):
         assert Settings(kafka_bootstrap=bootstrap).kafka_bootstrap == bootstrap

@@ -2,17 +2,20 @@
 checkpoint collapsed in "decide" mode, NaN weights, a version that cannot load, a broker down after a move."""
 
 import math
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from ground.schemas import CheckpointEvaluation
+from ground.schemas import CheckpointEvaluation, PolicyVersion
+from ingest.proxy_client import BrokerUnreachable
 from policies.audit_log import verify
 from policies.features.model import DirectPolicy, pairwise_accuracy
 from policies.promotion import (
     AnnouncementFailed,
     GateRules,
+    announce,
     decide,
     finish_release_of_run,
     move_alias,
@@ -100,3 +103,14 @@ def test_a_retried_release_finishes_only_its_own_checkpoints_version_and_never_u
     announced.clear()
     assert finish_release_of_run(settings, settings.policy_name, "r", first).version == 1
     assert announced == []  # production is v2 now: announcing v1 as production would undo that
+
+
+def test_announcing_with_the_broker_down_names_the_setting_at_once(tmp_path):
+    """Before: kafka-python's bootstrap waited 30 s, then a bare KafkaTimeoutError (rollback, approve)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    settings = isolated_settings(tmp_path / "home", kafka_bootstrap=f"127.0.0.1:{closed}")
+    version = PolicyVersion(policy="appendix-d", version=1, path=str(tmp_path), lineage={})
+    with pytest.raises(BrokerUnreachable, match=r"unreachable \(PROXYLOOP_KAFKA_BOOTSTRAP\)"):
+        announce(settings, version, "production", "released-appendix-d-1")
