@@ -6,13 +6,14 @@ Pids and logs live under `<home>/run` and `<home>/logs`, the object store's data
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ground.settings import Settings, env_name
@@ -98,9 +99,38 @@ def pid_of(settings: Settings, name: str) -> int | None:
     return pid
 
 
+def _settings_digest(env: Mapping[str, str]) -> dict[str, str]:
+    """The PROXYLOOP_ variables a component gets, each value hashed (tokens and secrets are among them)."""
+    return {key: hashlib.sha256(value.encode()).hexdigest()[:16]
+            for key, value in sorted(env.items()) if key.startswith("PROXYLOOP_")}
+
+
+def _started_with(settings: Settings, name: str) -> Path:
+    return settings.home_dir / "run" / f"{name}.settings.json"
+
+
+def changed_settings(settings: Settings, name: str, env: Mapping[str, str]) -> list[str]:
+    """The PROXYLOOP_ variables whose values differ from those the running component was started with: a running
+    process keeps its environment, so `up` with Label Studio switched on left flows and the HTTP app without its
+    token, and nothing said so."""
+    try:
+        before = json.loads(_started_with(settings, name).read_text())
+    except (OSError, ValueError):
+        return []  # started before this was recorded: nothing to compare
+    now = _settings_digest(env)
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
 def start_component(settings: Settings, component: Component, say: Callable[[str], None]) -> None:
+    env = {**child_env(settings), **component.env(settings)}
     if pid_of(settings, component.name) is not None:
-        say(f"{component.name}: already running")
+        changed = changed_settings(settings, component.name, env)
+        if changed:
+            shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            say(f"{component.name}: already running, with other settings than these ({shown}); "
+                "`proxyloop down` then `proxyloop up` applies them")
+        else:
+            say(f"{component.name}: already running")
         return
     if component.listens_on is not None and tcp_open(component.listens_on(settings), component.setting):
         raise StackError(
@@ -114,9 +144,10 @@ def start_component(settings: Settings, component: Component, say: Callable[[str
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             component.command(settings), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**child_env(settings), **component.env(settings)}, cwd=Path.cwd(), start_new_session=True,
+            env=env, cwd=Path.cwd(), start_new_session=True,
         )
     _write_pidfile(settings, component.name, process.pid)
+    _started_with(settings, component.name).write_text(json.dumps(_settings_digest(env)))
     deadline = time.monotonic() + component.start_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -186,6 +217,7 @@ def stop_component(settings: Settings, name: str) -> bool:
     if pid is not None:
         _stop_pid(pid, stopping.stop_grace_s, stopping.stop_signal)
     _pidfile(settings, name).unlink(missing_ok=True)
+    _started_with(settings, name).unlink(missing_ok=True)
     return pid is not None
 
 
@@ -197,14 +229,18 @@ def down(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Non
 
 def health(settings: Settings) -> dict[str, str]:
     """Each component's state. A component whose address cannot be read is "misconfigured: …" (the setting),
-    so status still reports the others."""
+    so status still reports the others. An optional component this home started is reported even when the
+    caller's settings switch it off (Label Studio started by `PROXYLOOP_EMBEDDED_LABELSTUDIO=true proxyloop up`)."""
     states: dict[str, str] = {}
     for part in COMPONENTS:
-        if part.optional and not part.enabled(settings):
-            continue  # no part of this stack
         running = pid_of(settings, part.name) is not None
+        if part.optional and not part.enabled(settings) and not running:
+            continue  # no part of this stack
         try:
-            if not part.enabled(settings):
+            if part.optional and not part.enabled(settings):
+                states[part.name] = ("healthy" if part.healthy(settings) else "unhealthy") + \
+                    " (running, though these settings switch it off)"
+            elif not part.enabled(settings):
                 states[part.name] = "healthy (external)" if part.healthy(settings) else "unreachable (external)"
             elif not running:
                 states[part.name] = "stopped"

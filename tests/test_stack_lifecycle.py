@@ -58,3 +58,41 @@ def test_test_ports_come_from_under_the_ephemeral_range_and_never_twice():
     ports = [free_port() for _ in range(200)] + [free_object_store_port()]
     assert len(set(ports)) == len(ports)
     assert all(1024 <= p < _ephemeral_low() for p in ports)
+
+
+def test_up_says_when_a_running_component_was_started_with_other_settings(tmp_path):
+    """A running process keeps its environment: switching Label Studio on and running `up` again left flows and the
+    HTTP app without its token, and `up` said only "already running"."""
+    from proxyloop import stack
+    from proxyloop.components import Component
+    from proxyloop.testing import isolated_settings
+
+    settings = isolated_settings(tmp_path)
+    sleeper = Component(name="sleeper", command=lambda s: ["sleep", "60"], healthy=lambda s: True)
+    said: list[str] = []
+    stack.start_component(settings, sleeper, said.append)
+    pid = stack.pid_of(settings, "sleeper")
+    try:
+        stack.start_component(settings, sleeper, said.append)
+        token = settings.model_copy(update={"labelstudio_token": "a-new-token"})
+        stack.start_component(token, sleeper, said.append)
+        assert said[1:] == ["sleeper: already running", "sleeper: already running, with other settings than these "
+                            "(PROXYLOOP_LABELSTUDIO_TOKEN); `proxyloop down` then `proxyloop up` applies them"]
+        assert "a-new-token" not in stack._started_with(settings, "sleeper").read_text()  # hashed, not kept
+    finally:
+        assert pid is not None
+        _stop_pid(pid, 5, signal.SIGTERM)
+
+
+def test_status_reports_an_optional_component_this_home_runs_even_when_these_settings_switch_it_off(tmp_path):
+    from proxyloop import stack
+    from proxyloop.testing import isolated_settings
+
+    settings = isolated_settings(tmp_path, embedded_labelstudio=False)
+    assert "labelstudio" not in stack.health(settings)
+    other = _started(["sleep", "60"])
+    try:
+        stack._write_pidfile(settings, "labelstudio", other.pid)
+        assert stack.health(settings)["labelstudio"].endswith("(running, though these settings switch it off)")
+    finally:
+        _stop_pid(other.pid, 5, signal.SIGTERM)
