@@ -58,7 +58,7 @@ def list_letters(reason: Reason = None, since: Since = None,
     if as_json:
         for row in rows:
             typer.echo(json.dumps({
-                "at": row.dead_lettered_at.isoformat(), "reason_code": row.reason_code, "reason": row.reason,
+                "at": as_utc(row.dead_lettered_at).isoformat(), "reason_code": row.reason_code, "reason": row.reason,
                 "topic": row.topic, "partition": row.partition, "offset": row.offset, "size": row.size,
                 "sha256": row.sha256, "payload_uri": row.payload_uri, "replays": row.replays}))
         return

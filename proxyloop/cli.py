@@ -157,7 +157,9 @@ def contract(directory: Annotated[Path, typer.Argument(help="Where to write the 
 
 @app.command()
 def up() -> None:
-    """Start the local stack (Kafka broker, Redis, Prefect, worker, HTTP app, consumer, flows)."""
+    """Start the local stack: the object store and Kafka broker, Redis, Prefect, the workers, the HTTP app, the
+    consumer, the flows, and Label Studio when PROXYLOOP_EMBEDDED_LABELSTUDIO is on; each embedded part only when its
+    PROXYLOOP_EMBEDDED_* switch is on."""
     settings = get_settings()
     stack.up(settings, _say)  # StackError: one `error:` line (the boundary above)
     console.print(f"stack up; state in {settings.home_dir}")

@@ -7,6 +7,7 @@ installed entry point's module as a user would.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -26,7 +27,7 @@ from ground.settings import Settings, get_settings
 from proxyloop import stack
 from proxyloop.cli import app
 from proxyloop.components import StackError, _host_port, tcp_open
-from proxyloop.testing import free_port
+from proxyloop.testing import free_port, isolated_settings
 
 Run = Callable[..., Result]
 
@@ -136,6 +137,25 @@ def test_an_unreachable_store_names_its_url_without_the_password(cli: Run, close
     line = one_error_line(cli("runs", STORE_URL=f"postgresql+psycopg://u:hunter2@127.0.0.1:{closed_port}/x"),
                           "(PROXYLOOP_STORE_URL) unusable", "Connection refused", "u:***@")
     assert "hunter2" not in line
+
+
+def test_deadletters_list_json_times_carry_their_utc_offset(cli: Run, tmp_path: Path) -> None:
+    """SQLite hands the stored time back naive: the JSON said 2026-12-02T04:00:00, a local time to any reader."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
+    from ingest.dead_letters import DeadLetterRow
+    from ingest.store import make_engine
+
+    settings = isolated_settings(tmp_path / "home")
+    settings.ensure_home()
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        session.add(DeadLetterRow(topic="t", partition=0, offset=3, sha256="ab", reason_code="not_json", reason="x",
+                                  size=1, payload=b"{", dead_lettered_at=datetime(2026, 12, 2, 4, tzinfo=UTC)))
+        session.commit()
+    listed = cli("deadletters", "list", "--json")
+    assert json.loads(listed.stdout)["at"] == "2026-12-02T04:00:00+00:00", listed.output
 
 
 # 7: an unusable PROXYLOOP_HOME
