@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ground.schemas import ProxyPreference
 from ground.settings import OperatorError, Settings
 from ground.validation import validation_problems
-from ingest.bus import encode_event, make_producer, publish
+from ingest.bus import MalformedEvent, check_moment, encode_event, make_producer, publish
 
 
 class BadProxyLine(ValueError):
@@ -71,11 +71,15 @@ def check_size(event: ProxyPreference, limit: int) -> None:
 
 
 def check_file(path: Path, settings: Settings) -> int:
-    """How many events `path` holds, each parsed and sized: run before publishing, so a bad line (BadProxyLine,
-    EventTooLarge) stops the command with nothing sent rather than with part of the file published."""
+    """How many events `path` holds, each parsed, sized and its time checked: run before publishing, so a bad line
+    (BadProxyLine, EventTooLarge) stops the command with nothing sent rather than with part of the file published."""
     count = 0
-    for event in read_preferences(path):
+    for number, event in enumerate(read_preferences(path), start=1):
         check_size(event, settings.max_event_bytes)
+        try:  # the consumer would dead-letter it (`future_occurred_at`); the producer can still fix its clock
+            check_moment(event, settings)
+        except MalformedEvent as exc:
+            raise BadProxyLine(f"{path}: event {number} ({event.event_id!r}): {exc}") from None
         count += 1
     return count
 

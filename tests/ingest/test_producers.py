@@ -187,3 +187,20 @@ def test_proxy_cli_refuses_an_event_over_the_size_limit_before_sending_it(settin
     assert "nothing was published" in result.stderr  # the whole file is checked first, so not even bulk-0
     ends = [p.end_offset for p in measure_lag(settings) if p.topic == settings.topic_proxy]
     assert ends and set(ends) == {0}
+
+
+def test_proxy_cli_refuses_an_event_from_a_clock_ahead_before_sending_it(settings: Settings, tmp_path: Path) -> None:
+    """The consumer dead-letters it (`future_occurred_at`); refused here, the producer can still fix its clock."""
+    from datetime import UTC, datetime
+
+    now, ahead = _preferences(2)
+    ahead = ahead.model_copy(update={"occurred_at": datetime(2099, 1, 1, tzinfo=UTC)})
+    source = tmp_path / "proxy.jsonl"
+    source.write_text(now.model_dump_json() + "\n" + ahead.model_dump_json() + "\n")
+    result = subprocess.run([sys.executable, "-m", "proxyloop.cli", "ingest", "proxy", str(source)],
+                            env=stack.child_env(settings), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "event 2 ('bulk-1')" in result.stderr and "PROXYLOOP_MAX_CLOCK_AHEAD_S" in result.stderr
+    assert "nothing was published" in result.stderr
+    ends = [p.end_offset for p in measure_lag(settings) if p.topic == settings.topic_proxy]
+    assert ends and set(ends) == {0}
