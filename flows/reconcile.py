@@ -26,8 +26,10 @@ def reconcile_flow(project_id: int | None = None) -> dict[str, object]:
                 report.seen, report.published, report.retracted, len(report.skipped), report.watermark)
     for reason in report.skipped:
         logger.warning("project %d: skipped %s", report.project_id, reason)
+    if report.unknown_note:  # the run's own log line goes to proxyloop's logger, not the flow run's
+        logger.warning("project %d: %s", report.project_id, report.unknown_note)
     return {"project_id": report.project_id, "seen": report.seen, "published": report.published,
-            "retracted": report.retracted, "skipped": report.skipped,
+            "retracted": report.retracted, "skipped": report.skipped, "unknown_project": report.unknown_project,
             "watermark": report.watermark.isoformat() if report.watermark else None}
 
 

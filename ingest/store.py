@@ -47,6 +47,10 @@ class LabelRow(Base):
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     seq: Mapped[int] = mapped_column(Integer, index=True)
+    # An expert label's `source` when it names more than the contract's default (a Label Studio project,
+    # "labelstudio/project-3"; the demo's "labelstudio/simulated"): reconciliation sweeps only its own project's
+    # labels. NULL: named none, a proxy preference (its source is source_id), or stored before revision 0003.
+    source: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class LabelHistoryRow(Base):
@@ -147,12 +151,13 @@ def label_history(session: Session, event_id: str) -> Sequence[LabelHistoryRow]:
     ).all()
 
 
-def live_event_ids(session: Session, prefix: str) -> set[str]:
-    """Ids of the stored, not retracted labels whose event id starts with `prefix`."""
-    rows = session.scalars(
-        select(LabelRow.event_id).where(LabelRow.event_id.startswith(prefix), LabelRow.deleted.is_(False))
+def live_event_sources(session: Session, prefix: str) -> dict[str, str | None]:
+    """The stored, not retracted labels whose event id starts with `prefix`: event id → recorded source."""
+    rows = session.execute(
+        select(LabelRow.event_id, LabelRow.source).where(LabelRow.event_id.startswith(prefix),
+                                                         LabelRow.deleted.is_(False))
     )
-    return set(rows)
+    return {event_id: source for event_id, source in rows}
 
 
 def live_expert_items(session: Session, kind: type[ItemT]) -> list[ItemT]:

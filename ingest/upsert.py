@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from ground.moments import as_utc, utcnow
 from ground.schemas import ExpertLabel, ProxyPreference
+from ground.schemas.events import LABELSTUDIO_SOURCE
 from ingest.store import Base, LabelHistoryRow, LabelKind, LabelRow
 
 # The tables themselves, for Core bulk inserts.
@@ -28,6 +29,19 @@ def _row_values(event: ExpertLabel | ProxyPreference) -> tuple[LabelKind, str]:
     if isinstance(event, ExpertLabel):
         return "expert", event.annotator_id
     return "proxy", event.proxy_name
+
+
+def _source(event: ExpertLabel | ProxyPreference) -> str | None:
+    """What a row records as the label's source: an expert label's when it names more than the contract's default
+    (a Label Studio project); None when it names none, so it never erases one a row records."""
+    return event.source if isinstance(event, ExpertLabel) and event.source != LABELSTUDIO_SOURCE else None
+
+
+def _kept_source(stored: str | None, new: str | None, supersedes: bool) -> str | None:
+    """A row's source after an event: the newer version's when it names one; else the stored one, filled in by any
+    version that names one (an annotation belongs to one project, whichever version says so). Never erased: a
+    retraction may not know the project, and reconciliation sweeps only labels recorded as its project's."""
+    return (new or stored) if supersedes else (stored or new)
 
 
 class KindConflict(ValueError):
@@ -58,7 +72,8 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
     is a no-op; between different versions of one id the later `occurred_at` wins, and equal moments
     are ordered by content hash, so the stored version never depends on arrival order or on any
     reader's clock. `action="deleted"` retracts. Each write is appended to `label_history`. The
-    caller commits: Kafka offsets are committed only after that. Times are stored in UTC.
+    caller commits: Kafka offsets are committed only after that. Times are stored in UTC. The source
+    (`_kept_source`) is no part of a version: a copy that only adds it is still a copy.
 
     Raises KindConflict, before writing anything, when an event's kind differs from its id's stored
     (or earlier in the batch) kind.
@@ -82,6 +97,7 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
     next_seq = (session.scalar(select(func.max(LabelRow.seq))) or 0) + 1
     for event in batch:
         kind, source_id = _row_values(event)
+        source = _source(event)
         row = existing.get(event.event_id)
         fresh = inserts.get(event.event_id)
         if isinstance(event, ExpertLabel):
@@ -97,16 +113,21 @@ def upsert_events(session: Session, events: Iterable[ExpertLabel | ProxyPreferen
             inserts[event.event_id] = {
                 "event_id": event.event_id, "kind": kind, "source_id": source_id, "item": item or {},
                 "deleted": deleted, "occurred_at": occurred_at, "seq": next_seq, "stored_at": utcnow(),
+                "source": source,
             }
             next_seq += 1
         elif fresh is not None:
-            if not version.supersedes(_Version(fresh["occurred_at"], fresh["source_id"], fresh["item"],
-                                               fresh["deleted"])):
+            newer = version.supersedes(_Version(fresh["occurred_at"], fresh["source_id"], fresh["item"],
+                                                fresh["deleted"]))
+            fresh["source"] = _kept_source(fresh["source"], source, newer)
+            if not newer:
                 continue
             fresh.update(deleted=deleted, occurred_at=occurred_at, source_id=source_id,
                          **({"item": item} if item else {}))
         elif row is not None:
-            if not version.supersedes(_Version(_utc(row.occurred_at), row.source_id, row.item, row.deleted)):
+            newer = version.supersedes(_Version(_utc(row.occurred_at), row.source_id, row.item, row.deleted))
+            row.source = _kept_source(row.source, source, newer)
+            if not newer:
                 continue
             row.deleted, row.occurred_at, row.source_id = deleted, occurred_at, source_id
             if item is not None:

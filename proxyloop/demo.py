@@ -2,7 +2,8 @@
 
 Proxy preferences go to Kafka; expert labels are submitted through Label Studio's API when the stack runs
 it (PROXYLOOP_EMBEDDED_LABELSTUDIO) and reach the receiver by its webhook, else are posted to the receiver
-in Label Studio's format (the report's `labels_via` says which). The consumer stores them, the threshold
+in Label Studio's format, marked simulated so no Label Studio project's reconciliation retracts them (the
+report's `labels_via` says which). The consumer stores them, the threshold
 event triggers the Prefect `retrain` flow, a Celery worker trains on the `gpu` queue, the gate decides,
 the registry releases, and the serving endpoint answers. `features` is paper 1's Appendix D task served
 by the predict route; `chat` is a generated chat preference task (ingest.synthetic_chat) trained with DPO,

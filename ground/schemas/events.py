@@ -25,6 +25,9 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 DATASET_UPDATED_EVENT = "proxyloop.dataset.updated"
 ACQUISITION_REQUESTED_EVENT = "proxyloop.acquisition.requested"  # Label Studio's ML-backend webhook saw a label
 
+# ExpertLabel's default source: from Label Studio, no project named (events from before labels named theirs).
+LABELSTUDIO_SOURCE = "labelstudio"
+
 Plan = Literal["two_stage", "proxy_as_is", "fine_tune", "expert_only", "refuse"]
 Decision = Literal["release", "block", "pick_checkpoint"]
 
@@ -121,7 +124,12 @@ class ExpertLabel(_Event):
     kind: Literal["expert_label"] = "expert_label"
     annotator_id: str = Field(min_length=1)
     action: Literal["created", "updated", "deleted"] = "created"
-    source: str = "labelstudio"
+    source: str = Field(
+        LABELSTUDIO_SOURCE,
+        description="Where the label came from, kept with it in the store. Label Studio's name their project, "
+                    "'labelstudio/project-<id>': reconciling a project withdraws only labels recorded as its. "
+                    "'labelstudio/simulated': webhook payloads made up without a Label Studio (`proxyloop demo`), no "
+                    "project's. The default names no project: reconciliation leaves such a label alone.")
     item: Item | None = Field(None, description="Required unless action is 'deleted': a retraction names the id only.")
 
     @model_validator(mode="after")

@@ -5,7 +5,9 @@
   proxyloop the way every annotator's do: Label Studio's webhook → the receiver → Kafka → the store,
   under the event id `labelstudio-annotation-{annotation id}`. `proxyloop demo` takes this path when the
   stack runs Label Studio (PROXYLOOP_EMBEDDED_LABELSTUDIO).
-- `post_webhook_payloads`: without a Label Studio, the payloads it would send, posted to the receiver.
+- `post_webhook_payloads`: without a Label Studio, the payloads it would send, posted to the receiver, marked
+  simulated: their labels record a source no project has (payloads.SIMULATED_SOURCE), so a Label Studio enabled
+  later, whose project 1 never had their annotations, has none of them retracted by its reconciliation.
 """
 
 from __future__ import annotations
@@ -97,13 +99,14 @@ def post_webhook(client: httpx.Client, settings: Settings, payload: dict[str, An
 
 def post_webhook_payloads(settings: Settings, labelled: Sequence[tuple[dict[str, Any], Selected]]) -> list[str]:
     """Each label as the ANNOTATION_CREATED payload Label Studio would post, posted to the receiver at the
-    settings' HTTP app; the event ids it answered. Raises WebhookRefused on a non-200 answer."""
+    settings' HTTP app, marked simulated (no project's); the event ids it answered. Raises WebhookRefused on a
+    non-200 answer."""
     event_ids: list[str] = []
     annotation_base = uuid.uuid4().int % 10**9
     with httpx.Client(base_url=settings.http_url, timeout=30) as client:
         for i, (data, selected) in enumerate(labelled):
             payload = webhook_payload(task_id=annotation_base + i, annotation_id=annotation_base + i, data=data,
-                                      selected=selected, annotator=7)
+                                      selected=selected, annotator=7, simulated=True)
             response = post_webhook(client, settings, payload)
             if response.status_code != 200:
                 raise WebhookRefused(f"webhook answered {response.status_code}: {response.text}")

@@ -68,7 +68,7 @@ def setup(
 def reconcile(
     project: Annotated[int | None, typer.Option(help="Project id; default: the project titled as in settings.")] = None,
 ) -> None:
-    """Publish annotations changed since the last run (and retract deleted ones) so none is missed."""
+    """Publish annotations changed since the last run (and retract the project's deleted ones) so none is missed."""
     from ingest.labelstudio.reconcile import reconcile as run_reconcile
 
     settings = get_settings()
@@ -80,6 +80,8 @@ def reconcile(
                   f"{report.retracted} retracted; watermark {report.watermark}")
     for reason in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {reason}")
+    if report.unknown_note:
+        console.print(f"[yellow]left alone[/yellow] {report.unknown_note}")
 
 
 @app.command("retract-project")
@@ -99,7 +101,8 @@ def retract_project(
     with _talking_to_labelstudio(settings):
         report = run_retract(settings, project, dry_run=dry_run)
     found = (f"project {report.project_id} is gone; {report.retracted} of {report.live} live Label Studio labels "
-             "have no annotation there")
+             f"have no annotation there ({report.recorded} recorded as its; {report.retracted - report.recorded} of "
+             f"{report.live - report.recorded} recording no project answered 404)")
     if report.dry_run:
         console.print(f"{found}: dry run, would retract {report.retracted}, published nothing")
     else:

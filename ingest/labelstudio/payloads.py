@@ -4,6 +4,10 @@ Shared by the webhook (webhook.py) and reconciliation (reconcile.py), so one ann
 event id (`labelstudio-annotation-{id}`) and the same `occurred_at` whichever path delivered it; the
 store's idempotent upsert then keeps exactly one row.
 
+Each event names where it came from (`source`, kept in the store): the project, `labelstudio/project-{id}`, so
+reconciling one project withdraws none of another's labels; `labelstudio/simulated` for payloads made up without a
+Label Studio (`webhook_payload(simulated=True)`, the demo's), which no project's reconciliation takes for its own.
+
 Two kinds of refusal: `NoLabel`, an annotation that carries no preference (a skip, a cleared or
 ambiguous choice): an edit to one retracts the label it had; and any other `UnusableAnnotation`
 (a task without what the label needs), which is refused with its reason.
@@ -18,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ground.moments import as_utc, utcnow
 from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText
+from ground.schemas.events import LABELSTUDIO_SOURCE
 
 EVENT_ID_PREFIX = "labelstudio-annotation-"
 # Who a label is from when Label Studio names nobody: deleting a user sets its annotations' completed_by
@@ -32,6 +37,11 @@ PAIRWISE_FROM_NAME, PAIRWISE_TO_NAME = "pw", "pw"
 # What a task's data must hold (provision.PAIRWISE_CONFIG shows the text ones); a task with "x" is a feature task.
 TEXT_TASK_FIELDS = ("prompt", "answer_a", "answer_b")
 FEATURE_TASK_FIELDS = ("x", "y_a", "y_b")
+PROJECT_SOURCE_PREFIX = "labelstudio/project-"
+# No Label Studio project has this source: payloads carrying SIMULATED_KEY (the demo's, posted without a Label
+# Studio) record it, so enabling a real Label Studio later, whose project 1 lacks their annotations, retracts none.
+SIMULATED_SOURCE = "labelstudio/simulated"
+SIMULATED_KEY = "proxyloop_simulated"
 
 
 class LSModel(BaseModel):
@@ -83,6 +93,29 @@ def event_id_for(annotation_id: int) -> str:
 
 def annotation_id_of(event_id: str) -> int:
     return int(event_id.removeprefix(EVENT_ID_PREFIX))
+
+
+def project_source(project_id: int) -> str:
+    """The source of a project's labels: reconcile sweeps only the live labels recorded with it."""
+    return f"{PROJECT_SOURCE_PREFIX}{project_id}"
+
+
+def project_of_source(source: str | None) -> int | None:
+    """The project a recorded source names; None for the simulated, the default and any other source."""
+    number = source.removeprefix(PROJECT_SOURCE_PREFIX) if source else ""
+    return int(number) if source != number and number.isascii() and number.isdigit() else None
+
+
+def source_of_webhook(payload: dict[str, Any]) -> str:
+    """The source of a webhook's labels: simulated when marked so; else the project Label Studio names (it adds the
+    project to every payload of a webhook with send_payload, as setup registers it); else the contract's default."""
+    if payload.get(SIMULATED_KEY) is True:
+        return SIMULATED_SOURCE
+    project = payload.get("project")
+    project_id = project.get("id") if isinstance(project, dict) else project
+    if isinstance(project_id, int) and not isinstance(project_id, bool) and project_id > 0:
+        return project_source(project_id)
+    return LABELSTUDIO_SOURCE
 
 
 def _choice(annotation: LSAnnotation) -> Literal["a", "b"]:
@@ -179,41 +212,47 @@ def _stamp(annotation: LSAnnotation) -> datetime:
 
 def expert_label_from_annotation(
     annotation: LSAnnotation, task: LSTask, action: Literal["created", "updated"] = "created",
+    source: str = LABELSTUDIO_SOURCE,
 ) -> ExpertLabel:
     """One annotation (from a webhook or the API) as an event; raises UnusableAnnotation (NoLabel for an
-    annotation that holds no preference) with the reason."""
+    annotation that holds no preference) with the reason. `source`: its project's (`project_source`)."""
     return ExpertLabel(
         event_id=event_id_for(annotation.id),
         annotator_id=annotator_of(annotation.completed_by),
         action=action,
         occurred_at=_stamp(annotation),
         item=_item(task, _choice(annotation), _rationale(annotation)),
+        source=source,
     )
 
 
 def retraction(
     annotation_id: int, annotator: int | dict[str, Any] | None = None, occurred_at: datetime | None = None,
+    source: str = LABELSTUDIO_SOURCE,
 ) -> ExpertLabel:
     """The event that retracts an annotation's label. A deletion is stamped now, so it wins over any older copy;
-    an annotation edited into holding no label is stamped with its own `updated_at` (`retraction_of`)."""
+    an annotation edited into holding no label is stamped with its own `updated_at` (`retraction_of`). The default
+    source names no project: the store then keeps the project the label recorded."""
     return ExpertLabel(event_id=event_id_for(annotation_id), annotator_id=annotator_of(annotator), action="deleted",
-                       occurred_at=as_utc(occurred_at) if occurred_at else utcnow())
+                       occurred_at=as_utc(occurred_at) if occurred_at else utcnow(), source=source)
 
 
-def retraction_of(annotation: LSAnnotation) -> ExpertLabel:
+def retraction_of(annotation: LSAnnotation, source: str = LABELSTUDIO_SOURCE) -> ExpertLabel:
     """The retraction of an annotation that no longer holds a label, stamped with its `updated_at`: it outranks
     the label it withdraws (stamped with an earlier `updated_at`) and loses to a later edit that restores one,
     whichever arrives first, and the webhook and reconciliation send the same event."""
-    return retraction(annotation.id, annotation.completed_by, _stamp(annotation))
+    return retraction(annotation.id, annotation.completed_by, _stamp(annotation), source)
 
 
 def webhook_payload(
     task_id: int, annotation_id: int, data: dict[str, Any], selected: Literal["left", "right"],
-    annotator: int = 1, project_id: int = 1, action: str = "ANNOTATION_CREATED",
+    annotator: int = 1, project_id: int = 1, action: str = "ANNOTATION_CREATED", simulated: bool = False,
 ) -> dict[str, Any]:
-    """What Label Studio 1.23 POSTs for ANNOTATION_CREATED (fields we do not read trimmed)."""
+    """What Label Studio 1.23 POSTs for ANNOTATION_CREATED (fields we do not read trimmed). `simulated`: made up
+    without a Label Studio, marked (SIMULATED_KEY) so its label records a source no project has (SIMULATED_SOURCE)."""
     now = utcnow().isoformat()
     return {
+        **({SIMULATED_KEY: True} if simulated else {}),
         "action": action,
         "annotation": {
             "id": annotation_id,

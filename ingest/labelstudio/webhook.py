@@ -14,11 +14,14 @@ What each action does:
   skip, choices that disagree) publishes the label's retraction, so the old choice does not stay live.
 - ANNOTATIONS_DELETED: a retraction per annotation.
 - TASKS_DELETED: Label Studio deletes the annotations with them and sends no ANNOTATIONS_DELETED, nor their
-  ids; the next scheduled reconciliation retracts those labels (it asks Label Studio for every live label's
-  annotation). PROJECT_DELETED: reconciliation then refuses (reconcile.ProjectMissing) and retracts nothing.
+  ids; the next scheduled reconciliation retracts those labels (it asks Label Studio for the annotation of
+  every live label recorded as the project's). PROJECT_DELETED: reconciliation then refuses
+  (reconcile.ProjectMissing) and retracts nothing.
   Both answered 200 with the reason, and logged.
 - Any other action: 200 "ignored" with the reason, and logged: Label Studio (1.23+) turns off a webhook
   after repeated failures, which would also stop the actions we handle.
+Every event records the payload's project as its source (payloads.source_of_webhook), so reconciling one project
+leaves another's labels alone; payloads the demo makes up without a Label Studio record a source no project has.
 A malformed payload of a handled action, or a task without what the label needs, is a 422 with the reason,
 decided before anything is published: a label half-read or guessed at would be stored as the expert's.
 """
@@ -50,6 +53,7 @@ from ingest.labelstudio.payloads import (
     expert_label_from_annotation,
     retraction,
     retraction_of,
+    source_of_webhook,
 )
 from ingest.web import ProducerDep, SettingsDep, json_body
 
@@ -153,18 +157,18 @@ def expert_label_from_webhook(payload: dict[str, Any]) -> ExpertLabel:
     """ANNOTATION_CREATED/UPDATED → one event. Raises UnusableAnnotation or pydantic.ValidationError."""
     action = _ACTIONS[_handled_action(payload, tuple(_ACTIONS))]
     hook = LSWebhook.model_validate(payload)
-    return expert_label_from_annotation(hook.annotation, hook.task, action)
+    return expert_label_from_annotation(hook.annotation, hook.task, action, source_of_webhook(payload))
 
 
 def _one_annotation(payload: dict[str, Any]) -> WebhookOutcome:
     """ANNOTATION_CREATED/UPDATED. An edit that leaves no preference retracts the label; a new one is ignored."""
     hook = LSWebhook.model_validate(payload)
-    action = _ACTIONS[hook.action]
+    action, source = _ACTIONS[hook.action], source_of_webhook(payload)
     try:
-        return WebhookOutcome([expert_label_from_annotation(hook.annotation, hook.task, action)])
+        return WebhookOutcome([expert_label_from_annotation(hook.annotation, hook.task, action, source)])
     except NoLabel as exc:
         if action == "updated":
-            return WebhookOutcome([retraction_of(hook.annotation)], [f"label retracted: {exc}"])
+            return WebhookOutcome([retraction_of(hook.annotation, source)], [f"label retracted: {exc}"])
         return WebhookOutcome(reasons=[f"no label: {exc}"])
 
 
@@ -173,6 +177,7 @@ def _bulk_created(payload: dict[str, Any]) -> WebhookOutcome:
     label is left out with its reason rather than refusing the lot: a 422 would lose the usable ones too."""
     hook = LSBulkWebhook.model_validate(payload)
     tasks = {task.id: task for task in hook.tasks}
+    source = source_of_webhook(payload)
     labels: list[ExpertLabel] = []
     reasons: list[str] = []
     refused = False
@@ -187,7 +192,7 @@ def _bulk_created(payload: dict[str, Any]) -> WebhookOutcome:
         try:
             if task is None:
                 raise UnusableAnnotation(f"its task {annotation.task!r} is not among the payload's {sorted(tasks)}")
-            labels.append(expert_label_from_annotation(annotation, task, "created"))
+            labels.append(expert_label_from_annotation(annotation, task, "created", source))
         except NoLabel as exc:
             reasons.append(f"annotation {annotation.id}: no label: {exc}")
         except (UnusableAnnotation, ValidationError) as exc:
@@ -198,7 +203,8 @@ def _bulk_created(payload: dict[str, Any]) -> WebhookOutcome:
 
 def _deleted(payload: dict[str, Any]) -> WebhookOutcome:
     hook = LSDeletionWebhook.model_validate(payload)
-    return WebhookOutcome([retraction(ref.id, ref.completed_by) for ref in hook.annotations])
+    source = source_of_webhook(payload)
+    return WebhookOutcome([retraction(ref.id, ref.completed_by, source=source) for ref in hook.annotations])
 
 
 def _tasks_deleted(payload: dict[str, Any]) -> WebhookOutcome:

@@ -139,7 +139,8 @@ def test_a_project_label_studio_still_has_is_refused_and_nothing_is_published(se
 def test_an_unreachable_label_studio_is_refused_and_nothing_is_published(
     settings: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Unreachable is not gone: labels record no project, so without Label Studio every project's would go."""
+    """Unreachable is not gone: only Label Studio can say the project is gone, and which of the labels recording no
+    project (all of these: seeded without one) were its."""
     monkeypatch.setenv("PROXYLOOP_LABELSTUDIO_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("PROXYLOOP_LABELSTUDIO_TOKEN", "abc")
     published = _on_topic(settings)

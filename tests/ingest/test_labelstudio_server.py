@@ -130,6 +130,7 @@ def test_annotations_updates_and_deletions_reach_the_store_via_the_webhook(pipel
     rows = _wait_for(pipeline, lambda r: all(k in r for k in keys))
     assert [rows[k].item["choice"] for k in keys] == ["a", "b", "a"]
     assert rows[keys[0]].item["rationale"] == "A is right" and rows[keys[0]].item["prompt"] == "Question 0?"
+    assert {rows[k].source for k in keys} == {f"labelstudio/project-{project}"}  # the payload names its project
 
     client.annotations.update(id=ids[1], result=[{"from_name": "pw", "to_name": "a,b", "type": "pairwise",
                                                   "value": {"selected": "left"}}])
