@@ -246,6 +246,8 @@ class Settings(BaseSettings):
                     f"placeholder secrets {sorted(used)} are only allowed with PROXYLOOP_ENV=dev; "
                     "set PROXYLOOP_WEBHOOK_SECRET and PROXYLOOP_API_KEYS"
                 )
+            if not self.webhook_secret.strip():  # an empty secret matched an empty header: the ML backend was open
+                raise ValueError("PROXYLOOP_WEBHOOK_SECRET is empty; outside PROXYLOOP_ENV=dev it must be set")
         return self
 
     @model_validator(mode="after")

@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from ground.schemas import PolicyVersion
 from policies.features.model import DirectPolicy, TwoStageConfig, TwoStagePolicy
-from policies.registry import REGISTRY_FORMAT, RegistryFormatError, resolve, version_of
+from policies.registry import (
+    REGISTRY_FORMAT,
+    RegistryError,
+    RegistryFormatError,
+    RegistryUnreadable,
+    resolve,
+    version_of,
+)
 
 
 def _two_stage(config: TwoStageConfig) -> nn.Module:
@@ -106,4 +114,12 @@ def load(ref: str, root: Path | None = None) -> LoadedPolicy:
 
         root = get_settings().registry_dir
     version = resolve(root, ref)
-    return LoadedPolicy(version=version, model=load_policy_dir(version.path), config=read_config(version.path)[1])
+    try:
+        return LoadedPolicy(version=version, model=load_policy_dir(version.path), config=read_config(version.path)[1])
+    except (RegistryError, NotAFeaturePolicy):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
+        # Weights gone or damaged, a config that is not the config: the operator's to mend (503), where each of
+        # these was a 500 of its own (the HTTP audit's six ways to damage a release by hand).
+        raise RegistryUnreadable(f"{version.policy} v{version.version} at {version.path} cannot be loaded "
+                                 f"({type(exc).__name__}: {exc}); release it again or move the alias") from exc

@@ -245,6 +245,8 @@ async def webhook(request: Request) -> dict[str, Any]:
     action = payload.get("action") if isinstance(payload, dict) else None
     if not isinstance(action, str):
         raise HTTPException(422, "webhook body needs an 'action'")
+    if len(action) > 100 or not action.isascii():  # echoed back: a lone surrogate could not be encoded (a 500)
+        raise HTTPException(422, f"webhook action {action[:100]!r} is not a Label Studio action name")
     if not _refreshes(action):
         return {"status": "ignored", "action": action}
     return {"status": "ok", "action": action, "refresh": await _request_refresh(action, payload.get("project"))}

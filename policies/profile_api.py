@@ -6,10 +6,12 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy.orm import Session
 
+from ground.moments import as_utc
 from ground.settings import Settings
+from ground.validation import StoredText
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
 from policies.profile import USER_ID_PATTERN, add_item, erase_user, items_of, profile_engine
@@ -19,8 +21,8 @@ UserId = Annotated[str, Path(pattern=USER_ID_PATTERN, description="The service's
 
 
 class ResponseIn(BaseModel):
-    response: str = Field(min_length=1, max_length=20_000)
-    query: str | None = Field(None, max_length=20_000)
+    response: StoredText = Field(min_length=1, max_length=20_000)
+    query: StoredText | None = Field(None, max_length=20_000)
 
 
 class ResponseOut(BaseModel):
@@ -28,7 +30,7 @@ class ResponseOut(BaseModel):
     response: str
     query: str | None
     source: str
-    created_at: datetime
+    created_at: Annotated[datetime, AfterValidator(as_utc)]  # SQLite hands it back without its zone
 
 
 class Erased(BaseModel):
@@ -37,7 +39,9 @@ class Erased(BaseModel):
 
 
 def profile_session(settings: Settings) -> Session:
-    return Session(profile_engine(settings.resolved_store_url))
+    """Objects keep their values after commit: a DELETE of the user committed between this request's commit and
+    its reply made the reply's reload of the item a 500 (ObjectDeletedError), its item stored all the same."""
+    return Session(profile_engine(settings.resolved_store_url), expire_on_commit=False)
 
 
 @router.post("/{user_id}/responses", response_model=ResponseOut, status_code=201)

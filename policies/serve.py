@@ -96,7 +96,11 @@ def retrieve_model(model_id: str, settings: SettingsDep, _: ApiKey) -> ModelCard
     except RegistryError as exc:
         raise HTTPException(exc.http_status, str(exc)) from exc
     folder = settings.registry_dir / name / str(version)
-    return ModelCard(id=model_id, version=version, created=int(folder.stat().st_mtime))
+    try:
+        created = int(folder.stat().st_mtime)
+    except OSError as exc:  # deleted by hand between the lookup and here
+        raise HTTPException(503, f"{model_id}: its version folder {folder} cannot be read ({exc})") from exc
+    return ModelCard(id=model_id, version=version, created=created)
 
 
 @router.post("/policies/{ref}/predict", response_model=Prediction)

@@ -6,6 +6,7 @@ Run: `uvicorn proxyloop.http:app` (started by `proxyloop up`).
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse, JSONResponse
 from kafka import KafkaProducer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -35,6 +35,8 @@ from policies.profile_api import router as profile_router
 from policies.serve import router as serving_router
 
 LIMIT_SETTING = "PROXYLOOP_MAX_REQUEST_BYTES"
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # Prefect's UUIDs, and the ids tests and benches give
+PLOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png")
 
 
 class RequestSizeLimit:
@@ -203,9 +205,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(profile_router)
 
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
-    # Run artifacts (plots, reports) linked from Prefect's UI; read-only, no directory listing.
-    settings.runs_dir.mkdir(parents=True, exist_ok=True)
-    app.mount("/runs", StaticFiles(directory=settings.runs_dir), name="runs")
+    @app.get("/runs/{run_id}/{name}", include_in_schema=False)
+    def run_plot(run_id: str, name: str) -> FileResponse:
+        """A run's plot, as Prefect's UI links it (flows/artifacts.py). Plots only, only at the top of a run's folder:
+        the folder also holds the run's training data and checkpoints, which a static mount served to anyone who
+        had the URL (the HTTP audit: GET /runs/<id>/data/expert.jsonl, no key)."""
+        path = settings.runs_dir / run_id / name
+        if not (RUN_ID.fullmatch(run_id) and PLOT.fullmatch(name)) or not path.is_file():
+            raise HTTPException(404, "no such run plot")
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -262,8 +262,10 @@ _secret_header = APIKeyHeader(name=SECRET_HEADER, auto_error=False, description=
 
 
 def secret_matches(presented: str | None, settings: Settings) -> bool:
-    """The shared webhook secret, compared in constant time; None (nothing presented) never matches."""
-    return presented is not None and hmac.compare_digest(presented.encode(), settings.webhook_secret.encode())
+    """The shared webhook secret, compared in constant time; None or empty (nothing presented) never matches, even
+    an empty secret (an empty header or Basic password had opened the ML backend)."""
+    return bool(presented) and bool(settings.webhook_secret) and hmac.compare_digest(
+        (presented or "").encode(), settings.webhook_secret.encode())
 
 
 def require_webhook_secret(settings: SettingsDep, secret: Annotated[str | None, Depends(_secret_header)]) -> None:

@@ -18,6 +18,16 @@ def test_placeholder_secrets_are_refused_outside_dev(tmp_path: Path) -> None:
     assert settings.api_key_list == ["k1", "k2"]
 
 
+def test_an_empty_webhook_secret_is_refused_outside_dev_and_never_matches(tmp_path: Path) -> None:
+    from ingest.labelstudio.webhook import secret_matches
+
+    with pytest.raises(ValueError, match="PROXYLOOP_WEBHOOK_SECRET is empty"):
+        Settings(home=tmp_path, env="prod", webhook_secret=" ", api_keys="k1")
+    empty = Settings(home=tmp_path, webhook_secret="")  # dev allows it, yet nothing presented opens anything
+    assert not secret_matches("", empty) and not secret_matches(None, empty)
+    assert secret_matches("s3cret", Settings(home=tmp_path, webhook_secret="s3cret"))
+
+
 def test_placeholders_are_allowed_in_dev(tmp_path: Path) -> None:
     assert Settings(home=tmp_path).webhook_secret == "dev-webhook-secret"
 

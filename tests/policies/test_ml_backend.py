@@ -127,6 +127,10 @@ def test_webhook_acknowledges_and_requests_a_refresh(client: TestClient, monkeyp
     ignored = client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET, json={"action": "PROJECT_UPDATED"})
     assert ignored.status_code == 201 and ignored.json()["status"] == "ignored"
     assert client.post(f"{ML_BACKEND_PREFIX}/webhook", headers=SECRET, json={"no": "action"}).status_code == 422
+    lone_surrogate = b'{"action": "\\ud800"}'  # echoed back, it could not be encoded: a 500
+    odd = client.post(f"{ML_BACKEND_PREFIX}/webhook", headers={**SECRET, "Content-Type": "application/json"},
+                      content=lone_surrogate)
+    assert odd.status_code == 422 and "not a Label Studio action name" in odd.json()["detail"]
 
     def unreachable(reason: str, project: object = None) -> None:
         raise ConnectionError("prefect down")

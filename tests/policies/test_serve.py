@@ -113,3 +113,25 @@ def test_models_leave_out_an_alias_whose_version_is_gone_and_a_policy_whose_alia
     assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == ["other@production"]
     damaged = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
     assert damaged.status_code == 503 and "aliases.json cannot be read as JSON" in damaged.json()["detail"]
+
+
+@pytest.mark.parametrize(("damage", "write"), [
+    ("weights deleted", lambda v: (v / "model.safetensors").unlink()),
+    ("weights garbage", lambda v: (v / "model.safetensors").write_bytes(b"garbage")),
+    ("config not JSON", lambda v: (v / "config.json").write_text("{not json")),
+    ("config of unknown keys", lambda v: (v / "config.json").write_text(
+        json.dumps({"family": "two_stage", "model": {"bogus": 1}}))),
+    ("config without the model", lambda v: (v / "config.json").write_text(json.dumps({"family": "two_stage"}))),
+    ("config a list", lambda v: (v / "config.json").write_text("[1]")),
+])
+def test_a_released_version_damaged_by_hand_is_a_503_naming_it(client, damage, write, monkeypatch):
+    """Each of these was a 500 of its own (the HTTP audit); a missing folder or lineage was already a 503."""
+    from policies import serve
+
+    monkeypatch.setattr(serve, "_cache", {})  # other tests' demo v1, loaded before its damage, would serve
+    http, settings = client
+    version = _release(settings.registry_dir, 0)
+    write(settings.registry_dir / "demo" / str(version.version))
+    reply = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
+    assert reply.status_code == 503, (damage, reply.text)
+    assert "demo v1" in reply.json()["detail"] and "cannot be loaded" in reply.json()["detail"]
