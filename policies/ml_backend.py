@@ -105,7 +105,7 @@ def read_cache(settings: Settings) -> ScoreCache | None:
     path = cache_path(settings)
     try:
         return ScoreCache.model_validate_json(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # missing, a directory, unreadable, or not the cache
         return None
 
 
@@ -203,7 +203,8 @@ def predict(body: PredictRequest, settings: SettingsDep) -> dict[str, Any]:
         task_id = task.get("id")
         # Label Studio sends each task with its annotations (TaskSimpleSerializer); any one closes it, as
         # flows.acquisition.open_tasks counts it.
-        results.append(prediction(task_id if isinstance(task_id, int) else None, cache,
+        usable = isinstance(task_id, int) and not isinstance(task_id, bool)  # JSON true is no task 1
+        results.append(prediction(task_id if usable else None, cache,
                                   labelled=bool(task.get("annotations"))))
     return {"results": results, "model_version": cache.model_version if cache else UNSCORED_VERSION}
 

@@ -32,8 +32,8 @@ REGISTER_ATTEMPTS = 100  # numbers `register` tries before giving up; each retry
 # (adapter.centre_weight / centre_bias). Versions without the field were written by format 1 or by
 # format-2 code before the field existed; the loader tells them apart by their tensors.
 REGISTRY_FORMAT = 2
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")  # \Z: "$" let a trailing newline through
+ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 VERSION_PATTERN = re.compile(r"[0-9]{1,18}")  # a version number as a tag or a folder name
 
 

@@ -19,7 +19,7 @@ import fsspec
 
 from ground.settings import Settings
 from policies.audit_log import AuditTampered
-from policies.registry import ALIASES_FILE, VERSION_PATTERN, validate_name, versions
+from policies.registry import ALIASES_FILE, NAME_PATTERN, VERSION_PATTERN, validate_name, versions
 from policies.registry_lock import AUDIT_FILE, complete_log, exclusive
 
 COMPLETE_MARKER = ".complete"  # written last: a remote version without it is still uploading
@@ -106,6 +106,7 @@ def _fetch_version(fs: fsspec.AbstractFileSystem, entry: str, local_policy: Path
 
 
 _last_pull: dict[str, float] = {}
+NOT_HERE = "/not-released-here"  # no policy name can be this (NAME_PATTERN)
 
 
 def refresh(settings: Settings, ref: str) -> None:
@@ -113,8 +114,15 @@ def refresh(settings: Settings, ref: str) -> None:
     if not settings.registry_remote_url:
         return
     name = ref.partition("@")[0]
+    if not NAME_PATTERN.match(name) or ".." in name:
+        return  # no policy can have it: resolving it answers the 404
+    # Names not released here share one pull budget: each new name had pulled at once and stayed in _last_pull for
+    # good, so a client asking for nosuch1, nosuch2, ... made a remote listing per request and grew this dict.
+    key = name if (settings.registry_dir / name).is_dir() else NOT_HERE
     now = time.monotonic()
-    if now - _last_pull.get(name, float("-inf")) < settings.registry_remote_poll_s:
+    if now - _last_pull.get(key, float("-inf")) < settings.registry_remote_poll_s:
         return
     pull(settings.registry_dir, settings.registry_remote_url, name)
-    _last_pull[name] = now
+    _last_pull[key] = now
+    if (settings.registry_dir / name).is_dir():  # found remotely: its own budget from now on
+        _last_pull[name] = now

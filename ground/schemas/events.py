@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ground.moments import Moment, utcnow
+from ground.validation import StoredText
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -83,11 +84,12 @@ class PairwiseText(_Strict):
     """A prompt, two text responses and which one was chosen."""
 
     type: Literal["pairwise_text"] = "pairwise_text"
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    response_a: str = Field(max_length=MAX_TEXT_CHARS)
-    response_b: str = Field(max_length=MAX_TEXT_CHARS)
+    # StoredText: no NUL character, which PostgreSQL's text refuses (refused here, not by the store after a 200).
+    prompt: StoredText = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    response_a: StoredText = Field(max_length=MAX_TEXT_CHARS)
+    response_b: StoredText = Field(max_length=MAX_TEXT_CHARS)
     choice: Literal["a", "b"]
-    rationale: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    rationale: StoredText | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 Item = Annotated[FeatureTriple | PairwiseText, Field(discriminator="type")]
@@ -111,7 +113,7 @@ class _Event(_Strict):
     model_config = ConfigDict(json_schema_extra=_occurred_at_required)
 
     schema_version: Literal[1, 2] = 2  # SCHEMA_VERSION
-    event_id: str = Field(min_length=1, max_length=256, description="Idempotency key.")
+    event_id: StoredText = Field(min_length=1, max_length=256, description="Idempotency key.")
     occurred_at: Moment = Field(
         default_factory=utcnow,
         description="When the producer made this version, with its zone (required on the wire since v2); orders "
@@ -122,10 +124,10 @@ class ExpertLabel(_Event):
     """A label from an expert annotator (Label Studio); updates and deletions keep the id."""
 
     kind: Literal["expert_label"] = "expert_label"
-    annotator_id: str = Field(min_length=1)
+    annotator_id: StoredText = Field(min_length=1, max_length=256)  # the store's column holds 256
     action: Literal["created", "updated", "deleted"] = "created"
-    source: str = Field(
-        LABELSTUDIO_SOURCE,
+    source: StoredText = Field(
+        LABELSTUDIO_SOURCE, max_length=256,
         description="Where the label came from, kept with it in the store. Label Studio's name their project, "
                     "'labelstudio/project-<id>': reconciling a project withdraws only labels recorded as its. "
                     "'labelstudio/simulated': webhook payloads made up without a Label Studio (`proxyloop demo`), no "
@@ -145,7 +147,7 @@ class ProxyPreference(_Event):
     """A preference from an abundant proxy source (LLM judge, click log, heuristic)."""
 
     kind: Literal["proxy_preference"] = "proxy_preference"
-    proxy_name: str = Field(min_length=1)
+    proxy_name: StoredText = Field(min_length=1, max_length=256)
     item: Item
 
     @model_validator(mode="after")

@@ -43,7 +43,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError
 
 from ground.schemas import ExpertLabel
 from ground.settings import Settings
-from ingest.bus import publish
+from ingest.bus import encode_event, publish
 from ingest.labelstudio.payloads import (
     LSAnnotation,
     LSModel,
@@ -279,6 +279,23 @@ def broker_unavailable(reason: str) -> HTTPException:
     return HTTPException(503, f"label not accepted: {reason}", headers={"Retry-After": "10"})
 
 
+AMPLIFICATION = 8  # the events of one request may be this many times its size limit: a bulk payload's labels each
+# carry their task's text, so one long task with thousands of tiny annotations pointing at it made 1 MiB 2 GB
+
+
+def _refuse_amplified(labels: list[ExpertLabel], settings: Settings) -> None:
+    """A 413, before anything is published, when one request's events would be more than `AMPLIFICATION` times the
+    request size limit."""
+    limit = AMPLIFICATION * settings.max_request_bytes
+    total = 0
+    for label in labels:
+        total += len(encode_event(label))
+        if total > limit:
+            raise HTTPException(413, f"this request's {len(labels)} labels would publish more than {limit} bytes of "
+                                     f"events ({AMPLIFICATION} x PROXYLOOP_MAX_REQUEST_BYTES); nothing was published: "
+                                     "send fewer annotations per request")
+
+
 def _publish_all(producer: KafkaProducer, topic: str, labels: list[ExpertLabel]) -> None:
     futures = [publish(producer, topic, label, wait=False) for label in labels]
     producer.flush()
@@ -305,6 +322,7 @@ async def receive_labelstudio_webhook(
     except (ValueError, ValidationError, RecursionError) as exc:  # refused before anything is published
         raise HTTPException(422, f"unusable Label Studio payload: {exc}") from exc
     _log_outcome(payload.get("action"), outcome)
+    _refuse_amplified(outcome.labels, settings)
     if outcome.labels:
         try:
             # producer() may connect (up to kafka_bootstrap_timeout_s): in the thread pool, never on the event loop.

@@ -199,3 +199,36 @@ def test_a_new_skipped_annotation_is_ignored_not_refused_and_nothing_is_publishe
     assert answers[0].json() == answers[1].json()
     assert answers[0].json()["status"] == "ignored"
     assert answers[0].json()["reason"] == "no label: annotation 5 was skipped by the annotator; it carries no label"
+
+
+def test_a_bulk_payload_whose_labels_would_dwarf_it_is_a_413_and_nothing_is_published(tmp_path: Path) -> None:
+    """Each label carries its task's text: one long task with many tiny annotations made 1 MiB 2 GB of events."""
+    http, producer = serve(tmp_path, max_request_bytes=20_000)
+    long = "x" * 5_000
+    task = {"id": 7, "data": {"prompt": long, "answer_a": long + "a", "answer_b": long + "b"}, "project": 1}
+    annotations = [{"id": 100 + i, "task": 7, "completed_by": 1, "was_cancelled": False,
+                    "created_at": "2026-12-02T01:24:49Z", "updated_at": "2026-12-02T01:24:49Z",
+                    "result": [{"from_name": "pw", "to_name": "pw", "type": "pairwise",
+                                "value": {"selected": "left"}}]} for i in range(12)]
+    body = {"action": "ANNOTATIONS_CREATED", "annotation": annotations, "task": [task], "project": {"id": 1}}
+    assert len(json.dumps(body)) < 20_000
+    reply = http.post("/webhooks/labelstudio", headers=HOOK, json=body)
+    assert reply.status_code == 413 and "send fewer annotations per request" in reply.json()["detail"]
+    assert producer.sent == []
+    few = http.post("/webhooks/labelstudio", headers=HOOK, json={**body, "annotation": annotations[:2]})
+    assert few.status_code == 200 and len(producer.sent) == 2  # within the limit: published as before
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p["task"]["data"].update(answer_a="Ly\u0000on"),
+    lambda p: p["annotation"].update(completed_by={"id": "x" * 300}),
+    lambda p: p["annotation"].update(completed_by={"id": "a\u0000b"}),
+], ids=["nul-in-text", "annotator-over-256", "nul-in-annotator"])
+def test_what_a_postgresql_store_would_refuse_is_a_422_before_publishing(
+    hook: tuple[TestClient, RecordingProducer], change: Any,
+) -> None:
+    """Acknowledged with 200 before, then refused by PostgreSQL (text holds no NUL; the columns hold 256), so the
+    label was dead-lettered after Label Studio had been told it was stored; SQLite took it."""
+    payload = webhook_payload(1, 16, TEXT, "left")
+    change(payload)
+    assert "NUL character" in _refused(hook, json=payload) or "256 characters" in _refused(hook, json=payload)

@@ -176,7 +176,7 @@ def test_a_transaction_s_records_are_stored_once_it_commits_not_while_it_is_open
 
 def test_proxy_cli_refuses_an_event_over_the_size_limit_before_sending_it(settings: Settings, tmp_path: Path) -> None:
     small, large = _preferences(2)
-    large = large.model_copy(update={"proxy_name": "j" * 3000})
+    large = large.model_copy(update={"item": large.item.model_copy(update={"x": [0.123456789] * 300})})
     source = tmp_path / "proxy.jsonl"
     source.write_text(small.model_dump_json() + "\n" + large.model_dump_json() + "\n")
     env = {**stack.child_env(settings), "PROXYLOOP_MAX_EVENT_BYTES": "2000"}

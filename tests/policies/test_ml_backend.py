@@ -64,6 +64,11 @@ def test_predict_returns_one_prediction_per_task_in_order(client: TestClient, se
     # Never scored: no pre-annotation, the highest score (asked about early).
     assert results[2] == {"result": [], "score": pytest.approx(MAX_SCORE), "model_version": "chat@3"}
     assert client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": []}).json()["results"] == []
+    write_cache(settings, ScoreCache.from_scores([1, 12], text_scores([3.0, -3.0], proxy_margin=[3.0, 3.0],
+                                                                      n_labels=4), "chat@3"))
+    one, true = (client.post(f"{ML_BACKEND_PREFIX}/predict", headers=SECRET, json={"tasks": [{"id": task}]}).json()
+                 for task in (1, True))
+    assert one["results"][0]["result"] and true["results"][0]["result"] == []  # JSON true is no task 1
 
 
 def test_a_task_with_annotations_gets_score_0_and_no_suggestion(client: TestClient, settings: Settings) -> None:

@@ -24,7 +24,7 @@ def test_release_without_alias_leaves_alias_alone(tmp_path):
     assert aliases(tmp_path, "demo") == {"production": 1}
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "", "UPPER", ".hidden", "x" * 65])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "UPPER", ".hidden", "x" * 65, "demo\n"])
 def test_names_that_could_escape_the_root_are_refused(name):
     with pytest.raises(RegistryError):
         validate_name(name)

@@ -82,3 +82,27 @@ def test_concurrent_first_pulls_of_a_version_all_succeed_and_leave_no_staging(tm
     with ThreadPoolExecutor(5) as pool:
         assert list(pool.map(first_pull, range(5))) == [2] * 5
     assert sorted(p.name for p in (reader / "demo").iterdir()) == ["1", "2", "aliases.json"]
+
+
+def test_names_not_released_here_share_one_pull_budget_and_the_cache_stays_bounded(tmp_path, monkeypatch):
+    """300 requests for nosuch0..nosuch299 made 300 remote listings, and 300 entries that stayed for good."""
+    from policies import registry_remote
+
+    url = f"memory://registry-{uuid.uuid4().hex}"
+    _release(tmp_path / "publisher", 0)
+    push(tmp_path / "publisher", url, "demo")
+    settings = isolated_settings(tmp_path / "server", registry_url=str(tmp_path / "server-registry"),
+                                 registry_remote_url=url, registry_remote_poll_s=60)
+    pulled: list[str] = []
+    real = registry_remote.pull
+    monkeypatch.setattr(registry_remote, "_last_pull", {})
+    monkeypatch.setattr(registry_remote, "pull", lambda root, remote, name: (pulled.append(name),
+                                                                            real(root, remote, name)))
+    for i in range(300):
+        registry_remote.refresh(settings, f"nosuch{i}@production")
+    registry_remote.refresh(settings, "../etc")
+    assert pulled == ["nosuch0"] and len(registry_remote._last_pull) == 1
+    monkeypatch.setattr(registry_remote, "_last_pull", {})
+    registry_remote.refresh(settings, "demo")  # a new release is still found at its first request
+    registry_remote.refresh(settings, "demo@production")
+    assert pulled[1:] == ["demo"] and versions(settings.registry_dir, "demo") == [1]
