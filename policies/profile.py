@@ -16,6 +16,7 @@ Position has two renderings that differ in tokens even for a single-turn prompt:
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Literal
 
+from pydantic import ValidationError
 from rank_bm25 import BM25Okapi
 from sqlalchemy import DateTime, Integer, String, Text, delete, select
 from sqlalchemy.engine import Engine
@@ -33,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from ground.moments import utcnow
 from ground.schemas import PairwiseText
 from ground.settings import Settings
+from ground.validation import validation_problems
 from ingest.store import make_engine
 
 Position = Literal["start", "end"]
@@ -79,6 +82,7 @@ def create_tables(engine: Engine) -> None:
 
 # The user ids the profile endpoints can address (/v1/users/{id}): a profile is only ever built under one of them, so
 # whatever is served from a profile can also be listed and erased (policies/profile_api.py, policies/openai_api.py).
+log = logging.getLogger(__name__)
 USER_ID_PATTERN = r"^[A-Za-z0-9_.@:-]{1,256}$"
 _ENGINE_LOCK = threading.Lock()
 
@@ -160,7 +164,12 @@ def sync_expert_labels(session: Session, user_id: str | None = None) -> int:
             continue
         if not row.item or row.item.get("type") != "pairwise_text" or _user_hash(row.source_id) in erased:
             continue
-        label = PairwiseText.model_validate(row.item)
+        try:
+            label = PairwiseText.model_validate(row.item)
+        except ValidationError as exc:  # stored before the contract refused it (a NUL): one label, not every sync
+            log.warning("profile sync skips label %s: its stored item is no longer a valid text pair (%s)",
+                        row.event_id, validation_problems(exc, limit=2))
+            continue
         chosen = label.response_a if label.choice == "a" else label.response_b
         if item is None:
             add_item(session, row.source_id, chosen, label.prompt, "expert_label", source_id=row.event_id)

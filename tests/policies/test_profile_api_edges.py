@@ -43,3 +43,27 @@ def test_a_user_erased_between_the_stores_commit_and_the_reply_gets_the_stored_i
     assert reply.status_code == 201 and reply.json()["response"] == "hello"
     assert reply.json()["created_at"].endswith("Z")  # SQLite's naive time read back as the UTC it is
     assert http.get("/v1/users/racer/responses", headers=AUTH).json() == []
+
+
+def test_a_stored_label_the_contract_now_refuses_is_skipped_by_the_profile_sync_not_a_failure(tmp_path, caplog):
+    """A label with a NUL stored before the contract refused it made every sync of its annotator fail, and so every
+    chat request naming that annotator as its user."""
+    from sqlalchemy.orm import Session
+
+    from ground.schemas import ExpertLabel, PairwiseText
+    from ingest.store import LabelRow, make_engine
+    from ingest.upsert import upsert_events
+    from policies.profile import create_tables, items_of, sync_expert_labels
+
+    engine = make_engine(f"sqlite:///{tmp_path}/s.db")
+    create_tables(engine)
+    with Session(engine) as session:
+        upsert_events(session, [ExpertLabel(event_id=f"l{i}", annotator_id="ann-7", item=PairwiseText(
+            prompt=f"Capital of France? ({i})", response_a="Lyon", response_b="Paris.", choice="b")) for i in (1, 2)])
+        row = session.get(LabelRow, "l1")
+        assert row is not None
+        row.item = {**row.item, "response_b": "Pa\u0000ris."}  # as an older proxyloop stored it
+        session.commit()
+        assert sync_expert_labels(session) == 1
+        assert [i.query for i in items_of(session, "ann-7")] == ["Capital of France? (2)"]
+    assert "profile sync skips label l1" in caplog.text
