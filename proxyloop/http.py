@@ -215,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(404, "no such run plot")
         return FileResponse(path, media_type="image/png")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers and uptime probes send
     def health() -> dict[str, str]:
         """Liveness probe."""
         return {"status": "ok"}

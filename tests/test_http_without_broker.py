@@ -45,6 +45,7 @@ def _refused_for_the_broker(http: TestClient, settings: Settings, annotation_id:
 def test_the_app_starts_and_serves_while_the_broker_is_away(settings: Settings) -> None:
     with TestClient(create_app(settings)) as http:  # runs the lifespan, as uvicorn does
         assert http.get("/health").json() == {"status": "ok"}
+        assert http.head("/health").status_code == 200  # load balancers and uptime probes send HEAD (was 405)
         assert http.get(f"{ML_BACKEND_PREFIX}/health", headers=HOOK).json()["status"] == "UP"
         assert http.get("/v1/models").status_code == 401  # serving answers (it wants a key), no broker needed
         _refused_for_the_broker(http, settings, 7)
