@@ -29,7 +29,7 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,32 +122,48 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def per_budget_seeds(argv: Sequence[str] | None, doc: str) -> tuple[int, int]:
+    """(seeds per budget, first seed) from the command line both gate-chance benches take."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SEEDS} seeds per budget")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per budget (default {SEEDS})")
     parser.add_argument("--seed-start", type=int, default=SEED_START)
     args = parser.parse_args(argv)
-    per_budget = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    runs = []
-    seed = args.seed_start
+    return args.seeds or (QUICK_SEEDS if args.quick else SEEDS), args.seed_start
+
+
+def run_grid(one: Callable[[str, int, int], dict[str, Any]], generators: Sequence[str], per_budget: int,
+             seed_start: int) -> list[dict[str, Any]]:
+    """`one(generator, seed, n_expert)` over budgets × seeds × generators (a seed's generators share it), each run
+    printed as it ends."""
+    started, runs, seed = time.perf_counter(), [], seed_start
     for n_expert in BUDGETS:
         for _ in range(per_budget):
-            for generator in GENERATORS:
-                run = one_run(generator, seed, n_expert)
+            for generator in generators:
+                run = one(generator, seed, n_expert)
                 runs.append(run)
                 print(f"[{time.perf_counter() - started:6.0f}s] {generator:16s} seed {seed} n {n_expert}: plan "
                       f"{run['plan']}, served baseline {run['baseline']:.3f} tested {run['tested']:.3f} "
                       f"({run.get('tested_reason', 'refused')[:90]})", flush=True)
             seed += 1
-    families = {g: summarise([r for r in runs if r["generator"] == g]) for g in GENERATORS}
-    out = {**summarise(runs), "families": families, "generators": list(GENERATORS), "budgets": list(BUDGETS),
-           "seeds": sorted({r["seed"] for r in runs}), "runs": len(runs), "alpha": TESTED_RULES.chance_alpha,
-           "device": "cpu", "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1),
-           "quick": bool(args.quick)}
-    print(json.dumps(out))
+    return runs
+
+
+def report(runs: list[dict[str, Any]], generators: Sequence[str], started: float, quick: bool,
+           **extra: object) -> dict[str, Any]:
+    """The headline JSON: pooled figures, each generator's, and what the run was."""
+    return {**summarise(runs), "families": {g: summarise([r for r in runs if r["generator"] == g]) for g in generators},
+            "generators": list(generators), "budgets": list(BUDGETS), "seeds": sorted({r["seed"] for r in runs}),
+            "runs": len(runs), "alpha": TESTED_RULES.chance_alpha, **extra, "device": "cpu",
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1), "quick": quick}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    per_budget, seed_start = per_budget_seeds(argv, __doc__ or "")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    runs = run_grid(one_run, GENERATORS, per_budget, seed_start)
+    print(json.dumps(report(runs, GENERATORS, started, quick=per_budget == QUICK_SEEDS)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ over seeds. Keys as bench/gate_chance.py's. The last line printed is one JSON ob
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -35,7 +34,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from bench.gate_chance import BASELINE_RULES, TESTED_RULES, summarise  # noqa: E402
+from bench.gate_chance import (  # noqa: E402
+    BASELINE_RULES,
+    QUICK_SEEDS,
+    TESTED_RULES,
+    per_budget_seeds,
+    report,
+    run_grid,
+)
 from ground.schemas import CheckpointRef, ExpertLabel, PairwiseText, ProxyPreference, TextConditionRequest  # noqa: E402
 from ingest.store import freeze_snapshot, make_engine  # noqa: E402
 from ingest.synthetic_chat import chat_preferences  # noqa: E402
@@ -51,8 +57,6 @@ from workers.lm.training.checkpoint import PREFIX  # noqa: E402
 from workers.lm.training.run import run_lm_training  # noqa: E402
 
 GENERATORS = {"judge85": 0.85, "noise": 0.5}
-BUDGETS = (15, 20, 30, 45)
-SEED_START, QUICK_SEEDS, SEEDS = 100, 2, 6
 N_PROXY, N_GOLD = 300, 300
 
 
@@ -118,34 +122,15 @@ def one_run(generator: str, seed: int, n_expert: int, base: str, home: Path) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SEEDS} seeds per budget")
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per budget (default {SEEDS})")
-    parser.add_argument("--seed-start", type=int, default=SEED_START)
-    args = parser.parse_args(argv)
-    per_budget = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
+    per_budget, seed_start = per_budget_seeds(argv, __doc__ or "")
     torch.set_num_threads(1)
     started = time.perf_counter()
-    runs = []
     with tempfile.TemporaryDirectory(prefix="gate-chance-chat-") as tmp:
         home = Path(tmp)
         base = str(ensure_chat_base_model("tiny", home / "models", seed=0))
-        seed = args.seed_start
-        for n_expert in BUDGETS:
-            for _ in range(per_budget):
-                for generator in GENERATORS:
-                    run = one_run(generator, seed, n_expert, base, home)
-                    runs.append(run)
-                    print(f"[{time.perf_counter() - started:6.0f}s] {generator:8s} seed {seed} n {n_expert}: plan "
-                          f"{run['plan']}, served baseline {run['baseline']:.3f} tested {run['tested']:.3f} "
-                          f"({run.get('tested_reason', 'refused')[:90]})", flush=True)
-                seed += 1
-    families = {g: summarise([r for r in runs if r["generator"] == g]) for g in GENERATORS}
-    out = {**summarise(runs), "families": families, "generators": list(GENERATORS), "budgets": list(BUDGETS),
-           "seeds": sorted({r["seed"] for r in runs}), "runs": len(runs), "alpha": TESTED_RULES.chance_alpha,
-           "model": "tiny", "device": "cpu", "date": time.strftime("%Y-%m-%d"),
-           "seconds": round(time.perf_counter() - started, 1), "quick": bool(args.quick)}
-    print(json.dumps(out))
+        runs = run_grid(lambda generator, seed, n: one_run(generator, seed, n, base, home), list(GENERATORS),
+                        per_budget, seed_start)
+    print(json.dumps(report(runs, list(GENERATORS), started, quick=per_budget == QUICK_SEEDS, model="tiny")))
 
 
 if __name__ == "__main__":
