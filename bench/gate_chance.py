@@ -42,7 +42,7 @@ from policies.features.conditions import run_condition_tests
 from policies.features.outputs import output_support
 from policies.loader import load_policy_dir
 from policies.promotion import GateRules, decide
-from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline
+from workers.features.evaluate import evaluate_checkpoint, expert_only_baseline, heldout_inputs
 from workers.features.tasks import train_feature_policy
 
 GENERATORS = ("ok", "family_tempered", "noise")
@@ -86,7 +86,7 @@ def one_run(generator: str, seed: int, n_expert: int) -> dict[str, Any]:
     served, released = {}, {}
     for arm, rules in (("baseline", BASELINE_RULES), ("tested", TESTED_RULES)):
         decision = decide(evaluations, baseline, rules)
-        released[arm] = decision.decision != "block" and len(heldout) >= rules.min_heldout_inputs
+        released[arm] = decision.decision != "block" and heldout_inputs(heldout) >= rules.min_heldout_inputs
         assert decision.checkpoint is not None
         served[arm] = gold_by_step[decision.checkpoint.step] if released[arm] else 0.5
         record[f"{arm}_reason"] = decision.reasons[-1]

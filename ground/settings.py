@@ -340,7 +340,8 @@ def get_settings() -> Settings:
     return Settings()
 
 
-NOT_SETTINGS = frozenset({"PROXYLOOP_DEBUG", "PROXYLOOP_WRITE_SCREENSHOTS"})  # read by the CLI and the UI tests
+# Read by the CLI (--debug), the UI tests and scripts/labelstudio.sh (its wheel cache): variables, not settings.
+NOT_SETTINGS = frozenset({"PROXYLOOP_DEBUG", "PROXYLOOP_WRITE_SCREENSHOTS", "PROXYLOOP_CACHE"})
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -166,11 +166,14 @@ def sync_expert_labels(session: Session, user_id: str | None = None) -> int:
             continue
         try:
             label = PairwiseText.model_validate(row.item)
-        except ValidationError as exc:  # stored before the contract refused it (a NUL): one label, not every sync
+        except ValidationError as exc:  # stored by an older contract: one label skipped, not every sync failed
             log.warning("profile sync skips label %s: its stored item is no longer a valid text pair (%s)",
                         row.event_id, validation_problems(exc, limit=2))
             continue
         chosen = label.response_a if label.choice == "a" else label.response_b
+        if "\x00" in chosen or "\x00" in label.prompt:  # a profile item is text, which PostgreSQL's refuses
+            log.warning("profile sync skips label %s: its text holds a NUL character", row.event_id)
+            continue
         if item is None:
             add_item(session, row.source_id, chosen, label.prompt, "expert_label", source_id=row.event_id)
             added += 1

@@ -100,9 +100,11 @@ def pid_of(settings: Settings, name: str) -> int | None:
 
 
 def _settings_digest(env: Mapping[str, str]) -> dict[str, str]:
-    """The PROXYLOOP_ variables a component gets, each value hashed (tokens and secrets are among them)."""
+    """The settings a component gets (PROXYLOOP_ variables that name a setting: not --debug's, not a typo), each
+    value hashed (tokens and secrets are among them)."""
+    settings = {env_name(field) for field in Settings.model_fields}
     return {key: hashlib.sha256(value.encode()).hexdigest()[:16]
-            for key, value in sorted(env.items()) if key.startswith("PROXYLOOP_")}
+            for key, value in sorted(env.items()) if key in settings}
 
 
 def _started_with(settings: Settings, name: str) -> Path:

@@ -60,7 +60,7 @@ def test_test_ports_come_from_under_the_ephemeral_range_and_never_twice():
     assert all(1024 <= p < _ephemeral_low() for p in ports)
 
 
-def test_up_says_when_a_running_component_was_started_with_other_settings(tmp_path):
+def test_up_says_when_a_running_component_was_started_with_other_settings(tmp_path, monkeypatch):
     """A running process keeps its environment: switching Label Studio on and running `up` again left flows and the
     HTTP app without its token, and `up` said only "already running"."""
     from proxyloop import stack
@@ -74,6 +74,7 @@ def test_up_says_when_a_running_component_was_started_with_other_settings(tmp_pa
     pid = stack.pid_of(settings, "sleeper")
     try:
         stack.start_component(settings, sleeper, said.append)
+        monkeypatch.setenv("PROXYLOOP_DEBUG", "1")  # not a setting: no reason to restart anything
         token = settings.model_copy(update={"labelstudio_token": "a-new-token"})
         stack.start_component(token, sleeper, said.append)
         assert said[1:] == ["sleeper: already running", "sleeper: already running, with other settings than these "

@@ -84,12 +84,13 @@ class PairwiseText(_Strict):
     """A prompt, two text responses and which one was chosen."""
 
     type: Literal["pairwise_text"] = "pairwise_text"
-    # StoredText: no NUL character, which PostgreSQL's text refuses (refused here, not by the store after a 200).
-    prompt: StoredText = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    response_a: StoredText = Field(max_length=MAX_TEXT_CHARS)
-    response_b: StoredText = Field(max_length=MAX_TEXT_CHARS)
+    # A NUL character is allowed here: the item is stored as JSON, which takes it on SQLite and PostgreSQL alike
+    # (their text columns do not: the ids below, and profile items, refuse it).
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    response_a: str = Field(max_length=MAX_TEXT_CHARS)
+    response_b: str = Field(max_length=MAX_TEXT_CHARS)
     choice: Literal["a", "b"]
-    rationale: StoredText | None = Field(None, max_length=MAX_TEXT_CHARS)
+    rationale: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 Item = Annotated[FeatureTriple | PairwiseText, Field(discriminator="type")]

@@ -117,9 +117,11 @@ def _tasks(client: LabelStudio, project_id: int, page_size: int = PAGE_SIZE) -> 
 
 
 def _changed_labels(
-    client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
+    client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport, adopt: set[int],
 ) -> tuple[list[ExpertLabel], set[int]]:
-    """Events for annotations changed at/after `since`, and the ids of every annotation that exists."""
+    """Events for annotations changed at/after `since`, and for those of `adopt` (labels stored recording no
+    project: sent again with this project's, which the store fills in, so the sweep covers them from now on), and
+    the ids of every annotation that exists."""
     labels: list[ExpertLabel] = []
     present: set[int] = set()
     source = project_source(project_id)
@@ -136,7 +138,7 @@ def _changed_labels(
             report.seen += 1
             changed = _aware(annotation.updated_at)
             # `>=`: an annotation saved in the same instant as the last run is re-sent, never missed.
-            if since is not None and changed is not None and changed < since:
+            if since is not None and changed is not None and changed < since and annotation.id not in adopt:
                 continue
             try:
                 labels.append(_event(annotation, ls_task, source))
@@ -155,11 +157,11 @@ class ProjectMissing(LabelStudioSetupError):
 
 
 def _project_labels(
-    client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport,
+    client: LabelStudio, project_id: int, since: datetime | None, report: ReconcileReport, adopt: set[int],
 ) -> tuple[list[ExpertLabel], set[int]]:
     """_changed_labels; ProjectMissing when Label Studio answers 404 for the project."""
     try:
-        return _changed_labels(client, project_id, since, report)
+        return _changed_labels(client, project_id, since, report, adopt)
     except ApiError as exc:
         if exc.status_code != 404:
             raise
@@ -261,11 +263,11 @@ def reconcile(
         state = session.get(LabelStudioSync, project_id)
         since = _aware(state.watermark) if state else None
     report = ReconcileReport(project_id=project_id, watermark=since)
-    labels, present = _project_labels(client, project_id, since, report)
     live = _live_labels(engine)
+    labels, present = _project_labels(client, project_id, since, report, live.unknown)
     labels += [retraction(annotation_id, source=project_source(project_id))
                for annotation_id in _vanished(client, live.of(project_id) - present)]
-    report.unknown_project = len(live.unknown)
+    report.unknown_project = len(live.unknown - present)  # those this project lists are its own, recorded now
     _publish_all(settings, producer, labels)
     report.published = sum(label.action != "deleted" for label in labels)
     report.retracted = len(labels) - report.published

@@ -212,12 +212,14 @@ def preference_log_likelihoods(log_probs: Tensor, y_w: Tensor, y_l: Tensor) -> T
     return F.logsigmoid(_chosen_margin(log_probs, y_w, y_l))
 
 
-def ranked_right(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor) -> np.ndarray:
-    """Per triple, 1.0 where log π(y_w|x) > log π(y_l|x), else 0.0 (ties count as wrong); NaN where the margin is NaN
-    (a model with NaN weights has no ranking, where counting its NaN margins as wrong read 0.0 as a measurement)."""
+def ranked_right(model: PreferenceModel, x: Tensor, y_w: Tensor, y_l: Tensor, tie: float = 0.0) -> np.ndarray:
+    """Per triple, 1.0 where log π(y_w|x) > log π(y_l|x), `tie` where equal (wrong by default, as the gate's accuracy
+    counts them; a half for the test against a coin, which a label flip leaves alone), else 0.0; NaN where the margin
+    is NaN (a model with NaN weights has no ranking, where counting its NaN margins as wrong read 0.0 as a
+    measurement)."""
     with torch.no_grad():
         margin = _chosen_margin(model.log_probs(x), y_w, y_l)
-    right = (margin > 0).double()
+    right = (margin > 0).double() + tie * (margin == 0).double()
     right[margin.isnan()] = float("nan")
     result: np.ndarray = right.cpu().numpy()
     return result

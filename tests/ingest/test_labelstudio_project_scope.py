@@ -218,3 +218,31 @@ def test_no_project_by_title_names_the_project_the_store_knows(settings: Setting
     line = _error_line(cli("reconcile", label_studio=nothing))
     assert "knows projects 1, 4" in line and "retract-project --project ID`" in line
     assert _live(settings) == _keys(OLD_IDS)
+
+
+def test_labels_recording_no_project_that_the_reconciled_project_lists_are_adopted_and_swept_from_then_on(
+    settings: Settings,
+) -> None:
+    """Labels stored before revision 0003 record no project; left alone, a task of the live project deleted later
+    (TASKS_DELETED names no annotation) never had its labels retracted (the review's find). Reconcile sends those
+    its project lists again with the project, which the store fills in, and sweeps them from then on."""
+    from datetime import timedelta
+
+    from ingest.store import LabelStudioSync
+    from tests.ingest.test_labelstudio_reconcile import T0
+
+    _recording_no_project(settings, OLD_IDS)
+    with Session(make_engine(settings.resolved_store_url)) as session:  # reconciled before: none changed since
+        session.add(LabelStudioSync(project_id=OLD, watermark=T0 + timedelta(days=1)))
+        session.commit()
+    listed = FakeLabelStudio({OLD: [[_annotation(i)] for i in OLD_IDS[:2]]})  # 3's task was deleted before
+    report = reconcile(settings, client=listed, project_id=OLD)  # type: ignore[arg-type]
+    assert (report.published, report.retracted, report.unknown_project) == (2, 0, 1)
+    wait_until(lambda: _sources(settings, _keys(OLD_IDS[:2])) == dict.fromkeys(_keys(OLD_IDS[:2]),
+                                                                                 "labelstudio/project-1"),
+               60, "the adopted labels' project stored")
+    assert _sources(settings, [_key(3)]) == {_key(3): None}  # not listed: not this project's to judge
+    shrunk = FakeLabelStudio({OLD: [[_annotation(1)]]})  # annotation 2's task deleted now
+    assert reconcile(settings, client=shrunk, project_id=OLD).retracted == 1  # type: ignore[arg-type]
+    wait_until(lambda: _key(2) not in _live(settings), 60, "the retraction stored")
+    assert _live(settings) == _keys((1, 3))

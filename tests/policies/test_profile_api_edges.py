@@ -45,9 +45,9 @@ def test_a_user_erased_between_the_stores_commit_and_the_reply_gets_the_stored_i
     assert http.get("/v1/users/racer/responses", headers=AUTH).json() == []
 
 
-def test_a_stored_label_the_contract_now_refuses_is_skipped_by_the_profile_sync_not_a_failure(tmp_path, caplog):
-    """A label with a NUL stored before the contract refused it made every sync of its annotator fail, and so every
-    chat request naming that annotator as its user."""
+def test_a_label_whose_text_holds_a_nul_is_skipped_by_the_profile_sync_not_a_failure(tmp_path, caplog):
+    """The label's item is JSON and takes a NUL; a profile item is text, which PostgreSQL refuses: the sync failed
+    for every label of that annotator, and so every chat request naming them as its user."""
     from sqlalchemy.orm import Session
 
     from ground.schemas import ExpertLabel, PairwiseText
@@ -62,7 +62,7 @@ def test_a_stored_label_the_contract_now_refuses_is_skipped_by_the_profile_sync_
             prompt=f"Capital of France? ({i})", response_a="Lyon", response_b="Paris.", choice="b")) for i in (1, 2)])
         row = session.get(LabelRow, "l1")
         assert row is not None
-        row.item = {**row.item, "response_b": "Pa\u0000ris."}  # as an older proxyloop stored it
+        row.item = {**row.item, "response_b": "Pa\u0000ris."}
         session.commit()
         assert sync_expert_labels(session) == 1
         assert [i.query for i in items_of(session, "ann-7")] == ["Capital of France? (2)"]

@@ -52,6 +52,20 @@ def test_a_copied_held_out_input_weighs_as_much_as_any_other():
     assert pairwise_accuracy(_Prefers(), x, y_w, y_l) == 0.75  # per label, as before (benches keep using it)
 
 
+def test_a_tie_is_half_right_for_the_test_against_a_coin_and_wrong_for_the_accuracy():
+    """Outputs no training triple used tie (UNUSED_LOGIT); a label flip leaves a tie a tie, so the test must not count
+    it as a miss a flip would turn right (p too large by 3x on five right and one tie)."""
+    from workers.features.evaluate import task_scores
+
+    class Ties:
+        def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(x.shape[0], 3)
+
+    heldout = [FeatureTriple(x=[0.0, 1.0], y_w=0, y_l=1), FeatureTriple(x=[1.0, 1.0], y_w=1, y_l=2)]
+    assert task_scores(Ties(), heldout) == [1.0, 0.5]
+    assert heldout_accuracy(Ties(), heldout) == 0.5  # the gate's accuracy counts the tie wrong, as ever
+
+
 def _snapshot(settings, expert: list[FeatureTriple], proxy: list[FeatureTriple]) -> str:
     with Session(make_engine(settings.resolved_store_url)) as session:
         upsert_events(session, [ProxyPreference(event_id=f"p{i}", proxy_name="judge", item=t)
@@ -110,3 +124,28 @@ def test_language_model_held_out_pairs_count_each_task_once(tmp_path):
     assert plain is not None and first in (0.0, 1.0)
     # task 0 has 22 labels, 21 one way and 1 the other: it weighs 1/8 with its own share right, not 22/30
     assert copied.base_model_log_prob_accuracy == pytest.approx(plain + ((20 * first + 1) / 22 - first) / 8)
+
+
+def test_a_mixture_checkpoint_scores_a_pair_it_cannot_read_as_a_tie_and_keeps_every_task(tmp_path):
+    """A held-out pair whose responses differ only past the cut was left out of the mixture's margins and not of the
+    tasks: every evaluation of a mixture run with such a pair raised (the review's find)."""
+    from ground.schemas import CheckpointRef
+    from workers.lm.plans import MixtureRecipe, recipe_request
+    from workers.lm.training.run import run_lm_training
+
+    recipe = MixtureRecipe(simplex_dim=3, batch_size=4, proxy_epochs=1, checkpoint_every=2, max_length=96)
+    rows = [{**PAIRS[i % len(PAIRS)], "prompt": f"{PAIRS[i % len(PAIRS)]['prompt']} ({i})"} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained = run_lm_training(recipe_request("stage1", recipe, run_id="s1", base_model=str(tiny_model_dir()),
+                                             dataset=str(tmp_path / "train.jsonl"), output_dir=tmp_path / "s1"),
+                              lambda _: None)
+    shared = " the answer" * 200
+    heldout = rows[:5] + [{"prompt": "Which reply?", "chosen": shared + " yes.", "rejected": shared + " no."}]
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    evaluation = evaluate_lm_checkpoints(str(tiny_model_dir()), str(tmp_path / "heldout.jsonl"),
+                                         [CheckpointRef(step=2, path=trained["checkpoints"][-1])],
+                                         n_indicator_prompts=4)
+    [checkpoint] = evaluation.evaluations
+    assert evaluation.n_heldout_inputs == 6 and checkpoint.task_scores is not None
+    assert len(checkpoint.task_scores) == 6 and checkpoint.task_scores[-1] == 0.5  # no model can tell: a tie
+    assert checkpoint.heldout_accuracy == pytest.approx(sum(checkpoint.task_scores) / 6)

@@ -24,8 +24,9 @@ from policies.plan_choice import CHANCE_ACCURACY
 
 
 def heldout_inputs(heldout: Sequence[FeatureTriple]) -> int:
-    """How many distinct inputs the held-out triples have: copies of one task (several annotators) count once."""
-    return len({tuple(t.x) for t in heldout})
+    """How many distinct inputs the held-out triples have: copies of one task (several annotators) count once. As
+    float32, as the accuracies group them: inputs equal there are one task in both counts."""
+    return int(input_groups(triples_to_tensors(heldout)[0].numpy()).max(initial=-1)) + 1 if heldout else 0
 
 
 def heldout_accuracy(model: Any, heldout: Sequence[FeatureTriple]) -> float:
@@ -35,10 +36,11 @@ def heldout_accuracy(model: Any, heldout: Sequence[FeatureTriple]) -> float:
 
 
 def task_scores(model: Any, heldout: Sequence[FeatureTriple]) -> list[float] | None:
-    """Per distinct held-out input, the share of its triples ranked right (the gate's test against a coin,
-    `policies.gate_chance`); None when a margin is NaN (no ranking to test)."""
+    """Per distinct held-out input, the share of its triples ranked right, ties half (the gate's test against a coin,
+    `policies.gate_chance`, whose label flip leaves a tie a tie: two outputs no training triple used tie at
+    UNUSED_LOGIT); None when a margin is NaN (no ranking to test)."""
     x, y_w, y_l = triples_to_tensors(heldout)
-    right = ranked_right(model, x, y_w, y_l)
+    right = ranked_right(model, x, y_w, y_l, tie=0.5)
     return None if np.isnan(right).any() else group_means(right, input_groups(x.numpy())).tolist()
 
 

@@ -45,7 +45,7 @@ from policies.lm.mode_mixture import (
 from workers.lm import mode_mixture_training
 from workers.lm.models import load_causal_lm, load_tokenizer, local_model_dir
 from workers.lm.plans import saved_max_length
-from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
+from workers.lm.training.data import TokenizedPair, load_jsonl, readable_pairs, tokenize_pairs, truncate_pair
 from workers.lm.training.dpo import reference_logps
 from workers.lm.training.dpo_config import DPOConfig
 
@@ -138,12 +138,24 @@ class MixtureBase:
     model: Any
     head: Tensor
     encoded: mode_mixture_training.EncodedPairs
+    kept: list[int]  # the held-out rows `encoded` holds: those a model can tell apart at the cut (`readable_pairs`)
 
     @classmethod
     def load(cls, path: str, tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> MixtureBase:
         model = load_causal_lm(path).eval()
         head = model.get_output_embeddings().weight.detach().float()
-        return cls(model, head, mode_mixture_training.encode_pairs(model, tokenizer, rows, max_length))
+        cap = sequence_cap(model, max_length)
+        kept = readable_pairs([truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)], rows, cap)
+        encoded = mode_mixture_training.encode_pairs(model, tokenizer, [rows[i] for i in kept], max_length,
+                                                     drop_empty=False)
+        return cls(model, head, encoded, kept)
+
+    def margins(self, ratio: Tensor, n_rows: int) -> Tensor:
+        """Every held-out row's margin: the mixture's where it read the pair, 0 (a tie, counted half) where no model
+        can tell its responses apart, as full-weight checkpoints score such a pair; the rows keep their tasks."""
+        margins = torch.zeros(n_rows, dtype=ratio.dtype)
+        margins[self.kept] = ratio[:, 0] - ratio[:, 1]
+        return margins
 
 
 @torch.no_grad()
@@ -191,7 +203,7 @@ def evaluate_lm_checkpoints(
             base = mixture_bases[spec["base_model"]]
             model = base.model
             ratio, biases = mixture_scores(mixture, base, tokenizer, prompts, saved_max_length(spec["recipe"]))
-            margins = ratio[:, 0] - ratio[:, 1]
+            margins = base.margins(ratio, len(rows))
         else:
             model = (load_lora_dir(ref.path) if is_lora_dir(ref.path) else load_causal_lm(ref.path)).eval()
             chosen, rejected = pair_logps(model, pairs, pad)
