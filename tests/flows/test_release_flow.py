@@ -87,17 +87,17 @@ def test_a_release_whose_announcement_failed_is_finished_by_the_retry_not_releas
     from policies import promotion
 
     run_id = _blocked_run(settings, _checkpoint(tmp_path / "ckpt", 1))
-    working = promotion.make_producer
+    working = promotion.connect_producer
 
     def broker_down(_settings: Settings) -> None:
         raise KafkaTimeoutError("Unable to bootstrap from the broker")
 
-    monkeypatch.setattr(promotion, "make_producer", broker_down)
+    monkeypatch.setattr(promotion, "connect_producer", broker_down)
     with pytest.raises(KafkaTimeoutError):
         release_flow(run_id, override_reason="ship it", operator="alice")
     assert versions(settings.registry_dir, settings.policy_name) == [1]
 
-    monkeypatch.setattr(promotion, "make_producer", working)
+    monkeypatch.setattr(promotion, "connect_producer", working)
     release = release_flow(run_id, override_reason="ship it, broker back", operator="alice")
     assert release.version == 1 and versions(settings.registry_dir, settings.policy_name) == [1]
     assert [(e.action, e.version) for e in verify(settings.registry_dir)] == [("override", 1)]
