@@ -240,7 +240,7 @@ def test_an_event_over_the_limit_stops_the_file_before_anything_is_sent(cli: Run
     from ingest.proxy_client import example_line
 
     path = tmp_path / "large.jsonl"
-    path.write_text(example_line() + "\n" + example_line().replace("llm-judge", "j" * 3000) + "\n")
+    path.write_text(example_line() + "\n" + example_line().replace("0.1, ", "0.1, " * 800) + "\n")
     one_error_line(cli("ingest", "proxy", str(path), MAX_EVENT_BYTES="2000"),
                    "limit is 2000 (PROXYLOOP_MAX_EVENT_BYTES)", "nothing was published")
 

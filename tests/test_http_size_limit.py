@@ -62,7 +62,7 @@ def test_a_chunked_body_over_the_limit_gets_413_and_nothing_is_published(
 def test_a_chunked_body_under_the_limit_is_served(app: tuple[TestClient, RecordingProducer]) -> None:
     http, producer = app
     response = http.post("/webhooks/labelstudio", content=_chunks(_body(100), size=64), headers={**HOOK, **JSON})
-    assert response.status_code == 200 and len(producer.sent) == 1
+    assert response.status_code == 200 and len(producer.sent) == 1, response.text
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_the_app_runs(
@@ -168,5 +168,5 @@ def test_a_chunked_body_over_the_limit_gets_413_from_uvicorn(uvicorn_app: tuple[
         response = client.post("/webhooks/labelstudio", content=_chunks(_body(20_000)), headers={**HOOK, **JSON})
         assert response.status_code == 413 and _says(response.json(), OVER)
         ok = client.post("/webhooks/labelstudio", content=_chunks(_body(100), size=64), headers={**HOOK, **JSON})
-        assert ok.status_code == 200
+        assert ok.status_code == 200, ok.text
     assert [json.loads(value)["event_id"] for _, _, value in producer.sent] == ["labelstudio-annotation-9"]
