@@ -263,5 +263,5 @@ def webhook_payload(
             "project": project_id, "was_cancelled": False, "ground_truth": False, "lead_time": 3.2,
         },
         "project": {"id": project_id, "title": "proxyloop pairwise"},
-        "task": {"id": task_id, "data": data, "project": project_id, "is_labeled": True},
+        "task": {"id": task_id, "data": dict(data), "project": project_id, "is_labeled": True},  # a copy: edits stay
     }

@@ -232,3 +232,11 @@ def test_what_a_postgresql_store_would_refuse_is_a_422_before_publishing(
     payload = webhook_payload(1, 16, TEXT, "left")
     change(payload)
     assert "NUL character" in _refused(hook, json=payload) or "256 characters" in _refused(hook, json=payload)
+
+
+def test_a_payload_edited_by_its_caller_leaves_the_task_data_it_was_made_from_alone() -> None:
+    """A test that edited one payload's task wrote into the module-level TEXT every other module builds from, and a
+    later module's webhooks failed, in the whole suite only."""
+    data = dict(TEXT)
+    webhook_payload(1, 16, data, "left")["task"]["data"].update(answer_a="edited")
+    assert data == TEXT
