@@ -34,15 +34,25 @@ class TrainingFailed(RuntimeError):
     """A Celery task failed on its worker; retrying the flow step would repeat the failure."""
 
 
-def transient(task: Any, task_run: Any, state: Any) -> bool:
-    """A Prefect task's `retry_condition_fn`: retry anything but a failure on the worker."""
-    try:
-        state.result()
-    except TrainingFailed:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be a hiccup worth a retry
+RetryCondition = Callable[[Any, Any, Any], bool]
+
+
+def retry_unless(*permanent: type[BaseException]) -> RetryCondition:
+    """A Prefect task's `retry_condition_fn` that retries anything but `permanent` failures: those a second try
+    would meet again (a failure on the worker; a snapshot with too few tasks, which will not change)."""
+    def condition(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except permanent:
+            return False
+        except Exception:  # noqa: BLE001 - anything else may be a hiccup worth a retry
+            return True
         return True
-    return True
+
+    return condition
+
+
+transient = retry_unless(TrainingFailed)  # retry anything but a failure on the worker
 
 
 # Errors of the Celery result backend or broker being away (the embedded Redis restarting, say).

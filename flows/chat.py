@@ -7,11 +7,9 @@ that uses it, so that a flow run's subprocess starts without torch (tests/flows/
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger, task
 
-from flows.celery_tasks import RETRY_DELAYS_S, run_on_queue, train_on_gpu_queue, transient
+from flows.celery_tasks import RETRY_DELAYS_S, retry_unless, run_on_queue, train_on_gpu_queue, transient
 from ground.schemas import (
     ChatData,
     ConditionReport,
@@ -29,18 +27,8 @@ from workers.lm.plans import LMRecipe, MixtureRecipe, reading_recipe
 from workers.lm.snapshot_data import NoTextPairs, write_snapshot_datasets
 
 
-def _not_too_few(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry anything but `NoTextPairs`: a frozen snapshot's pairs will not change on a second read."""
-    try:
-        state.result()
-    except NoTextPairs:
-        return False
-    except Exception:  # noqa: BLE001 - the store away, say: worth a retry
-        return True
-    return True
-
-
-@task(name="write-preference-data", retries=2, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=_not_too_few)
+@task(name="write-preference-data", retries=2, retry_delay_seconds=RETRY_DELAYS_S,
+      retry_condition_fn=retry_unless(NoTextPairs))  # a frozen snapshot's pairs will not change on a second read
 def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> ChatData:
     data = write_snapshot_datasets(settings.resolved_store_url, snapshot_id, settings.runs_dir / run_id / "data")
     get_run_logger().info("run %s: snapshot %s → %d expert + %d proxy training pairs, %d held out", run_id,

@@ -13,7 +13,7 @@ from ground.schemas import CheckpointRef
 from policies.lm.mode_mixture import model_context, sequence_cap
 from policies.lm.simplex_bottleneck import attach_bottleneck, load_causal_lm_dir
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
-from workers.lm import mixture_features, mixture_run
+from workers.lm import evaluate, mixture_features, mixture_run
 from workers.lm import mode_mixture_training as mm
 from workers.lm.evaluate import evaluate_lm_checkpoints, indicator_rows, pair_logps
 from workers.lm.mixture_features import checkpoint_terms
@@ -108,18 +108,18 @@ def test_a_mixture_run_and_its_readers_take_a_snapshot_with_a_pair_past_the_cont
     dataset = tmp_path / "pairs.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen: list[tuple[str, int, int, int]] = []
-    real = mm.encode_pairs
-
-    def spy(where):
+    def spy(where, real, name):
         def encode(model, tokenizer, rows, max_length, *args, **kwargs):
             widths = _record(model)
-            data = real(model, tokenizer, rows, max_length, *args, **kwargs)
+            out = real(model, tokenizer, rows, max_length, *args, **kwargs)
+            data = out[0] if isinstance(out, tuple) else out  # encode_kept_pairs: (encoding, the rows it holds)
             seen.append((where, max_length, max(widths), data.hidden.shape[2]))
-            return data
-        return encode
+            return out
+        return name, encode
 
-    for module, where in ((mixture_run, "stage 1"), (mm, "evaluation"), (mixture_features, "acquisition terms")):
-        monkeypatch.setattr(module, "encode_pairs", spy(where))
+    for module, where, name in ((mixture_run, "stage 1", "encode_pairs"), (evaluate, "evaluation", "encode_kept_pairs"),
+                                (mixture_features, "acquisition terms", "encode_pairs")):
+        monkeypatch.setattr(module, *spy(where, getattr(module, name), name))
     request = recipe_request("stage1", recipe, run_id="s1", base_model=str(tiny_model_dir()), dataset=str(dataset),
                              output_dir=tmp_path / "s1")
     result = run_lm_training(request, lambda _: None)

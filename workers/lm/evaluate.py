@@ -33,6 +33,7 @@ from ground.schemas import CheckpointEvaluation, CheckpointRef, Evaluation
 from policies.condition_statistics import group_means, mean_over_groups
 from policies.lm.indicators import checkpoint_indicators
 from policies.lm.lora import is_lora_dir, load_lora_dir
+from policies.lm.mixture_learners import pair_groups
 from policies.lm.mode_mixture import (
     ModeMixture,
     is_mixture_dir,
@@ -43,9 +44,10 @@ from policies.lm.mode_mixture import (
     sequence_cap,
 )
 from workers.lm import mode_mixture_training
+from workers.lm.mode_mixture_training import encode_kept_pairs
 from workers.lm.models import load_causal_lm, load_tokenizer, local_model_dir
 from workers.lm.plans import saved_max_length
-from workers.lm.training.data import TokenizedPair, load_jsonl, readable_pairs, tokenize_pairs, truncate_pair
+from workers.lm.training.data import TokenizedPair, load_jsonl, tokenize_pairs
 from workers.lm.training.dpo import reference_logps
 from workers.lm.training.dpo_config import DPOConfig
 
@@ -57,14 +59,6 @@ INDICATOR_PROMPTS = 64
 # Tokens an indicator row leaves free after its prompt: the generated view's 16 new tokens
 # (policies/lm/indicators.py), re-tokenised after decoding, with room to spare.
 INDICATOR_ROOM = 32
-
-
-def copy_groups(rows: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Per held-out row, its task: a prompt with its two responses, whichever was chosen (as the snapshot's split
-    groups them, `ingest.text_snapshot.copy_groups`); several annotators' labels of one task are copies."""
-    seen: dict[tuple[str, frozenset[str]], int] = {}
-    return np.array([seen.setdefault((r["prompt"], frozenset((r["chosen"], r["rejected"]))), len(seen)) for r in rows],
-                    dtype=np.int64)
 
 
 def _right(margins: Tensor) -> np.ndarray:
@@ -144,11 +138,7 @@ class MixtureBase:
     def load(cls, path: str, tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> MixtureBase:
         model = load_causal_lm(path).eval()
         head = model.get_output_embeddings().weight.detach().float()
-        cap = sequence_cap(model, max_length)
-        kept = readable_pairs([truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)], rows, cap)
-        encoded = mode_mixture_training.encode_pairs(model, tokenizer, [rows[i] for i in kept], max_length,
-                                                     drop_empty=False)
-        return cls(model, head, encoded, kept)
+        return cls(model, head, *encode_kept_pairs(model, tokenizer, rows, max_length))
 
     def margins(self, ratio: Tensor, n_rows: int) -> Tensor:
         """Every held-out row's margin: the mixture's where it read the pair, 0 (a tie, counted half) where no model
@@ -179,7 +169,7 @@ def evaluate_lm_checkpoints(
     tokenizer = load_tokenizer(base_model)
     rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
     pairs = tokenize_pairs(rows, tokenizer)
-    groups = copy_groups(rows)
+    groups = pair_groups(rows)  # a task: a prompt with its two responses, whichever was chosen
     pad = int(tokenizer.pad_token_id)
     reference = load_causal_lm(base_model).eval()
     ref_chosen, ref_rejected = pair_logps(reference, pairs, pad)

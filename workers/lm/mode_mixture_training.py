@@ -111,11 +111,17 @@ class FrozenBase:
         return encode_pairs(self.model, self.tokenizer, rows, max_length)
 
 
-@torch.no_grad()
 def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_length: int,
                  chunk: int = 64, drop_empty: bool = True) -> EncodedPairs:
+    """`encode_kept_pairs`' encoding, for callers that need not know which rows it left out."""
+    return encode_kept_pairs(model, tokenizer, rows, max_length, chunk, drop_empty)[0]
+
+
+@torch.no_grad()
+def encode_kept_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_length: int,
+                      chunk: int = 64, drop_empty: bool = True) -> tuple[EncodedPairs, list[int]]:
     """Run the frozen base once over each pair's prompt + chosen and prompt + rejected (on the model's device;
-    the tensors come back on the CPU, where the mixture trains).
+    the tensors come back on the CPU, where the mixture trains); with the indices of the `rows` encoded.
 
     Each sequence is cut to `max_length` (the recipe's) or the model's context, if shorter, by the truncation DPO's
     batches use (`truncate_pair`: a long prompt keeps its end and leaves the responses room); the prompt τ̃ reads is
@@ -130,9 +136,8 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     check_mixture_head(model)
     cap = sequence_cap(model, max_length)
     pairs = [truncate_pair(p, cap) for p in tokenize_pairs(rows, tokenizer)]
-    if drop_empty:
-        kept = readable_pairs(pairs, rows, cap)
-        pairs, rows = [pairs[i] for i in kept], [rows[i] for i in kept]
+    kept = readable_pairs(pairs, rows, cap) if drop_empty else list(range(len(rows)))
+    pairs, rows = [pairs[i] for i in kept], [rows[i] for i in kept]
     device = model.get_input_embeddings().weight.device
     head = model.get_output_embeddings().weight.float().cpu()
     states: list[Tensor] = []
@@ -158,7 +163,7 @@ def encode_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], max_len
     embeds, prompt_mask = prompt_embeddings(model, [p.prompt_ids for p in pairs])
     base_logps = sequence_logps(target_logps(hidden @ head.T, target_ids), mask, "sum")
     return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, base_logps,
-                        torch.from_numpy(pair_groups(rows)))
+                        torch.from_numpy(pair_groups(rows))), kept
 
 
 # Config keys of a head that does more than hidden @ W.T (Granite divides logits, Cohere multiplies them, Gemma 2
