@@ -35,16 +35,27 @@ class TextConditionThresholds:
     # With a mode-mixture stage 1, principal components of the prompts' pooled codes (τ̃'s input) that the
     # direct path crosses with each mode's margin: the prompt information τ̃ may have merged.
     prompt_components: int = 4
-    # ... and the training pairs with the nearest prompts that the mixture's direct path (fine_tune) fits a mode on.
+    # ... and the training pairs with the nearest prompt codes that the mixture's direct path (fine_tune) fits a mode
+    # on, when the pairs carry no prompt tokens.
     neighbour_pairs: int = 10
+    # With prompt tokens, the direct path fits each pair's mode on the training pairs whose prompts are at least this
+    # TF-IDF cosine alike (policies/lm/prompt_content.py), and on this many of the closest at least.
+    neighbour_similarity: float = 0.5
+    min_neighbour_pairs: int = 3
     # Precision of the Gaussian prior of every Bradley–Terry learner, on features scaled to unit RMS
     # over the proxy pairs: worth about 2 pairs per weight, enough to keep 30 pairs from over-fitting
     # 1 + D + 8 weights, negligible against 100+.
     prior_precision: float = 2.0
     # shared_level_sets fails only when the direct path's held-out gain is significant and above
     # this (nats per pair): a hidden state fits a little the simplex's log-coordinates miss even when
-    # the expert factors through the simplex; that is not a broken level set.
-    level_set_tolerance: float = 0.01
+    # the expert factors through the simplex, and a mixture's modes are uneven within a mode, so the
+    # direct path gains 0.01-0.10 nats per pair on satisfying judges where it gains 0.1-0.3 on the blind
+    # one (bench/lm_proxy.py's judges, tuning seeds 0-11, 30-300 expert pairs: at 0.01, 10 of 240
+    # satisfying runs failed; at 0.1, none, and blind's detection fell from 0.94 to 0.92 at 100 pairs).
+    level_set_tolerance: float = 0.1
+    # end_to_end fails only when two_stage's held-out log-likelihood is significantly below the best
+    # other plan's and by more than this (nats per pair).
+    end_to_end_tolerance: float = 0.01
     # image_containment: an expert-chosen response is outside the proxy's image when it is farther
     # from the proxy-chosen responses than this quantile of held-out proxy-chosen responses are ...
     image_quantile: float = 0.95

@@ -45,6 +45,7 @@ from policies.lm.mixture_learners import (
     fold_margins,
     mixture_image_containment,
     principal_components,
+    prompt_closeness,
     swapped_margins,
     unit_rms,
 )
@@ -73,7 +74,8 @@ def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextCondition
     if expert.mixture is not None and proxy.mixture is not None:
         design = expert_only_design(expert.mixture, proxy.mixture, direct, unit_rms(direct_proxy, direct_proxy),
                                     t.prompt_components)
-        margins = partial(fold_margins, expert.mixture, swapped_margins(expert.mixture), t.neighbour_pairs)
+        margins = partial(fold_margins, expert.mixture, swapped_margins(expert.mixture),
+                          prompt_closeness(expert.mixture, proxy.mixture, t))
         return _Designs({"expert_only": design}, len(components), margins)
     simplex = unit_rms(expert.simplex_chosen - expert.simplex_rejected, proxy.simplex_chosen - proxy.simplex_rejected)
     with_proxy = [expert.proxy_margin[:, None], simplex]
@@ -303,11 +305,11 @@ def _similarity_preserved(designs: _Designs, expert: TextPairFeatures, proxy: Te
 def _end_to_end(ll: dict[str, np.ndarray], correct: dict[str, np.ndarray], n: int, rng: np.random.Generator,
                 t: TextConditionThresholds) -> ConditionCheck:
     worse, p, rival, accuracy = two_stage_vs_rival(ll, correct, rng)
-    worse = worse and float(ll[rival].mean() - ll["two_stage"].mean()) > t.level_set_tolerance
+    worse = worse and float(ll[rival].mean() - ll["two_stage"].mean()) > t.end_to_end_tolerance
     return _check(
         "end_to_end", not worse, p, t.alpha,
         f"held-out ({n} pairs, {min(t.cv_folds, n)}-fold) log-likelihood per pair: two_stage "
         f"{ll['two_stage'].mean():+.3f} vs the best other plan, {rival}, {ll[rival].mean():+.3f} (paired bootstrap "
         f"p={p:.3f}); pairwise accuracy: {accuracy}; pass unless two_stage is significantly worse (p < {t.alpha}) by "
-        f"more than {t.level_set_tolerance} nats per pair",
+        f"more than {t.end_to_end_tolerance} nats per pair",
     )

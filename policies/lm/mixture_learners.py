@@ -31,6 +31,7 @@ from ground.schemas import ConditionCheck
 from policies.condition_statistics import binomial_tail
 from policies.lm.bradley_terry import log_sigmoid
 from policies.lm.condition_config import TextConditionThresholds
+from policies.lm.prompt_content import tfidf_similarity
 
 MAX_EXHAUSTIVE_MODES = 8  # 8! = 40 320 relabellings searched exhaustively; greedy above
 # Prior of stage 2's relabelling: each mode keeps its own vertex with this mass, the rest spread evenly over the
@@ -56,11 +57,15 @@ class MixtureTerms:
     # [n] which pairs are copies of one another (`pair_groups`: same prompt and responses), so the tests'
     # folds keep them together; None: every pair distinct.
     groups: np.ndarray | None = None
+    # [n, T] the prompt's token ids as cut, padded with prompt_content.PAD: what the direct path groups prompts by
+    # (`prompt_content.tfidf_similarity`); None: by prompt_code.
+    prompt_tokens: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.groups is not None:
-            object.__setattr__(self, "groups", np.asarray(self.groups, dtype=np.int64))
-        for f in [f for f in fields(self) if f.name not in ("beta", "groups")]:
+        for name in ("groups", "prompt_tokens"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int64))
+        for f in [f for f in fields(self) if f.name not in ("beta", "groups", "prompt_tokens")]:
             array = np.asarray(getattr(self, f.name), dtype=np.float64)
             if not np.isfinite(array).all():
                 raise ValueError(f"MixtureTerms.{f.name} has non-finite values")
@@ -74,13 +79,16 @@ class MixtureTerms:
             raise ValueError(f"base log-probs must be [n] and prompt_code [n, P] with n = {n}")
         if self.groups is not None and self.groups.shape != (n,):
             raise ValueError(f"groups must be [n] = [{n}], got {self.groups.shape}")
+        if self.prompt_tokens is not None and (self.prompt_tokens.ndim != 2 or len(self.prompt_tokens) != n):
+            raise ValueError(f"prompt_tokens must be [n, T] with n = {n}, got {self.prompt_tokens.shape}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"MixtureTerms.beta (stage 1's DPO β) must be a positive number, got {self.beta}")
 
     def take(self, index: np.ndarray | slice) -> MixtureTerms:
         return MixtureTerms(self.log_weights[index], self.mode_chosen[index], self.mode_rejected[index],
                             self.base_chosen[index], self.base_rejected[index], self.prompt_code[index], self.beta,
-                            None if self.groups is None else self.groups[index])
+                            None if self.groups is None else self.groups[index],
+                            None if self.prompt_tokens is None else self.prompt_tokens[index])
 
     def oriented(self, sign: np.ndarray) -> MixtureTerms:
         """These pairs, read a vs b, turned chosen first by labels `sign` [n] (+1: a was chosen, −1: b was)."""
@@ -90,7 +98,7 @@ class MixtureTerms:
                             np.where(column, self.mode_chosen, self.mode_rejected),
                             np.where(flip, self.base_rejected, self.base_chosen),
                             np.where(flip, self.base_chosen, self.base_rejected), self.prompt_code, self.beta,
-                            self.groups)
+                            self.groups, self.prompt_tokens)
 
     @property
     def base_margin(self) -> np.ndarray:
@@ -216,17 +224,39 @@ def swapped_margins(terms: MixtureTerms) -> np.ndarray:
     return out
 
 
-def neighbour_modes(terms: MixtureTerms, swapped: np.ndarray, two_stage: np.ndarray, train: np.ndarray,
-                    neighbours: int) -> np.ndarray:
+@dataclass(frozen=True)
+class PromptCloseness:
+    """How alike each expert pair's prompt is to each other's, `score` [n, n] (higher: closer), and which training
+    pairs the direct path fits a pair's mode on: its `least` closest and every one at least `floor` close."""
+
+    score: np.ndarray
+    least: int
+    floor: float = math.inf
+
+
+def prompt_closeness(expert: MixtureTerms, proxy: MixtureTerms, t: TextConditionThresholds) -> PromptCloseness:
+    """By TF-IDF over the prompts' tokens (`prompt_content`, IDF over the proxy prompts) when both sides carry them:
+    every training pair at least `neighbour_similarity` alike, and `min_neighbour_pairs` at least; else the
+    `neighbour_pairs` nearest prompt codes (Euclidean)."""
+    if expert.prompt_tokens is not None and proxy.prompt_tokens is not None:
+        similarity = tfidf_similarity(expert.prompt_tokens, proxy.prompt_tokens)
+        return PromptCloseness(similarity, t.min_neighbour_pairs, t.neighbour_similarity)
+    codes = expert.prompt_code
+    return PromptCloseness(-((codes[:, None, :] - codes[None, :, :]) ** 2).sum(-1), t.neighbour_pairs)
+
+
+def neighbour_modes(swapped: np.ndarray, two_stage: np.ndarray, train: np.ndarray,
+                    closeness: PromptCloseness) -> np.ndarray:
     """The direct path: for each pair, the swapped mixture (`swapped_margins`) or two_stage's that best fits the
-    `neighbours` training pairs whose prompts are nearest to its own (Euclidean, prompt codes), and that option's
-    margin. Unlike a relabelling it can send two prompts with one simplex point to different modes."""
+    training pairs whose prompts are close to its own (`closeness`), and that option's margin. Unlike a
+    relabelling it can send two prompts with one simplex point to different modes."""
     options = np.hstack([swapped, two_stage[:, None]])  # [n, D + 1]
     fit = log_sigmoid(options[train])
-    codes = terms.prompt_code
-    distance = ((codes[:, None, :] - codes[None, train, :]) ** 2).sum(-1)  # [n, |train|]
-    nearest = np.argsort(distance, axis=1, kind="stable")[:, :neighbours]
-    best = fit[nearest].sum(axis=1).argmax(axis=1)
+    score = closeness.score[:, train]
+    near = score >= closeness.floor
+    nearest = np.argsort(-score, axis=1, kind="stable")[:, :closeness.least]
+    near[np.arange(len(score))[:, None], nearest] = True
+    best = (near.astype(np.float64) @ fit).argmax(axis=1)
     return np.asarray(options[np.arange(len(options)), best])
 
 
@@ -240,11 +270,12 @@ def expert_only_design(expert: MixtureTerms, proxy: MixtureTerms, direct_expert:
     return direct, np.zeros(direct.shape[1])
 
 
-def fold_margins(terms: MixtureTerms, swapped: np.ndarray, neighbours: int, train: np.ndarray) -> dict[str, np.ndarray]:
+def fold_margins(terms: MixtureTerms, swapped: np.ndarray, closeness: PromptCloseness,
+                 train: np.ndarray) -> dict[str, np.ndarray]:
     """Every pair's margin under two_stage (its relabelling fitted on the expert pairs `train`) and under the direct
     path (`neighbour_modes` over `train`); `swapped` is `swapped_margins(terms)`, which no fold changes."""
     two_stage = relabelled_margin(terms, fit_relabelling(terms.take(train)))
-    return {"two_stage": two_stage, "direct": neighbour_modes(terms, swapped, two_stage, train, neighbours)}
+    return {"two_stage": two_stage, "direct": neighbour_modes(swapped, two_stage, train, closeness)}
 
 
 def mixture_image_containment(expert: MixtureTerms, proxy: MixtureTerms, t: TextConditionThresholds) -> ConditionCheck:

@@ -4,6 +4,7 @@ save and load."""
 import torch
 
 from policies.lm.mode_mixture import ModeMixture, load_mixture_dir, save_mixture_dir
+from policies.lm.prompt_content import PAD
 from policies.lm.simplex_bottleneck import load_causal_lm_dir
 from tests.workers.lm_helpers import PAIRS, tiny_model_dir
 from workers.lm import mode_mixture_training as mm
@@ -65,3 +66,18 @@ def test_condition_test_features_are_mode_posteriors_and_the_dpo_margin():
     ratio = mm.pair_logps(stage1, data, head).detach() - data.base_logps
     torch.testing.assert_close(torch.from_numpy(features.proxy_margin).float(), 0.5 * (ratio[:, 0] - ratio[:, 1]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_the_prompts_token_ids_reach_the_condition_tests_padded_and_as_cut():
+    """The tests group prompts by these (policies/lm/prompt_content.py); a cut prompt keeps its end."""
+    model, tokenizer, head, rows = _setup()
+    data = mm.encode_pairs(model, tokenizer, rows, RECIPE.max_length)
+    terms = mixture_pair_features(ModeMixture(head.shape[1], 3), data, head, beta=0.5).mixture
+    assert terms is not None and terms.prompt_tokens is not None
+    for row, ids in zip(rows, terms.prompt_tokens, strict=True):
+        expected = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        assert ids[ids != PAD].tolist() == expected
+    assert (terms.prompt_tokens == PAD).any()  # prompts of unequal length are padded
+    cut = mm.encode_pairs(model, tokenizer, rows[:1], max_length=6)
+    kept = cut.prompt_ids[0][cut.prompt_ids[0] != PAD].tolist()
+    assert kept and kept == tokenizer(rows[0]["prompt"], add_special_tokens=False).input_ids[-len(kept):]

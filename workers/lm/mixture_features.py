@@ -47,7 +47,8 @@ def mixture_pair_features(mixture: ModeMixture, data: EncodedPairs, head: Tensor
                          base_chosen=data.base_logps[:, 0].double().numpy(),
                          base_rejected=data.base_logps[:, 1].double().numpy(),
                          prompt_code=code.double().numpy(), beta=beta,
-                         groups=None if data.groups is None else data.groups.numpy())
+                         groups=None if data.groups is None else data.groups.numpy(),
+                         prompt_tokens=None if data.prompt_ids is None else data.prompt_ids.numpy())
     return TextPairFeatures(**{k: v.double().numpy() for k, v in parts.items()}, mixture=terms)
 
 

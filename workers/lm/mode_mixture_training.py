@@ -35,6 +35,7 @@ from policies.lm.mode_mixture import (
     select_trainable,
     sequence_cap,
 )
+from policies.lm.prompt_content import PAD
 from workers.lm.models import load_causal_lm, load_tokenizer
 from workers.lm.plans import MixtureRecipe  # kept in the torch-free plans: the flow builds requests from it
 from workers.lm.training.data import readable_pairs, tokenize_pairs, truncate_pair
@@ -55,7 +56,8 @@ class DPOHooks(Protocol):
 class EncodedPairs:
     """Per pair: prompt embeddings [N, T, H] and mask; chosen/rejected (index 0/1) final states [N, 2, R, H],
     targets [N, 2, R] and masks [N, 2, R]; the base's sequence log-probs [N, 2]; copy groups [N]
-    (`mixture_learners.pair_groups`, which the tests' folds keep together; None: all distinct)."""
+    (`mixture_learners.pair_groups`, which the tests' folds keep together; None: all distinct); the prompts' token
+    ids [N, T] padded with `prompt_content.PAD` (what the tests group prompts by; None: not kept)."""
 
     embeds: Tensor
     prompt_mask: Tensor
@@ -64,6 +66,7 @@ class EncodedPairs:
     mask: Tensor
     base_logps: Tensor
     groups: Tensor | None = None
+    prompt_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.embeds)
@@ -71,7 +74,8 @@ class EncodedPairs:
     def take(self, index: Tensor | slice) -> EncodedPairs:
         return EncodedPairs(self.embeds[index], self.prompt_mask[index], self.hidden[index], self.targets[index],
                             self.mask[index], self.base_logps[index],
-                            None if self.groups is None else self.groups[index])
+                            None if self.groups is None else self.groups[index],
+                            None if self.prompt_ids is None else self.prompt_ids[index])
 
 
 def _pad(rows: list[Tensor], width: int) -> tuple[Tensor, Tensor]:
@@ -162,8 +166,11 @@ def encode_kept_pairs(model: Any, tokenizer: Any, rows: list[dict[str, str]], ma
     hidden, mask, target_ids = hidden.view(n, 2, width, -1), mask.view(n, 2, width), target_ids.view(n, 2, width)
     embeds, prompt_mask = prompt_embeddings(model, [p.prompt_ids for p in pairs])
     base_logps = sequence_logps(target_logps(hidden @ head.T, target_ids), mask, "sum")
+    prompt_ids = torch.full(prompt_mask.shape, PAD, dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        prompt_ids[i, :len(pair.prompt_ids)] = torch.tensor(pair.prompt_ids, dtype=torch.long)
     return EncodedPairs(embeds, prompt_mask, hidden, target_ids, mask, base_logps,
-                        torch.from_numpy(pair_groups(rows))), kept
+                        torch.from_numpy(pair_groups(rows)), prompt_ids), kept
 
 
 # Config keys of a head that does more than hidden @ W.T (Granite divides logits, Cohere multiplies them, Gemma 2
