@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ground.schemas import Item, PairwiseText
-from ingest.store import LabelKind, LabelRow, SnapshotNotFound, SnapshotRow, split_by_group
+from ingest.store import HELDOUT_EVERY, LabelKind, LabelRow, SnapshotNotFound, SnapshotRow, split_by_group
 
 ItemKind = Literal["features", "pairwise_text"]
 _item_adapter: TypeAdapter[Item] = TypeAdapter(Item)
@@ -57,7 +57,23 @@ def copy_groups(items: Sequence[PairwiseText]) -> list[int]:
     return [seen.setdefault((t.prompt, frozenset((t.response_a, t.response_b))), len(seen)) for t in items]
 
 
+def prompt_groups(items: Sequence[PairwiseText]) -> list[int]:
+    """Per item, its prompt's group, numbered by first appearance: every pair on one prompt is one group."""
+    seen: dict[str, int] = {}
+    return [seen.setdefault(t.prompt, len(seen)) for t in items]
+
+
+# Fewer distinct prompts than this and the split falls back to copy groups: by prompt, every third prompt's pairs go to
+# the gate, and one or two prompts would leave training nothing or the gate everything.
+MIN_PROMPTS_TO_SPLIT = 2 * HELDOUT_EVERY
+
+
 def split_heldout(items: Sequence[PairwiseText]) -> tuple[list[PairwiseText], list[PairwiseText]]:
-    """(train, held-out) by the store's rule (`split_by_group`) over copy groups (`copy_groups`): all copies of a
-    pair go to one side (the audit had 16 of 16 held-out pairs copies of training pairs)."""
-    return split_by_group(items, copy_groups(items))
+    """(train, held-out) by the store's rule (`split_by_group`) over prompts (`prompt_groups`): the gate scores a
+    policy on prompts it was not trained on, as it will be served. A held-out pair on a training prompt (another
+    pair of responses, or a copy of a training pair: the audit had 16 of 16 held-out pairs copies) scored what was
+    trained on. With fewer than MIN_PROMPTS_TO_SPLIT distinct prompts, over copy groups (`copy_groups`): at least no
+    pair is on both sides."""
+    prompts = prompt_groups(items)
+    enough = len(set(prompts)) >= MIN_PROMPTS_TO_SPLIT
+    return split_by_group(items, prompts if enough else copy_groups(items))

@@ -242,7 +242,8 @@ def prompt_closeness(expert: MixtureTerms, proxy: MixtureTerms, t: TextCondition
         similarity = tfidf_similarity(expert.prompt_tokens, proxy.prompt_tokens)
         return PromptCloseness(similarity, t.min_neighbour_pairs, t.neighbour_similarity)
     codes = expert.prompt_code
-    return PromptCloseness(-((codes[:, None, :] - codes[None, :, :]) ** 2).sum(-1), t.neighbour_pairs)
+    squared = (codes**2).sum(axis=1)  # |a - b|² without the [n, n, P] difference tensor
+    return PromptCloseness(2 * codes @ codes.T - squared[:, None] - squared[None, :], t.neighbour_pairs)
 
 
 def neighbour_modes(swapped: np.ndarray, two_stage: np.ndarray, train: np.ndarray,

@@ -68,6 +68,21 @@ def test_no_held_out_pair_of_the_gate_has_a_copy_in_training_and_distinct_pairs_
     assert held == distinct[0::3] and train == [t for i, t in enumerate(distinct) if i % 3]
 
 
+def test_the_gates_held_out_pairs_are_on_prompts_training_never_saw() -> None:
+    """Several pairs of responses per prompt (how chat preference data comes): a held-out pair on a training prompt
+    scored the gate on what was trained on. With too few prompts to split, pairs still never straddle the split."""
+    many = [PairwiseText(prompt=f"question {i % 7}?", response_a=f"answer {i}", response_b=f"other {i}", choice="a")
+            for i in range(45)]
+    train, held = split_heldout(many)
+    assert len(train) + len(held) == 45 and train and held
+    assert not {p.prompt for p in held} & {p.prompt for p in train}
+    few = [p.model_copy(update={"prompt": f"question {i % 2}?"}) for i, p in enumerate(many[:12])]
+    train, held = split_heldout(few)
+    assert train and held and len(train) + len(held) == 12
+    key = {(p.prompt, p.response_a) for p in train}
+    assert not [p for p in held if (p.prompt, p.response_a) in key]
+
+
 def _features(rng: np.random.Generator, n: int, groups: np.ndarray | None = None) -> TextPairFeatures:
     """Pairs whose labels are coin flips that no feature predicts: only memorising a pair can score them."""
     log_w = np.log(rng.dirichlet(np.ones(D), n))
