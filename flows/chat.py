@@ -38,15 +38,21 @@ def write_chat_data(settings: Settings, run_id: str, snapshot_id: str) -> ChatDa
 
 @task(name="chat-base-model", retries=1, retry_delay_seconds=RETRY_DELAYS_S)
 def chat_base_model(settings: Settings, heldout: str | None = None) -> str:
-    """The run's base model, prepared the first time; refused when its tokenizer cannot serve what the run trains,
-    or (given the run's `heldout` pairs) when none of them fits its context: in seconds, not after training."""
+    """The run's base model, prepared the first time; refused when its tokenizer cannot serve what the run trains.
+    Given the run's `heldout` pairs, a warning when none of them fits its context: training goes ahead (only the
+    advisory indicators need a whole pair), and the gate blocks the release, naming the context (`too_little_heldout`),
+    which an override can still release."""
     from workers.lm.base_model import ensure_chat_base_model  # torch: see the module docstring
-    from workers.lm.evaluate import check_heldout_fits
+    from workers.lm.evaluate import heldout_past_context
 
     path = ensure_chat_base_model(settings.chat_base_model, settings.models_dir, seed=settings.training_seed)
-    if heldout:
-        check_heldout_fits(str(path), heldout)
-    get_run_logger().info("chat base model %s: %s", settings.chat_base_model, path)
+    logger = get_run_logger()
+    context = heldout_past_context(str(path), heldout) if heldout else None
+    if context is not None:
+        logger.warning("no held-out pair of %s fits the chat base model's context of %d tokens: the run trains, but "
+                       "its gate will block the release (a longer-context base, or shorter held-out pairs, would "
+                       "let it judge one)", heldout, context)
+    logger.info("chat base model %s: %s", settings.chat_base_model, path)
     return str(path)
 
 

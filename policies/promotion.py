@@ -78,6 +78,11 @@ def too_little_heldout(evaluation: Evaluation, rules: GateRules) -> str | None:
     if evaluation.n_heldout == 0:  # e.g. a retrain triggered by proxy labels alone
         return ("no held-out expert labels to judge a release on: the gate needs expert data (part of every "
                 "snapshot's expert labels is held out for it)")
+    if evaluation.language_model and evaluation.n_indicator_prompts == 0:  # workers/lm/evaluate.py: none fits
+        return (f"none of the {evaluation.n_heldout} held-out expert pairs fits the base model's context of "
+                f"{evaluation.heldout_context} tokens whole (prompt + chosen response, with room to generate after the "
+                "prompt): its accuracy would judge cut responses and the indicators read nothing; a base with a "
+                "longer context, or shorter held-out pairs, are needed")
     tasks = evaluation.n_heldout_inputs
     if tasks is not None and tasks < rules.min_heldout_inputs:
         return (f"the held-out expert labels cover {tasks} distinct tasks ({evaluation.n_heldout} labels; copies "

@@ -134,6 +134,9 @@ class Evaluation(_Readings):
     base_model_log_prob_accuracy: float | None = None
     n_indicator_prompts: int | None = None
     base_topk_mass: float | None = None  # language models: the base model's (step 0), the mass rule's reference
+    # Language models: the base model's context in tokens (None: it names none), which a held-out pair must fit
+    # whole to be read by the indicators; with none fitting (n_indicator_prompts 0) the gate blocks and names it.
+    heldout_context: int | None = None
 
 
 class SnapshotInfo(BaseModel):

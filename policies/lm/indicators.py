@@ -3,7 +3,7 @@
 Two views: teacher-forced (the model's next-token distributions over reference completions, one
 batched forward pass) and generated (greedy continuations, scored from the same forward pass over
 prompt + continuation). Values are averaged over a sequence's positions, then over the prompt set
-(with the standard deviation across sequences). Entropy is reported renormalised over the top-k
+(with the standard deviation across sequences: `_spread`). Entropy is reported renormalised over the top-k
 (the default the gate uses: it isolates the shape of the head of the distribution) and raw; mass
 is always the raw top-k probability.
 
@@ -13,6 +13,7 @@ mixture (policies/lm/mode_mixture.py) is read here, as its base with one mode's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,15 @@ from policies.indicators import topk_indicators
 from policies.lm.mode_mixture import BiasLogits
 
 TOP_K = 10
+_NAMES = ("entropy", "entropy_raw", "mass")
+
+
+def _spread(values: Tensor) -> float:
+    """Standard deviation of per-sequence values across sequences (n − 1 in the denominator), 0.0 over one sequence:
+    one prompt has no spread to measure, and the n − 1 estimator would divide by zero (NaN, and torch warns). A
+    defined number keeps every key of the indicators a float, as the evaluation record and its tables read them; no
+    caller decides on it (the gate reads the means), and the record's `n_indicator_prompts` says how many it is over."""
+    return float(values.std()) if values.numel() > 1 else 0.0
 
 
 def _padded(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +52,10 @@ def completion_indicators(
     model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], k: int = TOP_K,
     biases: Tensor | None = None,
 ) -> dict[str, float]:
-    """Indicators at the completion positions of prompt+completion, computed in one batch."""
+    """Indicators at the completion positions of prompt+completion, computed in one batch; with no prompt (no held-out
+    pair fits the model's context: workers/lm/evaluate.py) every value is NaN, not measured."""
+    if not prompts:
+        return {f"{name}_{stat}": math.nan for name in _NAMES for stat in ("mean", "std")}
     prompt_lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     ids, mask = _padded(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
@@ -53,9 +66,9 @@ def completion_indicators(
     entropy, mass = topk_indicators(logits, k=k, renormalise=True)
     raw_entropy, _ = topk_indicators(logits, k=k, renormalise=False)
     per_sequence = {name: (values * scored).sum(1) / scored.sum(1).clamp(min=1)
-                    for name, values in (("entropy", entropy), ("entropy_raw", raw_entropy), ("mass", mass))}
-    return {f"{name}_{stat}": float(getattr(values, stat)()) for name, values in per_sequence.items()
-            for stat in ("mean", "std")}
+                    for name, values in zip(_NAMES, (entropy, raw_entropy, mass), strict=True)}
+    return {key: value for name, values in per_sequence.items()
+            for key, value in ((f"{name}_mean", float(values.mean())), (f"{name}_std", _spread(values)))}
 
 
 @torch.no_grad()

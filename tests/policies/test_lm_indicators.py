@@ -48,3 +48,31 @@ def test_both_views_are_reported(tiny):
     model, tokenizer = tiny
     values = checkpoint_indicators(model, tokenizer, PROMPTS, COMPLETIONS)
     assert {"teacher_forced/entropy_mean", "generated/mass_std", "generated/entropy_raw_mean"} <= set(values)
+
+
+def test_one_prompt_gives_a_spread_of_zero_without_a_warning(tiny):
+    """Before: the standard deviation across one sequence was NaN (n − 1 = 0), with a torch warning per indicator."""
+    import warnings
+
+    model, tokenizer = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = checkpoint_indicators(model, tokenizer, PROMPTS[:1], COMPLETIONS[:1])
+    stds = {f"{view}/{name}_std" for view in ("teacher_forced", "generated")
+            for name in ("entropy", "entropy_raw", "mass")}
+    assert {key for key in one if key.endswith("_std")} == stds
+    assert all(value == 0.0 for key, value in one.items() if key.endswith("_std"))
+    both = completion_indicators(model, tokenizer, PROMPTS, COMPLETIONS)  # two prompts: the n − 1 estimator, as ever
+    singles = [completion_indicators(model, tokenizer, [p], [c]) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    spread = abs(singles[0]["entropy_mean"] - singles[1]["entropy_mean"]) / 2 ** 0.5
+    assert both["entropy_std"] == pytest.approx(spread, abs=1e-5) and both["entropy_std"] > 0
+
+
+def test_no_prompt_reads_every_indicator_as_nan(tiny):
+    """No held-out pair fits the context (workers/lm/evaluate.py): nothing measured, every key still there."""
+    import math
+
+    model, tokenizer = tiny
+    none = checkpoint_indicators(model, tokenizer, [], [])
+    assert set(none) == set(checkpoint_indicators(model, tokenizer, PROMPTS, COMPLETIONS))
+    assert all(math.isnan(value) for value in none.values())

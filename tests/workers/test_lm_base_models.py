@@ -105,17 +105,43 @@ def test_the_mixture_refuses_a_logit_scaling_it_does_not_model():
     assert len(encode_pairs(neutral, tokenizer, PAIRS, 64)) == len(PAIRS)
 
 
-def test_a_base_whose_context_fits_no_held_out_pair_fails_before_training(tmp_path):
-    """Before: such a base trained, then failed at the evaluation ("no held-out pair fits the model's context")."""
+def test_a_base_whose_context_fits_no_held_out_pair_trains_and_its_gate_blocks_naming_the_context(tmp_path):
+    """Before: such a run failed at its start ("no held-out pair fits the model's context"), for the indicators, which
+    are advisory. Now it trains; the evaluation reads no indicator prompt, and the gate blocks, naming the context."""
     import json
+    import math
 
-    from workers.lm.evaluate import check_heldout_fits
+    from prefect.logging import disable_run_logger
+
+    from flows.chat import chat_base_model
+    from flows.retrain import gate
+    from ground.schemas import CheckpointRef, Evaluation
+    from proxyloop.testing import isolated_settings
+    from workers.lm.evaluate import evaluate_lm_checkpoints
     from workers.lm.models import build_tiny
 
-    long = {"prompt": "What is 3 plus 4? " * 12, "chosen": " It is 7.", "rejected": " It is 9."}
+    rows = [{"prompt": f"What is 3 plus {i}? " * 12, "chosen": f" It is {i + 3}.", "rejected": " It is 9."}
+            for i in range(6)]  # six distinct tasks: enough for the gate (min_heldout_inputs 5)
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text(json.dumps(long) + "\n")
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
     short = build_tiny(tmp_path / "short", max_positions=64)
-    with pytest.raises(ValueError, match="no held-out pair fits the model's context of 64 tokens"):
-        check_heldout_fits(str(short), str(heldout))
-    check_heldout_fits(str(tiny_model_dir()), str(heldout))  # 512 positions: it fits
+
+    def evaluated_and_gated(base):
+        settings = isolated_settings(tmp_path, chat_base_model=str(base))
+        with disable_run_logger():
+            assert chat_base_model.fn(settings, str(heldout)) == str(base)  # the run's start: not refused
+        evaluation = evaluate_lm_checkpoints(str(base), str(heldout), [CheckpointRef(step=0, path=str(base))])
+        evaluation = Evaluation.model_validate_json(evaluation.model_dump_json())  # as the worker's result arrives
+        with disable_run_logger():
+            return evaluation, gate.fn(settings, evaluation)
+
+    evaluation, decision = evaluated_and_gated(short)
+    assert (evaluation.n_heldout, evaluation.n_indicator_prompts, evaluation.heldout_context) == (6, 0, 64)
+    assert math.isnan(evaluation.evaluations[0].topk_entropy) and evaluation.base_topk_mass is None
+    assert decision.decision == "block"
+    assert "none of the 6 held-out expert pairs fits the base model's context of 64 tokens" in decision.reasons[0]
+    assert decision.reasons[-1].startswith("blocked: too little held out")
+    evaluation, decision = evaluated_and_gated(tiny_model_dir())  # 512 positions: they fit, no such reason
+    assert (evaluation.n_indicator_prompts, evaluation.heldout_context) == (6, 512)
+    assert math.isfinite(evaluation.evaluations[0].topk_entropy) and evaluation.base_topk_mass is not None
+    assert not any("context" in reason for reason in decision.reasons)

@@ -96,7 +96,9 @@ def indicator_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, context: int 
     model's `context` (None: every row fits). Why: the indicators (policies/lm/indicators.py) run prompt + completion
     whole, in one batch, with no cap of their own, so one held-out pair past the context (the 16k-token pair that
     cost `encode_pairs` 10 GB before its cap) would fail or exhaust memory there. Skipped, not cut: cutting would
-    need the text back from tokens. An ordinary snapshot's rows all fit and get the first `n` as before."""
+    need the text back from tokens. An ordinary snapshot's rows all fit and get the first `n` as before. None fitting
+    gives none: the evaluation then records no indicator prompt and the model's context, and the gate blocks on it
+    (`too_little_heldout`); raising here failed the run before training, for readings that are only advisory."""
     if context is None:
         return list(rows[:n])
     chosen: list[dict[str, Any]] = []
@@ -107,21 +109,19 @@ def indicator_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, context: int 
         whole = len(tokenizer(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"])
         if whole <= context and prompt + INDICATOR_ROOM <= context:
             chosen.append(row)
-    if rows and not chosen:
-        raise ValueError(f"no held-out pair fits the model's context of {context} tokens (with {INDICATOR_ROOM} "
-                         "tokens to generate after its prompt): the indicators have nothing to read")
     return chosen
 
 
-def check_heldout_fits(base_model: str, heldout_path: str) -> None:
-    """`indicator_rows`' ValueError now, when no held-out pair fits `base_model`'s context: run before training, so
-    that a base with a small context (64 positions) fails in seconds rather than at the evaluation, after training.
-    Reads the config and tokenizer only, not the weights."""
+def heldout_past_context(base_model: str, heldout_path: str) -> int | None:
+    """`base_model`'s context in tokens when no held-out pair fits it (`indicator_rows`), else None. Read before
+    training (the config and tokenizer only, not the weights), so that a run on a base with a small context (64
+    positions) says at its start, not after training, that its gate will block the release."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(local_model_dir(base_model, needs="config.json")), local_files_only=True)
     rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
-    indicator_rows(rows, load_tokenizer(base_model), model_context(SimpleNamespace(config=config)), 1)
+    context = model_context(SimpleNamespace(config=config))
+    return context if rows and not indicator_rows(rows, load_tokenizer(base_model), context, 1) else None
 
 
 @dataclass
@@ -165,7 +165,8 @@ def evaluate_lm_checkpoints(
     n_indicator_prompts: int = INDICATOR_PROMPTS,
 ) -> Evaluation:
     """Evaluate checkpoints (full weights, LoRA or mode mixture) on the held-out pairs; returns what the gate
-    stage reads."""
+    stage reads. Where no held-out pair fits the base's context the indicators are NaN (no prompt to read them on)
+    and `n_indicator_prompts` is 0, with `heldout_context`: the gate blocks on that."""
     tokenizer = load_tokenizer(base_model)
     rows = load_jsonl(heldout_path, ["prompt", "chosen", "rejected"])
     pairs = tokenize_pairs(rows, tokenizer)
@@ -174,7 +175,8 @@ def evaluate_lm_checkpoints(
     reference = load_causal_lm(base_model).eval()
     ref_chosen, ref_rejected = pair_logps(reference, pairs, pad)
     baseline = _pairwise_accuracy(torch.zeros(len(pairs)), groups)  # the reference's implicit reward margins
-    shown = indicator_rows(rows, tokenizer, model_context(reference), n_indicator_prompts)
+    context = model_context(reference)
+    shown = indicator_rows(rows, tokenizer, context, n_indicator_prompts)
     prompts = [r["prompt"] for r in shown]
     completions = [r["chosen"] for r in shown]
     evaluations = []
@@ -206,8 +208,9 @@ def evaluate_lm_checkpoints(
             topk_entropy=indicators["teacher_forced/entropy_mean"], topk_mass=indicators["teacher_forced/mass_mean"],
             indicators=indicators,
         ))
-    base_mass = checkpoint_indicators(reference, tokenizer, prompts, completions)["teacher_forced/mass_mean"]
+    base_mass = checkpoint_indicators(reference, tokenizer, prompts, completions)["teacher_forced/mass_mean"] \
+        if prompts else None  # nothing read: no reference, rather than an unusable NaN reading
     return Evaluation(evaluations=evaluations, baseline_accuracy=baseline, n_heldout=len(pairs), language_model=True,
                       n_heldout_inputs=int(groups.max(initial=-1)) + 1, base_topk_mass=base_mass,
                       base_model_log_prob_accuracy=_pairwise_accuracy(ref_chosen - ref_rejected, groups),
-                      n_indicator_prompts=len(prompts))
+                      n_indicator_prompts=len(prompts), heldout_context=context)
