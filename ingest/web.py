@@ -34,7 +34,13 @@ async def json_body(request: Request, what: str, empty: object = None) -> Any:
         return empty
     try:
         return await request.json()
-    except RecursionError as exc:  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
-        raise HTTPException(422, f"{what} is JSON nested too deeply to parse") from exc
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise HTTPException(422, f"{what} is not JSON: {exc}") from exc
+    except (RecursionError, ValueError) as exc:
+        raise HTTPException(422, not_json(what, exc)) from exc
+
+
+def not_json(what: str, exc: RecursionError | ValueError) -> str:
+    """Why `what` did not parse, saying where: the decoder's line and column, or the byte UTF-8 refused. Shared by
+    every route, those reading their body here and those FastAPI parses (proxyloop.http), so each says it alike."""
+    if isinstance(exc, RecursionError):  # json's parser recurses per nesting level: [[[[...]]]] exhausts the stack
+        return f"{what} is JSON nested too deeply to parse"
+    return f"{what} is not JSON: {exc}"  # not JSON (JSONDecodeError), or not UTF-8 (UnicodeDecodeError)

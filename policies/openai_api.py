@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
+from policies.http_errors import policy_error
 from policies.lm.chat import ChatPolicy, TemplateRefused, load_chat_policy
 from policies.loader import cached_by_version
 from policies.openai_wire import (
@@ -60,11 +61,11 @@ def chat_policy(settings: Settings, ref: str) -> ChatPolicy:
         return cached_by_version(settings.registry_dir, ref, _cache,
                                  lambda root, exact: load_chat_policy(root, exact, settings.serve_merge_lora))
     except RegistryError as exc:  # 404 for a name nobody released, 503 for a damaged registry (RegistryUnreadable)
-        raise HTTPException(exc.http_status, str(exc)) from exc
+        raise policy_error(exc.http_status, str(exc), ref, settings) from exc
     except FileNotFoundError as exc:  # a LoRA release whose base is not on this host: the server's to fix
-        raise HTTPException(503, str(exc)) from exc
+        raise policy_error(503, str(exc), ref, settings) from exc
     except ValueError as exc:
-        raise HTTPException(400, str(exc)) from exc
+        raise policy_error(400, str(exc), ref, settings) from exc
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from ground.schemas import MAX_FEATURE
 from ground.settings import Settings
 from ingest.web import SettingsDep
 from policies.auth import ApiKey
+from policies.http_errors import policy_error
 from policies.loader import LoadedPolicy, NotAFeaturePolicy, cached_by_version, load
 from policies.registry import RegistryError, aliases, list_policies, version_of
 from policies.registry_remote import refresh
@@ -57,9 +58,9 @@ def current_policy(settings: Settings, ref: str) -> LoadedPolicy:
         refresh(settings, ref)
         return cached_by_version(settings.registry_dir, ref, _cache, lambda root, exact: load(exact, root))
     except RegistryError as exc:
-        raise HTTPException(exc.http_status, str(exc)) from exc
+        raise policy_error(exc.http_status, str(exc), ref, settings) from exc
     except NotAFeaturePolicy as exc:
-        raise HTTPException(400, f"{ref} is not a feature-vector policy: {exc}") from exc
+        raise policy_error(400, f"{ref} is not a feature-vector policy: {exc}", ref, settings) from exc
 
 
 @router.get("/models", response_model=ModelList)
@@ -94,12 +95,13 @@ def retrieve_model(model_id: str, settings: SettingsDep, _: ApiKey) -> ModelCard
         refresh(settings, model_id)  # a replica with a remote registry pulls before it answers, as the routes do
         name, version = version_of(settings.registry_dir, model_id)
     except RegistryError as exc:
-        raise HTTPException(exc.http_status, str(exc)) from exc
+        raise policy_error(exc.http_status, str(exc), model_id, settings) from exc
     folder = settings.registry_dir / name / str(version)
     try:
         created = int(folder.stat().st_mtime)
     except OSError as exc:  # deleted by hand between the lookup and here
-        raise HTTPException(503, f"{model_id}: its version folder {folder} cannot be read ({exc})") from exc
+        raise policy_error(503, f"{model_id}: its version folder {folder} cannot be read ({exc})", model_id,
+                           settings) from exc
     return ModelCard(id=model_id, version=version, created=created)
 
 

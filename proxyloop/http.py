@@ -5,6 +5,7 @@ Run: `uvicorn proxyloop.http:app` (started by `proxyloop up`).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -26,7 +27,7 @@ from ground.settings import Settings, get_settings
 from ingest.labelstudio import router as labelstudio_router
 from ingest.labelstudio.webhook import broker_unavailable
 from ingest.proxy_client import BrokerUnreachable, connect_producer
-from ingest.web import app_producer
+from ingest.web import app_producer, not_json
 from policies.ml_backend import ML_BACKEND_PREFIX
 from policies.ml_backend import router as ml_backend_router
 from policies.openai_api import router as openai_router
@@ -114,10 +115,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+BODY = "request body"
+FASTAPI_UNPARSED = "There was an error parsing the body"  # FastAPI's 400 when json.loads raises no JSONDecodeError
+
+
+def _unparsed(message: str, error: dict[str, Any] | None = None) -> JSONResponse:
+    """The 422 for a body that is not JSON, in FastAPI's shape of validation errors, with `message` in both."""
+    detail = [{**(error or {"type": "json_invalid", "loc": ["body"], "input": {}}), "msg": message}]
+    return error_response(422, detail, message=message)
+
+
+def _decode_error(exc: RequestValidationError) -> JSONResponse | None:
+    """FastAPI's 422 for a body that is not JSON said "6: JSON decode error" (param "6"): the decoder's reason and
+    where it broke (line, column) instead, rebuilt from the error's position and the body FastAPI keeps."""
+    for error in exc.errors():
+        if isinstance(error, dict) and error.get("type") == "json_invalid":
+            loc, reason = tuple(error.get("loc", ())), (error.get("ctx") or {}).get("error", "JSON decode error")
+            position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+            body = exc.body if isinstance(exc.body, str) else ""
+            return _unparsed(not_json(BODY, json.JSONDecodeError(str(reason), body, position)), error)
+    return None
+
+
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own 422, but safe to encode: its errors echo the input, and a client's NaN or Infinity (which
     Python's JSON parser accepts) or a lone UTF-16 surrogate (which UTF-8 cannot encode) made the default answer's
-    encoder raise, a 500 instead of the 422."""
+    encoder raise, a 500 instead of the 422. A body that is not JSON: `_decode_error`."""
+    unparsed = _decode_error(exc) if isinstance(exc, RequestValidationError) else None
+    if unparsed is not None:
+        return unparsed
     errors = exc.errors() if isinstance(exc, RequestValidationError) else [str(exc)]
     located = [error for error in errors if isinstance(error, dict)]
     summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
@@ -127,8 +153,13 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def http_error(_: Request, exc: Exception) -> JSONResponse:
-    """Starlette's HTTPException answer (the routes' 401/404/503s, an unknown path's 404) with the `error` object."""
+    """Starlette's HTTPException answer (the routes' 401/404/503s, an unknown path's 404) with the `error` object.
+    FastAPI's generic 400 for a body that is not UTF-8 or nested too deeply becomes the 422 that says so, and where,
+    as a body that does not parse gets on every route."""
     assert isinstance(exc, HTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED and isinstance(cause, RecursionError | ValueError):
+        return _unparsed(not_json(BODY, cause))
     return error_response(exc.status_code, exc.detail, headers=exc.headers)
 
 

@@ -15,6 +15,7 @@ ambiguous choice): an edit to one retracts the label it had; and any other `Unus
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from ground.schemas import ExpertLabel, FeatureTriple, Item, PairwiseText
 from ground.schemas.events import LABELSTUDIO_SOURCE
 
 EVENT_ID_PREFIX = "labelstudio-annotation-"
+_ANNOTATION_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes "١", "1_0" and " 7"
 # Who a label is from when Label Studio names nobody: deleting a user sets its annotations' completed_by
 # to null (on_delete=SET_NULL). The id is stored as the label's source and keys the annotator's profile
 # (policies/profile.py), so it must be a valid, recognisable user id rather than "labelstudio-user-None".
@@ -91,8 +93,15 @@ def event_id_for(annotation_id: int) -> str:
     return f"{EVENT_ID_PREFIX}{annotation_id}"
 
 
-def annotation_id_of(event_id: str) -> int:
-    return int(event_id.removeprefix(EVENT_ID_PREFIX))
+def annotation_id_of(event_id: str) -> int | None:
+    """The annotation id in an event id `event_id_for` made; None for any other. The store keeps the event ids any
+    client sent (a proxy or Kafka producer may use the prefix): int() of the rest raised on a suffix that is no
+    number, stopping every reconciliation, and read "…-1_0" or "…-07" as annotation 10 or 7, whose event ids differ."""
+    number = event_id.removeprefix(EVENT_ID_PREFIX)
+    if number == event_id or not _ANNOTATION_ID.fullmatch(number):
+        return None
+    annotation_id = int(number)
+    return annotation_id if event_id_for(annotation_id) == event_id else None
 
 
 def project_source(project_id: int) -> str:

@@ -182,17 +182,22 @@ class LiveLabels:
 
 
 def _live_labels(engine: Engine) -> LiveLabels:
-    """The store's live Label Studio labels by recorded project: the one read both sweeps are scoped by."""
+    """The store's live Label Studio labels by recorded project: the one read both sweeps are scoped by. One whose
+    event id has the prefix but names no annotation (any client may send one) is left out with a warning: it stopped
+    every project's reconciliation."""
     with Session(engine) as session:
         sources = live_event_sources(session, EVENT_ID_PREFIX)
     by_project: dict[int, set[int]] = {}
     unknown: set[int] = set()
     for event_id, source in sources.items():
-        project_id = project_of_source(source)
-        if project_id is not None:
-            by_project.setdefault(project_id, set()).add(annotation_id_of(event_id))
+        project_id, annotation_id = project_of_source(source), annotation_id_of(event_id)
+        if annotation_id is None:
+            log.warning("live label %r (source %r) left out of reconciliation: its event id names no annotation",
+                        event_id, source)
+        elif project_id is not None:
+            by_project.setdefault(project_id, set()).add(annotation_id)
         elif source is None:
-            unknown.add(annotation_id_of(event_id))
+            unknown.add(annotation_id)
     return LiveLabels(by_project, unknown)
 
 

@@ -15,10 +15,12 @@ import pytest
 from label_studio_sdk.core.api_error import ApiError
 from sqlalchemy.orm import Session
 
-from ground.schemas import ExpertLabel, PairwiseText
+from ground.schemas import ExpertLabel, PairwiseText, ProxyPreference
+from ground.schemas.events import LABELSTUDIO_SOURCE
 from ground.settings import Settings
+from ingest.labelstudio.payloads import annotation_id_of, event_id_for
 from ingest.labelstudio.provision import LabelStudioSetupError
-from ingest.labelstudio.reconcile import ProjectMissing, reconcile
+from ingest.labelstudio.reconcile import ProjectMissing, reconcile, retract_project
 from ingest.store import LabelRow, make_engine
 from ingest.upsert import upsert_events
 from proxyloop.testing import isolated_settings
@@ -152,3 +154,50 @@ def test_a_missing_project_is_named_and_nothing_is_retracted(settings: Settings)
         reconcile(settings, client=FakeLabelStudio({}, elsewhere={9}),  # type: ignore[arg-type]
                   producer=StoreProducer(settings))
     assert set(_live(settings)) == {f"labelstudio-annotation-{i}" for i in (1, 2, 9)}
+
+
+MALFORMED = ("labelstudio-annotation-x7", "labelstudio-annotation-1_0", "labelstudio-annotation-07",
+             "labelstudio-annotation-")
+
+
+def test_a_stored_event_id_with_the_prefix_but_no_annotation_id_is_left_out_and_named(
+    settings: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any client may send an event id with Label Studio's prefix: int() of the rest raised ValueError out of every
+    project's reconciliation (and read "1_0" as annotation 10). Such labels are left alone, each named in the log;
+    the well-formed ones are swept as before, by reconcile and by retract_project."""
+    item = PairwiseText(prompt="q", response_a="A", response_b="B", choice="a")
+    project = f"labelstudio/project-{PROJECT}"
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        upsert_events(session, [
+            *(ExpertLabel(event_id=f"labelstudio-annotation-{i}", annotator_id="labelstudio-user-1", item=item,
+                          occurred_at=T0, source=project) for i in (1, 2)),
+            ExpertLabel(event_id="labelstudio-annotation-3", annotator_id="labelstudio-user-1", item=item,
+                        occurred_at=T0),  # recording no project
+            *(ExpertLabel(event_id=event_id, annotator_id="kafka-client", item=item, occurred_at=T0, source=source)
+              for event_id, source in zip(MALFORMED, (project, LABELSTUDIO_SOURCE) * 2, strict=True)),
+            ProxyPreference(event_id="labelstudio-annotation-judge", proxy_name="judge", item=item, occurred_at=T0),
+        ])
+        session.commit()
+    client = FakeLabelStudio({PROJECT: [[_annotation(1)]]})  # annotation 2 deleted in Label Studio, 3 elsewhere
+    with caplog.at_level(logging.WARNING, logger="proxyloop.labelstudio"):
+        report = reconcile(settings, client=client,  # type: ignore[arg-type]
+                           producer=StoreProducer(settings), project_id=PROJECT)
+    assert (report.published, report.retracted, report.unknown_project) == (1, 1, 1)
+    left_alone = {*MALFORMED, "labelstudio-annotation-judge"}
+    assert set(_live(settings)) == {"labelstudio-annotation-1", "labelstudio-annotation-3"} | left_alone
+    for event_id in left_alone:
+        assert f"live label {event_id!r}" in caplog.text and "names no annotation" in caplog.text
+
+    gone = retract_project(settings, PROJECT + 1, client=client,  # type: ignore[arg-type]
+                           producer=StoreProducer(settings))
+    assert (gone.live, gone.retracted) == (1, 1)  # annotation 3, which Label Studio answers 404 for
+    assert set(_live(settings)) == {"labelstudio-annotation-1"} | left_alone
+
+
+@pytest.mark.parametrize("event_id", [*MALFORMED, "labelstudio-annotation-\u0663", "labelstudio-annotation- 7",
+                                      "LABELSTUDIO-ANNOTATION-7", "labelstudio-annotation-+7", "proxy-7"])
+def test_only_event_ids_that_event_id_for_makes_name_an_annotation(event_id: str) -> None:
+    """SQLite's LIKE, which selects the live labels by prefix, ignores case: "LABELSTUDIO-ANNOTATION-7" reaches it."""
+    assert annotation_id_of(event_id) is None
+    assert [annotation_id_of(event_id_for(i)) for i in (0, 7, 10**12)] == [0, 7, 10**12]

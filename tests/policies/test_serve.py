@@ -135,3 +135,53 @@ def test_a_released_version_damaged_by_hand_is_a_503_naming_it(client, damage, w
     reply = http.post("/v1/policies/demo/predict", json={"x": [0.1] * 5}, headers=AUTH)
     assert reply.status_code == 503, (damage, reply.text)
     assert "demo v1" in reply.json()["detail"] and "cannot be loaded" in reply.json()["detail"]
+
+
+PREDICT, CHAT, CARD = ("post", "/v1/policies/demo/predict", {"x": [0.1] * 5}), ("post", "/v1/chat/completions", {
+    "model": "demo", "messages": [{"role": "user", "content": "hi"}]}), ("get", "/v1/models/demo", None)
+
+
+@pytest.mark.parametrize(("damage", "routes", "said"), [pytest.param(*case, id=case[0]) for case in [
+    ("version folder deleted", (PREDICT, CHAT, CARD), "demo@production points at version 2, whose folder "
+                                                      "<registry>/demo/2 is missing"),
+    ("aliases damaged", (PREDICT, CHAT, CARD), "<registry>/demo/aliases.json cannot be read as JSON"),
+    ("lineage deleted", (PREDICT, CHAT), "demo@2: cannot read <registry>/demo/2/lineage.json"),
+    ("weights deleted", (PREDICT,), "demo v2 at <registry>/demo/2 cannot be loaded (FileNotFoundError"),
+]])
+def test_a_503_names_the_version_and_what_is_wrong_but_not_the_servers_paths(
+    client, tmp_path, damage, routes, said, monkeypatch, caplog,
+):
+    """The answers said where the server keeps its registry ("/home/<user>/.proxyloop/registry/demo/2/..."): a client
+    hears which version is broken and how, the server's log has the paths (the fixture's home and registry are both
+    under tmp_path)."""
+    import shutil
+
+    from policies import openai_api, serve
+
+    monkeypatch.setattr(serve, "_cache", {}), monkeypatch.setattr(openai_api, "_cache", {})
+    http, settings = client
+    root = settings.registry_dir
+    _release(root, 0), _release(root, 1)
+    {"version folder deleted": lambda: shutil.rmtree(root / "demo" / "2"),
+     "aliases damaged": lambda: (root / "demo" / "aliases.json").write_text("{not json"),
+     "lineage deleted": lambda: (root / "demo" / "2" / "lineage.json").unlink(),
+     "weights deleted": lambda: (root / "demo" / "2" / "model.safetensors").unlink()}[damage]()
+    for method, route, body in routes:
+        caplog.clear()
+        reply = http.request(method, route, json=body, headers=AUTH)
+        assert reply.status_code == 503, (route, reply.text)
+        assert said in reply.json()["detail"] and said in reply.json()["error"]["message"], (route, reply.text)
+        assert all(path not in reply.text for path in (str(tmp_path), str(root.resolve()))), (route, reply.text)
+        assert str(root / "demo") in caplog.text, route  # the operator still reads where
+
+
+def test_paths_elsewhere_on_the_host_are_hidden_but_routes_and_urls_kept(client, tmp_path):
+    """A LoRA release's missing base is named by its path, which may be outside home and the registry."""
+    from policies.http_errors import without_server_paths
+
+    _, settings = client
+    message = (f"{settings.registry_dir}/chat/3/model is a LoRA adapter on the base {tmp_path.parent}/bases/qwen, "
+               "which is not there; use /v1/policies/{name}/predict, or pull s3://bucket/registry/chat")
+    assert without_server_paths(message, settings) == (
+        "<registry>/chat/3/model is a LoRA adapter on the base <server path>, which is not there; use "
+        "/v1/policies/{name}/predict, or pull s3://bucket/registry/chat")
