@@ -152,10 +152,12 @@ def label_history(session: Session, event_id: str) -> Sequence[LabelHistoryRow]:
 
 
 def live_event_sources(session: Session, prefix: str) -> dict[str, str | None]:
-    """The stored, not retracted labels whose event id starts with `prefix`: event id → recorded source."""
+    """The stored, not retracted expert labels whose event id starts with `prefix`: event id → recorded source. Expert
+    only: Label Studio's labels are annotators', and a proxy preference a client sent under the prefix is not one a
+    reconciliation may retract."""
     rows = session.execute(
         select(LabelRow.event_id, LabelRow.source).where(LabelRow.event_id.startswith(prefix),
-                                                         LabelRow.deleted.is_(False))
+                                                         LabelRow.kind == "expert", LabelRow.deleted.is_(False))
     )
     return {event_id: source for event_id, source in rows}
 

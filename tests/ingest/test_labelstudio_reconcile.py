@@ -186,13 +186,34 @@ def test_a_stored_event_id_with_the_prefix_but_no_annotation_id_is_left_out_and_
     assert (report.published, report.retracted, report.unknown_project) == (1, 1, 1)
     left_alone = {*MALFORMED, "labelstudio-annotation-judge"}
     assert set(_live(settings)) == {"labelstudio-annotation-1", "labelstudio-annotation-3"} | left_alone
-    for event_id in left_alone:
+    for event_id in MALFORMED:  # the proxy preference is not an expert label: the sweep never reads it
         assert f"live label {event_id!r}" in caplog.text and "names no annotation" in caplog.text
 
     gone = retract_project(settings, PROJECT + 1, client=client,  # type: ignore[arg-type]
                            producer=StoreProducer(settings))
     assert (gone.live, gone.retracted) == (1, 1)  # annotation 3, which Label Studio answers 404 for
     assert set(_live(settings)) == {"labelstudio-annotation-1"} | left_alone
+
+
+def test_a_proxy_preference_under_a_label_studio_id_is_never_swept(settings: Settings) -> None:
+    """A proxy client may send "labelstudio-annotation-5": the sweep reads expert labels only, so it is neither looked
+    up as an annotation with no project nor retracted when Label Studio has no annotation 5."""
+    item = PairwiseText(prompt="q", response_a="A", response_b="B", choice="a")
+    with Session(make_engine(settings.resolved_store_url)) as session:
+        upsert_events(session, [
+            ExpertLabel(event_id="labelstudio-annotation-1", annotator_id="labelstudio-user-1", item=item,
+                        occurred_at=T0, source=f"labelstudio/project-{PROJECT}"),
+            ProxyPreference(event_id="labelstudio-annotation-5", proxy_name="judge", item=item, occurred_at=T0),
+        ])
+        session.commit()
+    client = FakeLabelStudio({PROJECT: [[_annotation(1)]]})
+    report = reconcile(settings, client=client,  # type: ignore[arg-type]
+                       producer=StoreProducer(settings), project_id=PROJECT)
+    assert (report.retracted, report.unknown_project) == (0, 0)
+    gone = retract_project(settings, PROJECT + 1, client=client,  # type: ignore[arg-type]
+                           producer=StoreProducer(settings))
+    assert (gone.live, gone.retracted) == (0, 0)
+    assert set(_live(settings)) == {"labelstudio-annotation-1", "labelstudio-annotation-5"}
 
 
 @pytest.mark.parametrize("event_id", [*MALFORMED, "labelstudio-annotation-\u0663", "labelstudio-annotation- 7",
