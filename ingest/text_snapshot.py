@@ -5,6 +5,8 @@ Their condition tests need a trained stage-1 model, so they run on the workers (
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -63,17 +65,35 @@ def prompt_groups(items: Sequence[PairwiseText]) -> list[int]:
     return [seen.setdefault(t.prompt, len(seen)) for t in items]
 
 
-# Fewer distinct prompts than this and the split falls back to copy groups: by prompt, every third prompt's pairs go to
-# the gate, and one or two prompts would leave training nothing or the gate everything.
+# Fewer distinct prompts than this and the split falls back to copy groups: a third of one or two prompts is none.
 MIN_PROMPTS_TO_SPLIT = 2 * HELDOUT_EVERY
 
 
+def _held_out_prompts(prompts: Sequence[int]) -> set[int]:
+    """Prompt groups (numbered by first appearance) held out so that their pairs are about 1/HELDOUT_EVERY of all:
+    in order, a prompt goes to the gate when the held-out pairs with it stay within that share (rounded up) of
+    the pairs seen so far. One pair per prompt gives every third prompt from the first, as the store's split does;
+    a prompt with most of the pairs stays in training (every third prompt had held out 104 of 112 pairs)."""
+    sizes = Counter(prompts)
+    held: set[int] = set()
+    seen = taken = 0
+    for group in sorted(sizes):
+        seen += sizes[group]
+        if taken + sizes[group] <= math.ceil(seen / HELDOUT_EVERY):
+            held.add(group)
+            taken += sizes[group]
+    return held
+
+
 def split_heldout(items: Sequence[PairwiseText]) -> tuple[list[PairwiseText], list[PairwiseText]]:
-    """(train, held-out) by the store's rule (`split_by_group`) over prompts (`prompt_groups`): the gate scores a
-    policy on prompts it was not trained on, as it will be served. A held-out pair on a training prompt (another
-    pair of responses, or a copy of a training pair: the audit had 16 of 16 held-out pairs copies) scored what was
-    trained on. With fewer than MIN_PROMPTS_TO_SPLIT distinct prompts, over copy groups (`copy_groups`): at least no
-    pair is on both sides."""
+    """(train, held-out) with no prompt on both sides (`_held_out_prompts`): the expert pairs a policy is trained on
+    share no prompt with those the gate scores it on. A held-out pair on a training prompt (another pair of
+    responses, or a copy of a training pair: the audit had 16 of 16 held-out pairs copies) scored what was trained
+    on. Stage 1's proxy pairs may still hold a held-out prompt. With fewer than MIN_PROMPTS_TO_SPLIT distinct
+    prompts, or a side left empty, the store's rule over copy groups (`copy_groups`): at least no pair is on both."""
     prompts = prompt_groups(items)
-    enough = len(set(prompts)) >= MIN_PROMPTS_TO_SPLIT
-    return split_by_group(items, prompts if enough else copy_groups(items))
+    held = _held_out_prompts(prompts) if len(set(prompts)) >= MIN_PROMPTS_TO_SPLIT else set()
+    train = [t for g, t in zip(prompts, items, strict=True) if g not in held]
+    if not held or not train:
+        return split_by_group(items, copy_groups(items))
+    return train, [t for g, t in zip(prompts, items, strict=True) if g in held]

@@ -10,36 +10,37 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 from fastapi import HTTPException
 
-from ground.settings import Settings
+from ground.settings import ML_BACKEND_PATH, Settings
 
 log = logging.getLogger("proxyloop.serve")
 REGISTRY, HOME, ELSEWHERE = "<registry>", "<home>", "<server path>"
-# An absolute path where a message may put one (after a space, a quote, "(" or "="): not a URL's "//host/…", nor the
-# rest of "<registry>/demo/1". A route the message names ("/v1/chat/completions") matches too: see `_on_this_host`.
-_ABSOLUTE = re.compile(r"(?<![\w.~:/<>-])/[\w.~+-][^\s'\"(),;\]]*")
+# An absolute path where a message may put one (after a space, a quote, "(", "=" or "file:"): not a URL's "//host/…",
+# nor the rest of "<registry>/demo/1".
+_ABSOLUTE = re.compile(r"(?<![\w.~/<>-])/[\w.~+-][^\s'\"(),;\]]*")
+# The paths a message names for the client, which stay: this server's routes (the hint a refusal gives).
+ROUTES = ("/v1/", "/webhooks/", f"{ML_BACKEND_PATH}/", "/health", "/runs/")
 
 
-def _on_this_host(match: re.Match[str]) -> str:
-    """A path whose first folder this host has ("/home/…", "/srv/…") is the server's: hidden. A route ("/v1/…",
-    which no host has at its root) is the hint a refusal gives the client: kept."""
+def _hidden(match: re.Match[str]) -> str:
+    """Any absolute path but a route is the server's: hidden. Decided on the text alone: looking the path up on this
+    host answered a client whether a folder it named exists, and raised (a 500) on a name too long for the disk."""
     path = match.group()
-    return ELSEWHERE if Path("/", path.split("/")[1]).exists() else path
+    return path if path.startswith(ROUTES) else ELSEWHERE
 
 
 def without_server_paths(message: str, settings: Settings) -> str:
     """`message` with the registry's and home's absolute paths as REGISTRY and HOME (so "<registry>/demo/1" still
-    says which version), and any other path on this host (a LoRA base, a cache) as ELSEWHERE."""
+    says which version), and any other absolute path but a route (a LoRA base, a cache) as ELSEWHERE."""
     roots = {str(settings.home_dir): HOME}
     for registry in (settings.registry_dir, settings.registry_dir.resolve()):
         if registry.is_absolute():
             roots[str(registry)] = REGISTRY
     for root in sorted(roots, key=len, reverse=True):  # the registry, usually inside home, first
         message = message.replace(root, roots[root])
-    return _ABSOLUTE.sub(_on_this_host, message)
+    return _ABSOLUTE.sub(_hidden, message)
 
 
 def policy_error(status: int, message: str, ref: str, settings: Settings) -> HTTPException:

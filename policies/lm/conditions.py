@@ -64,6 +64,7 @@ class _Designs:
     by_name: dict[str, Design]
     n_components: int
     fold_margins: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
+    level_set_tolerance: float = TEXT_THRESHOLDS.level_set_tolerance  # what shared_level_sets needs the gain above
 
 
 def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextConditionThresholds) -> _Designs:
@@ -74,9 +75,10 @@ def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextCondition
     if expert.mixture is not None and proxy.mixture is not None:
         design = expert_only_design(expert.mixture, proxy.mixture, direct, unit_rms(direct_proxy, direct_proxy),
                                     t.prompt_components)
-        margins = partial(fold_margins, expert.mixture, swapped_margins(expert.mixture),
-                          prompt_closeness(expert.mixture, proxy.mixture, t))
-        return _Designs({"expert_only": design}, len(components), margins)
+        closeness = prompt_closeness(expert.mixture, proxy.mixture, t)
+        margins = partial(fold_margins, expert.mixture, swapped_margins(expert.mixture), closeness)
+        tolerance = t.prompt_level_set_tolerance if closeness.by_tokens else t.level_set_tolerance
+        return _Designs({"expert_only": design}, len(components), margins, tolerance)
     simplex = unit_rms(expert.simplex_chosen - expert.simplex_rejected, proxy.simplex_chosen - proxy.simplex_rejected)
     with_proxy = [expert.proxy_margin[:, None], simplex]
     two_stage, fine_tune = np.hstack(with_proxy), np.hstack([*with_proxy, direct])
@@ -84,7 +86,7 @@ def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextCondition
         "two_stage": (two_stage, np.eye(1, two_stage.shape[1])[0]),
         "direct": (fine_tune, np.eye(1, fine_tune.shape[1])[0]),
         "expert_only": (direct, np.zeros(direct.shape[1])),
-    }, len(components))
+    }, len(components), level_set_tolerance=t.level_set_tolerance)
 
 
 def expert_groups(expert: TextPairFeatures) -> np.ndarray:
@@ -207,8 +209,9 @@ def checks_and_evidence(
     rng = np.random.default_rng(seed)
     designs = _designs(expert, proxy, t)
     ll, correct = _cross_validate(designs, expert, seed, t, trained)
-    checks = [size, _shared_level_sets(ll, n, rng, t), _image_containment(expert, proxy, rng, t), low_dim,
-              _similarity_preserved(designs, expert, proxy, rng, t), _end_to_end(ll, correct, n, rng, t)]
+    checks = [size, _shared_level_sets(ll, n, rng, t, designs.level_set_tolerance),
+              _image_containment(expert, proxy, rng, t), low_dim, _similarity_preserved(designs, expert, proxy, rng, t),
+              _end_to_end(ll, correct, n, rng, t)]
     evidence = PlanEvidence(agreement, {c: ll[c] for c in CANDIDATES}, {c: correct[c] for c in CANDIDATES}, seed)
     return checks, evidence, designs.n_components
 
@@ -233,18 +236,18 @@ def _low_dimensional_encoding(proxy: TextPairFeatures, t: TextConditionThreshold
 
 
 def _shared_level_sets(ll: dict[str, np.ndarray], n: int, rng: np.random.Generator,
-                       t: TextConditionThresholds) -> ConditionCheck:
+                       t: TextConditionThresholds, tolerance: float) -> ConditionCheck:
     """Does a path around the bottleneck add held-out expert likelihood beyond the proxy? fine_tune nests
     both proxy-only learners; the null is the better of them (an adapter fitted on few pairs can lose to
     the identity it starts from). Fails when the gain is significant and above the tolerance."""
     null = max(("two_stage", "proxy_as_is"), key=lambda c: float(ll[c].mean()))
     gain = bootstrap_mean(ll["direct"] - ll[null], rng)
-    failed = gain.p_not_positive < t.alpha and gain.mean > t.level_set_tolerance
+    failed = gain.p_not_positive < t.alpha and gain.mean > tolerance
     return _check(
         "shared_level_sets", not failed, gain.p_not_positive, t.alpha,
         f"held-out ({n} pairs, {min(t.cv_folds, n)}-fold) log-likelihood gain per pair of fine_tune (proxy margin, "
         f"simplex and direct features) over the best learner reading only the proxy ({null}): {gain.text()}; pass "
-        f"unless the direct path adds significantly (p < {t.alpha}) more than {t.level_set_tolerance} nats per pair",
+        f"unless the direct path adds significantly (p < {t.alpha}) more than {tolerance} nats per pair",
     )
 
 

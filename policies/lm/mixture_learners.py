@@ -9,10 +9,11 @@ scored on held-out pairs with the mixture's own implicit reward
 
 Paper 1's shared-level-set condition says the expert's preference is a function of the proxy's simplex
 point. The direct path that tests it reads the prompt *around* τ̃: for each pair, the relabelling (the
-prompt's top mode swapped with another, or two_stage's) that best fits the training pairs whose prompts'
-pooled codes (what τ̃ reads, before τ̃ squashes it onto the simplex) are nearest. When the expert separates
-prompts the proxy merges (two themes on one mode), it fits what no single relabelling can, and the held-out
-gain is the violation. It also stands for fine_tune unless the caller trains that plan on the folds;
+prompt's top mode swapped with another, or two_stage's) that best fits the training pairs whose prompts ask about
+the same thing (TF-IDF of their tokens, `prompt_content`; without tokens, the nearest pooled codes τ̃ reads).
+When the expert separates prompts the proxy merges (two themes on one mode), it fits what no single relabelling
+can, and the held-out gain is the violation. It also stands for fine_tune unless the caller trains that plan on the
+folds;
 expert_only reads products of the prompt's principal components with the base model's response features,
 with no proxy term.
 """
@@ -227,11 +228,14 @@ def swapped_margins(terms: MixtureTerms) -> np.ndarray:
 @dataclass(frozen=True)
 class PromptCloseness:
     """How alike each expert pair's prompt is to each other's, `score` [n, n] (higher: closer), and which training
-    pairs the direct path fits a pair's mode on: its `least` closest and every one at least `floor` close."""
+    pairs the direct path fits a pair's mode on: every one at least `floor` close, and its `least` closest of those
+    above `unrelated`; a pair with none is fitted on every training pair (alike to nothing, nothing is its group)."""
 
     score: np.ndarray
     least: int
     floor: float = math.inf
+    unrelated: float = -math.inf
+    by_tokens: bool = False  # TF-IDF of the prompts' tokens (else prompt codes)
 
 
 def prompt_closeness(expert: MixtureTerms, proxy: MixtureTerms, t: TextConditionThresholds) -> PromptCloseness:
@@ -240,7 +244,7 @@ def prompt_closeness(expert: MixtureTerms, proxy: MixtureTerms, t: TextCondition
     `neighbour_pairs` nearest prompt codes (Euclidean)."""
     if expert.prompt_tokens is not None and proxy.prompt_tokens is not None:
         similarity = tfidf_similarity(expert.prompt_tokens, proxy.prompt_tokens)
-        return PromptCloseness(similarity, t.min_neighbour_pairs, t.neighbour_similarity)
+        return PromptCloseness(similarity, t.min_neighbour_pairs, t.neighbour_similarity, 0.0, by_tokens=True)
     codes = expert.prompt_code
     squared = (codes**2).sum(axis=1)  # |a - b|² without the [n, n, P] difference tensor
     return PromptCloseness(2 * codes @ codes.T - squared[:, None] - squared[None, :], t.neighbour_pairs)
@@ -254,9 +258,12 @@ def neighbour_modes(swapped: np.ndarray, two_stage: np.ndarray, train: np.ndarra
     options = np.hstack([swapped, two_stage[:, None]])  # [n, D + 1]
     fit = log_sigmoid(options[train])
     score = closeness.score[:, train]
-    near = score >= closeness.floor
+    related = score > closeness.unrelated
+    near = (score >= closeness.floor) & related
     nearest = np.argsort(-score, axis=1, kind="stable")[:, :closeness.least]
-    near[np.arange(len(score))[:, None], nearest] = True
+    rows = np.arange(len(score))[:, None]
+    near[rows, nearest] |= related[rows, nearest]
+    near[~near.any(axis=1)] = True
     best = (near.astype(np.float64) @ fit).argmax(axis=1)
     return np.asarray(options[np.arange(len(options)), best])
 

@@ -13,7 +13,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from ground.schemas import ConditionCheck
 from policies.lm.conditions import TextPairFeatures, run_text_condition_tests
+from policies.lm.mixture_learners import PromptCloseness, neighbour_modes
 from policies.lm.prompt_content import PAD, tfidf_similarity
 from tests.policies.test_text_conditions_mixture import EXPERT_TOPIC, PROXY_TOPIC, THEMES, _pairs
 
@@ -32,13 +34,17 @@ def _phrased(rng: np.random.Generator, features: TextPairFeatures, tokens: bool 
     return dataclasses.replace(features, mixture=terms)
 
 
-def _shared_level_sets(judge: str, seed: int, n_expert: int = 100, tokens: bool = True) -> bool:
+def _level_sets_check(judge: str, seed: int, n_expert: int = 100, tokens: bool = True) -> ConditionCheck:
     rng = np.random.default_rng(seed)
     proxy_topic = PROXY_TOPIC[judge]
     proxy = _phrased(rng, _pairs(rng, 1000, proxy_topic, proxy_topic), tokens)
     expert = _phrased(rng, _pairs(rng, n_expert, EXPERT_TOPIC, proxy_topic), tokens)
     report = run_text_condition_tests(expert, proxy, f"{judge}-{seed}", n_expert=n_expert, n_proxy=1000, seed=seed)
-    return next(c.passed for c in report.checks if c.name == "shared_level_sets")
+    return next(c for c in report.checks if c.name == "shared_level_sets")
+
+
+def _shared_level_sets(judge: str, seed: int, n_expert: int = 100, tokens: bool = True) -> bool:
+    return _level_sets_check(judge, seed, n_expert, tokens).passed
 
 
 def test_a_rare_shared_token_makes_prompts_alike_and_one_every_prompt_has_weighs_nothing() -> None:
@@ -50,6 +56,20 @@ def test_a_rare_shared_token_makes_prompts_alike_and_one_every_prompt_has_weighs
     assert np.allclose(similarity[3], 0.0)  # only markup, which every corpus prompt has: alike to nothing
     padded = np.hstack([prompts, np.full((4, 3), PAD)])
     assert np.allclose(tfidf_similarity(padded, corpus), similarity)
+
+
+def test_the_sparse_similarity_is_the_dense_tf_idf_cosine() -> None:
+    """Only tokens two prompts share enter the product; norms still count every token (repeats as term counts)."""
+    rng = np.random.default_rng(0)
+    tokens = np.where(rng.random((40, 12)) < 0.8, rng.zipf(1.5, (40, 12)) % 60, PAD)
+    corpus = np.where(rng.random((70, 9)) < 0.8, rng.zipf(1.5, (70, 9)) % 60, PAD)
+    documents = np.array([np.isin(np.arange(60), row[row != PAD]) for row in corpus]).sum(axis=0)
+    dense = np.array([np.bincount(row[row != PAD], minlength=60) for row in tokens]) * np.log(71 / (1 + documents))
+    norms = np.linalg.norm(dense, axis=1)
+    unit = dense / np.where(norms > 0, norms, 1.0)[:, None]
+    want = unit @ unit.T
+    np.fill_diagonal(want, norms > 0)
+    assert np.allclose(tfidf_similarity(tokens, corpus), want, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -72,3 +92,23 @@ def test_mixture_terms_keep_their_prompt_tokens_through_take_and_oriented() -> N
     assert np.array_equal(terms.oriented(-np.ones(10)).prompt_tokens, terms.prompt_tokens)
     with pytest.raises(ValueError, match="prompt_tokens must be"):
         dataclasses.replace(terms, prompt_tokens=terms.prompt_tokens[:5])
+
+
+def test_the_wider_tolerance_is_the_token_grouped_direct_paths_alone() -> None:
+    """0.1 nats per pair was chosen for the direct path grouped by tokens; grouped by codes it keeps 0.01."""
+    assert "more than 0.1 nats per pair" in _level_sets_check("relabelled", 0).detail
+    assert "more than 0.01 nats per pair" in _level_sets_check("relabelled", 0, tokens=False).detail
+
+
+def test_a_pair_alike_to_no_training_pair_is_fitted_on_all_of_them() -> None:
+    """Its "closest" would be whichever training pairs come first; all of them is the group nothing narrows."""
+    options = np.array([[3.0, -3.0], [3.0, -3.0], [-3.0, 3.0], [-3.0, 3.0], [-3.0, 3.0], [0.5, 0.7]])
+    similarity = np.eye(6)
+    similarity[:5, :5] = 1.0  # pairs 0-4 alike, pair 5 alike to none
+    closeness = PromptCloseness(similarity, least=2, floor=0.5, unrelated=0.0, by_tokens=True)
+    train = np.arange(5)
+    chosen = neighbour_modes(options[:, :1], options[:, 1], train, closeness)
+    # over all five training pairs option 1 (two_stage's column) fits best: 3 of 5 prefer it
+    assert chosen[5] == options[5, 1]
+    first_two = PromptCloseness(np.zeros((6, 6)), least=2)  # the code path's rule: the 2 "nearest", by order
+    assert neighbour_modes(options[:, :1], options[:, 1], train, first_two)[5] == options[5, 0]

@@ -185,3 +185,17 @@ def test_paths_elsewhere_on_the_host_are_hidden_but_routes_and_urls_kept(client,
     assert without_server_paths(message, settings) == (
         "<registry>/chat/3/model is a LoRA adapter on the base <server path>, which is not there; use "
         "/v1/policies/{name}/predict, or pull s3://bucket/registry/chat")
+
+
+def test_hiding_paths_reads_no_disk_so_a_client_cannot_probe_it_or_crash_it(client):
+    """It once looked each path up on this host: a 300-byte folder name raised OSError (a 500 for a 404), and a
+    client's "/work" came back hidden where "/nosuchdir" did not, which told it what the server's disk holds."""
+    from policies.http_errors import without_server_paths
+
+    _, settings = client
+    assert without_server_paths("invalid policy name 'x /work'", settings) == "invalid policy name 'x <server path>'"
+    assert without_server_paths("invalid policy name 'x /nosuchdir'", settings) == \
+        "invalid policy name 'x <server path>'"
+    long = "x /" + "é" * 130
+    assert without_server_paths(long, settings) == "x <server path>"
+    assert without_server_paths("read file:/srv/models/qwen/config.json", settings) == "read file:<server path>"

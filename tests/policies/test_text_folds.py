@@ -76,6 +76,10 @@ def test_the_gates_held_out_pairs_are_on_prompts_training_never_saw() -> None:
     train, held = split_heldout(many)
     assert len(train) + len(held) == 45 and train and held
     assert not {p.prompt for p in held} & {p.prompt for p in train}
+    skewed = [p.model_copy(update={"prompt": "question 0?" if i < 100 else f"question {1 + i % 6}?"})
+              for i, p in enumerate(many * 3)][:112]  # one prompt holds 100 of 112 pairs
+    train, held = split_heldout(skewed)
+    assert len(train) == 100 and len(held) == 12 and not {p.prompt for p in held} & {p.prompt for p in train}
     few = [p.model_copy(update={"prompt": f"question {i % 2}?"}) for i, p in enumerate(many[:12])]
     train, held = split_heldout(few)
     assert train and held and len(train) + len(held) == 12
