@@ -137,13 +137,26 @@ def _decode_error(exc: RequestValidationError) -> JSONResponse | None:
     return None
 
 
-async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _not_sent_as_json(request: Request, exc: RequestValidationError) -> JSONResponse | None:
+    """A body sent without a JSON content type (curl's -d says form data) is not parsed at all, and FastAPI's 422
+    said only "Input should be a valid dictionary" of JSON that was fine: say which header is missing instead."""
+    kind = request.headers.get("content-type", "")
+    if "json" in kind.lower() or not any(
+            isinstance(e, dict) and tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+        return None
+    return _unparsed(f"{BODY} must be JSON sent with 'Content-Type: application/json' (this request's content type: "
+                     f"{kind or 'none'})", {"type": "content_type", "loc": ["body"], "input": {}})
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own 422, but safe to encode: its errors echo the input, and a client's NaN or Infinity (which
     Python's JSON parser accepts) or a lone UTF-16 surrogate (which UTF-8 cannot encode) made the default answer's
-    encoder raise, a 500 instead of the 422. A body that is not JSON: `_decode_error`."""
-    unparsed = _decode_error(exc) if isinstance(exc, RequestValidationError) else None
-    if unparsed is not None:
-        return unparsed
+    encoder raise, a 500 instead of the 422. A body that is not JSON: `_decode_error`; one not sent as JSON:
+    `_not_sent_as_json`."""
+    if isinstance(exc, RequestValidationError):
+        unparsed = _decode_error(exc) or _not_sent_as_json(request, exc)
+        if unparsed is not None:
+            return unparsed
     errors = exc.errors() if isinstance(exc, RequestValidationError) else [str(exc)]
     located = [error for error in errors if isinstance(error, dict)]
     summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"

@@ -46,3 +46,18 @@ def test_a_body_that_is_not_json_is_a_422_saying_so_and_where(
     assert (answer["error"]["type"], answer["error"]["param"]) == ("invalid_request_error", None)
     [error] = answer["detail"]  # FastAPI's shape of a validation error, the reason in its msg
     assert (error["type"], error["loc"][0], error["msg"]) == ("json_invalid", "body", answer["error"]["message"])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_json_sent_without_a_json_content_type_is_told_which_header(http: TestClient, route: str) -> None:
+    """curl -d sends form data: FastAPI parses nothing, and its 422 said "Input should be a valid dictionary" of JSON
+    that was fine. A missing field in a body sent as JSON is still FastAPI's own message."""
+    body = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {"Authorization": "Bearer key-1", "X-Proxyloop-Secret": "secret-1",
+               "content-type": "application/x-www-form-urlencoded"}
+    reply = http.post(route, content=body, headers=headers)
+    assert reply.status_code == 422, reply.text
+    message = reply.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and "application/x-www-form-urlencoded" in message, message
+    reply = http.post(route, content=b"{}", headers=HEADERS)
+    assert "Content-Type: application/json" not in reply.text, reply.text
