@@ -63,8 +63,8 @@ class _Designs:
 
     by_name: dict[str, Design]
     n_components: int
+    level_set_tolerance: float  # what shared_level_sets needs the direct path's gain above
     fold_margins: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
-    level_set_tolerance: float = TEXT_THRESHOLDS.level_set_tolerance  # what shared_level_sets needs the gain above
 
 
 def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextConditionThresholds) -> _Designs:
@@ -78,7 +78,7 @@ def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextCondition
         closeness = prompt_closeness(expert.mixture, proxy.mixture, t)
         margins = partial(fold_margins, expert.mixture, swapped_margins(expert.mixture), closeness)
         tolerance = t.prompt_level_set_tolerance if closeness.by_tokens else t.level_set_tolerance
-        return _Designs({"expert_only": design}, len(components), margins, tolerance)
+        return _Designs({"expert_only": design}, len(components), tolerance, margins)
     simplex = unit_rms(expert.simplex_chosen - expert.simplex_rejected, proxy.simplex_chosen - proxy.simplex_rejected)
     with_proxy = [expert.proxy_margin[:, None], simplex]
     two_stage, fine_tune = np.hstack(with_proxy), np.hstack([*with_proxy, direct])
@@ -86,7 +86,7 @@ def _designs(expert: TextPairFeatures, proxy: TextPairFeatures, t: TextCondition
         "two_stage": (two_stage, np.eye(1, two_stage.shape[1])[0]),
         "direct": (fine_tune, np.eye(1, fine_tune.shape[1])[0]),
         "expert_only": (direct, np.zeros(direct.shape[1])),
-    }, len(components), level_set_tolerance=t.level_set_tolerance)
+    }, len(components), t.level_set_tolerance)
 
 
 def expert_groups(expert: TextPairFeatures) -> np.ndarray:
